@@ -1,0 +1,74 @@
+# Image classification on Triton: every stage is `python -m <folder>.<stage>`; these targets call them.
+#   make demo     set up, export, build the repository, serve it and classify sample photos (CPU)
+#   make test     the test suite (real tritonserver on loopback ports)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+MODEL ?= efficientnet_lite0
+ARTIFACTS ?= artifacts/$(MODEL)
+SPEC ?= configs/deployment.json
+BACKEND ?= auto
+PRECISION ?= fp32
+REPOSITORY ?= model_repository
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+ADDRESS ?= 127.0.0.1
+PYTEST_ARGS ?=
+
+.PHONY: help setup export engines serve stop status demo classify test test-fast capabilities clean distclean
+
+help:
+	@sed -n 's/^\([a-z-]*\):.*## \(.*\)/  make \1\t\2/p' $(MAKEFILE_LIST) | expand -t 24
+
+setup: $(STAMP) ## create .venv with the pinned dependencies and the `tritonserver` launcher
+
+$(STAMP): requirements/main.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -r requirements/main.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+export: $(ARTIFACTS)/model.onnx ## export the bundled pretrained model to ONNX (+ labels, preprocess.json)
+
+artifacts/efficientnet_lite0/model.onnx: $(STAMP) training/export.py training/models.py common/preprocessing.py
+	$(PY) -m training.export --out artifacts/efficientnet_lite0
+
+engines: $(STAMP) $(ARTIFACTS)/model.onnx ## build model_repository/ from the deployment spec
+	$(PY) -m build.engines --spec $(SPEC) --artifacts $(ARTIFACTS) --out $(REPOSITORY) \
+	    $(if $(filter-out auto,$(BACKEND)),--backend $(BACKEND)) --precision $(PRECISION)
+
+capabilities: $(STAMP) ## what the local server and machine can run
+	$(PY) -m build.capabilities
+
+serve: $(STAMP) ## start tritonserver in the background on $(REPOSITORY) and wait until ready
+	$(PY) -m serving.server start --model-repository $(REPOSITORY) --address $(ADDRESS) \
+	    --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+stop: ## stop the server started by `make serve`
+	@$(PY) -m serving.server stop
+
+status:
+	@$(PY) -m serving.server status
+
+demo: engines ## end to end on CPU: serve the repository and classify the bundled photos (HTTP + gRPC)
+	$(PY) -m clients.demo --model-repository $(REPOSITORY)
+
+classify: ## classify IMAGES="a.jpg b.png" with the server started by `make serve`
+	$(PY) -m clients.classify $(IMAGES) --url $(ADDRESS):$(HTTP_PORT)
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the tests not marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean: ## remove generated artifacts and the repository (keeps .venv)
+	rm -rf artifacts $(REPOSITORY) $(REPOSITORY).tmp .run .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)

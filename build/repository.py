@@ -1,0 +1,127 @@
+"""Write a self-contained Triton model repository from a deployment spec and an artifact folder.
+
+    artifacts/<model>/{model.onnx, labels.txt, preprocess.json}
+        + configs/deployment.json
+        -> model_repository/{preprocess, classifier, image_classifier}/ + BUILD.json
+
+Everything a server needs is copied in (the preprocessing module too), so the folder can be moved
+to another Triton server as it is. The folder is rebuilt whole each time (written beside, then
+swapped in); a folder that this module did not write is never deleted.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+
+import common.preprocessing as preprocessing_module
+from build import configs
+from build.spec import DeploymentSpec
+from common.preprocessing import PreprocessConfig
+
+TEMPLATES = Path(__file__).parent / "templates"
+MARKER = "BUILD.json"
+
+
+class ArtifactsError(FileNotFoundError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_labels(path: Path) -> list[str]:
+    labels = path.read_text().splitlines()
+    if not labels or any(not label.strip() for label in labels):
+        raise ArtifactsError(f"{path}: expected one non-empty label per line")
+    return labels
+
+
+def model_shape(artifacts: Path) -> configs.ModelShape:
+    """Input and output shape of the exported model, cross-checked between its files."""
+    missing = [n for n in ("model.onnx", "labels.txt", "preprocess.json") if not (artifacts / n).is_file()]
+    if missing:
+        raise ArtifactsError(
+            f"{artifacts} lacks {', '.join(missing)}: run `make export` (python -m training.export) first"
+        )
+    pre = PreprocessConfig.load(artifacts / "preprocess.json")
+    labels = read_labels(artifacts / "labels.txt")
+    graph = onnx.load(str(artifacts / "model.onnx"), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    outputs = {o.name: o for o in graph.output}
+    if inputs != [configs.MODEL_INPUT] or not set(configs.MODEL_OUTPUTS) <= set(outputs):
+        raise ArtifactsError(
+            f"{artifacts}/model.onnx has inputs {inputs} and outputs {sorted(outputs)}; expected "
+            f"{[configs.MODEL_INPUT]} and {list(configs.MODEL_OUTPUTS)} (export it with training.export)"
+        )
+    classes = outputs["probabilities"].type.tensor_type.shape.dim[-1].dim_value
+    if classes and classes != len(labels):
+        raise ArtifactsError(f"model has {classes} classes but labels.txt has {len(labels)} lines")
+    return configs.ModelShape(input_dims=pre.input_shape, num_classes=len(labels))
+
+
+def write_repository(
+    spec: DeploymentSpec,
+    backend: str,
+    out: Path,
+    spec_source: str = "a DeploymentSpec",
+    model_file: Path | None = None,
+) -> dict:
+    """Render and copy everything into `out`. `model_file` overrides the classifier's model
+    (e.g. a TensorRT plan or a quantized ONNX); default: the artifacts' model.onnx."""
+    artifacts = Path(spec.artifacts)
+    shape = model_shape(artifacts)
+    model_file = Path(model_file) if model_file else artifacts / "model.onnx"
+    if out.exists() and not (out / MARKER).exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and was not written by build.engines; refusing to replace it")
+
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pre_dir = staging / spec.preprocess_name
+    cls_dir = staging / spec.classifier_name
+    ens_dir = staging / spec.ensemble_name
+    for d in (pre_dir / "1", cls_dir / "1", ens_dir / "1"):
+        d.mkdir(parents=True)
+
+    (pre_dir / "config.pbtxt").write_text(configs.preprocess_config(spec, shape, spec_source))
+    shutil.copy2(TEMPLATES / "preprocess_model.py", pre_dir / "1" / "model.py")
+    shutil.copy2(preprocessing_module.__file__, pre_dir / "1" / "preprocessing.py")
+    shutil.copy2(artifacts / "preprocess.json", pre_dir / "1" / "preprocess.json")
+
+    (cls_dir / "config.pbtxt").write_text(configs.classifier_config(spec, shape, backend, spec_source))
+    filename = configs.CLASSIFIER_BACKENDS[backend][2]
+    shutil.copy2(model_file, cls_dir / "1" / filename)
+    if backend == "python-onnxruntime":
+        shutil.copy2(TEMPLATES / "classifier_onnxruntime.py", cls_dir / "1" / "model.py")
+
+    (ens_dir / "config.pbtxt").write_text(configs.ensemble_config(spec, shape, spec_source))
+    shutil.copy2(artifacts / "labels.txt", ens_dir / configs.LABELS_FILE)
+    # An ensemble's version folder is empty; object stores (S3, GCS) drop empty folders.
+    (ens_dir / "1" / "README").write_text("Ensembles have no model file; this keeps the version folder.\n")
+
+    manifest = {
+        "generated_by": "python -m build.engines",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "spec_source": spec_source,
+        "spec": spec.to_dict(),
+        "backend": backend,
+        "models": [spec.preprocess_name, spec.classifier_name, spec.ensemble_name],
+        "classifier_model": {"source": str(model_file), "sha256": sha256(model_file)},
+        "input_dims": list(shape.input_dims),
+        "num_classes": shape.num_classes,
+    }
+    (staging / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return manifest

@@ -1,0 +1,43 @@
+"""Triton python-backend model `classifier`: ONNX Runtime on the CPU.
+
+GENERATED into the model repository by `python -m build.engines` (source:
+build/templates/classifier_onnxruntime.py). Used where the server has no onnxruntime backend
+(the tritonserver from the nvidia-pytriton wheel ships only the python backend).
+
+All requests of a dynamic batch run as one ONNX Runtime call; one response per request.
+"""
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        here = os.path.join(args["model_repository"], args["model_version"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = os.path.join(here, params.get("onnx_file", "model.onnx"))
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_name = config["input"][0]["name"]
+        self.output_names = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        sizes = [len(b) for b in batches]
+        batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        results = self.session.run(self.output_names, {self.input_name: batch})
+        responses, start = [], 0
+        for size in sizes:
+            tensors = [pb_utils.Tensor(n, r[start : start + size]) for n, r in zip(self.output_names, results)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses

@@ -1,0 +1,75 @@
+"""Triton python-backend model `preprocess`: encoded image bytes -> normalised pixels.
+
+GENERATED into the model repository by `python -m build.engines` (source:
+build/templates/preprocess_model.py). `preprocessing.py` next to this file is a copy of the
+project's one preprocessing definition; `preprocess.json` holds this model's numbers.
+
+One response per request, always. An item that is not a usable image fails *its* request with
+INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) and a message naming the item and the problem; the
+other requests of the dynamic batch carry on. Decoding runs on a small thread pool (Pillow
+releases the GIL) and all crops of the batch are normalised in one vectorised step.
+"""
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from preprocessing import DecodeLimits, ImageError, PreprocessConfig, image_to_uint8, normalize
+
+INPUT, OUTPUT = "IMAGE", "PIXELS"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        here = os.path.join(args["model_repository"], args["model_version"])
+        self.config = PreprocessConfig.load(os.path.join(here, "preprocess.json"))
+        self.limits = DecodeLimits(
+            max_bytes=int(params["max_image_bytes"]),
+            max_pixels=int(params["max_image_pixels"]),
+            min_side=int(params["min_image_side"]),
+        )
+        threads = int(params.get("threads", "1"))
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+
+    def _crop(self, data):
+        try:
+            return image_to_uint8(data, self.config, self.limits)
+        except ImageError as exc:
+            return exc
+
+    def execute(self, requests):
+        items = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy().reshape(-1) for r in requests]
+        flat = [data for request_items in items for data in request_items]
+        crops = list(self.pool.map(self._crop, flat)) if self.pool else [self._crop(d) for d in flat]
+
+        good, spans, errors, start = [], [], [], 0
+        for request_items in items:
+            mine = crops[start : start + len(request_items)]
+            start += len(request_items)
+            failed = [(i, c) for i, c in enumerate(mine) if isinstance(c, ImageError)]
+            if failed:
+                detail = "; ".join(f"image {i}: {exc}" for i, exc in failed)
+                errors.append(pb_utils.TritonError(f"bad input: {detail}", pb_utils.TritonError.INVALID_ARG))
+                spans.append(None)
+            else:
+                errors.append(None)
+                spans.append((len(good), len(good) + len(mine)))
+                good.extend(mine)
+
+        pixels = normalize(np.stack(good), self.config) if good else None
+        responses = []
+        for error, span in zip(errors, spans):
+            if error is not None:
+                responses.append(pb_utils.InferenceResponse(error=error))
+            else:
+                tensor = pb_utils.Tensor(OUTPUT, pixels[span[0] : span[1]])
+                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
+
+    def finalize(self):
+        if self.pool:
+            self.pool.shutdown(wait=False)

@@ -1,0 +1,201 @@
+"""The one preprocessing definition: encoded bytes -> RGB image -> normalised tensor.
+
+Imported by export (parity check), calibration, validation, the clients' local reference path,
+training evaluation, and the Triton `preprocess` model (the build copies this file into
+`model_repository/preprocess/1/`, so it must depend on nothing but numpy and Pillow).
+
+The transform is torchvision's eval preset: resize the shorter side to `resize` (bilinear,
+antialiased), centre-crop `crop` x `crop`, scale to [0, 1], subtract `mean`, divide by `std`.
+`preprocess.json` (written at export, read everywhere) holds these numbers for each model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUTS = ("NCHW", "NHWC")
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image. The message is meant for the user who sent it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    resize: int = 256  # shorter side after resizing
+    crop: int = 224  # centre crop, square
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    layout: str = "NCHW"
+
+    def __post_init__(self):
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0 (got {self.mean}, {self.std})")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one preprocessed image (no batch axis)."""
+        c, s = 3, self.crop
+        return (c, s, s) if self.layout == "NCHW" else (s, s, c)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocess keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreprocessConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    """What a served image may be. Checked before any pixel is decoded where possible."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000  # declared width x height (decompression-bomb guard)
+    min_side: int = 16
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> Image.Image:
+    """Encoded bytes (JPEG, PNG, WebP, BMP, GIF, TIFF, ...) -> upright RGB image.
+
+    EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha is
+    composited onto white. With `draft_size`, JPEGs are decoded at the smallest DCT scale whose
+    both sides are still >= draft_size (much faster for large photos). Raises ImageError.
+    """
+    if isinstance(data, np.ndarray):  # a 0-d object array from Triton
+        data = data.item()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(f"expected encoded image bytes, got {type(data).__name__}")
+    size = len(data)
+    if size == 0:
+        raise ImageError("empty input: 0 bytes (expected an encoded image)")
+    if size > limits.max_bytes:
+        raise ImageError(f"image is {size} bytes; the limit is {limits.max_bytes} bytes")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError:
+        raise ImageError(f"not a recognised image format ({size} bytes; header {bytes(data[:8])!r})") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
+        raise ImageError(f"decompression bomb refused before decoding: {exc}") from None
+    except Exception as exc:  # Pillow plugins raise a variety of errors on malformed headers
+        raise ImageError(f"unreadable image header: {exc}") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image declares {width}x{height} = {width * height} pixels; the limit is "
+            f"{limits.max_pixels} (refused before decoding)"
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"corrupt or truncated {image.format or 'image'} data: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float grayscale
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I") and array.max(initial=0) > 255 else 255.0
+        array = np.clip(array * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(array).convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """RGB image -> uint8 array (crop, crop, 3): shorter side to `resize`, centre crop.
+
+    Matches torchvision's `Resize(resize)` + `CenterCrop(crop)` on PIL images: the longer side is
+    int(resize * long / short), and the crop offset is int(round((side - crop) / 2)).
+    """
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = config.resize, int(config.resize * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size != image.size:
+        image = image.resize(size, INTERPOLATIONS[config.interpolation])
+    left = int(round((size[0] - config.crop) / 2.0))
+    top = int(round((size[1] - config.crop) / 2.0))
+    image = image.crop((left, top, left + config.crop, top + config.crop))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) or (N, H, W, 3) per `config.layout`."""
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 batch of shape (N, H, W, 3), got {batch.shape}")
+    scale = np.asarray(config.std, np.float32) * 255.0
+    out = (batch.astype(np.float32) - np.asarray(config.mean, np.float32) * 255.0) / scale
+    if config.layout == "NCHW":
+        out = out.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(out)
+
+
+def image_to_uint8(data: bytes, config: PreprocessConfig, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Encoded bytes -> uint8 (crop, crop, 3), with JPEG draft decoding at `config.resize`."""
+    return resize_and_crop(decode_image(data, limits, draft_size=config.resize), config)
+
+
+def load_batch(
+    images: Sequence[bytes], config: PreprocessConfig, limits: DecodeLimits = DecodeLimits()
+) -> np.ndarray:
+    """Encoded images -> the float32 model input batch. Raises ImageError naming the bad item."""
+    crops = []
+    for index, data in enumerate(images):
+        try:
+            crops.append(image_to_uint8(data, config, limits))
+        except ImageError as exc:
+            raise ImageError(f"image {index}: {exc}") from None
+    return normalize(np.stack(crops), config)
+
+
+def load_files(paths: Iterable[str | Path], config: PreprocessConfig) -> np.ndarray:
+    return load_batch([Path(p).read_bytes() for p in paths], config)

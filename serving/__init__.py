@@ -1,0 +1,1 @@
+"""Running the Triton server that ships in the nvidia-pytriton wheel."""

@@ -1,0 +1,228 @@
+"""Start, wait for and stop a real `tritonserver` process (used by `make serve`, the demo, tests).
+
+    python -m serving.server start --model-repository model_repository [--http-port 8000 ...]
+    python -m serving.server status
+    python -m serving.server stop
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from serving.tritonserver import LOOPBACK
+
+RUN_DIR = Path(".run")
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> "Ports":
+        return cls(free_port(), free_port(), free_port())
+
+
+class TritonServer:
+    """One tritonserver process on loopback (or `address`). A context manager."""
+
+    def __init__(self, model_repository: str | Path, ports: Ports | None = None, address: str = LOOPBACK,
+                 log_file: str | Path | None = None, extra_args: list[str] | None = None):
+        self.model_repository = Path(model_repository)
+        self.ports = ports or Ports.free()
+        self.address = address
+        self.log_file = Path(log_file) if log_file else None
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.address}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.address}:{self.ports.metrics}/metrics"
+
+    def command(self) -> list[str]:
+        """The `tritonserver` launcher as a user types it (the console script in this environment)."""
+        script = Path(sys.executable).parent / "tritonserver"
+        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "serving.tritonserver"]
+        # The launcher binds to loopback by default; pass addresses only to bind elsewhere.
+        addresses = [] if self.address == LOOPBACK else [
+            f"--http-address={self.address}", f"--grpc-address={self.address}", f"--metrics-address={self.address}"]
+        return [
+            *launcher,
+            f"--model-repository={self.model_repository.resolve()}",
+            f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}",
+            *addresses,
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 120.0, detach: bool = False) -> "TritonServer":
+        if not self.model_repository.is_dir():
+            raise ServerError(f"no model repository at {self.model_repository}: run `make engines` first")
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        project_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=detach)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting"
+                                  + self._log_hint())
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        lines = self.log_file.read_text(errors="replace").splitlines()
+        errors = [ln for ln in lines if " E" in ln[:12] or "error" in ln.lower()][-8:]
+        return f"; see {self.log_file}:\n" + "\n".join(errors or lines[-8:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---- `make serve` / `make stop`: a detached server remembered in .run/ -------------------------
+
+def _state_file() -> Path:
+    return RUN_DIR / "tritonserver.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(args: argparse.Namespace) -> dict:
+    state = _state_file()
+    if state.exists() and _pid_alive(json.loads(state.read_text())["pid"]):
+        raise ServerError(f"a server started by `make serve` is already running ({state}); `make stop` first")
+    RUN_DIR.mkdir(exist_ok=True)
+    log_file = RUN_DIR / "tritonserver.log"
+    log_file.write_bytes(b"")
+    server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
+                          address=args.address, log_file=log_file)
+    server.start(timeout=args.timeout, detach=True)
+    info = {"pid": server.process.pid, "http": server.http_url, "grpc": server.grpc_url,
+            "metrics": server.metrics_url, "log": str(log_file), "model_repository": str(args.model_repository)}
+    state.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def stop_served(timeout: float = 30.0) -> int | None:
+    state = _state_file()
+    if not state.exists():
+        return None
+    pid = json.loads(state.read_text())["pid"]
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    state.unlink()
+    return pid
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Start/stop a background tritonserver (make serve / make stop).")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to bind; 0.0.0.0 exposes the server to the network (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="(default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="(default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.action == "start":
+        info = serve(args)
+        print(f"tritonserver ready (pid {info['pid']}, log {info['log']})")
+        print(f"  HTTP     http://{info['http']}/v2/models/image_classifier")
+        print(f"  gRPC     {info['grpc']}")
+        print(f"  metrics  {info['metrics']}")
+    elif args.action == "stop":
+        pid = stop_served()
+        print("no server started by `make serve` is known" if pid is None else f"stopped tritonserver (pid {pid})")
+    else:
+        state = _state_file()
+        if state.exists() and _pid_alive(json.loads(state.read_text())["pid"]):
+            print(state.read_text())
+        else:
+            print("not running")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except ServerError as exc:
+        sys.exit(f"serving.server: {exc}")

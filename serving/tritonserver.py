@@ -1,0 +1,125 @@
+"""`tritonserver` as typed, inside the project's environment.
+
+The nvidia-pytriton wheel ships a complete Triton server (core 2.51) but not in a form that runs
+as typed: its shared libraries sit in `nvidia_pytriton.libs/`, and the python backend needs the
+stub built for the running Python copied next to it. This launcher supplies both, binds to
+loopback unless told otherwise, and then *replaces itself* with the server (os.execve), so
+signals such as SIGTERM reach Triton directly.
+
+    tritonserver --model-repository model_repository            # installed as a console script
+    python -m serving.tritonserver --model-repository model_repository
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+# Options whose default we change: Triton binds to all interfaces, we bind to loopback.
+ADDRESS_FLAGS = ("--http-address", "--grpc-address", "--metrics-address")
+
+
+class ServerNotInstalled(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInstall:
+    binary: Path
+    library_dir: Path
+    python_backend: Path  # folder holding libtriton_python.so
+    stub: Path  # triton_python_backend_stub for this Python
+
+    @property
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return f"nvidia-pytriton {version('nvidia-pytriton')}"
+
+
+def locate_server() -> ServerInstall:
+    try:
+        import pytriton  # noqa: F401  (only to find the package folder)
+    except ImportError as exc:
+        raise ServerNotInstalled(
+            "the Triton server comes from the nvidia-pytriton wheel, which is not installed in "
+            f"this environment ({sys.prefix}); run `make setup`"
+        ) from exc
+    package = Path(pytriton.__file__).parent
+    root = package / "tritonserver"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = ServerInstall(
+        binary=root / "bin" / "tritonserver",
+        library_dir=package.parent / "nvidia_pytriton.libs",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / pyver / "triton_python_backend_stub",
+    )
+    for path in (install.binary, install.library_dir, install.python_backend, install.stub):
+        if not path.exists():
+            raise ServerNotInstalled(f"the nvidia-pytriton install is incomplete: {path} is missing")
+    return install
+
+
+def default_backend_directory() -> Path:
+    return Path(sys.prefix) / "share" / "tritonserver" / "backends"
+
+
+def prepare_backend_directory(install: ServerInstall, dest: Path) -> Path:
+    """Make `dest/python/` = the wheel's python backend + this Python's stub. Idempotent."""
+    python_dir = dest / "python"
+    stub = python_dir / "triton_python_backend_stub"
+    if stub.exists() and stub.stat().st_size == install.stub.stat().st_size:
+        return dest
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for item in install.python_backend.iterdir():
+        if item.is_file():
+            shutil.copy2(item, python_dir / item.name)
+    shutil.copy2(install.stub, stub)
+    stub.chmod(0o755)
+    return dest
+
+
+def backend_names(backend_directory: Path) -> list[str]:
+    """Backends a server started on this directory can load (one folder each)."""
+    if not backend_directory.is_dir():
+        return []
+    return sorted(p.name for p in backend_directory.iterdir() if p.is_dir())
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def build_command(args: list[str], install: ServerInstall) -> tuple[list[str], dict[str, str]]:
+    args = list(args)
+    if not _has_flag(args, "--backend-directory"):
+        backends = prepare_backend_directory(install, default_backend_directory())
+        args.append(f"--backend-directory={backends}")
+    for flag in ADDRESS_FLAGS:
+        if not _has_flag(args, flag):
+            args.append(f"{flag}={LOOPBACK}")
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(install.library_dir), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    # python-backend models must import this environment's numpy, Pillow and onnxruntime.
+    env.setdefault("VIRTUAL_ENV", sys.prefix)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    return [str(install.binary), *args], env
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        install = locate_server()
+    except ServerNotInstalled as exc:
+        sys.exit(f"tritonserver: {exc}")
+    cmd, env = build_command(args, install)
+    os.execve(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Every generated config.pbtxt parses as Triton's ModelConfig and says what the spec says."""
+import json
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from build import configs
+from build.repository import ArtifactsError, model_shape, write_repository
+from build.spec import DeploymentSpec, StageSpec
+
+SHAPE = configs.ModelShape(input_dims=(3, 224, 224), num_classes=1000)
+DT = model_config_pb2.DataType
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.fixture
+def spec():
+    return DeploymentSpec(max_batch_size=16,
+                          preprocess=StageSpec(instances=3, preferred_batch_sizes=[2, 4], max_queue_delay_us=500),
+                          classifier=StageSpec(instances=2, preferred_batch_sizes=[8, 16], threads=4))
+
+
+def test_preprocess_config(spec):
+    cfg = parse(configs.preprocess_config(spec, SHAPE, "test"))
+    assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("preprocess", "python", 16)
+    assert cfg.input[0].name == "IMAGE" and cfg.input[0].data_type == DT.TYPE_STRING and list(cfg.input[0].dims) == [1]
+    assert cfg.output[0].name == "PIXELS" and list(cfg.output[0].dims) == [3, 224, 224]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.instance_group[0].count == 3 and cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert cfg.parameters["max_image_pixels"].string_value == str(spec.limits.max_image_pixels)
+
+
+@pytest.mark.parametrize("backend, kind", [
+    ("python-onnxruntime", "KIND_CPU"), ("onnxruntime", "KIND_CPU"), ("tensorrt", "KIND_GPU")])
+def test_classifier_config_for_every_backend(spec, backend, kind):
+    text = configs.classifier_config(spec, SHAPE, backend, "test")
+    assert text.startswith("# GENERATED")
+    cfg = parse(text)
+    selector = {"python-onnxruntime": ("backend", "python"), "onnxruntime": ("platform", "onnxruntime_onnx"),
+                "tensorrt": ("platform", "tensorrt_plan")}[backend]
+    assert getattr(cfg, selector[0]) == selector[1]
+    assert cfg.max_batch_size == 16
+    assert [i.name for i in cfg.input] == ["images"] and list(cfg.input[0].dims) == [3, 224, 224]
+    assert [o.name for o in cfg.output] == ["logits", "probabilities"]
+    assert all(list(o.dims) == [1000] for o in cfg.output)
+    assert cfg.instance_group[0].kind == getattr(model_config_pb2.ModelInstanceGroup, kind)
+    assert cfg.instance_group[0].count == 2
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 16]
+    if backend == "tensorrt":
+        assert cfg.default_model_filename == "model.plan"
+    if backend == "python-onnxruntime":
+        assert cfg.parameters["intra_op_threads"].string_value == "4"
+        assert cfg.parameters["onnx_file"].string_value == "model.onnx"
+
+
+def test_ensemble_wires_members_by_name(spec):
+    ens = parse(configs.ensemble_config(spec, SHAPE, "test"))
+    pre = parse(configs.preprocess_config(spec, SHAPE, "test"))
+    cls = parse(configs.classifier_config(spec, SHAPE, "python-onnxruntime", "test"))
+    assert ens.platform == "ensemble" and ens.name == "image_classifier"
+    assert ens.output[0].label_filename == "labels.txt"
+    members = {"preprocess": pre, "classifier": cls}
+    available = {i.name for i in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        member = members[step.model_name]
+        assert set(step.input_map) == {i.name for i in member.input}
+        assert set(step.input_map.values()) <= available  # fed by an ensemble input or an earlier step
+        assert set(step.output_map) <= {o.name for o in member.output}
+        available |= set(step.output_map.values())
+    assert {o.name for o in ens.output} <= available
+
+
+def test_spec_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="backend"):
+        DeploymentSpec(backend="tflite")
+    with pytest.raises(ValueError, match="preferred_batch_sizes"):
+        DeploymentSpec(max_batch_size=8, classifier=StageSpec(preferred_batch_sizes=[16]))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"max_batch_sise": 8}))
+    with pytest.raises(ValueError, match="unknown deployment-spec keys"):
+        DeploymentSpec.load(path)
+
+
+def test_spec_round_trip(tmp_path, spec):
+    spec.save(tmp_path / "spec.json")
+    assert DeploymentSpec.load(tmp_path / "spec.json") == spec
+
+
+def test_repository_is_complete_and_self_contained(tmp_path, tiny_artifacts):
+    spec = DeploymentSpec(artifacts=str(tiny_artifacts))
+    out = tmp_path / "repo"
+    manifest = write_repository(spec, "python-onnxruntime", out, "test")
+    assert manifest["num_classes"] == 3 and manifest["input_dims"] == [3, 32, 32]
+    for rel in ["preprocess/1/model.py", "preprocess/1/preprocessing.py", "preprocess/1/preprocess.json",
+                "classifier/1/model.py", "classifier/1/model.onnx", "image_classifier/labels.txt",
+                "image_classifier/1/README", "BUILD.json"]:
+        assert (out / rel).is_file(), rel
+    for model in ("preprocess", "classifier", "image_classifier"):
+        parse((out / model / "config.pbtxt").read_text())
+    write_repository(spec, "onnxruntime", out, "test")  # rebuilt in place
+    assert not (out / "classifier/1/model.py").exists()
+
+
+def test_repository_refuses_foreign_folder_and_bad_artifacts(tmp_path, tiny_artifacts):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "onnxruntime", foreign)
+    assert (foreign / "notes.txt").exists()
+    with pytest.raises(ArtifactsError, match="make export"):
+        model_shape(tmp_path / "nothing")

@@ -1,0 +1,127 @@
+"""The one preprocessing definition: formats, colour modes, orientation, torchvision parity, bad input."""
+import io
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.preprocessing import (DecodeLimits, ImageError, PreprocessConfig, decode_image, image_to_uint8,
+                                  load_batch, normalize, resize_and_crop)
+from common.samples import sample_photos
+from tests.images import encode, png_declaring
+
+CONFIG = PreprocessConfig()
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    return Image.open(sample_photos(["chelsea"])["chelsea"]).convert("RGB")  # 451x300
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_decode_to_the_same_pixels(photo, fmt):
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    decoded = decode_image(encode(photo, fmt, **kwargs))
+    assert decoded.mode == "RGB" and decoded.size == photo.size
+    assert np.array_equal(np.asarray(decoded), np.asarray(photo))
+
+
+def test_jpeg_and_draft_mode(photo):
+    big = photo.resize((photo.width * 4, photo.height * 4))  # 1804x1200
+    data = encode(big, "JPEG", quality=95)
+    full = decode_image(data)
+    draft = decode_image(data, draft_size=256)
+    assert full.size == big.size
+    # DCT scaling by 4: both sides still >= 256, far fewer pixels decoded.
+    assert draft.size == (451, 300)
+    a = image_to_uint8(data, CONFIG).astype(float)
+    b = resize_and_crop(full, CONFIG).astype(float)
+    assert np.abs(a - b).mean() < 4.0  # same picture, slightly different downsampling
+
+
+def test_gif_first_frame_and_palette(photo):
+    frames = [photo.quantize(64), Image.new("RGB", photo.size, (255, 0, 0)).quantize(8)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    decoded = np.asarray(decode_image(buffer.getvalue()), dtype=float)
+    assert decoded.shape == (300, 451, 3)
+    assert np.abs(decoded - np.asarray(photo, dtype=float)).mean() < 12  # the cat, not the red frame
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
+def test_colour_modes_become_rgb(photo, mode):
+    if mode == "I;16":
+        gray = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
+        image, fmt = Image.fromarray(gray), "PNG"
+    else:
+        image, fmt = photo.convert(mode), ("JPEG" if mode == "CMYK" else "PNG")
+    decoded = decode_image(encode(image, fmt))
+    assert decoded.mode == "RGB" and decoded.size == photo.size
+    if mode in ("L", "I;16"):
+        expected = np.asarray(photo.convert("L"), dtype=float)
+        assert np.abs(np.asarray(decoded, dtype=float)[..., 0] - expected).max() <= 1
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 16, 32))
+    pixels = np.asarray(decode_image(encode(image, "PNG")))
+    assert tuple(pixels[0, 0]) == (255, 0, 0) and tuple(pixels[0, 31]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_image(encode(photo, "JPEG", exif=exif.tobytes()))
+    assert decoded.size == (photo.height, photo.width)
+
+
+def test_matches_torchvision_eval_transform(photo):
+    torch = pytest.importorskip("torch")
+    from torchvision import transforms as T
+
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize(CONFIG.mean, CONFIG.std)])
+    for image in (photo, photo.transpose(Image.Transpose.TRANSPOSE), photo.resize((300, 300))):
+        ours = load_batch([encode(image, "PNG")], CONFIG)[0]
+        theirs = reference(image).numpy()
+        assert ours.shape == theirs.shape == (3, 224, 224)
+        # Pillow resize on both sides; the only difference is float rounding of the normalisation.
+        assert np.abs(ours - theirs).max() < 1e-5
+    assert torch is not None
+
+
+def test_nhwc_layout_and_config_round_trip(tmp_path):
+    config = PreprocessConfig(resize=80, crop=64, layout="NHWC")
+    config.save(tmp_path / "preprocess.json")
+    assert PreprocessConfig.load(tmp_path / "preprocess.json") == config
+    batch = normalize(np.zeros((2, 64, 64, 3), np.uint8), config)
+    assert batch.shape == (2, 64, 64, 3) and batch.dtype == np.float32
+    with pytest.raises(ValueError, match="layout"):
+        PreprocessConfig(layout="CHW")
+    with pytest.raises(ValueError, match="unknown preprocess keys"):
+        PreprocessConfig.from_dict({"resize": 256, "colour": "blue"})
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty input"),
+    (b"this is not an image at all", "not a recognised image format"),
+    (png_declaring(1, 1), "both sides must be at least"),
+    (png_declaring(9_000, 9_000), "refused before decoding"),  # 81 MP: over our 50 MP limit
+    (png_declaring(100_000, 100_000), "refused before decoding"),  # 10 GP: Pillow's own guard
+])
+def test_bad_inputs_raise_clear_errors(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(data)
+
+
+def test_truncated_jpeg_and_size_limit(photo):
+    data = encode(photo, "JPEG")
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="limit is 1000 bytes"):
+        decode_image(data, DecodeLimits(max_bytes=1000))
+
+
+def test_load_batch_names_the_bad_item(photo):
+    with pytest.raises(ImageError, match="image 1: empty input"):
+        load_batch([encode(photo, "PNG"), b""], CONFIG)

@@ -1,0 +1,81 @@
+"""Bad input fails its own request with a client error naming the problem; nothing else breaks."""
+import threading
+
+import pytest
+from PIL import Image
+
+from clients.client import ClassificationError, ImageClassifierClient
+from common.samples import ESPRESSO
+from tests.images import encode, png_declaring
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_png() -> bytes:
+    return encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")
+
+
+BAD = {
+    "empty": (lambda photos: b"", "empty input"),
+    "not-an-image": (lambda photos: b"GIF89a? no, just text" * 3, "image"),
+    "truncated-jpeg": (lambda photos: photos["rocket"][: len(photos["rocket"]) // 3], "truncated"),
+    "one-pixel": (lambda photos: tiny_png(), "1x1"),
+    "decompression-bomb": (lambda photos: png_declaring(50_000, 50_000), "refused before decoding"),
+}
+
+
+def client_error_status(protocol: str) -> str:
+    return "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_image_is_a_client_error(server, photos, protocol, case):
+    make, expected = BAD[case]
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with ImageClassifierClient(url, protocol) as client:
+        with pytest.raises(ClassificationError) as info:
+            client.classify([photos["coffee"], make(photos)])
+        assert info.value.status == client_error_status(protocol)
+        assert info.value.is_client_error
+        assert "image 1" in str(info.value) and expected in str(info.value)
+        assert client.classify([photos["coffee"]])[0][0].index == ESPRESSO  # the next request is fine
+        assert client.is_ready()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_too_many_items_is_a_client_error(server, photos, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with ImageClassifierClient(url, protocol) as client:
+        with pytest.raises(ClassificationError) as info:
+            client.classify([photos["coffee"]] * 33)  # max_batch_size is 32
+        assert info.value.status == client_error_status(protocol)
+        assert "batch" in str(info.value).lower()
+        assert len(client.classify([photos["coffee"]] * 32)) == 32
+
+
+def test_good_requests_in_the_same_dynamic_batch_succeed(server, photos):
+    """Good and bad requests sent at once (so they share dynamic batches): each gets its own answer."""
+    cases = [("good", photos["coffee"])] * 12 + [(name, BAD[name][0](photos)) for name in sorted(BAD)] * 2
+    outcomes = [None] * len(cases)
+    barrier = threading.Barrier(len(cases))
+
+    def send(i, image):
+        with ImageClassifierClient(server.grpc_url, "grpc") as client:
+            barrier.wait()
+            try:
+                outcomes[i] = client.classify([image], top_k=1)[0][0].index
+            except ClassificationError as exc:
+                outcomes[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i, image)) for i, (_, image) in enumerate(cases)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for (name, _), outcome in zip(cases, outcomes):
+        if name == "good":
+            assert outcome == ESPRESSO
+        else:
+            assert isinstance(outcome, ClassificationError) and outcome.is_client_error, (name, outcome)
+    assert server.process.poll() is None and server.is_ready()
