@@ -36,7 +36,7 @@ $(STAMP): requirements/main.txt pyproject.toml
 export: $(ARTIFACTS)/model.onnx ## export the bundled pretrained model to ONNX (+ labels, preprocess.json)
 
 artifacts/efficientnet_lite0/model.onnx: $(STAMP) training/export.py training/models.py common/preprocessing.py
-	$(PY) -m training.export --out artifacts/efficientnet_lite0
+	$(PY) -m training.export --output-dir artifacts/efficientnet_lite0
 
 engines: $(STAMP) $(ARTIFACTS)/model.onnx ## build model_repository/ from the deployment spec
 	$(PY) -m build.engines --spec $(SPEC) --artifacts $(ARTIFACTS) --out $(REPOSITORY) \

@@ -1,5 +1,6 @@
 """The one preprocessing definition: formats, colour modes, orientation, torchvision parity, bad input."""
 import io
+
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,0 +1,67 @@
+"""The `tritonserver` launcher, capability detection, and `make serve` / `make stop`."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from build.capabilities import Capabilities, detect, resolve_backend
+from serving.server import Ports
+from serving.tritonserver import build_command, locate_server, prepare_backend_directory
+
+
+def test_launcher_binds_loopback_and_finds_the_python_backend(tmp_path):
+    install = locate_server()
+    cmd, env = build_command(["--model-repository", "repo"], install)
+    assert cmd[0] == str(install.binary)
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(cmd)
+    assert str(install.library_dir) in env["LD_LIBRARY_PATH"].split(":")
+    backends = [a for a in cmd if a.startswith("--backend-directory=")]
+    assert len(backends) == 1
+    cmd, _ = build_command(["--http-address=0.0.0.0", f"--backend-directory={tmp_path}"], install)
+    assert "--http-address=127.0.0.1" not in cmd and f"--backend-directory={tmp_path}" in cmd
+    prepared = prepare_backend_directory(install, tmp_path / "backends")
+    assert (prepared / "python" / "libtriton_python.so").is_file()
+    assert (prepared / "python" / "triton_python_backend_stub").stat().st_mode & 0o111
+
+
+def test_capabilities_are_detected_and_reported_in_one_line():
+    caps = detect()
+    assert "python" in caps.server_backends
+    line = caps.line()
+    assert "\n" not in line and "server backends: " in line
+    if caps.tensorrt is None:
+        assert "TensorRT: no (" in line  # says why
+    assert resolve_backend("auto", caps)[0] in ("python-onnxruntime", "onnxruntime", "tensorrt")
+
+
+def test_backend_resolution_prefers_the_fastest_available():
+    trt = Capabilities(("onnxruntime", "python", "tensorrt"), "10.13", "ok", 1, "ok")
+    assert resolve_backend("auto", trt)[0] == "tensorrt"
+    no_gpu = Capabilities(("onnxruntime", "python", "tensorrt"), "10.13", "ok", 0, "no driver")
+    assert resolve_backend("auto", no_gpu)[0] == "onnxruntime"
+    pip_server = Capabilities(("python",), None, "no module", 0, "no driver")
+    assert resolve_backend("auto", pip_server)[0] == "python-onnxruntime"
+    assert resolve_backend("onnxruntime", pip_server)[0] == "onnxruntime"
+    with pytest.raises(RuntimeError, match="no classifier backend"):
+        resolve_backend("auto", Capabilities((), None, "-", 0, "-"))
+
+
+@pytest.mark.slow
+def test_make_serve_and_stop(lite0_repository, tmp_path):
+    ports = Ports.free()
+    cli = [sys.executable, "-m", "serving.server"]
+    start = subprocess.run([*cli, "start", "--model-repository", str(lite0_repository), "--http-port",
+                            str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=200)
+    assert start.returncode == 0, start.stderr
+    assert f"127.0.0.1:{ports.grpc}" in start.stdout
+    state = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
+    try:
+        again = subprocess.run([*cli, "start", "--model-repository", str(lite0_repository)], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode != 0 and "already running" in again.stderr
+    finally:
+        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0 and f"pid {state['pid']}" in stop.stdout
+    assert subprocess.run(["kill", "-0", str(state["pid"])], capture_output=True).returncode != 0
