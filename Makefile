@@ -19,10 +19,14 @@ METRICS_PORT ?= 8002
 ADDRESS ?= 127.0.0.1
 PYTEST_ARGS ?=
 
+# Each area's targets live in mk/<area>.mk (training, precision, benchmarks).
+.DEFAULT_GOAL := help
+-include $(sort $(wildcard mk/*.mk))
+
 .PHONY: help setup export engines serve stop status demo classify test test-fast capabilities clean distclean
 
 help:
-	@sed -n 's/^\([a-z-]*\):.*## \(.*\)/  make \1\t\2/p' $(MAKEFILE_LIST) | expand -t 24
+	@sed -n 's/^\([a-z0-9-]*\):.*## \(.*\)/  make \1\t\2/p' $(MAKEFILE_LIST) | expand -t 24
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and the `tritonserver` launcher
 
