@@ -1,0 +1,288 @@
+"""`make calibrate`: activation ranges of an ONNX model -> a TensorRT-format calibration cache.
+
+    python -m build.calibrate --artifacts artifacts/efficientnet_lite0 --method max
+
+Writes `<artifacts>/calibration/<method>.cache` in TensorRT's text format (a header line, then one
+`tensor: <hex of the float32 scale>` line per tensor, scale = amax / 127) and `<method>.json`
+beside it (ONNX sha256, preprocessing, image set and its fingerprint, method, observed min/max per
+tensor). The same cache drives Q/DQ insertion for TensorRT and ONNX Runtime's CPU INT8 model.
+Re-running with the same ONNX and images reuses the cache and says so; a changed ONNX or image
+set recalibrates, and says why.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
+
+from build.imagesets import ImageSet, calibration_set
+from build.repository import sha256
+from common.preprocessing import PreprocessConfig
+
+METHODS = ("max", "percentile", "entropy")
+CALIBRATOR_NAMES = {"max": "MinMaxCalibration", "percentile": "PercentileCalibration",
+                    "entropy": "EntropyCalibration2"}
+ALGORITHM_VERSION = 2  # bump when the statistics or threshold code changes: old caches are then redone
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+# ---- the cache format ----------------------------------------------------------------------
+
+def scale_to_hex(scale: float) -> str:
+    return struct.pack(">f", scale).hex()
+
+
+def hex_to_scale(text: str) -> float:
+    return struct.unpack(">f", bytes.fromhex(text.strip()))[0]
+
+
+def write_cache(path: Path, scales: dict[str, float], calibrator: str, trt_version_code: int) -> None:
+    lines = [f"TRT-{trt_version_code}-{calibrator}"]
+    lines += [f"{name}: {scale_to_hex(scale)}" for name, scale in scales.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_cache(path: Path) -> tuple[str, dict[str, float]]:
+    header, *lines = Path(path).read_text().splitlines()
+    if not header.startswith("TRT-"):
+        raise ValueError(f"{path}: not a TensorRT calibration cache (header {header!r})")
+    scales = {}
+    for line in lines:
+        name, _, value = line.rpartition(":")
+        if not name:
+            raise ValueError(f"{path}: malformed line {line!r}")
+        scales[name] = hex_to_scale(value)
+    return header, scales
+
+
+def trt_version_code() -> int:
+    """TensorRT's cache header carries its version (8601 = 8.6.1); 0 where TensorRT is absent."""
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+    except ImportError:
+        return 0
+    major, minor, patch = (int(p) for p in tensorrt.__version__.split(".")[:3])
+    return major * 1000 + minor * 100 + patch if major < 10 else major * 10000 + minor * 100 + patch
+
+
+# ---- statistics ----------------------------------------------------------------------------
+
+def activation_tensors(model: onnx.ModelProto) -> list[str]:
+    """The graph input and every floating-point tensor a node produces, in graph order."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    names = [i.name for i in model.graph.input]
+    names += [o for node in model.graph.node for o in node.output if o and types.get(o) in FLOAT_TYPES]
+    return names
+
+
+def _session_with_all_outputs(model: onnx.ModelProto, names: list[str], threads: int) -> ort.InferenceSession:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing and name not in {i.name for i in model.graph.input}:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@dataclasses.dataclass
+class TensorStats:
+    minimum: float = np.inf
+    maximum: float = -np.inf
+    histogram: np.ndarray | None = None  # of |x| over [0, absmax], `bins` bins
+
+    @property
+    def absmax(self) -> float:
+        return float(max(abs(self.minimum), abs(self.maximum)))
+
+
+def collect_statistics(model_path: Path, images: ImageSet, config: PreprocessConfig, batch_size: int = 16,
+                       bins: int = 2048, threads: int = 2) -> dict[str, TensorStats]:
+    """Two passes over the images: min/max of every tensor, then a histogram of |x| per tensor."""
+    model = onnx.load(str(model_path))
+    names = activation_tensors(model)
+    input_name = model.graph.input[0].name
+    session = _session_with_all_outputs(model, names, threads)
+    outputs = [n for n in names if n != input_name]
+    stats = {name: TensorStats() for name in names}
+    steps = -(-len(images) // batch_size)
+
+    def run(batch):
+        return {input_name: batch, **dict(zip(outputs, session.run(outputs, {input_name: batch})))}
+
+    for batch in tqdm(images.batches(config, batch_size), total=steps, desc="calibrate 1/2 ranges", unit="batch"):
+        for name, value in run(batch).items():
+            s = stats[name]
+            s.minimum, s.maximum = min(s.minimum, float(value.min())), max(s.maximum, float(value.max()))
+    for batch in tqdm(images.batches(config, batch_size), total=steps, desc="calibrate 2/2 histograms", unit="batch"):
+        for name, value in run(batch).items():
+            s = stats[name]
+            top = s.absmax if s.absmax > 0 else 1.0
+            hist, _ = np.histogram(np.abs(value), bins=bins, range=(0.0, top))
+            s.histogram = hist if s.histogram is None else s.histogram + hist
+    return stats
+
+
+def percentile_amax(stats: TensorStats, percentile: float) -> float:
+    cdf = np.cumsum(stats.histogram) / max(stats.histogram.sum(), 1)
+    index = int(np.searchsorted(cdf, percentile / 100.0))
+    return (index + 1) * stats.absmax / len(stats.histogram)
+
+
+def entropy_amax(stats: TensorStats, levels: int = 128, stride: int = 8) -> float:
+    """TensorRT-style: the clipping threshold minimising KL(P || Q) between the clipped histogram
+    P and its quantisation Q onto `levels` bins."""
+    hist = stats.histogram.astype(np.float64)
+    hist[0] = hist[1]  # exact zeros (ReLU/Clip outputs) would otherwise dominate the divergence
+    bins, width = len(hist), stats.absmax / len(hist)
+    best_kl, best_i = np.inf, bins
+    for i in range(levels, bins + 1, stride):
+        sliced = hist[:i]
+        p = sliced.copy()
+        p[-1] += hist[i:].sum()  # P: outliers clipped into the last bin
+        nonzero = p > 0
+        starts = (np.arange(levels) * i) // levels
+        lengths = np.diff(np.append(starts, i))
+        mass = np.add.reduceat(sliced, starts)  # Q: the slice alone, quantised to `levels` bins
+        used = np.add.reduceat(nonzero.astype(np.float64), starts)
+        q = np.where(nonzero, np.repeat(mass / np.maximum(used, 1), lengths), 0.0)
+        p_sum, q_sum = p.sum(), q.sum()
+        if p_sum == 0 or q_sum == 0:
+            continue
+        p, q = p / p_sum, q / q_sum
+        kl = float(np.sum(p[nonzero] * np.log(p[nonzero] / np.maximum(q[nonzero], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return (best_i + 0.5) * width
+
+
+def amax_per_tensor(stats: dict[str, TensorStats], method: str, percentile: float) -> dict[str, float]:
+    if method not in METHODS:
+        raise ValueError(f"calibration method {method!r} is not one of {METHODS}")
+    amax = {}
+    for name, s in stats.items():
+        if s.absmax == 0:
+            amax[name] = 0.0
+        elif method == "max":
+            amax[name] = s.absmax
+        elif method == "percentile":
+            amax[name] = min(s.absmax, percentile_amax(s, percentile))
+        else:
+            amax[name] = min(s.absmax, entropy_amax(s))
+    return amax
+
+
+# ---- the stage -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Calibration:
+    cache: Path
+    meta: dict
+    scales: dict[str, float]
+    reused: bool
+    message: str
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """Per-tensor (low, high) for asymmetric (uint8) use: [0, amax] where the tensor was never
+        negative during calibration, else [-amax, amax]."""
+        observed = self.meta["observed_min"]
+        return {name: (0.0 if observed.get(name, -1.0) >= 0 else -127 * s, 127 * s)
+                for name, s in self.scales.items()}
+
+
+def load_calibration(cache: Path) -> Calibration:
+    meta = json.loads(cache.with_suffix(".json").read_text())
+    return Calibration(cache, meta, read_cache(cache)[1], True, f"loaded {cache}")
+
+
+def _staleness(cache: Path, onnx_hash: str, images: ImageSet, method: str, percentile: float) -> str | None:
+    """None if the cache at `cache` fits; otherwise why not."""
+    meta_path = cache.with_suffix(".json")
+    if not cache.exists() or not meta_path.exists():
+        return "no cache yet"
+    meta = json.loads(meta_path.read_text())
+    if meta.get("onnx_sha256") != onnx_hash:
+        return f"the ONNX model changed (sha256 {meta.get('onnx_sha256', '?')[:12]} -> {onnx_hash[:12]})"
+    if meta.get("images_sha256") != images.fingerprint():
+        return "the calibration images changed"
+    if meta.get("algorithm_version") != ALGORITHM_VERSION:
+        return f"the calibration code changed (version {meta.get('algorithm_version')} -> {ALGORITHM_VERSION})"
+    if meta.get("method") != method or (method == "percentile" and meta.get("percentile") != percentile):
+        return "the method changed"
+    return None
+
+
+def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, config: PreprocessConfig,
+              percentile: float = 99.99, batch_size: int = 16, force: bool = False) -> Calibration:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = out_dir / f"{method}.cache"
+    onnx_hash = sha256(model_path)
+    reason = "forced" if force else _staleness(cache, onnx_hash, images, method, percentile)
+    if reason is None:
+        calibration = load_calibration(cache)
+        calibration.message = (f"reusing calibration cache {cache} (same ONNX sha256 {onnx_hash[:12]}, "
+                               f"same {len(images)} images, method {method})")
+        return calibration
+    stats = collect_statistics(model_path, images, config, batch_size)
+    amax = amax_per_tensor(stats, method, percentile)
+    scales = {name: a / 127.0 for name, a in amax.items()}
+    code = trt_version_code()
+    write_cache(cache, scales, CALIBRATOR_NAMES[method], code)
+    meta = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "onnx": str(model_path), "onnx_sha256": onnx_hash, "method": method,
+        "algorithm_version": ALGORITHM_VERSION,
+        "percentile": percentile if method == "percentile" else None,
+        "preprocess": config.to_dict(), "images": len(images), "images_description": images.description,
+        "images_sha256": images.fingerprint(), "tensors": len(scales),
+        "trt_version_code": code, "trt_version_note": "0: written without TensorRT" if code == 0 else "",
+        "observed_min": {n: s.minimum for n, s in stats.items()},
+        "observed_max": {n: s.maximum for n, s in stats.items()},
+    }
+    cache.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    message = f"calibrated {len(scales)} tensors on {len(images)} images ({reason}); wrote {cache}"
+    return Calibration(cache, meta, scales, False, message)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
+    p.add_argument("--method", default="max", choices=METHODS,
+                   help="max suits ReLU6-bounded networks such as EfficientNet-Lite (measured: README) "
+                        "(default: %(default)s)")
+    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default: %(default)s)")
+    p.add_argument("--images", default=None,
+                   help="folder of representative images (default: the bundled calibration photos, augmented)")
+    p.add_argument("--views", type=int, default=16,
+                   help="augmented views per bundled photo (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="recalibrate even if the cache is current")
+    return p
+
+
+def main(args: argparse.Namespace) -> Calibration:
+    artifacts = Path(args.artifacts)
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    images = calibration_set(config, args.images, args.views)
+    print(f"calibration images: {images.description}")
+    result = calibrate(artifacts / "model.onnx", artifacts / "calibration", args.method, images, config,
+                       args.percentile, args.batch_size, args.force)
+    print(result.message)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

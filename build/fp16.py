@@ -1,0 +1,65 @@
+"""`python -m build.fp16`: FP32 ONNX -> mixed-precision FP16 ONNX with FP32 inputs and outputs.
+
+    model.onnx -> model.fp16.onnx
+
+The precision lives in the graph (TensorRT 10/11 strongly typed networks take it from there; no
+builder flag). Converter: ONNX Runtime's `float16.convert_float_to_float16` with `keep_io_types`
+(FP32 IO, casts inserted at the boundaries); Softmax and the reductions stay FP32 by default
+(`--keep-fp32` adds op types). The result is checked by `build.validate` before it is deployed.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import onnx
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+KEEP_FP32 = ["Softmax", "GlobalAveragePool", "ReduceMean"]
+OUTPUT_NAME = "model.fp16.onnx"
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder graph.node in place so every node comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a missing input near node {pending[0].name!r}")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        done = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in done]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def convert(model_path: Path, out: Path, keep_fp32: list[str] | None = None) -> Path:
+    model = onnx.load(str(model_path))
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32 if keep_fp32 is None else keep_fp32))
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    topological_sort(converted.graph)  # the converter appends its Cast nodes out of order
+    onnx.checker.check_model(converted)
+    onnx.save(converted, str(out))
+    return out
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
+    p.add_argument("--keep-fp32", nargs="*", default=KEEP_FP32, help="op types kept in FP32 (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> Path:
+    artifacts = Path(args.artifacts)
+    out = convert(artifacts / "model.onnx", artifacts / OUTPUT_NAME, args.keep_fp32)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

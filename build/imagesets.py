@@ -1,0 +1,92 @@
+"""Image sets for calibration and validation, through the one serving preprocessing.
+
+Default sets come from the bundled photos, split so that validation never sees a calibration
+photo: CALIBRATION_PHOTOS feed calibration, HELD_OUT_PHOTOS feed the accuracy gate. Each photo is
+expanded into deterministic augmented views (seeded random-resized crop, flip, brightness and
+contrast), then resized, cropped and normalised exactly as the server does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from common.preprocessing import PreprocessConfig, decode_image, normalize, resize_and_crop
+from common.samples import sample_photos
+
+CALIBRATION_PHOTOS = ("astronaut", "rocket", "motorcycle", "horse", "hubble", "camera", "moon", "china")
+HELD_OUT_PHOTOS = ("chelsea", "coffee", "retina", "coins", "grace_hopper", "flower")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """uint8 crops (N, crop, crop, 3) plus where they came from."""
+
+    crops: np.ndarray
+    names: list[str]
+    description: str
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.crops.tobytes()).hexdigest()
+
+    def batches(self, config: PreprocessConfig, batch_size: int):
+        """Normalised float32 batches, ready for the model."""
+        for start in range(0, len(self.crops), batch_size):
+            yield normalize(self.crops[start : start + batch_size], config)
+
+
+def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """One deterministic view: random-resized crop (area 30-100%, aspect 3/4-4/3), flip, jitter."""
+    width, height = image.size
+    area = width * height * rng.uniform(0.3, 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    w = int(min(width, round(np.sqrt(area * aspect))))
+    h = int(min(height, round(np.sqrt(area / aspect))))
+    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    view = image.crop((left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    view = ImageEnhance.Brightness(view).enhance(rng.uniform(0.8, 1.2))
+    return ImageEnhance.Contrast(view).enhance(rng.uniform(0.8, 1.2))
+
+
+AUGMENTATION = ("random-resized crop (area 0.3-1.0, aspect 3/4-4/3), horizontal flip p=0.5, "
+                "brightness and contrast x0.8-1.2")
+
+
+def augmented_photos(names: tuple[str, ...], views: int, seed: int, config: PreprocessConfig) -> ImageSet:
+    """`views` augmented views of each named bundled photo (the first view is the photo itself)."""
+    rng = np.random.default_rng(seed)
+    crops, labels = [], []
+    for name, path in sample_photos(list(names)).items():
+        image = decode_image(path.read_bytes())
+        for view in range(views):
+            crops.append(resize_and_crop(image if view == 0 else augment(image, rng), config))
+            labels.append(f"{name}#{view}")
+    description = (f"{len(names)} bundled photos ({', '.join(names)}) x {views} views: the original + "
+                   f"{AUGMENTATION}, seed {seed}")
+    return ImageSet(np.stack(crops), labels, description)
+
+
+def folder_images(folder: str | Path, config: PreprocessConfig, limit: int | None = None) -> ImageSet:
+    """Every image under `folder` (recursively, sorted), no augmentation."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    crops = [resize_and_crop(decode_image(p.read_bytes(), draft_size=config.resize), config) for p in paths]
+    return ImageSet(np.stack(crops), [str(p) for p in paths], f"{len(paths)} images from {folder}")
+
+
+def calibration_set(config: PreprocessConfig, folder: str | None = None, views: int = 16, seed: int = 0) -> ImageSet:
+    return folder_images(folder, config) if folder else augmented_photos(CALIBRATION_PHOTOS, views, seed, config)
+
+
+def held_out_set(config: PreprocessConfig, folder: str | None = None, views: int = 40, seed: int = 1) -> ImageSet:
+    return folder_images(folder, config) if folder else augmented_photos(HELD_OUT_PHOTOS, views, seed, config)

@@ -1,0 +1,195 @@
+"""`python -m build.validate`: the accuracy gate. Every variant against the FP32 reference, on images
+that calibration never saw; a variant that fails is not deployed.
+
+    python -m build.validate --artifacts artifacts/efficientnet_lite0
+    python -m build.validate --held-out my_photos/ --min-agreement-int8 0.99
+
+Polygraphy's Comparator runs each variant (ONNX Runtime runners on CPU; TensorRT runners where
+TensorRT and a GPU exist) on the same batches. Reported per variant: top-1 agreement with FP32,
+top-5 overlap, max and mean absolute error of the probabilities, and top-1 agreement on the images
+where FP32 itself is confident (top-1 minus top-2 probability > 0.1): quantisation flips
+near-ties first, so this column tells a held-out set of ambiguous images from a broken variant.
+With labels (an ImageFolder), true top-1 accuracy is reported too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.comparator import Comparator
+
+from build.imagesets import ImageSet, held_out_set
+from common.preprocessing import PreprocessConfig
+
+PROBABILITIES = "probabilities"
+THRESHOLDS = {"fp16": 0.995, "int8": 0.99}
+CONFIDENT_MARGIN = 0.1
+# variant name -> (file in the artifacts folder, precision, how it runs here)
+VARIANTS = {
+    "fp32": ("model.onnx", "fp32", "ONNX Runtime CPU"),
+    "fp16": ("model.fp16.onnx", "fp16", "ONNX Runtime CPU"),
+    "int8-cpu": ("model.int8.cpu.onnx", "int8", "ONNX Runtime CPU, U8S8"),
+    "int8-trt": ("model.int8.trt.onnx", "int8", "ONNX Runtime CPU simulating TensorRT's Q/DQ"),
+    "fp32-plan": ("model.fp32.plan", "fp32", "TensorRT"),
+    "fp16-plan": ("model.fp16.plan", "fp16", "TensorRT"),
+    "int8-plan": ("model.int8.plan", "int8", "TensorRT"),
+}
+
+
+@dataclasses.dataclass
+class VariantReport:
+    name: str
+    file: str
+    precision: str
+    runs_on: str
+    images: int
+    top1_agreement: float
+    top5_overlap: float
+    max_abs_error: float
+    mean_abs_error: float
+    confident_images: int
+    confident_agreement: float
+    accuracy: float | None = None  # with labels
+    threshold: float | None = None
+    passed: bool = True
+    reason: str = ""
+
+
+def onnxruntime_runner(path: Path, name: str) -> OnnxrtRunner:
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
+
+
+def runner_for(artifacts: Path, variant: str):
+    filename = VARIANTS[variant][0]
+    if filename.endswith(".plan"):
+        from build.plans import trt_runner
+
+        return trt_runner(artifacts / filename, name=variant)
+    return onnxruntime_runner(artifacts / filename, variant)
+
+
+def _quiet_polygraphy() -> None:
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+
+
+def run_all(runners: list, images: ImageSet, config: PreprocessConfig, batch_size: int) -> dict[str, np.ndarray]:
+    """Comparator.run over the same batches -> {runner name: probabilities (N, classes)}."""
+    _quiet_polygraphy()
+    feeds = [{"images": batch} for batch in images.batches(config, batch_size)]
+    results = Comparator.run(runners, data_loader=feeds)
+    return {name: np.concatenate([iteration[PROBABILITIES] for iteration in iterations])
+            for name, iterations in results.items()}
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    ref_top1, cand_top1 = reference.argmax(1), candidate.argmax(1)
+    ref_top5 = np.argsort(-reference, axis=1)[:, :5]
+    cand_top5 = np.argsort(-candidate, axis=1)[:, :5]
+    overlap = np.mean([len(set(a) & set(b)) / 5.0 for a, b in zip(ref_top5, cand_top5)])
+    ordered = np.sort(reference, axis=1)
+    confident = (ordered[:, -1] - ordered[:, -2]) > CONFIDENT_MARGIN
+    agree = ref_top1 == cand_top1
+    error = np.abs(reference - candidate)
+    return {
+        "images": int(len(reference)),
+        "top1_agreement": float(agree.mean()),
+        "top5_overlap": float(overlap),
+        "max_abs_error": float(error.max()),
+        "mean_abs_error": float(error.mean()),
+        "confident_images": int(confident.sum()),
+        "confident_agreement": float(agree[confident].mean()) if confident.any() else float("nan"),
+        "accuracy": None if labels is None else float((cand_top1 == labels).mean()),
+    }
+
+
+def validate(artifacts: Path, variants: list[str], images: ImageSet, config: PreprocessConfig,
+             thresholds: dict[str, float], labels: np.ndarray | None = None,
+             batch_size: int = 16) -> list[VariantReport]:
+    present = [v for v in variants if (artifacts / VARIANTS[v][0]).exists()]
+    runners = [runner_for(artifacts, "fp32")] + [runner_for(artifacts, v) for v in present if v != "fp32"]
+    outputs = run_all(runners, images, config, batch_size)
+    reports = []
+    for name in ["fp32", *[v for v in present if v != "fp32"]]:
+        filename, precision, runs_on = VARIANTS[name]
+        report = VariantReport(name, filename, precision, runs_on, **compare(outputs["fp32"], outputs[name], labels))
+        report.threshold = thresholds.get(precision) if name != "fp32" else None
+        if report.threshold is not None and report.top1_agreement < report.threshold:
+            report.passed = False
+            report.reason = (f"top-1 agreement {report.top1_agreement:.2%} < {report.threshold:.1%}: not deployed"
+                             f" (on confident images: {report.confident_agreement:.2%} of "
+                             f"{report.confident_images})")
+        reports.append(report)
+    return reports
+
+
+def format_table(reports: list[VariantReport]) -> str:
+    has_accuracy = any(r.accuracy is not None for r in reports)
+    head = (f"{'variant':10s} {'runs on':44s} {'images':>6s} {'top-1 agr':>9s} {'top-5 ovl':>9s} "
+            f"{'max|dp|':>8s} {'mean|dp|':>9s} {'confident agr':>14s}" + (f" {'accuracy':>8s}" if has_accuracy else "")
+            + "  gate")
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        gate = "reference" if r.threshold is None else ("PASS" if r.passed else "FAIL") + f" (>= {r.threshold:.1%})"
+        confident = f"{r.confident_agreement:7.2%} ({r.confident_images})"
+        line = (f"{r.name:10s} {r.runs_on:44s} {r.images:6d} {r.top1_agreement:9.2%} {r.top5_overlap:9.2%} "
+                f"{r.max_abs_error:8.4f} {r.mean_abs_error:9.2e} {confident:>14s}")
+        if has_accuracy:
+            line += f" {r.accuracy:8.2%}" if r.accuracy is not None else " " * 9
+        lines.append(line + "  " + gate)
+    lines += [f"  {r.name}: {r.reason}" for r in reports if not r.passed]
+    return "\n".join(lines)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "fp32"],
+                   choices=[v for v in VARIANTS if v != "fp32"], help="those present are checked (default: all)")
+    p.add_argument("--held-out", default=None,
+                   help="folder of held-out images; an ImageFolder (class sub-folders named as in labels.txt) "
+                        "adds true accuracy (default: the bundled held-out photos, augmented)")
+    p.add_argument("--views", type=int, default=40, help="augmented views per bundled photo (default: %(default)s)")
+    p.add_argument("--min-agreement-fp16", type=float, default=THRESHOLDS["fp16"], help="(default: %(default)s)")
+    p.add_argument("--min-agreement-int8", type=float, default=THRESHOLDS["int8"], help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--report", default=None, help="JSON report path (default: <artifacts>/validation.json)")
+    return p
+
+
+def folder_labels(images: ImageSet, folder: Path, labels_file: Path) -> np.ndarray | None:
+    """Class indices from `<folder>/<class>/<image>` paths when every class folder names a label."""
+    names = labels_file.read_text().splitlines()
+    classes = [Path(p).relative_to(folder).parts[0] if len(Path(p).relative_to(folder).parts) > 1 else None
+               for p in images.names]
+    if any(c not in names for c in classes):
+        return None
+    return np.array([names.index(c) for c in classes])
+
+
+def main(args: argparse.Namespace) -> list[VariantReport]:
+    artifacts = Path(args.artifacts)
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    images = held_out_set(config, args.held_out, args.views)
+    labels = folder_labels(images, Path(args.held_out), artifacts / "labels.txt") if args.held_out else None
+    print(f"held-out images: {images.description}" + (" (labelled)" if labels is not None else ""))
+    thresholds = {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}
+    reports = validate(artifacts, args.variants, images, config, thresholds, labels, args.batch_size)
+    print(format_table(reports))
+    report_path = Path(args.report) if args.report else artifacts / "validation.json"
+    report_path.write_text(json.dumps({"held_out": images.description, "thresholds": thresholds,
+                                       "variants": [dataclasses.asdict(r) for r in reports]}, indent=2) + "\n")
+    print(f"report: {report_path}")
+    return reports
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(0 if all(r.passed for r in main(get_args_parser().parse_args())) else 1)
