@@ -240,6 +240,7 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
     scales = {name: a / 127.0 for name, a in amax.items()}
     code = trt_version_code()
     write_cache(cache, scales, CALIBRATOR_NAMES[method], code)
+    scales = read_cache(cache)[1]  # float32 as stored: fresh and reused runs see the same numbers
     meta = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "onnx": str(model_path), "onnx_sha256": onnx_hash, "method": method,

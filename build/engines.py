@@ -1,6 +1,7 @@
 """`make engines`: exported model + deployment spec -> a servable Triton model repository.
 
     python -m build.engines                                  # spec: configs/deployment.json
+    python -m build.engines --precision int8                 # calibrate, quantize, gate, deploy
     python -m build.engines --backend onnxruntime --out repo_for_ngc_triton
 
 Detects what the local server can run (one line), picks the classifier backend (`--backend auto`)
@@ -11,9 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from build import capabilities
+from build import capabilities, validate
+from build.calibrate import METHODS
 from build.repository import write_repository
 from build.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
+from build.variants import GateFailed, VariantOptions, prepare
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -24,6 +27,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="model_repository", help="repository to write (default: %(default)s)")
     p.add_argument("--backend", default=None, choices=BACKENDS, help="classifier backend (default: the spec's)")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="classifier precision (default: the spec's)")
+    p.add_argument("--calibration-method", default="max", choices=METHODS, help="for int8 (default: %(default)s)")
+    p.add_argument("--calibration-images", default=None, help="folder (default: bundled calibration photos)")
+    p.add_argument("--held-out", default=None, help="folder for the accuracy gate (default: bundled held-out photos)")
+    p.add_argument("--min-agreement-fp16", type=float, default=validate.THRESHOLDS["fp16"], help="(default: %(default)s)")
+    p.add_argument("--min-agreement-int8", type=float, default=validate.THRESHOLDS["int8"], help="(default: %(default)s)")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="deploy FP32 when the requested precision fails the accuracy gate (default: fail)")
     return p
 
 
@@ -43,10 +53,13 @@ def main(args: argparse.Namespace) -> dict:
     print(f"classifier backend: {backend} ({why})")
     if backend != "python-onnxruntime" and backend not in caps.server_backends:
         print(f"note: the local tritonserver has no {backend!r} backend; this repository is for a server that has")
-    if spec.precision != "fp32":
-        raise ValueError(f"precision {spec.precision!r} is not built yet: only fp32 is available in this version")
-
-    manifest = write_repository(spec, backend, Path(args.out), spec_source=source)
+    options = VariantOptions(args.calibration_method, args.calibration_images, args.held_out,
+                             {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}, args.allow_fallback)
+    deployable = prepare(spec, backend, args.spec, options)
+    manifest = write_repository(spec, backend, Path(args.out), spec_source=source, model_file=deployable.model_file,
+                                extra={"variant": deployable.variant, "precision": deployable.precision,
+                                       "validation": [vars(r) for r in deployable.reports]})
+    print(f"classifier: {deployable.variant} ({deployable.model_file})")
     print(f"wrote {args.out}/: {', '.join(manifest['models'])} "
           f"(input {manifest['input_dims']}, {manifest['num_classes']} classes, max batch {spec.max_batch_size})")
     print(f"serve it:  tritonserver --model-repository {args.out}")
@@ -58,5 +71,5 @@ if __name__ == "__main__":
 
     try:
         main(get_args_parser().parse_args())
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, GateFailed) as exc:
         sys.exit(f"build.engines: {exc}")

@@ -75,6 +75,7 @@ def write_repository(
     out: Path,
     spec_source: str = "a DeploymentSpec",
     model_file: Path | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Render and copy everything into `out`. `model_file` overrides the classifier's model
     (e.g. a TensorRT plan or a quantized ONNX); default: the artifacts' model.onnx."""
@@ -118,6 +119,7 @@ def write_repository(
         "classifier_model": {"source": str(model_file), "sha256": sha256(model_file)},
         "input_dims": list(shape.input_dims),
         "num_classes": shape.num_classes,
+        **(extra or {}),
     }
     (staging / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -1,0 +1,103 @@
+"""The precision chain behind `make engines PRECISION=fp16|int8`: build the variants, gate them,
+and hand back the one file the classifier should serve.
+
+    int8: calibrate (cache reused when current) -> quantize (TensorRT Q/DQ + CPU U8S8)
+    fp16: convert (FP32 IO)
+    then: TensorRT plan where TensorRT and a GPU exist (else one line saying why not)
+    then: build.validate on held-out images; a variant that fails is not deployed
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from build import calibrate, fp16, quantize, validate
+from build.imagesets import calibration_set, held_out_set
+from build.spec import DeploymentSpec
+from common.preprocessing import PreprocessConfig
+
+
+class GateFailed(ValueError):
+    """The variant to deploy failed the accuracy gate."""
+
+
+@dataclasses.dataclass
+class VariantOptions:
+    calibration_method: str = "max"
+    calibration_images: str | None = None
+    held_out: str | None = None
+    thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict(validate.THRESHOLDS))
+    allow_fallback: bool = False  # deploy FP32 when the requested precision fails the gate
+
+
+@dataclasses.dataclass
+class Deployable:
+    model_file: Path
+    variant: str
+    precision: str
+    reports: list[validate.VariantReport] = dataclasses.field(default_factory=list)
+
+
+def build_plan(artifacts: Path, precision: str, spec_path: str) -> tuple[Path | None, str]:
+    """A TensorRT plan, or None and the one-line reason it could not be built here."""
+    from build import plans
+
+    try:
+        plans.require_tensorrt()
+    except plans.TensorRTUnavailable as exc:
+        return None, str(exc)
+    args = plans.get_args_parser().parse_args(["--spec", spec_path, "--artifacts", str(artifacts),
+                                               "--precision", precision])
+    metadata = plans.main(args)
+    return Path(metadata["plan"]), "built"
+
+
+def build_variants(artifacts: Path, precision: str, options: VariantOptions, config: PreprocessConfig,
+                   log: Callable[[str], None]) -> None:
+    """Write the ONNX variants of `precision`."""
+    if precision == "int8":
+        images = calibration_set(config, options.calibration_images)
+        log(f"calibration images: {images.description}")
+        result = calibrate.calibrate(artifacts / "model.onnx", artifacts / "calibration",
+                                     options.calibration_method, images, config)
+        log(result.message)
+        for target in quantize.TARGETS:
+            out = quantize.quantize(artifacts / "model.onnx", result, target,
+                                    artifacts / quantize.output_name(target))
+            log(f"wrote {out}")
+    elif precision == "fp16":
+        log(f"wrote {fp16.convert(artifacts / 'model.onnx', artifacts / fp16.OUTPUT_NAME)}")
+
+
+def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: VariantOptions,
+            log: Callable[[str], None] = print) -> Deployable:
+    artifacts = Path(spec.artifacts)
+    precision = spec.precision
+    if precision == "fp32" and backend != "tensorrt":
+        return Deployable(artifacts / "model.onnx", "fp32", "fp32")
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    build_variants(artifacts, precision, options, config, log)
+    plan, why = build_plan(artifacts, precision, spec_path)
+    log(f"TensorRT plan: {plan}" if plan else why + "; building the CPU variants instead")
+
+    cpu_variant = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-cpu"}[precision]
+    wanted = f"{precision}-plan" if backend == "tensorrt" else cpu_variant
+    checked = [v for v in validate.VARIANTS if v != "fp32" and validate.VARIANTS[v][1] == precision]
+    images = held_out_set(config, options.held_out)
+    log(f"held-out images: {images.description}")
+    reports = validate.validate(artifacts, checked, images, config, options.thresholds)
+    table = validate.format_table(reports)
+    log(table)
+    by_name = {r.name: r for r in reports}
+    if wanted not in by_name:
+        raise GateFailed(f"the {wanted} variant was not built ({why if backend == 'tensorrt' else 'missing file'})")
+    chosen = by_name[wanted]
+    if chosen.passed:
+        return Deployable(artifacts / chosen.file, wanted, precision, reports)
+    if not options.allow_fallback:
+        raise GateFailed(f"{wanted} failed the accuracy gate and is not deployed: {chosen.reason} "
+                         "(use a representative --held-out set, another --calibration-method, or "
+                         "--allow-fallback to deploy FP32 instead)")
+    log(f"{wanted} failed the accuracy gate ({chosen.reason}); deploying FP32 instead (--allow-fallback)")
+    return Deployable(artifacts / "model.onnx", "fp32", "fp32", reports)

@@ -1,0 +1,155 @@
+"""Calibration cache, Q/DQ variants, FP16, and the accuracy gate: on the real exported model."""
+import dataclasses
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from build import calibrate, fp16, quantize, validate
+from build.imagesets import augmented_photos, held_out_set
+from common.preprocessing import PreprocessConfig
+from tests.tiny_model import write_tiny_classifier
+
+
+def test_cache_format_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    scales = {f"/blocks.{i}/Conv_output_0": float(np.float32(s)) for i, s in enumerate(rng.uniform(1e-4, 2, 50))}
+    scales["images"] = float(np.float32(2.64 / 127))
+    path = tmp_path / "max.cache"
+    calibrate.write_cache(path, scales, "EntropyCalibration2", 100300)
+    text = path.read_text().splitlines()
+    assert text[0] == "TRT-100300-EntropyCalibration2"
+    assert all(len(line.rsplit(": ", 1)[1]) == 8 for line in text[1:])  # 8 hex digits: float32 bits
+    header, parsed = calibrate.read_cache(path)
+    assert header == text[0] and parsed == scales  # bit-identical floats, same order
+    assert calibrate.hex_to_scale(calibrate.scale_to_hex(1.0)) == 1.0 and calibrate.scale_to_hex(1.0) == "3f800000"
+    (tmp_path / "bad.cache").write_text("not a cache\n")
+    with pytest.raises(ValueError, match="not a TensorRT calibration cache"):
+        calibrate.read_cache(tmp_path / "bad.cache")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    artifacts = write_tiny_classifier(tmp_path / "tiny")
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    return artifacts, config, augmented_photos(("chelsea", "coffee"), 4, 0, config)
+
+
+def test_cache_is_reused_and_invalidated(tiny, capsys):
+    artifacts, config, images = tiny
+    out = artifacts / "calibration"
+    first = calibrate.calibrate(artifacts / "model.onnx", out, "max", images, config)
+    assert not first.reused and first.cache.exists() and first.cache.with_suffix(".json").exists()
+    assert first.meta["images"] == 8 and first.meta["onnx_sha256"] == calibrate.sha256(artifacts / "model.onnx")
+    again = calibrate.calibrate(artifacts / "model.onnx", out, "max", images, config)
+    assert again.reused and "reusing calibration cache" in again.message and again.scales == first.scales
+    other_images = augmented_photos(("chelsea", "coffee"), 4, 1, config)
+    assert "images changed" in calibrate.calibrate(artifacts / "model.onnx", out, "max", other_images, config).message
+    write_tiny_classifier(artifacts, num_classes=4)  # a changed model under the same path
+    changed = calibrate.calibrate(artifacts / "model.onnx", out, "max", other_images, config)
+    assert not changed.reused and "the ONNX model changed" in changed.message
+
+
+def test_methods_clip_no_more_than_max(tiny):
+    artifacts, config, images = tiny
+    stats = calibrate.collect_statistics(artifacts / "model.onnx", images, config, batch_size=4)
+    assert set(stats) == set(calibrate.activation_tensors(onnx.load(str(artifacts / "model.onnx"))))
+    amax = {m: calibrate.amax_per_tensor(stats, m, 99.9) for m in calibrate.METHODS}
+    for name, s in stats.items():
+        assert amax["max"][name] == pytest.approx(s.absmax)
+        assert 0 < amax["percentile"][name] <= s.absmax and 0 < amax["entropy"][name] <= s.absmax
+
+
+@pytest.fixture(scope="module")
+def lite0_int8(lite0_artifacts, tmp_path_factory):
+    """Lite0 copied, calibrated (max) on the bundled calibration photos and quantized both ways."""
+    artifacts = tmp_path_factory.mktemp("int8") / "lite0"
+    shutil.copytree(lite0_artifacts, artifacts)
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    images = augmented_photos(("astronaut", "rocket", "horse", "china"), 8, 0, config)
+    result = calibrate.calibrate(artifacts / "model.onnx", artifacts / "calibration", "max", images, config)
+    for target in quantize.TARGETS:
+        quantize.quantize(artifacts / "model.onnx", result, target, artifacts / quantize.output_name(target))
+    return artifacts, result, config
+
+
+def _initializers(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.slow
+def test_trt_qdq_graph_uses_the_cache_scales(lite0_int8):
+    artifacts, result, _ = lite0_int8
+    model = onnx.load(str(artifacts / "model.int8.trt.onnx"))
+    inits = _initializers(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers
+    for q in quantizers:  # activations: int8, zero point 0, scale = the cache's, bit for bit
+        tensor, scale, zero = q.input
+        assert inits[zero].dtype == np.int8 and not inits[zero].any()
+        assert np.float32(inits[scale]) == np.float32(result.scales[tensor]), tensor
+        # TensorRT's placement: Q/DQ only on inputs of Conv/Gemm/MatMul/Add, never feeding Clip & co.
+        (dq,) = consumers[q.output[0]]
+        assert {c.op_type for c in consumers[dq.output[0]]} <= set(quantize.TRT_OP_TYPES), tensor
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        data, weight = (producers[i] for i in conv.input[:2])
+        assert data.op_type == weight.op_type == "DequantizeLinear", conv.name
+        assert inits[weight.input[0]].dtype == np.int8
+        assert inits[weight.input[1]].shape == (inits[weight.input[0]].shape[0],)  # per output channel
+
+
+@pytest.mark.slow
+def test_cpu_qdq_graph_is_u8s8(lite0_int8):
+    artifacts, result, _ = lite0_int8
+    model = onnx.load(str(artifacts / "model.int8.cpu.onnx"))
+    inits = _initializers(model)
+    ranges = result.ranges()
+    activation_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_q and all(inits[q.input[2]].dtype == np.uint8 for q in activation_q)
+    for q in activation_q:
+        low, high = ranges[q.input[0].removesuffix("_QuantizeLinear_Input")]
+        scale, zero = float(inits[q.input[1]]), int(inits[q.input[2]])
+        if low == 0.0:  # seen non-negative during calibration: the whole uint8 range above zero
+            assert zero == 0 and scale == pytest.approx(high / 255, rel=1e-6)
+    weights = [inits[n.input[0]] for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+
+
+@pytest.mark.slow
+def test_gate_passes_int8_that_agrees_and_rejects_broken_scales(lite0_int8, tmp_path):
+    artifacts, result, config = lite0_int8
+    held_out = held_out_set(config, views=6)
+    good = validate.validate(artifacts, ["int8-cpu", "int8-trt"], held_out, config, {"int8": 0.75})
+    assert [r.name for r in good] == ["fp32", "int8-cpu", "int8-trt"]
+    assert all(r.passed for r in good), validate.format_table(good)
+    assert good[0].top1_agreement == 1.0 and good[0].max_abs_error == 0.0
+    assert all(r.confident_agreement >= 0.8 for r in good[1:]), validate.format_table(good)
+
+    broken = dataclasses.replace(result, scales={n: s * 100 for n, s in result.scales.items()})
+    shutil.copy(artifacts / "model.onnx", tmp_path / "model.onnx")
+    shutil.copy(artifacts / "preprocess.json", tmp_path / "preprocess.json")
+    quantize.quantize(tmp_path / "model.onnx", broken, "cpu", tmp_path / "model.int8.cpu.onnx")
+    reports = validate.validate(tmp_path, ["int8-cpu"], held_out, config, {"int8": 0.75})
+    assert not reports[1].passed and "not deployed" in reports[1].reason
+    assert reports[1].top1_agreement < good[1].top1_agreement
+    assert "FAIL" in validate.format_table(reports)
+
+
+@pytest.mark.slow
+def test_fp16_keeps_fp32_io_and_agrees(lite0_artifacts, tmp_path):
+    out = fp16.convert(lite0_artifacts / "model.onnx", tmp_path / "model.fp16.onnx")
+    model = onnx.load(str(out))
+    assert {i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]} == {onnx.TensorProto.FLOAT}
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    shutil.copy(lite0_artifacts / "model.onnx", tmp_path / "model.onnx")
+    config = PreprocessConfig.load(lite0_artifacts / "preprocess.json")
+    reports = validate.validate(tmp_path, ["fp16"], held_out_set(config, views=4), config, validate.THRESHOLDS)
+    assert reports[1].top1_agreement >= 0.95 and reports[1].max_abs_error < 0.05

@@ -1,0 +1,39 @@
+"""A small but real ONNX classifier with the project's tensor names, for fast tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from common.preprocessing import PreprocessConfig
+
+
+def write_tiny_classifier(out: Path, num_classes: int = 3, crop: int = 32) -> Path:
+    """A small but real ONNX classifier with the project's IO names, plus labels and preprocess.json:
+    images -> global average pool -> linear -> logits -> softmax -> probabilities."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("W", TensorProto.FLOAT, [3, num_classes], rng.normal(size=(3, num_classes)).ravel())
+    bias = helper.make_tensor("B", TensorProto.FLOAT, [num_classes], np.zeros(num_classes))
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, crop, crop])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", num_classes])],
+        initializer=[weight, bias],
+    )
+    # IR 9: the installed onnx writes IR 14 by default, which ONNX Runtime 1.31 refuses.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, out / "model.onnx")
+    (out / "labels.txt").write_text("".join(f"class {i}\n" for i in range(num_classes)))
+    PreprocessConfig(resize=crop + 8, crop=crop).save(out / "preprocess.json")
+    return out
