@@ -1,0 +1,185 @@
+"""`make bench-precision`: every precision variant side by side, in process, in one run.
+
+    python -m benchmarks.precision [--quick]
+
+For the default model (EfficientNet-Lite0, ImageNet weights) and ResNet-50 (random weights: its
+speed is real, its agreement numbers are not meaningful): build the variants (calibration cache
+reused when current), then measure ONNX Runtime throughput at batch 1 and 8 with the serving
+thread count, rounds interleaved across variants so machine noise hits all of them alike, and
+top-1 agreement / top-5 overlap with FP32 on the held-out photos. Writes
+benchmarks/results/precision.csv and precision.png; prints the table and the INT8 goal check
+(>= 1.8x FP32 throughput at >= 99% top-1 agreement).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from build import validate
+from build.imagesets import held_out_set
+from build.variants import VariantOptions, build_variants
+from common.preprocessing import PreprocessConfig, normalize
+
+CPU_VARIANTS = ["fp32", "fp16", "int8-cpu", "int8-trt"]
+SPEED_NOTES = {"int8-trt": "TensorRT's Q/DQ form, run by ONNX Runtime: its CPU speed says nothing about TensorRT",
+               "fp16": "FP16 is a GPU precision; ONNX Runtime's CPU kernels are not tuned for it"}
+
+
+def ensure_resnet50(out: Path) -> Path:
+    """ResNet-50 with random weights (no hub), exported with the project's IO names."""
+    if (out / "model.onnx").exists():
+        return out
+    import torch
+    import torchvision
+
+    from training.export import export_torch_to_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    tmp = out / "model.tmp.onnx"
+    export_torch_to_onnx(model, tmp, (3, 224, 224), 17)
+    PreprocessConfig().save(out / "preprocess.json")
+    (out / "labels.txt").write_text("".join(f"class {i}\n" for i in range(1000)))
+    tmp.rename(out / "model.onnx")
+    return out
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds: int, seconds: float) -> dict:
+    """Median images/s per session, rounds interleaved."""
+    for s in sessions.values():
+        s.run(None, {"images": batch})  # warm up
+    samples = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                s.run(None, {"images": batch})
+                count += 1
+            samples[name].append(count * len(batch) / (time.perf_counter() - start))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: float, views: int) -> list[dict]:
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    build_variants(artifacts, "int8", VariantOptions(), config, print)
+    build_variants(artifacts, "fp16", VariantOptions(), config, print)
+    present = [v for v in CPU_VARIANTS if (artifacts / validate.VARIANTS[v][0]).exists()]
+    images = held_out_set(config, views=views)
+    reports = {r.name: r for r in validate.validate(artifacts, [v for v in present if v != "fp32"], images,
+                                                       config, validate.THRESHOLDS)}
+    sessions = {v: session(artifacts / validate.VARIANTS[v][0], threads) for v in present}
+    pixels = normalize(images.crops[:8], config)
+    speed = {b: throughput(sessions, pixels[:b], rounds, seconds) for b in (1, 8)}
+    rows = []
+    for v in present:
+        r = reports[v]
+        rows.append({"model": name, "variant": v, "img_s_b1": speed[1][v], "img_s_b8": speed[8][v],
+                     "x_fp32_b1": speed[1][v] / speed[1]["fp32"], "x_fp32_b8": speed[8][v] / speed[8]["fp32"],
+                     "top1_agreement": r.top1_agreement, "confident_agreement": r.confident_agreement,
+                     "top5_overlap": r.top5_overlap, "images": r.images, "note": SPEED_NOTES.get(v, "")})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = (f"{'model':18s} {'variant':9s} {'b1 img/s':>9s} {'b8 img/s':>9s} {'x fp32 b1':>9s} {'x fp32 b8':>9s} "
+            f"{'top-1 agr':>9s} {'confident':>9s} {'top-5 ovl':>9s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:18s} {r['variant']:9s} {r['img_s_b1']:9.1f} {r['img_s_b8']:9.1f} "
+                     f"{r['x_fp32_b1']:9.2f} {r['x_fp32_b8']:9.2f} {r['top1_agreement']:9.2%} "
+                     f"{r['confident_agreement']:9.2%} {r['top5_overlap']:9.2%}")
+    return "\n".join(lines)
+
+
+def goal_check(rows: list[dict], model: str) -> str:
+    int8 = next((r for r in rows if r["model"] == model and r["variant"] == "int8-cpu"), None)
+    if int8 is None:
+        return f"{model}: no int8-cpu variant"
+    speed = max(int8["x_fp32_b1"], int8["x_fp32_b8"])
+    ok_speed, ok_agree = speed >= 1.8, int8["top1_agreement"] >= 0.99
+    verdict = "MET" if ok_speed and ok_agree else "NOT MET"
+    limits = []
+    if not ok_speed:
+        limits.append(f"speed {speed:.2f}x < 1.8x")
+    if not ok_agree:
+        limits.append(f"top-1 agreement {int8['top1_agreement']:.2%} < 99% on {int8['images']} held-out images; "
+                      f"on the images where FP32 is confident (top-1 - top-2 > {validate.CONFIDENT_MARGIN}) "
+                      f"it is {int8['confident_agreement']:.2%}")
+    return f"INT8 goal ({model}, >= 1.8x at >= 99% agreement): {verdict}" + ("; " + "; ".join(limits) if limits else "")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        x = np.arange(len(mine))
+        ax.bar(x - 0.2, [r["img_s_b1"] for r in mine], 0.4, label="batch 1")
+        ax.bar(x + 0.2, [r["img_s_b8"] for r in mine], 0.4, label="batch 8")
+        ax.set_xticks(x, [f"{r['variant']}\n{r['top1_agreement']:.1%} agr" for r in mine])
+        ax.set_ylabel("images/s (ONNX Runtime, in process)")
+        ax.set_title(model)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
+    p.add_argument("--resnet50", default="artifacts/resnet50_random", help="(default: %(default)s)")
+    p.add_argument("--no-resnet50", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="(default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=2.0, help="per round and variant (default: %(default)s)")
+    p.add_argument("--views", type=int, default=40, help="held-out views per photo (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 1 s, 10 views")
+    p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    if args.quick:
+        args.rounds, args.seconds, args.views = 2, 1.0, 10
+    models = [("efficientnet_lite0", Path(args.artifacts))]
+    if not args.no_resnet50:
+        models.append(("resnet50 (random)", ensure_resnet50(Path(args.resnet50))))
+    rows = [row for name, path in models
+            for row in bench_model(name, path, args.threads, args.rounds, args.seconds, args.views)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "precision.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / "precision.png")
+    print(f"\n{format_rows(rows)}")
+    for variant, note in SPEED_NOTES.items():
+        print(f"  {variant}: {note}")
+    print(goal_check(rows, "efficientnet_lite0"))
+    print(f"wrote {out / 'precision.csv'} and {out / 'precision.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
