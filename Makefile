@@ -11,7 +11,8 @@ MODEL ?= efficientnet_lite0
 ARTIFACTS ?= artifacts/$(MODEL)
 SPEC ?= configs/deployment.json
 BACKEND ?= auto
-PRECISION ?= fp32
+PRECISION ?=
+METHOD ?= max
 REPOSITORY ?= model_repository
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -44,7 +45,8 @@ artifacts/efficientnet_lite0/model.onnx: $(STAMP) training/export.py training/mo
 
 engines: $(STAMP) $(ARTIFACTS)/model.onnx ## build model_repository/ from the deployment spec
 	$(PY) -m build.engines --spec $(SPEC) --artifacts $(ARTIFACTS) --out $(REPOSITORY) \
-	    $(if $(filter-out auto,$(BACKEND)),--backend $(BACKEND)) --precision $(PRECISION)
+	    $(if $(filter-out auto,$(BACKEND)),--backend $(BACKEND)) $(if $(PRECISION),--precision $(PRECISION)) \
+	    --calibration-method $(METHOD) $(ENGINES_ARGS)
 
 capabilities: $(STAMP) ## what the local server and machine can run
 	$(PY) -m build.capabilities

@@ -1,6 +1,4 @@
 # Precision variants (issue 3): calibration cache, INT8/FP16 ONNX, TensorRT plans, accuracy gate.
-METHOD ?= max
-
 .PHONY: calibrate quantize fp16 validate plans bench-precision
 
 calibrate: $(STAMP) $(ARTIFACTS)/model.onnx ## TensorRT-format calibration cache [METHOD=max|percentile|entropy]
@@ -16,7 +14,7 @@ validate: $(STAMP) ## accuracy gate table: every variant present vs FP32 on held
 	$(PY) -m build.validate --artifacts $(ARTIFACTS)
 
 plans: $(STAMP) ## TensorRT plan for PRECISION (needs TensorRT and a GPU; says so in one line otherwise)
-	$(PY) -m build.plans --artifacts $(ARTIFACTS) --precision $(PRECISION)
+	$(PY) -m build.plans --artifacts $(ARTIFACTS) --precision $(or $(PRECISION),fp32)
 
 bench-precision: $(STAMP) $(ARTIFACTS)/model.onnx ## throughput (batch 1, 8) and agreement of every variant, Lite0 + ResNet-50
 	$(PY) -m benchmarks.precision --artifacts $(ARTIFACTS) $(BENCH_PRECISION_ARGS)
