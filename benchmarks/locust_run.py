@@ -1,0 +1,175 @@
+"""`make locust`: headless Locust runs (bounded users and time), CSV + HTML report per run.
+
+    python -m benchmarks.locust_run                               # own server; gRPC and HTTP users, 8 users
+    python -m benchmarks.locust_run --users 1 4 8 --run-time 20 --user-class TritonHttpUser
+    python -m benchmarks.locust_run --user-class FastAPIUser --host http://127.0.0.1:8080
+
+One `locust --headless` process per (user class, user count): all users spawn at once, statistics
+are reset after spawning, the run stops after --run-time seconds. Its `_stats.csv` is parsed into a
+LocustResult (throughput, p50/p90/p99 in ms, failures); `_stats.csv`, `_failures.csv` and the HTML
+report stay in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.workload import ENCODINGS
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+USER_CLASSES = ("TritonGrpcUser", "TritonHttpUser", "FastAPIUser")
+
+
+class LocustError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LocustResult:
+    user_class: str
+    users: int
+    requests: int
+    failures: int
+    throughput: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    avg_ms: float
+
+
+def locust_command(user_class: str, host: str, users: int, run_time_s: int, prefix: Path, photos: str) -> list[str]:
+    binary = shutil.which("locust", path=str(Path(sys.executable).parent)) or "locust"
+    return [binary, "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users), "-r", str(users),
+            "-t", f"{run_time_s}s", "--stop-timeout", "10", "--reset-stats", "--only-summary",
+            "--csv", str(prefix), "--html", f"{prefix}.html", "--photos", photos, "--loglevel", "WARNING",
+            user_class]
+
+
+def parse_stats(path: str | Path, user_class: str, users: int) -> LocustResult:
+    """Locust's `<prefix>_stats.csv` -> the Aggregated row as a LocustResult."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("Name") == "Aggregated"]
+    if not rows:
+        raise LocustError(f"{path}: no Aggregated row")
+    r = rows[0]
+    num = lambda key: float(r.get(key) or 0) if r.get(key) not in ("N/A", None) else 0.0  # noqa: E731
+    return LocustResult(user_class, users, int(num("Request Count")), int(num("Failure Count")),
+                        num("Requests/s"), num("50%"), num("90%"), num("99%"), num("Average Response Time"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """CPU and memory while the users were running (after spawning, before stopping)."""
+
+    server_cpu_percent: float | None = None
+    server_peak_rss_mb: float | None = None
+    client_cpu_percent: float | None = None
+
+
+def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path, photos: str = "jpeg",
+        server_pid: int | None = None) -> tuple[LocustResult, Usage]:
+    """One bounded headless run. With `server_pid`, the serving process tree and Locust itself are
+    watched while the users run (from the first statistics row + 1 s of spawning, for run time - 2 s).
+    Raises LocustError if Locust fails or records nothing."""
+    from benchmarks.procstats import ProcessTreeMonitor
+
+    if user_class not in USER_CLASSES:
+        raise ValueError(f"user class {user_class!r} is not one of {USER_CLASSES}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"{user_class}_u{users}"
+    history, log_path = Path(f"{prefix}_stats_history.csv"), out / f"{user_class}_u{users}.log"
+    history.unlink(missing_ok=True)
+    cmd = locust_command(user_class, host, users, run_time_s, prefix, photos)
+    deadline = time.monotonic() + run_time_s + 90
+    usage = Usage()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while not history.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if server_pid is not None and process.poll() is None:
+                time.sleep(1.0)
+            if server_pid is not None and process.poll() is None:
+                server, client = ProcessTreeMonitor(server_pid).start(), ProcessTreeMonitor(process.pid).start()
+                try:
+                    process.wait(max(1.0, run_time_s - 2.0))
+                except subprocess.TimeoutExpired:
+                    pass
+                server.stop()
+                client.stop()
+                usage = Usage(server.cpu_percent, server.peak_rss_mb, client.cpu_percent)
+            process.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise LocustError(f"locust ran past {run_time_s + 90} s: {' '.join(cmd)}") from None
+    output = log_path.read_text(errors="replace")
+    stats = Path(f"{prefix}_stats.csv")
+    if not stats.exists():
+        raise LocustError(f"locust wrote no statistics (exit {process.returncode}):\n{output[-1500:]}")
+    result = parse_stats(stats, user_class, users)
+    if result.requests == 0:
+        raise LocustError(f"locust recorded no requests (exit {process.returncode}):\n{output[-1500:]}")
+    return result, usage
+
+
+def describe(r: LocustResult) -> str:
+    return (f"{r.user_class:15s} users={r.users:<3d} {r.throughput:7.1f} req/s  p50 {r.p50_ms:6.1f}  "
+            f"p90 {r.p90_ms:6.1f}  p99 {r.p99_ms:6.1f} ms  {r.requests} requests, {r.failures} failures")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--user-class", nargs="+", default=["TritonGrpcUser", "TritonHttpUser"], choices=USER_CLASSES,
+                   help="user classes to run, one after the other (default: %(default)s)")
+    p.add_argument("--users", nargs="+", type=int, default=[8], help="user counts (concurrency) (default: %(default)s)")
+    p.add_argument("--run-time", type=int, default=20, help="seconds per run (default: %(default)s)")
+    p.add_argument("--host", default=None, help="target (default: start a server; FastAPIUser starts the service)")
+    p.add_argument("--model-repository", default="model_repository",
+                   help="served when no --host (default: %(default)s)")
+    p.add_argument("--artifacts", default="artifacts/efficientnet_lite0",
+                   help="model for the FastAPI service when no --host (default: %(default)s)")
+    p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results/locust", help="reports folder (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> list[LocustResult]:
+    from contextlib import ExitStack
+
+    from benchmarks.fastapi_service import FastAPIService
+    from serving.server import Ports, TritonServer, free_port
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with ExitStack() as stack:
+        hosts = {}
+        if args.host is None and any(c.startswith("Triton") for c in args.user_class):
+            server = stack.enter_context(TritonServer(args.model_repository, Ports.free(),
+                                                      log_file=out / "tritonserver.log"))
+            hosts.update(TritonGrpcUser=server.grpc_url, TritonHttpUser=server.http_url)
+        if args.host is None and "FastAPIUser" in args.user_class:
+            service = stack.enter_context(FastAPIService(args.artifacts, free_port(), log_file=out / "fastapi.log"))
+            hosts["FastAPIUser"] = service.url
+        for user_class in args.user_class:
+            for users in args.users:
+                result, _ = run(user_class, args.host or hosts[user_class], users, args.run_time, out, args.photos)
+                results.append(result)
+                print(describe(result), flush=True)
+    print(f"reports in {out}/ (*.html, *_stats.csv)")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (LocustError, OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"benchmarks.locust_run: {exc}")

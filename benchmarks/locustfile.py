@@ -1,0 +1,106 @@
+"""Locust users: Triton over gRPC and HTTP (tritonclient, via clients.client), and the FastAPI service.
+
+    make locust                                     # own server, both Triton users, CSV + HTML report
+    locust -f benchmarks/locustfile.py --headless -u 8 -r 8 -t 30s --host 127.0.0.1:8001 TritonGrpcUser
+    locust -f benchmarks/locustfile.py --headless -u 8 -r 8 -t 30s --host 127.0.0.1:8000 TritonHttpUser
+    locust -f benchmarks/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:8080 FastAPIUser
+
+Each user is one closed loop (no wait time): `-u N` users = N requests in flight, like
+perf_analyzer's concurrency. Every request carries one random real photo (`--photos jpeg|original`)
+and asks for the top `--top-k`; a request whose answer does not hold k predictions is a failure.
+Triton requests are reported to Locust's statistics by hand (request_type grpc/http); the FastAPI
+user is Locust's own FastHttpUser.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import grpc.experimental.gevent as grpc_gevent
+from locust import FastHttpUser, User, constant, events, task
+
+from benchmarks.workload import ENCODINGS, load_photos
+from clients.client import ImageClassifierClient
+
+grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or the users run one at a time
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    parser.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: jpeg)")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions asked for (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="random photo order seed (default: 0)")
+
+
+@events.init.add_listener
+def _load_photos(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    environment.benchmark_photos = list(load_photos(options.photos if options else "jpeg").items())
+
+
+class _Photos:
+    """Random photo per request; each user has its own random stream."""
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.top_k = options.top_k if options else 5
+        seed = (options.seed if options else 0) * 100_003 + id(self) % 100_003
+        self.rng = random.Random(seed)
+        self.photos = self.environment.benchmark_photos
+
+    def photo(self) -> tuple[str, bytes]:
+        return self.rng.choice(self.photos)
+
+
+class TritonUser(_Photos, User):
+    abstract = True
+    protocol = "grpc"
+    model = "image_classifier"
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.client = ImageClassifierClient(self.host, protocol=self.protocol, model=self.model)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def classify(self) -> None:
+        _, data = self.photo()
+        exception = None
+        start = time.perf_counter()
+        try:
+            top = self.client.classify([data], top_k=self.top_k)
+            if len(top) != 1 or len(top[0]) != self.top_k:
+                raise RuntimeError(f"expected 1 x {self.top_k} predictions, got {[len(t) for t in top]}")
+        except Exception as exc:  # reported to Locust as a failure, never raised into the user loop
+            exception = exc
+        self.environment.events.request.fire(
+            request_type=self.protocol, name=f"triton {self.model}", response_time=(time.perf_counter() - start) * 1000,
+            response_length=len(data), exception=exception, context={})
+
+
+class TritonGrpcUser(TritonUser):
+    protocol = "grpc"
+
+
+class TritonHttpUser(TritonUser):
+    protocol = "http"
+
+
+class FastAPIUser(_Photos, FastHttpUser):
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        super().on_start()
+
+    @task
+    def classify(self) -> None:
+        _, data = self.photo()
+        with self.client.post(f"/classify?top_k={self.top_k}", data=data, name="fastapi /classify",
+                              headers={"Content-Type": "application/octet-stream"}, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+            elif len(r.json().get("predictions", [])) != self.top_k:
+                r.failure(f"expected {self.top_k} predictions: {r.text[:200]}")

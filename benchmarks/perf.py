@@ -1,0 +1,218 @@
+"""`make perf`: perf_analyzer against the ensemble (real photos) and each of its members.
+
+    make perf-setup                                   # once: .venv-perf (tritonclient 2.51) + libb64-0d
+    python -m benchmarks.perf                         # own server on model_repository/, all three models
+    python -m benchmarks.perf --models image_classifier --concurrency 8 --url 127.0.0.1:8001
+
+perf_analyzer is Triton's C++ load generator: closed loop, `concurrency` requests in flight, one
+image per request. Inputs: the ensemble `image_classifier` and `preprocess` get the real photos as
+`--input-data` JSON (input IMAGE, BYTES, shape [1]; each element base64 of its serialized form, a
+4-byte little-endian length then the encoded image); `classifier` gets synthetic FP32 tensors.
+One perf_analyzer run per concurrency, CSV (`-f`) parsed into rows, latencies in milliseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+from benchmarks.workload import ENCODINGS, load_photos
+
+DEFAULT_VENV = ".venv-perf"
+IMAGE_MODELS = {"image_classifier": "IMAGE", "preprocess": "IMAGE"}  # models fed real photos
+MODELS = ("image_classifier", "preprocess", "classifier")
+
+
+class PerfAnalyzerError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class PerfResult:
+    model: str
+    protocol: str
+    concurrency: int
+    throughput: float  # inferences (images) per second
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    avg_ms: float
+    server_queue_ms: float
+    server_compute_ms: float
+
+
+# ---- input data -------------------------------------------------------------------------------
+
+def serialize_bytes_element(data: bytes) -> bytes:
+    """Triton's raw form of one BYTES element: uint32 little-endian length, then the bytes."""
+    return struct.pack("<I", len(data)) + bytes(data)
+
+
+def input_data_json(images: list[bytes], input_name: str = "IMAGE") -> dict:
+    """perf_analyzer `--input-data` document: one step per image, each a [1] BYTES tensor."""
+    if not images:
+        raise ValueError("no images for perf_analyzer input data")
+    encode = lambda data: base64.b64encode(serialize_bytes_element(data)).decode("ascii")  # noqa: E731
+    return {"data": [{input_name: {"content": {"b64": encode(image)}, "shape": [1]}} for image in images]}
+
+
+def decode_input_data(doc: dict, input_name: str = "IMAGE") -> list[bytes]:
+    """The images inside an `input_data_json` document (the inverse, for checks)."""
+    images = []
+    for step in doc["data"]:
+        raw = base64.b64decode(step[input_name]["content"]["b64"])
+        (length,) = struct.unpack("<I", raw[:4])
+        if length != len(raw) - 4:
+            raise ValueError(f"element length {length} != {len(raw) - 4} bytes present")
+        images.append(raw[4:])
+    return images
+
+
+def write_input_data(images: list[bytes], path: str | Path, input_name: str = "IMAGE") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(input_data_json(images, input_name)))
+    return path
+
+
+# ---- the tool ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PerfAnalyzer:
+    binary: Path
+    env: dict
+
+    @classmethod
+    def locate(cls, venv: str | Path = DEFAULT_VENV) -> "PerfAnalyzer":
+        """perf_analyzer from the tool environment, with libcudart.so.12 on LD_LIBRARY_PATH. Raises
+        PerfAnalyzerError (saying to run `make perf-setup`) if it is missing or does not start."""
+        venv = Path(venv).resolve()
+        binary = venv / "bin" / "perf_analyzer"
+        cudart = sorted(venv.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"))
+        if not binary.is_file() or not cudart:
+            raise PerfAnalyzerError(f"perf_analyzer is not set up in {venv}: run `make perf-setup`")
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(cudart[0]), env.get("LD_LIBRARY_PATH")) if p)
+        tool = cls(binary, env)
+        done = subprocess.run([str(binary), "--version"], env=env, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise PerfAnalyzerError(f"{binary} does not start (libb64-0d missing? run `make perf-setup`): "
+                                    f"{(done.stderr or done.stdout).strip()[-300:]}")
+        return tool
+
+    def command(self, model: str, url: str, protocol: str, concurrency: int, csv_path: Path,
+                input_data: Path | None, measurement_ms: int, max_trials: int, stability: int) -> list[str]:
+        return [str(self.binary), "-m", model, "-u", url, "-i", protocol,
+                "--concurrency-range", str(concurrency), "-p", str(measurement_ms),
+                "--max-trials", str(max_trials), "--stability-percentage", str(stability),
+                "--input-data", str(input_data) if input_data else "random", "-f", str(csv_path)]
+
+    def measure(self, model: str, url: str, protocol: str, concurrency: int, csv_path: str | Path,
+                input_data: Path | None = None, measurement_ms: int = 2000, max_trials: int = 6,
+                stability: int = 100) -> PerfResult:
+        """One perf_analyzer run at one concurrency. Raises PerfAnalyzerError with its output."""
+        csv_path = Path(csv_path)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(model, url, protocol, concurrency, csv_path, input_data, measurement_ms,
+                           max_trials, stability)
+        timeout = 60 + 3 * max_trials * measurement_ms / 1000
+        try:
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise PerfAnalyzerError(f"perf_analyzer ran past {timeout:.0f} s: {' '.join(cmd)}") from None
+        if done.returncode != 0 or not csv_path.exists():
+            raise PerfAnalyzerError(f"perf_analyzer failed (exit {done.returncode}) on {model} at concurrency "
+                                    f"{concurrency}:\n{(done.stdout + done.stderr).strip()[-1500:]}")
+        rows = parse_csv(csv_path, model, protocol)
+        if not rows:
+            raise PerfAnalyzerError(f"{csv_path}: no measurement rows")
+        return rows[0]
+
+
+def parse_csv(path: str | Path, model: str, protocol: str) -> list[PerfResult]:
+    """perf_analyzer's `-f` CSV (latencies in microseconds) -> PerfResult rows."""
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not (row.get("Concurrency") or "").strip().isdigit():
+                continue  # blank separator or a later section
+            us = lambda key: float(row.get(key) or 0) / 1000.0  # noqa: E731
+            compute = sum(us(k) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output"))
+            rows.append(PerfResult(model, protocol, int(row["Concurrency"]), float(row["Inferences/Second"]),
+                                   us("p50 latency"), us("p90 latency"), us("p99 latency"),
+                                   _avg_latency_ms(row), us("Server Queue"), compute))
+    return rows
+
+
+def _avg_latency_ms(row: dict) -> float:
+    keys = ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
+            "Server Compute Infer", "Server Compute Output", "Client Recv")
+    return sum(float(row.get(k) or 0) for k in keys) / 1000.0
+
+
+def model_inputs(model: str, photos: list[bytes], folder: Path) -> Path | None:
+    """The --input-data file for `model` (real photos) or None (synthetic tensors)."""
+    if model not in IMAGE_MODELS:
+        return None
+    return write_input_data(photos, folder / f"{model}.input.json", IMAGE_MODELS[model])
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="models to measure (default: %(default)s)")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8],
+                   help="concurrency sweep (default: %(default)s)")
+    p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="(default: %(default)s)")
+    p.add_argument("--url", default=None, help="a running server (host:port for --protocol); default: start one")
+    p.add_argument("--model-repository", default="model_repository", help="served when no --url (default: %(default)s)")
+    p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
+    p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
+    p.add_argument("--perf-venv", default=DEFAULT_VENV, help="tool environment (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results/perf", help="CSV and input JSON folder (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> list[PerfResult]:
+    from contextlib import nullcontext
+
+    from serving.server import TritonServer
+
+    tool = PerfAnalyzer.locate(args.perf_venv)
+    out = Path(args.out)
+    photos = list(load_photos(args.photos).values())
+    server = None if args.url else TritonServer(args.model_repository, log_file=out / "tritonserver.log")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with server or nullcontext():
+        url = args.url or (server.grpc_url if args.protocol == "grpc" else server.http_url)
+        for model in args.models:
+            inputs = model_inputs(model, photos, out)
+            for c in args.concurrency:
+                r = tool.measure(model, url, args.protocol, c, out / f"{model}_{args.protocol}_c{c}.csv",
+                                 inputs, args.measurement_ms)
+                results.append(r)
+                print(f"{model:18s} {args.protocol:4s} c={c:<3d} {r.throughput:7.1f} img/s  p50 {r.p50_ms:6.1f}  "
+                      f"p90 {r.p90_ms:6.1f}  p99 {r.p99_ms:6.1f} ms  (server queue {r.server_queue_ms:5.1f}, "
+                      f"compute {r.server_compute_ms:5.1f} ms)", flush=True)
+    summary = out / f"perf_{args.protocol}.csv"
+    with open(summary, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(PerfResult)])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(r) for r in results)
+    print(f"wrote {summary}")
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        main(get_args_parser().parse_args())
+    except (PerfAnalyzerError, OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"benchmarks.perf: {exc}")

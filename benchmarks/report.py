@@ -1,0 +1,191 @@
+"""The benchmark's one table, its ratios and its plot, from a list of measured points.
+
+    points -> table(points) (text), ratios(points) (goals), plot(points, png), write(results, folder)
+
+A Point is one measured load level of one system: `concurrency` is requests in flight
+(perf_analyzer concurrency, Locust users) or, for the in-process bound, the batch size.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+# system names, in table order
+INPROCESS = "in-process bound"
+PREPROCESS = "preprocess alone (gRPC, perf_analyzer)"
+CLASSIFIER = "classifier alone (gRPC, perf_analyzer)"
+ENSEMBLE_GRPC = "Triton ensemble gRPC (perf_analyzer)"
+ENSEMBLE_HTTP = "Triton ensemble HTTP (perf_analyzer)"
+LOCUST_GRPC = "Triton ensemble gRPC (Locust)"
+LOCUST_HTTP = "Triton ensemble HTTP (Locust)"
+FASTAPI = "FastAPI + ONNX Runtime (Locust)"
+SYSTEMS = (INPROCESS, PREPROCESS, CLASSIFIER, ENSEMBLE_GRPC, ENSEMBLE_HTTP, LOCUST_GRPC, LOCUST_HTTP, FASTAPI)
+
+
+@dataclasses.dataclass
+class Point:
+    system: str
+    concurrency: int  # requests in flight (or batch size for the in-process bound)
+    throughput: float  # images per second
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int = 0
+    failures: int = 0
+    server_cpu_percent: float | None = None  # CPU of the serving process tree, 100 = one core
+    server_peak_rss_mb: float | None = None
+    client_cpu_percent: float | None = None  # the load generator's CPU (same cores)
+
+    @property
+    def cpu_ms_per_image(self) -> float | None:
+        """Serving CPU time per image: comparable across systems even when others share the cores."""
+        if not self.server_cpu_percent or not self.throughput:
+            return None
+        return 10.0 * self.server_cpu_percent / self.throughput
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    name: str
+    value: float | None
+    goal: float | None
+    detail: str
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "n/a"
+        return "-" if self.goal is None else ("met" if self.value >= self.goal else "MISSED")
+
+
+def by_system(points: list[Point]) -> dict[str, list[Point]]:
+    grouped = {}
+    for p in sorted(points, key=lambda p: (SYSTEMS.index(p.system) if p.system in SYSTEMS else 99, p.concurrency)):
+        grouped.setdefault(p.system, []).append(p)
+    return grouped
+
+
+def best(points: list[Point], system: str, max_p99_ms: float | None = None) -> Point | None:
+    """The highest-throughput point of `system` (with p99 <= max_p99_ms if given)."""
+    mine = [p for p in points if p.system == system and p.failures == 0
+            and (max_p99_ms is None or p.p99_ms <= max_p99_ms)]
+    return max(mine, key=lambda p: p.throughput, default=None)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(points: list[Point]) -> str:
+    """Markdown table: one row per system and load level."""
+    head = ("| system | conc. | img/s | p50 ms | p90 ms | p99 ms | failures | server CPU% | CPU ms/img "
+            "| server peak RSS MB | client CPU% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    rows = []
+    for system, mine in by_system(points).items():
+        for p in mine:
+            rows.append(f"| {system} | {p.concurrency} | {p.throughput:.1f} | {p.p50_ms:.1f} | {p.p90_ms:.1f} | "
+                        f"{p.p99_ms:.1f} | {p.failures} | {_fmt(p.server_cpu_percent, '.0f')} | "
+                        f"{_fmt(p.cpu_ms_per_image, '.1f')} | "
+                        f"{_fmt(p.server_peak_rss_mb, '.0f')} | {_fmt(p.client_cpu_percent, '.0f')} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def ratios(points: list[Point], cores: int = 2) -> list[Ratio]:
+    """The goals: Triton vs the in-process bound, vs its slowest member, vs FastAPI at <= p99; and
+    the same in CPU time per image (robust to other load on the machine)."""
+    out = []
+    ens, bound = best(points, ENSEMBLE_GRPC), best(points, INPROCESS)
+    if ens and bound:
+        out.append(Ratio("Triton / in-process bound", ens.throughput / bound.throughput, 0.9,
+                         f"{ens.throughput:.1f} img/s (c={ens.concurrency}) / {bound.throughput:.1f} img/s "
+                         f"(batch {bound.concurrency})"))
+    else:
+        out.append(Ratio("Triton / in-process bound", None, 0.9, "needs perf_analyzer and the in-process rows"))
+    members = [m for m in (best(points, PREPROCESS), best(points, CLASSIFIER)) if m]
+    if ens and len(members) == 2:
+        slowest = min(members, key=lambda m: m.throughput)
+        out.append(Ratio("ensemble / slowest member", ens.throughput / slowest.throughput, 0.9,
+                         f"{ens.throughput:.1f} / {slowest.throughput:.1f} img/s ({slowest.system.split(' (')[0]})"))
+    else:
+        out.append(Ratio("ensemble / slowest member", None, 0.9, "needs perf_analyzer rows"))
+    if ens and bound and ens.cpu_ms_per_image and bound.cpu_ms_per_image:
+        out.append(Ratio("CPU efficiency, in-process / Triton (CPU ms per image)",
+                         bound.cpu_ms_per_image / ens.cpu_ms_per_image, None,
+                         f"{bound.cpu_ms_per_image:.1f} / {ens.cpu_ms_per_image:.1f} ms: what the ratio above "
+                         "would be with the same cores free for both"))
+    if ens and len(members) == 2 and ens.cpu_ms_per_image and all(m.cpu_ms_per_image for m in members):
+        cost = sum(m.cpu_ms_per_image for m in members)
+        out.append(Ratio("CPU cost, members alone / ensemble (CPU ms per image)", cost / ens.cpu_ms_per_image, None,
+                         f"({' + '.join(f'{m.cpu_ms_per_image:.1f}' for m in members)}) / {ens.cpu_ms_per_image:.1f} "
+                         f"ms; the members share the cores in the ensemble, so on {cores} free cores it can reach "
+                         f"at most {1000.0 * cores / cost:.0f} img/s"))
+    fastapi = best(points, FASTAPI)
+    for system in (LOCUST_HTTP, LOCUST_GRPC):
+        name = f"Triton / FastAPI ({'HTTP' if system == LOCUST_HTTP else 'gRPC'}, p99 <= FastAPI's)"
+        triton = best(points, system, max_p99_ms=fastapi.p99_ms) if fastapi else None
+        if fastapi and triton:
+            out.append(Ratio(name, triton.throughput / fastapi.throughput, 1.5 if system == LOCUST_HTTP else None,
+                             f"{triton.throughput:.1f} img/s p99 {triton.p99_ms:.0f} ms (u={triton.concurrency}) / "
+                             f"{fastapi.throughput:.1f} img/s p99 {fastapi.p99_ms:.0f} ms (u={fastapi.concurrency})"))
+        elif fastapi and any(p.system == system for p in points):
+            out.append(Ratio(name, 0.0, 1.5 if system == LOCUST_HTTP else None,
+                             f"no Triton point has p99 <= FastAPI's {fastapi.p99_ms:.0f} ms"))
+    return out
+
+
+def ratio_lines(rs: list[Ratio]) -> str:
+    return "\n".join(f"- {r.name}: {_fmt(r.value, '.2f')}"
+                     f"{'' if r.goal is None else f' (goal >= {r.goal})'} {r.verdict}: {r.detail}" for r in rs) + "\n"
+
+
+def plot(points: list[Point], path: str | Path, title: str = "latency vs throughput") -> Path:
+    """PNG: p50 and p99 latency against throughput, one line per system, labelled by concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharex=True)
+    for system, mine in by_system(points).items():
+        for ax, key in zip(axes, ("p50_ms", "p99_ms")):
+            xs, ys = [p.throughput for p in mine], [getattr(p, key) for p in mine]
+            (line,) = ax.plot(xs, ys, marker="o", label=system)
+            for p, x, y in zip(mine, xs, ys):
+                ax.annotate(str(p.concurrency), (x, y), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7, color=line.get_color())
+    for ax, name in zip(axes, ("p50", "p99")):
+        ax.set_xlabel("throughput (images/s)")
+        ax.set_ylabel(f"{name} latency (ms)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"{name} latency (labels: concurrency, or batch for the in-process bound)", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(points: list[Point], folder: str | Path, extra: dict | None = None, name: str = "bench",
+          cores: int = 2) -> dict[str, Path]:
+    """bench.csv (points), bench.json (points, ratios, extra), bench.md (table + ratios), bench.png."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {k: folder / f"{name}.{k}" for k in ("csv", "json", "md", "png")}
+    with open(files["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Point)])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(p) for p in points)
+    rs = ratios(points, cores)
+    doc = {"points": [dataclasses.asdict(p) for p in points],
+           "ratios": [dict(dataclasses.asdict(r), verdict=r.verdict) for r in rs], **(extra or {})}
+    files["json"].write_text(json.dumps(doc, indent=2) + "\n")
+    files["md"].write_text(table(points) + "\n" + ratio_lines(rs))
+    plot(points, files["png"])
+    return files

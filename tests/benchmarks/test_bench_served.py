@@ -1,0 +1,116 @@
+"""Against a real tritonserver (Lite0 ensemble): Locust users, the FastAPI service, server statistics,
+perf_analyzer and one step of the configuration search. perf_analyzer tests skip without .venv-perf."""
+from pathlib import Path
+
+import pytest
+
+from benchmarks import locust_run, serverstats
+from benchmarks.fastapi_service import FastAPIService
+from benchmarks.procstats import ProcessTreeMonitor
+from clients.client import ImageClassifierClient
+from serving.server import free_port
+
+pytestmark = pytest.mark.slow
+
+PERF_VENV = Path(__file__).resolve().parents[2] / ".venv-perf"
+
+
+@pytest.fixture(scope="module")
+def perf_tool():
+    from benchmarks.perf import PerfAnalyzer, PerfAnalyzerError
+
+    try:
+        return PerfAnalyzer.locate(PERF_VENV)
+    except PerfAnalyzerError as exc:
+        pytest.skip(f"perf_analyzer is not set up ({exc}); `make perf-setup` installs it")
+
+
+@pytest.fixture(scope="module")
+def fastapi_service(lite0_artifacts, tmp_path_factory):
+    log = tmp_path_factory.mktemp("fastapi") / "fastapi.log"
+    with FastAPIService(lite0_artifacts, free_port(), intra_op_threads=1, log_file=log) as service:
+        yield service
+
+
+@pytest.mark.parametrize("user_class", ["TritonGrpcUser", "TritonHttpUser"])
+def test_locust_users_against_triton(server, user_class, tmp_path):
+    host = server.grpc_url if user_class == "TritonGrpcUser" else server.http_url
+    with ProcessTreeMonitor(server.process.pid) as monitor:
+        result, _ = locust_run.run(user_class, host, users=2, run_time_s=3, out=tmp_path)
+    assert result.requests > 0 and result.failures == 0, result
+    assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
+    assert (tmp_path / f"{user_class}_u2.html").stat().st_size > 0
+    assert monitor.cpu_percent > 0 and monitor.peak_rss_mb > 0
+
+
+def test_fastapi_service_agrees_with_the_ensemble(server, fastapi_service, photos):
+    import json
+    import urllib.request
+
+    names = ["chelsea", "coffee", "rocket", "grace_hopper"]
+    with ImageClassifierClient(server.grpc_url, protocol="grpc") as client:
+        triton = client.classify([photos[n] for n in names], top_k=5)
+    for name, expected in zip(names, triton):
+        request = urllib.request.Request(f"{fastapi_service.url}/classify?top_k=5", data=photos[name],
+                                         headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert predictions[0]["index"] == expected[0].index, name
+        assert predictions[0]["label"] == expected[0].label
+        assert abs(predictions[0]["score"] - expected[0].score) < 1e-3
+
+
+def test_fastapi_service_refuses_bad_input(fastapi_service):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{fastapi_service.url}/classify", data=b"not an image")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 400
+
+
+def test_locust_fastapi_user(fastapi_service, tmp_path):
+    result, _ = locust_run.run("FastAPIUser", fastapi_service.url, users=2, run_time_s=3, out=tmp_path)
+    assert result.requests > 0 and result.failures == 0, result
+
+
+def test_server_statistics_split_queue_and_compute(server, photos):
+    before = serverstats.snapshot(server.grpc_url, "grpc")
+    with ImageClassifierClient(server.http_url, protocol="http") as client:
+        for name in ("chelsea", "coffee", "rocket"):
+            client.classify([photos[name]], top_k=1)
+    after = serverstats.snapshot(server.http_url, "http")  # both protocols give the same statistics
+    rows = {r.model: r for r in serverstats.stage_table(before, after, wall_s=1.0)}
+    for model in ("preprocess", "classifier", "image_classifier"):
+        assert rows[model].requests == 3 and rows[model].compute_ms > 0, rows
+    assert rows["preprocess"].inferences == 3 and rows["preprocess"].executions >= 1
+    limit = serverstats.limiting_stage(list(rows.values()), {"preprocess": 2, "classifier": 1})
+    assert limit is not None and limit.model in ("preprocess", "classifier")
+
+
+def test_perf_analyzer_on_ensemble_with_real_photos(server, perf_tool, photos, tmp_path):
+    from benchmarks.perf import model_inputs
+
+    inputs = model_inputs("image_classifier", list(photos.values())[:4], tmp_path)
+    result = perf_tool.measure("image_classifier", server.grpc_url, "grpc", 1, tmp_path / "perf.csv", inputs,
+                               measurement_ms=500, max_trials=3)
+    assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
+    synthetic = perf_tool.measure("classifier", server.http_url, "http", 1, tmp_path / "cls.csv", None,
+                                  measurement_ms=500, max_trials=3)
+    assert synthetic.throughput > 0
+
+
+def test_tune_tries_candidates_and_writes_the_spec(perf_tool, tiny_artifacts, tmp_path):
+    from benchmarks import tune
+
+    spec_path = tmp_path / "deployment.json"
+    args = tune.get_args_parser().parse_args([
+        "--spec", str(spec_path), "--artifacts", str(tiny_artifacts), "--concurrency", "2",
+        "--p99-budget-ms", "10000", "--measurement-ms", "500", "--max-candidates", "2",
+        "--perf-venv", str(PERF_VENV), "--out", str(tmp_path / "tune"), "--quick"])
+    best = tune.main(args)
+    assert spec_path.exists() and (tmp_path / "tune" / "tune.csv").exists()
+    from build.spec import DeploymentSpec
+
+    assert DeploymentSpec.load(spec_path).to_dict() == best.to_dict()
