@@ -76,22 +76,34 @@ def _parameters(params: dict[str, object]) -> str:
     return f"parameters [\n{items}\n]\n"
 
 
+def _limits(spec: DeploymentSpec) -> dict[str, object]:
+    return {"max_image_bytes": spec.limits.max_image_bytes, "max_image_pixels": spec.limits.max_image_pixels,
+            "min_image_side": spec.limits.min_image_side}
+
+
 def preprocess_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
-    limits = spec.limits
     return (
         header(source)
         + f'name: "{spec.preprocess_name}"\nbackend: "python"\nmax_batch_size: {spec.max_batch_size}\n'
         + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
         + _io("output", [_tensor(PIXELS, "TYPE_FP32", shape.input_dims)])
         + _batching(spec.preprocess, "KIND_CPU")
-        + _parameters(
-            {
-                "threads": spec.preprocess.threads,
-                "max_image_bytes": limits.max_image_bytes,
-                "max_image_pixels": limits.max_image_pixels,
-                "min_image_side": limits.min_image_side,
-            }
-        )
+        + _parameters({"threads": spec.preprocess.threads, **_limits(spec)})
+    )
+
+
+def fused_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
+    """The `fused` pipeline's classifier: bytes in, probabilities out, preprocessing inside."""
+    outputs = [_tensor(name, "TYPE_FP32", [shape.num_classes]) for name in MODEL_OUTPUTS]
+    return (
+        header(source)
+        + f'name: "{spec.classifier_name}"\nbackend: "python"\nmax_batch_size: {spec.max_batch_size}\n'
+        + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
+        + _io("output", outputs)
+        + _batching(spec.classifier, "KIND_CPU")
+        + _parameters({"onnx_file": "model.onnx", "threads": spec.preprocess.threads,
+                       "intra_op_threads": spec.classifier.threads, "allow_spinning": 0,
+                       "precision": spec.precision, **_limits(spec)})
     )
 
 
@@ -117,21 +129,24 @@ def classifier_config(spec: DeploymentSpec, shape: ModelShape, backend: str, sou
     return text
 
 
+def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    maps = [f'      input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in inputs.items()]
+    maps += [f'      output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in outputs.items()]
+    return f'    {{\n      model_name: "{model}"\n      model_version: -1\n' + "".join(maps) + "    }"
+
+
 def ensemble_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
     label = f' label_filename: "{LABELS_FILE}"'
+    result = {"probabilities": ENSEMBLE_OUTPUT}
+    if spec.pipeline == "fused":
+        steps = [_step(spec.classifier_name, {ENSEMBLE_INPUT: ENSEMBLE_INPUT}, result)]
+    else:
+        steps = [_step(spec.preprocess_name, {ENSEMBLE_INPUT: ENSEMBLE_INPUT}, {PIXELS: PIXELS}),
+                 _step(spec.classifier_name, {MODEL_INPUT: PIXELS}, result)]
     return (
         header(source)
         + f'name: "{spec.ensemble_name}"\nplatform: "ensemble"\nmax_batch_size: {spec.max_batch_size}\n'
         + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
         + _io("output", [_tensor(ENSEMBLE_OUTPUT, "TYPE_FP32", [shape.num_classes], label)])
-        + "ensemble_scheduling {\n  step [\n"
-        + "    {\n"
-        + f'      model_name: "{spec.preprocess_name}"\n      model_version: -1\n'
-        + f'      input_map {{ key: "{ENSEMBLE_INPUT}" value: "{ENSEMBLE_INPUT}" }}\n'
-        + f'      output_map {{ key: "{PIXELS}" value: "{PIXELS}" }}\n'
-        + "    },\n    {\n"
-        + f'      model_name: "{spec.classifier_name}"\n      model_version: -1\n'
-        + f'      input_map {{ key: "{MODEL_INPUT}" value: "{PIXELS}" }}\n'
-        + f'      output_map {{ key: "probabilities" value: "{ENSEMBLE_OUTPUT}" }}\n'
-        + "    }\n  ]\n}\n"
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )

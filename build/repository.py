@@ -85,24 +85,33 @@ def write_repository(
     if out.exists() and not (out / MARKER).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and was not written by build.engines; refusing to replace it")
 
+    if spec.pipeline == "fused" and backend != "python-onnxruntime":
+        raise ValueError(f"the fused pipeline needs the python-onnxruntime backend, not {backend!r}")
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pre_dir = staging / spec.preprocess_name
     cls_dir = staging / spec.classifier_name
     ens_dir = staging / spec.ensemble_name
-    for d in (pre_dir / "1", cls_dir / "1", ens_dir / "1"):
+    fused = spec.pipeline == "fused"
+    for d in ([] if fused else [pre_dir / "1"]) + [cls_dir / "1", ens_dir / "1"]:
         d.mkdir(parents=True)
 
-    (pre_dir / "config.pbtxt").write_text(configs.preprocess_config(spec, shape, spec_source))
-    shutil.copy2(TEMPLATES / "preprocess_model.py", pre_dir / "1" / "model.py")
-    shutil.copy2(preprocessing_module.__file__, pre_dir / "1" / "preprocessing.py")
-    shutil.copy2(artifacts / "preprocess.json", pre_dir / "1" / "preprocess.json")
+    def copy_preprocessing(version_dir: Path) -> None:
+        shutil.copy2(preprocessing_module.__file__, version_dir / "preprocessing.py")
+        shutil.copy2(artifacts / "preprocess.json", version_dir / "preprocess.json")
 
-    (cls_dir / "config.pbtxt").write_text(configs.classifier_config(spec, shape, backend, spec_source))
-    filename = configs.CLASSIFIER_BACKENDS[backend][2]
-    shutil.copy2(model_file, cls_dir / "1" / filename)
-    if backend == "python-onnxruntime":
-        shutil.copy2(TEMPLATES / "classifier_onnxruntime.py", cls_dir / "1" / "model.py")
+    if fused:
+        (cls_dir / "config.pbtxt").write_text(configs.fused_config(spec, shape, spec_source))
+        shutil.copy2(TEMPLATES / "classifier_fused.py", cls_dir / "1" / "model.py")
+        copy_preprocessing(cls_dir / "1")
+    else:
+        (pre_dir / "config.pbtxt").write_text(configs.preprocess_config(spec, shape, spec_source))
+        shutil.copy2(TEMPLATES / "preprocess_model.py", pre_dir / "1" / "model.py")
+        copy_preprocessing(pre_dir / "1")
+        (cls_dir / "config.pbtxt").write_text(configs.classifier_config(spec, shape, backend, spec_source))
+        if backend == "python-onnxruntime":
+            shutil.copy2(TEMPLATES / "classifier_onnxruntime.py", cls_dir / "1" / "model.py")
+    shutil.copy2(model_file, cls_dir / "1" / configs.CLASSIFIER_BACKENDS[backend][2])
 
     (ens_dir / "config.pbtxt").write_text(configs.ensemble_config(spec, shape, spec_source))
     shutil.copy2(artifacts / "labels.txt", ens_dir / configs.LABELS_FILE)
@@ -115,7 +124,8 @@ def write_repository(
         "spec_source": spec_source,
         "spec": spec.to_dict(),
         "backend": backend,
-        "models": [spec.preprocess_name, spec.classifier_name, spec.ensemble_name],
+        "pipeline": spec.pipeline,
+        "models": ([] if fused else [spec.preprocess_name]) + [spec.classifier_name, spec.ensemble_name],
         "classifier_model": {"source": str(model_file), "sha256": sha256(model_file)},
         "input_dims": list(shape.input_dims),
         "num_classes": shape.num_classes,

@@ -197,5 +197,37 @@ def load_batch(
     return normalize(np.stack(crops), config)
 
 
+def preprocess_requests(
+    requests: Sequence[Sequence[bytes]], config: PreprocessConfig, limits: DecodeLimits, pool=None
+) -> tuple[np.ndarray | None, list[tuple[int, int] | ImageError]]:
+    """A server's dynamic batch: several requests of several images each -> one normalised batch.
+
+    Returns the float32 batch of every image of every *good* request (None if there is none) and,
+    per request, either its (start, stop) rows in that batch or the ImageError that fails it (naming
+    each bad item). Decoding may run on `pool` (a concurrent.futures executor; Pillow releases the
+    GIL); normalisation runs once, vectorised, for the whole batch.
+    """
+
+    def crop(data):
+        try:
+            return image_to_uint8(data, config, limits)
+        except ImageError as exc:
+            return exc
+
+    flat = [data for items in requests for data in items]
+    crops = list(pool.map(crop, flat)) if pool is not None else [crop(d) for d in flat]
+    good, outcomes, start = [], [], 0
+    for items in requests:
+        mine = crops[start : start + len(items)]
+        start += len(items)
+        failed = [f"image {i}: {c}" for i, c in enumerate(mine) if isinstance(c, ImageError)]
+        if failed:
+            outcomes.append(ImageError("bad input: " + "; ".join(failed)))
+        else:
+            outcomes.append((len(good), len(good) + len(mine)))
+            good.extend(mine)
+    return (normalize(np.stack(good), config) if good else None), outcomes
+
+
 def load_files(paths: Iterable[str | Path], config: PreprocessConfig) -> np.ndarray:
     return load_batch([Path(p).read_bytes() for p in paths], config)

@@ -13,10 +13,9 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from preprocessing import DecodeLimits, ImageError, PreprocessConfig, image_to_uint8, normalize
+from preprocessing import DecodeLimits, PreprocessConfig, preprocess_requests
 
 INPUT, OUTPUT = "IMAGE", "PIXELS"
 
@@ -35,39 +34,17 @@ class TritonPythonModel:
         threads = int(params.get("threads", "1"))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
-    def _crop(self, data):
-        try:
-            return image_to_uint8(data, self.config, self.limits)
-        except ImageError as exc:
-            return exc
-
     def execute(self, requests):
         items = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy().reshape(-1) for r in requests]
-        flat = [data for request_items in items for data in request_items]
-        crops = list(self.pool.map(self._crop, flat)) if self.pool else [self._crop(d) for d in flat]
-
-        good, spans, errors, start = [], [], [], 0
-        for request_items in items:
-            mine = crops[start : start + len(request_items)]
-            start += len(request_items)
-            failed = [(i, c) for i, c in enumerate(mine) if isinstance(c, ImageError)]
-            if failed:
-                detail = "; ".join(f"image {i}: {exc}" for i, exc in failed)
-                errors.append(pb_utils.TritonError(f"bad input: {detail}", pb_utils.TritonError.INVALID_ARG))
-                spans.append(None)
-            else:
-                errors.append(None)
-                spans.append((len(good), len(good) + len(mine)))
-                good.extend(mine)
-
-        pixels = normalize(np.stack(good), self.config) if good else None
+        pixels, outcomes = preprocess_requests(items, self.config, self.limits, self.pool)
         responses = []
-        for error, span in zip(errors, spans):
-            if error is not None:
-                responses.append(pb_utils.InferenceResponse(error=error))
-            else:
-                tensor = pb_utils.Tensor(OUTPUT, pixels[span[0] : span[1]])
+        for outcome in outcomes:
+            if isinstance(outcome, tuple):
+                tensor = pb_utils.Tensor(OUTPUT, pixels[outcome[0] : outcome[1]])
                 responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            else:
+                error = pb_utils.TritonError(str(outcome), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
         return responses
 
     def finalize(self):

@@ -115,3 +115,22 @@ def test_repository_refuses_foreign_folder_and_bad_artifacts(tmp_path, tiny_arti
     assert (foreign / "notes.txt").exists()
     with pytest.raises(ArtifactsError, match="make export"):
         model_shape(tmp_path / "nothing")
+
+
+def test_fused_pipeline_is_one_step_with_preprocessing_inside(tmp_path, tiny_artifacts):
+    spec = DeploymentSpec(artifacts=str(tiny_artifacts), pipeline="fused")
+    ens = parse(configs.ensemble_config(spec, SHAPE, "test"))
+    fused = parse(configs.fused_config(spec, SHAPE, "test"))
+    (step,) = ens.ensemble_scheduling.step
+    assert step.model_name == "classifier" and dict(step.input_map) == {"IMAGE": "IMAGE"}
+    assert [i.name for i in fused.input] == ["IMAGE"] and fused.input[0].data_type == DT.TYPE_STRING
+    assert {"probabilities", "logits"} == {o.name for o in fused.output}
+    assert fused.parameters["min_image_side"].string_value == str(spec.limits.min_image_side)
+    out = tmp_path / "repo"
+    manifest = write_repository(spec, "python-onnxruntime", out, "test")
+    assert manifest["models"] == ["classifier", "image_classifier"] and not (out / "preprocess").exists()
+    assert (out / "classifier/1/preprocessing.py").is_file() and (out / "classifier/1/model.onnx").is_file()
+    with pytest.raises(ValueError, match="fused pipeline needs the python-onnxruntime backend"):
+        write_repository(spec, "onnxruntime", tmp_path / "other", "test")
+    with pytest.raises(ValueError, match="pipeline"):
+        DeploymentSpec(pipeline="parallel")
