@@ -404,6 +404,87 @@ def export_bundled(
     return result
 
 
+# --- a trained checkpoint (python -m training.train) ---------------------------------------------
+
+
+def parity_images(checkpoint: dict, preprocess: PreprocessConfig, count: int) -> tuple[list[str], np.ndarray, str]:
+    """(names, preprocessed batch, source): up to `count` of the run's own validation images, one
+    class after another; the bundled sample photos if those files are gone (or the model is ImageNet)."""
+    files = [f for f in (checkpoint.get("data") or {}).get("val_files", []) if Path(f).is_file()]
+    if files and count > 0:
+        by_class: dict[str, list[str]] = {}
+        for f in files:
+            by_class.setdefault(Path(f).parent.name, []).append(f)
+        picked, queues = [], [list(v) for v in by_class.values()]
+        while len(picked) < min(count, len(files)):
+            for queue in queues:
+                if queue and len(picked) < count:
+                    picked.append(queue.pop(0))
+        names = [f"{Path(f).parent.name}/{Path(f).name}" for f in picked]
+        return names, load_files(picked, preprocess), "validation images of the run"
+    photos = sample_photos()
+    return list(photos), load_files(photos.values(), preprocess), "bundled sample photos"
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path, out_dir: str | Path, atol: float = 1e-4, opset: int = 17, exporter: str = "auto",
+    parity_count: int = 16,
+) -> ExportResult:
+    """training.train checkpoint (or run directory: its best.pt) -> artifact directory.
+
+    labels.txt = the run's class names, preprocess.json = the run's eval preprocessing, and the
+    PyTorch vs ONNX Runtime parity check runs on the run's own validation images. Raises
+    ParityError (and writes no model.onnx) if the max |logits diff| exceeds `atol`.
+    """
+    from training.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+
+    if atol < 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    checkpoint = load_checkpoint(checkpoint_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preprocess = preprocess_from_checkpoint(checkpoint)
+    labels = list(checkpoint["classes"])
+    model = model_from_checkpoint(checkpoint)
+    names, images, image_source = parity_images(checkpoint, preprocess, parity_count)
+    with torch.no_grad():
+        logits, probabilities = (t.numpy() for t in WithProbabilities(model)(torch.from_numpy(images)))
+
+    tmp_model = _temp_model(out_dir)
+    try:
+        static = models.freeze_same_padding(model, preprocess.input_shape)
+        used = export_torch_to_onnx(static, tmp_model, preprocess.input_shape, opset, exporter)
+        check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
+        parity = compare_logits(logits, run_onnxruntime(tmp_model, images)[LOGITS], names, atol)
+        if not parity.passed:
+            raise ParityError(
+                f"ONNX export does not match PyTorch: max |logits diff| {parity.max_abs_diff:.3e} > atol {atol:g}",
+                parity,
+            )
+        path = Path(checkpoint["path"])
+        metrics = checkpoint.get("metrics") or {}
+        metadata = {
+            "source": {
+                "kind": "checkpoint",
+                "checkpoint": str(path),
+                "checkpoint_sha256": file_sha256(path),
+                "architecture": checkpoint["architecture"],
+                "weights": checkpoint["deploy"],
+                "epoch": checkpoint["epoch"],
+                "val_top1": metrics.get("val_top1"),
+                "train_args": checkpoint["args"],
+            },
+            "onnx": {"exporter": used, "requested_opset": opset},
+            "parity": {**parity.to_dict(), "images": image_source},
+        }
+        reference = {"images": images, LOGITS: logits, PROBABILITIES: probabilities, "names": np.array(names)}
+        result = _finish(tmp_model, out_dir, labels, preprocess, reference, metadata)
+    finally:
+        tmp_model.unlink(missing_ok=True)
+    result.parity = parity
+    return result
+
+
 # --- importing an existing ONNX classifier -------------------------------------------------------
 
 
@@ -549,11 +630,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="bundled pretrained model to export (default: %(default)s)",
     )
     source.add_argument("--onnx", type=Path, help="import this ONNX classifier instead (needs --labels)")
-    source.add_argument("--checkpoint", type=Path, help="export a trained checkpoint (not implemented yet)")
-    parser.add_argument("--output-dir", type=Path, default=Path("artifacts/efficientnet_lite0"), help="artifact directory (default: %(default)s)")
+    source.add_argument("--checkpoint", type=Path,
+                        help="export a training.train checkpoint, or a run directory (its best.pt)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="artifact directory (default: artifacts/efficientnet_lite0; with --checkpoint, "
+                             "artifacts/<run directory name>)")
     parser.add_argument("--atol", type=float, default=1e-4, help="max |logits diff| PyTorch vs ONNX Runtime (default: %(default)s)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset for exports (default: %(default)s)")
     parser.add_argument("--exporter", default="auto", choices=EXPORTERS, help="torch ONNX exporter (default: %(default)s)")
+    parser.add_argument("--parity-images", type=int, default=16,
+                        help="--checkpoint: validation images of the run used for the parity check (default: %(default)s)")
     imported = parser.add_argument_group("--onnx import options")
     imported.add_argument("--labels", type=Path, help="labels file, line i = class i")
     imported.add_argument("--outputs", default=LOGITS, choices=[LOGITS, PROBABILITIES], help="what the model outputs (default: %(default)s)")
@@ -567,10 +653,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> ExportResult:
     if args.checkpoint is not None:
-        raise NotImplementedError(
-            "--checkpoint export arrives with training (training/models.py create_model); "
-            "use --model or --onnx for now"
-        )
+        return _main_checkpoint(args)
+    if args.output_dir is None:
+        args.output_dir = Path("artifacts/efficientnet_lite0")
     if args.onnx is not None:
         if args.labels is None:
             raise ValueError("--onnx needs --labels")
@@ -590,6 +675,26 @@ def main(args: argparse.Namespace) -> ExportResult:
         print(result.parity.report(models.imagenet_labels()))
     onnx_meta = result.metadata["onnx"]
     print(f"wrote {result.out_dir}: model.onnx opset {onnx_meta['opset']} ({onnx_meta['exporter']}), sha256 {result.sha256[:16]}...")
+    return result
+
+
+def _main_checkpoint(args: argparse.Namespace) -> ExportResult:
+    from training.checkpoint import resolve_checkpoint_path
+
+    path = resolve_checkpoint_path(args.checkpoint)
+    out_dir = args.output_dir or Path("artifacts") / (path.parent.name if path.parent.name else path.stem)
+    try:
+        result = export_checkpoint(path, out_dir, args.atol, args.opset, args.exporter, args.parity_images)
+    except ParityError as exc:
+        from training.checkpoint import load_checkpoint
+
+        print(exc.parity.report(load_checkpoint(path)["classes"]))
+        raise
+    labels = read_labels(result.out_dir / "labels.txt")
+    print(result.parity.report(labels))
+    source = result.metadata["source"]
+    print(f"wrote {result.out_dir}: {len(labels)} classes, {source['architecture']['name']} epoch {source['epoch']} "
+          f"({source['weights']} weights), model.onnx sha256 {result.sha256[:16]}...")
     return result
 
 

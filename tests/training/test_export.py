@@ -154,9 +154,10 @@ def test_remap_checks_shapes_and_kinds():
         models.remap_state_dict_by_position(source, target)
 
 
-def test_checkpoint_export_is_an_explicit_stub():
-    args = export.get_args_parser().parse_args(["--checkpoint", "runs/best.pth"])
-    with pytest.raises(NotImplementedError, match="training"):
+def test_checkpoint_export_names_a_missing_checkpoint(tmp_path):
+    # (the export of a real training run is tested in tests/training/test_train.py)
+    args = export.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "best.pth")])
+    with pytest.raises(FileNotFoundError, match="best.pth"):
         export.main(args)
 
 

@@ -1,0 +1,94 @@
+"""training.recipe, training.networks and the distillation loss (fast, real modules)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training import distill, networks, recipe
+
+
+def test_schedule_warmup_cosine_and_restarts():
+    s = recipe.Schedule("cosine", total_steps=110, warmup_steps=10, warmup_start=0.1)
+    assert s(0) == pytest.approx(0.1) and s(5) == pytest.approx(0.55) and s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.5) and s(110) == pytest.approx(0.0)
+    assert all(s(i) >= s(i + 1) for i in range(10, 110))
+    r = recipe.Schedule("cosine-restarts", total_steps=100, warmup_steps=0, restart_steps=10, restart_mult=2)
+    assert r(0) == 1.0 and r(9) < 0.05 and r(10) == 1.0 and r(30) == 1.0 and r(20) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="cosine-restarts"):
+        recipe.Schedule("cosine-restarts", total_steps=10, warmup_steps=0)
+    with pytest.raises(ValueError, match="'linear' is not one of"):
+        recipe.Schedule("linear", total_steps=10, warmup_steps=0)
+
+
+def test_loss_soft_targets_weights_and_smoothing():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    one_hot = torch.nn.functional.one_hot(labels, 4).float()
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    for smoothing in (0.0, 0.1):
+        loss = recipe.ClassificationLoss(smoothing)
+        assert loss(logits, one_hot) == pytest.approx(loss(logits, labels).item(), rel=1e-6)
+    weighted = recipe.ClassificationLoss(0.0, weights)
+    assert weighted(logits, one_hot) == pytest.approx(weighted(logits, labels).item(), rel=1e-6)
+    assert weighted(logits, labels) != pytest.approx(recipe.ClassificationLoss(0.0)(logits, labels).item())
+
+
+def test_early_stopping():
+    stop = recipe.EarlyStopping("val_loss", patience=2)
+    assert stop.update({"val_loss": 1.0}) and stop.update({"val_loss": 0.9})
+    assert not stop.update({"val_loss": 0.95}) and not stop.should_stop
+    assert not stop.update({"val_loss": 0.91}) and stop.should_stop and stop.best == 0.9
+    with pytest.raises(ValueError, match="val_top1"):
+        recipe.EarlyStopping("accuracy", 1)
+
+
+def test_networks_by_name_heads_and_freezing(tmp_path):
+    resnet = networks.build_network("torchvision/resnet18", 3)
+    assert networks.head_name(resnet) == "fc" and resnet.fc.out_features == 3
+    timm_net = networks.build_network("timm/mobilenetv3_small_050", 5)
+    assert networks.head_name(timm_net) == "classifier"
+    with pytest.raises(ValueError, match="timm/resnet18"):
+        networks.build_network("timm/resnet_18", 3)
+    with pytest.raises(ValueError, match="bundled-efficientnet-lite0, timm/<name> or torchvision/<name>"):
+        networks.build_network("resnet18", 3)
+
+    torch.save(resnet.state_dict(), tmp_path / "r18.pt")
+    same = networks.create_model("torchvision/resnet18", 3, weights=tmp_path / "r18.pt")
+    assert torch.equal(same.fc.weight, resnet.fc.weight) and torch.equal(same.conv1.weight, resnet.conv1.weight)
+    other = networks.create_model("torchvision/resnet18", 7, weights=tmp_path / "r18.pt")  # new head, same body
+    assert other.fc.out_features == 7 and torch.equal(other.layer4[1].conv2.weight, resnet.layer4[1].conv2.weight)
+
+    assert [networks.trainable_stages(e, 2, 3) for e in range(6)] == [0, 0, 1, 2, -1, -1]
+    assert networks.trainable_stages(2, 2, 0) == -1
+    head = sum(1 for _ in resnet.fc.parameters())
+    counts = [networks.apply_freezing(resnet, n, 3) for n in (0, 1, 2, -1)]
+    assert counts[0] == head and counts[0] < counts[1] < counts[2] < counts[3]
+    assert counts[3] == len(list(resnet.parameters()))
+    assert resnet.fc.weight.requires_grad and resnet.layer4[1].conv2.weight.requires_grad
+    networks.apply_freezing(resnet, 1, 3)
+    assert not resnet.conv1.weight.requires_grad and resnet.layer4[1].conv2.weight.requires_grad
+
+
+def test_optimizer_groups_have_separate_learning_rates():
+    net = networks.build_network("torchvision/resnet18", 3)
+    opt = recipe.make_optimizer(net, "sgd", lr=0.1, backbone_lr=0.01, weight_decay=1e-4, momentum=0.9)
+    lrs = {(g["role"], g["weight_decay"]): g["lr"] for g in opt.param_groups}
+    assert lrs == {("backbone", 1e-4): 0.01, ("backbone", 0.0): 0.01, ("head", 1e-4): 0.1, ("head", 0.0): 0.1}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_distillation_loss_and_imagenet_teacher_classes():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(5, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    ce = recipe.ClassificationLoss(0.0)
+    assert distill.distillation_loss(student, teacher, labels, ce, 0.0, 4.0) == pytest.approx(ce(student, labels).item())
+    assert distill.distillation_loss(student, student, labels, ce, 1.0, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    kl = distill.distillation_loss(student, teacher, labels, ce, 1.0, 2.0)
+    p_t = torch.softmax(teacher / 2, 1)
+    expected = (p_t * (torch.log(p_t) - torch.log_softmax(student / 2, 1))).sum(1).mean() * 4
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5) and not math.isclose(kl.item(), 0.0)
+    assert distill.imagenet_columns(["tabby", "espresso", "Egyptian_cat"]) == [281, 967, 285]
+    with pytest.raises(ValueError, match=r"\['3'\]"):
+        distill.imagenet_columns(["tabby", "3"])

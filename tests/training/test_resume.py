@@ -1,0 +1,48 @@
+"""Checkpoint / --resume round trip: stopping after epoch 0 and resuming gives bit-identical
+weights to an uninterrupted run (model, EMA, optimizer, LR schedule and RNG state all restored)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from training import train
+from training.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
+from training.distributed import state_digest
+
+
+def _args(small_digits, out, epochs: int, *extra: str):
+    train_dir, val_dir = small_digits
+    return train.get_args_parser().parse_args([
+        "--data-dir", str(train_dir), "--val-dir", str(val_dir), "--output-dir", str(out),
+        "--crop-size", "32", "--resize-size", "32", "--batch-size", "16", "--steps-per-epoch", "3",
+        "--epochs", str(epochs), "--workers", "0", "--threads", "2", "--model-ema", "--model-ema-decay", "0.9",
+        "--lr-warmup-epochs", "0.5", "--no-progress", "--no-tensorboard", *extra,
+    ])
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(small_digits, tmp_path):
+    straight = train.main(_args(small_digits, tmp_path / "straight", 2))
+    interrupted = train.main(_args(small_digits, tmp_path / "resumed", 2, "--session-epochs", "1"))
+    assert interrupted["epochs_run"] == 1
+    first = load_checkpoint(tmp_path / "resumed", prefer=LAST)
+    assert first["epoch"] == 0 and first["args"]["epochs"] == 2 and first["classes"] == [str(d) for d in range(10)]
+    resumed = train.main(_args(small_digits, tmp_path / "resumed", 2, "--resume", str(tmp_path / "resumed")))
+    assert resumed["epochs_run"] == 1 and resumed["last_epoch"] == 1
+
+    a, b = (load_checkpoint(tmp_path / name, prefer=LAST) for name in ("straight", "resumed"))
+    assert b["args"]["resume"] == str(tmp_path / "resumed") and b["epoch"] == 1
+    assert b["lr_scheduler"]["last_epoch"] == a["lr_scheduler"]["last_epoch"] == 6
+    for key in ("model", "model_ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), f"{key} differs after resume"
+    assert b["deploy"] == "model_ema"
+    assert state_digest(model_from_checkpoint(b, "model")) == resumed["rank_weight_digests"][0]
+    assert any(not torch.equal(first["model"][k], b["model"][k]) for k in first["model"])  # epoch 1 trained
+
+    with open(tmp_path / "resumed" / "metrics.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
+    assert straight["best"]["val_top1"] == pytest.approx(resumed["best"]["val_top1"])
+    assert (tmp_path / "resumed" / BEST).is_file()

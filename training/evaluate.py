@@ -1,0 +1,178 @@
+"""Evaluate a trained model on an ImageFolder: accuracy, per-class report, confusion matrix, and
+the most confidently misclassified images (the first place to look for label errors).
+
+    python -m training.evaluate --checkpoint runs/digits                   # the run's own val images
+    python -m training.evaluate --artifacts artifacts/digits --data-dir data/digits/val   # the ONNX model
+
+Writes to --output-dir (default: <run>/eval or <artifacts>/eval): metrics.json (top-1, top-5,
+macro-F1, per-class precision / recall / F1 / support), confusion_matrix.png and .csv,
+misclassified.csv (path, label, predicted, confidence, probability of the label; most confident first).
+Images go through the serving preprocess (decode_image + resize_and_crop + normalize).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.preprocessing import PreprocessConfig
+from training import data, presets
+from training.engine import metrics_from_summary, summarize
+
+
+def per_class_report(confusion: np.ndarray, classes: list[str]) -> list[dict]:
+    tp = np.diag(confusion).astype(float)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    rows = []
+    for i, name in enumerate(classes):
+        p = tp[i] / predicted[i] if predicted[i] else 0.0
+        r = tp[i] / actual[i] if actual[i] else 0.0
+        rows.append({"class": name, "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+                     "support": int(actual[i])})
+    return rows
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(5.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(classes, rotation=90)
+    ax.set_yticklabels(classes)
+    if len(classes) <= 30:
+        threshold = confusion.max() / 2 if confusion.size else 0
+        for (i, j), value in np.ndenumerate(confusion):
+            if value:
+                ax.text(j, i, int(value), ha="center", va="center", fontsize=8,
+                        color="white" if value > threshold else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def misclassified(probabilities: np.ndarray, labels: np.ndarray, paths: list[str], classes: list[str],
+                  limit: int) -> list[dict]:
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:limit]
+    return [{"path": paths[i], "label": classes[labels[i]], "predicted": classes[predicted[i]],
+             "confidence": float(probabilities[i, predicted[i]]), "p_label": float(probabilities[i, labels[i]])}
+            for i in wrong]
+
+
+def _torch_runner(checkpoint: dict, weights: str | None):
+    from training.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(checkpoint, weights)
+
+    def infer(images: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(model(images).float(), 1).numpy()
+    return infer
+
+
+def _onnx_runner(model_path: Path):
+    from training.export import INPUT_NAME, PROBABILITIES, onnxruntime_session
+
+    session = onnxruntime_session(model_path)
+    return lambda images: session.run([PROBABILITIES], {INPUT_NAME: images.numpy()})[0]
+
+
+def run_model(infer, split: data.Split, preprocess: PreprocessConfig, batch_size: int, workers: int):
+    dataset = data.ImageFolderDataset(split, presets.EvalPreset(preprocess), draft_size=preprocess.resize)
+    sampler = data.ShardedSampler(len(dataset), shuffle=False, pad=False)
+    loader = data.make_loader(dataset, sampler, batch_size, workers, pin_memory=False)
+    probabilities, labels, indices, bad = [], [], [], []
+    for images, batch_labels, batch_indices, batch_bad in loader:
+        bad += batch_bad.tolist()
+        if images is not None:
+            probabilities.append(infer(images))
+            labels.append(batch_labels.numpy())
+            indices.append(batch_indices.numpy())
+    if not probabilities:
+        raise ValueError(f"no readable images among {len(dataset)}")
+    return np.concatenate(probabilities), np.concatenate(labels), np.concatenate(indices), bad
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="training.train checkpoint or run directory (its best.pt)")
+    source.add_argument("--artifacts", help="exported artifact directory (model.onnx, labels.txt, preprocess.json)")
+    p.add_argument("--data-dir", default=None, help="ImageFolder to evaluate (default: the run's validation images)")
+    p.add_argument("--weights", default=None, choices=["model", "model_ema"], help="checkpoint weights (default: the deployed ones)")
+    p.add_argument("--output-dir", default=None, help="(default: <run or artifacts>/eval)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default: %(default)s)")
+    p.add_argument("--top-misclassified", type=int, default=50, help="rows in misclassified.csv (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's choice (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        from training.checkpoint import load_checkpoint, preprocess_from_checkpoint
+
+        checkpoint = load_checkpoint(args.checkpoint)
+        classes, preprocess = checkpoint["classes"], preprocess_from_checkpoint(checkpoint)
+        infer, source, home = _torch_runner(checkpoint, args.weights), checkpoint["path"], Path(checkpoint["path"]).parent
+        val_files = checkpoint.get("data", {}).get("val_files")
+    else:
+        from training.export import read_labels
+
+        home = Path(args.artifacts)
+        classes, preprocess = read_labels(home / "labels.txt"), PreprocessConfig.load(home / "preprocess.json")
+        infer, source, val_files = _onnx_runner(home / "model.onnx"), str(home / "model.onnx"), None
+    if args.data_dir:
+        split = data.scan_image_folder(args.data_dir, classes)
+    elif val_files:
+        index = {name: i for i, name in enumerate(classes)}
+        split = data.Split(classes, [(f, index[Path(f).parent.name]) for f in val_files])
+    else:
+        raise ValueError("--artifacts needs --data-dir (an ImageFolder with the model's classes)")
+    out = Path(args.output_dir) if args.output_dir else home / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+
+    probabilities, labels, indices, bad = run_model(infer, split, preprocess, args.batch_size, args.workers)
+    paths = [split.samples[i][0] for i in indices]
+    summary = metrics_from_summary(summarize(probabilities, labels, len(classes)), len(classes), prefix="eval")
+    confusion = np.array(summary.pop("confusion"))
+    summary.pop("eval_per_class_recall")
+    report = {"source": source, "data": args.data_dir or "validation images of the run", **summary,
+              "per_class": per_class_report(confusion, classes), "unreadable": [split.samples[i][0] for i in bad]}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    np.savetxt(out / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",", header=",".join(classes))
+    plot_confusion(confusion, classes, out / "confusion_matrix.png", f"{Path(source).parent.name}: top-1 "
+                   f"{summary['eval_top1']:.2%} on {summary['eval_images']} images")
+    rows = misclassified(probabilities, labels, paths, classes, args.top_misclassified)
+    with open(out / "misclassified.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "predicted", "confidence", "p_label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{'class':20s} precision recall     f1 support")
+    for row in report["per_class"]:
+        print(f"{row['class'][:20]:20s} {row['precision']:9.2%} {row['recall']:6.2%} {row['f1']:6.2%} {row['support']:7d}")
+    print(f"top-1 {summary['eval_top1']:.2%}  top-5 {summary['eval_top5']:.2%}  macro-F1 {summary['eval_macro_f1']:.2%}"
+          f"  on {summary['eval_images']} images ({len(bad)} unreadable, {len(rows)} listed in misclassified.csv)")
+    print(f"wrote {out}/: metrics.json, confusion_matrix.png, confusion_matrix.csv, misclassified.csv")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")

@@ -1,0 +1,115 @@
+"""Fine-tune a classifier on any ImageFolder (`root/<class>/<image>`); checkpoints ready for export.
+
+    python -m training.train --data-dir data/digits/train --val-dir data/digits/val \\
+        --crop-size 64 --resize-size 64 --epochs 3 --output-dir runs/digits
+    torchrun --nproc-per-node 2 -m training.train ...          # data parallel (gloo on CPU, nccl on GPU)
+    python -m training.export --checkpoint runs/digits --output-dir artifacts/digits
+
+Writes to --output-dir: checkpoint.pt (last; --resume it), best.pt (best --monitor), labels.txt,
+preprocess.json (the eval = serving preprocess), args.json, metrics.csv / metrics.jsonl per epoch,
+tensorboard/, summary.json (best metrics, per-class recall, skipped files, each rank's weight digest).
+Pretrained start: the bundled ImageNet EfficientNet-Lite0 (default). Other timm/torchvision models
+start from random weights or from a local --weights file; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from training import models
+from training.presets import AUTO_AUGMENTS
+from training.recipe import MONITORS, OPTIMIZERS, SCHEDULERS
+
+CLASS_BALANCE = ("none", "loss", "sampler")
+AMP = ("none", "bf16", "fp16")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", required=True, help="training ImageFolder: <dir>/<class>/<image>")
+    d.add_argument("--val-dir", default=None, help="validation ImageFolder with the same classes "
+                   "(default: a stratified --val-fraction split of --data-dir)")
+    d.add_argument("--val-fraction", type=float, default=0.2, help="validation share without --val-dir (default: %(default)s)")
+    d.add_argument("--split-seed", type=int, default=0, help="seed of that split (default: %(default)s)")
+    d.add_argument("--crop-size", type=int, default=224, help="model input side (default: %(default)s)")
+    d.add_argument("--resize-size", type=int, default=None, help="eval: shorter side before the centre crop (default: crop / 0.875)")
+    d.add_argument("--interpolation", default="bilinear", choices=sorted(INTERPOLATIONS), help="(default: %(default)s)")
+    d.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="(default: %(default)s)")
+    d.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="(default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
+    d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    d.add_argument("--class-balance", default="none", choices=CLASS_BALANCE,
+                   help="imbalanced classes: inverse-frequency loss weights or a weighted sampler (default: %(default)s)")
+    a = p.add_argument_group("augmentation")
+    a.add_argument("--scale-min", type=float, default=0.35, help="RandomResizedCrop minimum area (default: %(default)s)")
+    a.add_argument("--hflip-prob", type=float, default=0.5, help="(default: %(default)s)")
+    a.add_argument("--auto-augment", default="trivialaugment", choices=AUTO_AUGMENTS, help="(default: %(default)s)")
+    a.add_argument("--ra-magnitude", type=int, default=9, help="RandAugment magnitude (default: %(default)s)")
+    a.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (default: %(default)s)")
+    a.add_argument("--random-erase", type=float, default=0.1, help="RandomErasing probability (default: %(default)s)")
+    a.add_argument("--mixup-alpha", type=float, default=0.0, help="batch MixUp, 0 = off (default: %(default)s)")
+    a.add_argument("--cutmix-alpha", type=float, default=0.0, help="batch CutMix, 0 = off (default: %(default)s)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=models.BUNDLED_EFFICIENTNET_LITE0,
+                   help="bundled-efficientnet-lite0 (ImageNet weights), timm/<name> or torchvision/<name> "
+                        "(random init: no hub downloads) (default: %(default)s)")
+    m.add_argument("--weights", default=None, help="start from this local state dict or checkpoint (default: none)")
+    m.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for this many epochs (default: %(default)s)")
+    m.add_argument("--unfreeze-stages", type=int, default=0,
+                   help="then unfreeze the backbone in this many stages, one per epoch, top first; 0 = all at once (default: %(default)s)")
+    m.add_argument("--teacher", default=None, help="distil from a checkpoint or bundled-efficientnet-lite0 (default: none)")
+    m.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the teacher term (default: %(default)s)")
+    m.add_argument("--distill-temperature", type=float, default=4.0, help="(default: %(default)s)")
+    r = p.add_argument_group("recipe")
+    r.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
+    r.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, 0 = whole data (default: %(default)s)")
+    r.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="(default: %(default)s)")
+    r.add_argument("--lr", type=float, default=1e-3, help="head learning rate (default: %(default)s)")
+    r.add_argument("--backbone-lr", type=float, default=None, help="backbone learning rate (default: --lr)")
+    r.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    r.add_argument("--weight-decay", type=float, default=0.05, help="(default: %(default)s)")
+    r.add_argument("--lr-scheduler", default="cosine", choices=SCHEDULERS, help="(default: %(default)s)")
+    r.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup (default: %(default)s)")
+    r.add_argument("--lr-warmup-start", type=float, default=0.01, help="warmup starts at this x lr (default: %(default)s)")
+    r.add_argument("--lr-min-factor", type=float, default=0.0, help="cosine floor as a fraction of lr (default: %(default)s)")
+    r.add_argument("--restart-epochs", type=float, default=0, help="cosine-restarts: first cycle (default: %(default)s)")
+    r.add_argument("--restart-mult", type=int, default=1, help="cosine-restarts: cycle growth (default: %(default)s)")
+    r.add_argument("--label-smoothing", type=float, default=0.1, help="(default: %(default)s)")
+    r.add_argument("--amp", default="none", choices=AMP, help="autocast: bf16 (CPU or GPU), fp16 (GPU) (default: %(default)s)")
+    r.add_argument("--clip-grad-norm", type=float, default=0.0, help="0 = off (default: %(default)s)")
+    r.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights and deploy it")
+    r.add_argument("--model-ema-decay", type=float, default=0.999, help="per step (default: %(default)s)")
+    r.add_argument("--monitor", default="val_top1", choices=sorted(MONITORS), help="best.pt / early stopping (default: %(default)s)")
+    r.add_argument("--early-stop-patience", type=int, default=0, help="epochs without improvement, 0 = off (default: %(default)s)")
+    r.add_argument("--early-stop-min-delta", type=float, default=0.0, help="(default: %(default)s)")
+    o = p.add_argument_group("run")
+    o.add_argument("--output-dir", default="runs/train", help="run directory (default: %(default)s)")
+    o.add_argument("--resume", default=None, help="continue from a checkpoint.pt or run directory (default: none)")
+    o.add_argument("--session-epochs", type=int, default=0,
+                   help="stop after this many epochs in this invocation, to --resume later (time-sliced or "
+                        "preemptible machines); 0 = run to --epochs (default: %(default)s)")
+    o.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    o.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process, 0 = torch's choice (default: %(default)s)")
+    o.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    o.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard event files")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    from training.loop import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    try:
+        summary = main(get_args_parser().parse_args())
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    if summary["rank"] == 0:
+        print(json.dumps({k: summary[k] for k in ("output_dir", "best")}, indent=2))
