@@ -9,7 +9,9 @@ In order, on the same cores, one system at a time:
   2. one tritonserver on --model-repository: perf_analyzer (gRPC) on the ensemble with real photos,
      on `preprocess` alone (real photos) and `classifier` alone (synthetic tensors), the ensemble over
      HTTP; then Locust gRPC and HTTP users (benchmarks/locustfile.py);
-  3. the FastAPI + ONNX Runtime service (benchmarks/fastapi_service.py), same Locust script.
+  3. the fused pipeline (preprocessing + ONNX Runtime in one python model, same ensemble API): the same
+     spec rebuilt with "pipeline": "fused", perf_analyzer gRPC and Locust HTTP;
+  4. the FastAPI + ONNX Runtime service (benchmarks/fastapi_service.py), same Locust script.
 Each point records throughput, p50/p90/p99, CPU% and peak RSS of the serving process tree and the
 load generator's CPU%; the ensemble's points also record Triton's per-model queue/compute times.
 Writes bench.{md,csv,json,png} to --out and prints the table, the ratios against the goals and, for
@@ -31,7 +33,7 @@ from benchmarks import report
 from benchmarks.procstats import ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
 
-STEPS = ("inprocess", "perf", "locust", "fastapi")
+STEPS = ("inprocess", "perf", "locust", "fused", "fastapi")
 FULL = dict(concurrency=[1, 2, 4, 8], measurement_ms=2000, locust_run_time=12, inprocess_batch=[1, 4, 8, 16],
             inprocess_images=300)
 QUICK = dict(concurrency=[2, 8], measurement_ms=1000, locust_run_time=6, inprocess_batch=[1, 8], inprocess_images=120)
@@ -130,6 +132,19 @@ def bench_locust(pid: int, user_class: str, system: str, host: str, concurrency:
     return points
 
 
+def fused_repository(build: dict, out: Path) -> Path | None:
+    """The repository's spec rebuilt as the fused pipeline, or None where that does not apply."""
+    from build.repository import write_repository
+    from build.spec import DeploymentSpec
+
+    spec = DeploymentSpec.from_dict(build["spec"])
+    if spec.pipeline == "fused" or build["backend"] != "python-onnxruntime":
+        return None
+    write_repository(spec.replace(pipeline="fused"), "python-onnxruntime", out, "benchmarks.bench",
+                     model_file=Path(build["classifier_model"]["source"]))
+    return out
+
+
 def limiting_stage_text(stages: dict, instances: dict[str, int]) -> str:
     from benchmarks.serverstats import StageStats, limiting_stage
 
@@ -164,6 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    from benchmarks import perf
     from benchmarks.fastapi_service import FastAPIService
     from benchmarks.perf import PerfAnalyzer, PerfAnalyzerError
     from serving.server import Ports, TritonServer, free_port
@@ -204,6 +220,26 @@ def main(args: argparse.Namespace) -> dict:
                                                  ("TritonHttpUser", report.LOCUST_HTTP, server.http_url)):
                     points += bench_locust(server.process.pid, user_class, system, host, plan["concurrency"],
                                            plan["locust_run_time"], args.photos, out / "locust")
+    fused = fused_repository(build, out / "fused_repository") if "fused" not in args.skip else None
+    if fused:
+        with TritonServer(fused, Ports.free(), log_file=out / "tritonserver-fused.log") as server:
+            if tool:
+                inputs = perf.model_inputs("image_classifier", photos, out / "perf")
+                for c in plan["concurrency"]:
+                    fields: dict = {}
+                    try:
+                        with measured(server.process.pid, fields):
+                            r = tool.measure("image_classifier", server.grpc_url, "grpc", c,
+                                             out / "perf" / f"fused_grpc_c{c}.csv", inputs, plan["measurement_ms"])
+                    except PerfAnalyzerError as exc:
+                        print(f"  {report.FUSED_GRPC}, c={c}: skipped, {str(exc).splitlines()[0]}", flush=True)
+                        continue
+                    points.append(report.Point(report.FUSED_GRPC, c, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms,
+                                               **fields))
+                    print(f"  {report.FUSED_GRPC}, c={c}: {r.throughput:.1f} img/s, p99 {r.p99_ms:.1f} ms", flush=True)
+            if "locust" not in args.skip:
+                points += bench_locust(server.process.pid, "TritonHttpUser", report.FUSED_HTTP, server.http_url,
+                                       plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust")
     if "fastapi" not in args.skip:
         with FastAPIService(artifacts, free_port(), log_file=out / "fastapi.log") as service:
             points += bench_locust(service.process.pid, "FastAPIUser", report.FASTAPI, service.url,

@@ -2,8 +2,9 @@
 
     python -m benchmarks.precision [--quick]
 
-For the default model (EfficientNet-Lite0, ImageNet weights) and ResNet-50 (random weights: its
-speed is real, its agreement numbers are not meaningful): build the variants (calibration cache
+For the default model (EfficientNet-Lite0, ImageNet weights), ResNet-50 (random weights: its
+speed is real, its agreement numbers are not meaningful) and, after `make train-demo`, the model
+trained on the digits (calibrated on its training digits, true accuracy on its held-out digits): build the variants (calibration cache
 reused when current), then measure ONNX Runtime throughput at batch 1 and 8 with the serving
 thread count, rounds interleaved across variants so machine noise hits all of them alike, and
 top-1 agreement / top-5 overlap with FP32 on the held-out photos. Writes
@@ -73,14 +74,18 @@ def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rou
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: float, views: int) -> list[dict]:
+def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: float, views: int,
+                data: Path | None = None) -> list[dict]:
+    """`data`: an ImageFolder root with train/ (calibration) and val/ (held out, labelled)."""
     config = PreprocessConfig.load(artifacts / "preprocess.json")
-    build_variants(artifacts, "int8", VariantOptions(), config, print)
-    build_variants(artifacts, "fp16", VariantOptions(), config, print)
+    options = VariantOptions(calibration_images=str(data / "train") if data else None)
+    build_variants(artifacts, "int8", options, config, print)
+    build_variants(artifacts, "fp16", options, config, print)
     present = [v for v in CPU_VARIANTS if (artifacts / validate.VARIANTS[v][0]).exists()]
-    images = held_out_set(config, views=views)
+    images = held_out_set(config, str(data / "val") if data else None, views=views)
+    labels = validate.folder_labels(images, data / "val", artifacts / "labels.txt") if data else None
     reports = {r.name: r for r in validate.validate(artifacts, [v for v in present if v != "fp32"], images,
-                                                       config, validate.THRESHOLDS)}
+                                                       config, validate.THRESHOLDS, labels)}
     sessions = {v: session(artifacts / validate.VARIANTS[v][0], threads) for v in present}
     pixels = normalize(images.crops[:8], config)
     speed = {b: throughput(sessions, pixels[:b], rounds, seconds) for b in (1, 8)}
@@ -90,18 +95,20 @@ def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: 
         rows.append({"model": name, "variant": v, "img_s_b1": speed[1][v], "img_s_b8": speed[8][v],
                      "x_fp32_b1": speed[1][v] / speed[1]["fp32"], "x_fp32_b8": speed[8][v] / speed[8]["fp32"],
                      "top1_agreement": r.top1_agreement, "confident_agreement": r.confident_agreement,
-                     "top5_overlap": r.top5_overlap, "images": r.images, "note": SPEED_NOTES.get(v, "")})
+                     "top5_overlap": r.top5_overlap, "images": r.images, "accuracy": r.accuracy,
+                     "note": SPEED_NOTES.get(v, "")})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'model':18s} {'variant':9s} {'b1 img/s':>9s} {'b8 img/s':>9s} {'x fp32 b1':>9s} {'x fp32 b8':>9s} "
-            f"{'top-1 agr':>9s} {'confident':>9s} {'top-5 ovl':>9s}")
+            f"{'top-1 agr':>9s} {'confident':>9s} {'top-5 ovl':>9s} {'accuracy':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:18s} {r['variant']:9s} {r['img_s_b1']:9.1f} {r['img_s_b8']:9.1f} "
                      f"{r['x_fp32_b1']:9.2f} {r['x_fp32_b8']:9.2f} {r['top1_agreement']:9.2%} "
-                     f"{r['confident_agreement']:9.2%} {r['top5_overlap']:9.2%}")
+                     f"{r['confident_agreement']:9.2%} {r['top5_overlap']:9.2%} "
+                     + (f"{r['accuracy']:9.2%}" if r["accuracy"] is not None else f"{'-':>9s}"))
     return "\n".join(lines)
 
 
@@ -149,6 +156,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
     p.add_argument("--resnet50", default="artifacts/resnet50_random", help="(default: %(default)s)")
     p.add_argument("--no-resnet50", action="store_true")
+    p.add_argument("--digits", default="artifacts/digits",
+                   help="a model trained on the digits (make train-demo); included with true accuracy when it "
+                        "and --digits-data exist (default: %(default)s)")
+    p.add_argument("--digits-data", default="data/digits", help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="(default: %(default)s)")
     p.add_argument("--seconds", type=float, default=2.0, help="per round and variant (default: %(default)s)")
@@ -161,11 +172,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[dict]:
     if args.quick:
         args.rounds, args.seconds, args.views = 2, 1.0, 10
-    models = [("efficientnet_lite0", Path(args.artifacts))]
+    models = [("efficientnet_lite0", Path(args.artifacts), None)]
     if not args.no_resnet50:
-        models.append(("resnet50 (random)", ensure_resnet50(Path(args.resnet50))))
-    rows = [row for name, path in models
-            for row in bench_model(name, path, args.threads, args.rounds, args.seconds, args.views)]
+        models.append(("resnet50 (random)", ensure_resnet50(Path(args.resnet50)), None))
+    if (Path(args.digits) / "model.onnx").exists() and (Path(args.digits_data) / "val").is_dir():
+        models.append(("digits (trained)", Path(args.digits), Path(args.digits_data)))
+    else:
+        print(f"no {args.digits}/model.onnx or {args.digits_data}/val: `make train-demo` adds the digits model "
+              "(true accuracy on real labels)")
+    rows = [row for name, path, data in models
+            for row in bench_model(name, path, args.threads, args.rounds, args.seconds, args.views, data)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "precision.csv", "w", newline="") as f:

@@ -20,8 +20,11 @@ ENSEMBLE_GRPC = "Triton ensemble gRPC (perf_analyzer)"
 ENSEMBLE_HTTP = "Triton ensemble HTTP (perf_analyzer)"
 LOCUST_GRPC = "Triton ensemble gRPC (Locust)"
 LOCUST_HTTP = "Triton ensemble HTTP (Locust)"
+FUSED_GRPC = "Triton fused pipeline gRPC (perf_analyzer)"
+FUSED_HTTP = "Triton fused pipeline HTTP (Locust)"
 FASTAPI = "FastAPI + ONNX Runtime (Locust)"
-SYSTEMS = (INPROCESS, PREPROCESS, CLASSIFIER, ENSEMBLE_GRPC, ENSEMBLE_HTTP, LOCUST_GRPC, LOCUST_HTTP, FASTAPI)
+SYSTEMS = (INPROCESS, PREPROCESS, CLASSIFIER, ENSEMBLE_GRPC, ENSEMBLE_HTTP, LOCUST_GRPC, LOCUST_HTTP, FUSED_GRPC,
+           FUSED_HTTP, FASTAPI)
 
 
 @dataclasses.dataclass
@@ -121,16 +124,24 @@ def ratios(points: list[Point], cores: int = 2) -> list[Ratio]:
                          f"({' + '.join(f'{m.cpu_ms_per_image:.1f}' for m in members)}) / {ens.cpu_ms_per_image:.1f} "
                          f"ms; the members share the cores in the ensemble, so on {cores} free cores it can reach "
                          f"at most {1000.0 * cores / cost:.0f} img/s"))
+    fused = best(points, FUSED_GRPC)
+    if fused and bound:
+        out.append(Ratio("Triton fused pipeline / in-process bound", fused.throughput / bound.throughput, 0.9,
+                         f"{fused.throughput:.1f} img/s (c={fused.concurrency}) / {bound.throughput:.1f} img/s"))
+    if fused and ens:
+        out.append(Ratio("fused pipeline / ensemble", fused.throughput / ens.throughput, None,
+                         f"{fused.throughput:.1f} / {ens.throughput:.1f} img/s, both gRPC perf_analyzer"))
     fastapi = best(points, FASTAPI)
-    for system in (LOCUST_HTTP, LOCUST_GRPC):
-        name = f"Triton / FastAPI ({'HTTP' if system == LOCUST_HTTP else 'gRPC'}, p99 <= FastAPI's)"
+    labels = {LOCUST_HTTP: "HTTP", LOCUST_GRPC: "gRPC", FUSED_HTTP: "fused pipeline, HTTP"}
+    for system in (LOCUST_HTTP, LOCUST_GRPC, FUSED_HTTP):
+        name = f"Triton / FastAPI ({labels[system]}, p99 <= FastAPI's)"
         triton = best(points, system, max_p99_ms=fastapi.p99_ms) if fastapi else None
         if fastapi and triton:
-            out.append(Ratio(name, triton.throughput / fastapi.throughput, 1.5 if system == LOCUST_HTTP else None,
+            out.append(Ratio(name, triton.throughput / fastapi.throughput, 1.5 if system != LOCUST_GRPC else None,
                              f"{triton.throughput:.1f} img/s p99 {triton.p99_ms:.0f} ms (u={triton.concurrency}) / "
                              f"{fastapi.throughput:.1f} img/s p99 {fastapi.p99_ms:.0f} ms (u={fastapi.concurrency})"))
         elif fastapi and any(p.system == system for p in points):
-            out.append(Ratio(name, 0.0, 1.5 if system == LOCUST_HTTP else None,
+            out.append(Ratio(name, 0.0, 1.5 if system != LOCUST_GRPC else None,
                              f"no Triton point has p99 <= FastAPI's {fastapi.p99_ms:.0f} ms"))
     return out
 

@@ -101,3 +101,30 @@ def test_distillation_reports_student_with_and_without_teacher(demo_run, small_d
     for key in ("student_alone_val_top1", "student_distilled_val_top1"):
         assert 0.0 <= saved[key] <= 1.0
     assert (tmp_path / "student_distilled" / "best.pt").is_file() and (tmp_path / "student_alone" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_int8_true_accuracy_on_held_out_digits(demo_run):
+    """Real labels: FP32 vs INT8 (CPU U8S8 and TensorRT's Q/DQ form) top-1 accuracy on the 359
+    held-out digits, calibrated on training digits only (one cache for both INT8 models)."""
+    from build import calibrate, quantize, validate
+    from build.imagesets import folder_images
+
+    work, _ = demo_run
+    artifacts, data = work / "artifacts", work / "data"
+    config = calibrate.PreprocessConfig.load(artifacts / "preprocess.json")
+    result = calibrate.calibrate(artifacts / "model.onnx", artifacts / "calibration", "max",
+                                 folder_images(data / "train", config, limit=256), config)
+    for target in quantize.TARGETS:
+        quantize.quantize(artifacts / "model.onnx", result, target, artifacts / quantize.output_name(target))
+    held_out = folder_images(data / "val", config)
+    labels = validate.folder_labels(held_out, data / "val", artifacts / "labels.txt")
+    assert labels is not None and len(labels) == 359
+    reports = {r.name: r for r in validate.validate(artifacts, ["int8-cpu", "int8-trt"], held_out, config,
+                                                      validate.THRESHOLDS, labels)}
+    print("\n" + validate.format_table(list(reports.values())))
+    fp32 = reports["fp32"].accuracy
+    assert fp32 >= MIN_SERVED_TOP1
+    for name in ("int8-cpu", "int8-trt"):
+        assert reports[name].accuracy >= fp32 - 0.02, (name, reports[name].accuracy, fp32)
+        assert reports[name].top1_agreement >= 0.95, (name, reports[name].top1_agreement)
