@@ -24,8 +24,9 @@ from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, write
 from benchmarks.workload import ENCODINGS, load_photos
 from build.spec import DEFAULT_SPEC_PATH, DeploymentSpec
 
-# knob -> values tried; a knob is "<stage>.<field>"
+# knob -> values tried; a knob is "<stage>.<field>" or a top-level field of the spec
 FULL_GRID = {
+    "pipeline": ["ensemble", "fused"],
     "preprocess.instances": [1, 2, 3],
     "classifier.instances": [1, 2],
     "classifier.threads": [1, 2],
@@ -35,6 +36,7 @@ FULL_GRID = {
     "preprocess.max_queue_delay_us": [0, 2000],
 }
 QUICK_GRID = {
+    "pipeline": ["ensemble", "fused"],
     "preprocess.instances": [1, 2],
     "classifier.instances": [1, 2],
     "classifier.max_queue_delay_us": [0, 2000],
@@ -54,14 +56,14 @@ class Trial:
 
 
 def knob_value(spec: DeploymentSpec, knob: str):
-    stage, field = knob.split(".")
-    return getattr(getattr(spec, stage), field)
+    owner, _, field = knob.rpartition(".")
+    return getattr(getattr(spec, owner) if owner else spec, field)
 
 
 def with_knob(spec: DeploymentSpec, knob: str, value) -> DeploymentSpec:
-    stage, field = knob.split(".")
+    owner, _, field = knob.rpartition(".")
     new = copy.deepcopy(spec)
-    setattr(getattr(new, stage), field, copy.deepcopy(value))
+    setattr(getattr(new, owner) if owner else new, field, copy.deepcopy(value))
     new.check()
     return new
 
@@ -160,7 +162,9 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     inputs = write_input_data(list(load_photos(args.photos).values()), out / "ensemble.input.json", "IMAGE")
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = dict(QUICK_GRID if args.quick else FULL_GRID)
+    if backend != "python-onnxruntime":  # the fused pipeline exists for the python classifier only
+        grid.pop("pipeline")
     print(f"tune: ensemble over gRPC at concurrency {args.concurrency}, p99 budget {args.p99_budget_ms} ms, "
           f"backend {backend}, knobs {list(grid)}", flush=True)
     measure = lambda s: measure_spec(s, backend, out / "model_repository", tool, inputs,  # noqa: E731

@@ -83,6 +83,11 @@ class DecodeLimits:
     max_pixels: int = 50_000_000  # declared width x height (decompression-bomb guard)
     min_side: int = 16
 
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "DecodeLimits":
+        """From a Triton model config's string parameters (max_image_bytes, max_image_pixels, min_image_side)."""
+        return cls(int(params["max_image_bytes"]), int(params["max_image_pixels"]), int(params["min_image_side"]))
+
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> Image.Image:
     """Encoded bytes (JPEG, PNG, WebP, BMP, GIF, TIFF, ...) -> upright RGB image.

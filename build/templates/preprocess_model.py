@@ -26,11 +26,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = os.path.join(args["model_repository"], args["model_version"])
         self.config = PreprocessConfig.load(os.path.join(here, "preprocess.json"))
-        self.limits = DecodeLimits(
-            max_bytes=int(params["max_image_bytes"]),
-            max_pixels=int(params["max_image_pixels"]),
-            min_side=int(params["min_image_side"]),
-        )
+        self.limits = DecodeLimits.from_parameters(params)
         threads = int(params.get("threads", "1"))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
