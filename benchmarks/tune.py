@@ -27,6 +27,8 @@ from build.spec import DEFAULT_SPEC_PATH, DeploymentSpec
 # knob -> values tried; a knob is "<stage>.<field>" or a top-level field of the spec
 FULL_GRID = {
     "pipeline": ["ensemble", "fused"],
+    "fused.instances": [1, 2, 3],
+    "fused.threads": [1, 2],
     "preprocess.instances": [1, 2, 3],
     "classifier.instances": [1, 2],
     "classifier.threads": [1, 2],
@@ -37,6 +39,7 @@ FULL_GRID = {
 }
 QUICK_GRID = {
     "pipeline": ["ensemble", "fused"],
+    "fused.instances": [2, 3],
     "preprocess.instances": [1, 2],
     "classifier.instances": [1, 2],
     "classifier.max_queue_delay_us": [0, 2000],
@@ -164,7 +167,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     inputs = write_input_data(list(load_photos(args.photos).values()), out / "ensemble.input.json", "IMAGE")
     grid = dict(QUICK_GRID if args.quick else FULL_GRID)
     if backend != "python-onnxruntime":  # the fused pipeline exists for the python classifier only
-        grid.pop("pipeline")
+        grid = {k: v for k, v in grid.items() if k != "pipeline" and not k.startswith("fused.")}
     print(f"tune: ensemble over gRPC at concurrency {args.concurrency}, p99 budget {args.p99_budget_ms} ms, "
           f"backend {backend}, knobs {list(grid)}", flush=True)
     measure = lambda s: measure_spec(s, backend, out / "model_repository", tool, inputs,  # noqa: E731

@@ -100,9 +100,9 @@ def fused_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
         + f'name: "{spec.classifier_name}"\nbackend: "python"\nmax_batch_size: {spec.max_batch_size}\n'
         + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
         + _io("output", outputs)
-        + _batching(spec.classifier, "KIND_CPU")
-        + _parameters({"onnx_file": "model.onnx", "threads": spec.preprocess.threads,
-                       "intra_op_threads": spec.classifier.threads, "allow_spinning": 0,
+        + _batching(spec.fused, "KIND_CPU")
+        + _parameters({"onnx_file": "model.onnx", "threads": 1, "intra_op_threads": spec.fused.threads,
+                       "allow_spinning": 0,
                        "precision": spec.precision, **_limits(spec)})
     )
 

@@ -59,12 +59,16 @@ class DeploymentSpec:
     pipeline: str = "ensemble"
     precision: str = "fp32"
     max_batch_size: int = 32
-    default_top_k: int = 5
     preprocess: StageSpec = dataclasses.field(
         default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[4, 8], threads=1)
     )
     classifier: StageSpec = dataclasses.field(
         default_factory=lambda: StageSpec(instances=1, preferred_batch_sizes=[8, 16], threads=2)
+    )
+    # The one model of the fused pipeline: decode inline, `threads` ONNX Runtime threads per instance.
+    # Two single-threaded instances keep both cores busy (measured: README, Benchmarks).
+    fused: StageSpec = dataclasses.field(
+        default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[4, 8], threads=1)
     )
     limits: LimitsSpec = dataclasses.field(default_factory=LimitsSpec)
 
@@ -73,6 +77,8 @@ class DeploymentSpec:
             self.preprocess = StageSpec(**self.preprocess)
         if isinstance(self.classifier, dict):
             self.classifier = StageSpec(**self.classifier)
+        if isinstance(self.fused, dict):
+            self.fused = StageSpec(**self.fused)
         if isinstance(self.limits, dict):
             self.limits = LimitsSpec(**self.limits)
         self.check()
@@ -91,6 +97,7 @@ class DeploymentSpec:
             raise ValueError(f"model names must differ, got {names}")
         self.preprocess.check("preprocess", self.max_batch_size)
         self.classifier.check("classifier", self.max_batch_size)
+        self.fused.check("fused", self.max_batch_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -126,6 +126,8 @@ def test_fused_pipeline_is_one_step_with_preprocessing_inside(tmp_path, tiny_art
     assert [i.name for i in fused.input] == ["IMAGE"] and fused.input[0].data_type == DT.TYPE_STRING
     assert {"probabilities", "logits"} == {o.name for o in fused.output}
     assert fused.parameters["min_image_side"].string_value == str(spec.limits.min_image_side)
+    assert fused.instance_group[0].count == spec.fused.instances == 2
+    assert fused.parameters["intra_op_threads"].string_value == str(spec.fused.threads)
     out = tmp_path / "repo"
     manifest = write_repository(spec, "python-onnxruntime", out, "test")
     assert manifest["models"] == ["classifier", "image_classifier"] and not (out / "preprocess").exists()
