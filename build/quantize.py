@@ -21,6 +21,8 @@ can only be checked where TensorRT runs (see README, "INT8 and FP16").
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import tempfile
 from pathlib import Path
 
@@ -57,6 +59,17 @@ def _ranges(calibration: Calibration, target: str) -> TensorsData:
     return TensorsData(CalibrationMethod.MinMax, data)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """quantize_static warns on the root logger to run its optional pre-processing on every call."""
+    level = logging.root.level
+    logging.root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)
+
+
 def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
              exclude_nodes: list[str] | None = None, cpu_format: str = "qoperator") -> Path:
     """Write the INT8 model for `target` ('trt': Q/DQ; 'cpu': `cpu_format`) from the cache's ranges only."""
@@ -68,19 +81,20 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
     with tempfile.TemporaryDirectory(prefix="ranges.") as tmp:
         ranges = Path(tmp) / "ranges.json"
         save_tensors_data(_ranges(calibration, target), ranges)
-        quantize_static(
-            str(model_path), str(out), calibration_data_reader=None,
-            quant_format=QuantFormat.QDQ if symmetric else CPU_FORMATS[cpu_format],
-            op_types_to_quantize=TRT_OP_TYPES if symmetric else CPU_OP_TYPES,
-            per_channel=True, reduce_range=False,
-            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude_nodes or [],
-            calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=str(ranges),
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                           "OpTypesToExcludeOutputQuantization": TRT_OP_TYPES if symmetric else CPU_FLOAT_OUTPUTS},
-        )
+        with _quiet_root_logger():
+            quantize_static(
+                str(model_path), str(out), calibration_data_reader=None,
+                quant_format=QuantFormat.QDQ if symmetric else CPU_FORMATS[cpu_format],
+                op_types_to_quantize=TRT_OP_TYPES if symmetric else CPU_OP_TYPES,
+                per_channel=True, reduce_range=False,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude_nodes or [],
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(ranges),
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                               "OpTypesToExcludeOutputQuantization": TRT_OP_TYPES if symmetric else CPU_FLOAT_OUTPUTS},
+            )
     return out
 
 
