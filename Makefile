@@ -67,7 +67,8 @@ demo: engines ## end to end on CPU: serve the repository and classify the bundle
 classify: ## classify IMAGES="a.jpg b.png" with the server started by `make serve`
 	$(PY) -m clients.classify $(IMAGES) --url $(ADDRESS):$(HTTP_PORT)
 
-test: $(STAMP) ## run the test suite
+test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env first, best effort)
+	@$(MAKE) --no-print-directory perf-setup || echo "make test: perf_analyzer could not be set up; its tests will skip and say why"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests not marked slow
