@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 
+import common.labels as labels_file
 import common.preprocessing as preprocessing_module
 from build import configs
 from build.spec import DeploymentSpec
@@ -40,10 +41,10 @@ def sha256(path: Path) -> str:
 
 
 def read_labels(path: Path) -> list[str]:
-    labels = path.read_text().splitlines()
-    if not labels or any(not label.strip() for label in labels):
-        raise ArtifactsError(f"{path}: expected one non-empty label per line")
-    return labels
+    try:
+        return labels_file.read_labels(path)
+    except ValueError as exc:
+        raise ArtifactsError(str(exc)) from None
 
 
 def model_shape(artifacts: Path) -> configs.ModelShape:

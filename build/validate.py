@@ -23,6 +23,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.comparator import Comparator
 
 from build.imagesets import ImageSet, held_out_set
+from common.labels import read_labels
 from common.preprocessing import PreprocessConfig
 
 PROBABILITIES = "probabilities"
@@ -165,7 +166,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def folder_labels(images: ImageSet, folder: Path, labels_file: Path) -> np.ndarray | None:
     """Class indices from `<folder>/<class>/<image>` paths when every class folder names a label."""
-    names = labels_file.read_text().splitlines()
+    names = read_labels(labels_file)
     classes = [Path(p).relative_to(folder).parts[0] if len(Path(p).relative_to(folder).parts) > 1 else None
                for p in images.names]
     if any(c not in names for c in classes):

@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> dict:
         infer, source, home = _torch_runner(checkpoint, args.weights), checkpoint["path"], Path(checkpoint["path"]).parent
         val_files = checkpoint.get("data", {}).get("val_files")
     else:
-        from training.export import read_labels
+        from common.labels import read_labels
 
         home = Path(args.artifacts)
         classes, preprocess = read_labels(home / "labels.txt"), PreprocessConfig.load(home / "preprocess.json")

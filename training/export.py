@@ -34,6 +34,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from common.labels import read_labels
 from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, PreprocessConfig, load_files
 from common.samples import sample_photos
 from training import models
@@ -590,13 +591,6 @@ def import_onnx(
         return _finish(tmp_model, out_dir, labels, preprocess, reference, metadata)
     finally:
         tmp_model.unlink(missing_ok=True)
-
-
-def read_labels(path: str | Path) -> list[str]:
-    labels = Path(path).read_text().splitlines()
-    while labels and not labels[-1].strip():
-        labels.pop()
-    return labels
 
 
 # --- command line ------------------------------------------------------------------------------
