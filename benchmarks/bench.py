@@ -1,17 +1,21 @@
 """`make bench`: Triton, its members, FastAPI and the in-process bound, side by side in one run.
 
-    python -m benchmarks.bench                 # about 6 minutes on 2 cores: concurrency 1 2 4 8
-    python -m benchmarks.bench --quick         # about 1.5 minutes: concurrency 2 8, short windows
+    python -m benchmarks.bench                 # about 8 minutes on 2 cores: concurrency 1 2 4 8
+    python -m benchmarks.bench --quick         # about 2 minutes: concurrency 2 8, short windows
     python -m benchmarks.bench --skip fastapi --concurrency 8
 
 In order, on the same cores, one system at a time:
-  1. in-process bound (benchmarks.inprocess): preprocessing + ONNX Runtime pipelined in this process;
-  2. one tritonserver on --model-repository: perf_analyzer (gRPC) on the ensemble with real photos,
-     on `preprocess` alone (real photos) and `classifier` alone (synthetic tensors), the ensemble over
-     HTTP; then Locust gRPC and HTTP users (benchmarks/locustfile.py);
-  3. the fused pipeline (preprocessing + ONNX Runtime in one python model, same ensemble API): the same
-     spec rebuilt with "pipeline": "fused", perf_analyzer gRPC and Locust HTTP;
+  1. in-process bound (benchmarks.inprocess): preprocessing + ONNX Runtime in this process, both cores
+     busy, the best of three thread layouts at each batch size;
+  2. the two-model ensemble (preprocess -> classifier) in one tritonserver: perf_analyzer (gRPC) on the
+     ensemble with real photos, on `preprocess` alone (real photos) and `classifier` alone (synthetic
+     tensors), the ensemble over HTTP; then Locust gRPC and HTTP users (benchmarks/locustfile.py);
+  3. the fused pipeline (preprocessing + ONNX Runtime in one python model, same ensemble API):
+     perf_analyzer gRPC on the ensemble and on the fused model alone, Locust HTTP;
   4. the FastAPI + ONNX Runtime service (benchmarks/fastapi_service.py), same Locust script.
+Both pipelines come from the repository's spec: the one `make engines` built is served as it is, the
+other is rebuilt from the same spec with the other "pipeline". Every served model gets a short,
+unreported warm-up before its first point.
 Each point records throughput, p50/p90/p99, CPU% and peak RSS of the serving process tree and the
 load generator's CPU%; the ensemble's points also record Triton's per-model queue/compute times.
 Writes bench.{md,csv,json,png} to --out and prints the table, the ratios against the goals and, for
@@ -34,9 +38,9 @@ from benchmarks.procstats import ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
 
 STEPS = ("inprocess", "perf", "locust", "fused", "fastapi")
-FULL = dict(concurrency=[1, 2, 4, 8], measurement_ms=2000, locust_run_time=12, inprocess_batch=[1, 4, 8, 16],
-            inprocess_images=300)
-QUICK = dict(concurrency=[2, 8], measurement_ms=1000, locust_run_time=6, inprocess_batch=[1, 8], inprocess_images=120)
+FULL = dict(concurrency=[1, 2, 4, 8], measurement_ms=2000, locust_run_time=12, inprocess_batch=[1, 2, 4, 8],
+            inprocess_images=600)
+QUICK = dict(concurrency=[2, 8], measurement_ms=1000, locust_run_time=6, inprocess_batch=[1, 2], inprocess_images=200)
 
 
 def _children_cpu_s() -> float:
@@ -87,17 +91,20 @@ def bench_inprocess(artifacts: Path, photos: list[bytes], batches: list[int], im
     return points
 
 
-def bench_perf(server, tool, photos: list[bytes], concurrency: list[int], measurement_ms: int, out: Path,
-               stages: dict) -> list[report.Point]:
+def bench_perf(server, tool, runs: list[tuple[str, str, str, Path | None]], concurrency: list[int],
+               measurement_ms: int, out: Path, stages: dict) -> list[report.Point]:
+    """perf_analyzer rows: `runs` is (system, model, protocol, --input-data file or None for synthetic
+    tensors). Each model is warmed up once, unreported, before its first measured point."""
     from benchmarks import perf, serverstats
 
-    runs = [(report.ENSEMBLE_GRPC, "image_classifier", "grpc"), (report.PREPROCESS, "preprocess", "grpc"),
-            (report.CLASSIFIER, "classifier", "grpc"), (report.ENSEMBLE_HTTP, "image_classifier", "http")]
     points = []
-    for system, model, protocol in runs:
-        inputs = perf.model_inputs(model, photos, out)
+    for system, model, protocol, inputs in runs:
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        try:
+            tool.warm_up(model, url, protocol, max(concurrency), out / f"{model}_{protocol}_warmup.csv", inputs)
+        except perf.PerfAnalyzerError as exc:
+            print(f"  {system}: warm-up failed, {str(exc).splitlines()[0]}", flush=True)
         for c in concurrency:
-            url = server.grpc_url if protocol == "grpc" else server.http_url
             fields: dict = {}
             before, t0 = serverstats.snapshot(server.grpc_url), time.monotonic()
             try:
@@ -132,28 +139,34 @@ def bench_locust(pid: int, user_class: str, system: str, host: str, concurrency:
     return points
 
 
-def fused_repository(build: dict, out: Path) -> Path | None:
-    """The repository's spec rebuilt as the fused pipeline, or None where that does not apply."""
+def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]:
+    """{"ensemble": path, "fused": path}: the repository as built, plus its spec rebuilt with the other
+    pipeline (into `out`), so both are measured whichever one `make engines` built. "fused" is left
+    out where it does not apply (a classifier backend other than python-onnxruntime)."""
     from build.repository import write_repository
     from build.spec import DeploymentSpec
 
     spec = DeploymentSpec.from_dict(build["spec"])
-    if spec.pipeline == "fused" or build["backend"] != "python-onnxruntime":
-        return None
-    write_repository(spec.replace(pipeline="fused"), "python-onnxruntime", out, "benchmarks.bench",
+    built = spec.pipeline
+    repos = {built: repo}
+    other = "ensemble" if built == "fused" else "fused"
+    if other == "fused" and build["backend"] != "python-onnxruntime":
+        return repos
+    repos[other] = out / f"{other}_repository"
+    write_repository(spec.replace(pipeline=other), build["backend"], repos[other], "benchmarks.bench",
                      model_file=Path(build["classifier_model"]["source"]))
-    return out
+    return repos
 
 
-def limiting_stage_text(stages: dict, instances: dict[str, int]) -> str:
+def limiting_stage_text(stages: dict, system: str, instances: dict[str, int]) -> str:
     from benchmarks.serverstats import StageStats, limiting_stage
 
-    runs = stages.get(report.ENSEMBLE_GRPC, {})
+    runs = stages.get(system, {})
     if not runs:
         return ""
     top = max(runs, key=int)
     rows = [StageStats(**s) for s in runs[top]]
-    lines = [f"Triton stages, ensemble over gRPC at concurrency {top} (statistics extension):"]
+    lines = [f"Triton stages, {system} at concurrency {top} (statistics extension):"]
     lines += ["  " + r.line(with_busy=r.model in instances) for r in rows]
     limit = limiting_stage(rows, instances)
     if limit:
@@ -191,8 +204,8 @@ def main(args: argparse.Namespace) -> dict:
     if not (repo / "BUILD.json").is_file():
         raise FileNotFoundError(f"{repo}/BUILD.json not found: build the repository first (make engines)")
     build = json.loads((repo / "BUILD.json").read_text())
-    artifacts = Path(args.artifacts or build["spec"]["artifacts"])
-    instances = {build["spec"][f"{s}_name"]: build["spec"][s]["instances"] for s in ("preprocess", "classifier")}
+    spec = build["spec"]
+    artifacts = Path(args.artifacts or spec["artifacts"])
     photos = list(load_photos(args.photos).values())
     out.mkdir(parents=True, exist_ok=True)
     started, load = time.monotonic(), os.getloadavg()[0]
@@ -207,48 +220,53 @@ def main(args: argparse.Namespace) -> dict:
             why_no_perf = str(exc)
             print(f"bench: skipping perf_analyzer rows: {exc}")
 
+    repos = pipeline_repositories(repo, build, out)
+    if "fused" in args.skip:
+        repos.pop("fused", None)
+    ensemble, classifier = spec["ensemble_name"], spec["classifier_name"]
+    image_inputs = perf.model_inputs("image_classifier", photos, out / "perf")  # IMAGE: the real photos
+    perf_runs = {
+        "ensemble": [(report.ENSEMBLE_GRPC, ensemble, "grpc", image_inputs),
+                     (report.PREPROCESS, spec["preprocess_name"], "grpc", image_inputs),
+                     (report.CLASSIFIER, classifier, "grpc", None),  # synthetic float tensors
+                     (report.ENSEMBLE_HTTP, ensemble, "http", image_inputs)],
+        "fused": [(report.FUSED_GRPC, ensemble, "grpc", image_inputs),
+                  (report.FUSED_ALONE, classifier, "grpc", image_inputs)],
+    }
+    locust_runs = {"ensemble": [("TritonGrpcUser", report.LOCUST_GRPC, "grpc"),
+                                ("TritonHttpUser", report.LOCUST_HTTP, "http")],
+                   "fused": [("TritonHttpUser", report.FUSED_HTTP, "http")]}
+    instances = {"ensemble": {spec["preprocess_name"]: spec["preprocess"]["instances"],
+                              classifier: spec["classifier"]["instances"]},
+                 "fused": {classifier: spec["fused"]["instances"]}}
+
     points, stages = [], {}
     if "inprocess" not in args.skip:
         points += bench_inprocess(artifacts, photos, plan["inprocess_batch"], plan["inprocess_images"])
-    if tool or "locust" not in args.skip:
-        with TritonServer(repo, Ports.free(), log_file=out / "tritonserver.log") as server:
+    for pipeline, path in repos.items():
+        if not tool and "locust" in args.skip:
+            break
+        print(f"bench: {pipeline} pipeline ({path})", flush=True)
+        with TritonServer(path, Ports.free(), log_file=out / f"tritonserver-{pipeline}.log") as server:
             if tool:
-                points += bench_perf(server, tool, photos, plan["concurrency"], plan["measurement_ms"],
-                                     out / "perf", stages)
+                points += bench_perf(server, tool, perf_runs[pipeline], plan["concurrency"], plan["measurement_ms"],
+                                     out / "perf" / pipeline, stages)
             if "locust" not in args.skip:
-                for user_class, system, host in (("TritonGrpcUser", report.LOCUST_GRPC, server.grpc_url),
-                                                 ("TritonHttpUser", report.LOCUST_HTTP, server.http_url)):
+                for user_class, system, protocol in locust_runs[pipeline]:
+                    host = server.grpc_url if protocol == "grpc" else server.http_url
                     points += bench_locust(server.process.pid, user_class, system, host, plan["concurrency"],
                                            plan["locust_run_time"], args.photos, out / "locust")
-    fused = fused_repository(build, out / "fused_repository") if "fused" not in args.skip else None
-    if fused:
-        with TritonServer(fused, Ports.free(), log_file=out / "tritonserver-fused.log") as server:
-            if tool:
-                inputs = perf.model_inputs("image_classifier", photos, out / "perf")
-                for c in plan["concurrency"]:
-                    fields: dict = {}
-                    try:
-                        with measured(server.process.pid, fields):
-                            r = tool.measure("image_classifier", server.grpc_url, "grpc", c,
-                                             out / "perf" / f"fused_grpc_c{c}.csv", inputs, plan["measurement_ms"])
-                    except PerfAnalyzerError as exc:
-                        print(f"  {report.FUSED_GRPC}, c={c}: skipped, {str(exc).splitlines()[0]}", flush=True)
-                        continue
-                    points.append(report.Point(report.FUSED_GRPC, c, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms,
-                                               **fields))
-                    print(f"  {report.FUSED_GRPC}, c={c}: {r.throughput:.1f} img/s, p99 {r.p99_ms:.1f} ms", flush=True)
-            if "locust" not in args.skip:
-                points += bench_locust(server.process.pid, "TritonHttpUser", report.FUSED_HTTP, server.http_url,
-                                       plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust")
     if "fastapi" not in args.skip:
         with FastAPIService(artifacts, free_port(), log_file=out / "fastapi.log") as service:
             points += bench_locust(service.process.pid, "FastAPIUser", report.FASTAPI, service.url,
                                    plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust")
 
-    stage_text = limiting_stage_text(stages, instances)
+    stage_text = "".join(limiting_stage_text(stages, system, instances[pipeline])
+                         for system, pipeline in ((report.ENSEMBLE_GRPC, "ensemble"), (report.FUSED_GRPC, "fused")))
     extra = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "plan": plan, "photos": args.photos, "load_average_at_start": load, "cpu_count": os.cpu_count(),
-             "model_repository": str(repo), "spec": build["spec"], "stages": stages,
+             "model_repository": str(repo), "repositories": {k: str(v) for k, v in repos.items()},
+             "spec": spec, "stages": stages,
              "perf_analyzer": "used" if tool else why_no_perf or "skipped",
              "seconds": round(time.monotonic() - started, 1)}
     files = report.write(points, out, extra, cores=os.cpu_count() or 1)

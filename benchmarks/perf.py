@@ -135,6 +135,14 @@ class PerfAnalyzer:
         return rows[0]
 
 
+    def warm_up(self, model: str, url: str, protocol: str, concurrency: int, csv_path: str | Path,
+                input_data: Path | None = None) -> None:
+        """A short unreported run: the first requests after loading (ONNX Runtime's first runs at each
+        batch shape, memory arenas growing) are slower and would bias the first measured point."""
+        self.measure(model, url, protocol, concurrency, csv_path, input_data, measurement_ms=500, max_trials=3,
+                     stability=1000)
+
+
 def parse_csv(path: str | Path, model: str, protocol: str) -> list[PerfResult]:
     """perf_analyzer's `-f` CSV (latencies in microseconds) -> PerfResult rows."""
     rows = []

@@ -21,10 +21,11 @@ ENSEMBLE_HTTP = "Triton ensemble HTTP (perf_analyzer)"
 LOCUST_GRPC = "Triton ensemble gRPC (Locust)"
 LOCUST_HTTP = "Triton ensemble HTTP (Locust)"
 FUSED_GRPC = "Triton fused pipeline gRPC (perf_analyzer)"
+FUSED_ALONE = "fused model alone (gRPC, perf_analyzer)"
 FUSED_HTTP = "Triton fused pipeline HTTP (Locust)"
 FASTAPI = "FastAPI + ONNX Runtime (Locust)"
-SYSTEMS = (INPROCESS, PREPROCESS, CLASSIFIER, ENSEMBLE_GRPC, ENSEMBLE_HTTP, LOCUST_GRPC, LOCUST_HTTP, FUSED_GRPC,
-           FUSED_HTTP, FASTAPI)
+SYSTEMS = (INPROCESS, PREPROCESS, CLASSIFIER, ENSEMBLE_GRPC, ENSEMBLE_HTTP, LOCUST_GRPC, LOCUST_HTTP, FUSED_ALONE,
+           FUSED_GRPC, FUSED_HTTP, FASTAPI)
 
 
 @dataclasses.dataclass
@@ -109,8 +110,13 @@ def ratios(points: list[Point], cores: int = 2) -> list[Ratio]:
     members = [m for m in (best(points, PREPROCESS), best(points, CLASSIFIER)) if m]
     if ens and len(members) == 2:
         slowest = min(members, key=lambda m: m.throughput)
-        out.append(Ratio("ensemble / slowest member", ens.throughput / slowest.throughput, 0.9,
-                         f"{ens.throughput:.1f} / {slowest.throughput:.1f} img/s ({slowest.system.split(' (')[0]})"))
+        detail = f"{ens.throughput:.1f} / {slowest.throughput:.1f} img/s ({slowest.system.split(' (')[0]})"
+        if all(m.cpu_ms_per_image for m in members):
+            ceiling = 1000.0 * cores / sum(m.cpu_ms_per_image for m in members)
+            if ceiling < 0.9 * slowest.throughput:
+                detail += (f"; out of reach on {cores} cores: the members' CPU time per image adds up to a "
+                           f"ceiling of {ceiling:.0f} img/s = {ceiling / slowest.throughput:.2f} of the slowest")
+        out.append(Ratio("ensemble / slowest member", ens.throughput / slowest.throughput, 0.9, detail))
     else:
         out.append(Ratio("ensemble / slowest member", None, 0.9, "needs perf_analyzer rows"))
     if ens and bound and ens.cpu_ms_per_image and bound.cpu_ms_per_image:
@@ -124,10 +130,17 @@ def ratios(points: list[Point], cores: int = 2) -> list[Ratio]:
                          f"({' + '.join(f'{m.cpu_ms_per_image:.1f}' for m in members)}) / {ens.cpu_ms_per_image:.1f} "
                          f"ms; the members share the cores in the ensemble, so on {cores} free cores it can reach "
                          f"at most {1000.0 * cores / cost:.0f} img/s"))
-    fused = best(points, FUSED_GRPC)
+    fused, fused_alone = best(points, FUSED_GRPC), best(points, FUSED_ALONE)
     if fused and bound:
         out.append(Ratio("Triton fused pipeline / in-process bound", fused.throughput / bound.throughput, 0.9,
                          f"{fused.throughput:.1f} img/s (c={fused.concurrency}) / {bound.throughput:.1f} img/s"))
+    if fused and fused_alone:
+        out.append(Ratio("fused pipeline / its member alone", fused.throughput / fused_alone.throughput, 0.9,
+                         f"{fused.throughput:.1f} / {fused_alone.throughput:.1f} img/s: what the ensemble step costs"))
+    if fused and bound and fused.cpu_ms_per_image and bound.cpu_ms_per_image:
+        out.append(Ratio("CPU efficiency, in-process / fused pipeline (CPU ms per image)",
+                         bound.cpu_ms_per_image / fused.cpu_ms_per_image, None,
+                         f"{bound.cpu_ms_per_image:.1f} / {fused.cpu_ms_per_image:.1f} ms"))
     if fused and ens:
         out.append(Ratio("fused pipeline / ensemble", fused.throughput / ens.throughput, None,
                          f"{fused.throughput:.1f} / {ens.throughput:.1f} img/s, both gRPC perf_analyzer"))
@@ -137,9 +150,13 @@ def ratios(points: list[Point], cores: int = 2) -> list[Ratio]:
         name = f"Triton / FastAPI ({labels[system]}, p99 <= FastAPI's)"
         triton = best(points, system, max_p99_ms=fastapi.p99_ms) if fastapi else None
         if fastapi and triton:
-            out.append(Ratio(name, triton.throughput / fastapi.throughput, 1.5 if system != LOCUST_GRPC else None,
-                             f"{triton.throughput:.1f} img/s p99 {triton.p99_ms:.0f} ms (u={triton.concurrency}) / "
-                             f"{fastapi.throughput:.1f} img/s p99 {fastapi.p99_ms:.0f} ms (u={fastapi.concurrency})"))
+            goal = 1.5 if system != LOCUST_GRPC else None
+            detail = (f"{triton.throughput:.1f} img/s p99 {triton.p99_ms:.0f} ms (u={triton.concurrency}) / "
+                      f"{fastapi.throughput:.1f} img/s p99 {fastapi.p99_ms:.0f} ms (u={fastapi.concurrency})")
+            if goal and bound and goal * fastapi.throughput > bound.throughput:
+                detail += (f"; out of reach on this machine: {goal} x FastAPI = {goal * fastapi.throughput:.0f} "
+                           f"img/s is more than the in-process bound ({bound.throughput:.0f} img/s) for the same work")
+            out.append(Ratio(name, triton.throughput / fastapi.throughput, goal, detail))
         elif fastapi and any(p.system == system for p in points):
             out.append(Ratio(name, 0.0, 1.5 if system != LOCUST_GRPC else None,
                              f"no Triton point has p99 <= FastAPI's {fastapi.p99_ms:.0f} ms"))

@@ -66,9 +66,11 @@ class DeploymentSpec:
         default_factory=lambda: StageSpec(instances=1, preferred_batch_sizes=[8, 16], threads=2)
     )
     # The one model of the fused pipeline: decode inline, `threads` ONNX Runtime threads per instance.
-    # Two single-threaded instances keep both cores busy (measured: README, Benchmarks).
+    # Two single-threaded instances keep both cores busy; batches of 2, sent at once, keep both
+    # instances fed (a larger preferred size hands one instance the queue while the other idles) and
+    # ONNX Runtime at its lowest CPU time per image (measured: README, Benchmarks; `make tune`).
     fused: StageSpec = dataclasses.field(
-        default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[4, 8], threads=1)
+        default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[2], max_queue_delay_us=0, threads=1)
     )
     limits: LimitsSpec = dataclasses.field(default_factory=LimitsSpec)
 

@@ -11,6 +11,7 @@ antialiased), centre-crop `crop` x `crop`, scale to [0, 1], subtract `mean`, div
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 from pathlib import Path
@@ -177,11 +178,24 @@ def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) or (N, H, W, 3) per `config.layout`."""
     if batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"expected a uint8 batch of shape (N, H, W, 3), got {batch.shape}")
-    scale = np.asarray(config.std, np.float32) * 255.0
-    out = (batch.astype(np.float32) - np.asarray(config.mean, np.float32) * 255.0) / scale
-    if config.layout == "NCHW":
-        out = out.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(out)
+    if batch.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 batch, got {batch.dtype}")
+    table = _normalize_table(config.mean, config.std)
+    n, h, w, _ = batch.shape
+    out = np.empty((n, 3, h, w) if config.layout == "NCHW" else (n, h, w, 3), np.float32)
+    for c in range(3):  # one 256-entry lookup per channel, written straight into its place
+        np.take(table[:, c], batch[..., c], out=out[:, c] if config.layout == "NCHW" else out[..., c])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(256, 3) float32: (v - 255 mean) / (255 std) for every byte value v, computed in float32
+    exactly as the elementwise formula would be, so the lookup is bit-identical to it."""
+    values = np.arange(256, dtype=np.float32)[:, None]
+    table = (values - np.asarray(mean, np.float32) * 255.0) / (np.asarray(std, np.float32) * 255.0)
+    table.setflags(write=False)
+    return table
 
 
 def image_to_uint8(data: bytes, config: PreprocessConfig, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:

@@ -42,3 +42,43 @@ def test_process_monitor_sees_cpu_and_memory():
     with ProcessTreeMonitor(os.getpid(), interval_s=0.05) as monitor:
         sum(i * i for i in range(2_000_000))
     assert monitor.cpu_percent > 10 and monitor.peak_rss_mb > 10
+
+
+def test_fused_ratios_and_goals_out_of_reach():
+    """The fused pipeline gets its own goal lines; a goal above what the in-process bound allows
+    (1.5x a FastAPI that is already near the bound) is said to be out of reach, with the arithmetic."""
+    P = report.Point
+    points = [P(report.INPROCESS, 1, 200.0, 9, 12, 14, server_cpu_percent=190),
+              P(report.PREPROCESS, 8, 400.0, 20, 30, 40, server_cpu_percent=150),
+              P(report.CLASSIFIER, 8, 220.0, 30, 40, 50, server_cpu_percent=170),
+              P(report.ENSEMBLE_GRPC, 8, 150.0, 50, 60, 80, server_cpu_percent=175),
+              P(report.FUSED_ALONE, 8, 190.0, 40, 45, 50, server_cpu_percent=190),
+              P(report.FUSED_GRPC, 8, 185.0, 40, 45, 50, server_cpu_percent=190),
+              P(report.FUSED_HTTP, 4, 170.0, 20, 30, 40),
+              P(report.LOCUST_HTTP, 8, 140.0, 50, 60, 70),
+              P(report.FASTAPI, 8, 160.0, 50, 70, 90)]
+    rs = {r.name: r for r in report.ratios(points, cores=2)}
+    assert abs(rs["Triton fused pipeline / in-process bound"].value - 185 / 200) < 1e-9
+    assert rs["Triton fused pipeline / in-process bound"].verdict == "met"
+    assert abs(rs["fused pipeline / its member alone"].value - 185 / 190) < 1e-9
+    fastapi = rs["Triton / FastAPI (fused pipeline, HTTP, p99 <= FastAPI's)"]
+    assert fastapi.verdict == "MISSED" and "out of reach" in fastapi.detail and "240" in fastapi.detail
+    # members alone: 3.75 + 7.73 ms/img -> at most 174 img/s on 2 cores, below 0.9 x 220
+    member = rs["ensemble / slowest member"]
+    assert member.verdict == "MISSED" and "out of reach on 2 cores" in member.detail
+
+
+def test_bench_builds_the_other_pipeline_from_the_same_spec(tiny_artifacts, tmp_path):
+    from benchmarks.bench import pipeline_repositories
+    from build.repository import write_repository
+    from build.spec import DeploymentSpec
+
+    for built in ("ensemble", "fused"):
+        repo = tmp_path / built / "model_repository"
+        write_repository(DeploymentSpec(artifacts=str(tiny_artifacts), pipeline=built), "python-onnxruntime", repo)
+        build = json.loads((repo / "BUILD.json").read_text())
+        repos = pipeline_repositories(repo, build, tmp_path / built / "out")
+        assert set(repos) == {"ensemble", "fused"} and repos[built] == repo
+        other = repos["fused" if built == "ensemble" else "ensemble"]
+        assert json.loads((other / "BUILD.json").read_text())["spec"]["pipeline"] != built
+        assert (other / "preprocess").is_dir() == (built == "fused")  # only the ensemble has a preprocess model

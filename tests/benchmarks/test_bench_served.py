@@ -114,3 +114,26 @@ def test_tune_tries_candidates_and_writes_the_spec(perf_tool, tiny_artifacts, tm
     from build.spec import DeploymentSpec
 
     assert DeploymentSpec.load(spec_path).to_dict() == best.to_dict()
+
+
+def test_tune_a_pipeline_without_switching_to_it(perf_tool, tiny_artifacts, tmp_path):
+    """--pipeline fused tunes the fused stage on real servers and writes its knobs; the spec keeps
+    serving the ensemble, because `pipeline` itself was not among the knobs searched."""
+    import json
+
+    from benchmarks import tune
+    from build.spec import DeploymentSpec
+
+    spec_path = tmp_path / "deployment.json"
+    DeploymentSpec(artifacts=str(tiny_artifacts)).save(spec_path)
+    args = tune.get_args_parser().parse_args([
+        "--spec", str(spec_path), "--pipeline", "fused", "--knobs", "fused.layout", "--concurrency", "2",
+        "--p99-budget-ms", "10000", "--measurement-ms", "500", "--max-candidates", "2",
+        "--perf-venv", str(PERF_VENV), "--out", str(tmp_path / "tune")])
+    best = tune.main(args)
+    saved = DeploymentSpec.load(spec_path)
+    assert saved.pipeline == "ensemble" and saved.to_dict() == best.to_dict()
+    trials = json.loads((tmp_path / "tune" / "tune.json").read_text())["trials"]
+    assert len(trials) == 2 and all(t["throughput"] > 0 and not t["error"] for t in trials)
+    layouts = [tuple(t["settings"]["fused.layout"]) for t in trials]
+    assert len(set(layouts)) == 2 and (saved.fused.instances, saved.fused.threads) in layouts

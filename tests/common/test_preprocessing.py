@@ -126,3 +126,22 @@ def test_truncated_jpeg_and_size_limit(photo):
 def test_load_batch_names_the_bad_item(photo):
     with pytest.raises(ImageError, match="image 1: empty input"):
         load_batch([encode(photo, "PNG"), b""], CONFIG)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_normalize_table_is_bit_identical_to_the_formula(layout):
+    """normalize() looks values up in a 256-entry table per channel; every byte value in every channel
+    must give exactly the float32 of (v - 255 mean) / (255 std), the formula it replaces."""
+    config = PreprocessConfig(resize=64, crop=16, mean=(0.5, 0.41, 0.3), std=(0.2, 0.27, 0.33), layout=layout)
+    values = np.arange(256, dtype=np.uint8)
+    batch = np.stack([np.roll(values, k).reshape(16, 16) for k in range(3)], axis=-1)[None]  # every v per channel
+    batch = np.concatenate([batch, batch[:, ::-1]])  # a non-trivial second image
+    expected = (batch.astype(np.float32) - np.asarray(config.mean, np.float32) * 255.0) / (
+        np.asarray(config.std, np.float32) * 255.0)
+    if layout == "NCHW":
+        expected = expected.transpose(0, 3, 1, 2)
+    got = normalize(batch, config)
+    assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and got.shape == expected.shape
+    assert np.array_equal(got, expected)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(batch.astype(np.float32), config)
