@@ -176,10 +176,13 @@ def plot(points: list[Point], path: str | Path, title: str = "latency vs through
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharex=True)
-    for system, mine in by_system(points).items():
+    palette = plt.get_cmap("tab20").colors  # 20 colours: more systems than the default cycle's 10
+    for i, (system, mine) in enumerate(by_system(points).items()):
+        style = dict(color="black", linestyle="--", marker="s") if system == INPROCESS else dict(
+            color=palette[(2 * i) % 20 + (2 * i) // 20 % 2], marker="o^vD"[i % 4])
         for ax, key in zip(axes, ("p50_ms", "p99_ms")):
             xs, ys = [p.throughput for p in mine], [getattr(p, key) for p in mine]
-            (line,) = ax.plot(xs, ys, marker="o", label=system)
+            (line,) = ax.plot(xs, ys, label=system, **style)
             for p, x, y in zip(mine, xs, ys):
                 ax.annotate(str(p.concurrency), (x, y), textcoords="offset points", xytext=(3, 3),
                             fontsize=7, color=line.get_color())
