@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     inputs = write_input_data(list(load_photos(args.photos).values()), out / "ensemble.input.json", "IMAGE")
     grid = select_knobs(QUICK_GRID if args.quick else FULL_GRID, args.knobs)
     if backend != "python-onnxruntime":  # the fused pipeline exists for the python classifier only
-        grid = {k: v for k, v in grid.items() if k != "pipeline" and not k.startswith("fused.")}
+        grid = {k: v for k, v in grid.items() if k != "pipeline" and applies(spec.replace(pipeline="ensemble"), k)}
     if "pipeline" not in grid and grid and not any(applies(spec, k) for k in grid):
         raise ValueError(f"none of the knobs {list(grid)} applies to the spec's pipeline {spec.pipeline!r}: "
                          "add `pipeline` to --knobs or set the pipeline in the spec")
