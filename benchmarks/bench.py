@@ -158,6 +158,15 @@ def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]
     return repos
 
 
+def drift_line(start: float, end: float, batch: int) -> str:
+    """How far the same in-process measurement moved between the start and the end of the run: the
+    noise floor under every ratio of that run (a shared VM can move 10-20 %)."""
+    spread = abs(end - start) / max(start, end) if max(start, end) > 0 else 0.0
+    return (f"Drift check: the in-process bound (batch {batch}) measured {start:.1f} img/s at the start of the "
+            f"run and {end:.1f} img/s at the end, {100 * spread:.0f} % apart; ratios closer to a goal than "
+            f"that are within this run's noise.")
+
+
 def limiting_stage_text(stages: dict, system: str, instances: dict[str, int]) -> str:
     from benchmarks.serverstats import StageStats, limiting_stage
 
@@ -261,19 +270,26 @@ def main(args: argparse.Namespace) -> dict:
             points += bench_locust(service.process.pid, "FastAPIUser", report.FASTAPI, service.url,
                                    plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust")
 
+    drift_text = ""
+    bound_points = [p for p in points if p.system == report.INPROCESS]
+    if bound_points:  # the same measurement again: how much the machine itself moved during the run
+        first = max(bound_points, key=lambda p: p.throughput)
+        print("bench: the in-process bound again, at its best batch size (drift check)", flush=True)
+        (again,) = bench_inprocess(artifacts, photos, [first.concurrency], plan["inprocess_images"])
+        drift_text = drift_line(first.throughput, again.throughput, first.concurrency) + "\n"
     stage_text = "".join(limiting_stage_text(stages, system, instances[pipeline])
                          for system, pipeline in ((report.ENSEMBLE_GRPC, "ensemble"), (report.FUSED_GRPC, "fused")))
     extra = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "plan": plan, "photos": args.photos, "load_average_at_start": load, "cpu_count": os.cpu_count(),
              "model_repository": str(repo), "repositories": {k: str(v) for k, v in repos.items()},
-             "spec": spec, "stages": stages,
+             "spec": spec, "stages": stages, "drift": drift_text.strip(),
              "perf_analyzer": "used" if tool else why_no_perf or "skipped",
              "seconds": round(time.monotonic() - started, 1)}
     files = report.write(points, out, extra, cores=os.cpu_count() or 1)
     with open(files["md"], "a") as f:
-        f.write("\n" + stage_text)
+        f.write("\n" + drift_text + stage_text)
     ratio_text = report.ratio_lines(report.ratios(points, os.cpu_count() or 1))
-    print("\n" + report.table(points) + "\n" + ratio_text + "\n" + stage_text)
+    print("\n" + report.table(points) + "\n" + ratio_text + "\n" + drift_text + stage_text)
     print(f"bench: {extra['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
     return {"points": points, "files": files, **extra}
 

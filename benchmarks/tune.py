@@ -5,14 +5,16 @@
     python -m benchmarks.tune --p99-budget-ms 150 --concurrency 16 --no-write
     python -m benchmarks.tune --pipeline fused --knobs fused   # tune the fused pipeline, keep the spec's choice
 
-Greedy coordinate search from the current spec: one knob at a time (in the order of the grid), every
-value of it is tried on the best configuration so far (knobs of stages the pipeline does not serve
-are passed over), in up to --passes sweeps; a candidate wins if its p99 stays within
---p99-budget-ms and its throughput beats the best by more than --min-gain. Each candidate is a
-fresh repository (build.repository.write_repository) served by a fresh tritonserver, warmed up, and
-measured by perf_analyzer on the ensemble, over gRPC, with the real photos, at --concurrency. The
-table of everything tried is printed and saved (tune.csv / tune.json); `make engines` then uses the
-result.
+Greedy coordinate search from the current spec: one knob at a time (in the order of the grid: the
+pipeline, each stage's whole `shape`, then its `layout` and `batching`), every value of it is tried on
+the best configuration so far (knobs of stages the pipeline does not serve are passed over), in up
+to --passes sweeps. A candidate that beats the best (p99 within --p99-budget-ms, throughput higher by
+more than --min-gain) is not believed at once: the best and the candidate are measured again, back to
+back, and the candidate wins only if it beats the best again (on a shared VM one run can be 10-20 %
+off; the table shows the mean of each configuration's runs). Each candidate is a fresh repository
+(build.repository.write_repository) served by a fresh tritonserver, warmed up, and measured by
+perf_analyzer on the ensemble, over gRPC, with the real photos, at --concurrency. The table of
+everything tried is printed and saved (tune.csv / tune.json); `make engines` then uses the result.
 """
 from __future__ import annotations
 
@@ -29,26 +31,32 @@ from build.spec import DEFAULT_SPEC_PATH, DeploymentSpec
 
 # knob -> values tried. A knob is a top-level field of the spec ("pipeline") or "<stage>.<name>", where
 # <name> is a field of the stage or one of the COMPOUND knobs, which move fields that only pay off
-# together: `layout` is [instances, threads] and `batching` is [preferred batch sizes, queue delay in
-# us]. (Measured on 2 cores: two 1-thread classifier instances with batches of 2 sent at once beat one
-# 2-thread instance, but neither change alone does, so one-field-at-a-time search never found it.)
+# together: `layout` is [instances, threads], `batching` is [preferred batch sizes, queue delay in us]
+# and `shape` is all four at once. (Measured on 2 cores: two 1-thread instances sent batches of 2 at
+# once beat one 2-thread instance with batches of 8-16, but neither half of that change alone does;
+# in the two-model ensemble the classifier's shape pays off fully only once the preprocess model has
+# the same shape, so the search moves whole shapes first and then fine-tunes their halves.)
 # Small batches win on CPU: ONNX Runtime's time per image rises with the batch (6.4 ms at 2, 8.8 ms
 # at 8 on one thread), and a large preferred size hands one instance the queue while another idles.
-COMPOUND = {"layout": ("instances", "threads"), "batching": ("preferred_batch_sizes", "max_queue_delay_us")}
+COMPOUND = {"layout": ("instances", "threads"), "batching": ("preferred_batch_sizes", "max_queue_delay_us"),
+            "shape": ("instances", "threads", "preferred_batch_sizes", "max_queue_delay_us")}
 FULL_GRID = {
     "pipeline": ["ensemble", "fused"],
+    "fused.shape": [[2, 1, [2], 0], [1, 2, [2], 0], [2, 1, [4, 8], 2000]],
     "fused.batching": [[[1], 0], [[2], 0], [[4], 0], [[4, 8], 2000]],
     "fused.layout": [[2, 1], [3, 1], [1, 2], [2, 2]],
-    "classifier.layout": [[1, 2], [2, 1], [1, 1]],
-    "classifier.batching": [[[2], 0], [[4], 0], [[4, 8], 2000], [[8, 16], 2000]],
+    "classifier.shape": [[2, 1, [2], 0], [1, 2, [2], 0], [1, 2, [8, 16], 2000], [2, 1, [4], 0]],
+    "preprocess.shape": [[2, 1, [2], 0], [1, 2, [4], 0], [2, 1, [4, 8], 2000], [2, 1, [4], 0]],
+    "classifier.layout": [[1, 2], [2, 1], [1, 1], [3, 1]],
+    "classifier.batching": [[[1], 0], [[2], 0], [[4], 0], [[4, 8], 2000]],
     "preprocess.layout": [[1, 1], [2, 1], [3, 1], [1, 2]],
     "preprocess.batching": [[[2], 0], [[4], 0], [[4, 8], 2000]],
 }
 QUICK_GRID = {
     "pipeline": ["ensemble", "fused"],
     "fused.batching": [[[2], 0], [[4, 8], 2000]],
-    "classifier.layout": [[1, 2], [2, 1]],
-    "classifier.batching": [[[2], 0], [[8, 16], 2000]],
+    "classifier.shape": [[2, 1, [2], 0], [1, 2, [8, 16], 2000]],
+    "preprocess.shape": [[2, 1, [2], 0], [2, 1, [4, 8], 2000]],
 }
 # the stages each pipeline serves: a knob of another stage changes nothing and is not tried
 PIPELINE_STAGES = {"ensemble": ("preprocess", "classifier"), "fused": ("fused",)}
@@ -74,12 +82,22 @@ def select_knobs(grid: dict, wanted: list[str] | None) -> dict:
 class Trial:
     knob: str
     settings: dict  # the knobs' values of this candidate
-    throughput: float = 0.0
+    throughput: float = 0.0  # means over `runs` measurements
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    runs: int = 0
     feasible: bool = False
     chosen: bool = False
     error: str = ""
+
+    def add(self, result, budget_ms: float) -> None:
+        """Fold one more measurement into the means."""
+        n = self.runs
+        mean = lambda old, new: (old * n + new) / (n + 1)  # noqa: E731
+        self.throughput = mean(self.throughput, result.throughput)
+        self.p50_ms, self.p99_ms = mean(self.p50_ms, result.p50_ms), mean(self.p99_ms, result.p99_ms)
+        self.runs = n + 1
+        self.feasible = self.p99_ms <= budget_ms
 
 
 def _fields(knob: str) -> tuple[str, tuple[str, ...]]:
@@ -118,21 +136,31 @@ def measure_spec(spec: DeploymentSpec, backend: str, repo: Path, tool: PerfAnaly
 
 
 def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain: float,
-           max_candidates: int, passes: int = 2) -> tuple[DeploymentSpec | None, list[Trial]]:
+           max_candidates: int, passes: int = 2, confirm: bool = True) -> tuple[DeploymentSpec | None, list[Trial]]:
     """Greedy coordinate search: up to `passes` sweeps over the knobs, another only if the last one
-    moved. `measure(spec) -> PerfResult` (raises on failure). Returns the best spec whose p99 is
-    within budget (None if none is) and every trial; no configuration is measured twice."""
+    moved. `measure(spec) -> PerfResult` (raises on failure). With `confirm`, a candidate that beats
+    the best is measured again right after the best is, and wins only if it beats it again (trials
+    report the mean of their runs). Returns the best spec whose p99 is within budget (None if none is) and every trial; no
+    configuration is a candidate twice, and at most `max_candidates` are tried."""
     settings = lambda s: {k: knob_value(s, k) for k in grid}  # noqa: E731
     trials, best, best_trial = [], spec, None
 
+    def run(trial: Trial, candidate: DeploymentSpec) -> Trial | None:
+        """Measure once more; fold the run into `trial` and return it alone as a Trial."""
+        try:
+            result = measure(candidate)
+        except Exception as exc:  # a candidate that fails to load or serve is recorded, not fatal
+            if not trial.runs:  # (a failed repeat of a measured configuration leaves its means alone)
+                trial.error = str(exc).splitlines()[0][:200]
+            return None
+        trial.add(result, budget_ms)
+        alone = Trial(trial.knob, trial.settings)
+        alone.add(result, budget_ms)
+        return alone
+
     def attempt(candidate: DeploymentSpec, knob: str) -> Trial:
         trial = Trial(knob, settings(candidate))
-        try:
-            r = measure(candidate)
-            trial.throughput, trial.p50_ms, trial.p99_ms = r.throughput, r.p50_ms, r.p99_ms
-            trial.feasible = r.p99_ms <= budget_ms
-        except Exception as exc:  # a candidate that fails to load or serve is recorded, not fatal
-            trial.error = str(exc).splitlines()[0][:200]
+        run(trial, candidate)
         trials.append(trial)
         print(describe(trial), flush=True)
         return trial
@@ -151,11 +179,23 @@ def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain
                     continue
                 seen.add(key)
                 trial = attempt(candidate, knob)
-                if beats(trial, best_trial, min_gain):
-                    best, best_trial, moved = candidate, trial, True
+                if not beats(trial, best_trial, min_gain):
+                    continue
+                if confirm and best_trial.runs:  # believe it only if it wins again, back to back
+                    best_again = run(best_trial, best)
+                    again = run(trial, candidate) if best_again else None
+                    if again is None:
+                        continue  # a repeat failed: not a win to believe
+                    confirmed = beats(again, best_again, min_gain)
+                    print(f"  again, back to back: best {best_again.throughput:6.1f} img/s, candidate "
+                          f"{again.throughput:6.1f} img/s: {'confirmed' if confirmed else 'not confirmed'}",
+                          flush=True)
+                    if not confirmed:
+                        continue
+                best, best_trial, moved = candidate, trial, True
         if not moved:
             break
-    if not best_trial.feasible:
+    if best_trial.error or not best_trial.feasible:
         return None, trials
     best_trial.chosen = True
     return best, trials
@@ -177,14 +217,19 @@ def _show(knob: str, value) -> str:
         return f"{value[0]}x{value[1]}"
     if name == "batching":
         return f"{','.join(map(str, value[0])) or '-'}/{value[1]}us"
+    if name == "shape":
+        return f"{value[0]}x{value[1]}:{','.join(map(str, value[2])) or '-'}/{value[3]}us"
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def describe(t: Trial) -> str:
-    knobs = " ".join(f"{k}={_show(k, v)}" for k, v in t.settings.items())
+    shaped = {k.rpartition(".")[0] for k in t.settings if k.endswith(".shape")}  # its halves say nothing more
+    knobs = " ".join(f"{k}={_show(k, v)}" for k, v in t.settings.items()
+                     if not (k.rpartition(".")[0] in shaped and k.rpartition(".")[2] in ("layout", "batching")))
     result = f"ERROR {t.error}" if t.error else (f"{t.throughput:6.1f} img/s p50 {t.p50_ms:6.1f} p99 {t.p99_ms:6.1f} ms"
+                                                 f"{f' x{t.runs}' if t.runs > 1 else ''}"
                                                  f"{'' if t.feasible else ' (over budget)'}")
-    return f"{'*' if t.chosen else ' '} {t.knob:20s} {result:48s} {knobs}"
+    return f"{'*' if t.chosen else ' '} {t.knob:20s} {result:52s} {knobs}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -201,7 +246,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="ensemble requests in flight (default: %(default)s)")
     p.add_argument("--p99-budget-ms", type=float, default=100.0, help="p99 budget (default: %(default)s)")
     p.add_argument("--min-gain", type=float, default=0.03, help="throughput gain to switch (default: %(default)s)")
-    p.add_argument("--max-candidates", type=int, default=24, help="servers started at most (default: %(default)s)")
+    p.add_argument("--max-candidates", type=int, default=30, help="configurations tried at most (default: %(default)s)")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="believe a single measurement (default: measure a would-be winner and the best again)")
     p.add_argument("--passes", type=int, default=2, help="sweeps over the knobs at most (default: %(default)s)")
     p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
     p.add_argument("--artifacts", default=None, help="exported model (default: the spec's)")
@@ -235,7 +282,8 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
           f"backend {backend}, knobs {list(grid)}", flush=True)
     measure = lambda s: measure_spec(s, backend, out / "model_repository", tool, inputs,  # noqa: E731
                                      args.concurrency, args.measurement_ms, out / "tritonserver.log")
-    best, trials = search(spec, grid, measure, args.p99_budget_ms, args.min_gain, args.max_candidates, args.passes)
+    best, trials = search(spec, grid, measure, args.p99_budget_ms, args.min_gain, args.max_candidates, args.passes,
+                          confirm=not args.no_confirm)
 
     print("\ntried (* = chosen):")
     for t in trials:

@@ -62,6 +62,9 @@ class DeploymentSpec:
     preprocess: StageSpec = dataclasses.field(
         default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[4, 8], threads=1)
     )
+    # Defaults that suit a GPU classifier (TensorRT likes batches). On CPU, small batches on several
+    # 1-thread instances win: the committed configs/deployment.json, tuned on the 2-core machine by
+    # `make tune`, has classifier 2 x 1 thread with batches of 2 and preprocess 3 x 1 (README).
     classifier: StageSpec = dataclasses.field(
         default_factory=lambda: StageSpec(instances=1, preferred_batch_sizes=[8, 16], threads=2)
     )

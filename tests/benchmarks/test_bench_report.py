@@ -82,3 +82,11 @@ def test_bench_builds_the_other_pipeline_from_the_same_spec(tiny_artifacts, tmp_
         other = repos["fused" if built == "ensemble" else "ensemble"]
         assert json.loads((other / "BUILD.json").read_text())["spec"]["pipeline"] != built
         assert (other / "preprocess").is_dir() == (built == "fused")  # only the ensemble has a preprocess model
+
+
+def test_drift_line_says_how_far_the_same_measurement_moved():
+    from benchmarks.bench import drift_line
+
+    line = drift_line(200.0, 180.0, 2)
+    assert "200.0 img/s at the start" in line and "180.0 img/s at the end" in line and "10 % apart" in line
+    assert "0 % apart" in drift_line(150.0, 150.0, 1)
