@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.workload import ENCODINGS, load_photos
+from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, image_to_uint8, normalize
 
 STRATEGIES = ("pipelined", "parallel")
@@ -43,14 +44,8 @@ class InProcessResult:
 
 
 def session_from_onnx(path: str | Path, intra_op_threads: int) -> ort.InferenceSession:
-    """The classifier's session, with the options of build/templates/classifier_onnxruntime.py."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """The classifier's session, exactly as the served python-backend classifier makes it."""
+    return cpu_session(path, intra_op_threads)
 
 
 def run_pipelined(session: ort.InferenceSession, config: PreprocessConfig, photos: list[bytes], batch: int,

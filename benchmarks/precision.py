@@ -25,6 +25,7 @@ import onnxruntime as ort
 from build import validate
 from build.imagesets import held_out_set
 from build.variants import VariantOptions, build_variants
+from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, normalize
 
 CPU_VARIANTS = ["fp32", "fp16", "int8-cpu", "int8-trt"]
@@ -53,10 +54,7 @@ def ensure_resnet50(out: Path) -> Path:
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads)
 
 
 def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds: int, seconds: float) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 import common.labels as labels_file
+import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
 from build import configs
 from build.spec import DeploymentSpec
@@ -104,6 +105,7 @@ def write_repository(
     if fused:
         (cls_dir / "config.pbtxt").write_text(configs.fused_config(spec, shape, spec_source))
         shutil.copy2(TEMPLATES / "classifier_fused.py", cls_dir / "1" / "model.py")
+        shutil.copy2(onnxsession_module.__file__, cls_dir / "1" / "onnxsession.py")
         copy_preprocessing(cls_dir / "1")
     else:
         (pre_dir / "config.pbtxt").write_text(configs.preprocess_config(spec, shape, spec_source))
@@ -112,6 +114,7 @@ def write_repository(
         (cls_dir / "config.pbtxt").write_text(configs.classifier_config(spec, shape, backend, spec_source))
         if backend == "python-onnxruntime":
             shutil.copy2(TEMPLATES / "classifier_onnxruntime.py", cls_dir / "1" / "model.py")
+            shutil.copy2(onnxsession_module.__file__, cls_dir / "1" / "onnxsession.py")
     shutil.copy2(model_file, cls_dir / "1" / configs.CLASSIFIER_BACKENDS[backend][2])
 
     (ens_dir / "config.pbtxt").write_text(configs.ensemble_config(spec, shape, spec_source))

@@ -10,8 +10,9 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from onnxsession import cpu_session  # a copy of common/onnxsession.py
 
 
 class TritonPythonModel:
@@ -19,14 +20,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = os.path.join(args["model_repository"], args["model_version"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         path = os.path.join(here, params.get("onnx_file", "model.onnx"))
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, int(params.get("intra_op_threads", "1")),
+                                   params.get("allow_spinning", "0") == "1")
         self.input_name = config["input"][0]["name"]
         self.output_names = [o["name"] for o in config["output"]]
 

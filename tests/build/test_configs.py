@@ -97,8 +97,8 @@ def test_repository_is_complete_and_self_contained(tmp_path, tiny_artifacts):
     manifest = write_repository(spec, "python-onnxruntime", out, "test")
     assert manifest["num_classes"] == 3 and manifest["input_dims"] == [3, 32, 32]
     for rel in ["preprocess/1/model.py", "preprocess/1/preprocessing.py", "preprocess/1/preprocess.json",
-                "classifier/1/model.py", "classifier/1/model.onnx", "image_classifier/labels.txt",
-                "image_classifier/1/README", "BUILD.json"]:
+                "classifier/1/model.py", "classifier/1/onnxsession.py", "classifier/1/model.onnx",
+                "image_classifier/labels.txt", "image_classifier/1/README", "BUILD.json"]:
         assert (out / rel).is_file(), rel
     for model in ("preprocess", "classifier", "image_classifier"):
         parse((out / model / "config.pbtxt").read_text())
@@ -131,7 +131,8 @@ def test_fused_pipeline_is_one_step_with_preprocessing_inside(tmp_path, tiny_art
     out = tmp_path / "repo"
     manifest = write_repository(spec, "python-onnxruntime", out, "test")
     assert manifest["models"] == ["classifier", "image_classifier"] and not (out / "preprocess").exists()
-    assert (out / "classifier/1/preprocessing.py").is_file() and (out / "classifier/1/model.onnx").is_file()
+    for rel in ("preprocessing.py", "onnxsession.py", "model.onnx"):
+        assert (out / "classifier/1" / rel).is_file(), rel
     with pytest.raises(ValueError, match="fused pipeline needs the python-onnxruntime backend"):
         write_repository(spec, "onnxruntime", tmp_path / "other", "test")
     with pytest.raises(ValueError, match="pipeline"):
