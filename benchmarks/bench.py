@@ -33,8 +33,8 @@ import resource
 import time
 from pathlib import Path
 
-from benchmarks import report
-from benchmarks.procstats import ProcessTreeMonitor
+from benchmarks import procstats, report
+from benchmarks.procstats import CORE, ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
 
 STEPS = ("inprocess", "perf", "locust", "fused", "fastapi")
@@ -49,15 +49,37 @@ def _children_cpu_s() -> float:
 
 
 @contextlib.contextmanager
-def measured(server_pid: int, point_fields: dict):
+def measured(server_pid: int, point_fields: dict, by_role: dict | None = None):
     """Fill server CPU%/peak RSS (process tree of server_pid) and client CPU% (finished children of
-    this process: perf_analyzer, locust) into `point_fields` for the block's duration."""
+    this process: perf_analyzer, locust) into `point_fields` for the block's duration; with `by_role`,
+    also the CPU seconds of each kind of serving process (procstats.role_of) and their counts."""
     client0, t0 = _children_cpu_s(), time.monotonic()
     with ProcessTreeMonitor(server_pid) as monitor:
         yield point_fields
     wall = time.monotonic() - t0
     point_fields.update(server_cpu_percent=monitor.cpu_percent, server_peak_rss_mb=monitor.peak_rss_mb,
                         client_cpu_percent=100 * (_children_cpu_s() - client0) / wall if wall > 0 else None)
+    if by_role is not None:
+        by_role.update(cpu_s=monitor.cpu_seconds_by_role, processes=monitor.processes_by_role)
+
+
+def cpu_split(by_role: dict, images: int) -> dict | None:
+    """{images, ms_per_image: {role: CPU ms per image}, processes: {role: count}}, roles ordered
+    server first, then by cost; None without images."""
+    if images <= 0 or not by_role.get("cpu_s"):
+        return None
+    cost = {role: 1000.0 * s / images for role, s in by_role["cpu_s"].items()}
+    order = sorted(cost, key=lambda r: (r != CORE, -cost[r]))
+    return {"images": images, "ms_per_image": {r: cost[r] for r in order}, "processes": by_role["processes"]}
+
+
+def cpu_split_line(split: dict) -> str:
+    """'server 1.0 ms + classifier 6.6 ms (2 processes) + ... = 11.0 ms of CPU per image'."""
+    parts = []
+    for role, ms in split["ms_per_image"].items():
+        n = split["processes"].get(role, 1)
+        parts.append(f"{role} {ms:.2f} ms" + (f" ({n} processes)" if n > 1 else ""))
+    return " + ".join(parts) + f" = {sum(split['ms_per_image'].values()):.2f} ms of CPU per image"
 
 
 # (strategy, decode threads or workers, ONNX Runtime threads) tried for the in-process bound
@@ -92,9 +114,11 @@ def bench_inprocess(artifacts: Path, photos: list[bytes], batches: list[int], im
 
 
 def bench_perf(server, tool, runs: list[tuple[str, str, str, Path | None]], concurrency: list[int],
-               measurement_ms: int, out: Path, stages: dict) -> list[report.Point]:
+               measurement_ms: int, out: Path, stages: dict, cpu: dict | None = None) -> list[report.Point]:
     """perf_analyzer rows: `runs` is (system, model, protocol, --input-data file or None for synthetic
-    tensors). Each model is warmed up once, unreported, before its first measured point."""
+    tensors). Each model is warmed up once, unreported, before its first measured point. Fills
+    `stages` (system -> concurrency -> the statistics extension's rows) and `cpu` (system ->
+    concurrency -> cpu_split: the serving CPU per image of each process kind)."""
     from benchmarks import perf, serverstats
 
     points = []
@@ -105,10 +129,10 @@ def bench_perf(server, tool, runs: list[tuple[str, str, str, Path | None]], conc
         except perf.PerfAnalyzerError as exc:
             print(f"  {system}: warm-up failed, {str(exc).splitlines()[0]}", flush=True)
         for c in concurrency:
-            fields: dict = {}
+            fields, by_role = {}, {}
             before, t0 = serverstats.snapshot(server.grpc_url), time.monotonic()
             try:
-                with measured(server.process.pid, fields):
+                with measured(server.process.pid, fields, by_role):
                     r = tool.measure(model, url, protocol, c, out / f"{model}_{protocol}_c{c}.csv", inputs,
                                      measurement_ms)
             except perf.PerfAnalyzerError as exc:  # e.g. no stable window on a busy machine: keep going
@@ -116,6 +140,10 @@ def bench_perf(server, tool, runs: list[tuple[str, str, str, Path | None]], conc
                 continue
             rows = serverstats.stage_table(before, serverstats.snapshot(server.grpc_url), time.monotonic() - t0)
             stages.setdefault(system, {})[str(c)] = [dataclasses.asdict(s) for s in rows]
+            images = sum(s.inferences for s in rows if s.model == model)
+            split = cpu_split(by_role, images)
+            if cpu is not None and split:
+                cpu.setdefault(system, {})[str(c)] = split
             points.append(report.Point(system, c, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms, **fields))
             print(f"  {system}, c={c}: {r.throughput:.1f} img/s, p99 {r.p99_ms:.1f} ms", flush=True)
     return points
@@ -158,16 +186,19 @@ def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]
     return repos
 
 
-def drift_line(start: float, end: float, batch: int) -> str:
+def drift_line(start: float, end: float, batch: int, steal: float | None = None) -> str:
     """How far the same in-process measurement moved between the start and the end of the run: the
-    noise floor under every ratio of that run (a shared VM can move 10-20 %)."""
+    noise floor under every ratio of that run (a shared VM can move 10-20 %); with `steal`, the share
+    of the cores' time the hypervisor gave to other guests during the run."""
     spread = abs(end - start) / max(start, end) if max(start, end) > 0 else 0.0
+    stolen = "" if steal is None else (f" During the run the hypervisor gave {100 * steal:.1f} % of these cores' "
+                                       f"time to other guests (steal).")
     return (f"Drift check: the in-process bound (batch {batch}) measured {start:.1f} img/s at the start of the "
             f"run and {end:.1f} img/s at the end, {100 * spread:.0f} % apart; ratios closer to a goal than "
-            f"that are within this run's noise.")
+            f"that are within this run's noise.{stolen}")
 
 
-def limiting_stage_text(stages: dict, system: str, instances: dict[str, int]) -> str:
+def limiting_stage_text(stages: dict, system: str, instances: dict[str, int], cpu: dict | None = None) -> str:
     from benchmarks.serverstats import StageStats, limiting_stage
 
     runs = stages.get(system, {})
@@ -181,7 +212,25 @@ def limiting_stage_text(stages: dict, system: str, instances: dict[str, int]) ->
     if limit:
         lines.append(f"  limiting stage: {limit.model} (busy {limit.busy:.2f} of {instances[limit.model]} "
                      f"instance(s), queue {limit.queue_ms:.1f} ms vs compute {limit.compute_ms:.1f} ms per request)")
+    split = (cpu or {}).get(system, {}).get(top)
+    if split:
+        lines.append(f"  CPU by process: {cpu_split_line(split)}")
     return "\n".join(lines) + "\n"
+
+
+def hop_cost_text(cpu: dict, ensemble: str, fused: str) -> str:
+    """What the ensemble's second python-backend step costs: its CPU per image over the fused
+    pipeline's (the same work in one step), at the highest concurrency both were measured at."""
+    common = set(cpu.get(ensemble, {})) & set(cpu.get(fused, {}))
+    if not common:
+        return ""
+    top = max(common, key=int)
+    a, b = cpu[ensemble][top]["ms_per_image"], cpu[fused][top]["ms_per_image"]
+    total_a, total_b = sum(a.values()), sum(b.values())
+    core = a.get(CORE, 0.0) - b.get(CORE, 0.0)
+    return (f"The ensemble's second python-backend step, at concurrency {top}: {total_a:.2f} vs {total_b:.2f} ms "
+            f"of CPU per image for the fused pipeline, {total_a - total_b:+.2f} ms ({core:+.2f} ms in the server, "
+            f"{total_a - total_b - core:+.2f} ms in the model processes).\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -217,7 +266,7 @@ def main(args: argparse.Namespace) -> dict:
     artifacts = Path(args.artifacts or spec["artifacts"])
     photos = list(load_photos(args.photos).values())
     out.mkdir(parents=True, exist_ok=True)
-    started, load = time.monotonic(), os.getloadavg()[0]
+    started, load, machine0 = time.monotonic(), os.getloadavg()[0], procstats.machine_cpu_times()
     print(f"bench: {plan}; load average {load:.2f} on {os.cpu_count()} cores"
           + (" (busy machine: numbers will be noisy)" if load > 0.5 else ""), flush=True)
 
@@ -249,7 +298,7 @@ def main(args: argparse.Namespace) -> dict:
                               classifier: spec["classifier"]["instances"]},
                  "fused": {classifier: spec["fused"]["instances"]}}
 
-    points, stages = [], {}
+    points, stages, cpu = [], {}, {}
     if "inprocess" not in args.skip:
         points += bench_inprocess(artifacts, photos, plan["inprocess_batch"], plan["inprocess_images"])
     for pipeline, path in repos.items():
@@ -259,7 +308,7 @@ def main(args: argparse.Namespace) -> dict:
         with TritonServer(path, Ports.free(), log_file=out / f"tritonserver-{pipeline}.log") as server:
             if tool:
                 points += bench_perf(server, tool, perf_runs[pipeline], plan["concurrency"], plan["measurement_ms"],
-                                     out / "perf" / pipeline, stages)
+                                     out / "perf" / pipeline, stages, cpu)
             if "locust" not in args.skip:
                 for user_class, system, protocol in locust_runs[pipeline]:
                     host = server.grpc_url if protocol == "grpc" else server.http_url
@@ -270,19 +319,21 @@ def main(args: argparse.Namespace) -> dict:
             points += bench_locust(service.process.pid, "FastAPIUser", report.FASTAPI, service.url,
                                    plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust")
 
-    drift_text = ""
+    drift_text, steal = "", procstats.steal_fraction(machine0, procstats.machine_cpu_times())
     bound_points = [p for p in points if p.system == report.INPROCESS]
     if bound_points:  # the same measurement again: how much the machine itself moved during the run
         first = max(bound_points, key=lambda p: p.throughput)
         print("bench: the in-process bound again, at its best batch size (drift check)", flush=True)
         (again,) = bench_inprocess(artifacts, photos, [first.concurrency], plan["inprocess_images"])
-        drift_text = drift_line(first.throughput, again.throughput, first.concurrency) + "\n"
-    stage_text = "".join(limiting_stage_text(stages, system, instances[pipeline])
+        steal = procstats.steal_fraction(machine0, procstats.machine_cpu_times())
+        drift_text = drift_line(first.throughput, again.throughput, first.concurrency, steal) + "\n"
+    stage_text = "".join(limiting_stage_text(stages, system, instances[pipeline], cpu)
                          for system, pipeline in ((report.ENSEMBLE_GRPC, "ensemble"), (report.FUSED_GRPC, "fused")))
+    stage_text += hop_cost_text(cpu, report.ENSEMBLE_GRPC, report.FUSED_GRPC)
     extra = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "plan": plan, "photos": args.photos, "load_average_at_start": load, "cpu_count": os.cpu_count(),
              "model_repository": str(repo), "repositories": {k: str(v) for k, v in repos.items()},
-             "spec": spec, "stages": stages, "drift": drift_text.strip(),
+             "spec": spec, "stages": stages, "cpu_by_process": cpu, "drift": drift_text.strip(), "steal_fraction": steal,
              "perf_analyzer": "used" if tool else why_no_perf or "skipped",
              "seconds": round(time.monotonic() - started, 1)}
     files = report.write(points, out, extra, cores=os.cpu_count() or 1)

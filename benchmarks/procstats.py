@@ -7,13 +7,54 @@
 The tree is walked every `interval_s` (tritonserver's python-backend stubs are its children; a
 uvicorn service is one process). CPU% is CPU seconds of the whole tree per wall second x 100
 (200% = both cores of a 2-core machine); peak RSS is the largest sum of resident memory seen.
+`cpu_seconds_by_role` splits the CPU time by what each process is: the server itself (frontends,
+scheduling, ensemble steps) and each python-backend model's stub processes, named after the model.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
+from pathlib import Path
 
 import psutil
+
+STUB = "triton_python_backend_stub"
+CORE = "server"
+
+
+def role_of(cmdline: list[str], is_root: bool) -> str:
+    """What a process of a serving tree is: the model whose python-backend stub it is (the stub's
+    first argument is `<repository>/<model>/<version>/model.py`), CORE for the root process, else
+    its program name."""
+    if cmdline and Path(cmdline[0]).name == STUB and len(cmdline) > 1:
+        parts = Path(cmdline[1]).parts
+        return parts[-3] if len(parts) >= 3 else STUB
+    if is_root:
+        return CORE
+    return Path(cmdline[0]).name if cmdline else "?"
+
+
+def machine_cpu_times(stat: str = "/proc/stat") -> dict[str, int] | None:
+    """The machine's CPU time counters (clock ticks, all cores) from /proc/stat; None where absent."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    if not fields or fields[0] != "cpu" or len(fields) < 1 + len(names):
+        return None
+    return dict(zip(names, map(int, fields[1 : 1 + len(names)])))
+
+
+def steal_fraction(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """Of the cores' time between two machine_cpu_times(), the share a hypervisor gave to other
+    guests ("steal"): load this machine cannot see, and a cause of run-to-run noise."""
+    if not before or not after:
+        return None
+    total = sum(after.values()) - sum(before.values())
+    return (after["steal"] - before["steal"]) / total if total > 0 else None
 
 
 class ProcessTreeMonitor:
@@ -22,8 +63,10 @@ class ProcessTreeMonitor:
         self.interval_s = interval_s
         self.cpu_percent = 0.0
         self.peak_rss_mb = 0.0
+        self.wall_s = 0.0
         self._cpu_start: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
+        self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
@@ -44,6 +87,11 @@ class ProcessTreeMonitor:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             cpu = times.user + times.system
+            if proc.pid not in self._roles:
+                try:
+                    self._roles[proc.pid] = role_of(proc.cmdline(), proc.pid == self.root.pid)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    self._roles[proc.pid] = "?"
             self._cpu_start.setdefault(proc.pid, cpu)
             self._cpu_last[proc.pid] = cpu
         self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
@@ -64,9 +112,21 @@ class ProcessTreeMonitor:
         if self._thread is not None:
             self._thread.join()
         self._sample()
-        wall = time.monotonic() - self._t0
+        self.wall_s = time.monotonic() - self._t0
         used = sum(self._cpu_last[p] - self._cpu_start[p] for p in self._cpu_last)
-        self.cpu_percent = 100.0 * used / wall if wall > 0 else 0.0
+        self.cpu_percent = 100.0 * used / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def cpu_seconds_by_role(self) -> dict[str, float]:
+        """{role: CPU seconds used while monitored} (see role_of), all of a model's instances together."""
+        used: dict[str, float] = collections.defaultdict(float)
+        for pid, last in self._cpu_last.items():
+            used[self._roles.get(pid, "?")] += last - self._cpu_start[pid]
+        return dict(used)
+
+    @property
+    def processes_by_role(self) -> dict[str, int]:
+        return dict(collections.Counter(self._roles[p] for p in self._cpu_last))
 
     def __enter__(self) -> "ProcessTreeMonitor":
         return self.start()

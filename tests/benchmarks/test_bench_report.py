@@ -90,3 +90,45 @@ def test_drift_line_says_how_far_the_same_measurement_moved():
     line = drift_line(200.0, 180.0, 2)
     assert "200.0 img/s at the start" in line and "180.0 img/s at the end" in line and "10 % apart" in line
     assert "0 % apart" in drift_line(150.0, 150.0, 1)
+    assert "gave 2.5 % of these cores' time to other guests" in drift_line(200.0, 180.0, 2, steal=0.025)
+
+
+def test_steal_fraction_from_the_machines_cpu_counters(tmp_path):
+    from benchmarks.procstats import machine_cpu_times, steal_fraction
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")
+    before = machine_cpu_times(str(stat))
+    stat.write_text("cpu  160 0 70 900 10 0 10 55 0 0\n")
+    assert abs(steal_fraction(before, machine_cpu_times(str(stat))) - 20 / 205) < 1e-12
+    assert machine_cpu_times(str(tmp_path / "absent")) is None and steal_fraction(None, before) is None
+    live = machine_cpu_times()  # this machine's own counters, where Linux has them
+    if live is not None:
+        assert set(live) >= {"user", "idle", "steal"} and all(v >= 0 for v in live.values())
+
+
+def test_role_of_names_stub_processes_after_their_model():
+    from benchmarks.procstats import CORE, role_of
+
+    stub = ["/venv/share/tritonserver/backends/python/triton_python_backend_stub",
+            "/srv/model_repository/preprocess/1/model.py", "triton_python_backend_shm_region_x", "1048576"]
+    assert role_of(stub, is_root=False) == "preprocess"
+    assert role_of(["/venv/bin/tritonserver", "--model-repository=/srv/repo"], is_root=True) == CORE
+    assert role_of(["/usr/bin/python3", "-c", "pass"], is_root=False) == "python3"
+
+
+def test_cpu_split_per_image_and_the_cost_of_the_second_step():
+    from benchmarks.bench import cpu_split, cpu_split_line, hop_cost_text
+
+    ensemble = cpu_split({"cpu_s": {"classifier": 3.3, "server": 0.5, "preprocess": 1.7},
+                          "processes": {"server": 1, "classifier": 2, "preprocess": 3}}, images=500)
+    assert list(ensemble["ms_per_image"]) == ["server", "classifier", "preprocess"]  # server first, then by cost
+    assert abs(ensemble["ms_per_image"]["classifier"] - 6.6) < 1e-9
+    line = cpu_split_line(ensemble)
+    assert "classifier 6.60 ms (2 processes)" in line and "server 1.00 ms +" in line and "= 11.00 ms" in line
+    fused = cpu_split({"cpu_s": {"server": 0.25, "classifier": 4.5}, "processes": {"server": 1, "classifier": 2}},
+                      images=500)
+    text = hop_cost_text({"ens": {"8": ensemble, "2": ensemble}, "fused": {"8": fused}}, "ens", "fused")
+    assert "concurrency 8: 11.00 vs 9.50 ms" in text and "+1.50 ms (+0.50 ms in the server, +1.00 ms" in text
+    assert cpu_split({"cpu_s": {"server": 1.0}, "processes": {}}, images=0) is None
+    assert hop_cost_text({"ens": {"8": ensemble}}, "ens", "fused") == ""

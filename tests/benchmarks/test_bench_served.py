@@ -89,6 +89,23 @@ def test_server_statistics_split_queue_and_compute(server, photos):
     assert limit is not None and limit.model in ("preprocess", "classifier")
 
 
+def test_process_monitor_splits_cpu_between_the_server_and_each_models_processes(server, photos):
+    """Each python-backend model runs in its own stub processes; the monitor names them after the
+    model, so the bench can say where an ensemble's CPU goes."""
+    from build.spec import DeploymentSpec
+
+    spec = DeploymentSpec()
+    with ProcessTreeMonitor(server.process.pid, interval_s=0.05) as monitor:
+        with ImageClassifierClient(server.grpc_url, protocol="grpc") as client:
+            for _ in range(3):
+                client.classify(list(photos.values())[:4], top_k=1)
+    cpu, processes = monitor.cpu_seconds_by_role, monitor.processes_by_role
+    assert processes == {"server": 1, "preprocess": spec.preprocess.instances,
+                         "classifier": spec.classifier.instances}, processes
+    assert cpu["preprocess"] > 0 and cpu["classifier"] > 0, cpu  # decoding and ONNX Runtime ran there
+    assert abs(sum(cpu.values()) - monitor.cpu_percent / 100 * monitor.wall_s) < 0.05 * sum(cpu.values()) + 0.02
+
+
 def test_perf_analyzer_on_ensemble_with_real_photos(server, perf_tool, photos, tmp_path):
     from benchmarks.perf import model_inputs
 
