@@ -219,8 +219,8 @@ def limiting_stage_text(stages: dict, system: str, instances: dict[str, int], cp
 
 
 def hop_cost_text(cpu: dict, ensemble: str, fused: str) -> str:
-    """What the ensemble's second python-backend step costs: its CPU per image over the fused
-    pipeline's (the same work in one step), at the highest concurrency both were measured at."""
+    """What splitting the work into two models costs: the two-model ensemble's CPU per image over the
+    fused pipeline's (the same work in one model), at the highest concurrency both were measured at."""
     common = set(cpu.get(ensemble, {})) & set(cpu.get(fused, {}))
     if not common:
         return ""
@@ -228,8 +228,8 @@ def hop_cost_text(cpu: dict, ensemble: str, fused: str) -> str:
     a, b = cpu[ensemble][top]["ms_per_image"], cpu[fused][top]["ms_per_image"]
     total_a, total_b = sum(a.values()), sum(b.values())
     core = a.get(CORE, 0.0) - b.get(CORE, 0.0)
-    return (f"The ensemble's second python-backend step, at concurrency {top}: {total_a:.2f} vs {total_b:.2f} ms "
-            f"of CPU per image for the fused pipeline, {total_a - total_b:+.2f} ms ({core:+.2f} ms in the server, "
+    return (f"Two models instead of one, at concurrency {top}: the ensemble spent {total_a:.2f} ms of CPU per image, "
+            f"the fused pipeline {total_b:.2f}, {total_a - total_b:+.2f} ms ({core:+.2f} ms in the server, "
             f"{total_a - total_b - core:+.2f} ms in the model processes).\n")
 
 
@@ -333,7 +333,8 @@ def main(args: argparse.Namespace) -> dict:
     extra = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "plan": plan, "photos": args.photos, "load_average_at_start": load, "cpu_count": os.cpu_count(),
              "model_repository": str(repo), "repositories": {k: str(v) for k, v in repos.items()},
-             "spec": spec, "stages": stages, "cpu_by_process": cpu, "drift": drift_text.strip(), "steal_fraction": steal,
+             "spec": spec, "stages": stages, "cpu_by_process": cpu, "drift": drift_text.strip(),
+             "steal_fraction": steal,
              "perf_analyzer": "used" if tool else why_no_perf or "skipped",
              "seconds": round(time.monotonic() - started, 1)}
     files = report.write(points, out, extra, cores=os.cpu_count() or 1)

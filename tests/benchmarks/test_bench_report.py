@@ -129,6 +129,7 @@ def test_cpu_split_per_image_and_the_cost_of_the_second_step():
     fused = cpu_split({"cpu_s": {"server": 0.25, "classifier": 4.5}, "processes": {"server": 1, "classifier": 2}},
                       images=500)
     text = hop_cost_text({"ens": {"8": ensemble, "2": ensemble}, "fused": {"8": fused}}, "ens", "fused")
-    assert "concurrency 8: 11.00 vs 9.50 ms" in text and "+1.50 ms (+0.50 ms in the server, +1.00 ms" in text
+    assert "concurrency 8: the ensemble spent 11.00 ms of CPU per image, the fused pipeline 9.50" in text
+    assert "+1.50 ms (+0.50 ms in the server, +1.00 ms in the model processes)" in text
     assert cpu_split({"cpu_s": {"server": 1.0}, "processes": {}}, images=0) is None
     assert hop_cost_text({"ens": {"8": ensemble}}, "ens", "fused") == ""
