@@ -98,7 +98,8 @@ def write_repository(
     for d in ([] if fused else [pre_dir / "1"]) + [cls_dir / "1", ens_dir / "1"]:
         d.mkdir(parents=True)
 
-    def copy_preprocessing(version_dir: Path) -> None:
+    def copy_preprocessing(version_dir: Path) -> None:  # for the models that take encoded images
+        shutil.copy2(TEMPLATES / "image_model.py", version_dir / "image_model.py")
         shutil.copy2(preprocessing_module.__file__, version_dir / "preprocessing.py")
         shutil.copy2(artifacts / "preprocess.json", version_dir / "preprocess.json")
 

@@ -1,0 +1,51 @@
+"""What the python-backend models that take encoded images share: `preprocess` (ensemble) and the
+fused `classifier`. Copied next to their model.py by `python -m build.engines` (source:
+build/templates/image_model.py), with `preprocessing.py` and `preprocess.json`.
+
+`ImageModel.initialize` reads the model's parameters (image limits, decode `threads`) and its
+preprocess.json; `decode` turns a dynamic batch of requests into one normalised batch; `respond`
+gives one response per request, always: a request with an item that is not a usable image fails
+with INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) and a message naming the item and the problem,
+and the other requests of the batch carry on.
+"""
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import triton_python_backend_utils as pb_utils
+
+from preprocessing import DecodeLimits, PreprocessConfig, preprocess_requests
+
+INPUT = "IMAGE"
+
+
+class ImageModel:
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+        self.params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
+        self.here = os.path.join(args["model_repository"], args["model_version"])
+        self.config = PreprocessConfig.load(os.path.join(self.here, "preprocess.json"))
+        self.limits = DecodeLimits.from_parameters(self.params)
+        threads = int(self.params.get("threads", "1"))
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+
+    def decode(self, requests):
+        """-> (float32 batch of every good request's images or None, per request (start, stop) or ImageError)."""
+        items = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy().reshape(-1) for r in requests]
+        return preprocess_requests(items, self.config, self.limits, self.pool)
+
+    @staticmethod
+    def respond(outcomes, tensors):
+        """One response per request: `tensors(start, stop)` for a good one, INVALID_ARG for a bad one."""
+        responses = []
+        for outcome in outcomes:
+            if isinstance(outcome, tuple):
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors(*outcome)))
+            else:
+                error = pb_utils.TritonError(str(outcome), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+        return responses
+
+    def finalize(self):
+        if self.pool:
+            self.pool.shutdown(wait=False)
