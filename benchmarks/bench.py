@@ -87,14 +87,15 @@ INPROCESS_LAYOUTS = (("pipelined", 2, 2), ("pipelined", 1, 1), ("parallel", 2, 1
 
 
 def bench_inprocess(artifacts: Path, photos: list[bytes], batches: list[int], images: int,
-                    layouts: tuple = INPROCESS_LAYOUTS) -> list[report.Point]:
+                    layouts: tuple = INPROCESS_LAYOUTS, model: Path | None = None) -> list[report.Point]:
     """The in-process bound at each batch size: the best of `layouts`, so that the bound is not
-    held back by one thread layout."""
+    held back by one thread layout. `model`: the ONNX file to run (default: the artifacts' model.onnx)."""
     from benchmarks import inprocess
     from common.preprocessing import PreprocessConfig
 
     config = PreprocessConfig.load(artifacts / "preprocess.json")
-    sessions = {ort: inprocess.session_from_onnx(artifacts / "model.onnx", ort) for _, _, ort in layouts}
+    model = model or artifacts / "model.onnx"
+    sessions = {ort: inprocess.session_from_onnx(model, ort) for _, _, ort in layouts}
     points = []
     for batch in batches:
         tried = []
@@ -167,6 +168,21 @@ def bench_locust(pid: int, user_class: str, system: str, host: str, concurrency:
     return points
 
 
+def comparison_model(build: dict, artifacts: Path, artifacts_given: bool = False) -> tuple[Path, str]:
+    """The ONNX file the in-process bound and FastAPI run, and a line saying so: the file the
+    repository's classifier serves (FP32, or the variant `make engines PRECISION=...` deployed), so
+    that every system runs the same model; the artifacts' model.onnx where the classifier is not an
+    ONNX file (a TensorRT plan) or where --artifacts names another model."""
+    served = Path(build["classifier_model"]["source"])
+    variant = build.get("variant") or build.get("precision") or "fp32"
+    if not artifacts_given and served.suffix == ".onnx" and served.is_file():
+        return served, (f"Model: the classifier serves {served} ({variant}); the in-process bound and FastAPI "
+                        f"run the same file.")
+    model = artifacts / "model.onnx"
+    return model, (f"Model: the classifier serves {served} ({variant}); the in-process bound and FastAPI run "
+                   f"{model} on the CPU, so their ratios compare different models.")
+
+
 def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]:
     """{"ensemble": path, "fused": path}: the repository as built, plus its spec rebuilt with the other
     pipeline (into `out`), so both are measured whichever one `make engines` built. "fused" is left
@@ -182,7 +198,8 @@ def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]
         return repos
     repos[other] = out / f"{other}_repository"
     write_repository(spec.replace(pipeline=other), build["backend"], repos[other], "benchmarks.bench",
-                     model_file=Path(build["classifier_model"]["source"]))
+                     model_file=Path(build["classifier_model"]["source"]),
+                     extra={k: build[k] for k in ("variant", "precision") if k in build})
     return repos
 
 
@@ -264,9 +281,11 @@ def main(args: argparse.Namespace) -> dict:
     build = json.loads((repo / "BUILD.json").read_text())
     spec = build["spec"]
     artifacts = Path(args.artifacts or spec["artifacts"])
+    model, model_text = comparison_model(build, artifacts, args.artifacts is not None)
     photos = list(load_photos(args.photos).values())
     out.mkdir(parents=True, exist_ok=True)
     started, load, machine0 = time.monotonic(), os.getloadavg()[0], procstats.machine_cpu_times()
+    print(f"bench: {model_text}", flush=True)
     print(f"bench: {plan}; load average {load:.2f} on {os.cpu_count()} cores"
           + (" (busy machine: numbers will be noisy)" if load > 0.5 else ""), flush=True)
 
@@ -300,7 +319,7 @@ def main(args: argparse.Namespace) -> dict:
 
     points, stages, cpu = [], {}, {}
     if "inprocess" not in args.skip:
-        points += bench_inprocess(artifacts, photos, plan["inprocess_batch"], plan["inprocess_images"])
+        points += bench_inprocess(artifacts, photos, plan["inprocess_batch"], plan["inprocess_images"], model=model)
     for pipeline, path in repos.items():
         if not tool and "locust" in args.skip:
             break
@@ -315,7 +334,7 @@ def main(args: argparse.Namespace) -> dict:
                     points += bench_locust(server.process.pid, user_class, system, host, plan["concurrency"],
                                            plan["locust_run_time"], args.photos, out / "locust")
     if "fastapi" not in args.skip:
-        with FastAPIService(artifacts, free_port(), log_file=out / "fastapi.log") as service:
+        with FastAPIService(artifacts, free_port(), log_file=out / "fastapi.log", model=model) as service:
             points += bench_locust(service.process.pid, "FastAPIUser", report.FASTAPI, service.url,
                                    plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust")
 
@@ -324,7 +343,7 @@ def main(args: argparse.Namespace) -> dict:
     if bound_points:  # the same measurement again: how much the machine itself moved during the run
         first = max(bound_points, key=lambda p: p.throughput)
         print("bench: the in-process bound again, at its best batch size (drift check)", flush=True)
-        (again,) = bench_inprocess(artifacts, photos, [first.concurrency], plan["inprocess_images"])
+        (again,) = bench_inprocess(artifacts, photos, [first.concurrency], plan["inprocess_images"], model=model)
         steal = procstats.steal_fraction(machine0, procstats.machine_cpu_times())
         drift_text = drift_line(first.throughput, again.throughput, first.concurrency, steal) + "\n"
     stage_text = "".join(limiting_stage_text(stages, system, instances[pipeline], cpu)
@@ -334,14 +353,14 @@ def main(args: argparse.Namespace) -> dict:
              "plan": plan, "photos": args.photos, "load_average_at_start": load, "cpu_count": os.cpu_count(),
              "model_repository": str(repo), "repositories": {k: str(v) for k, v in repos.items()},
              "spec": spec, "stages": stages, "cpu_by_process": cpu, "drift": drift_text.strip(),
-             "steal_fraction": steal,
+             "steal_fraction": steal, "comparison_model": str(model), "variant": build.get("variant", "fp32"),
              "perf_analyzer": "used" if tool else why_no_perf or "skipped",
              "seconds": round(time.monotonic() - started, 1)}
     files = report.write(points, out, extra, cores=os.cpu_count() or 1)
     with open(files["md"], "a") as f:
-        f.write("\n" + drift_text + stage_text)
+        f.write("\n" + model_text + "\n" + drift_text + stage_text)
     ratio_text = report.ratio_lines(report.ratios(points, os.cpu_count() or 1))
-    print("\n" + report.table(points) + "\n" + ratio_text + "\n" + drift_text + stage_text)
+    print("\n" + report.table(points) + "\n" + ratio_text + "\n" + model_text + "\n" + drift_text + stage_text)
     print(f"bench: {extra['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
     return {"points": points, "files": files, **extra}
 

@@ -7,7 +7,9 @@ POST /classify takes one encoded image as the request body and returns
 {"predictions": [{"index", "label", "score"}, ...]} (top k, best first); GET /health. Each request
 is decoded with the project's preprocessing and run through the same ONNX model (batch 1, same
 session options as the served classifier) in Starlette's thread pool, so requests overlap; a bad
-image is a 400 naming the problem. The benchmark starts it as a subprocess (FastAPIService).
+image is a 400 naming the problem. `--model` picks another ONNX file of the same model (the INT8
+variant the repository serves, say); labels and preprocess.json come from `--artifacts`. The
+benchmark starts it as a subprocess (FastAPIService).
 """
 
 import argparse
@@ -21,9 +23,10 @@ from pathlib import Path
 
 ENV_ARTIFACTS = "FASTAPI_SERVICE_ARTIFACTS"
 ENV_THREADS = "FASTAPI_SERVICE_THREADS"
+ENV_MODEL = "FASTAPI_SERVICE_MODEL"
 
 
-def create_app(artifacts: str | Path, intra_op_threads: int = 2):
+def create_app(artifacts: str | Path, intra_op_threads: int = 2, model: str | Path | None = None):
     import numpy as np
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
@@ -34,7 +37,7 @@ def create_app(artifacts: str | Path, intra_op_threads: int = 2):
     artifacts = Path(artifacts)
     config = PreprocessConfig.load(artifacts / "preprocess.json")
     labels = (artifacts / "labels.txt").read_text().splitlines()
-    session = session_from_onnx(artifacts / "model.onnx", intra_op_threads)
+    session = session_from_onnx(Path(model) if model else artifacts / "model.onnx", intra_op_threads)
     input_name = session.get_inputs()[0].name
 
     def predict(data: bytes, top_k: int) -> list[dict]:
@@ -62,15 +65,15 @@ def create_app(artifacts: str | Path, intra_op_threads: int = 2):
 
 def app_from_env():
     """uvicorn factory (`--workers` > 1 needs an import string): settings from the environment."""
-    return create_app(os.environ[ENV_ARTIFACTS], int(os.environ.get(ENV_THREADS, "2")))
+    return create_app(os.environ[ENV_ARTIFACTS], int(os.environ.get(ENV_THREADS, "2")), os.environ.get(ENV_MODEL))
 
 
 class FastAPIService:
     """The service as a subprocess on loopback; a context manager like serving.server.TritonServer."""
 
     def __init__(self, artifacts: str | Path, port: int, intra_op_threads: int = 2, workers: int = 1,
-                 log_file: str | Path | None = None):
-        self.artifacts, self.port = Path(artifacts), port
+                 log_file: str | Path | None = None, model: str | Path | None = None):
+        self.artifacts, self.port, self.model = Path(artifacts), port, Path(model) if model else None
         self.intra_op_threads, self.workers = intra_op_threads, workers
         self.log_file = Path(log_file) if log_file else None
         self.process: subprocess.Popen | None = None
@@ -82,7 +85,7 @@ class FastAPIService:
     def start(self, timeout: float = 60.0) -> "FastAPIService":
         cmd = [sys.executable, "-m", "benchmarks.fastapi_service", "--artifacts", str(self.artifacts.resolve()),
                "--port", str(self.port), "--intra-op-threads", str(self.intra_op_threads),
-               "--workers", str(self.workers)]
+               "--workers", str(self.workers)] + (["--model", str(self.model.resolve())] if self.model else [])
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         project_root = str(Path(__file__).resolve().parent.parent)
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=project_root)
@@ -119,6 +122,7 @@ class FastAPIService:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="exported model (default: %(default)s)")
+    p.add_argument("--model", default=None, help="ONNX file to serve (default: <artifacts>/model.onnx)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
     p.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
@@ -130,11 +134,13 @@ def main(args: argparse.Namespace) -> None:
     import uvicorn
 
     if args.workers == 1:
-        uvicorn.run(create_app(args.artifacts, args.intra_op_threads), host=args.host, port=args.port,
+        uvicorn.run(create_app(args.artifacts, args.intra_op_threads, args.model), host=args.host, port=args.port,
                     log_level="warning")
     else:
         os.environ[ENV_ARTIFACTS] = str(Path(args.artifacts).resolve())
         os.environ[ENV_THREADS] = str(args.intra_op_threads)
+        if args.model:
+            os.environ[ENV_MODEL] = str(Path(args.model).resolve())
         uvicorn.run("benchmarks.fastapi_service:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level="warning")
 

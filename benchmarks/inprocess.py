@@ -115,14 +115,16 @@ def run_parallel(session: ort.InferenceSession, config: PreprocessConfig, photos
 
 
 def measure(artifacts: str | Path, photos: list[bytes], batches: list[int], images: int,
-            decode_threads: int, intra_op_threads: int, strategy: str = "pipelined") -> list[InProcessResult]:
+            decode_threads: int, intra_op_threads: int, strategy: str = "pipelined",
+            model: str | Path | None = None) -> list[InProcessResult]:
     """`pipelined`: decode_threads decode ahead of one ONNX Runtime call at a time; `parallel`:
-    decode_threads workers each decode and run their own batch."""
+    decode_threads workers each decode and run their own batch. `model`: another ONNX file of the
+    artifacts' model (default: model.onnx)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
     artifacts = Path(artifacts)
     config = PreprocessConfig.load(artifacts / "preprocess.json")
-    session = session_from_onnx(artifacts / "model.onnx", intra_op_threads)
+    session = session_from_onnx(Path(model) if model else artifacts / "model.onnx", intra_op_threads)
     run = run_pipelined if strategy == "pipelined" else run_parallel
     return [run(session, config, photos, b, max(images, b), decode_threads) for b in batches]
 
@@ -130,6 +132,7 @@ def measure(artifacts: str | Path, photos: list[bytes], batches: list[int], imag
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="exported model (default: %(default)s)")
+    p.add_argument("--model", default=None, help="ONNX file (default: <artifacts>/model.onnx)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8, 16], help="batch sizes (default: %(default)s)")
     p.add_argument("--images", type=int, default=400, help="images per batch size (default: %(default)s)")
     p.add_argument("--strategy", default="pipelined", choices=STRATEGIES,
@@ -143,7 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[InProcessResult]:
     photos = list(load_photos(args.photos).values())
     results = measure(args.artifacts, photos, args.batch, args.images, args.decode_threads, args.intra_op_threads,
-                      args.strategy)
+                      args.strategy, args.model)
     for r in results:
         print(f"in-process batch {r.batch:3d}: {r.throughput:7.1f} img/s  p50 {r.p50_ms:6.1f}  "
               f"p90 {r.p90_ms:6.1f}  p99 {r.p99_ms:6.1f} ms  ({r.images} images in {r.seconds:.1f} s)")

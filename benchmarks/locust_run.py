@@ -136,6 +136,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="served when no --host (default: %(default)s)")
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0",
                    help="model for the FastAPI service when no --host (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="ONNX file the FastAPI service runs, e.g. the repository's INT8 variant "
+                        "(default: <artifacts>/model.onnx)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results/locust", help="reports folder (default: %(default)s)")
     return p
@@ -157,7 +160,8 @@ def main(args: argparse.Namespace) -> list[LocustResult]:
                                                       log_file=out / "tritonserver.log"))
             hosts.update(TritonGrpcUser=server.grpc_url, TritonHttpUser=server.http_url)
         if args.host is None and "FastAPIUser" in args.user_class:
-            service = stack.enter_context(FastAPIService(args.artifacts, free_port(), log_file=out / "fastapi.log"))
+            service = stack.enter_context(FastAPIService(args.artifacts, free_port(), log_file=out / "fastapi.log",
+                                                              model=args.model))
             hosts["FastAPIUser"] = service.url
         for user_class in args.user_class:
             for users in args.users:

@@ -15,6 +15,9 @@ off; the table shows the mean of each configuration's runs). Each candidate is a
 (build.repository.write_repository) served by a fresh tritonserver, warmed up, and measured by
 perf_analyzer on the ensemble, over gRPC, with the real photos, at --concurrency. The table of
 everything tried is printed and saved (tune.csv / tune.json); `make engines` then uses the result.
+Candidates serve the classifier file `make engines` will serve: the artifacts' model.onnx for FP32
+ONNX, else the variant or plan recorded in --model-repository/BUILD.json for the same artifacts,
+backend and precision (build it first: `make engines PRECISION=int8 && make tune PRECISION=int8`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, write_input_data
 from benchmarks.workload import ENCODINGS, load_photos
-from build.spec import DEFAULT_SPEC_PATH, DeploymentSpec
+from build.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 
 # knob -> values tried. A knob is a top-level field of the spec ("pipeline") or "<stage>.<name>", where
 # <name> is a field of the stage or one of the COMPOUND knobs, which move fields that only pay off
@@ -122,13 +125,33 @@ def with_knob(spec: DeploymentSpec, knob: str, value) -> DeploymentSpec:
     return new
 
 
+def classifier_model(spec: DeploymentSpec, backend: str, repository: Path) -> Path | None:
+    """The classifier file the candidates serve, so that the search measures what `make engines` will
+    deploy: None (the artifacts' model.onnx) for FP32 ONNX; otherwise the file recorded in
+    `repository`/BUILD.json when that build has the spec's artifacts, backend and precision (the
+    variant passed the accuracy gate there). Raises ValueError, saying how to build it, when none does."""
+    if spec.precision == "fp32" and backend != "tensorrt":
+        return None
+    manifest = repository / "BUILD.json"
+    build = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    same = (Path(build.get("spec", {}).get("artifacts", "")) == Path(spec.artifacts)
+            and build.get("backend") == backend and build.get("precision") == spec.precision)
+    if same and Path(build["classifier_model"]["source"]).is_file():
+        return Path(build["classifier_model"]["source"])
+    found = (f"{manifest} was built with precision {build.get('precision')}, backend {build.get('backend')}, "
+             f"artifacts {build.get('spec', {}).get('artifacts')}" if build else f"there is no {manifest}")
+    raise ValueError(f"tuning a {spec.precision} classifier on the {backend} backend needs the file `make engines` "
+                     f"deploys for it, and {found}: run `make engines PRECISION={spec.precision}` first")
+
+
 def measure_spec(spec: DeploymentSpec, backend: str, repo: Path, tool: PerfAnalyzer, inputs: Path,
-                 concurrency: int, measurement_ms: int, log: Path):
-    """Build `spec` into `repo`, serve it, perf_analyzer the ensemble once. Returns a PerfResult."""
+                 concurrency: int, measurement_ms: int, log: Path, model_file: Path | None = None):
+    """Build `spec` into `repo` (classifier: `model_file`, default the artifacts' model.onnx), serve
+    it, perf_analyzer the ensemble once. Returns a PerfResult."""
     from build.repository import write_repository
     from serving.server import TritonServer
 
-    write_repository(spec, backend, repo, spec_source="benchmarks.tune candidate")
+    write_repository(spec, backend, repo, spec_source="benchmarks.tune candidate", model_file=model_file)
     with TritonServer(repo, log_file=log) as server:
         tool.warm_up(spec.ensemble_name, server.grpc_url, "grpc", concurrency, repo.parent / "warmup.csv", inputs)
         return tool.measure(spec.ensemble_name, server.grpc_url, "grpc", concurrency,
@@ -252,6 +275,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=int, default=2, help="sweeps over the knobs at most (default: %(default)s)")
     p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
     p.add_argument("--artifacts", default=None, help="exported model (default: the spec's)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="tune this classifier precision; not written to the spec, like `make engines "
+                        "PRECISION=` (default: the spec's)")
+    p.add_argument("--model-repository", default="model_repository",
+                   help="where `make engines` recorded the variant to serve (BUILD.json) (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
     p.add_argument("--perf-venv", default=DEFAULT_VENV, help="(default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results/tune", help="work and results folder (default: %(default)s)")
@@ -264,10 +292,13 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     spec = DeploymentSpec.load(args.spec) if Path(args.spec).exists() else DeploymentSpec()
     if args.artifacts:
         spec = spec.replace(artifacts=args.artifacts)
-    served_pipeline = spec.pipeline
+    served_pipeline, spec_precision = spec.pipeline, spec.precision
+    if args.precision:
+        spec = spec.replace(precision=args.precision)
     if args.pipeline:
         spec = spec.replace(pipeline=args.pipeline)
     backend, _ = capabilities.resolve_backend(spec.backend, capabilities.detect())
+    model_file = classifier_model(spec, backend, Path(args.model_repository))
     tool = PerfAnalyzer.locate(args.perf_venv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,9 +310,10 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
         raise ValueError(f"none of the knobs {list(grid)} applies to the spec's pipeline {spec.pipeline!r}: "
                          "add `pipeline` to --knobs or set the pipeline in the spec")
     print(f"tune: ensemble over gRPC at concurrency {args.concurrency}, p99 budget {args.p99_budget_ms} ms, "
-          f"backend {backend}, knobs {list(grid)}", flush=True)
+          f"backend {backend}, classifier {model_file or Path(spec.artifacts) / 'model.onnx'}, knobs {list(grid)}",
+          flush=True)
     measure = lambda s: measure_spec(s, backend, out / "model_repository", tool, inputs,  # noqa: E731
-                                     args.concurrency, args.measurement_ms, out / "tritonserver.log")
+                                     args.concurrency, args.measurement_ms, out / "tritonserver.log", model_file)
     best, trials = search(spec, grid, measure, args.p99_budget_ms, args.min_gain, args.max_candidates, args.passes,
                           confirm=not args.no_confirm)
 
@@ -302,6 +334,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
         best = best.replace(pipeline=served_pipeline)  # --pipeline tuned the stages, not the choice
         print(f"tune: the {args.pipeline} pipeline's knobs are written; the spec keeps \"pipeline\": "
               f"\"{served_pipeline}\"")
+    best = best.replace(precision=spec_precision)  # --precision picked the model to tune with, not the spec's
     if not args.no_write:
         target = Path(args.write_spec or args.spec)
         best.save(target)

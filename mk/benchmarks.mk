@@ -37,5 +37,6 @@ bench: engines $(PERF_STAMP) ## everything side by side (~8 min): table, ratios,
 bench-quick: engines $(PERF_STAMP) ## the same in about 2 minutes (short windows, concurrency 2 and 8)
 	$(PY) -m benchmarks.bench --quick --model-repository $(REPOSITORY) --out $(BENCH_OUT) $(BENCH_ARGS)
 
-tune: $(STAMP) $(PERF_STAMP) ## search instances/batching/threads with perf_analyzer, write the winner to SPEC [TUNE_ARGS=--quick]
-	$(PY) -m benchmarks.tune --spec $(SPEC) --out $(BENCH_OUT)/tune $(TUNE_ARGS)
+tune: $(STAMP) $(PERF_STAMP) ## search instances/batching/threads with perf_analyzer, write the winner to SPEC [TUNE_ARGS=--quick PRECISION=int8]
+	$(PY) -m benchmarks.tune --spec $(SPEC) --model-repository $(REPOSITORY) --out $(BENCH_OUT)/tune \
+	    $(if $(PRECISION),--precision $(PRECISION)) $(TUNE_ARGS)

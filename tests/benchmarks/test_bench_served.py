@@ -1,6 +1,5 @@
 """Against a real tritonserver (Lite0 ensemble): Locust users, the FastAPI service, server statistics,
 perf_analyzer and one step of the configuration search. perf_analyzer tests skip without .venv-perf."""
-from pathlib import Path
 
 import pytest
 
@@ -12,17 +11,6 @@ from serving.server import free_port
 
 pytestmark = pytest.mark.slow
 
-PERF_VENV = Path(__file__).resolve().parents[2] / ".venv-perf"
-
-
-@pytest.fixture(scope="module")
-def perf_tool():
-    from benchmarks.perf import PerfAnalyzer, PerfAnalyzerError
-
-    try:
-        return PerfAnalyzer.locate(PERF_VENV)
-    except PerfAnalyzerError as exc:
-        pytest.skip(f"perf_analyzer is not set up ({exc}); `make perf-setup` installs it")
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +106,14 @@ def test_perf_analyzer_on_ensemble_with_real_photos(server, perf_tool, photos, t
     assert synthetic.throughput > 0
 
 
-def test_tune_tries_candidates_and_writes_the_spec(perf_tool, tiny_artifacts, tmp_path):
+def test_tune_tries_candidates_and_writes_the_spec(perf_tool, perf_venv, tiny_artifacts, tmp_path):
     from benchmarks import tune
 
     spec_path = tmp_path / "deployment.json"
     args = tune.get_args_parser().parse_args([
         "--spec", str(spec_path), "--artifacts", str(tiny_artifacts), "--concurrency", "2",
         "--p99-budget-ms", "10000", "--measurement-ms", "500", "--max-candidates", "2",
-        "--perf-venv", str(PERF_VENV), "--out", str(tmp_path / "tune"), "--quick"])
+        "--perf-venv", str(perf_venv), "--out", str(tmp_path / "tune"), "--quick"])
     best = tune.main(args)
     assert spec_path.exists() and (tmp_path / "tune" / "tune.csv").exists()
     from build.spec import DeploymentSpec
@@ -133,7 +121,7 @@ def test_tune_tries_candidates_and_writes_the_spec(perf_tool, tiny_artifacts, tm
     assert DeploymentSpec.load(spec_path).to_dict() == best.to_dict()
 
 
-def test_tune_a_pipeline_without_switching_to_it(perf_tool, tiny_artifacts, tmp_path):
+def test_tune_a_pipeline_without_switching_to_it(perf_tool, perf_venv, tiny_artifacts, tmp_path):
     """--pipeline fused tunes the fused stage on real servers and writes its knobs; the spec keeps
     serving the ensemble, because `pipeline` itself was not among the knobs searched."""
     import json
@@ -146,7 +134,7 @@ def test_tune_a_pipeline_without_switching_to_it(perf_tool, tiny_artifacts, tmp_
     args = tune.get_args_parser().parse_args([
         "--spec", str(spec_path), "--pipeline", "fused", "--knobs", "fused.layout", "--concurrency", "2",
         "--p99-budget-ms", "10000", "--measurement-ms", "500", "--max-candidates", "2",
-        "--perf-venv", str(PERF_VENV), "--out", str(tmp_path / "tune")])
+        "--perf-venv", str(perf_venv), "--out", str(tmp_path / "tune")])
     best = tune.main(args)
     saved = DeploymentSpec.load(spec_path)
     assert saved.pipeline == "ensemble" and saved.to_dict() == best.to_dict()
