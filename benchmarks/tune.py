@@ -134,7 +134,7 @@ def classifier_model(spec: DeploymentSpec, backend: str, repository: Path) -> Pa
         return None
     manifest = repository / "BUILD.json"
     build = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    same = (Path(build.get("spec", {}).get("artifacts", "")) == Path(spec.artifacts)
+    same = (bool(build) and Path(build["spec"]["artifacts"]).resolve() == Path(spec.artifacts).resolve()
             and build.get("backend") == backend and build.get("precision") == spec.precision)
     if same and Path(build["classifier_model"]["source"]).is_file():
         return Path(build["classifier_model"]["source"])

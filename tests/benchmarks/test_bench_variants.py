@@ -1,6 +1,7 @@
 """`make bench` and `make tune` measure the classifier file `make engines` deployed (here the INT8 CPU
 variant of a small real model), not the FP32 model.onnx beside it."""
 import json
+import os
 import shutil
 import urllib.request
 
@@ -67,6 +68,8 @@ def test_tune_picks_the_deployed_file_or_says_what_to_build(int8_build, tmp_path
     artifacts, repo, _ = int8_build
     spec = DeploymentSpec(artifacts=str(artifacts), precision="int8")
     assert tune.classifier_model(spec, PYTHON, repo) == artifacts / "model.int8.cpu.onnx"
+    relative = spec.replace(artifacts=os.path.relpath(artifacts))  # the same folder, spelled differently
+    assert tune.classifier_model(relative, PYTHON, repo) == artifacts / "model.int8.cpu.onnx"
     assert tune.classifier_model(spec.replace(precision="fp32"), PYTHON, repo) is None  # model.onnx
     with pytest.raises(ValueError, match=r"built with precision int8.*make engines PRECISION=fp16"):
         tune.classifier_model(spec.replace(precision="fp16"), PYTHON, repo)
