@@ -9,7 +9,7 @@ RUN_TIME ?= 20
 BENCH_ARGS ?=
 TUNE_ARGS ?=
 
-.PHONY: perf-setup perf locust bench bench-quick tune
+.PHONY: perf-setup perf locust bench bench-quick tune profile
 
 perf-setup: $(PERF_STAMP) ## .venv-perf: perf_analyzer (tritonclient 2.51, pinned) + libcudart + Debian libb64-0d
 
@@ -40,3 +40,6 @@ bench-quick: engines $(PERF_STAMP) ## the same in about 2 minutes (short windows
 tune: $(STAMP) $(PERF_STAMP) ## search instances/batching/threads with perf_analyzer, write the winner to SPEC [TUNE_ARGS=--quick PRECISION=int8]
 	$(PY) -m benchmarks.tune --spec $(SPEC) --model-repository $(REPOSITORY) --out $(BENCH_OUT)/tune \
 	    $(if $(PRECISION),--precision $(PRECISION)) $(TUNE_ARGS)
+
+profile: engines $(PERF_STAMP) ## serving CPU per image by process and library, both pipelines (Linux perf, as root) [PROFILE_ARGS=--seconds 5]
+	$(PY) -m benchmarks.profile --model-repository $(REPOSITORY) --out $(BENCH_OUT)/profile $(PROFILE_ARGS)
