@@ -11,13 +11,17 @@ TUNE_ARGS ?=
 
 .PHONY: perf-setup perf locust bench bench-quick tune profile
 
-perf-setup: $(PERF_STAMP) ## .venv-perf: perf_analyzer (tritonclient 2.51, pinned) + libcudart + Debian libb64-0d
+perf-setup: $(PERF_STAMP) ## .venv-perf: perf_analyzer (tritonclient 2.51, pinned) + libcudart + Debian libb64-0d (+ linux-perf for make profile)
 
 # perf_analyzer links libb64.so.0d (Debian libb64-0d) and libcudart.so.12 (pip; no GPU needed).
 $(PERF_STAMP): requirements/perf.txt
 	@if ! ldconfig -p | grep -q 'libb64\.so\.0d'; then \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
 	    else echo "perf-setup: perf_analyzer needs the Debian package libb64-0d: sudo apt-get install libb64-0d" >&2; exit 1; fi; \
+	fi
+	@if ! command -v perf >/dev/null; then \
+	    if [ "$$(id -u)" = 0 ]; then { apt-get update -qq && apt-get install -y -qq linux-perf; } || echo "perf-setup: no linux-perf: make profile will say so" >&2; \
+	    else echo "perf-setup: make profile needs Linux perf: sudo apt-get install linux-perf" >&2; fi; \
 	fi
 	$(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/python -m pip install --quiet --upgrade pip
