@@ -14,7 +14,9 @@ In order, on the same cores, one system at a time:
      perf_analyzer gRPC on the ensemble and on the fused model alone, Locust HTTP;
   4. the FastAPI + ONNX Runtime service (benchmarks/fastapi_service.py), same Locust script.
 Both pipelines come from the repository's spec: the one `make engines` built is served as it is, the
-other is rebuilt from the same spec with the other "pipeline". Every served model gets a short,
+other is rebuilt from the same spec with the other "pipeline". The in-process bound and FastAPI run
+the classifier's own ONNX file (BUILD.json: the INT8 variant after `make engines PRECISION=int8`), so
+every system runs the same model; the summary names it. Every served model gets a short,
 unreported warm-up before its first point.
 Each point records throughput, p50/p90/p99, CPU% and peak RSS of the serving process tree and the
 load generator's CPU%; the ensemble's points also record Triton's per-model queue/compute times.

@@ -161,9 +161,9 @@ def table(profiles: list[Profile]) -> str:
     sums = [p.total() for p in profiles]
     lines.append("| **all serving processes** | " + " | ".join(f"**{v:.2f}**" for v in sums) + " |"
                  + (f" **{sums[0] - sums[1]:+.2f}** |" if len(sums) == 2 else ""))
-    by_role = ["; ".join(f"{p.pipeline}: " + ", ".join(f"{r} {sum(g.values()):.2f}" for r, g in p.ms_per_image.items())
-                         for p in profiles)]
-    return "\n".join(lines) + "\n\nBy process (CPU ms per image): " + by_role[0] + "\n"
+    by_role = "; ".join(f"{p.pipeline}: " + ", ".join(f"{r} {sum(g.values()):.2f}" for r, g in p.ms_per_image.items())
+                        for p in profiles)
+    return "\n".join(lines) + "\n\nBy process (CPU ms per image): " + by_role + "\n"
 
 
 def profile_pipeline(repo: Path, pipeline: str, ensemble: str, tool, inputs: Path, concurrency: int,
