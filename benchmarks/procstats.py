@@ -35,6 +35,18 @@ def role_of(cmdline: list[str], is_root: bool) -> str:
     return Path(cmdline[0]).name if cmdline else "?"
 
 
+def tree_roles(root_pid: int) -> dict[int, str]:
+    """{pid: role_of} of a serving process tree as it is now (the root and all its descendants)."""
+    root = psutil.Process(root_pid)
+    roles = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            roles[proc.pid] = role_of(proc.cmdline(), proc.pid == root_pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return roles
+
+
 def machine_cpu_times(stat: str = "/proc/stat") -> dict[str, int] | None:
     """The machine's CPU time counters (clock ticks, all cores) from /proc/stat; None where absent."""
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import json
 import re
@@ -31,9 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
-from benchmarks.procstats import role_of
+from benchmarks.procstats import tree_roles
 
 # library group -> patterns of the shared-object path, first match wins (Triton's wheel lives under
 # site-packages, so it comes before anything that could match a python path); kernel samples are "[kernel...]"
@@ -100,16 +97,6 @@ def parse_script(text: str) -> collections.Counter:
     return totals
 
 
-def serving_roles(root_pid: int) -> dict[int, str]:
-    """{pid: role} of the serving process tree: procstats.role_of (server, or a stub's model)."""
-    root = psutil.Process(root_pid)
-    roles = {}
-    for proc in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            roles[proc.pid] = role_of(proc.cmdline(), proc.pid == root_pid)
-    return roles
-
-
 @dataclasses.dataclass
 class Profile:
     pipeline: str
@@ -174,7 +161,7 @@ def profile_pipeline(repo: Path, pipeline: str, ensemble: str, tool, inputs: Pat
 
     with TritonServer(repo, Ports.free(), log_file=out / f"tritonserver-{pipeline}.log") as server:
         tool.warm_up(ensemble, server.grpc_url, "grpc", concurrency, out / f"warmup-{pipeline}.csv", inputs)
-        roles = serving_roles(server.process.pid)
+        roles = tree_roles(server.process.pid)
         cmd = tool.command(ensemble, server.grpc_url, "grpc", concurrency, out / f"load-{pipeline}.csv", inputs,
                            measurement_ms=int((seconds + 30) * 1000), max_trials=1, stability=1000)
         load = subprocess.Popen(cmd, env=tool.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -208,7 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[Profile]:
     from benchmarks.bench import pipeline_repositories
-    from benchmarks.perf import PerfAnalyzer, write_input_data
+    from benchmarks.perf import PerfAnalyzer, model_inputs
     from benchmarks.workload import load_photos
 
     perf = require_perf(args.perf)
@@ -222,7 +209,7 @@ def main(args: argparse.Namespace) -> list[Profile]:
     missing = [p for p in args.pipelines if p not in repos]
     if missing:
         raise ValueError(f"pipeline(s) {missing} cannot be built for the {build['backend']} backend")
-    inputs = write_input_data(list(load_photos(args.photos).values()), out / "image_classifier.input.json")
+    inputs = model_inputs("image_classifier", list(load_photos(args.photos).values()), out)  # as make bench
     profiles = []
     for pipeline in args.pipelines:
         print(f"profile: {pipeline} ({repos[pipeline]}), concurrency {args.concurrency}, {args.seconds:.0f} s",
