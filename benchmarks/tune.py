@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, write_input_data
 from benchmarks.workload import ENCODINGS, load_photos
-from build.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
+from build.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 
 # knob -> values tried. A knob is a top-level field of the spec ("pipeline") or "<stage>.<name>", where
 # <name> is a field of the stage or one of the COMPOUND knobs, which move fields that only pay off
@@ -46,8 +46,8 @@ COMPOUND = {"layout": ("instances", "threads"), "batching": ("preferred_batch_si
 FULL_GRID = {
     "pipeline": ["ensemble", "fused"],
     "fused.shape": [[2, 1, [2], 0], [1, 2, [2], 0], [2, 1, [4, 8], 2000]],
-    "fused.batching": [[[1], 0], [[2], 0], [[4], 0], [[4, 8], 2000]],
     "fused.layout": [[2, 1], [3, 1], [1, 2], [2, 2]],
+    "fused.batching": [[[1], 0], [[2], 0], [[4], 0], [[4, 8], 2000]],
     "classifier.shape": [[2, 1, [2], 0], [1, 2, [2], 0], [1, 2, [8, 16], 2000], [2, 1, [4], 0]],
     "preprocess.shape": [[2, 1, [2], 0], [1, 2, [4], 0], [2, 1, [4, 8], 2000], [2, 1, [4], 0]],
     "classifier.layout": [[1, 2], [2, 1], [1, 1], [3, 1]],
@@ -196,7 +196,11 @@ def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain
             if not applies(best, knob):
                 continue
             for value in values:
-                candidate = with_knob(best, knob, value)
+                try:
+                    candidate = with_knob(best, knob, value)
+                except ValueError as exc:  # e.g. a preferred batch size above this spec's max_batch_size
+                    print(f"  {knob}={_show(knob, value)}: not tried, {exc}", flush=True)
+                    continue
                 key = json.dumps(candidate.to_dict(), sort_keys=True)
                 if key in seen or len(trials) >= max_candidates:
                     continue
@@ -274,10 +278,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="believe a single measurement (default: measure a would-be winner and the best again)")
     p.add_argument("--passes", type=int, default=2, help="sweeps over the knobs at most (default: %(default)s)")
     p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
-    p.add_argument("--artifacts", default=None, help="exported model (default: the spec's)")
+    p.add_argument("--artifacts", default=None,
+                   help="exported model to tune with; not written to the spec (default: the spec's)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="tune this classifier precision; not written to the spec, like `make engines "
                         "PRECISION=` (default: the spec's)")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="classifier backend to tune with; not written to the spec, like `make engines "
+                        "BACKEND=` (default: the spec's)")
     p.add_argument("--model-repository", default="model_repository",
                    help="where `make engines` recorded the variant to serve (BUILD.json) (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
@@ -290,11 +298,14 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     from build import capabilities
 
     spec = DeploymentSpec.load(args.spec) if Path(args.spec).exists() else DeploymentSpec()
+    kept = {k: getattr(spec, k) for k in ("artifacts", "precision", "backend")}
+    served_pipeline = spec.pipeline
     if args.artifacts:
         spec = spec.replace(artifacts=args.artifacts)
-    served_pipeline, spec_precision = spec.pipeline, spec.precision
     if args.precision:
         spec = spec.replace(precision=args.precision)
+    if args.backend:
+        spec = spec.replace(backend=args.backend)
     if args.pipeline:
         spec = spec.replace(pipeline=args.pipeline)
     backend, _ = capabilities.resolve_backend(spec.backend, capabilities.detect())
@@ -326,6 +337,9 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
         writer.writerows({**dataclasses.asdict(t), "settings": json.dumps(t.settings)} for t in trials)
     (out / "tune.json").write_text(json.dumps({"args": vars(args), "best": best.to_dict() if best else None,
                                                "trials": [dataclasses.asdict(t) for t in trials]}, indent=2) + "\n")
+    if not any(t.runs for t in trials):
+        raise RuntimeError(f"every configuration tried failed to serve or to measure ({len(trials)}; the first: "
+                           f"{trials[0].error}); nothing written. Server log: {out / 'tritonserver.log'}")
     if best is None:
         raise RuntimeError(f"no configuration kept p99 within {args.p99_budget_ms} ms at concurrency "
                            f"{args.concurrency} (tried {len(trials)}); nothing written. Raise --p99-budget-ms "
@@ -334,7 +348,9 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
         best = best.replace(pipeline=served_pipeline)  # --pipeline tuned the stages, not the choice
         print(f"tune: the {args.pipeline} pipeline's knobs are written; the spec keeps \"pipeline\": "
               f"\"{served_pipeline}\"")
-    best = best.replace(precision=spec_precision)  # --precision picked the model to tune with, not the spec's
+    # --artifacts, --precision and --backend picked the model to tune with, as they do for `make engines`:
+    # the spec keeps its own
+    best = best.replace(**kept)
     if not args.no_write:
         target = Path(args.write_spec or args.spec)
         best.save(target)

@@ -42,7 +42,8 @@ bench-quick: engines $(PERF_STAMP) ## the same in about 2 minutes (short windows
 	$(PY) -m benchmarks.bench --quick --model-repository $(REPOSITORY) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 tune: $(STAMP) $(PERF_STAMP) ## search instances/batching/threads with perf_analyzer, write the winner to SPEC [TUNE_ARGS=--quick PRECISION=int8]
-	$(PY) -m benchmarks.tune --spec $(SPEC) --model-repository $(REPOSITORY) --out $(BENCH_OUT)/tune \
+	$(PY) -m benchmarks.tune --spec $(SPEC) --artifacts $(ARTIFACTS) --model-repository $(REPOSITORY) \
+	    --out $(BENCH_OUT)/tune $(if $(filter-out auto,$(BACKEND)),--backend $(BACKEND)) \
 	    $(if $(PRECISION),--precision $(PRECISION)) $(TUNE_ARGS)
 
 profile: engines $(PERF_STAMP) ## serving CPU per image by process and library, both pipelines (Linux perf, as root) [PROFILE_ARGS=--seconds 5]

@@ -118,3 +118,17 @@ def test_a_failed_repeat_keeps_the_best():
     best, trials = tune.search(spec, {"classifier.layout": [[2, 1]]}, flaky, budget_ms=100, min_gain=0.03,
                                max_candidates=10)
     assert best.classifier.instances == spec.classifier.instances and not trials[0].error and trials[0].chosen
+
+
+def test_a_grid_value_the_spec_rejects_is_passed_over_not_fatal(capsys):
+    """max_batch_size 8: the grid's preferred sizes of 16 make an invalid spec; the search says so
+    and goes on with the knob's other values."""
+    from build.spec import StageSpec
+
+    spec = DeploymentSpec(max_batch_size=8, classifier=StageSpec(1, [4, 8], 2000, 2))
+    grid = {"classifier.shape": [[1, 2, [8, 16], 2000], [2, 1, [2], 0]]}
+    best, trials = tune.search(spec, grid, cost_model, budget_ms=100, min_gain=0.01, max_candidates=10)
+    assert [t.knob for t in trials] == ["baseline", "classifier.shape"]
+    assert best.classifier.instances == 2 and best.classifier.preferred_batch_sizes == [2]
+    assert "not tried" in capsys.readouterr().out
+
