@@ -17,7 +17,8 @@ Both pipelines come from the repository's spec: the one `make engines` built is 
 other is rebuilt from the same spec with the other "pipeline". The in-process bound and FastAPI run
 the classifier's own ONNX file (BUILD.json: the INT8 variant after `make engines PRECISION=int8`), so
 every system runs the same model; the summary names it. Every served model gets a short,
-unreported warm-up before its first point.
+unreported warm-up before its first point (perf_analyzer's, or a Locust run where perf_analyzer
+did not run: FastAPI, `--skip perf`).
 Each point records throughput, p50/p90/p99, CPU% and peak RSS of the serving process tree and the
 load generator's CPU%; the ensemble's points also record Triton's per-model queue/compute times.
 Writes bench.{md,csv,json,png} to --out and prints the table, the ratios against the goals and, for
@@ -40,6 +41,7 @@ from benchmarks.procstats import CORE, ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
 
 STEPS = ("inprocess", "perf", "locust", "fused", "fastapi")
+WARM_UP_S = 3  # a Locust warm-up run, where no perf_analyzer run has warmed the service up
 FULL = dict(concurrency=[1, 2, 4, 8], measurement_ms=2000, locust_run_time=12, inprocess_batch=[1, 2, 4, 8],
             inprocess_images=600)
 QUICK = dict(concurrency=[2, 8], measurement_ms=1000, locust_run_time=6, inprocess_batch=[1, 2], inprocess_images=200)
@@ -153,13 +155,24 @@ def bench_perf(server, tool, runs: list[tuple[str, str, str, Path | None]], conc
 
 
 def bench_locust(pid: int, user_class: str, system: str, host: str, concurrency: list[int], run_time: int,
-                 photos: str, out: Path) -> list[report.Point]:
+                 photos: str, out: Path, triton_model: str = "image_classifier", tag: str = "",
+                 warm_up: bool = False) -> list[report.Point]:
+    """Locust rows; each run's files are `out`/`tag`<user class>_u<users>* (the tag keeps the two
+    pipelines' HTTP runs apart). With `warm_up`, a short unreported run at the highest user count
+    comes first (into `out`/warmup), for a service nothing has warmed up yet."""
     from benchmarks import locust_run
 
+    if warm_up:
+        try:
+            locust_run.run(user_class, host, max(concurrency), WARM_UP_S, out / "warmup", photos,
+                           triton_model=triton_model, tag=tag)
+        except locust_run.LocustError as exc:
+            print(f"  {system}: warm-up failed, {str(exc).splitlines()[0]}", flush=True)
     points = []
     for users in concurrency:
         try:
-            r, usage = locust_run.run(user_class, host, users, run_time, out, photos, server_pid=pid)
+            r, usage = locust_run.run(user_class, host, users, run_time, out, photos, server_pid=pid,
+                                      triton_model=triton_model, tag=tag)
         except locust_run.LocustError as exc:
             print(f"  {system}, users={users}: skipped, {str(exc).splitlines()[0]}", flush=True)
             continue
@@ -205,16 +218,16 @@ def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]
     return repos
 
 
-def drift_line(start: float, end: float, batch: int, steal: float | None = None) -> str:
-    """How far the same in-process measurement moved between the start and the end of the run: the
-    noise floor under every ratio of that run (a shared VM can move 10-20 %); with `steal`, the share
-    of the cores' time the hypervisor gave to other guests during the run."""
+def drift_line(start: float, end: float, start_batch: int, end_batch: int, steal: float | None = None) -> str:
+    """How far the in-process bound's best moved between the start and the end of the run (the same
+    sweep both times): the noise floor under every ratio of that run (a shared VM can move 10-20 %);
+    with `steal`, the share of the cores' time the hypervisor gave to other guests during the run."""
     spread = abs(end - start) / max(start, end) if max(start, end) > 0 else 0.0
     stolen = "" if steal is None else (f" During the run the hypervisor gave {100 * steal:.1f} % of these cores' "
                                        f"time to other guests (steal).")
-    return (f"Drift check: the in-process bound (batch {batch}) measured {start:.1f} img/s at the start of the "
-            f"run and {end:.1f} img/s at the end, {100 * spread:.0f} % apart; ratios closer to a goal than "
-            f"that are within this run's noise.{stolen}")
+    return (f"Drift check: the in-process bound's best measured {start:.1f} img/s (batch {start_batch}) at the start "
+            f"of the run and {end:.1f} img/s (batch {end_batch}) at the end, the same sweep both times, "
+            f"{100 * spread:.0f} % apart; ratios closer to a goal than that are within this run's noise.{stolen}")
 
 
 def limiting_stage_text(stages: dict, system: str, instances: dict[str, int], cpu: dict | None = None) -> str:
@@ -257,8 +270,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=f"short run: {QUICK}")
     p.add_argument("--concurrency", nargs="+", type=int, default=None,
                    help=f"requests in flight / Locust users (default: {FULL['concurrency']})")
-    p.add_argument("--measurement-ms", type=int, default=None, help="perf_analyzer window (default: 2000)")
-    p.add_argument("--locust-run-time", type=int, default=None, help="seconds per Locust run (default: 12)")
+    p.add_argument("--measurement-ms", type=int, default=None,
+                   help=f"perf_analyzer window (default: {FULL['measurement_ms']}, --quick {QUICK['measurement_ms']})")
+    p.add_argument("--locust-run-time", type=int, default=None,
+                   help=f"seconds per Locust run (default: {FULL['locust_run_time']}, "
+                        f"--quick {QUICK['locust_run_time']})")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out (default: none)")
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
     p.add_argument("--artifacts", default=None, help="model for the bound and FastAPI (default: the repository's)")
@@ -303,7 +319,7 @@ def main(args: argparse.Namespace) -> dict:
     if "fused" in args.skip:
         repos.pop("fused", None)
     ensemble, classifier = spec["ensemble_name"], spec["classifier_name"]
-    image_inputs = perf.model_inputs("image_classifier", photos, out / "perf")  # IMAGE: the real photos
+    image_inputs = perf.photo_inputs(photos, out / "perf")  # IMAGE: the real photos
     perf_runs = {
         "ensemble": [(report.ENSEMBLE_GRPC, ensemble, "grpc", image_inputs),
                      (report.PREPROCESS, spec["preprocess_name"], "grpc", image_inputs),
@@ -331,23 +347,28 @@ def main(args: argparse.Namespace) -> dict:
                 points += bench_perf(server, tool, perf_runs[pipeline], plan["concurrency"], plan["measurement_ms"],
                                      out / "perf" / pipeline, stages, cpu)
             if "locust" not in args.skip:
-                for user_class, system, protocol in locust_runs[pipeline]:
+                for i, (user_class, system, protocol) in enumerate(locust_runs[pipeline]):
                     host = server.grpc_url if protocol == "grpc" else server.http_url
                     points += bench_locust(server.process.pid, user_class, system, host, plan["concurrency"],
-                                           plan["locust_run_time"], args.photos, out / "locust")
+                                           plan["locust_run_time"], args.photos, out / "locust", ensemble,
+                                           tag=f"{pipeline}_", warm_up=not tool and i == 0)
     if "fastapi" not in args.skip:
         with FastAPIService(artifacts, free_port(), log_file=out / "fastapi.log", model=model) as service:
             points += bench_locust(service.process.pid, "FastAPIUser", report.FASTAPI, service.url,
-                                   plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust")
+                                   plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust",
+                                   warm_up=True)
 
     drift_text, steal = "", procstats.steal_fraction(machine0, procstats.machine_cpu_times())
     bound_points = [p for p in points if p.system == report.INPROCESS]
     if bound_points:  # the same measurement again: how much the machine itself moved during the run
-        first = max(bound_points, key=lambda p: p.throughput)
-        print("bench: the in-process bound again, at its best batch size (drift check)", flush=True)
-        (again,) = bench_inprocess(artifacts, photos, [first.concurrency], plan["inprocess_images"], model=model)
+        # the whole sweep, best against best: the start's best was picked as the maximum of the sweep,
+        # and a single batch size measured again would drift down towards the mean by that choice alone
+        print("bench: the in-process bound again, the whole sweep (drift check)", flush=True)
+        again = bench_inprocess(artifacts, photos, [p.concurrency for p in bound_points], plan["inprocess_images"],
+                                model=model)
+        first, last = (max(ps, key=lambda p: p.throughput) for ps in (bound_points, again))
         steal = procstats.steal_fraction(machine0, procstats.machine_cpu_times())
-        drift_text = drift_line(first.throughput, again.throughput, first.concurrency, steal) + "\n"
+        drift_text = drift_line(first.throughput, last.throughput, first.concurrency, last.concurrency, steal) + "\n"
     stage_text = "".join(limiting_stage_text(stages, system, instances[pipeline], cpu)
                          for system, pipeline in ((report.ENSEMBLE_GRPC, "ensemble"), (report.FUSED_GRPC, "fused")))
     stage_text += hop_cost_text(cpu, report.ENSEMBLE_GRPC, report.FUSED_GRPC)

@@ -6,14 +6,16 @@
 
 One `locust --headless` process per (user class, user count): all users spawn at once, statistics
 are reset after spawning, the run stops after --run-time seconds. Its `_stats.csv` is parsed into a
-LocustResult (throughput, p50/p90/p99 in ms, failures); `_stats.csv`, `_failures.csv` and the HTML
-report stay in --out.
+LocustResult (throughput, p50/p90/p99 in ms, failures); `<user class>_u<users>_stats.csv`,
+`_failures.csv` and the `.html` report stay in --out. Triton users call the ensemble the
+repository's BUILD.json names (or --triton-model).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.workload import ENCODINGS
+from clients.client import DEFAULT_MODEL
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASSES = ("TritonGrpcUser", "TritonHttpUser", "FastAPIUser")
@@ -43,12 +46,13 @@ class LocustResult:
     avg_ms: float
 
 
-def locust_command(user_class: str, host: str, users: int, run_time_s: int, prefix: Path, photos: str) -> list[str]:
+def locust_command(user_class: str, host: str, users: int, run_time_s: int, prefix: Path, photos: str,
+                   triton_model: str = DEFAULT_MODEL) -> list[str]:
     binary = shutil.which("locust", path=str(Path(sys.executable).parent)) or "locust"
     return [binary, "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users), "-r", str(users),
             "-t", f"{run_time_s}s", "--stop-timeout", "10", "--reset-stats", "--only-summary",
-            "--csv", str(prefix), "--html", f"{prefix}.html", "--photos", photos, "--loglevel", "WARNING",
-            user_class]
+            "--csv", str(prefix), "--html", f"{prefix}.html", "--photos", photos, "--triton-model", triton_model,
+            "--loglevel", "WARNING", user_class]
 
 
 def parse_stats(path: str | Path, user_class: str, users: int) -> LocustResult:
@@ -72,21 +76,26 @@ class Usage:
     client_cpu_percent: float | None = None
 
 
+SPAWN_ALLOWANCE_S = 2.0  # from Locust opening its CSV files to all users running: photos loaded, users spawned
+
+
 def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path, photos: str = "jpeg",
-        server_pid: int | None = None) -> tuple[LocustResult, Usage]:
-    """One bounded headless run. With `server_pid`, the serving process tree and Locust itself are
-    watched while the users run (from the first statistics row + 1 s of spawning, for run time - 2 s).
-    Raises LocustError if Locust fails or records nothing."""
+        server_pid: int | None = None, triton_model: str = DEFAULT_MODEL, tag: str = "") -> tuple[LocustResult, Usage]:
+    """One bounded headless run; its files are `out`/`tag``user_class`_u`users`*. With `server_pid`,
+    the serving process tree and Locust itself are watched while the users run: from
+    SPAWN_ALLOWANCE_S after Locust opens its CSV files (before it loads the photos and starts the
+    users, all at once) to 1 s before the run time ends. Raises LocustError if Locust fails or
+    records nothing."""
     from benchmarks.procstats import ProcessTreeMonitor
 
     if user_class not in USER_CLASSES:
         raise ValueError(f"user class {user_class!r} is not one of {USER_CLASSES}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = out / f"{user_class}_u{users}"
-    history, log_path = Path(f"{prefix}_stats_history.csv"), out / f"{user_class}_u{users}.log"
+    prefix = out / f"{tag}{user_class}_u{users}"
+    history, log_path = Path(f"{prefix}_stats_history.csv"), Path(f"{prefix}.log")
     history.unlink(missing_ok=True)
-    cmd = locust_command(user_class, host, users, run_time_s, prefix, photos)
+    cmd = locust_command(user_class, host, users, run_time_s, prefix, photos, triton_model)
     deadline = time.monotonic() + run_time_s + 90
     usage = Usage()
     with open(log_path, "w") as log:
@@ -95,11 +104,11 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
             while not history.exists() and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             if server_pid is not None and process.poll() is None:
-                time.sleep(1.0)
+                time.sleep(SPAWN_ALLOWANCE_S)
             if server_pid is not None and process.poll() is None:
                 server, client = ProcessTreeMonitor(server_pid).start(), ProcessTreeMonitor(process.pid).start()
                 try:
-                    process.wait(max(1.0, run_time_s - 2.0))
+                    process.wait(max(1.0, run_time_s - SPAWN_ALLOWANCE_S - 1.0))
                 except subprocess.TimeoutExpired:
                     pass
                 server.stop()
@@ -120,6 +129,14 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
     return result, usage
 
 
+def ensemble_name(repository: str | Path) -> str:
+    """The ensemble a built repository serves (its BUILD.json's spec), else the default name."""
+    build_file = Path(repository) / "BUILD.json"
+    if not build_file.is_file():
+        return DEFAULT_MODEL
+    return json.loads(build_file.read_text())["spec"]["ensemble_name"]
+
+
 def describe(r: LocustResult) -> str:
     return (f"{r.user_class:15s} users={r.users:<3d} {r.throughput:7.1f} req/s  p50 {r.p50_ms:6.1f}  "
             f"p90 {r.p90_ms:6.1f}  p99 {r.p99_ms:6.1f} ms  {r.requests} requests, {r.failures} failures")
@@ -131,7 +148,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="user classes to run, one after the other (default: %(default)s)")
     p.add_argument("--users", nargs="+", type=int, default=[8], help="user counts (concurrency) (default: %(default)s)")
     p.add_argument("--run-time", type=int, default=20, help="seconds per run (default: %(default)s)")
-    p.add_argument("--host", default=None, help="target (default: start a server; FastAPIUser starts the service)")
+    p.add_argument("--host", default=None,
+                   help="target, for one user class (default: start a server; FastAPIUser starts the service)")
+    p.add_argument("--triton-model", default=None,
+                   help="the ensemble Triton users call (default: the one the repository's BUILD.json names, "
+                        f"else {DEFAULT_MODEL})")
     p.add_argument("--model-repository", default="model_repository",
                    help="served when no --host (default: %(default)s)")
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0",
@@ -150,8 +171,12 @@ def main(args: argparse.Namespace) -> list[LocustResult]:
     from benchmarks.fastapi_service import FastAPIService
     from serving.server import Ports, TritonServer, free_port
 
+    if args.host and len(args.user_class) > 1:
+        raise ValueError(f"--host {args.host} is one server port, and gRPC, HTTP and FastAPI users each need their "
+                         f"own: name one --user-class (got {' '.join(args.user_class)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    triton_model = args.triton_model or ensemble_name(args.model_repository)
     results = []
     with ExitStack() as stack:
         hosts = {}
@@ -165,7 +190,8 @@ def main(args: argparse.Namespace) -> list[LocustResult]:
             hosts["FastAPIUser"] = service.url
         for user_class in args.user_class:
             for users in args.users:
-                result, _ = run(user_class, args.host or hosts[user_class], users, args.run_time, out, args.photos)
+                result, _ = run(user_class, args.host or hosts[user_class], users, args.run_time, out, args.photos,
+                                triton_model=triton_model)
                 results.append(result)
                 print(describe(result), flush=True)
     print(f"reports in {out}/ (*.html, *_stats.csv)")

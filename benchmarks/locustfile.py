@@ -8,6 +8,8 @@
 Each user is one closed loop (no wait time): `-u N` users = N requests in flight, like
 perf_analyzer's concurrency. Every request carries one random real photo (`--photos jpeg|original`)
 and asks for the top `--top-k`; a request whose answer does not hold k predictions is a failure.
+Triton users call the ensemble `--triton-model` (the spec's `ensemble_name`). `--seed` makes the
+photo order repeatable: the n-th user started draws from its own stream, seeded by (seed, n).
 Triton requests are reported to Locust's statistics by hand (request_type grpc/http); the FastAPI
 user is Locust's own FastHttpUser.
 """
@@ -20,7 +22,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 
 from benchmarks.workload import ENCODINGS, load_photos
-from clients.client import ImageClassifierClient
+from clients.client import DEFAULT_MODEL, ImageClassifierClient
 
 grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or the users run one at a time
 
@@ -30,22 +32,25 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: jpeg)")
     parser.add_argument("--top-k", type=int, default=5, help="predictions asked for (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="random photo order seed (default: 0)")
+    parser.add_argument("--triton-model", default=DEFAULT_MODEL,
+                        help=f"the ensemble Triton users call (default: {DEFAULT_MODEL})")
 
 
 @events.init.add_listener
 def _load_photos(environment, **_kwargs) -> None:
     options = environment.parsed_options
     environment.benchmark_photos = list(load_photos(options.photos if options else "jpeg").items())
+    environment.benchmark_users_started = 0
 
 
 class _Photos:
-    """Random photo per request; each user has its own random stream."""
+    """Random photo per request; each user has its own random stream, seeded by (--seed, its start order)."""
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.top_k = options.top_k if options else 5
-        seed = (options.seed if options else 0) * 100_003 + id(self) % 100_003
-        self.rng = random.Random(seed)
+        self.environment.benchmark_users_started += 1
+        self.rng = random.Random(f"{options.seed if options else 0}/{self.environment.benchmark_users_started}")
         self.photos = self.environment.benchmark_photos
 
     def photo(self) -> tuple[str, bytes]:
@@ -55,11 +60,12 @@ class _Photos:
 class TritonUser(_Photos, User):
     abstract = True
     protocol = "grpc"
-    model = "image_classifier"
     wait_time = constant(0)
 
     def on_start(self) -> None:
         super().on_start()
+        options = self.environment.parsed_options
+        self.model = options.triton_model if options else DEFAULT_MODEL
         self.client = ImageClassifierClient(self.host, protocol=self.protocol, model=self.model)
 
     def on_stop(self) -> None:
@@ -76,9 +82,10 @@ class TritonUser(_Photos, User):
                 raise RuntimeError(f"expected 1 x {self.top_k} predictions, got {[len(t) for t in top]}")
         except Exception as exc:  # reported to Locust as a failure, never raised into the user loop
             exception = exc
+        # response_length stays 0: tritonclient does not expose the size of the reply it decoded
         self.environment.events.request.fire(
             request_type=self.protocol, name=f"triton {self.model}", response_time=(time.perf_counter() - start) * 1000,
-            response_length=len(data), exception=exception, context={})
+            response_length=0, exception=exception, context={})
 
 
 class TritonGrpcUser(TritonUser):

@@ -1,13 +1,16 @@
 """`make perf`: perf_analyzer against the ensemble (real photos) and each of its members.
 
     make perf-setup                                   # once: .venv-perf (tritonclient 2.51) + libb64-0d
-    python -m benchmarks.perf                         # own server on model_repository/, all three models
+    python -m benchmarks.perf                         # own server on model_repository/, every model in it
     python -m benchmarks.perf --models image_classifier --concurrency 8 --url 127.0.0.1:8001
 
 perf_analyzer is Triton's C++ load generator: closed loop, `concurrency` requests in flight, one
-image per request. Inputs: the ensemble `image_classifier` and `preprocess` get the real photos as
-`--input-data` JSON (input IMAGE, BYTES, shape [1]; each element base64 of its serialized form, a
-4-byte little-endian length then the encoded image); `classifier` gets synthetic FP32 tensors.
+image per request. The models default to those the repository's BUILD.json names (the spec's
+ensemble, preprocess and classifier names; ensemble and classifier for the fused pipeline). Inputs,
+chosen from each model's metadata on the server: a model whose input is the BYTES tensor IMAGE
+(the ensemble, `preprocess`, the fused classifier) gets the real photos as `--input-data` JSON
+(shape [1]; each element base64 of its serialized form, a 4-byte little-endian length then the
+encoded image); any other (the two-model ensemble's `classifier`) gets synthetic tensors.
 One perf_analyzer run per concurrency, CSV (`-f`) parsed into rows, latencies in milliseconds.
 """
 from __future__ import annotations
@@ -25,8 +28,7 @@ from pathlib import Path
 from benchmarks.workload import ENCODINGS, load_photos
 
 DEFAULT_VENV = ".venv-perf"
-IMAGE_MODELS = {"image_classifier": "IMAGE", "preprocess": "IMAGE"}  # models fed real photos
-MODELS = ("image_classifier", "preprocess", "classifier")
+IMAGE_INPUT = "IMAGE"  # the encoded-photo input of the ensemble, preprocess and the fused classifier
 
 
 class PerfAnalyzerError(RuntimeError):
@@ -143,11 +145,20 @@ class PerfAnalyzer:
                      stability=1000)
 
 
+CSV_COLUMNS = ("Concurrency", "Inferences/Second", "p50 latency", "p90 latency", "p99 latency")
+
+
 def parse_csv(path: str | Path, model: str, protocol: str) -> list[PerfResult]:
-    """perf_analyzer's `-f` CSV (latencies in microseconds) -> PerfResult rows."""
+    """perf_analyzer's `-f` CSV (latencies in microseconds) -> PerfResult rows. Raises
+    PerfAnalyzerError when a column this module reads is missing (another perf_analyzer version)."""
     rows = []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PerfAnalyzerError(f"{path}: perf_analyzer's CSV has no {', '.join(missing)} column(s) "
+                                    f"(columns: {', '.join(reader.fieldnames or [])})")
+        for row in reader:
             if not (row.get("Concurrency") or "").strip().isdigit():
                 continue  # blank separator or a later section
             us = lambda key: float(row.get(key) or 0) / 1000.0  # noqa: E731
@@ -164,16 +175,47 @@ def _avg_latency_ms(row: dict) -> float:
     return sum(float(row.get(k) or 0) for k in keys) / 1000.0
 
 
-def model_inputs(model: str, photos: list[bytes], folder: Path) -> Path | None:
-    """The --input-data file for `model` (real photos) or None (synthetic tensors)."""
-    if model not in IMAGE_MODELS:
-        return None
-    return write_input_data(photos, folder / f"{model}.input.json", IMAGE_MODELS[model])
+def photo_inputs(photos: list[bytes], folder: Path) -> Path:
+    """The --input-data file that feeds the photos to the IMAGE input (folder/images.input.json)."""
+    return write_input_data(photos, folder / "images.input.json", IMAGE_INPUT)
+
+
+def takes_photos(url: str, protocol: str, model: str) -> bool:
+    """Whether the served `model`'s input is the encoded-photo tensor (BYTES IMAGE), from its metadata."""
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    from tritonclient.utils import InferenceServerException
+
+    client = module.InferenceServerClient(url=url)
+    try:  # the HTTP client returns JSON already; as_json gives gRPC's the same form
+        metadata = client.get_model_metadata(model, as_json=True) if protocol == "grpc" \
+            else client.get_model_metadata(model)
+    except InferenceServerException as exc:
+        raise PerfAnalyzerError(f"no metadata for model {model!r} at {url}: {exc.message()}") from None
+    finally:
+        client.close()
+    inputs = metadata.get("inputs", [])
+    return any(i["name"] == IMAGE_INPUT and i["datatype"] == "BYTES" for i in inputs)
+
+
+def repository_models(repository: str | Path) -> list[str]:
+    """The models a built repository serves, from its BUILD.json: the ensemble, then its members."""
+    build_file = Path(repository) / "BUILD.json"
+    if not build_file.is_file():
+        raise FileNotFoundError(f"{build_file} not found: build the repository first (make engines), or "
+                                f"name the models with --models")
+    spec = json.loads(build_file.read_text())["spec"]
+    members = ["preprocess_name", "classifier_name"] if spec.get("pipeline", "ensemble") == "ensemble" \
+        else ["classifier_name"]
+    return [spec["ensemble_name"]] + [spec[m] for m in members]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="models to measure (default: %(default)s)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="models to measure (default: those the repository's BUILD.json names)")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8],
                    help="concurrency sweep (default: %(default)s)")
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="(default: %(default)s)")
@@ -193,14 +235,15 @@ def main(args: argparse.Namespace) -> list[PerfResult]:
 
     tool = PerfAnalyzer.locate(args.perf_venv)
     out = Path(args.out)
+    models = args.models or repository_models(args.model_repository)
     photos = list(load_photos(args.photos).values())
     server = None if args.url else TritonServer(args.model_repository, log_file=out / "tritonserver.log")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     with server or nullcontext():
         url = args.url or (server.grpc_url if args.protocol == "grpc" else server.http_url)
-        for model in args.models:
-            inputs = model_inputs(model, photos, out)
+        for model in models:
+            inputs = photo_inputs(photos, out) if takes_photos(url, args.protocol, model) else None
             for c in args.concurrency:
                 r = tool.measure(model, url, args.protocol, c, out / f"{model}_{args.protocol}_c{c}.csv",
                                  inputs, args.measurement_ms)

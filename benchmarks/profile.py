@@ -97,13 +97,16 @@ def parse_script(text: str) -> collections.Counter:
     return totals
 
 
+IDLE_PID = 0  # cpu-clock samples every CPU, idle ones too: those land on the idle task, pid 0
+
+
 @dataclasses.dataclass
 class Profile:
     pipeline: str
     images: int
     seconds: float
     ms_per_image: dict[str, dict[str, float]]  # role -> library group -> CPU ms per image
-    outside_ms_per_image: float  # samples of other processes (the load generator, ...)
+    outside_ms_per_image: float  # samples of other processes (the load generator, ...), not of idle CPUs
 
     def group_totals(self) -> dict[str, float]:
         totals: collections.Counter = collections.Counter()
@@ -125,7 +128,7 @@ def attribute(totals: collections.Counter, roles: dict[int, str], images: int, p
     for (pid, dso), ns in totals.items():
         if pid in roles:
             per[roles[pid]][group_of(dso)] += ns
-        else:
+        elif pid != IDLE_PID:
             outside += ns
     ms = {role: {g: ns / 1e6 / images for g, ns in sorted(groups.items(), key=lambda kv: -kv[1])}
           for role, groups in per.items()}
@@ -195,7 +198,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[Profile]:
     from benchmarks.bench import pipeline_repositories
-    from benchmarks.perf import PerfAnalyzer, model_inputs
+    from benchmarks.perf import PerfAnalyzer, photo_inputs
     from benchmarks.workload import load_photos
 
     perf = require_perf(args.perf)
@@ -209,7 +212,7 @@ def main(args: argparse.Namespace) -> list[Profile]:
     missing = [p for p in args.pipelines if p not in repos]
     if missing:
         raise ValueError(f"pipeline(s) {missing} cannot be built for the {build['backend']} backend")
-    inputs = model_inputs("image_classifier", list(load_photos(args.photos).values()), out)  # as make bench
+    inputs = photo_inputs(list(load_photos(args.photos).values()), out)  # as make bench
     profiles = []
     for pipeline in args.pipelines:
         print(f"profile: {pipeline} ({repos[pipeline]}), concurrency {args.concurrency}, {args.seconds:.0f} s",

@@ -72,8 +72,9 @@ def by_system(points: list[Point]) -> dict[str, list[Point]]:
 
 
 def best(points: list[Point], system: str, max_p99_ms: float | None = None) -> Point | None:
-    """The highest-throughput point of `system` (with p99 <= max_p99_ms if given)."""
-    mine = [p for p in points if p.system == system and p.failures == 0
+    """The highest-throughput point of `system` (with p99 <= max_p99_ms if given); points that served
+    nothing or had failures never count."""
+    mine = [p for p in points if p.system == system and p.failures == 0 and p.throughput > 0
             and (max_p99_ms is None or p.p99_ms <= max_p99_ms)]
     return max(mine, key=lambda p: p.throughput, default=None)
 

@@ -68,6 +68,23 @@ def test_fused_ratios_and_goals_out_of_reach():
     assert member.verdict == "MISSED" and "out of reach on 2 cores" in member.detail
 
 
+def test_a_point_that_served_nothing_is_never_a_ratios_denominator():
+    """A system whose every point served 0 img/s (a stalled run) has no best point: its ratio lines
+    say what is missing instead of dividing by zero."""
+    P = report.Point
+    points = [P(report.INPROCESS, 1, 0.0, 0, 0, 0), P(report.PREPROCESS, 8, 0.0, 0, 0, 0),
+              P(report.CLASSIFIER, 8, 220.0, 30, 40, 50), P(report.ENSEMBLE_GRPC, 8, 150.0, 50, 60, 80),
+              P(report.FUSED_GRPC, 8, 185.0, 40, 45, 50), P(report.FUSED_ALONE, 8, 0.0, 0, 0, 0),
+              P(report.LOCUST_HTTP, 8, 140.0, 50, 60, 70), P(report.FASTAPI, 8, 0.0, 0, 0, 0)]
+    assert report.best(points, report.INPROCESS) is None
+    rs = {r.name: r for r in report.ratios(points, cores=2)}
+    assert rs["Triton / in-process bound"].value is None
+    assert rs["ensemble / slowest member"].value is None
+    assert "fused pipeline / its member alone" not in rs
+    assert abs(rs["fused pipeline / ensemble"].value - 185 / 150) < 1e-9
+    assert report.ratio_lines(list(rs.values()))
+
+
 def test_bench_builds_the_other_pipeline_from_the_same_spec(tiny_artifacts, tmp_path):
     from benchmarks.bench import pipeline_repositories
     from build.repository import write_repository
@@ -87,10 +104,11 @@ def test_bench_builds_the_other_pipeline_from_the_same_spec(tiny_artifacts, tmp_
 def test_drift_line_says_how_far_the_same_measurement_moved():
     from benchmarks.bench import drift_line
 
-    line = drift_line(200.0, 180.0, 2)
-    assert "200.0 img/s at the start" in line and "180.0 img/s at the end" in line and "10 % apart" in line
-    assert "0 % apart" in drift_line(150.0, 150.0, 1)
-    assert "gave 2.5 % of these cores' time to other guests" in drift_line(200.0, 180.0, 2, steal=0.025)
+    line = drift_line(200.0, 180.0, 2, 8)
+    assert "200.0 img/s (batch 2) at the start" in line and "180.0 img/s (batch 8) at the end" in line
+    assert "10 % apart" in line
+    assert "0 % apart" in drift_line(150.0, 150.0, 1, 1)
+    assert "gave 2.5 % of these cores' time to other guests" in drift_line(200.0, 180.0, 2, 2, steal=0.025)
 
 
 def test_steal_fraction_from_the_machines_cpu_counters(tmp_path):

@@ -31,6 +31,24 @@ def test_locust_users_against_triton(server, user_class, tmp_path):
     assert monitor.cpu_percent > 0 and monitor.peak_rss_mb > 0
 
 
+def test_locust_users_call_the_model_they_are_told_to(server, tmp_path):
+    """--triton-model reaches the users (a model the server does not have fails every request), and
+    a tag keeps one run's files apart from another's with the same user class and count."""
+    result, _ = locust_run.run("TritonHttpUser", server.http_url, users=1, run_time_s=2, out=tmp_path,
+                               triton_model="no_such_model", tag="fused_")
+    assert result.requests > 0 and result.failures == result.requests, result
+    assert (tmp_path / "fused_TritonHttpUser_u1.html").is_file()
+    assert not (tmp_path / "TritonHttpUser_u1.html").exists()
+    failures = (tmp_path / "fused_TritonHttpUser_u1_failures.csv").read_text()
+    assert "no_such_model" in failures
+
+
+def test_locust_run_refuses_one_host_for_two_protocols():
+    args = locust_run.get_args_parser().parse_args(["--host", "127.0.0.1:8001"])  # gRPC and HTTP users
+    with pytest.raises(ValueError, match="name one --user-class"):
+        locust_run.main(args)
+
+
 def test_fastapi_service_agrees_with_the_ensemble(server, fastapi_service, photos):
     import json
     import urllib.request
@@ -95,9 +113,15 @@ def test_process_monitor_splits_cpu_between_the_server_and_each_models_processes
 
 
 def test_perf_analyzer_on_ensemble_with_real_photos(server, perf_tool, photos, tmp_path):
-    from benchmarks.perf import model_inputs
+    from benchmarks.perf import PerfAnalyzerError, photo_inputs, takes_photos
 
-    inputs = model_inputs("image_classifier", list(photos.values())[:4], tmp_path)
+    # which models get the photos and which synthetic tensors: from the server's metadata
+    assert takes_photos(server.grpc_url, "grpc", "image_classifier")
+    assert takes_photos(server.http_url, "http", "preprocess")
+    assert not takes_photos(server.grpc_url, "grpc", "classifier")
+    with pytest.raises(PerfAnalyzerError, match="no metadata for model 'nope'"):
+        takes_photos(server.http_url, "http", "nope")
+    inputs = photo_inputs(list(photos.values())[:4], tmp_path)
     result = perf_tool.measure("image_classifier", server.grpc_url, "grpc", 1, tmp_path / "perf.csv", inputs,
                                measurement_ms=500, max_trials=3)
     assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
@@ -119,6 +143,33 @@ def test_tune_tries_candidates_and_writes_the_spec(perf_tool, perf_venv, tiny_ar
     from build.spec import DeploymentSpec
 
     assert DeploymentSpec.load(spec_path).to_dict() == best.to_dict()
+
+
+def test_tune_says_when_every_candidate_failed(perf_tool, perf_venv, tiny_artifacts, tmp_path):
+    """A model the server cannot load (an opset ONNX Runtime does not have): every candidate fails to
+    start, and tune says so (with the server log), rather than blaming the p99 budget; the spec is
+    left as it was."""
+    import shutil
+
+    import onnx
+
+    from benchmarks import tune
+    from build.spec import DeploymentSpec
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifacts, broken)
+    model = onnx.load(broken / "model.onnx")
+    model.opset_import[0].version = 999
+    onnx.save(model, broken / "model.onnx")
+    spec_path = tmp_path / "deployment.json"
+    DeploymentSpec(artifacts=str(broken)).save(spec_path)
+    before = spec_path.read_text()
+    args = tune.get_args_parser().parse_args([
+        "--spec", str(spec_path), "--knobs", "classifier.layout", "--concurrency", "1", "--measurement-ms", "500",
+        "--max-candidates", "2", "--perf-venv", str(perf_venv), "--out", str(tmp_path / "tune")])
+    with pytest.raises(RuntimeError, match="every configuration tried failed.*Server log"):
+        tune.main(args)
+    assert spec_path.read_text() == before
 
 
 def test_tune_a_pipeline_without_switching_to_it(perf_tool, perf_venv, tiny_artifacts, tmp_path):

@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from benchmarks.perf import decode_input_data, parse_csv, serialize_bytes_element, write_input_data
+from benchmarks.perf import (PerfAnalyzerError, decode_input_data, parse_csv, repository_models,
+                             serialize_bytes_element, write_input_data)
 from benchmarks.workload import load_photos
 from common.samples import sample_photos
 
@@ -52,3 +53,26 @@ def test_parse_perf_analyzer_csv(tmp_path):
     assert row.concurrency == 2 and row.throughput == pytest.approx(58.5791)
     assert row.p50_ms == pytest.approx(33.086) and row.p99_ms == pytest.approx(54.323)
     assert row.server_compute_ms == pytest.approx((203 + 27655 + 1002) / 1000)
+
+
+def test_a_perf_analyzer_csv_without_a_needed_column_is_a_clear_error(tmp_path):
+    path = tmp_path / "perf.csv"
+    header, row = PERF_CSV.strip().splitlines()[:2]
+    names = header.split(",")
+    keep = [i for i, name in enumerate(names) if name != "p99 latency"]
+    path.write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in (header, row)) + "\n")
+    with pytest.raises(PerfAnalyzerError, match="no p99 latency column"):
+        parse_csv(path, "image_classifier", "grpc")
+
+
+def test_perf_measures_the_models_the_repository_names(tmp_path):
+    """The spec's model names, as BUILD.json records them; the fused pipeline has no preprocess model."""
+    from build.spec import DeploymentSpec
+
+    spec = DeploymentSpec(ensemble_name="cats", preprocess_name="decode", classifier_name="net")
+    (tmp_path / "BUILD.json").write_text(json.dumps({"spec": spec.to_dict()}))
+    assert repository_models(tmp_path) == ["cats", "decode", "net"]
+    (tmp_path / "BUILD.json").write_text(json.dumps({"spec": spec.replace(pipeline="fused").to_dict()}))
+    assert repository_models(tmp_path) == ["cats", "net"]
+    with pytest.raises(FileNotFoundError, match="make engines"):
+        repository_models(tmp_path / "nothing")

@@ -27,14 +27,15 @@ def test_library_groups(dso, group):
     assert profile.group_of(dso) == group
 
 
-def test_samples_are_divided_per_image_and_other_processes_left_out():
+def test_samples_are_divided_per_image_and_other_processes_and_idle_cpus_left_out():
     text = ("  100/100   2000000  7f00 (/usr/lib/libpython3.11.so.1.0)\n"
             "  100/101   4000000  7f01 ([kernel.kallsyms])\n"
             "  200/200   6000000  7f02 (/o/onnxruntime_pybind11_state.so)\n"
             "  300/300   9000000  7f03 (/v/perf_analyzer)\n"
+            "    0/0    50000000  7f04 ([kernel.kallsyms])\n"
             "garbage line\n")
     totals = profile.parse_script(text)
-    assert totals[(100, "[kernel.kallsyms]")] == 4_000_000 and len(totals) == 4
+    assert totals[(100, "[kernel.kallsyms]")] == 4_000_000 and len(totals) == 5
     p = profile.attribute(totals, {100: "server", 200: "classifier"}, images=2, pipeline="ensemble", seconds=1.0)
     assert p.ms_per_image["server"] == {"kernel (page faults, scheduling, I/O)": 2.0, "Python interpreter": 1.0}
     assert p.ms_per_image["classifier"] == {"ONNX Runtime": 3.0}
