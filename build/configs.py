@@ -78,7 +78,7 @@ def _parameters(params: dict[str, object]) -> str:
 
 def _limits(spec: DeploymentSpec) -> dict[str, object]:
     return {"max_image_bytes": spec.limits.max_image_bytes, "max_image_pixels": spec.limits.max_image_pixels,
-            "min_image_side": spec.limits.min_image_side}
+            "min_image_side": spec.limits.min_image_side, "max_image_aspect_ratio": spec.limits.max_image_aspect_ratio}
 
 
 def preprocess_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:

@@ -45,6 +45,7 @@ class LimitsSpec:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     min_image_side: int = 16
+    max_image_aspect_ratio: int = 100  # longer side / shorter side
 
 
 @dataclasses.dataclass
@@ -100,6 +101,8 @@ class DeploymentSpec:
         names = [self.ensemble_name, self.preprocess_name, self.classifier_name]
         if len(set(names)) != 3:
             raise ValueError(f"model names must differ, got {names}")
+        if self.limits.max_image_aspect_ratio < 1:
+            raise ValueError(f"limits.max_image_aspect_ratio must be >= 1, got {self.limits.max_image_aspect_ratio}")
         self.preprocess.check("preprocess", self.max_batch_size)
         self.classifier.check("classifier", self.max_batch_size)
         self.fused.check("fused", self.max_batch_size)

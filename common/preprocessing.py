@@ -83,11 +83,16 @@ class DecodeLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000  # declared width x height (decompression-bomb guard)
     min_side: int = 16
+    # longer side / shorter side: resizing the shorter side to `resize` scales the longer one by the
+    # same factor, so a 16 x 3,000,000 strip (48 MP, inside max_pixels) would ask for 256 x 48,000,000
+    max_aspect_ratio: float = 100.0
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "DecodeLimits":
-        """From a Triton model config's string parameters (max_image_bytes, max_image_pixels, min_image_side)."""
-        return cls(int(params["max_image_bytes"]), int(params["max_image_pixels"]), int(params["min_image_side"]))
+        """From a Triton model config's string parameters (max_image_bytes, max_image_pixels,
+        min_image_side, max_image_aspect_ratio; the last is optional, for repositories built before it)."""
+        return cls(int(params["max_image_bytes"]), int(params["max_image_pixels"]), int(params["min_image_side"]),
+                   float(params.get("max_image_aspect_ratio", cls.max_aspect_ratio)))
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> Image.Image:
@@ -122,6 +127,11 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         )
     if min(width, height) < limits.min_side:
         raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ImageError(
+            f"image is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; the "
+            f"limit is {limits.max_aspect_ratio:g}:1 (refused before decoding)"
+        )
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame

@@ -109,6 +109,8 @@ def test_nhwc_layout_and_config_round_trip(tmp_path):
     (png_declaring(1, 1), "both sides must be at least"),
     (png_declaring(9_000, 9_000), "refused before decoding"),  # 81 MP: over our 50 MP limit
     (png_declaring(100_000, 100_000), "refused before decoding"),  # 10 GP: Pillow's own guard
+    # 48 MP, inside the pixel limit, but resizing its 16 px side to 256 would make it 256 x 48,000,000
+    (png_declaring(16, 3_000_000), r"aspect ratio of 187500:1; the limit is 100:1 \(refused before decoding"),
 ])
 def test_bad_inputs_raise_clear_errors(data, message):
     with pytest.raises(ImageError, match=message):

@@ -21,6 +21,7 @@ BAD = {
     "truncated-jpeg": (lambda photos: photos["rocket"][: len(photos["rocket"]) // 3], "truncated"),
     "one-pixel": (lambda photos: tiny_png(), "1x1"),
     "decompression-bomb": (lambda photos: png_declaring(50_000, 50_000), "refused before decoding"),
+    "extreme-aspect-ratio": (lambda photos: png_declaring(16, 3_000_000), "aspect ratio of 187500:1"),
 }
 
 
