@@ -41,8 +41,28 @@ class Ports:
     metrics: int = 8002
 
     @classmethod
-    def free(cls) -> "Ports":
-        return cls(free_port(), free_port(), free_port())
+    def free(cls, host: str = "127.0.0.1") -> "Ports":
+        """Three distinct free ports (all three held open while they are chosen, so none repeats)."""
+        sockets = [socket.socket() for _ in range(3)]
+        try:
+            for s in sockets:
+                s.bind((host, 0))
+            return cls(*(s.getsockname()[1] for s in sockets))
+        finally:
+            for s in sockets:
+                s.close()
+
+    def in_use(self, host: str) -> list[str]:
+        """'<name> port <n>' for each port something on `host` is already bound to."""
+        taken = []
+        for name, port in dataclasses.asdict(self).items():
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    taken.append(f"{name} port {port}")
+        return taken
 
 
 class TritonServer:
@@ -56,6 +76,7 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
+        self._log_start = 0  # where this start's lines begin in log_file (it is appended to)
 
     @property
     def http_url(self) -> str:
@@ -87,12 +108,22 @@ class TritonServer:
     def start(self, timeout: float = 120.0, detach: bool = False) -> "TritonServer":
         if not self.model_repository.is_dir():
             raise ServerError(f"no model repository at {self.model_repository}: run `make engines` first")
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        # Another server on these ports would answer the readiness probe for this one.
+        taken = self.ports.in_use(self.address)
+        if taken:
+            raise ServerError(f"{', '.join(taken)} on {self.address} already in use (another server?): stop it, or "
+                              "choose other ports (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...)")
         project_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=detach)
+        if self.log_file:
+            self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+            with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
+                self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=detach)
+        else:
+            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=detach)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -121,7 +152,9 @@ class TritonServer:
     def _log_hint(self) -> str:
         if not self.log_file or not self.log_file.exists():
             return ""
-        lines = self.log_file.read_text(errors="replace").splitlines()
+        with open(self.log_file, "rb") as f:
+            f.seek(self._log_start)  # this start's lines only
+            lines = f.read().decode(errors="replace").splitlines()
         errors = [ln for ln in lines if " E" in ln[:12] or "error" in ln.lower()][-8:]
         return f"; see {self.log_file}:\n" + "\n".join(errors or lines[-8:])
 
@@ -158,6 +191,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_tritonserver(pid: int) -> bool:
+    """Whether `pid` still runs tritonserver (where /proc tells; elsewhere, assume so)."""
+    try:
+        return b"tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
+
+
 def serve(args: argparse.Namespace) -> dict:
     state = _state_file()
     if state.exists() and _pid_alive(json.loads(state.read_text())["pid"]):
@@ -174,20 +217,25 @@ def serve(args: argparse.Namespace) -> dict:
     return info
 
 
-def stop_served(timeout: float = 30.0) -> int | None:
+def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
+    """Stop the server `make serve` started: (its pid, whether it was still running), None if none is known."""
     state = _state_file()
     if not state.exists():
         return None
     pid = json.loads(state.read_text())["pid"]
-    if _pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
+    if running:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it exited between the check and the signal
+            pass
     state.unlink()
-    return pid
+    return pid, running
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -211,8 +259,13 @@ def main(args: argparse.Namespace) -> None:
         print(f"  gRPC     {info['grpc']}")
         print(f"  metrics  {info['metrics']}")
     elif args.action == "stop":
-        pid = stop_served()
-        print("no server started by `make serve` is known" if pid is None else f"stopped tritonserver (pid {pid})")
+        stopped = stop_served()
+        if stopped is None:
+            print("no server started by `make serve` is known")
+        else:
+            pid, running = stopped
+            print(f"stopped tritonserver (pid {pid})" if running else
+                  f"tritonserver (pid {pid}) had already exited; forgot it")
     else:
         state = _state_file()
         if state.exists() and _pid_alive(json.loads(state.read_text())["pid"]):

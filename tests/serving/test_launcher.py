@@ -61,7 +61,32 @@ def test_make_serve_and_stop(lite0_repository, tmp_path):
         again = subprocess.run([*cli, "start", "--model-repository", str(lite0_repository)], cwd=tmp_path,
                                capture_output=True, text=True, timeout=60)
         assert again.returncode != 0 and "already running" in again.stderr
+        # from another folder (no state file): the ports are taken, and it says so instead of taking
+        # the running server's readiness for its own
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        clash = subprocess.run([*cli, "start", "--model-repository", str(lite0_repository), "--http-port",
+                                str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port",
+                                str(ports.metrics)], cwd=elsewhere, capture_output=True, text=True, timeout=60)
+        assert clash.returncode != 0 and f"http port {ports.http}" in clash.stderr and "in use" in clash.stderr
+        assert not (elsewhere / ".run" / "tritonserver.json").exists()
     finally:
         stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0 and f"pid {state['pid']}" in stop.stdout
     assert subprocess.run(["kill", "-0", str(state["pid"])], capture_output=True).returncode != 0
+
+
+def test_make_stop_leaves_a_process_that_is_not_tritonserver_alone(tmp_path):
+    """A state file whose pid now belongs to another program (pids are reused): stop forgets it and
+    signals nothing."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".run").mkdir()
+        (tmp_path / ".run" / "tritonserver.json").write_text(json.dumps({"pid": other.pid}))
+        stop = subprocess.run([sys.executable, "-m", "serving.server", "stop"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert stop.returncode == 0 and "already exited" in stop.stdout, stop.stderr
+        assert other.poll() is None and not (tmp_path / ".run" / "tritonserver.json").exists()
+    finally:
+        other.kill()
+        other.wait()
