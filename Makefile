@@ -7,9 +7,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-MODEL ?= efficientnet_lite0
-ARTIFACTS ?= artifacts/$(MODEL)
 SPEC ?= configs/deployment.json
+BUNDLED := artifacts/efficientnet_lite0
+# The model: ARTIFACTS=... on the command line, else the spec's "artifacts" (else the bundled model).
+ifeq ($(origin ARTIFACTS),undefined)
+ARTIFACTS := $(or $(shell $(PYTHON) -c 'import json, sys; print(json.load(open(sys.argv[1])).get("artifacts", ""))' \
+                   $(SPEC) 2>/dev/null),$(BUNDLED))
+endif
 BACKEND ?= auto
 PRECISION ?=
 METHOD ?= max
@@ -38,10 +42,15 @@ $(STAMP): requirements/main.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-export: $(ARTIFACTS)/model.onnx ## export the bundled pretrained model to ONNX (+ labels, preprocess.json)
+export: $(BUNDLED)/model.onnx ## export the bundled pretrained model to ONNX (+ labels, preprocess.json)
 
-artifacts/efficientnet_lite0/model.onnx: $(STAMP) training/export.py training/models.py common/preprocessing.py
-	$(PY) -m training.export --output-dir artifacts/efficientnet_lite0
+$(BUNDLED)/model.onnx: $(STAMP) training/export.py training/models.py common/preprocessing.py common/samples.py \
+                       common/labels.py
+	$(PY) -m training.export --output-dir $(BUNDLED)
+
+# Any other model folder is the user's: say how to make one rather than "No rule to make target".
+%/model.onnx:
+	@echo "no $@: export a model into $(@D) first: make export-run RUN=runs/<name> ARTIFACTS=$(@D), or python -m training.export --onnx my.onnx ... --output-dir $(@D) (README: One command per stage)" >&2; exit 1
 
 engines: $(STAMP) $(ARTIFACTS)/model.onnx ## build model_repository/ from the deployment spec
 	$(PY) -m build.engines --spec $(SPEC) --artifacts $(ARTIFACTS) --out $(REPOSITORY) \
