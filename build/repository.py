@@ -27,6 +27,7 @@ from common.preprocessing import PreprocessConfig
 
 TEMPLATES = Path(__file__).parent / "templates"
 MARKER = "BUILD.json"
+STAGING = ".staging"  # first file of a repository being written (left behind if the write is interrupted)
 
 
 class ArtifactsError(FileNotFoundError):
@@ -90,7 +91,11 @@ def write_repository(
     if spec.pipeline == "fused" and backend != "python-onnxruntime":
         raise ValueError(f"the fused pipeline needs the python-onnxruntime backend, not {backend!r}")
     staging = out.with_name(out.name + ".tmp")
+    if staging.exists() and any(staging.iterdir()) and not any((staging / m).exists() for m in (MARKER, STAGING)):
+        raise FileExistsError(f"{staging} exists and was not written by build.engines; refusing to replace it")
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / STAGING).write_text("build.engines writes the repository here, then renames it\n")
     pre_dir = staging / spec.preprocess_name
     cls_dir = staging / spec.classifier_name
     ens_dir = staging / spec.ensemble_name
@@ -137,6 +142,7 @@ def write_repository(
         **(extra or {}),
     }
     (staging / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
+    (staging / STAGING).unlink()
 
     if out.exists():
         shutil.rmtree(out)

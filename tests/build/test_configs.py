@@ -113,6 +113,19 @@ def test_repository_refuses_foreign_folder_and_bad_artifacts(tmp_path, tiny_arti
     with pytest.raises(FileExistsError):
         write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "onnxruntime", foreign)
     assert (foreign / "notes.txt").exists()
+    # nor a folder of the staging name it writes beside the repository, unless a write left it behind
+    out = tmp_path / "model_repository"
+    staging = tmp_path / "model_repository.tmp"
+    staging.mkdir()
+    (staging / "notes.txt").write_text("keep me too")
+    with pytest.raises(FileExistsError, match="model_repository.tmp"):
+        write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "onnxruntime", out)
+    assert (staging / "notes.txt").exists()
+    (staging / "notes.txt").unlink()
+    (staging / ".staging").write_text("")  # what an interrupted write leaves
+    (staging / "half").mkdir()
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "onnxruntime", out)
+    assert not staging.exists() and (out / "BUILD.json").is_file() and not (out / ".staging").exists()
     with pytest.raises(ArtifactsError, match="make export"):
         model_shape(tmp_path / "nothing")
 
