@@ -6,8 +6,9 @@ Writes `<artifacts>/calibration/<method>.cache` in TensorRT's text format (a hea
 `tensor: <hex of the float32 scale>` line per tensor, scale = amax / 127) and `<method>.json`
 beside it (ONNX sha256, preprocessing, image set and its fingerprint, method, observed min/max per
 tensor). The same cache drives Q/DQ insertion for TensorRT and ONNX Runtime's CPU INT8 model.
-Re-running with the same ONNX and images reuses the cache and says so; a changed ONNX or image
-set recalibrates, and says why.
+Re-running with the same ONNX, preprocessing and images reuses the cache and says so; a changed ONNX,
+preprocessing (preprocess.json: mean, std, resize, crop, layout...), image set, method or calibration
+code recalibrates, and says why.
 """
 from __future__ import annotations
 
@@ -207,19 +208,34 @@ def load_calibration(cache: Path) -> Calibration:
     return Calibration(cache, meta, read_cache(cache)[1], True, f"loaded {cache}")
 
 
-def _staleness(cache: Path, onnx_hash: str, images: ImageSet, method: str, percentile: float) -> str | None:
-    """None if the cache at `cache` fits; otherwise why not."""
+def _as_json(value):
+    return json.loads(json.dumps(value))  # tuples -> lists, as the stored meta has them
+
+
+def staleness(cache: Path, onnx_hash: str, config: PreprocessConfig, method: str,
+              images: ImageSet | None = None, percentile: float | None = None) -> str | None:
+    """None if the cache at `cache` fits this ONNX model, preprocessing, calibration code and method
+    (and `images` and `percentile`, when given); otherwise why not, in words."""
     meta_path = cache.with_suffix(".json")
     if not cache.exists() or not meta_path.exists():
         return "no cache yet"
     meta = json.loads(meta_path.read_text())
     if meta.get("onnx_sha256") != onnx_hash:
-        return f"the ONNX model changed (sha256 {meta.get('onnx_sha256', '?')[:12]} -> {onnx_hash[:12]})"
-    if meta.get("images_sha256") != images.fingerprint():
+        return f"the ONNX model changed (sha256 {str(meta.get('onnx_sha256', '?'))[:12]} -> {onnx_hash[:12]})"
+    # The image fingerprint is of the uint8 crops: mean, std and layout act after it, so compare them here.
+    stored, current = meta.get("preprocess"), _as_json(config.to_dict())
+    if stored != current:
+        if not isinstance(stored, dict):
+            return "the preprocessing changed (none recorded)"
+        changed = [f"{k} {stored.get(k)} -> {current.get(k)}" for k in sorted(set(stored) | set(current))
+                   if stored.get(k) != current.get(k)]
+        return f"the preprocessing changed ({'; '.join(changed)})"
+    if images is not None and meta.get("images_sha256") != images.fingerprint():
         return "the calibration images changed"
     if meta.get("algorithm_version") != ALGORITHM_VERSION:
         return f"the calibration code changed (version {meta.get('algorithm_version')} -> {ALGORITHM_VERSION})"
-    if meta.get("method") != method or (method == "percentile" and meta.get("percentile") != percentile):
+    if meta.get("method") != method or (method == "percentile" and percentile is not None
+                                        and meta.get("percentile") != percentile):
         return "the method changed"
     return None
 
@@ -229,11 +245,11 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / f"{method}.cache"
     onnx_hash = sha256(model_path)
-    reason = "forced" if force else _staleness(cache, onnx_hash, images, method, percentile)
+    reason = "forced" if force else staleness(cache, onnx_hash, config, method, images, percentile)
     if reason is None:
         calibration = load_calibration(cache)
         calibration.message = (f"reusing calibration cache {cache} (same ONNX sha256 {onnx_hash[:12]}, "
-                               f"same {len(images)} images, method {method})")
+                               f"same preprocessing, same {len(images)} images, method {method})")
         return calibration
     stats = collect_statistics(model_path, images, config, batch_size)
     amax = amax_per_tensor(stats, method, percentile)
@@ -246,7 +262,7 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
         "onnx": str(model_path), "onnx_sha256": onnx_hash, "method": method,
         "algorithm_version": ALGORITHM_VERSION,
         "percentile": percentile if method == "percentile" else None,
-        "preprocess": config.to_dict(), "images": len(images), "images_description": images.description,
+        "preprocess": _as_json(config.to_dict()), "images": len(images), "images_description": images.description,
         "images_sha256": images.fingerprint(), "tensors": len(scales),
         "trt_version_code": code, "trt_version_note": "0: written without TensorRT" if code == 0 else "",
         "observed_min": {n: s.minimum for n, s in stats.items()},
@@ -286,4 +302,9 @@ def main(args: argparse.Namespace) -> Calibration:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import sys
+
+    try:
+        main(get_args_parser().parse_args())
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"build.calibrate: {exc}")

@@ -75,6 +75,11 @@ def resolve_backend(requested: str, caps: Capabilities) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    caps = detect()
-    backend, why = resolve_backend("auto", caps)
+    import sys
+
+    try:
+        caps = detect()
+        backend, why = resolve_backend("auto", caps)
+    except (OSError, RuntimeError, ValueError) as exc:  # ServerNotInstalled is a RuntimeError
+        sys.exit(f"build.capabilities: {exc}")
     print(f"{caps.line()} -> classifier backend: {backend} ({why})")

@@ -4,8 +4,8 @@
 
 The precision lives in the graph (TensorRT 10/11 strongly typed networks take it from there; no
 builder flag). Converter: ONNX Runtime's `float16.convert_float_to_float16` with `keep_io_types`
-(FP32 IO, casts inserted at the boundaries); Softmax and the reductions stay FP32 by default
-(`--keep-fp32` adds op types). The result is checked by `build.validate` before it is deployed.
+(FP32 IO, casts inserted at the boundaries); Softmax and the reductions always stay FP32
+(`--keep-fp32` adds op types to them). The result is checked by `build.validate` before it is deployed.
 """
 from __future__ import annotations
 
@@ -36,9 +36,15 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def block_list(keep_fp32: list[str] | None = None) -> list[str]:
+    """Op types kept FP32: the converter's defaults, KEEP_FP32, and `keep_fp32` on top (never instead)."""
+    return sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32) | set(keep_fp32 or []))
+
+
 def convert(model_path: Path, out: Path, keep_fp32: list[str] | None = None) -> Path:
+    """`keep_fp32`: op types kept FP32 in addition to KEEP_FP32 (Softmax and pooling always stay FP32)."""
     model = onnx.load(str(model_path))
-    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32 if keep_fp32 is None else keep_fp32))
+    block = block_list(keep_fp32)
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     topological_sort(converted.graph)  # the converter appends its Cast nodes out of order
     onnx.checker.check_model(converted)
@@ -50,7 +56,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
-    p.add_argument("--keep-fp32", nargs="*", default=KEEP_FP32, help="op types kept in FP32 (default: %(default)s)")
+    p.add_argument("--keep-fp32", nargs="*", default=[], metavar="OP_TYPE",
+                   help=f"more op types kept in FP32, added to {', '.join(KEEP_FP32)} (always kept)")
     return p
 
 
@@ -62,4 +69,9 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import sys
+
+    try:
+        main(get_args_parser().parse_args())
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"build.fp16: {exc}")

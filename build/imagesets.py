@@ -34,6 +34,8 @@ class ImageSet:
         return len(self.crops)
 
     def fingerprint(self) -> str:
+        """sha256 of the uint8 crops: which images, resized and cropped. Normalisation (mean, std,
+        layout) comes later, so build.calibrate.staleness compares the preprocessing itself too."""
         return hashlib.sha256(self.crops.tobytes()).hexdigest()
 
     def batches(self, config: PreprocessConfig, batch_size: int):

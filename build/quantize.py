@@ -27,10 +27,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from build.calibrate import METHODS, Calibration, load_calibration
+from build.calibrate import METHODS, Calibration, load_calibration, staleness
+from build.repository import sha256
+from common.preprocessing import PreprocessConfig
 
 TARGETS = ("trt", "cpu")
 CPU_FORMATS = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}
@@ -44,6 +48,10 @@ TRT_OP_TYPES = ["Conv", "Gemm", "MatMul", "Add"]
 CPU_FLOAT_OUTPUTS = ["Gemm", "MatMul"]
 CPU_OP_TYPES = ["Conv", "Gemm", "MatMul", "Add", "Mul", "Clip", "Relu", "Pad", "GlobalAveragePool",
                 "AveragePool", "MaxPool", "Flatten", "Reshape", "Concat"]
+
+
+class StaleCalibration(ValueError):
+    """The calibration cache was made for another ONNX model, preprocessing, method or calibration code."""
 
 
 def output_name(target: str) -> str:
@@ -95,7 +103,50 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                "OpTypesToExcludeOutputQuantization": TRT_OP_TYPES if symmetric else CPU_FLOAT_OUTPUTS},
             )
+    if symmetric:
+        set_cache_scales(out, calibration.scales)
     return out
+
+
+def set_cache_scales(path: Path, scales: dict[str, float]) -> int:
+    """Overwrite the scale of every quantized activation in the Q/DQ model at `path` with the cache's
+    float32, bit for bit. The quantizer recomputes each scale from the range it is fed ((hi - lo) / 254
+    in float64, then rounded to float32), which lands one ulp off the cache's value for about 1 %
+    of tensors. Int32 biases keep the scale they were quantized with (input x weight scale as the
+    quantizer computed it; its own DequantizeLinear carries it). Returns how many scales were set."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    wanted: dict[str, np.float32] = {}  # scale initializer -> the cache's scale
+
+    def want(initializer: str, value: np.float32) -> None:
+        if initializer in wanted and wanted[initializer].tobytes() != value.tobytes():
+            raise RuntimeError(f"{path}: scale {initializer!r} is shared by tensors with different cache scales")
+        wanted[initializer] = value
+
+    quantized: dict[str, np.float32] = {}  # QuantizeLinear output -> the cache's scale of its input
+    for node in graph.node:
+        # A tensor calibration saw only as zeros has scale 0 in the cache, which no Q/DQ can use: the
+        # quantizer's placeholder (1.0) stays for it.
+        if node.op_type == "QuantizeLinear" and scales.get(node.input[0], 0.0) > 0:
+            quantized[node.output[0]] = np.float32(scales[node.input[0]])
+            want(node.input[1], quantized[node.output[0]])
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in quantized:
+            want(node.input[1], quantized[node.input[0]])
+    done = 0
+    for init in graph.initializer:
+        if init.name in wanted:
+            current = numpy_helper.to_array(init)
+            if current.shape != () or current.dtype != np.float32:
+                raise RuntimeError(f"{path}: activation scale {init.name!r} is {current.dtype}{list(current.shape)}, "
+                                   "expected a float32 scalar")
+            init.CopyFrom(numpy_helper.from_array(np.array(wanted[init.name], dtype=np.float32), init.name))
+            done += 1
+    missing = set(wanted) - {i.name for i in graph.initializer}
+    if missing:
+        raise RuntimeError(f"{path}: activation scales {sorted(missing)} are not initializers")
+    onnx.save(model, str(path))
+    return done
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -115,10 +166,17 @@ def main(args: argparse.Namespace) -> list[Path]:
     cache = artifacts / "calibration" / f"{args.method}.cache"
     if not cache.exists():
         raise FileNotFoundError(f"no calibration cache {cache}: run `make calibrate` first")
+    model = artifacts / "model.onnx"
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    # The image set and percentile are calibrate's to choose; what the cache must fit is checked here.
+    why = staleness(cache, sha256(model), config, args.method)
+    if why is not None:
+        raise StaleCalibration(f"calibration cache {cache} is stale: {why}; run `make calibrate` "
+                               f"(python -m build.calibrate --artifacts {artifacts} --method {args.method}) first")
     calibration = load_calibration(cache)
     written = []
     for target in args.target:
-        out = quantize(artifacts / "model.onnx", calibration, target, artifacts / output_name(target),
+        out = quantize(model, calibration, target, artifacts / output_name(target),
                        cpu_format=args.cpu_format)
         print(f"wrote {out} from {cache}")
         written.append(out)
@@ -126,4 +184,9 @@ def main(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import sys
+
+    try:
+        main(get_args_parser().parse_args())
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"build.quantize: {exc}")

@@ -79,14 +79,14 @@ class DeploymentSpec:
     limits: LimitsSpec = dataclasses.field(default_factory=LimitsSpec)
 
     def __post_init__(self):
-        if isinstance(self.preprocess, dict):
-            self.preprocess = StageSpec(**self.preprocess)
-        if isinstance(self.classifier, dict):
-            self.classifier = StageSpec(**self.classifier)
-        if isinstance(self.fused, dict):
-            self.fused = StageSpec(**self.fused)
-        if isinstance(self.limits, dict):
-            self.limits = LimitsSpec(**self.limits)
+        for key, kind in (("preprocess", StageSpec), ("classifier", StageSpec), ("fused", StageSpec),
+                          ("limits", LimitsSpec)):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, kind(**value))
+            elif not isinstance(value, kind):  # e.g. "preprocess": null in the JSON
+                raise ValueError(f"{key} must be an object of {sorted(f.name for f in dataclasses.fields(kind))}, "
+                                 f"got {value!r}")
         self.check()
 
     def check(self) -> None:

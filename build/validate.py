@@ -109,6 +109,18 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     }
 
 
+def threshold_for(name: str, thresholds: dict[str, float]) -> float | None:
+    """The minimum top-1 agreement `name` must reach; None only for the FP32 ONNX reference itself.
+    The FP32 TensorRT plan must agree with FP32 ONNX at least as well as FP16 does: thresholds["fp32"]
+    where given, else the FP16 threshold."""
+    if name == "fp32":
+        return None
+    precision = VARIANTS[name][1]
+    if precision == "fp32":
+        return thresholds.get("fp32", thresholds.get("fp16", THRESHOLDS["fp16"]))
+    return thresholds.get(precision)
+
+
 def validate(artifacts: Path, variants: list[str], images: ImageSet, config: PreprocessConfig,
              thresholds: dict[str, float], labels: np.ndarray | None = None,
              batch_size: int = 16) -> list[VariantReport]:
@@ -119,14 +131,19 @@ def validate(artifacts: Path, variants: list[str], images: ImageSet, config: Pre
     for name in ["fp32", *[v for v in present if v != "fp32"]]:
         filename, precision, runs_on = VARIANTS[name]
         report = VariantReport(name, filename, precision, runs_on, **compare(outputs["fp32"], outputs[name], labels))
-        report.threshold = thresholds.get(precision) if name != "fp32" else None
-        if report.threshold is not None and report.top1_agreement < report.threshold:
-            report.passed = False
-            report.reason = (f"top-1 agreement {report.top1_agreement:.2%} < {report.threshold:.1%}: not deployed"
-                             f" (on confident images: {report.confident_agreement:.2%} of "
-                             f"{report.confident_images})")
-        reports.append(report)
+        reports.append(gate(report, thresholds))
     return reports
+
+
+def gate(report: VariantReport, thresholds: dict[str, float]) -> VariantReport:
+    """Set the report's threshold and verdict (a failing variant is not deployed)."""
+    report.threshold = threshold_for(report.name, thresholds)
+    if report.threshold is not None and report.top1_agreement < report.threshold:
+        report.passed = False
+        report.reason = (f"top-1 agreement {report.top1_agreement:.2%} < {report.threshold:.1%}: not deployed"
+                         f" (on confident images: {report.confident_agreement:.2%} of "
+                         f"{report.confident_images})")
+    return report
 
 
 def format_table(reports: list[VariantReport]) -> str:
@@ -136,13 +153,16 @@ def format_table(reports: list[VariantReport]) -> str:
             + "  gate")
     lines = [head, "-" * len(head)]
     for r in reports:
-        gate = "reference" if r.threshold is None else ("PASS" if r.passed else "FAIL") + f" (>= {r.threshold:.1%})"
+        if r.threshold is None:
+            verdict = "reference" if r.name == "fp32" else "not gated"
+        else:
+            verdict = ("PASS" if r.passed else "FAIL") + f" (>= {r.threshold:.1%})"
         confident = f"{r.confident_agreement:7.2%} ({r.confident_images})"
         line = (f"{r.name:10s} {r.runs_on:44s} {r.images:6d} {r.top1_agreement:9.2%} {r.top5_overlap:9.2%} "
                 f"{r.max_abs_error:8.4f} {r.mean_abs_error:9.2e} {confident:>14s}")
         if has_accuracy:
             line += f" {r.accuracy:8.2%}" if r.accuracy is not None else " " * 9
-        lines.append(line + "  " + gate)
+        lines.append(line + "  " + verdict)
     lines += [f"  {r.name}: {r.reason}" for r in reports if not r.passed]
     return "\n".join(lines)
 
@@ -157,7 +177,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="folder of held-out images; an ImageFolder (class sub-folders named as in labels.txt) "
                         "adds true accuracy (default: the bundled held-out photos, augmented)")
     p.add_argument("--views", type=int, default=40, help="augmented views per bundled photo (default: %(default)s)")
-    p.add_argument("--min-agreement-fp16", type=float, default=THRESHOLDS["fp16"], help="(default: %(default)s)")
+    p.add_argument("--min-agreement-fp16", type=float, default=THRESHOLDS["fp16"],
+                   help="also the FP32 TensorRT plan's (default: %(default)s)")
     p.add_argument("--min-agreement-int8", type=float, default=THRESHOLDS["int8"], help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--report", default=None, help="JSON report path (default: <artifacts>/validation.json)")
@@ -174,11 +195,20 @@ def folder_labels(images: ImageSet, folder: Path, labels_file: Path) -> np.ndarr
     return np.array([names.index(c) for c in classes])
 
 
+def held_out_labels(images: ImageSet, held_out: str | None, artifacts: Path) -> np.ndarray | None:
+    """True class indices when `held_out` is an ImageFolder whose class folders are named as in the
+    artifacts' labels.txt; else None. Used here and by `make engines` (build.variants)."""
+    labels_file = artifacts / "labels.txt"
+    if not held_out or not labels_file.exists():
+        return None
+    return folder_labels(images, Path(held_out), labels_file)
+
+
 def main(args: argparse.Namespace) -> list[VariantReport]:
     artifacts = Path(args.artifacts)
     config = PreprocessConfig.load(artifacts / "preprocess.json")
     images = held_out_set(config, args.held_out, args.views)
-    labels = folder_labels(images, Path(args.held_out), artifacts / "labels.txt") if args.held_out else None
+    labels = held_out_labels(images, args.held_out, artifacts)
     print(f"held-out images: {images.description}" + (" (labelled)" if labels is not None else ""))
     thresholds = {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}
     reports = validate(artifacts, args.variants, images, config, thresholds, labels, args.batch_size)
@@ -193,4 +223,8 @@ def main(args: argparse.Namespace) -> list[VariantReport]:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(0 if all(r.passed for r in main(get_args_parser().parse_args())) else 1)
+    try:
+        passed = all(r.passed for r in main(get_args_parser().parse_args()))
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"build.validate: {exc}")
+    sys.exit(0 if passed else 1)

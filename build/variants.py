@@ -39,14 +39,24 @@ class Deployable:
     reports: list[validate.VariantReport] = dataclasses.field(default_factory=list)
 
 
-def build_plan(artifacts: Path, precision: str, spec_path: str) -> tuple[Path | None, str]:
-    """A TensorRT plan, or None and the one-line reason it could not be built here."""
+def tensorrt_unavailable() -> str | None:
+    """None where TensorRT plans can be built here; otherwise the one-line reason."""
     from build import plans
 
     try:
         plans.require_tensorrt()
     except plans.TensorRTUnavailable as exc:
-        return None, str(exc)
+        return str(exc)
+    return None
+
+
+def build_plan(artifacts: Path, precision: str, spec_path: str) -> tuple[Path | None, str]:
+    """A TensorRT plan, or None and the one-line reason it could not be built here."""
+    from build import plans
+
+    why_not = tensorrt_unavailable()
+    if why_not:
+        return None, why_not
     args = plans.get_args_parser().parse_args(["--spec", spec_path, "--artifacts", str(artifacts),
                                                "--precision", precision])
     metadata = plans.main(args)
@@ -76,22 +86,29 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
     precision = spec.precision
     if precision == "fp32" and backend != "tensorrt":
         return Deployable(artifacts / "model.onnx", "fp32", "fp32")
+    cpu_variant = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-cpu"}[precision]
+    wanted = f"{precision}-plan" if backend == "tensorrt" else cpu_variant
+    if backend == "tensorrt":  # a tensorrt classifier serves nothing but a plan: fail before building anything
+        why_not = tensorrt_unavailable()
+        if why_not:
+            raise GateFailed(f"{why_not}; the tensorrt backend needs the {wanted} variant, so nothing is built or "
+                             f"deployed (--backend onnxruntime or python-onnxruntime serves the {cpu_variant} "
+                             "variant on CPU)")
     config = PreprocessConfig.load(artifacts / "preprocess.json")
     build_variants(artifacts, precision, options, config, log)
     plan, why = build_plan(artifacts, precision, spec_path)
     log(f"TensorRT plan: {plan}" if plan else why + "; building the CPU variants instead")
 
-    cpu_variant = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-cpu"}[precision]
-    wanted = f"{precision}-plan" if backend == "tensorrt" else cpu_variant
     checked = [v for v in validate.VARIANTS if v != "fp32" and validate.VARIANTS[v][1] == precision]
     images = held_out_set(config, options.held_out)
-    log(f"held-out images: {images.description}")
-    reports = validate.validate(artifacts, checked, images, config, options.thresholds)
+    labels = validate.held_out_labels(images, options.held_out, artifacts)
+    log(f"held-out images: {images.description}" + (" (labelled: true accuracy reported)" if labels is not None else ""))
+    reports = validate.validate(artifacts, checked, images, config, options.thresholds, labels)
     table = validate.format_table(reports)
     log(table)
     by_name = {r.name: r for r in reports}
     if wanted not in by_name:
-        raise GateFailed(f"the {wanted} variant was not built ({why if backend == 'tensorrt' else 'missing file'})")
+        raise GateFailed(f"the {wanted} variant was not built (missing file {validate.VARIANTS[wanted][0]})")
     chosen = by_name[wanted]
     if chosen.passed:
         return Deployable(artifacts / chosen.file, wanted, precision, reports)

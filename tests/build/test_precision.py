@@ -1,9 +1,13 @@
 """Calibration cache, Q/DQ variants, FP16, and the accuracy gate: on the real exported model."""
 import dataclasses
+import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -52,6 +56,74 @@ def test_cache_is_reused_and_invalidated(tiny, capsys):
     assert not changed.reused and "the ONNX model changed" in changed.message
 
 
+def test_changed_preprocessing_recalibrates_and_says_why(tiny):
+    """Mean, std and layout act after the uint8 crops the image fingerprint hashes: the same photos
+    under another normalisation are other activations, so the cache must be redone."""
+    artifacts, config, images = tiny
+    out = artifacts / "calibration"
+    first = calibrate.calibrate(artifacts / "model.onnx", out, "max", images, config)
+    other = dataclasses.replace(config, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert augmented_photos(("chelsea", "coffee"), 4, 0, other).fingerprint() == images.fingerprint()
+    changed = calibrate.calibrate(artifacts / "model.onnx", out, "max", images, other)
+    assert not changed.reused, changed.message
+    assert ("the preprocessing changed (mean [0.485, 0.456, 0.406] -> [0.5, 0.5, 0.5]; "
+            "std [0.229, 0.224, 0.225] -> [0.25, 0.25, 0.25])") in changed.message
+    assert changed.scales["images"] != first.scales["images"] and changed.meta["preprocess"]["std"] == [0.25] * 3
+    assert calibrate.calibrate(artifacts / "model.onnx", out, "max", images, other).reused
+    assert calibrate.staleness(first.cache, calibrate.sha256(artifacts / "model.onnx"), config, "max") == \
+        "the preprocessing changed (mean [0.5, 0.5, 0.5] -> [0.485, 0.456, 0.406]; std [0.25, 0.25, 0.25] -> " \
+        "[0.229, 0.224, 0.225])"
+
+
+def _module(name, *argv):
+    return subprocess.run([sys.executable, "-m", f"build.{name}", *map(str, argv)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_quantize_cli_refuses_a_stale_cache(tiny_artifacts, tmp_path):
+    artifacts = tmp_path / "tiny"
+    shutil.copytree(tiny_artifacts, artifacts, ignore=shutil.ignore_patterns("calibration", "model.*.onnx"))
+    missing = _module("quantize", "--artifacts", artifacts)
+    assert missing.returncode == 1 and missing.stderr.strip() == (
+        f"build.quantize: no calibration cache {artifacts}/calibration/max.cache: run `make calibrate` first")
+    assert _module("calibrate", "--artifacts", artifacts, "--views", 2).returncode == 0
+    current = _module("quantize", "--artifacts", artifacts)
+    assert current.returncode == 0, current.stderr
+    assert (artifacts / "model.int8.trt.onnx").exists() and (artifacts / "model.int8.cpu.onnx").exists()
+
+    config = json.loads((artifacts / "preprocess.json").read_text())
+    (artifacts / "preprocess.json").write_text(json.dumps({**config, "std": [0.5, 0.5, 0.5]}))
+    stale = _module("quantize", "--artifacts", artifacts)
+    assert stale.returncode == 1 and "Traceback" not in stale.stderr, stale.stderr
+    assert stale.stderr.startswith(f"build.quantize: calibration cache {artifacts}/calibration/max.cache is stale: "
+                                   "the preprocessing changed (std [0.229, 0.224, 0.225] -> [0.5, 0.5, 0.5]); "
+                                   "run `make calibrate`"), stale.stderr
+    write_tiny_classifier(artifacts, num_classes=4)  # another model (and the original preprocess.json)
+    stale = _module("quantize", "--artifacts", artifacts, "--target", "trt")
+    assert stale.returncode == 1 and "is stale: the ONNX model changed" in stale.stderr, stale.stderr
+
+
+@pytest.mark.parametrize("module", ["calibrate", "quantize", "fp16", "validate"])
+def test_module_clis_report_errors_in_one_line(module, tmp_path):
+    cli = _module(module, "--artifacts", tmp_path)  # an empty folder: no model, no preprocess.json, no cache
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert cli.stderr.startswith(f"build.{module}: ") and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    assert str(tmp_path) in cli.stderr
+
+
+def test_fp16_keep_fp32_adds_to_softmax_and_pooling(tiny_artifacts, tmp_path):
+    assert set(fp16.KEEP_FP32) <= set(fp16.block_list(["Gemm"])) and "Gemm" in fp16.block_list(["Gemm"])
+    out = fp16.convert(tiny_artifacts / "model.onnx", tmp_path / "model.fp16.onnx", keep_fp32=["Gemm"])
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    for node in model.graph.node:
+        if node.op_type in ("Softmax", "GlobalAveragePool", "Gemm"):  # Gemm added; the defaults still kept
+            assert types[node.input[0]] == onnx.TensorProto.FLOAT, node.op_type
+    assert _initializers(model)["W"].dtype == np.float32
+    args = fp16.get_args_parser().parse_args(["--keep-fp32", "Gemm"])
+    assert args.keep_fp32 == ["Gemm"] and fp16.get_args_parser().parse_args([]).keep_fp32 == []
+
+
 def test_methods_clip_no_more_than_max(tiny):
     artifacts, config, images = tiny
     stats = calibrate.collect_statistics(artifacts / "model.onnx", images, config, batch_size=4)
@@ -60,6 +132,35 @@ def test_methods_clip_no_more_than_max(tiny):
     for name, s in stats.items():
         assert amax["max"][name] == pytest.approx(s.absmax)
         assert 0 < amax["percentile"][name] <= s.absmax and 0 < amax["entropy"][name] <= s.absmax
+
+
+def _recomputed_by_the_quantizer(scale: np.float32) -> np.float32:
+    """ONNX Runtime's symmetric int8 scale for the range [-127 s, 127 s] that quantize feeds it."""
+    high = np.float32(127.0 * float(scale))
+    return np.float32((np.float64(high) - np.float64(-high)) / 254.0)
+
+
+def test_trt_qdq_scales_are_the_cache_bit_for_bit_even_where_the_quantizer_rounds_off(tiny):
+    artifacts, config, images = tiny
+    result = calibrate.calibrate(artifacts / "model.onnx", artifacts / "calibration", "max", images, config)
+    scale = np.float32(result.scales["flat"])  # the one activation the tiny model's Gemm quantizes
+    while _recomputed_by_the_quantizer(scale) == scale:  # a scale the quantizer lands one ulp off
+        scale = np.nextafter(scale, np.float32(1))
+    assert abs(int(_recomputed_by_the_quantizer(scale).view(np.int32)) - int(scale.view(np.int32))) == 1
+    crafted = dataclasses.replace(result, scales={**result.scales, "flat": float(scale)})
+    out = quantize.quantize(artifacts / "model.onnx", crafted, "trt", artifacts / "model.int8.trt.onnx")
+    model = onnx.load(str(out))
+    inits = _initializers(model)
+    qdq = [n for n in model.graph.node  # on activations, not on the stored int8 weights or int32 bias
+           if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in inits]
+    assert {n.op_type for n in qdq} == {"QuantizeLinear", "DequantizeLinear"}
+    for node in qdq:
+        assert inits[node.input[1]].tobytes() == scale.tobytes(), node.name
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    batch = next(images.batches(config, 8))
+    (probabilities,) = session.run(["probabilities"], {"images": batch})
+    reference = ort.InferenceSession(str(artifacts / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(probabilities, reference.run(["probabilities"], {"images": batch})[0], atol=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +191,16 @@ def test_trt_qdq_graph_uses_the_cache_scales(lite0_int8):
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    assert quantizers
-    for q in quantizers:  # activations: int8, zero point 0, scale = the cache's, bit for bit
+    assert len(quantizers) > 50
+    for q in quantizers:  # every quantized activation: int8, zero point 0, scale = the cache's, bit for bit
         tensor, scale, zero = q.input
         assert inits[zero].dtype == np.int8 and not inits[zero].any()
-        assert np.float32(inits[scale]) == np.float32(result.scales[tensor]), tensor
+        assert result.scales[tensor] > 0, tensor
+        cache_bits = np.float32(result.scales[tensor]).tobytes()
+        assert inits[scale].dtype == np.float32 and inits[scale].tobytes() == cache_bits, tensor
         # TensorRT's placement: Q/DQ only on inputs of Conv/Gemm/MatMul/Add, never feeding Clip & co.
         (dq,) = consumers[q.output[0]]
+        assert dq.op_type == "DequantizeLinear" and inits[dq.input[1]].tobytes() == cache_bits, tensor
         assert {c.op_type for c in consumers[dq.output[0]]} <= set(quantize.TRT_OP_TYPES), tensor
     for conv in (n for n in model.graph.node if n.op_type == "Conv"):
         data, weight = (producers[i] for i in conv.input[:2])

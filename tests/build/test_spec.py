@@ -1,0 +1,40 @@
+"""DeploymentSpec.load: every malformed spec is one ValueError naming the file and the key, never a traceback."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from build.spec import DeploymentSpec, LimitsSpec, StageSpec
+
+
+@pytest.mark.parametrize("key", ["preprocess", "classifier", "fused", "limits"])
+@pytest.mark.parametrize("value", [None, 4, [1, 2], "x"])
+def test_a_stage_that_is_not_an_object_is_a_value_error_naming_the_key(tmp_path, key, value):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match=rf"^{path}: {key} must be an object of \[") as info:
+        DeploymentSpec.load(path)
+    fields = "max_image_bytes" if key == "limits" else "preferred_batch_sizes"
+    assert fields in str(info.value) and str(info.value).endswith(f"got {value!r}")
+
+
+def test_stage_objects_and_dicts_still_load(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"preprocess": {"instances": 3}, "limits": {"min_image_side": 8}}))
+    spec = DeploymentSpec.load(path)
+    assert spec.preprocess == StageSpec(instances=3) and spec.limits.min_image_side == 8
+    assert isinstance(spec.limits, LimitsSpec) and DeploymentSpec(classifier=StageSpec(threads=3)).classifier.threads == 3
+    path.write_text(json.dumps({"classifier": {"instances": 1, "bogus": 2}}))
+    with pytest.raises(ValueError, match="bogus"):  # a TypeError from the dataclass, reported as ValueError
+        DeploymentSpec.load(path)
+
+
+def test_build_engines_reports_a_null_stage_in_one_line(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"preprocess": None}))
+    cli = subprocess.run([sys.executable, "-m", "build.engines", "--spec", str(path), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert cli.stderr.strip() == f"build.engines: {path}: preprocess must be an object of " \
+                                 "['instances', 'max_queue_delay_us', 'preferred_batch_sizes', 'threads'], got None"

@@ -1,0 +1,105 @@
+"""build.variants (the chain behind `make engines PRECISION=...`) and the gate's thresholds."""
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from build import validate
+from build.imagesets import folder_images
+from build.spec import DeploymentSpec
+from build.variants import GateFailed, VariantOptions, prepare, tensorrt_unavailable
+from common.labels import read_labels
+from common.preprocessing import PreprocessConfig
+from common.samples import sample_photos
+
+
+def test_every_variant_but_the_reference_has_a_threshold():
+    thresholds = {"fp16": 0.97, "int8": 0.9}
+    assert validate.threshold_for("fp32", thresholds) is None
+    assert validate.threshold_for("fp32-plan", thresholds) == 0.97  # as strict as FP16
+    assert validate.threshold_for("fp32-plan", {**thresholds, "fp32": 0.999}) == 0.999
+    assert validate.threshold_for("fp32-plan", {"int8": 0.9}) == validate.THRESHOLDS["fp16"]
+    assert validate.threshold_for("fp16-plan", thresholds) == validate.threshold_for("fp16", thresholds) == 0.97
+    assert validate.threshold_for("int8-plan", thresholds) == validate.threshold_for("int8-cpu", thresholds) == 0.9
+    assert all(validate.threshold_for(v, validate.THRESHOLDS) is not None for v in validate.VARIANTS if v != "fp32")
+
+
+def _report(name, agreement):
+    filename, precision, runs_on = validate.VARIANTS[name]
+    return validate.VariantReport(name, filename, precision, runs_on, images=100, top1_agreement=agreement,
+                                  top5_overlap=1.0, max_abs_error=0.01, mean_abs_error=1e-4,
+                                  confident_images=50, confident_agreement=1.0)
+
+
+def test_the_fp32_plan_is_gated_and_not_called_the_reference():
+    thresholds = dict(validate.THRESHOLDS)
+    reference = validate.gate(_report("fp32", 1.0), thresholds)
+    bad_plan = validate.gate(_report("fp32-plan", 0.99), thresholds)
+    good_plan = validate.gate(_report("fp32-plan", 1.0), thresholds)
+    assert reference.passed and reference.threshold is None
+    assert not bad_plan.passed and "top-1 agreement 99.00% < 99.5%: not deployed" in bad_plan.reason
+    assert good_plan.passed and good_plan.threshold == thresholds["fp16"]
+    rows = validate.format_table([reference, bad_plan, good_plan]).splitlines()
+    assert rows[2].startswith("fp32 ") and rows[2].endswith("reference")
+    assert rows[3].startswith("fp32-plan") and rows[3].endswith("FAIL (>= 99.5%)")
+    assert rows[4].endswith("PASS (>= 99.5%)") and sum("reference" in r for r in rows) == 1
+
+
+@pytest.fixture
+def artifacts(tiny_artifacts, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_artifacts, out, ignore=shutil.ignore_patterns("calibration", "model.*.onnx"))
+    return out
+
+
+def _image_folder(root, labels):
+    """Bundled photos sorted into class folders named as in labels.txt (2 photos per class)."""
+    photos = sorted(sample_photos().items())
+    for i, (name, path) in enumerate(photos[: 2 * len(labels)]):
+        folder = root / labels[i % len(labels)]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"{name}{path.suffix}")
+    return root
+
+
+def test_make_engines_reports_true_accuracy_on_an_image_folder(artifacts, tmp_path):
+    labels = read_labels(artifacts / "labels.txt")
+    held_out = _image_folder(tmp_path / "held", labels)
+    spec = DeploymentSpec(artifacts=str(artifacts), precision="fp16")
+    logged = []
+    deployable = prepare(spec, "onnxruntime", "unused.json",
+                         VariantOptions(held_out=str(held_out), thresholds={"fp16": 0.0}), logged.append)
+    assert deployable.variant == "fp16"
+    assert any("(labelled: true accuracy reported)" in line for line in logged), logged
+    assert "accuracy" in logged[-1].splitlines()[0]  # the gate's table has the column
+
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    images = folder_images(held_out, config)
+    truth = np.array([labels.index(name.split("/")[-2]) for name in images.names])
+    session = ort.InferenceSession(str(artifacts / "model.onnx"), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(["probabilities"], {"images": next(images.batches(config, len(images)))})
+    fp32 = deployable.reports[0]
+    assert fp32.name == "fp32" and fp32.accuracy == pytest.approx(float((probabilities.argmax(1) == truth).mean()))
+    assert deployable.reports[1].accuracy is not None
+
+    flat = tmp_path / "flat"  # not an ImageFolder: agreement only, no accuracy
+    flat.mkdir()
+    for path in held_out.rglob("*.*"):
+        shutil.copy(path, flat / path.name)
+    plain = prepare(spec, "onnxruntime", "unused.json", VariantOptions(held_out=str(flat), thresholds={"fp16": 0.0}),
+                    logged.append)
+    assert all(r.accuracy is None for r in plain.reports)
+
+
+def test_tensorrt_backend_without_tensorrt_says_what_happens(artifacts):
+    why = tensorrt_unavailable()
+    if why is None:
+        pytest.skip("TensorRT and a GPU are present here")
+    spec = DeploymentSpec(artifacts=str(artifacts), precision="fp16")
+    logged = []
+    with pytest.raises(GateFailed) as info:
+        prepare(spec, "tensorrt", "unused.json", VariantOptions(), logged.append)
+    assert str(info.value) == (f"{why}; the tensorrt backend needs the fp16-plan variant, so nothing is built or "
+                               "deployed (--backend onnxruntime or python-onnxruntime serves the fp16 variant on CPU)")
+    assert not (artifacts / "model.fp16.onnx").exists() and not any("instead" in line for line in logged)
