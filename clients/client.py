@@ -30,6 +30,9 @@ class Prediction:
     score: float
 
 
+UNAVAILABLE = "UNAVAILABLE"  # the status of a request that never reached a server
+
+
 class ClassificationError(RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
@@ -86,6 +89,10 @@ def _error(exc) -> ClassificationError:
     return ClassificationError(message, None if status is None else str(status))
 
 
+def _unreachable(url: str, exc: OSError) -> ClassificationError:
+    return ClassificationError(f"cannot reach the server at {url} over HTTP: {exc}", UNAVAILABLE)
+
+
 class ImageClassifierClient:
     """Blocking client. `url` is host:port (HTTP 8000, gRPC 8001 by default)."""
 
@@ -99,7 +106,7 @@ class ImageClassifierClient:
                                                               network_timeout=timeout_s)
         else:
             self._client = self._module.InferenceServerClient(url)
-        self._timeout = timeout_s
+        self._timeout, self._url = timeout_s, url
 
     def is_ready(self) -> bool:
         return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
@@ -111,6 +118,8 @@ class ImageClassifierClient:
             return self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
         except self._module.InferenceServerException as exc:
             raise _error(exc) from None
+        except OSError as exc:  # HTTP: connection refused or reset (gRPC reports these as UNAVAILABLE)
+            raise _unreachable(self._url, exc) from None
 
     def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         """One request; the top `top_k` predictions of each image, best first."""
@@ -144,7 +153,7 @@ class AsyncImageClassifierClient:
             self._client = self._module.InferenceServerClient(url, conn_timeout=timeout_s)
         else:
             self._client = self._module.InferenceServerClient(url)
-        self._timeout = timeout_s
+        self._timeout, self._url = timeout_s, url
 
     async def is_ready(self) -> bool:
         return bool(await self._client.is_server_ready() and await self._client.is_model_ready(self.model))
@@ -156,6 +165,8 @@ class AsyncImageClassifierClient:
             return await self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
         except self._module.InferenceServerException as exc:
             raise _error(exc) from None
+        except OSError as exc:  # HTTP: connection refused or reset (gRPC reports these as UNAVAILABLE)
+            raise _unreachable(self._url, exc) from None
 
     async def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         if top_k < 1:

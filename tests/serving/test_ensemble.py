@@ -99,3 +99,25 @@ def test_server_binds_to_loopback_only(server):
     for port in (server.ports.http, server.ports.grpc, server.ports.metrics):
         addresses = listening_addresses(port)
         assert addresses and addresses <= loopback, (port, addresses)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_no_server_is_the_same_error_over_both_protocols(photos, protocol):
+    """Nothing listening: both clients, sync and async, raise ClassificationError (not a bare OSError
+    over HTTP) naming the server as unreachable, and it is not the client's fault."""
+    from clients.client import ClassificationError
+    from serving.server import free_port
+
+    url = f"127.0.0.1:{free_port()}"
+    with ImageClassifierClient(url, protocol, timeout_s=5) as client:
+        with pytest.raises(ClassificationError) as info:
+            client.classify([photos["coffee"]])
+    assert "UNAVAILABLE" in info.value.status and not info.value.is_client_error
+
+    async def run_async():
+        async with AsyncImageClassifierClient(url, protocol, timeout_s=5) as client:
+            await client.classify([photos["coffee"]])
+
+    with pytest.raises(ClassificationError) as info:
+        asyncio.run(run_async())
+    assert "UNAVAILABLE" in info.value.status and not info.value.is_client_error
