@@ -7,7 +7,7 @@ A checkpoint (`runs/<run>/checkpoint.pt` = last epoch, `best.pt` = best monitore
     architecture              {"name", "num_classes"}: networks.build_network rebuilds it
     classes                   class names, index i = class i (labels.txt at export)
     preprocess                the eval PreprocessConfig (preprocess.json at export)
-    data                      train/val folders and the validation files (export's parity images)
+    data                      train/val folders, the validation files and their labels (evaluation, export parity)
     metrics                   that epoch's metrics
 """
 from __future__ import annotations
@@ -53,7 +53,10 @@ def resolve_checkpoint_path(path: str | Path, prefer: str = BEST) -> Path:
 def load_checkpoint(path: str | Path, prefer: str = BEST) -> dict:
     path = resolve_checkpoint_path(path, prefer)
     # Our own checkpoints hold plain Python containers (args, metrics) besides tensors.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle / zip / torch errors of every kind: not a checkpoint
+        raise ValueError(f"{path} is not a readable training.train checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path} is not a training.train checkpoint (format {FORMAT}); for a bare state dict "
                          "train with --weights instead")

@@ -164,7 +164,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
 
 
 def class_weights(counts: np.ndarray) -> np.ndarray:
-    """Inverse-frequency weights normalised to mean 1 over the classes: n / (C * n_c)."""
+    """Inverse-frequency weights n / (C * n_c) (scikit-learn's "balanced"): mean 1 over the training images."""
     if (counts == 0).any():
         raise ValueError(f"every class needs at least one training image; counts {counts.tolist()}")
     return counts.sum() / (len(counts) * counts.astype(np.float64))

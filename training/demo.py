@@ -2,7 +2,7 @@
 
     python -m training.demo        # digits -> fine-tune Lite0 -> ONNX -> Triton repository -> served answers
 
-1. scikit-learn's handwritten digits written as an ImageFolder (common.digits: 1,437 train / 360 val)
+1. scikit-learn's handwritten digits written as an ImageFolder (common.digits: 1,438 train / 359 val)
 2. fine-tune the bundled ImageNet EfficientNet-Lite0 on them (training.train)
 3. export the best checkpoint with its labels and preprocessing, parity-checked (training.export)
 4. build a model repository for it (build.engines)

@@ -104,6 +104,17 @@ def run_model(infer, split: data.Split, preprocess: PreprocessConfig, batch_size
     return np.concatenate(probabilities), np.concatenate(labels), np.concatenate(indices), bad
 
 
+def _labels_from_paths(files: list[str], classes: list[str]) -> list[int]:
+    """Checkpoints without val_labels: the class is the nearest enclosing folder named like a class."""
+    index, labels = {name: i for i, name in enumerate(classes)}, []
+    for f in files:
+        label = next((index[p.name] for p in Path(f).parents if p.name in index), None)
+        if label is None:
+            raise ValueError(f"cannot tell the class of validation file {f}: pass --data-dir")
+        labels.append(label)
+    return labels
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,18 +140,18 @@ def main(args: argparse.Namespace) -> dict:
         checkpoint = load_checkpoint(args.checkpoint)
         classes, preprocess = checkpoint["classes"], preprocess_from_checkpoint(checkpoint)
         infer, source, home = _torch_runner(checkpoint, args.weights), checkpoint["path"], Path(checkpoint["path"]).parent
-        val_files = checkpoint.get("data", {}).get("val_files")
+        val_files = (checkpoint.get("data") or {}).get("val_files")
+        val_labels = (checkpoint.get("data") or {}).get("val_labels")
     else:
         from common.labels import read_labels
 
         home = Path(args.artifacts)
         classes, preprocess = read_labels(home / "labels.txt"), PreprocessConfig.load(home / "preprocess.json")
-        infer, source, val_files = _onnx_runner(home / "model.onnx"), str(home / "model.onnx"), None
+        infer, source, val_files, val_labels = _onnx_runner(home / "model.onnx"), str(home / "model.onnx"), None, None
     if args.data_dir:
         split = data.scan_image_folder(args.data_dir, classes)
     elif val_files:
-        index = {name: i for i, name in enumerate(classes)}
-        split = data.Split(classes, [(f, index[Path(f).parent.name]) for f in val_files])
+        split = data.Split(classes, list(zip(val_files, val_labels or _labels_from_paths(val_files, classes))))
     else:
         raise ValueError("--artifacts needs --data-dir (an ImageFolder with the model's classes)")
     out = Path(args.output_dir) if args.output_dir else home / "eval"

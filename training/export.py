@@ -417,19 +417,30 @@ def export_bundled(
 
 def parity_images(checkpoint: dict, preprocess: PreprocessConfig, count: int) -> tuple[list[str], np.ndarray, str]:
     """(names, preprocessed batch, source): up to `count` of the run's own validation images, one
-    class after another; the bundled sample photos if those files are gone (or the model is ImageNet)."""
-    files = [f for f in (checkpoint.get("data") or {}).get("val_files", []) if Path(f).is_file()]
-    if files and count > 0:
-        by_class: dict[str, list[str]] = {}
-        for f in files:
-            by_class.setdefault(Path(f).parent.name, []).append(f)
-        picked, queues = [], [list(v) for v in by_class.values()]
-        while len(picked) < min(count, len(files)):
-            for queue in queues:
-                if queue and len(picked) < count:
-                    picked.append(queue.pop(0))
-        names = [f"{Path(f).parent.name}/{Path(f).name}" for f in picked]
-        return names, load_files(picked, preprocess), "validation images of the run"
+    class after another (files that are gone or do not decode are passed over, as training skipped
+    them); the bundled sample photos if none is left (or the model is ImageNet)."""
+    from common.preprocessing import ImageError
+
+    run_data = checkpoint.get("data") or {}
+    all_files = run_data.get("val_files") or []
+    classes = checkpoint["classes"]
+    labels = run_data.get("val_labels") or [None] * len(all_files)  # older checkpoints: the parent folder
+    queues: dict[str, list[str]] = {}
+    for f, y in zip(all_files, labels):
+        queues.setdefault(classes[y] if y is not None else Path(f).parent.name, []).append(f)
+    names, batches = [], []
+    while count > 0 and len(names) < count and any(queues.values()):
+        for name, queue in queues.items():
+            while queue and len(names) < count:
+                f = queue.pop(0)
+                try:
+                    batches.append(load_files([f], preprocess))
+                except (ImageError, OSError):
+                    continue
+                names.append(f"{name}/{Path(f).name}")
+                break
+    if names:
+        return names, np.concatenate(batches), "validation images of the run"
     photos = sample_photos()
     return list(photos), load_files(photos.values(), preprocess), "bundled sample photos"
 

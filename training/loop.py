@@ -4,6 +4,7 @@ train epoch by epoch (evaluate, log, checkpoint, early-stop). Top to bottom, lik
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -105,6 +106,14 @@ def run(args: argparse.Namespace) -> dict:
         if checkpoint["classes"] != classes or checkpoint["architecture"]["name"] != args.model:
             raise ValueError(f"{checkpoint['path']} is a {checkpoint['architecture']['name']} run on classes "
                              f"{checkpoint['classes'][:10]}; this run is {args.model} on {classes[:10]}")
+        saved_schedule = (checkpoint["lr_scheduler"].get("lr_lambdas") or [None])[0]
+        if isinstance(saved_schedule, dict) and saved_schedule != dataclasses.asdict(schedule):
+            # LambdaLR.load_state_dict would silently bring back the old schedule (e.g. LR 0 after its end)
+            changed = {k: (saved_schedule.get(k), v) for k, v in dataclasses.asdict(schedule).items()
+                       if saved_schedule.get(k) != v}
+            raise ValueError(f"{checkpoint['path']} was trained with another LR schedule, (checkpoint, now): "
+                             f"{changed}; resume with the run's own --epochs, --steps-per-epoch, --batch-size, "
+                             f"process count and --lr-* arguments (its args.json), or start anew from it with --weights")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -117,29 +126,35 @@ def run(args: argparse.Namespace) -> dict:
         start_epoch, best_metrics = checkpoint["epoch"] + 1, checkpoint.get("best_metrics")
         if ctx.world_size == 1 and checkpoint.get("rng_state") is not None:
             torch.set_rng_state(checkpoint["rng_state"])  # same augmentations as an uninterrupted run
+            if ctx.device.type == "cuda" and checkpoint.get("cuda_rng_state") is not None:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], ctx.device)  # dropout, GPU-side MixUp
         else:
             torch.manual_seed(args.seed + ctx.rank + 1_000_003 * start_epoch)
         log(f"resumed {checkpoint['path']} at epoch {start_epoch}")
+        if stopper.should_stop:
+            log(f"{checkpoint['path']} had stopped early ({args.monitor} did not improve for {stopper.bad_epochs} "
+                f"epochs): nothing left to train; raise --early-stop-patience to continue it")
+    end_epoch = start_epoch if stopper.should_stop else args.epochs
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
         preprocess.save(out / "preprocess.json")
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-    runlog = RunLog(out, ctx.is_main, args.tensorboard, resume=bool(args.resume))
+    runlog = RunLog(out, ctx.is_main, args.tensorboard, resume=bool(args.resume), first_epoch=start_epoch)
     skipped: set[str] = set()
 
     def on_bad(indices: list[int], split=train_split) -> None:
         for i in indices:
             path = split.samples[i][0]
             if path not in skipped:
-                skipped.add(path)
-                log(f"skipping unreadable image {path}")
+                skipped.add(path)  # every rank reports the files of its own shard
+                tqdm.write(f"skipping unreadable image {path}" + (f" (rank {ctx.rank})" if ctx.distributed else ""))
 
     # --- epochs --------------------------------------------------------------------------------
     step_config = engine.StepConfig(args.amp, args.clip_grad_norm, args.progress, preprocess.input_shape)
     wrapped, opened, epoch = None, None, start_epoch - 1
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
         stages_open = networks.trainable_stages(epoch, args.freeze_epochs, args.unfreeze_stages)
         if stages_open != opened or wrapped is None:  # DDP must see the trainable set it reduces
@@ -156,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         if ema is not None:
             distributed.average_buffers(ema.module, ctx)
             ema_val = engine.evaluate(ema.module, val_loader, ctx, num_classes)
+            metrics["model_val_top1"] = val["val_top1"]  # the raw weights, for comparison
             metrics["ema_val_top1"] = ema_val["val_top1"]
             val = ema_val  # the deployed weights are the ones monitored
         on_bad(val.pop("val_unreadable"), val_split)
@@ -175,10 +191,12 @@ def run(args: argparse.Namespace) -> dict:
                 "scaler": None if scaler is None else scaler.state_dict(),
                 "early_stopping": stopper.state_dict(), "epoch": epoch, "args": vars(args),
                 "rng_state": torch.get_rng_state(),
+                "cuda_rng_state": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None,
                 "architecture": {"name": args.model, "num_classes": num_classes}, "classes": classes,
                 "preprocess": preprocess.to_dict(), "metrics": metrics, "best_metrics": best_metrics,
                 "data": {"train_dir": str(args.data_dir), "val_dir": args.val_dir,
-                         "val_files": [p for p, _ in val_split.samples]},
+                         "val_files": [p for p, _ in val_split.samples],
+                         "val_labels": [label for _, label in val_split.samples]},
             }
             save_checkpoint(checkpoint, out / LAST)
             if improved:
@@ -192,9 +210,10 @@ def run(args: argparse.Namespace) -> dict:
     runlog.close()
 
     digests = distributed.gather_strings(distributed.state_digest(model), ctx)
+    skipped_all = sorted(set().union(*map(json.loads, distributed.gather_strings(json.dumps(sorted(skipped)), ctx))))
     summary = {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out), "classes": classes,
                "epochs_run": epoch + 1 - start_epoch, "last_epoch": epoch, "best": best_metrics,
-               "teacher_val_top1": teacher_top1, "skipped_images": sorted(skipped), "rank_weight_digests": digests}
+               "teacher_val_top1": teacher_top1, "skipped_images": skipped_all, "rank_weight_digests": digests}
     if ctx.is_main:
         if best_metrics is not None:
             log(class_table(classes, counts, val_split.class_counts(), weights, best_metrics["val_per_class_recall"]))

@@ -88,6 +88,21 @@ def replace_head(model: torch.nn.Module, num_classes: int, seed: int = 0) -> tor
     return model
 
 
+def read_weights_file(path: str | Path) -> dict:
+    """torch.load a local weights file; a missing, unreadable or non-dict file is a ValueError /
+    FileNotFoundError naming it (not a pickle traceback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle / zip / torch errors of every kind
+        raise ValueError(f"{path} is not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict or training checkpoint")
+    return loaded
+
+
 def extract_state_dict(checkpoint: dict) -> dict:
     """A training checkpoint (its deploy weights) or a bare state dict -> state dict."""
     if "model" in checkpoint and isinstance(checkpoint["model"], dict):
@@ -96,19 +111,23 @@ def extract_state_dict(checkpoint: dict) -> dict:
     return checkpoint
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, skip_head: bool) -> None:
-    """Load a local state dict / checkpoint; with `skip_head`, the head's tensors are not loaded."""
+def load_weights(model: torch.nn.Module, path: str | Path, skip_head: bool, state: dict | None = None) -> None:
+    """Load a local state dict / checkpoint (`state`: its already-read contents); with `skip_head`,
+    the head's tensors are not loaded. A file of another architecture is a ValueError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    state = extract_state_dict(read_weights_file(path) if state is None else state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    head = head_name(model) + "."
     if skip_head:
-        head = head_name(model) + "."
         state = {k: v for k, v in state.items() if not k.startswith(head)}
+    own = model.state_dict()
+    wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                   if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong_shape:
+        raise ValueError(f"{path} does not fit this architecture: {len(wrong_shape)} tensor(s) of another shape, "
+                         f"e.g. {wrong_shape[:3]}")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (skip_head and k.startswith(head_name(model) + "."))
-               and not k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if not (skip_head and k.startswith(head)) and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -122,14 +141,16 @@ def create_model(name: str, num_classes: int, weights: str | Path | None = None,
         if num_classes != models.IMAGENET_NUM_CLASSES:
             replace_head(model, num_classes, seed)
         return model.train()
-    torch.manual_seed(seed)
-    model = build_network(name, num_classes)
+    with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's RNG (per-rank augmentation)
+        torch.manual_seed(seed)
+        model = build_network(name, num_classes)
     if weights is not None:
         head = model.get_submodule(head_name(model))
-        state = extract_state_dict(torch.load(weights, map_location="cpu", weights_only=False))
+        loaded = read_weights_file(weights)
+        state = {k.removeprefix("module."): v for k, v in extract_state_dict(loaded).items()}
         head_key = head_name(model) + ".weight"
         fits = head_key in state and tuple(state[head_key].shape) == tuple(head.weight.shape)
-        load_weights(model, weights, skip_head=not fits)
+        load_weights(model, weights, skip_head=not fits, state=loaded)
     return model.train()
 
 

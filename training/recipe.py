@@ -108,31 +108,39 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
 
 
 class EarlyStopping:
-    """Tracks the best value of the monitored metric and says when `patience` epochs went by
-    without an improvement larger than `min_delta`. patience 0 = never stop early."""
+    """Tracks the monitored metric: `best_seen` is the best value so far (best.pt), `best` the value
+    of the last improvement larger than `min_delta`; it says when `patience` epochs went by without
+    such an improvement. patience 0 = never stop early."""
 
     def __init__(self, monitor: str, patience: int, min_delta: float = 0.0, best: float | None = None,
-                 bad_epochs: int = 0):
+                 bad_epochs: int = 0, best_seen: float | None = None):
         if monitor not in MONITORS:
             raise ValueError(f"monitor {monitor!r} is not one of {sorted(MONITORS)}")
         self.monitor, self.mode = monitor, MONITORS[monitor]
         self.patience, self.min_delta = patience, min_delta
         self.best, self.bad_epochs = best, bad_epochs
+        self.best_seen = best if best_seen is None else best_seen  # checkpoints from before best_seen existed
+
+    def _better(self, value: float, than: float | None, delta: float) -> bool:
+        if than is None:
+            return not math.isnan(value)
+        return value > than + delta if self.mode == "max" else value < than - delta
 
     def update(self, metrics: dict) -> bool:
-        """Record this epoch; True if it is the best so far."""
+        """Record this epoch; True if it is the best so far (strictly better, whatever min_delta)."""
         value = metrics[self.monitor]
-        better = self.best is None or (
-            value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta)
-        if better:
+        if self._better(value, self.best, self.min_delta):
             self.best, self.bad_epochs = value, 0
         else:
             self.bad_epochs += 1
-        return better
+        is_best = self._better(value, self.best_seen, 0.0)
+        if is_best:
+            self.best_seen = value
+        return is_best
 
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "best_seen": self.best_seen}

@@ -6,7 +6,8 @@
     python -m training.export --checkpoint runs/digits --output-dir artifacts/digits
 
 Writes to --output-dir: checkpoint.pt (last; --resume it), best.pt (best --monitor), labels.txt,
-preprocess.json (the eval = serving preprocess), args.json, metrics.csv / metrics.jsonl per epoch,
+preprocess.json (the eval = serving preprocess), args.json, metrics.csv / metrics.jsonl per epoch
+(with --model-ema the val_* columns are the EMA weights', model_val_top1 the raw weights' top-1),
 tensorboard/, summary.json (best metrics, per-class recall, skipped files, each rank's weight digest).
 Pretrained start: the bundled ImageNet EfficientNet-Lite0 (default). Other timm/torchvision models
 start from random weights or from a local --weights file; nothing is downloaded.
@@ -88,7 +89,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--early-stop-min-delta", type=float, default=0.0, help="(default: %(default)s)")
     o = p.add_argument_group("run")
     o.add_argument("--output-dir", default="runs/train", help="run directory (default: %(default)s)")
-    o.add_argument("--resume", default=None, help="continue from a checkpoint.pt or run directory (default: none)")
+    o.add_argument("--resume", default=None, help="continue from a checkpoint.pt or run directory, with that run's "
+                   "arguments (same classes, model and LR schedule; an early-stopped run stays stopped) (default: none)")
     o.add_argument("--session-epochs", type=int, default=0,
                    help="stop after this many epochs in this invocation, to --resume later (time-sliced or "
                         "preemptible machines); 0 = run to --epochs (default: %(default)s)")

@@ -1,9 +1,11 @@
 """torchrun data parallel on CPU (gloo): two real processes train a few steps and end with identical
-weights (gradients all-reduced by DDP, BatchNorm statistics averaged after each epoch)."""
+weights (gradients all-reduced by DDP, BatchNorm statistics averaged after each epoch), and summary.json
+lists the unreadable images that either rank met."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(small_digits, tmp_path):
     train_dir, val_dir = small_digits
+    val_dir = shutil.copytree(val_dir, tmp_path / "val")
+    for label in ("0", "1"):  # first of classes 0 and 1 = val samples 0 and 5: one in each rank's eval shard
+        (val_dir / label / "-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -40,3 +45,5 @@ def test_two_cpu_processes_end_with_identical_weights(small_digits, tmp_path):
     checkpoint = load_checkpoint(out, prefer=LAST)
     assert state_digest(model_from_checkpoint(checkpoint, "model")) == digests[0]
     assert "1 processes" not in done.stderr and "x 2 process(es)" in done.stdout + done.stderr
+    # unreadable images of every rank's shard are reported, not only rank 0's
+    assert [Path(p).relative_to(val_dir).as_posix() for p in summary["skipped_images"]] == ["0/-broken.png", "1/-broken.png"]

@@ -92,3 +92,43 @@ def test_distillation_loss_and_imagenet_teacher_classes():
     assert distill.imagenet_columns(["tabby", "espresso", "Egyptian_cat"]) == [281, 967, 285]
     with pytest.raises(ValueError, match=r"\['3'\]"):
         distill.imagenet_columns(["tabby", "3"])
+
+
+def test_best_is_the_best_even_within_min_delta():
+    # best.pt follows every new best; min_delta only decides what counts for patience
+    stop = recipe.EarlyStopping("val_top1", patience=2, min_delta=0.05)
+    assert stop.update({"val_top1": 0.80})
+    assert stop.update({"val_top1": 0.82})  # the best so far, though not by min_delta
+    assert stop.bad_epochs == 1 and stop.best == 0.80 and stop.best_seen == 0.82
+    assert not stop.update({"val_top1": 0.81}) and stop.should_stop
+    restored = recipe.EarlyStopping("val_top1", 2, 0.05, **stop.state_dict())  # --resume
+    assert not restored.update({"val_top1": 0.815}) and restored.update({"val_top1": 0.9})
+    assert restored.bad_epochs == 0 and restored.best == restored.best_seen == 0.9
+    older = recipe.EarlyStopping("val_loss", 2, 0.0, best=0.5, bad_epochs=1)  # a checkpoint without best_seen
+    assert older.best_seen == 0.5 and not older.update({"val_loss": 0.6}) and older.update({"val_loss": 0.4})
+    first_nan = recipe.EarlyStopping("val_loss", 0)
+    assert not first_nan.update({"val_loss": float("nan")}) and first_nan.update({"val_loss": 3.0})
+
+
+def test_create_model_keeps_the_callers_rng_and_names_foreign_weights(tmp_path):
+    from training.checkpoint import load_checkpoint
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = networks.create_model("timm/mobilenetv3_small_050", 3, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)  # per-rank augmentation seeds survive (torchrun)
+    torch.manual_seed(999)
+    b = networks.create_model("timm/mobilenetv3_small_050", 3, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    torch.save(networks.build_network("torchvision/resnet18", 3).state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(ValueError, match=r"r18.pt does not fit this architecture: .*layer1.0.conv1.weight"):
+        networks.create_model("torchvision/resnet50", 3, weights=tmp_path / "r18.pt")  # was a RuntimeError
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="junk.pt is not a readable PyTorch file"):
+        networks.create_model("torchvision/resnet18", 3, weights=tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="junk.pt is not a readable training.train checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="holds a Tensor"):
+        networks.create_model("torchvision/resnet18", 3, weights=tmp_path / "tensor.pt")
