@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import json
 import os
 import resource
 import time
@@ -288,15 +287,14 @@ def main(args: argparse.Namespace) -> dict:
     from benchmarks import perf
     from benchmarks.fastapi_service import FastAPIService
     from benchmarks.perf import PerfAnalyzer, PerfAnalyzerError
+    from build.repository import read_manifest
     from serving.server import Ports, TritonServer, free_port
 
     plan = dict(QUICK if args.quick else FULL)
     plan.update({k: v for k, v in (("concurrency", args.concurrency), ("measurement_ms", args.measurement_ms),
                                    ("locust_run_time", args.locust_run_time)) if v is not None})
     repo, out = Path(args.model_repository), Path(args.out)
-    if not (repo / "BUILD.json").is_file():
-        raise FileNotFoundError(f"{repo}/BUILD.json not found: build the repository first (make engines)")
-    build = json.loads((repo / "BUILD.json").read_text())
+    build = read_manifest(repo)
     spec = build["spec"]
     artifacts = Path(args.artifacts or spec["artifacts"])
     model, model_text = comparison_model(build, artifacts, args.artifacts is not None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
@@ -131,10 +130,12 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
 
 def ensemble_name(repository: str | Path) -> str:
     """The ensemble a built repository serves (its BUILD.json's spec), else the default name."""
-    build_file = Path(repository) / "BUILD.json"
-    if not build_file.is_file():
+    from build.repository import read_manifest
+
+    try:
+        return read_manifest(repository)["spec"]["ensemble_name"]
+    except FileNotFoundError:
         return DEFAULT_MODEL
-    return json.loads(build_file.read_text())["spec"]["ensemble_name"]
 
 
 def describe(r: LocustResult) -> str:

@@ -202,11 +202,12 @@ def takes_photos(url: str, protocol: str, model: str) -> bool:
 
 def repository_models(repository: str | Path) -> list[str]:
     """The models a built repository serves, from its BUILD.json: the ensemble, then its members."""
-    build_file = Path(repository) / "BUILD.json"
-    if not build_file.is_file():
-        raise FileNotFoundError(f"{build_file} not found: build the repository first (make engines), or "
-                                f"name the models with --models")
-    spec = json.loads(build_file.read_text())["spec"]
+    from build.repository import read_manifest
+
+    try:
+        spec = read_manifest(repository)["spec"]
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}, or name the models with --models") from None
     members = ["preprocess_name", "classifier_name"] if spec.get("pipeline", "ensemble") == "ensemble" \
         else ["classifier_name"]
     return [spec["ensemble_name"]] + [spec[m] for m in members]

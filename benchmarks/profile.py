@@ -200,14 +200,13 @@ def main(args: argparse.Namespace) -> list[Profile]:
     from benchmarks.bench import pipeline_repositories
     from benchmarks.perf import PerfAnalyzer, photo_inputs
     from benchmarks.workload import load_photos
+    from build.repository import read_manifest
 
     perf = require_perf(args.perf)
     tool = PerfAnalyzer.locate(args.perf_venv)
     repo, out = Path(args.model_repository), Path(args.out)
-    if not (repo / "BUILD.json").is_file():
-        raise FileNotFoundError(f"{repo}/BUILD.json not found: build the repository first (make engines)")
+    build = read_manifest(repo)
     out.mkdir(parents=True, exist_ok=True)
-    build = json.loads((repo / "BUILD.json").read_text())
     repos = pipeline_repositories(repo, build, out)
     missing = [p for p in args.pipelines if p not in repos]
     if missing:

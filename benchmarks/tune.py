@@ -28,7 +28,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, write_input_data
+from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, photo_inputs
 from benchmarks.workload import ENCODINGS, load_photos
 from build.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 
@@ -132,8 +132,13 @@ def classifier_model(spec: DeploymentSpec, backend: str, repository: Path) -> Pa
     variant passed the accuracy gate there). Raises ValueError, saying how to build it, when none does."""
     if spec.precision == "fp32" and backend != "tensorrt":
         return None
-    manifest = repository / "BUILD.json"
-    build = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    from build.repository import MARKER, read_manifest
+
+    manifest = repository / MARKER
+    try:
+        build = read_manifest(repository)
+    except FileNotFoundError:
+        build = {}
     same = (bool(build) and Path(build["spec"]["artifacts"]).resolve() == Path(spec.artifacts).resolve()
             and build.get("backend") == backend and build.get("precision") == spec.precision)
     if same and Path(build["classifier_model"]["source"]).is_file():
@@ -313,7 +318,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     tool = PerfAnalyzer.locate(args.perf_venv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = write_input_data(list(load_photos(args.photos).values()), out / "ensemble.input.json", "IMAGE")
+    inputs = photo_inputs(list(load_photos(args.photos).values()), out)
     grid = select_knobs(QUICK_GRID if args.quick else FULL_GRID, args.knobs)
     if backend != "python-onnxruntime":  # the fused pipeline exists for the python classifier only
         grid = {k: v for k, v in grid.items() if k != "pipeline" and applies(spec.replace(pipeline="ensemble"), k)}

@@ -34,6 +34,15 @@ class ArtifactsError(FileNotFoundError):
     pass
 
 
+def read_manifest(repository: str | Path) -> dict:
+    """The BUILD.json of a repository this module wrote (what was built from what). Raises
+    FileNotFoundError, saying to run `make engines`, where there is none."""
+    path = Path(repository) / MARKER
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: build the repository first (make engines)")
+    return json.loads(path.read_text())
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
