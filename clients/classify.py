@@ -35,39 +35,54 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 Outcome = list[Prediction] | ClassificationError
+Outcomes = list[tuple[str, Outcome]]  # one per argument, in order: a path given twice is classified twice
 
 
-def classify_files(args: argparse.Namespace) -> dict[str, Outcome]:
-    paths = [Path(p) for p in args.images]
-    data = {str(p): p.read_bytes() for p in paths}
-    names = list(data)
-    if args.use_async:
-        return asyncio.run(_classify_async(args, data))
-    outcomes: dict[str, Outcome] = {}
-    with ImageClassifierClient(args.url, args.protocol, args.model) as client:
-        if args.batch:
-            try:
-                for name, top in zip(names, client.classify(list(data.values()), args.top_k)):
-                    outcomes[name] = top
-            except ClassificationError as exc:
-                outcomes = _blame(names, exc)
-        else:
-            for name, image in data.items():
+def read_images(paths: list[str]) -> list[tuple[str, bytes | ClassificationError]]:
+    """(path, bytes) per argument; a file that cannot be read is that image's failure, not the run's."""
+    images = []
+    for name in paths:
+        try:
+            images.append((name, Path(name).read_bytes()))
+        except OSError as exc:
+            images.append((name, ClassificationError(f"cannot read the file: {exc.strerror or exc}", "local")))
+    return images
+
+
+def classify_files(args: argparse.Namespace) -> Outcomes:
+    images = read_images(args.images)
+    readable = [(i, data) for i, (_, data) in enumerate(images) if isinstance(data, bytes)]
+    outcomes: list[Outcome] = [data for _, data in images]  # unreadable files keep their error
+    if readable and args.use_async:
+        results = asyncio.run(_classify_async(args, [data for _, data in readable]))
+        for (i, _), result in zip(readable, results):
+            outcomes[i] = result
+    elif readable:
+        with ImageClassifierClient(args.url, args.protocol, args.model) as client:
+            if args.batch:
                 try:
-                    outcomes[name] = client.classify([image], args.top_k)[0]
+                    results = client.classify([data for _, data in readable], args.top_k)
                 except ClassificationError as exc:
-                    outcomes[name] = exc
-    return outcomes
+                    results = _blame(len(readable), exc)
+                for (i, _), result in zip(readable, results):
+                    outcomes[i] = result
+            else:
+                for i, data in readable:
+                    try:
+                        outcomes[i] = client.classify([data], args.top_k)[0]
+                    except ClassificationError as exc:
+                        outcomes[i] = exc
+    return [(name, outcome) for (name, _), outcome in zip(images, outcomes)]
 
 
-def _blame(names: list[str], exc: ClassificationError) -> dict[str, Outcome]:
+def _blame(count: int, exc: ClassificationError) -> list[Outcome]:
     """A batched request failed: the server's message names the bad items ("image 2: ...")."""
     bad = {int(i) for i in re.findall(r"image (\d+):", str(exc))}
     innocent = ClassificationError("not classified: another image in the same request failed", exc.status)
-    return {name: exc if (i in bad or not bad) else innocent for i, name in enumerate(names)}
+    return [exc if (i in bad or not bad) else innocent for i in range(count)]
 
 
-async def _classify_async(args: argparse.Namespace, data: dict[str, bytes]) -> dict[str, Outcome]:
+async def _classify_async(args: argparse.Namespace, images: list[bytes]) -> list[Outcome]:
     async with AsyncImageClassifierClient(args.url, args.protocol, args.model) as client:
         async def one(image: bytes) -> Outcome:
             try:
@@ -75,13 +90,12 @@ async def _classify_async(args: argparse.Namespace, data: dict[str, bytes]) -> d
             except ClassificationError as exc:
                 return exc
 
-        results = await asyncio.gather(*(one(image) for image in data.values()))
-    return dict(zip(data, results))
+        return list(await asyncio.gather(*(one(image) for image in images)))
 
 
-def report(outcomes: dict[str, Outcome], as_json: bool) -> int:
+def report(outcomes: Outcomes, as_json: bool) -> int:
     failures = 0
-    for name, outcome in outcomes.items():
+    for name, outcome in outcomes:
         if isinstance(outcome, ClassificationError):
             failures += 1
             if as_json:

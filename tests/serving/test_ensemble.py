@@ -80,6 +80,24 @@ def test_cli_prints_predictions_and_names_failing_images(server, tmp_path):
     assert f"{bad}: ERROR" in failed.stderr and "not a recognised image format" in failed.stderr
 
 
+@pytest.mark.parametrize("mode", [[], ["--batch"], ["--async"]])
+def test_cli_answers_every_argument(server, tmp_path, mode):
+    """A path given twice is answered twice, in order; a file that cannot be read fails alone."""
+    from common.samples import sample_photos
+
+    coffee, chelsea = map(str, sample_photos(["coffee", "chelsea"]).values())
+    missing = str(tmp_path / "missing.jpg")
+    cli = [sys.executable, "-m", "clients.classify", "--url", server.grpc_url, "--protocol", "grpc", "--json"]
+    done = subprocess.run([*cli, *mode, coffee, missing, chelsea, coffee], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [coffee, missing, chelsea, coffee]
+    assert "cannot read the file" in lines[1]["error"]
+    assert lines[0]["top"][0]["index"] == lines[3]["top"][0]["index"] == ESPRESSO
+    assert "top" in lines[2]
+
+
 def listening_addresses(port: int) -> set[str]:
     """Local addresses of sockets listening on `port`, read from /proc (IPv4 and IPv6)."""
     found = set()
