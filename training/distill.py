@@ -5,7 +5,8 @@
 
 trains the student twice with identical settings and seeds, without and with the teacher, and
 writes `distill_report.json` with teacher, student-alone and distilled-student accuracy.
-`--teacher` in `training.train` does the distilled run only.
+`--teacher` in `training.train` does the distilled run only. `--resume runs/distill` continues each
+student from its own checkpoint (`--session-epochs` stops at the first student that has epochs left).
 
 Loss (Hinton et al.): alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE.
 The teacher is a checkpoint with the same classes, or the bundled ImageNet Lite0 when every class
@@ -96,18 +97,41 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+RUNS = ("student_alone", "student_distilled")
+
+
+def resume_points(resume: str | None) -> dict[str, str | None]:
+    """Each student's own run directory under a distill output directory, or None where that student
+    has no checkpoint yet (the session stopped before it started)."""
+    from training.checkpoint import LAST
+
+    if resume is None:
+        return dict.fromkeys(RUNS)
+    root = Path(resume)
+    if not any((root / name).is_dir() for name in RUNS):
+        raise ValueError(f"training.distill --resume takes the --output-dir of an earlier training.distill run "
+                         f"(holding {RUNS[0]}/ and {RUNS[1]}/); {resume} is not one")
+    return {name: str(root / name) if (root / name / LAST).is_file() else None for name in RUNS}
+
+
 def main(args: argparse.Namespace) -> dict:
     from training.train import main as train_main
 
     if args.teacher is None:
         raise ValueError("training.distill needs --teacher (a checkpoint or bundled-efficientnet-lite0)")
     out = Path(args.output_dir)
+    resume = resume_points(args.resume)
     runs = {}
-    for name, teacher in (("student_alone", None), ("student_distilled", args.teacher)):
+    for name, teacher in zip(RUNS, (None, args.teacher)):
         run_args = copy.deepcopy(args)
-        run_args.teacher, run_args.output_dir = teacher, str(out / name)
+        run_args.teacher, run_args.output_dir, run_args.resume = teacher, str(out / name), resume[name]
         runs[name] = train_main(run_args)
+        if not runs[name]["finished"]:
+            if runs[name]["rank"] == 0:
+                print(f"{name} has epochs left: --resume {out} to continue (no report until both are done)")
+            return {"finished": False, "runs": {n: str(out / n) for n in runs}}
     report = {
+        "finished": True,
         "teacher": args.teacher,
         "teacher_val_top1": runs["student_distilled"].get("teacher_val_top1"),
         "student": args.model,

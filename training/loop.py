@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     skipped_all = sorted(set().union(*map(json.loads, distributed.gather_strings(json.dumps(sorted(skipped)), ctx))))
     summary = {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out), "classes": classes,
                "epochs_run": epoch + 1 - start_epoch, "last_epoch": epoch, "best": best_metrics,
+               "finished": stopper.should_stop or epoch + 1 >= args.epochs,
                "teacher_val_top1": teacher_top1, "skipped_images": skipped_all, "rank_weight_digests": digests}
     if ctx.is_main:
         if best_metrics is not None:

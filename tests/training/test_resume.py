@@ -46,3 +46,37 @@ def test_resume_matches_an_uninterrupted_run(small_digits, tmp_path):
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
     assert straight["best"]["val_top1"] == pytest.approx(resumed["best"]["val_top1"])
     assert (tmp_path / "resumed" / BEST).is_file()
+
+
+@pytest.mark.slow
+def test_distill_resumes_each_student_from_its_own_run(small_digits, tmp_path):
+    """training.distill --resume continues each student from its own checkpoint: time-sliced in one-epoch
+    sessions it ends with the same distilled student as an uninterrupted run, and reports only then."""
+    from training import distill
+
+    teacher = tmp_path / "teacher"
+    train.main(_args(small_digits, teacher, 1))
+
+    def run(*extra: str) -> dict:
+        args = _args(small_digits, tmp_path / "distill", 2, "--teacher", str(teacher), "--session-epochs", "1", *extra)
+        return distill.main(args)
+
+    first = run()  # student_alone: epoch 0, then this session ends
+    assert first == {"finished": False, "runs": {"student_alone": str(tmp_path / "distill" / "student_alone")}}
+    assert not (tmp_path / "distill" / "student_distilled").exists()
+    with pytest.raises(ValueError, match="--output-dir of an earlier training.distill run"):
+        run("--resume", str(teacher))
+    second = run("--resume", str(tmp_path / "distill"))  # student_alone epoch 1; student_distilled epoch 0
+    assert not second["finished"] and not (tmp_path / "distill" / "distill_report.json").exists()
+    report = run("--resume", str(tmp_path / "distill"))  # student_distilled epoch 1
+    assert report["finished"] and (tmp_path / "distill" / "distill_report.json").is_file()
+    for name in distill.RUNS:
+        assert load_checkpoint(tmp_path / "distill" / name, prefer=LAST)["epoch"] == 1
+        with open(tmp_path / "distill" / name / "metrics.csv") as f:
+            assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
+
+    straight = train.main(_args(small_digits, tmp_path / "straight", 2, "--teacher", str(teacher)))
+    resumed = load_checkpoint(tmp_path / "distill" / "student_distilled", prefer=LAST)
+    expected = load_checkpoint(tmp_path / "straight", prefer=LAST)
+    assert all(torch.equal(expected["model"][k], resumed["model"][k]) for k in expected["model"])
+    assert report["student_distilled_val_top1"] == pytest.approx(straight["best"]["val_top1"])
