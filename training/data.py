@@ -90,7 +90,10 @@ def load_splits(train_dir: str | Path, val_dir: str | Path | None, val_fraction:
 
 
 class ImageFolderDataset(Dataset):
-    """item i -> (tensor, label, i), or (None, label, i) when the file does not decode."""
+    """item i -> (tensor, label, i), or (None, label, i) when the file does not decode. Item (i, seed),
+    as ShardedSampler(item_seeds=True) yields them, runs the (random) transform on its own RNG seeded
+    with `seed`: augmentation then depends on the seed alone, not on which process draws it or how
+    many draws came before (the same with 0 or 8 loader workers, and after --resume)."""
 
     def __init__(self, split: Split, transform: Callable, draft_size: int | None = None,
                  limits: DecodeLimits = DecodeLimits()):
@@ -99,13 +102,18 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.split.samples[index]
         try:
             image = decode_image(Path(path).read_bytes(), self.limits, draft_size=self.draft_size)
         except (ImageError, OSError):
             return None, label, index
-        return self.transform(image), label, index
+        if seed is None:
+            return self.transform(image), label, index
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG (the training loop's, with 0 workers) is untouched
+            torch.manual_seed(seed)
+            return self.transform(image), label, index
 
 
 def collate_skipping(items):
@@ -123,12 +131,14 @@ class ShardedSampler(Sampler[int]):
     """This rank's share of an epoch: shuffled (seed + epoch) or in order, optionally drawn with
     replacement by per-sample `weights` (a weighted sampler for imbalanced classes). Training
     shards are padded to equal length (DDP needs the same number of steps on every rank);
-    evaluation shards (`pad=False`) cover every sample exactly once across ranks."""
+    evaluation shards (`pad=False`) cover every sample exactly once across ranks. With `item_seeds`
+    it yields (index, seed): one augmentation seed per position of the epoch (seed, epoch), so every
+    rank and every repeat of a sample gets its own."""
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
-                 weights: np.ndarray | None = None, pad: bool = True):
+                 weights: np.ndarray | None = None, pad: bool = True, item_seeds: bool = False):
         self.size, self.rank, self.world_size = size, rank, world_size
-        self.shuffle, self.seed, self.pad, self.epoch = shuffle, seed, pad, 0
+        self.shuffle, self.seed, self.pad, self.epoch, self.item_seeds = shuffle, seed, pad, 0, item_seeds
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.per_rank = math.ceil(size / world_size) if pad else len(range(rank, size, world_size))
 
@@ -148,7 +158,10 @@ class ShardedSampler(Sampler[int]):
         if self.pad:
             total = self.per_rank * self.world_size
             order = (order * math.ceil(total / max(1, len(order))))[:total]
-        return iter(order[self.rank::self.world_size])
+        if not self.item_seeds:
+            return iter(order[self.rank::self.world_size])
+        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(len(order), np.uint64).tolist()
+        return iter(list(zip(order, seeds))[self.rank::self.world_size])
 
     def __len__(self) -> int:
         return self.per_rank
@@ -160,6 +173,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         drop_last=drop_last, collate_fn=collate_skipping, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),  # workers' base seed: not drawn from the training RNG
     )
 
 

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> dict:
     ctx = distributed.init(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + ctx.rank)  # augmentation differs per rank; weights come from rank 0 (DDP)
+    torch.manual_seed(args.seed + ctx.rank)  # MixUp/CutMix and dropout differ per rank; weights come from rank 0
+    # (DDP); image augmentation has its own seed per sample and epoch (data.ShardedSampler item_seeds)
     out = Path(args.output_dir)
     log = (lambda text: tqdm.write(text)) if ctx.is_main else (lambda text: None)
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     weights = data.class_weights(counts) if args.class_balance != "none" else None
     sample_weights = weights[train_split.targets] if args.class_balance == "sampler" else None
     train_sampler = data.ShardedSampler(len(train_split.samples), ctx.rank, ctx.world_size, True, args.seed,
-                                        sample_weights)
+                                        sample_weights, item_seeds=True)
     val_sampler = data.ShardedSampler(len(val_split.samples), ctx.rank, ctx.world_size, False, pad=False)
     pin = ctx.device.type == "cuda"
     train_loader = data.make_loader(data.ImageFolderDataset(train_split, presets.TrainPreset(preprocess, augment)),
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
                                        **checkpoint["early_stopping"])
         start_epoch, best_metrics = checkpoint["epoch"] + 1, checkpoint.get("best_metrics")
         if ctx.world_size == 1 and checkpoint.get("rng_state") is not None:
-            torch.set_rng_state(checkpoint["rng_state"])  # same augmentations as an uninterrupted run
+            torch.set_rng_state(checkpoint["rng_state"])  # same MixUp/CutMix and dropout as an uninterrupted run
             if ctx.device.type == "cuda" and checkpoint.get("cuda_rng_state") is not None:
                 torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], ctx.device)  # dropout, GPU-side MixUp
         else:

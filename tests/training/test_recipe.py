@@ -116,7 +116,7 @@ def test_create_model_keeps_the_callers_rng_and_names_foreign_weights(tmp_path):
     torch.manual_seed(123)
     before = torch.get_rng_state()
     a = networks.create_model("timm/mobilenetv3_small_050", 3, seed=7)
-    assert torch.equal(torch.get_rng_state(), before)  # per-rank augmentation seeds survive (torchrun)
+    assert torch.equal(torch.get_rng_state(), before)  # the per-rank RNG (MixUp, dropout) survives (torchrun)
     torch.manual_seed(999)
     b = networks.create_model("timm/mobilenetv3_small_050", 3, seed=7)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -48,6 +48,24 @@ def test_resume_matches_an_uninterrupted_run(small_digits, tmp_path):
     assert (tmp_path / "resumed" / BEST).is_file()
 
 
+
+@pytest.mark.slow
+def test_loader_workers_and_resume_do_not_change_the_weights(small_digits, tmp_path):
+    """Augmentation is seeded per sample and epoch, not by worker processes: a run with 2 loader workers,
+    stopped after epoch 0 and resumed, ends bit-identical to an uninterrupted run without workers."""
+    common = ("--auto-augment", "trivialaugment", "--mixup-alpha", "0.2")
+    straight = train.main(_args(small_digits, tmp_path / "straight", 2, *common))
+    sliced = _args(small_digits, tmp_path / "sliced", 2, *common, "--workers", "2", "--session-epochs", "1")
+    train.main(sliced)
+    sliced.resume, sliced.session_epochs = str(tmp_path / "sliced"), 0
+    resumed = train.main(sliced)
+    assert resumed["finished"] and resumed["epochs_run"] == 1
+    a, b = (load_checkpoint(tmp_path / name, prefer=LAST) for name in ("straight", "sliced"))
+    assert b["args"]["workers"] == 2 and a["args"]["workers"] == 0
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), f"{key} differs"
+    assert straight["best"]["val_top1"] == pytest.approx(resumed["best"]["val_top1"])
+
 @pytest.mark.slow
 def test_distill_resumes_each_student_from_its_own_run(small_digits, tmp_path):
     """training.distill --resume continues each student from its own checkpoint: time-sliced in one-epoch
