@@ -70,7 +70,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=Path("runs/digits/model_repository"), help="(default: %(default)s)")
     p.add_argument("--image-size", type=int, default=32, help="side of the written digit PNGs (default: %(default)s)")
     p.add_argument("--crop-size", type=int, default=64, help="model input side (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=3, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=4, help="(default: %(default)s)")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="0 = all (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
