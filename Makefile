@@ -60,7 +60,7 @@ engines: $(STAMP) $(ARTIFACTS)/model.onnx ## build model_repository/ from the de
 capabilities: $(STAMP) ## what the local server and machine can run
 	$(PY) -m build.capabilities
 
-serve: $(STAMP) ## start tritonserver in the background on $(REPOSITORY) and wait until ready
+serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) and wait until ready
 	$(PY) -m serving.server start --model-repository $(REPOSITORY) --address $(ADDRESS) \
 	    --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
@@ -73,8 +73,8 @@ status:
 demo: engines ## end to end on CPU: serve the repository and classify the bundled photos (HTTP + gRPC)
 	$(PY) -m clients.demo --model-repository $(REPOSITORY)
 
-classify: ## classify IMAGES="a.jpg b.png" with the server started by `make serve`
-	$(PY) -m clients.classify $(IMAGES) --url $(ADDRESS):$(HTTP_PORT)
+classify: ## classify IMAGES="a.jpg b.png" (default: two bundled photos) with the server on HTTP_PORT
+	$(PY) -m clients.classify $(or $(IMAGES),$$($(PY) -m common.samples --paths chelsea coffee)) --url $(ADDRESS):$(HTTP_PORT)
 
 test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env first, best effort)
 	@$(MAKE) --no-print-directory perf-setup || echo "make test: perf_analyzer could not be set up; its tests will skip and say why"

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"capabilities: {caps.line()}")
     print(f"classifier backend: {backend} ({why})")
     if backend != "python-onnxruntime" and backend not in caps.server_backends:
-        print(f"note: the local tritonserver has no {backend!r} backend; this repository is for a server that has")
+        print(f"note: the local tritonserver has no {backend!r} backend; this repository is for a server that has it")
     options = VariantOptions(args.calibration_method, args.calibration_images, args.held_out,
                              {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}, args.allow_fallback)
     deployable = prepare(spec, backend, args.spec, options)

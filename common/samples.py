@@ -1,6 +1,7 @@
 """Real photos that ship inside installed packages (no network): demos, smoke tests, parity checks.
 
-    python -m common.samples            # list them
+    python -m common.samples                          # list them: name and path
+    python -m common.samples --paths chelsea coffee   # only the paths, e.g. for clients.classify
 """
 from __future__ import annotations
 
@@ -55,5 +56,16 @@ def sample_photos(names: list[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    for name, path in sample_photos().items():
-        print(f"{name:14s} {path}")
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="The bundled sample photos (they ship inside installed packages).")
+    parser.add_argument("names", nargs="*", help=f"some of: {', '.join(_SOURCES)} (default: all installed)")
+    parser.add_argument("--paths", action="store_true", help="print only the paths, one per line")
+    args = parser.parse_args()
+    try:
+        photos = sample_photos(args.names or None)
+    except (KeyError, FileNotFoundError) as exc:
+        sys.exit(f"common.samples: {exc.args[0]}")
+    for name, path in photos.items():
+        print(path if args.paths else f"{name:14s} {path}")
