@@ -127,7 +127,7 @@ def collate_skipping(items):
     return images, labels, torch.tensor([item[2] for item in good], dtype=torch.int64), bad
 
 
-class ShardedSampler(Sampler[int]):
+class ShardedSampler(Sampler):
     """This rank's share of an epoch: shuffled (seed + epoch) or in order, optionally drawn with
     replacement by per-sample `weights` (a weighted sampler for imbalanced classes). Training
     shards are padded to equal length (DDP needs the same number of steps on every rank);
@@ -160,7 +160,8 @@ class ShardedSampler(Sampler[int]):
             order = (order * math.ceil(total / max(1, len(order))))[:total]
         if not self.item_seeds:
             return iter(order[self.rank::self.world_size])
-        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(len(order), np.uint64).tolist()
+        entropy = [self.seed % 2**64, self.epoch]  # SeedSequence takes non-negative integers (--seed -1 too)
+        seeds = np.random.SeedSequence(entropy).generate_state(len(order), np.uint64).tolist()
         return iter(list(zip(order, seeds))[self.rank::self.world_size])
 
     def __len__(self) -> int:
