@@ -51,28 +51,28 @@ def read_images(paths: list[str]) -> list[tuple[str, bytes | ClassificationError
 
 def classify_files(args: argparse.Namespace) -> Outcomes:
     images = read_images(args.images)
-    readable = [(i, data) for i, (_, data) in enumerate(images) if isinstance(data, bytes)]
-    outcomes: list[Outcome] = [data for _, data in images]  # unreadable files keep their error
-    if readable and args.use_async:
-        results = asyncio.run(_classify_async(args, [data for _, data in readable]))
-        for (i, _), result in zip(readable, results):
-            outcomes[i] = result
-    elif readable:
-        with ImageClassifierClient(args.url, args.protocol, args.model) as client:
-            if args.batch:
-                try:
-                    results = client.classify([data for _, data in readable], args.top_k)
-                except ClassificationError as exc:
-                    results = _blame(len(readable), exc)
-                for (i, _), result in zip(readable, results):
-                    outcomes[i] = result
-            else:
-                for i, data in readable:
-                    try:
-                        outcomes[i] = client.classify([data], args.top_k)[0]
-                    except ClassificationError as exc:
-                        outcomes[i] = exc
-    return [(name, outcome) for (name, _), outcome in zip(images, outcomes)]
+    readable = [data for _, data in images if isinstance(data, bytes)]
+    results = iter(_classify(args, readable) if readable else [])
+    return [(name, next(results) if isinstance(data, bytes) else data) for name, data in images]
+
+
+def _classify(args: argparse.Namespace, images: list[bytes]) -> list[Outcome]:
+    """One outcome per image, in order, as the chosen mode (one by one, --batch or --async) sends them."""
+    if args.use_async:
+        return asyncio.run(_classify_async(args, images))
+    with ImageClassifierClient(args.url, args.protocol, args.model) as client:
+        if args.batch:
+            try:
+                return client.classify(images, args.top_k)
+            except ClassificationError as exc:
+                return _blame(len(images), exc)
+        outcomes: list[Outcome] = []
+        for image in images:
+            try:
+                outcomes.append(client.classify([image], args.top_k)[0])
+            except ClassificationError as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 def _blame(count: int, exc: ClassificationError) -> list[Outcome]:
