@@ -1,7 +1,7 @@
 """`make bench`: Triton, its members, FastAPI and the in-process bound, side by side in one run.
 
-    python -m benchmarks.bench                 # about 8 minutes on 2 cores: concurrency 1 2 4 8
-    python -m benchmarks.bench --quick         # about 2 minutes: concurrency 2 8, short windows
+    python -m benchmarks.bench                 # about 10 minutes on 2 cores: concurrency 1 2 4 8, 3 rounds
+    python -m benchmarks.bench --quick         # about 3 minutes: concurrency 2 8, short windows, 1 round
     python -m benchmarks.bench --skip fastapi --concurrency 8
 
 In order, on the same cores, one system at a time:
@@ -12,7 +12,10 @@ In order, on the same cores, one system at a time:
      tensors), the ensemble over HTTP; then Locust gRPC and HTTP users (benchmarks/locustfile.py);
   3. the fused pipeline (preprocessing + ONNX Runtime in one python model, same ensemble API):
      perf_analyzer gRPC on the ensemble and on the fused model alone, Locust HTTP;
-  4. the FastAPI + ONNX Runtime service (benchmarks/fastapi_service.py), same Locust script.
+  4. the FastAPI + ONNX Runtime service (benchmarks/fastapi_service.py), same Locust script;
+  5. paired rounds (benchmarks.rounds, --rounds): the systems the goals compare (the bound, each
+     pipeline and its members) again at their best sweep points, back to back in each round, so each
+     goal ratio is taken between measurements seconds apart; the median and spread over the rounds.
 Both pipelines come from the repository's spec: the one `make engines` built is served as it is, the
 other is rebuilt from the same spec with the other "pipeline". The in-process bound and FastAPI run
 the classifier's own ONNX file (BUILD.json: the INT8 variant after `make engines PRECISION=int8`), so
@@ -35,15 +38,16 @@ import resource
 import time
 from pathlib import Path
 
-from benchmarks import procstats, report
+from benchmarks import procstats, report, rounds
 from benchmarks.procstats import CORE, ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
 
-STEPS = ("inprocess", "perf", "locust", "fused", "fastapi")
+STEPS = ("inprocess", "perf", "locust", "fused", "fastapi", "rounds")
 WARM_UP_S = 3  # a Locust warm-up run, where no perf_analyzer run has warmed the service up
 FULL = dict(concurrency=[1, 2, 4, 8], measurement_ms=2000, locust_run_time=12, inprocess_batch=[1, 2, 4, 8],
-            inprocess_images=600)
-QUICK = dict(concurrency=[2, 8], measurement_ms=1000, locust_run_time=6, inprocess_batch=[1, 2], inprocess_images=200)
+            inprocess_images=600, rounds=3)
+QUICK = dict(concurrency=[2, 8], measurement_ms=1000, locust_run_time=6, inprocess_batch=[1, 2], inprocess_images=200,
+             rounds=1)
 
 
 def _children_cpu_s() -> float:
@@ -90,9 +94,11 @@ INPROCESS_LAYOUTS = (("pipelined", 2, 2), ("pipelined", 1, 1), ("parallel", 2, 1
 
 
 def bench_inprocess(artifacts: Path, photos: list[bytes], batches: list[int], images: int,
-                    layouts: tuple = INPROCESS_LAYOUTS, model: Path | None = None) -> list[report.Point]:
+                    layouts: tuple = INPROCESS_LAYOUTS, model: Path | None = None,
+                    chosen: dict | None = None) -> list[report.Point]:
     """The in-process bound at each batch size: the best of `layouts`, so that the bound is not
-    held back by one thread layout. `model`: the ONNX file to run (default: the artifacts' model.onnx)."""
+    held back by one thread layout. `model`: the ONNX file to run (default: the artifacts' model.onnx).
+    `chosen` gets {batch: the layout that won}."""
     from benchmarks import inprocess
     from common.preprocessing import PreprocessConfig
 
@@ -111,6 +117,8 @@ def bench_inprocess(artifacts: Path, photos: list[bytes], batches: list[int], im
             tried.append((f"{strategy} {threads}x{ort}", report.Point(
                 report.INPROCESS, batch, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms, requests=r.images, **fields)))
         layout, point = max(tried, key=lambda t: t[1].throughput)
+        if chosen is not None:
+            chosen[batch] = layouts[[name for name, _ in tried].index(layout)]
         points.append(point)
         print(f"  {report.INPROCESS}, batch {batch}: {point.throughput:.1f} img/s, p99 {point.p99_ms:.1f} ms, "
               f"{layout} (" + ", ".join(f"{name} {p.throughput:.1f}" for name, p in tried) + " img/s)", flush=True)
@@ -264,6 +272,62 @@ def hop_cost_text(cpu: dict, ensemble: str, fused: str) -> str:
             f"{total_a - total_b - core:+.2f} ms in the model processes).\n")
 
 
+def bench_rounds(n: int, points: list[report.Point], repos: dict[str, Path], tool, perf_runs: dict,
+                 bound: tuple[Path, Path, list[bytes], int, tuple] | None, measurement_ms: int,
+                 out: Path) -> tuple[list, list]:
+    """`n` paired rounds (benchmarks.rounds) of the systems the goals compare, each at its best sweep
+    point: the in-process bound (`bound`: model, preprocess.json, photos, images, the layout that won
+    at its best batch) and the perf_analyzer systems of each pipeline, with one server per pipeline
+    up for all the rounds (each model warmed up first). Returns (measures, rounds)."""
+    from benchmarks import inprocess, perf
+    from common.preprocessing import PreprocessConfig
+    from serving.server import Ports, TritonServer
+
+    measures = []
+    top = report.best(points, report.INPROCESS)
+    if bound and top:
+        model, config_path, photos, images, (strategy, threads, ort) = bound
+        session, config = inprocess.session_from_onnx(model, ort), PreprocessConfig.load(config_path)
+        run = inprocess.run_pipelined if strategy == "pipelined" else inprocess.run_parallel
+
+        def run_bound(batch=top.concurrency):
+            fields: dict = {}
+            with measured(os.getpid(), fields):
+                r = run(session, config, photos, batch, max(images, batch), threads)
+            return report.Point(report.INPROCESS, batch, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms,
+                                requests=r.images, **dict(fields, client_cpu_percent=None))
+        measures.append(rounds.Measure(report.INPROCESS, top.concurrency, run_bound))
+    wanted = {pipeline: [(system, model, protocol, inputs, report.best(points, system).concurrency)
+                         for system, model, protocol, inputs in perf_runs[pipeline]
+                         if system in rounds.SYSTEMS and report.best(points, system)]
+              for pipeline in repos}
+    if not tool or not measures or not any(wanted.values()):
+        return measures, []
+    with contextlib.ExitStack() as stack:
+        servers = {p: stack.enter_context(TritonServer(repos[p], Ports.free(),
+                                                       log_file=out / f"tritonserver-{p}-rounds.log"))
+                   for p in repos if wanted[p]}
+        for pipeline, server in servers.items():
+            for system, model, protocol, inputs, c in wanted[pipeline]:
+                url = server.grpc_url if protocol == "grpc" else server.http_url
+                csv = out / "perf" / "rounds" / f"{pipeline}_{model}_{protocol}_c{c}.csv"
+                try:
+                    tool.warm_up(model, url, protocol, c, csv, inputs)
+                except perf.PerfAnalyzerError as exc:
+                    print(f"  {system}: warm-up failed, {str(exc).splitlines()[0]}", flush=True)
+
+                def run_perf(system=system, model=model, protocol=protocol, url=url, c=c, inputs=inputs, csv=csv,
+                             pid=server.process.pid):
+                    fields: dict = {}
+                    with measured(pid, fields):
+                        r = tool.measure(model, url, protocol, c, csv, inputs, measurement_ms)
+                    return report.Point(system, c, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms, **fields)
+                measures.append(rounds.Measure(system, c, run_perf))
+        results = rounds.run_rounds(measures, n, failures=(perf.PerfAnalyzerError,),
+                                    log=lambda line: print(line, flush=True))
+    return measures, results
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"short run: {QUICK}")
@@ -274,6 +338,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--locust-run-time", type=int, default=None,
                    help=f"seconds per Locust run (default: {FULL['locust_run_time']}, "
                         f"--quick {QUICK['locust_run_time']})")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"paired rounds after the sweeps: the goal ratios measured again, every system at its "
+                        f"best point in each round (default: {FULL['rounds']}, --quick {QUICK['rounds']}; 0: none)")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out (default: none)")
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
     p.add_argument("--artifacts", default=None, help="model for the bound and FastAPI (default: the repository's)")
@@ -292,7 +359,7 @@ def main(args: argparse.Namespace) -> dict:
 
     plan = dict(QUICK if args.quick else FULL)
     plan.update({k: v for k, v in (("concurrency", args.concurrency), ("measurement_ms", args.measurement_ms),
-                                   ("locust_run_time", args.locust_run_time)) if v is not None})
+                                   ("locust_run_time", args.locust_run_time), ("rounds", args.rounds)) if v is not None})
     repo, out = Path(args.model_repository), Path(args.out)
     build = read_manifest(repo)
     spec = build["spec"]
@@ -333,9 +400,10 @@ def main(args: argparse.Namespace) -> dict:
                               classifier: spec["classifier"]["instances"]},
                  "fused": {classifier: spec["fused"]["instances"]}}
 
-    points, stages, cpu = [], {}, {}
+    points, stages, cpu, layouts = [], {}, {}, {}
     if "inprocess" not in args.skip:
-        points += bench_inprocess(artifacts, photos, plan["inprocess_batch"], plan["inprocess_images"], model=model)
+        points += bench_inprocess(artifacts, photos, plan["inprocess_batch"], plan["inprocess_images"], model=model,
+                                  chosen=layouts)
     for pipeline, path in repos.items():
         if not tool and "locust" in args.skip:
             break
@@ -356,6 +424,18 @@ def main(args: argparse.Namespace) -> dict:
                                    plan["concurrency"], plan["locust_run_time"], args.photos, out / "locust",
                                    warm_up=True)
 
+    paired, round_text = [], ""
+    if plan["rounds"] > 0 and "rounds" not in args.skip:
+        top = report.best(points, report.INPROCESS)
+        bound = (model, artifacts / "preprocess.json", photos, plan["inprocess_images"],
+                 layouts[top.concurrency]) if top else None
+        print(f"bench: {plan['rounds']} paired round(s) of the systems the goals compare", flush=True)
+        measures, paired = bench_rounds(plan["rounds"], points, repos, tool, perf_runs, bound, plan["measurement_ms"],
+                                        out)
+        round_text = rounds.rounds_text(paired, measures)
+        if not paired:
+            print("bench: no paired rounds: they need the in-process bound and perf_analyzer rows", flush=True)
+
     drift_text, steal = "", procstats.steal_fraction(machine0, procstats.machine_cpu_times())
     bound_points = [p for p in points if p.system == report.INPROCESS]
     if bound_points:  # the same measurement again: how much the machine itself moved during the run
@@ -375,13 +455,14 @@ def main(args: argparse.Namespace) -> dict:
              "model_repository": str(repo), "repositories": {k: str(v) for k, v in repos.items()},
              "spec": spec, "stages": stages, "cpu_by_process": cpu, "drift": drift_text.strip(),
              "steal_fraction": steal, "comparison_model": str(model), "variant": build.get("variant", "fp32"),
-             "perf_analyzer": "used" if tool else why_no_perf or "skipped",
+             "perf_analyzer": "used" if tool else why_no_perf or "skipped", "paired_rounds": rounds.to_json(paired),
              "seconds": round(time.monotonic() - started, 1)}
     files = report.write(points, out, extra, cores=os.cpu_count() or 1)
     with open(files["md"], "a") as f:
-        f.write("\n" + model_text + "\n" + drift_text + stage_text)
+        f.write("\n" + model_text + "\n" + drift_text + stage_text + ("\n" + round_text if round_text else ""))
     ratio_text = report.ratio_lines(report.ratios(points, os.cpu_count() or 1))
-    print("\n" + report.table(points) + "\n" + ratio_text + "\n" + model_text + "\n" + drift_text + stage_text)
+    print("\n" + report.table(points) + "\n" + ratio_text + "\n" + model_text + "\n" + drift_text + stage_text
+          + ("\n" + round_text if round_text else ""))
     print(f"bench: {extra['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
     return {"points": points, "files": files, **extra}
 

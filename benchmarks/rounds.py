@@ -1,0 +1,115 @@
+"""Paired rounds: the goal ratios measured again, every system in each round, so each ratio is taken
+between measurements seconds apart rather than minutes.
+
+`make bench` measures each system's sweep once, one system after another, over several minutes; on a
+shared VM the machine itself moves 10-20 % in that time, and a goal line can flip within it. After
+the sweeps, each round measures every system once more at its best sweep point, back to back (the
+order rotated from round to round, so no system always goes first), and each ratio is taken within
+its round. The median over the rounds is the figure; the spread says how far the noise reaches, and a
+goal is met when it holds in every round.
+
+    measures -> run_rounds(measures, n) -> paired_ratios(rounds) -> rounds_text(...)
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Callable
+
+from benchmarks import report
+
+# (name, numerator, denominators (the slowest of them), goal): the throughput goals, as in report.ratios
+GOALS = (("Triton / in-process bound", report.ENSEMBLE_GRPC, (report.INPROCESS,), 0.9),
+         ("ensemble / slowest member", report.ENSEMBLE_GRPC, (report.PREPROCESS, report.CLASSIFIER), 0.9),
+         ("Triton fused pipeline / in-process bound", report.FUSED_GRPC, (report.INPROCESS,), 0.9),
+         ("fused pipeline / its member alone", report.FUSED_GRPC, (report.FUSED_ALONE,), 0.9))
+SYSTEMS = (report.INPROCESS, report.ENSEMBLE_GRPC, report.PREPROCESS, report.CLASSIFIER, report.FUSED_GRPC,
+           report.FUSED_ALONE)  # what the goals above need
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """One system to measure in each round: `run()` measures it once at `concurrency` and returns the
+    point; it may raise one of `failures`, which skips that system in that round only."""
+    system: str
+    concurrency: int
+    run: Callable[[], report.Point]
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedRatio:
+    name: str
+    goal: float
+    values: tuple[float, ...]  # one per round that measured both sides
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def verdict(self) -> str:
+        met = sum(v >= self.goal for v in self.values)
+        if met == len(self.values):
+            return "met in every round"
+        return "MISSED in every round" if met == 0 else f"met in {met} of {len(self.values)} rounds"
+
+
+def point_label(system: str, concurrency: int) -> str:
+    return f"batch {concurrency}" if system == report.INPROCESS else f"c={concurrency}"
+
+
+def run_rounds(measures: list[Measure], rounds: int, failures: tuple[type[BaseException], ...] = (),
+               log: Callable[[str], None] = print) -> list[dict[str, report.Point]]:
+    """`rounds` rounds of every measure, round r starting at measure r (mod their count); one
+    {system: point} per round. A measure that raises one of `failures` is left out of that round."""
+    results = []
+    for r in range(rounds):
+        start = r % len(measures) if measures else 0
+        got = {}
+        for m in measures[start:] + measures[:start]:
+            try:
+                got[m.system] = point = m.run()
+            except failures as exc:
+                log(f"  round {r + 1}, {m.system}: skipped, {str(exc).splitlines()[0] if str(exc) else exc!r}")
+                continue
+            log(f"  round {r + 1}, {m.system} ({point_label(m.system, m.concurrency)}): "
+                f"{point.throughput:.1f} img/s, p99 {point.p99_ms:.1f} ms")
+        results.append(got)
+    return results
+
+
+def paired_ratios(results: list[dict[str, report.Point]]) -> list[PairedRatio]:
+    """Each goal's ratio within each round that measured its numerator and every denominator."""
+    out = []
+    for name, top, bottoms, goal in GOALS:
+        values = tuple(r[top].throughput / min(r[b].throughput for b in bottoms) for r in results
+                       if top in r and all(b in r and r[b].throughput > 0 for b in bottoms))
+        if values:
+            out.append(PairedRatio(name, goal, values))
+    return out
+
+
+def rounds_text(results: list[dict[str, report.Point]], measures: list[Measure]) -> str:
+    """Markdown: the img/s of each system in each round, then each goal's paired ratio (median, range,
+    verdict over the rounds). Empty without rounds."""
+    if not results or not measures:
+        return ""
+    head = "| system | " + " | ".join(f"round {i + 1}" for i in range(len(results))) + " |\n"
+    head += "|---|" + "---:|" * len(results) + "\n"
+    rows = []
+    for m in measures:
+        label = f"{m.system}, {point_label(m.system, m.concurrency)}"
+        rows.append(f"| {label} | " + " | ".join(f"{r[m.system].throughput:.1f}" if m.system in r else "-"
+                                                 for r in results) + " |")
+    lines = [f"- {p.name}: median {p.median:.2f} ({min(p.values):.2f}-{max(p.values):.2f} over {len(p.values)} "
+             f"round(s); goal >= {p.goal}) {p.verdict}: " + ", ".join(f"{v:.2f}" for v in p.values)
+             for p in paired_ratios(results)]
+    intro = (f"Paired rounds ({len(results)}): every system again at its best sweep point, back to back, the order "
+             "rotated each round; each ratio is taken within one round (img/s):\n\n")
+    return intro + head + "\n".join(rows) + "\n\n" + ("\n".join(lines) + "\n" if lines else "")
+
+
+def to_json(results: list[dict[str, report.Point]]) -> dict:
+    return {"rounds": [{s: dataclasses.asdict(p) for s, p in r.items()} for r in results],
+            "ratios": [dict(name=p.name, goal=p.goal, values=list(p.values), median=p.median, verdict=p.verdict)
+                       for p in paired_ratios(results)]}
