@@ -458,6 +458,9 @@ def main(args: argparse.Namespace) -> dict:
              "perf_analyzer": "used" if tool else why_no_perf or "skipped", "paired_rounds": rounds.to_json(paired),
              "seconds": round(time.monotonic() - started, 1)}
     files = report.write(points, out, extra, cores=os.cpu_count() or 1)
+    rounds_png = rounds.plot(paired, out / "bench_rounds.png")
+    if rounds_png:
+        files["rounds_png"] = rounds_png
     with open(files["md"], "a") as f:
         f.write("\n" + model_text + "\n" + drift_text + stage_text + ("\n" + round_text if round_text else ""))
     ratio_text = report.ratio_lines(report.ratios(points, os.cpu_count() or 1))

@@ -99,17 +99,57 @@ def rounds_text(results: list[dict[str, report.Point]], measures: list[Measure])
     rows = []
     for m in measures:
         label = f"{m.system}, {point_label(m.system, m.concurrency)}"
-        rows.append(f"| {label} | " + " | ".join(f"{r[m.system].throughput:.1f}" if m.system in r else "-"
-                                                 for r in results) + " |")
+        rows.append(f"| {label} | " + " | ".join(_cell(r.get(m.system)) for r in results) + " |")
     lines = [f"- {p.name}: median {p.median:.2f} ({min(p.values):.2f}-{max(p.values):.2f} over {len(p.values)} "
              f"round(s); goal >= {p.goal}) {p.verdict}: " + ", ".join(f"{v:.2f}" for v in p.values)
              for p in paired_ratios(results)]
     intro = (f"Paired rounds ({len(results)}): every system again at its best sweep point, back to back, the order "
-             "rotated each round; each ratio is taken within one round (img/s):\n\n")
+             "rotated each round; each ratio is taken within one round (img/s, and in brackets the serving CPU ms "
+             "per image, which rises when the machine slows down):\n\n")
     return intro + head + "\n".join(rows) + "\n\n" + ("\n".join(lines) + "\n" if lines else "")
+
+
+def _cell(point: report.Point | None) -> str:
+    if point is None:
+        return "-"
+    ms = point.cpu_ms_per_image
+    return f"{point.throughput:.1f}" + (f" ({ms:.1f})" if ms else "")
 
 
 def to_json(results: list[dict[str, report.Point]]) -> dict:
     return {"rounds": [{s: dataclasses.asdict(p) for s, p in r.items()} for r in results],
             "ratios": [dict(name=p.name, goal=p.goal, values=list(p.values), median=p.median, verdict=p.verdict)
                        for p in paired_ratios(results)]}
+
+
+def plot(results: list[dict[str, report.Point]], path) -> "Path | None":
+    """PNG: each goal's ratio in each round (dots), its median (bar) and the goal (dashed line); None
+    without paired ratios."""
+    from pathlib import Path
+
+    ratios = paired_ratios(results)
+    if not ratios:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, p in enumerate(ratios):
+        ax.bar(i, p.median, width=0.6, color="tab:blue" if p.median >= p.goal else "tab:orange", alpha=0.35)
+        ax.scatter([i] * len(p.values), p.values, color="black", zorder=3, s=18)
+        ax.hlines(p.goal, i - 0.35, i + 0.35, colors="red", linestyles="--")
+        ax.annotate(f"{p.median:.2f}", (i, p.median), textcoords="offset points", xytext=(0, 4), ha="center",
+                    fontsize=8)
+    ax.set_xticks(range(len(ratios)), [p.name.replace(" / ", " /\n") for p in ratios], fontsize=8)
+    ax.set_ylabel("ratio (throughput)")
+    ax.set_title(f"goal ratios in {len(results)} paired round(s): dots per round, bar the median, "
+                 "dashed the goal", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -7,7 +7,7 @@ import pytest
 from benchmarks import report, rounds
 
 
-def test_paired_rounds_rotate_the_order_and_take_each_ratio_within_its_round():
+def test_paired_rounds_rotate_the_order_and_take_each_ratio_within_its_round(tmp_path):
     # throughput of each system in rounds 1..3: the machine slows down in round 2 and everything with it,
     # so the paired ratio stays put while the unpaired best-of-run ratio would not
     schedule = {report.INPROCESS: [200.0, 150.0, 210.0], report.ENSEMBLE_GRPC: [170.0, 135.0, 168.0],
@@ -21,7 +21,8 @@ def test_paired_rounds_rotate_the_order_and_take_each_ratio_within_its_round():
             calls.append(system)
             if system == report.FUSED_ALONE and round_index == 1:
                 raise TimeoutError("no stable window")
-            return report.Point(system, 8, schedule[system][round_index], 10, 20, 30)
+            cpu = 190.0 if system == report.ENSEMBLE_GRPC else None  # 190 % at 170 img/s: 11.2 ms per image
+            return report.Point(system, 8, schedule[system][round_index], 10, 20, 30, server_cpu_percent=cpu)
         return rounds.Measure(system, 8, run)
 
     measures = [measure(s) for s in schedule]
@@ -45,10 +46,13 @@ def test_paired_rounds_rotate_the_order_and_take_each_ratio_within_its_round():
     text = rounds.rounds_text(results, measures)
     assert "| in-process bound, batch 8 | 200.0 | 150.0 | 210.0 |" in text
     assert f"| {report.FUSED_ALONE}, c=8 | 190.0 | - | 200.0 |" in text
+    assert f"| {report.ENSEMBLE_GRPC}, c=8 | 170.0 (11.2) | 135.0 (14.1) | 168.0 (11.3) |" in text
     assert "- Triton / in-process bound: median 0.85 (0.80-0.90 over 3 round(s); goal >= 0.9) met in 1 of 3" in text
     doc = rounds.to_json(results)
     assert len(doc["rounds"]) == 3 and {r["name"] for r in doc["ratios"]} == set(ratios)
     json.dumps(doc)
+    assert rounds.plot(results, tmp_path / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rounds.plot([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
     missed = rounds.PairedRatio("x", 0.9, (0.5, 0.6))
     assert missed.verdict == "MISSED in every round"
