@@ -13,9 +13,10 @@ In order, on the same cores, one system at a time:
   3. the fused pipeline (preprocessing + ONNX Runtime in one python model, same ensemble API):
      perf_analyzer gRPC on the ensemble and on the fused model alone, Locust HTTP;
   4. the FastAPI + ONNX Runtime service (benchmarks/fastapi_service.py), same Locust script;
-  5. paired rounds (benchmarks.rounds, --rounds): the systems the goals compare (the bound, each
-     pipeline and its members) again at their best sweep points, back to back in each round, so each
-     goal ratio is taken between measurements seconds apart; the median and spread over the rounds.
+  5. paired rounds (benchmarks.rounds, --rounds): the systems the goals compare (the bound at its best
+     batch and layout, each pipeline and its members at the sweep's highest concurrency) again, back to
+     back in each round, so each goal ratio is taken between measurements seconds apart; the median
+     and spread over the rounds.
 Both pipelines come from the repository's spec: the one `make engines` built is served as it is, the
 other is rebuilt from the same spec with the other "pipeline". The in-process bound and FastAPI run
 the classifier's own ONNX file (BUILD.json: the INT8 variant after `make engines PRECISION=int8`), so
@@ -275,10 +276,12 @@ def hop_cost_text(cpu: dict, ensemble: str, fused: str) -> str:
 def bench_rounds(n: int, points: list[report.Point], repos: dict[str, Path], tool, perf_runs: dict,
                  bound: tuple[Path, Path, list[bytes], int, tuple] | None, measurement_ms: int,
                  out: Path) -> tuple[list, list]:
-    """`n` paired rounds (benchmarks.rounds) of the systems the goals compare, each at its best sweep
-    point: the in-process bound (`bound`: model, preprocess.json, photos, images, the layout that won
-    at its best batch) and the perf_analyzer systems of each pipeline, with one server per pipeline
-    up for all the rounds (each model warmed up first). Returns (measures, rounds)."""
+    """`n` paired rounds (benchmarks.rounds) of the systems the goals compare: the in-process bound at
+    its best sweep point (`bound`: model, preprocess.json, photos, images, the layout that won at its
+    best batch) and the perf_analyzer systems of each pipeline at the highest concurrency their sweep
+    served without failures (where a server is saturated: its capacity, not a point that one noisy
+    sweep happened to favour), with one server per pipeline up for all the rounds (each model warmed
+    up first). Returns (measures, rounds)."""
     from benchmarks import inprocess, perf
     from common.preprocessing import PreprocessConfig
     from serving.server import Ports, TritonServer
@@ -297,9 +300,13 @@ def bench_rounds(n: int, points: list[report.Point], repos: dict[str, Path], too
             return report.Point(report.INPROCESS, batch, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms,
                                 requests=r.images, **dict(fields, client_cpu_percent=None))
         measures.append(rounds.Measure(report.INPROCESS, top.concurrency, run_bound))
-    wanted = {pipeline: [(system, model, protocol, inputs, report.best(points, system).concurrency)
+    def highest(system):
+        return max((p.concurrency for p in points if p.system == system and p.failures == 0 and p.throughput > 0),
+                   default=None)
+
+    wanted = {pipeline: [(system, model, protocol, inputs, highest(system))
                          for system, model, protocol, inputs in perf_runs[pipeline]
-                         if system in rounds.SYSTEMS and report.best(points, system)]
+                         if system in rounds.SYSTEMS and highest(system)]
               for pipeline in repos}
     if not tool or not measures or not any(wanted.values()):
         return measures, []
@@ -339,8 +346,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"seconds per Locust run (default: {FULL['locust_run_time']}, "
                         f"--quick {QUICK['locust_run_time']})")
     p.add_argument("--rounds", type=int, default=None,
-                   help=f"paired rounds after the sweeps: the goal ratios measured again, every system at its "
-                        f"best point in each round (default: {FULL['rounds']}, --quick {QUICK['rounds']}; 0: none)")
+                   help=f"paired rounds after the sweeps: the goal ratios measured again, every system once "
+                        f"in each round (default: {FULL['rounds']}, --quick {QUICK['rounds']}; 0: none)")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out (default: none)")
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
     p.add_argument("--artifacts", default=None, help="model for the bound and FastAPI (default: the repository's)")

@@ -3,9 +3,10 @@ between measurements seconds apart rather than minutes.
 
 `make bench` measures each system's sweep once, one system after another, over several minutes; on a
 shared VM the machine itself moves 10-20 % in that time, and a goal line can flip within it. After
-the sweeps, each round measures every system once more at its best sweep point, back to back (the
-order rotated from round to round, so no system always goes first), and each ratio is taken within
-its round. The median over the rounds is the figure; the spread says how far the noise reaches, and a
+the sweeps, each round measures every system once more, back to back (the order rotated from round
+to round, so no system always goes first), and each ratio is taken within its round: the in-process
+bound at its best batch and layout, the served systems at the sweep's highest concurrency (see
+benchmarks.bench.bench_rounds). The median over the rounds is the figure; the spread says how far the noise reaches, and a
 goal is met when it holds in every round.
 
     measures -> run_rounds(measures, n) -> paired_ratios(rounds) -> rounds_text(...)
@@ -103,9 +104,10 @@ def rounds_text(results: list[dict[str, report.Point]], measures: list[Measure])
     lines = [f"- {p.name}: median {p.median:.2f} ({min(p.values):.2f}-{max(p.values):.2f} over {len(p.values)} "
              f"round(s); goal >= {p.goal}) {p.verdict}: " + ", ".join(f"{v:.2f}" for v in p.values)
              for p in paired_ratios(results)]
-    intro = (f"Paired rounds ({len(results)}): every system again at its best sweep point, back to back, the order "
-             "rotated each round; each ratio is taken within one round (img/s, and in brackets the serving CPU ms "
-             "per image, which rises when the machine slows down):\n\n")
+    intro = (f"Paired rounds ({len(results)}): every system again (the bound at its best batch, the served systems "
+             "at the sweep's highest concurrency), back to back, the order rotated each round; each ratio is taken "
+             "within one round (img/s, and in brackets the serving CPU ms per image, which rises when the machine "
+             "slows down):\n\n")
     return intro + head + "\n".join(rows) + "\n\n" + ("\n".join(lines) + "\n" if lines else "")
 
 
