@@ -254,10 +254,15 @@ def _show(knob: str, value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def settings_text(settings: dict) -> str:
+    """'fused.shape=3x1:2/0us': a candidate's knobs (a stage's layout and batching are in its shape)."""
+    shaped = {k.rpartition(".")[0] for k in settings if k.endswith(".shape")}  # its halves say nothing more
+    return " ".join(f"{k}={_show(k, v)}" for k, v in settings.items()
+                    if not (k.rpartition(".")[0] in shaped and k.rpartition(".")[2] in ("layout", "batching")))
+
+
 def describe(t: Trial) -> str:
-    shaped = {k.rpartition(".")[0] for k in t.settings if k.endswith(".shape")}  # its halves say nothing more
-    knobs = " ".join(f"{k}={_show(k, v)}" for k, v in t.settings.items()
-                     if not (k.rpartition(".")[0] in shaped and k.rpartition(".")[2] in ("layout", "batching")))
+    knobs = settings_text(t.settings)
     result = f"ERROR {t.error}" if t.error else (f"{t.throughput:6.1f} img/s p50 {t.p50_ms:6.1f} p99 {t.p99_ms:6.1f} ms"
                                                  f"{f' x{t.runs}' if t.runs > 1 else ''}"
                                                  f"{'' if t.feasible else ' (over budget)'}")
@@ -349,17 +354,23 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
         raise RuntimeError(f"no configuration kept p99 within {args.p99_budget_ms} ms at concurrency "
                            f"{args.concurrency} (tried {len(trials)}); nothing written. Raise --p99-budget-ms "
                            "or lower --concurrency")
+    keeps = ""
     if "pipeline" not in grid and best.pipeline != served_pipeline:
         best = best.replace(pipeline=served_pipeline)  # --pipeline tuned the stages, not the choice
-        print(f"tune: the {args.pipeline} pipeline's knobs are written; the spec keeps \"pipeline\": "
-              f"\"{served_pipeline}\"")
+        keeps = f"the {args.pipeline} pipeline's knobs; the spec keeps \"pipeline\": \"{served_pipeline}\""
     # --artifacts, --precision and --backend picked the model to tune with, as they do for `make engines`:
     # the spec keeps its own
     best = best.replace(**kept)
-    if not args.no_write:
+    chosen = next((t for t in trials if t.chosen), None)
+    winner = settings_text(chosen.settings) if chosen else "the starting spec"
+    winner += ", the starting spec" if chosen and chosen.knob == "baseline" else ""
+    if args.no_write:
+        print(f"tune: --no-write, nothing written; the winner: {winner}" + (f"; {keeps}" if keeps else ""))
+    else:
         target = Path(args.write_spec or args.spec)
         best.save(target)
-        print(f"wrote {target}: run `make engines SPEC={target}` to build it")
+        print(f"wrote {target} ({winner}" + (f"; {keeps}" if keeps else "") +
+              f"): run `make engines SPEC={target}` to build it")
     return best
 
 

@@ -172,7 +172,7 @@ def test_tune_says_when_every_candidate_failed(perf_tool, perf_venv, tiny_artifa
     assert spec_path.read_text() == before
 
 
-def test_tune_a_pipeline_without_switching_to_it(perf_tool, perf_venv, tiny_artifacts, tmp_path):
+def test_tune_a_pipeline_without_switching_to_it(perf_tool, perf_venv, tiny_artifacts, tmp_path, capsys):
     """--pipeline fused tunes the fused stage on real servers and writes its knobs; the spec keeps
     serving the ensemble, because `pipeline` itself was not among the knobs searched."""
     import json
@@ -193,3 +193,27 @@ def test_tune_a_pipeline_without_switching_to_it(perf_tool, perf_venv, tiny_arti
     assert len(trials) == 2 and all(t["throughput"] > 0 and not t["error"] for t in trials)
     layouts = [tuple(t["settings"]["fused.layout"]) for t in trials]
     assert len(set(layouts)) == 2 and (saved.fused.instances, saved.fused.threads) in layouts
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith(f"wrote {spec_path} (fused.layout={saved.fused.instances}x{saved.fused.threads}")
+    assert 'the fused pipeline\'s knobs; the spec keeps "pipeline": "ensemble"' in said
+
+
+def test_tune_no_write_names_the_winner_and_writes_nothing(perf_tool, perf_venv, tiny_artifacts, tmp_path, capsys):
+    """--no-write measures as usual, leaves the spec as it was and says so (it used to print that the
+    fused pipeline's knobs were written), naming the winner instead."""
+    from benchmarks import tune
+    from build.spec import DeploymentSpec
+
+    spec_path = tmp_path / "deployment.json"
+    DeploymentSpec(artifacts=str(tiny_artifacts)).save(spec_path)
+    before = spec_path.read_text()
+    args = tune.get_args_parser().parse_args([
+        "--spec", str(spec_path), "--pipeline", "fused", "--knobs", "fused.layout", "--concurrency", "2",
+        "--p99-budget-ms", "10000", "--measurement-ms", "500", "--max-candidates", "1", "--no-write",
+        "--perf-venv", str(perf_venv), "--out", str(tmp_path / "tune")])
+    best = tune.main(args)
+    assert spec_path.read_text() == before and best.pipeline == "ensemble"
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said == (f"tune: --no-write, nothing written; the winner: fused.layout={best.fused.instances}x"
+                    f"{best.fused.threads}, the starting spec; the fused pipeline's knobs; the spec keeps "
+                    '"pipeline": "ensemble"')
