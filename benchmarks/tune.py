@@ -9,9 +9,10 @@ Greedy coordinate search from the current spec: one knob at a time (in the order
 pipeline, each stage's whole `shape`, then its `layout` and `batching`), every value of it is tried on
 the best configuration so far (knobs of stages the pipeline does not serve are passed over), in up
 to --passes sweeps. A candidate that beats the best (p99 within --p99-budget-ms, throughput higher by
-more than --min-gain) is not believed at once: the best and the candidate are measured again, back to
-back, and the candidate wins only if it beats the best again (on a shared VM one run can be 10-20 %
-off; the table shows the mean of each configuration's runs). Each candidate is a fresh repository
+more than --min-gain) is not believed at once: the best and the candidate are measured again in up to
+--confirm-pairs pairs (3), back to back, the order alternating, and the candidate wins only if it
+beats the best in most of them (on a shared VM one run can be 10-20 % off, and one repeat let such
+noise through; the table shows the mean of each configuration's runs). Each candidate is a fresh repository
 (build.repository.write_repository) served by a fresh tritonserver, warmed up, and measured by
 perf_analyzer on the ensemble, over gRPC, with the real photos, at --concurrency. The table of
 everything tried is printed and saved (tune.csv / tune.json); `make engines` then uses the result.
@@ -25,6 +26,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -164,11 +166,11 @@ def measure_spec(spec: DeploymentSpec, backend: str, repo: Path, tool: PerfAnaly
 
 
 def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain: float,
-           max_candidates: int, passes: int = 2, confirm: bool = True) -> tuple[DeploymentSpec | None, list[Trial]]:
+           max_candidates: int, passes: int = 2, confirm: int = 3) -> tuple[DeploymentSpec | None, list[Trial]]:
     """Greedy coordinate search: up to `passes` sweeps over the knobs, another only if the last one
-    moved. `measure(spec) -> PerfResult` (raises on failure). With `confirm`, a candidate that beats
-    the best is measured again right after the best is, and wins only if it beats it again (trials
-    report the mean of their runs). Returns the best spec whose p99 is within budget (None if none is) and every trial; no
+    moved. `measure(spec) -> PerfResult` (raises on failure). With `confirm` pairs, a candidate that
+    beats the best is measured again against it (see `confirmed`) and wins only if it beats it in
+    most of the pairs (trials report the mean of their runs). Returns the best spec whose p99 is within budget (None if none is) and every trial; no
     configuration is a candidate twice, and at most `max_candidates` are tried."""
     settings = lambda s: {k: knob_value(s, k) for k in grid}  # noqa: E731
     trials, best, best_trial = [], spec, None
@@ -213,17 +215,10 @@ def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain
                 trial = attempt(candidate, knob)
                 if not beats(trial, best_trial, min_gain):
                     continue
-                if confirm and best_trial.runs:  # believe it only if it wins again, back to back
-                    best_again = run(best_trial, best)
-                    again = run(trial, candidate) if best_again else None
-                    if again is None:
-                        continue  # a repeat failed: not a win to believe
-                    confirmed = beats(again, best_again, min_gain)
-                    print(f"  again, back to back: best {best_again.throughput:6.1f} img/s, candidate "
-                          f"{again.throughput:6.1f} img/s: {'confirmed' if confirmed else 'not confirmed'}",
-                          flush=True)
-                    if not confirmed:
-                        continue
+                if confirm and best_trial.runs and not confirmed(
+                        functools.partial(run, best_trial, best), functools.partial(run, trial, candidate), confirm,
+                        min_gain):
+                    continue
                 best, best_trial, moved = candidate, trial, True
         if not moved:
             break
@@ -231,6 +226,32 @@ def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain
         return None, trials
     best_trial.chosen = True
     return best, trials
+
+
+def confirmed(best_again, candidate_again, pairs: int, min_gain: float) -> bool:
+    """Whether a would-be winner beats the best in most of up to `pairs` back-to-back pairs of runs,
+    the order alternating (best first, then candidate first, ...) so that neither side always runs
+    second on a machine that drifts. `best_again()` / `candidate_again()` measure once more and
+    return that run alone as a Trial, or None if it failed (a failed repeat is no win to believe).
+    Stops as soon as the majority is decided; prints each pair and the verdict."""
+    need, wins, losses, seen = pairs // 2 + 1, 0, 0, []
+    for i in range(pairs):
+        first, second = (best_again, candidate_again) if i % 2 == 0 else (candidate_again, best_again)
+        a = first()
+        b = second() if a else None
+        if b is None:
+            print(f"  again, pair {i + 1}: a run failed: not confirmed", flush=True)
+            return False
+        old, new = (a, b) if i % 2 == 0 else (b, a)
+        won = beats(new, old, min_gain)
+        wins, losses = wins + won, losses + (not won)
+        seen.append(f"{old.throughput:.1f} / {new.throughput:.1f}{'' if won else ' (lost)'}")
+        if wins >= need or losses > pairs - need:
+            break
+    verdict = wins >= need
+    print(f"  again, back to back (best / candidate img/s): {', '.join(seen)}: won {wins} of {wins + losses}, "
+          f"{'confirmed' if verdict else 'not confirmed'}", flush=True)
+    return verdict
 
 
 def beats(trial: Trial, best: Trial, min_gain: float) -> bool:
@@ -284,8 +305,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--p99-budget-ms", type=float, default=100.0, help="p99 budget (default: %(default)s)")
     p.add_argument("--min-gain", type=float, default=0.03, help="throughput gain to switch (default: %(default)s)")
     p.add_argument("--max-candidates", type=int, default=30, help="configurations tried at most (default: %(default)s)")
-    p.add_argument("--no-confirm", action="store_true",
-                   help="believe a single measurement (default: measure a would-be winner and the best again)")
+    p.add_argument("--confirm-pairs", type=int, default=3,
+                   help="a would-be winner and the best are measured again in up to this many back-to-back "
+                        "pairs, the order alternating; it must win most of them (default: %(default)s)")
+    p.add_argument("--no-confirm", action="store_true", help="believe a single measurement (--confirm-pairs 0)")
     p.add_argument("--passes", type=int, default=2, help="sweeps over the knobs at most (default: %(default)s)")
     p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
     p.add_argument("--artifacts", default=None,
@@ -307,6 +330,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> DeploymentSpec:
     from build import capabilities
 
+    if args.confirm_pairs < 0:
+        raise ValueError(f"--confirm-pairs {args.confirm_pairs}: give 0 (believe one run) or more pairs")
     spec = DeploymentSpec.load(args.spec) if Path(args.spec).exists() else DeploymentSpec()
     kept = {k: getattr(spec, k) for k in ("artifacts", "precision", "backend")}
     served_pipeline = spec.pipeline
@@ -336,7 +361,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     measure = lambda s: measure_spec(s, backend, out / "model_repository", tool, inputs,  # noqa: E731
                                      args.concurrency, args.measurement_ms, out / "tritonserver.log", model_file)
     best, trials = search(spec, grid, measure, args.p99_budget_ms, args.min_gain, args.max_candidates, args.passes,
-                          confirm=not args.no_confirm)
+                          confirm=0 if args.no_confirm else args.confirm_pairs)
 
     print("\ntried (* = chosen):")
     for t in trials:

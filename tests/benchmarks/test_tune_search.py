@@ -85,8 +85,9 @@ def test_whole_stage_shapes_find_what_one_field_pair_at_a_time_cannot():
 
 
 def test_a_lucky_run_is_measured_again_and_not_believed():
-    """One candidate's first run is 20 % high (noise); measured again right after the best it is no
-    faster, so the search keeps the best. Without confirmation the noise would win."""
+    """One candidate's first run is 20 % high (noise); measured again against the best it is no
+    faster in two pairs, which decides the majority of three, so the search keeps the best. Without
+    confirmation the noise would win."""
     spec = DeploymentSpec(classifier={"instances": 1, "threads": 2})
     grid = {"classifier.layout": [[2, 1]]}
     calls = []
@@ -98,11 +99,50 @@ def test_a_lucky_run_is_measured_again_and_not_believed():
 
     best, trials = tune.search(spec, grid, noisy, budget_ms=100, min_gain=0.03, max_candidates=10)
     assert (best.classifier.instances, best.classifier.threads) == (spec.classifier.instances, spec.classifier.threads)
-    assert [t.runs for t in trials] == [2, 2] and trials[1].throughput == pytest.approx(110.0)
+    assert [t.runs for t in trials] == [3, 3] and trials[1].throughput == pytest.approx(320 / 3)
     assert trials[0].chosen and not trials[1].chosen
+    # the pairs alternate: best then candidate, then candidate then best
+    assert [c[0] for c in calls] == [1, 2, 1, 2, 2, 1]
     calls.clear()
     believed, _ = tune.search(spec, grid, noisy, budget_ms=100, min_gain=0.03, max_candidates=10, confirm=False)
     assert believed.classifier.instances == 2
+
+
+def test_confirmation_takes_the_majority_of_alternating_pairs(capsys):
+    """A candidate 10 % faster loses one pair to noise and wins the other two: confirmed, after three
+    pairs. One that wins only the first pair, as one repeat used to accept, is not. Each pair is
+    printed (best / candidate), with the verdict."""
+    spec = DeploymentSpec(fused={"instances": 2, "threads": 1})
+    grid = {"fused.layout": [[3, 1]]}
+
+    def runs_of(candidate_runs):
+        calls = []
+
+        def measure(s):
+            calls.append(s.fused.instances)
+            if s.fused.instances == 2:
+                return Result(100.0, 40.0, 50.0)
+            return Result(candidate_runs[calls.count(3) - 1], 40.0, 50.0)
+        return measure, calls
+
+    measure, calls = runs_of([110.0, 110.0, 95.0, 110.0])  # first run, then pairs 1 (won), 2 (lost), 3 (won)
+    best, trials = tune.search(spec.replace(pipeline="fused"), grid, measure, budget_ms=100, min_gain=0.03,
+                               max_candidates=10)
+    assert best.fused.instances == 3 and trials[1].chosen and trials[1].runs == 4
+    assert calls == [2, 3, 2, 3, 3, 2, 2, 3]
+    said = capsys.readouterr().out
+    assert "100.0 / 110.0, 100.0 / 95.0 (lost), 100.0 / 110.0: won 2 of 3, confirmed" in said
+
+    measure, calls = runs_of([110.0, 110.0, 95.0, 98.0])  # won pair 1, lost pairs 2 and 3
+    best, trials = tune.search(spec.replace(pipeline="fused"), grid, measure, budget_ms=100, min_gain=0.03,
+                               max_candidates=10)
+    assert best.fused.instances == 2 and trials[0].chosen
+    assert "won 1 of 3, not confirmed" in capsys.readouterr().out
+
+    measure, calls = runs_of([110.0, 110.0, 95.0, 98.0])  # --confirm-pairs 1: one repeat believes it
+    best, _ = tune.search(spec.replace(pipeline="fused"), grid, measure, budget_ms=100, min_gain=0.03,
+                          max_candidates=10, confirm=1)
+    assert best.fused.instances == 3 and calls == [2, 3, 2, 3]
 
 
 def test_a_failed_repeat_keeps_the_best():
@@ -132,3 +172,11 @@ def test_a_grid_value_the_spec_rejects_is_passed_over_not_fatal(capsys):
     assert best.classifier.instances == 2 and best.classifier.preferred_batch_sizes == [2]
     assert "not tried" in capsys.readouterr().out
 
+
+
+def test_a_negative_number_of_confirmation_pairs_is_refused_before_anything_runs(tmp_path):
+    args = tune.get_args_parser().parse_args(["--confirm-pairs", "-1", "--spec", str(tmp_path / "none.json"),
+                                              "--out", str(tmp_path / "tune")])
+    with pytest.raises(ValueError, match="--confirm-pairs -1"):
+        tune.main(args)
+    assert not (tmp_path / "tune").exists()
