@@ -93,7 +93,8 @@ class Trial:
     runs: int = 0
     feasible: bool = False
     chosen: bool = False
-    error: str = ""
+    error: str = ""  # the first line of why its first run failed
+    detail: str = ""  # the end of that failure's whole text (perf_analyzer's own output): tune.json
 
     def add(self, result, budget_ms: float) -> None:
         """Fold one more measurement into the means."""
@@ -180,8 +181,9 @@ def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain
         try:
             result = measure(candidate)
         except Exception as exc:  # a candidate that fails to load or serve is recorded, not fatal
+            text = str(exc).strip() or repr(exc)
             if not trial.runs:  # (a failed repeat of a measured configuration leaves its means alone)
-                trial.error = str(exc).splitlines()[0][:200]
+                trial.error, trial.detail = text.splitlines()[0][:200], text[-2000:]
             return None
         trial.add(result, budget_ms)
         alone = Trial(trial.knob, trial.settings)
@@ -193,6 +195,9 @@ def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain
         run(trial, candidate)
         trials.append(trial)
         print(describe(trial), flush=True)
+        tail = [line.strip() for line in trial.detail.splitlines()[1:] if line.strip()][-3:]
+        if tail:  # what perf_analyzer itself said last, where the first line gives only its exit code
+            print("    " + "\n    ".join(tail), flush=True)
         return trial
 
     best_trial = attempt(spec, "baseline")
@@ -367,7 +372,8 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     for t in trials:
         print(describe(t))
     with open(out / "tune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Trial)])
+        columns = [x.name for x in dataclasses.fields(Trial) if x.name != "detail"]  # a failure's text: tune.json
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({**dataclasses.asdict(t), "settings": json.dumps(t.settings)} for t in trials)
     (out / "tune.json").write_text(json.dumps({"args": vars(args), "best": best.to_dict() if best else None,

@@ -180,3 +180,25 @@ def test_a_negative_number_of_confirmation_pairs_is_refused_before_anything_runs
     with pytest.raises(ValueError, match="--confirm-pairs -1"):
         tune.main(args)
     assert not (tmp_path / "tune").exists()
+
+
+def test_a_failed_candidate_keeps_what_perf_analyzer_said(capsys):
+    """The table shows a failure's first line (perf_analyzer's exit code); its last lines are printed
+    under the row and the text is kept for tune.json, so an intermittent failure can be diagnosed."""
+    spec = DeploymentSpec(fused={"instances": 2, "threads": 1}).replace(pipeline="fused")
+
+    def measure(s):
+        if s.fused.instances == 3:
+            raise RuntimeError("perf_analyzer failed (exit 3) on image_classifier at concurrency 8:\n"
+                               "*** Measurement Settings ***\n\n  Batch size: 1\n"
+                               "Thread [0] had error: failed to connect\nrequest failed")
+        return Result(100.0, 40.0, 50.0)
+
+    best, trials = tune.search(spec, {"fused.layout": [[3, 1]]}, measure, budget_ms=100, min_gain=0.03,
+                               max_candidates=10)
+    assert best.fused.instances == 2 and trials[1].error.startswith("perf_analyzer failed (exit 3)")
+    assert trials[1].detail.endswith("Thread [0] had error: failed to connect\nrequest failed")
+    lines = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(lines) if "ERROR perf_analyzer failed (exit 3)" in line)
+    assert lines[row + 1:row + 4] == ["    Batch size: 1", "    Thread [0] had error: failed to connect",
+                                      "    request failed"]
