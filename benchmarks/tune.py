@@ -12,8 +12,8 @@ to --passes sweeps. A candidate that beats the best (p99 within --p99-budget-ms,
 more than --min-gain) is not believed at once: the best and the candidate are measured again in up to
 --confirm-pairs pairs (3), back to back, the order alternating, and the candidate wins only if it
 beats the best in most of them (on a shared VM one run can be 10-20 % off, and one repeat let such
-noise through; the table shows the mean of each configuration's runs). Each candidate is a fresh repository
-(build.repository.write_repository) served by a fresh tritonserver, warmed up, and measured by
+noise through; the table shows the mean of each configuration's runs). Each candidate is a fresh
+repository (build.repository.write_repository) served by a fresh tritonserver, warmed up, and measured by
 perf_analyzer on the ensemble, over gRPC, with the real photos, at --concurrency. The table of
 everything tried is printed and saved (tune.csv / tune.json); `make engines` then uses the result.
 Candidates serve the classifier file `make engines` will serve: the artifacts' model.onnx for FP32
@@ -171,8 +171,9 @@ def search(spec: DeploymentSpec, grid: dict, measure, budget_ms: float, min_gain
     """Greedy coordinate search: up to `passes` sweeps over the knobs, another only if the last one
     moved. `measure(spec) -> PerfResult` (raises on failure). With `confirm` pairs, a candidate that
     beats the best is measured again against it (see `confirmed`) and wins only if it beats it in
-    most of the pairs (trials report the mean of their runs). Returns the best spec whose p99 is within budget (None if none is) and every trial; no
-    configuration is a candidate twice, and at most `max_candidates` are tried."""
+    most of the pairs (trials report the mean of their runs). Returns the best spec whose p99 is within
+    budget (None if none is) and every trial; no configuration is a candidate twice, and at most
+    `max_candidates` are tried."""
     settings = lambda s: {k: knob_value(s, k) for k in grid}  # noqa: E731
     trials, best, best_trial = [], spec, None
 
