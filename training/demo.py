@@ -1,8 +1,8 @@
-"""`make train-demo`: the whole training path on a real labeled dataset, on CPU, in minutes.
+"""`make train-demo`: the whole training path on a real labeled dataset, on a CPU.
 
     python -m training.demo        # digits -> fine-tune Lite0 -> ONNX -> Triton repository -> served answers
 
-1. scikit-learn's handwritten digits written as an ImageFolder (common.digits: 1,438 train / 359 val)
+1. scikit-learn's handwritten digits written as an ImageFolder (common.digits)
 2. fine-tune the bundled ImageNet EfficientNet-Lite0 on them (training.train)
 3. export the best checkpoint with its labels and preprocessing, parity-checked (training.export)
 4. build a model repository for it (build.engines)
@@ -18,13 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from clients.client import ImageClassifierClient
 from common.digits import write_digits_imagefolder
+from serving.server import TritonServer
+from training import train
+from training.onnx_export import export_checkpoint
 
 
 def train_arguments(args: argparse.Namespace, train_dir: Path, val_dir: Path) -> argparse.Namespace:
     """The training.train arguments of the demo recipe (digits: no flips, mild crops)."""
-    from training.train import get_args_parser
-
     argv = [
         "--data-dir", str(train_dir), "--val-dir", str(val_dir), "--output-dir", str(args.run_dir),
         "--crop-size", str(args.crop_size), "--resize-size", str(args.crop_size),
@@ -34,14 +36,11 @@ def train_arguments(args: argparse.Namespace, train_dir: Path, val_dir: Path) ->
         "--color-jitter", "0.2", "--label-smoothing", "0.1", "--workers", str(args.workers),
         "--threads", str(args.threads), "--seed", str(args.seed),
     ]
-    return get_args_parser().parse_args(argv + ([] if args.progress else ["--no-progress"]))
+    return train.get_args_parser().parse_args(argv + ([] if args.progress else ["--no-progress"]))
 
 
 def classify_served(repository: Path, files: list[tuple[str, str]], batch: int, log_file: Path) -> tuple[float, list]:
     """(accuracy, wrong answers) of the real server on (path, true label) pairs."""
-    from clients.client import ImageClassifierClient
-    from serving.server import TritonServer
-
     wrong, correct = [], 0
     with TritonServer(repository, log_file=log_file) as server:
         with ImageClassifierClient(server.grpc_url, protocol="grpc") as client:
@@ -84,8 +83,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from build import engines
-    from training import export, train
+    from build import engines  # polygraphy, ONNX Runtime quantisation: only for the demo run
 
     started = time.perf_counter()
     train_dir, val_dir = write_digits_imagefolder(args.data_root, size=args.image_size)
@@ -94,7 +92,7 @@ def main(args: argparse.Namespace) -> dict:
     summary = train.main(train_arguments(args, train_dir, val_dir))
     trained_s = time.perf_counter() - started
     print(f"== 3. export -> {args.artifacts}")
-    exported = export.export_checkpoint(args.run_dir, args.artifacts)
+    exported = export_checkpoint(args.run_dir, args.artifacts)
     print(exported.parity.report(summary["classes"]).splitlines()[-1])
     print(f"== 4. model repository -> {args.repository}")
     engines.main(engines.get_args_parser().parse_args(["--artifacts", str(args.artifacts), "--out", str(args.repository)]))

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from training import distributed
-from training.distill import Distiller
+from training.distillation import Distiller
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

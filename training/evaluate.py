@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.labels import read_labels
 from common.preprocessing import PreprocessConfig
 from training import data, presets
+from training.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from training.engine import metrics_from_summary, summarize
 
 
@@ -71,8 +73,6 @@ def misclassified(probabilities: np.ndarray, labels: np.ndarray, paths: list[str
 
 
 def _torch_runner(checkpoint: dict, weights: str | None):
-    from training.checkpoint import model_from_checkpoint
-
     model = model_from_checkpoint(checkpoint, weights)
 
     def infer(images: torch.Tensor) -> np.ndarray:
@@ -82,7 +82,7 @@ def _torch_runner(checkpoint: dict, weights: str | None):
 
 
 def _onnx_runner(model_path: Path):
-    from training.export import INPUT_NAME, PROBABILITIES, onnxruntime_session
+    from training.onnx_graph import INPUT_NAME, PROBABILITIES, onnxruntime_session  # ONNX Runtime: only here
 
     session = onnxruntime_session(model_path)
     return lambda images: session.run([PROBABILITIES], {INPUT_NAME: images.numpy()})[0]
@@ -135,16 +135,12 @@ def main(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from training.checkpoint import load_checkpoint, preprocess_from_checkpoint
-
         checkpoint = load_checkpoint(args.checkpoint)
         classes, preprocess = checkpoint["classes"], preprocess_from_checkpoint(checkpoint)
         infer, source, home = _torch_runner(checkpoint, args.weights), checkpoint["path"], Path(checkpoint["path"]).parent
         val_files = (checkpoint.get("data") or {}).get("val_files")
         val_labels = (checkpoint.get("data") or {}).get("val_labels")
     else:
-        from common.labels import read_labels
-
         home = Path(args.artifacts)
         classes, preprocess = read_labels(home / "labels.txt"), PreprocessConfig.load(home / "preprocess.json")
         infer, source, val_files, val_labels = _onnx_runner(home / "model.onnx"), str(home / "model.onnx"), None, None

@@ -20,6 +20,7 @@ import sys
 
 from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from training import models
+from training.loop import run
 from training.presets import AUTO_AUGMENTS
 from training.recipe import MONITORS, OPTIMIZERS, SCHEDULERS
 
@@ -103,8 +104,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from training.loop import run
-
     return run(args)
 
 

@@ -1,0 +1,186 @@
+"""What a run trains and on which images, built from the arguments or resumed from a checkpoint.
+
+    load_data          RunData: splits, samplers, loaders, class statistics
+    build_state        TrainState: model, optimizer, LR schedule, loss, EMA, early stopping, teacher
+    resume             a checkpoint's state back into a TrainState (--resume)
+    epoch_checkpoint   the checkpoint of an epoch: what `resume`, evaluation and export read back
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+
+from common.preprocessing import PreprocessConfig
+from training import data, distributed, networks, presets, recipe
+from training.checkpoint import FORMAT, LAST, load_checkpoint
+from training.distillation import Distiller, load_teacher
+from training.logs import class_table
+
+Log = Callable[[str], None]
+
+
+def preprocess_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    resize = args.resize_size or int(round(args.crop_size / 0.875))
+    return PreprocessConfig(resize=resize, crop=args.crop_size, mean=tuple(args.mean), std=tuple(args.std),
+                            interpolation=args.interpolation)
+
+
+def augment_from_args(args: argparse.Namespace) -> presets.TrainAugment:
+    return presets.TrainAugment(
+        scale_min=args.scale_min, hflip_prob=args.hflip_prob, auto_augment=args.auto_augment,
+        randaugment_magnitude=args.ra_magnitude, color_jitter=args.color_jitter, random_erase=args.random_erase,
+        mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha)
+
+
+@dataclasses.dataclass
+class RunData:
+    """The run's images: splits, loaders, and the class statistics the logs and the loss use."""
+
+    preprocess: PreprocessConfig
+    augment: presets.TrainAugment
+    train_split: data.Split
+    val_split: data.Split
+    counts: np.ndarray  # training images per class
+    weights: np.ndarray | None  # inverse-frequency class weights (--class-balance loss / sampler)
+    train_sampler: data.ShardedSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    steps: int  # optimizer steps per epoch
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train_split.classes
+
+    def class_table(self, recall=None) -> str:
+        return class_table(self.classes, self.counts, self.val_split.class_counts(), self.weights, recall)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The model and everything that trains it; `epoch_checkpoint` saves it, `resume` restores it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: recipe.Schedule
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: recipe.ClassificationLoss
+    scaler: torch.amp.GradScaler | None
+    ema: torch.optim.swa_utils.AveragedModel | None
+    mixer: presets.BatchMixer | None
+    stopper: recipe.EarlyStopping
+    distiller: Distiller | None
+
+
+def load_data(args: argparse.Namespace, ctx: distributed.Context, log: Log) -> RunData:
+    preprocess = preprocess_from_args(args)
+    augment = augment_from_args(args)
+    train_split, val_split = data.load_splits(args.data_dir, args.val_dir, args.val_fraction, args.split_seed)
+    counts = train_split.class_counts()
+    weights = data.class_weights(counts) if args.class_balance != "none" else None
+    sample_weights = weights[train_split.targets] if args.class_balance == "sampler" else None
+    train_sampler = data.ShardedSampler(len(train_split.samples), ctx.rank, ctx.world_size, True, args.seed,
+                                        sample_weights, item_seeds=True)
+    val_sampler = data.ShardedSampler(len(val_split.samples), ctx.rank, ctx.world_size, False, pad=False)
+    pin = ctx.device.type == "cuda"
+    train_loader = data.make_loader(data.ImageFolderDataset(train_split, presets.TrainPreset(preprocess, augment)),
+                                    train_sampler, args.batch_size, args.workers, pin, drop_last=True)
+    val_loader = data.make_loader(
+        data.ImageFolderDataset(val_split, presets.EvalPreset(preprocess), draft_size=preprocess.resize),
+        val_sampler, args.batch_size, args.workers, pin)
+    if len(train_loader) == 0:
+        raise ValueError(f"--batch-size {args.batch_size} x {ctx.world_size} process(es) exceeds the "
+                         f"{len(train_split.samples)} training images")
+    steps = min(len(train_loader), args.steps_per_epoch or len(train_loader))
+    run_data = RunData(preprocess, augment, train_split, val_split, counts, weights, train_sampler, train_loader,
+                       val_loader, steps)
+    log(f"data: {len(train_split.samples)} train / {len(val_split.samples)} val images, {len(run_data.classes)} "
+        f"classes, {steps} steps/epoch x {ctx.world_size} process(es), eval preprocess {preprocess.to_dict()}")
+    log(run_data.class_table())
+    return run_data
+
+
+def build_state(args: argparse.Namespace, ctx: distributed.Context, run_data: RunData) -> TrainState:
+    num_classes, steps = len(run_data.classes), run_data.steps
+    model = networks.create_model(args.model, num_classes, args.weights, args.seed).to(ctx.device)
+    backbone_lr = args.lr if args.backbone_lr is None else args.backbone_lr
+    optimizer = recipe.make_optimizer(model, args.optimizer, args.lr, backbone_lr, args.weight_decay, args.momentum)
+    schedule = recipe.Schedule(args.lr_scheduler, total_steps=args.epochs * steps,
+                               warmup_steps=int(args.lr_warmup_epochs * steps), warmup_start=args.lr_warmup_start,
+                               min_factor=args.lr_min_factor, restart_steps=int(args.restart_epochs * steps),
+                               restart_mult=args.restart_mult)
+    scheduler = recipe.make_scheduler(optimizer, schedule)
+    loss_weights = torch.tensor(run_data.weights, dtype=torch.float32) if args.class_balance == "loss" else None
+    criterion = recipe.ClassificationLoss(args.label_smoothing, loss_weights).to(ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type) if args.amp == "fp16" else None
+    ema = recipe.make_ema(model, args.model_ema_decay) if args.model_ema else None
+    mixer = presets.batch_mixer(num_classes, run_data.augment)
+    stopper = recipe.EarlyStopping(args.monitor, args.early_stop_patience, args.early_stop_min_delta)
+    distiller = None
+    if args.teacher:
+        teacher, columns = load_teacher(args.teacher, run_data.classes)
+        distiller = Distiller(teacher, criterion, args.distill_alpha, args.distill_temperature, columns).to(ctx.device)
+    return TrainState(model, optimizer, schedule, scheduler, criterion, scaler, ema, mixer, stopper, distiller)
+
+
+def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState, classes: list[str],
+           log: Log) -> tuple[int, dict | None]:
+    """Load --resume's checkpoint into `state`; -> (first epoch to train, best metrics so far)."""
+    checkpoint = load_checkpoint(args.resume, prefer=LAST)
+    if checkpoint["classes"] != classes or checkpoint["architecture"]["name"] != args.model:
+        raise ValueError(f"{checkpoint['path']} is a {checkpoint['architecture']['name']} run on classes "
+                         f"{checkpoint['classes'][:10]}; this run is {args.model} on {classes[:10]}")
+    saved_schedule = (checkpoint["lr_scheduler"].get("lr_lambdas") or [None])[0]
+    schedule = dataclasses.asdict(state.schedule)
+    if isinstance(saved_schedule, dict) and saved_schedule != schedule:
+        # LambdaLR.load_state_dict would silently bring back the old schedule (e.g. LR 0 after its end)
+        changed = {k: (saved_schedule.get(k), v) for k, v in schedule.items() if saved_schedule.get(k) != v}
+        raise ValueError(f"{checkpoint['path']} was trained with another LR schedule, (checkpoint, now): "
+                         f"{changed}; resume with the run's own --epochs, --steps-per-epoch, --batch-size, "
+                         f"process count and --lr-* arguments (its args.json), or start anew from it with --weights")
+    state.model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if state.ema is not None and checkpoint.get("model_ema_full") is not None:
+        state.ema.load_state_dict(checkpoint["model_ema_full"])
+    if state.scaler is not None and checkpoint.get("scaler"):
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    state.stopper = recipe.EarlyStopping(args.monitor, args.early_stop_patience, args.early_stop_min_delta,
+                                         **checkpoint["early_stopping"])
+    start_epoch = checkpoint["epoch"] + 1
+    if ctx.world_size == 1 and checkpoint.get("rng_state") is not None:
+        torch.set_rng_state(checkpoint["rng_state"])  # same MixUp/CutMix and dropout as an uninterrupted run
+        if ctx.device.type == "cuda" and checkpoint.get("cuda_rng_state") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], ctx.device)  # dropout, GPU-side MixUp
+    else:
+        torch.manual_seed(args.seed + ctx.rank + 1_000_003 * start_epoch)
+    log(f"resumed {checkpoint['path']} at epoch {start_epoch}")
+    if state.stopper.should_stop:
+        log(f"{checkpoint['path']} had stopped early ({args.monitor} did not improve for {state.stopper.bad_epochs} "
+            f"epochs): nothing left to train; raise --early-stop-patience to continue it")
+    return start_epoch, checkpoint.get("best_metrics")
+
+
+def epoch_checkpoint(args: argparse.Namespace, ctx: distributed.Context, run_data: RunData, state: TrainState,
+                     epoch: int, metrics: dict, best_metrics: dict | None) -> dict:
+    """What training.checkpoint saves: enough to resume, rebuild, evaluate and export the run."""
+    ema = state.ema
+    return {
+        "format": FORMAT, "model": state.model.state_dict(),
+        "model_ema": None if ema is None else ema.module.state_dict(),
+        "model_ema_full": None if ema is None else ema.state_dict(),
+        "deploy": "model" if ema is None else "model_ema",
+        "optimizer": state.optimizer.state_dict(), "lr_scheduler": state.scheduler.state_dict(),
+        "scaler": None if state.scaler is None else state.scaler.state_dict(),
+        "early_stopping": state.stopper.state_dict(), "epoch": epoch, "args": vars(args),
+        "rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None,
+        "architecture": {"name": args.model, "num_classes": len(run_data.classes)}, "classes": run_data.classes,
+        "preprocess": run_data.preprocess.to_dict(), "metrics": metrics, "best_metrics": best_metrics,
+        "data": {"train_dir": str(args.data_dir), "val_dir": args.val_dir,
+                 "val_files": [p for p, _ in run_data.val_split.samples],
+                 "val_labels": [label for _, label in run_data.val_split.samples]},
+    }
