@@ -17,6 +17,7 @@ endif
 BACKEND ?= auto
 PRECISION ?=
 METHOD ?= max
+INT8_CPU_LAYOUT ?= auto
 REPOSITORY ?= model_repository
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -44,7 +45,8 @@ $(STAMP): requirements/main.txt pyproject.toml
 
 export: $(BUNDLED)/model.onnx ## export the bundled pretrained model to ONNX (+ labels, preprocess.json)
 
-$(BUNDLED)/model.onnx: $(STAMP) training/export.py training/models.py common/preprocessing.py common/samples.py \
+$(BUNDLED)/model.onnx: $(STAMP) training/export.py training/onnx_export.py training/onnx_graph.py training/artifacts.py \
+                       training/parity.py training/models.py common/preprocessing.py common/samples.py \
                        common/labels.py
 	$(PY) -m training.export --output-dir $(BUNDLED)
 
@@ -55,7 +57,7 @@ $(BUNDLED)/model.onnx: $(STAMP) training/export.py training/models.py common/pre
 engines: $(STAMP) $(ARTIFACTS)/model.onnx ## build model_repository/ from the deployment spec
 	$(PY) -m build.engines --spec $(SPEC) --artifacts $(ARTIFACTS) --out $(REPOSITORY) \
 	    $(if $(filter-out auto,$(BACKEND)),--backend $(BACKEND)) $(if $(PRECISION),--precision $(PRECISION)) \
-	    --calibration-method $(METHOD) $(ENGINES_ARGS)
+	    --calibration-method $(METHOD) --int8-cpu-layout $(INT8_CPU_LAYOUT) $(ENGINES_ARGS)
 
 capabilities: $(STAMP) ## what the local server and machine can run
 	$(PY) -m build.capabilities

@@ -1,7 +1,7 @@
 """`make bench`: Triton, its members, FastAPI and the in-process bound, side by side in one run.
 
-    python -m benchmarks.bench                 # about 10 minutes on 2 cores: concurrency 1 2 4 8, 3 rounds
-    python -m benchmarks.bench --quick         # about 3 minutes: concurrency 2 8, short windows, 1 round
+    python -m benchmarks.bench                 # concurrency 1 2 4 8, 3 rounds
+    python -m benchmarks.bench --quick         # concurrency 2 8, short windows, 1 round
     python -m benchmarks.bench --skip fastapi --concurrency 8
 
 In order, on the same cores, one system at a time:
@@ -228,8 +228,9 @@ def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]
 
 def drift_line(start: float, end: float, start_batch: int, end_batch: int, steal: float | None = None) -> str:
     """How far the in-process bound's best moved between the start and the end of the run (the same
-    sweep both times): the noise floor under every ratio of that run (a shared VM can move 10-20 %);
-    with `steal`, the share of the cores' time the hypervisor gave to other guests during the run."""
+    sweep both times): the noise floor under every ratio of that run (a shared VM's speed moves
+    within a run: see docs/benchmarks.md); with `steal`, the share of the cores' time the
+    hypervisor gave to other guests during the run."""
     spread = abs(end - start) / max(start, end) if max(start, end) > 0 else 0.0
     stolen = "" if steal is None else (f" During the run the hypervisor gave {100 * steal:.1f} % of these cores' "
                                        f"time to other guests (steal).")

@@ -2,12 +2,12 @@
 between measurements seconds apart rather than minutes.
 
 `make bench` measures each system's sweep once, one system after another, over several minutes; on a
-shared VM the machine itself moves 10-20 % in that time, and a goal line can flip within it. After
-the sweeps, each round measures every system once more, back to back (the order rotated from round
-to round, so no system always goes first), and each ratio is taken within its round: the in-process
-bound at its best batch and layout, the served systems at the sweep's highest concurrency (see
-benchmarks.bench.bench_rounds). The median over the rounds is the figure; the spread says how far the noise reaches, and a
-goal is met when it holds in every round.
+shared VM the machine itself speeds up and slows down in that time (docs/benchmarks.md), and a goal
+line can flip within it. After the sweeps, each round measures every system once more, back to back
+(the order rotated from round to round, so no system always goes first), and each ratio is taken
+within its round: the in-process bound at its best batch and layout, the served systems at the
+sweep's highest concurrency (see benchmarks.bench.bench_rounds). The median over the rounds is the
+figure; the spread says how far the noise reaches, and a goal is met when it holds in every round.
 
     measures -> run_rounds(measures, n) -> paired_ratios(rounds) -> rounds_text(...)
 """

@@ -11,10 +11,11 @@ the best configuration so far (knobs of stages the pipeline does not serve are p
 to --passes sweeps. A candidate that beats the best (p99 within --p99-budget-ms, throughput higher by
 more than --min-gain) is not believed at once: the best and the candidate are measured again in up to
 --confirm-pairs pairs (3), back to back, the order alternating, and the candidate wins only if it
-beats the best in most of them (on a shared VM one run can be 10-20 % off, and one repeat let such
-noise through; the table shows the mean of each configuration's runs). Each candidate is a fresh
-repository (build.repository.write_repository) served by a fresh tritonserver, warmed up, and measured by
-perf_analyzer on the ensemble, over gRPC, with the real photos, at --concurrency. The table of
+beats the best in most of them (on a shared VM one run can be well off the next, and one repeat let
+such noise through: docs/benchmarks.md; the table shows the mean of each configuration's runs). Each
+candidate is a fresh repository (build.repository.write_repository) served by a fresh
+tritonserver, warmed up, and measured by perf_analyzer on the ensemble, over gRPC, with the real
+photos, at --concurrency. The table of
 everything tried is printed and saved (tune.csv / tune.json); `make engines` then uses the result.
 Candidates serve the classifier file `make engines` will serve: the artifacts' model.onnx for FP32
 ONNX, else the variant or plan recorded in --model-repository/BUILD.json for the same artifacts,
@@ -37,12 +38,13 @@ from build.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 # knob -> values tried. A knob is a top-level field of the spec ("pipeline") or "<stage>.<name>", where
 # <name> is a field of the stage or one of the COMPOUND knobs, which move fields that only pay off
 # together: `layout` is [instances, threads], `batching` is [preferred batch sizes, queue delay in us]
-# and `shape` is all four at once. (Measured on 2 cores: two 1-thread instances sent batches of 2 at
-# once beat one 2-thread instance with batches of 8-16, but neither half of that change alone does;
+# and `shape` is all four at once. (On a small CPU, two 1-thread instances sent batches of 2 at once
+# can beat one 2-thread instance with batches of 8-16 while neither half of that change alone does;
 # in the two-model ensemble the classifier's shape pays off fully only once the preprocess model has
 # the same shape, so the search moves whole shapes first and then fine-tunes their halves.)
-# Small batches win on CPU: ONNX Runtime's time per image rises with the batch (6.4 ms at 2, 8.8 ms
-# at 8 on one thread), and a large preferred size hands one instance the queue while another idles.
+# Small batches win on CPU: ONNX Runtime's time per image rises with the batch, and a large preferred
+# size hands one instance the queue while another idles. Figures: docs/results/, read with
+# docs/benchmarks.md.
 COMPOUND = {"layout": ("instances", "threads"), "batching": ("preferred_batch_sizes", "max_queue_delay_us"),
             "shape": ("instances", "threads", "preferred_batch_sizes", "max_queue_delay_us")}
 FULL_GRID = {

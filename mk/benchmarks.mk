@@ -1,4 +1,4 @@
-# Benchmarks (issue 5): perf_analyzer, Locust, the reference points, the configuration search.
+# Benchmarks: perf_analyzer, Locust, the reference points, the configuration search.
 # Included by the main Makefile (PY, STAMP, REPOSITORY, SPEC, ARTIFACTS come from there).
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
@@ -35,10 +35,10 @@ locust: engines ## headless Locust, Triton gRPC + HTTP users, CSV + HTML report 
 	$(PY) -m benchmarks.locust_run --model-repository $(REPOSITORY) --users $(USERS) --run-time $(RUN_TIME) \
 	    --out $(BENCH_OUT)/locust
 
-bench: engines $(PERF_STAMP) ## everything side by side, then 3 paired rounds of the goal ratios (~10 min): table, ratios, plot in benchmarks/results/ [BENCH_ARGS="--rounds 5"]
+bench: engines $(PERF_STAMP) ## everything side by side, then 3 paired rounds of the goal ratios: table, ratios, plot in benchmarks/results/ [BENCH_ARGS="--rounds 5"]
 	$(PY) -m benchmarks.bench --model-repository $(REPOSITORY) --out $(BENCH_OUT) $(BENCH_ARGS)
 
-bench-quick: engines $(PERF_STAMP) ## the same in about 3 minutes (short windows, concurrency 2 and 8, 1 round)
+bench-quick: engines $(PERF_STAMP) ## the same, shorter (short windows, concurrency 2 and 8, 1 round)
 	$(PY) -m benchmarks.bench --quick --model-repository $(REPOSITORY) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 tune: $(STAMP) $(PERF_STAMP) ## search instances/batching/threads with perf_analyzer, write the winner to SPEC [TUNE_ARGS=--quick PRECISION=int8]

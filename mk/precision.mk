@@ -1,11 +1,11 @@
-# Precision variants (issue 3): calibration cache, INT8/FP16 ONNX, TensorRT plans, accuracy gate.
+# Precision variants: calibration cache, INT8/FP16 ONNX, TensorRT plans, accuracy gate.
 .PHONY: calibrate quantize fp16 validate plans bench-precision
 
 calibrate: $(STAMP) $(ARTIFACTS)/model.onnx ## TensorRT-format calibration cache [METHOD=max|percentile|entropy]
 	$(PY) -m build.calibrate --artifacts $(ARTIFACTS) --method $(METHOD)
 
 quantize: calibrate ## INT8 Q/DQ ONNX for TensorRT and U8S8 for CPU, from the cache
-	$(PY) -m build.quantize --artifacts $(ARTIFACTS) --method $(METHOD)
+	$(PY) -m build.quantize --artifacts $(ARTIFACTS) --method $(METHOD) --cpu-layout $(INT8_CPU_LAYOUT)
 
 fp16: $(STAMP) $(ARTIFACTS)/model.onnx ## mixed-precision FP16 ONNX with FP32 IO
 	$(PY) -m build.fp16 --artifacts $(ARTIFACTS)

@@ -1,4 +1,4 @@
-# Training (issue 4): every target is one `python -m training.<stage>` command.
+# Training: every target is one `python -m training.<stage>` command.
 #   make train DATA=path/to/imagefolder [VAL=path/to/val] [RUN=runs/mine] [EPOCHS=10] [TRAIN_ARGS="--crop-size 128 ..."]
 #   make export-run RUN=runs/mine [ARTIFACTS=artifacts/mine]   then   make engines ARTIFACTS=artifacts/mine
 DATA ?= data/digits/train
