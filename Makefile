@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 -include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help setup export engines serve stop status demo classify test test-fast capabilities clean distclean
+.PHONY: help setup export engines serve stop status demo classify test test-fast valgrind-setup capabilities clean distclean
 
 help:
 	@sed -n 's/^\([a-z0-9-]*\):.*## \(.*\)/  make \1\t\2/p' $(MAKEFILE_LIST) | expand -t 24
@@ -59,6 +59,10 @@ engines: $(STAMP) $(ARTIFACTS)/model.onnx ## build model_repository/ from the de
 	    $(if $(filter-out auto,$(BACKEND)),--backend $(BACKEND)) $(if $(PRECISION),--precision $(PRECISION)) \
 	    --calibration-method $(METHOD) --int8-cpu-layout $(INT8_CPU_LAYOUT) $(ENGINES_ARGS)
 
+valgrind-setup: ## Debian valgrind (as root): the tests run INT8 kernels on its virtual AVX2 CPU without VNNI
+	@command -v valgrind >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq valgrind; } \
+	    || { echo "valgrind-setup: needs root to apt-get install valgrind (sudo apt-get install valgrind)" >&2; exit 1; }
+
 capabilities: $(STAMP) ## what the local server and machine can run
 	$(PY) -m build.capabilities
 
@@ -78,8 +82,9 @@ demo: engines ## end to end on CPU: serve the repository and classify the bundle
 classify: ## classify IMAGES="a.jpg b.png" (default: two bundled photos) with the server on HTTP_PORT
 	$(PY) -m clients.classify $(or $(IMAGES),$$($(PY) -m common.samples --paths chelsea coffee)) --url $(ADDRESS):$(HTTP_PORT)
 
-test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env first, best effort)
+test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env and valgrind first, best effort)
 	@$(MAKE) --no-print-directory perf-setup || echo "make test: perf_analyzer could not be set up; its tests will skip and say why"
+	@$(MAKE) --no-print-directory valgrind-setup || echo "make test: no valgrind; the tests that emulate a CPU without VNNI will skip and say why"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests not marked slow

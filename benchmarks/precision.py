@@ -8,8 +8,13 @@ trained on the digits (calibrated on its training digits, true accuracy on its h
 reused when current), then measure ONNX Runtime throughput at batch 1 and 8 with the serving
 thread count, rounds interleaved across variants so machine noise hits all of them alike, and
 top-1 agreement / top-5 overlap with FP32 on the held-out photos. Writes
-benchmarks/results/precision.csv and precision.png; prints the table and the INT8 goal check
-(>= 1.8x FP32 throughput at >= 99% top-1 agreement).
+benchmarks/results/precision.csv and precision.png; prints the CPU and its integer path, the table
+(with each INT8 CPU file's layout) and the INT8 goal check (>= 1.8x FP32 throughput at >= 99% top-1
+agreement).
+
+The INT8 CPU file is built in this CPU's layout (common/cpu.py); on a CPU with VNNI the portable avx2
+layout (right on every x86 CPU) is measured beside it as `int8-cpu-avx2`. A CPU without VNNI cannot
+run the vnni layout as gated, so there it is not measured, and the output says so.
 """
 from __future__ import annotations
 
@@ -22,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from build import validate
+from build import quantize, validate
+from build.calibrate import load_calibration
 from build.imagesets import held_out_set
 from build.variants import VariantOptions, build_variants
+from common import cpu
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, normalize
 
-CPU_VARIANTS = ["fp32", "fp16", "int8-cpu", "int8-trt"]
+CPU_VARIANTS = ["fp32", "fp16", "int8-cpu", "int8-cpu-avx2", "int8-trt"]
 SPEED_NOTES = {"int8-trt": "TensorRT's Q/DQ form, run by ONNX Runtime: its CPU speed says nothing about TensorRT",
                "fp16": "FP16 is a GPU precision; ONNX Runtime's CPU kernels are not tuned for it"}
 
@@ -79,6 +86,7 @@ def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: 
     options = VariantOptions(calibration_images=str(data / "train") if data else None)
     build_variants(artifacts, "int8", options, config, print)
     build_variants(artifacts, "fp16", options, config, print)
+    portable_beside_native(artifacts, options.calibration_method)
     present = [v for v in CPU_VARIANTS if (artifacts / validate.VARIANTS[v][0]).exists()]
     images = held_out_set(config, str(data / "val") if data else None, views=views)
     labels = validate.folder_labels(images, data / "val", artifacts / "labels.txt") if data else None
@@ -94,26 +102,39 @@ def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: 
                      "x_fp32_b1": speed[1][v] / speed[1]["fp32"], "x_fp32_b8": speed[8][v] / speed[8]["fp32"],
                      "top1_agreement": r.top1_agreement, "confident_agreement": r.confident_agreement,
                      "top5_overlap": r.top5_overlap, "images": r.images, "accuracy": r.accuracy,
-                     "note": SPEED_NOTES.get(v, "")})
+                     "layout": r.layout, "cpu": r.gated_on, "note": SPEED_NOTES.get(v, "")})
     return rows
 
 
+def portable_beside_native(artifacts: Path, method: str) -> None:
+    """On a VNNI CPU, write the avx2 layout beside the (vnni) INT8 CPU file; elsewhere remove a stale one."""
+    portable = artifacts / validate.VARIANTS["int8-cpu-avx2"][0]
+    native = quantize.read_layout(artifacts / quantize.output_name("cpu")).get(cpu.LAYOUT_KEY)
+    if native == "vnni":
+        calibration = load_calibration(artifacts / "calibration" / f"{method}.cache")
+        quantize.quantize(artifacts / "model.onnx", calibration, "cpu", portable, cpu_layout="avx2")
+        print(f"wrote {portable} (layout avx2, measured beside the vnni layout)")
+    else:
+        portable.unlink(missing_ok=True)
+        print(f"{cpu.describe()}: the vnni layout is not measured here (this CPU would not answer as it was gated)")
+
+
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'model':18s} {'variant':9s} {'b1 img/s':>9s} {'b8 img/s':>9s} {'x fp32 b1':>9s} {'x fp32 b8':>9s} "
+    head = (f"{'model':18s} {'variant':13s} {'layout':6s} {'b1 img/s':>9s} {'b8 img/s':>9s} {'x fp32 b1':>9s} {'x fp32 b8':>9s} "
             f"{'top-1 agr':>9s} {'confident':>9s} {'top-5 ovl':>9s} {'accuracy':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:18s} {r['variant']:9s} {r['img_s_b1']:9.1f} {r['img_s_b8']:9.1f} "
+        lines.append(f"{r['model']:18s} {r['variant']:13s} {r['layout'] or '-':6s} {r['img_s_b1']:9.1f} {r['img_s_b8']:9.1f} "
                      f"{r['x_fp32_b1']:9.2f} {r['x_fp32_b8']:9.2f} {r['top1_agreement']:9.2%} "
                      f"{r['confident_agreement']:9.2%} {r['top5_overlap']:9.2%} "
                      + (f"{r['accuracy']:9.2%}" if r["accuracy"] is not None else f"{'-':>9s}"))
     return "\n".join(lines)
 
 
-def goal_check(rows: list[dict], model: str) -> str:
-    int8 = next((r for r in rows if r["model"] == model and r["variant"] == "int8-cpu"), None)
+def goal_check(rows: list[dict], model: str, variant: str = "int8-cpu") -> str:
+    int8 = next((r for r in rows if r["model"] == model and r["variant"] == variant), None)
     if int8 is None:
-        return f"{model}: no int8-cpu variant"
+        return f"{model}: no {variant} variant"
     speed = max(int8["x_fp32_b1"], int8["x_fp32_b8"])
     ok_speed, ok_agree = speed >= 1.8, int8["top1_agreement"] >= 0.99
     verdict = "MET" if ok_speed and ok_agree else "NOT MET"
@@ -124,7 +145,8 @@ def goal_check(rows: list[dict], model: str) -> str:
         limits.append(f"top-1 agreement {int8['top1_agreement']:.2%} < 99% on {int8['images']} held-out images; "
                       f"on the images where FP32 is confident (top-1 - top-2 > {validate.CONFIDENT_MARGIN}) "
                       f"it is {int8['confident_agreement']:.2%}")
-    return f"INT8 goal ({model}, >= 1.8x at >= 99% agreement): {verdict}" + ("; " + "; ".join(limits) if limits else "")
+    return (f"INT8 goal ({model}, {variant}, {int8['layout']} layout, >= 1.8x at >= 99% agreement): {verdict}"
+            + ("; " + "; ".join(limits) if limits else ""))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -187,10 +209,13 @@ def main(args: argparse.Namespace) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "precision.png")
-    print(f"\n{format_rows(rows)}")
+    print(f"\nCPU: {cpu.describe()}; ONNX Runtime {ort.__version__}, {args.threads} intra-op threads")
+    print(format_rows(rows))
     for variant, note in SPEED_NOTES.items():
         print(f"  {variant}: {note}")
-    print(goal_check(rows, "efficientnet_lite0"))
+    for variant in ("int8-cpu", "int8-cpu-avx2"):
+        if any(r["variant"] == variant for r in rows):
+            print(goal_check(rows, "efficientnet_lite0", variant))
     print(f"wrote {out / 'precision.csv'} and {out / 'precision.png'}")
     return rows
 

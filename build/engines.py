@@ -14,6 +14,7 @@ from pathlib import Path
 
 from build import capabilities, validate
 from build.calibrate import METHODS
+from build.quantize import CPU_LAYOUTS
 from build.repository import write_repository
 from build.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from build.variants import GateFailed, VariantOptions, prepare
@@ -32,6 +33,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--held-out", default=None, help="folder for the accuracy gate (default: bundled held-out photos)")
     p.add_argument("--min-agreement-fp16", type=float, default=validate.THRESHOLDS["fp16"], help="(default: %(default)s)")
     p.add_argument("--min-agreement-int8", type=float, default=validate.THRESHOLDS["int8"], help="(default: %(default)s)")
+    p.add_argument("--int8-cpu-layout", default="auto", choices=["auto", *CPU_LAYOUTS],
+                   help="integer layout of the INT8 CPU file: vnni (CPUs with VNNI only), avx2 (right on every x86 "
+                        "CPU); auto: this CPU's for the python backend (it refuses a file its CPU cannot run), avx2 "
+                        "for the onnxruntime backend (default: %(default)s)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="deploy FP32 when the requested precision fails the accuracy gate (default: fail)")
     return p
@@ -54,7 +59,8 @@ def main(args: argparse.Namespace) -> dict:
     if backend != "python-onnxruntime" and backend not in caps.server_backends:
         print(f"note: the local tritonserver has no {backend!r} backend; this repository is for a server that has it")
     options = VariantOptions(args.calibration_method, args.calibration_images, args.held_out,
-                             {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}, args.allow_fallback)
+                             {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}, args.allow_fallback,
+                             args.int8_cpu_layout)
     deployable = prepare(spec, backend, args.spec, options)
     manifest = write_repository(spec, backend, Path(args.out), spec_source=source, model_file=deployable.model_file,
                                 extra={"variant": deployable.variant, "precision": deployable.precision,

@@ -5,7 +5,8 @@
 The precision lives in the graph (TensorRT 10/11 strongly typed networks take it from there; no
 builder flag). Converter: ONNX Runtime's `float16.convert_float_to_float16` with `keep_io_types`
 (FP32 IO, casts inserted at the boundaries); Softmax and the reductions always stay FP32
-(`--keep-fp32` adds op types to them). The result is checked by `build.validate` before it is deployed.
+(`--keep-fp32` adds op types to them), and an FP32 result on its way to an FP32 output is not rounded
+through FP16 (the converter's Cast FP16 -> Cast FP32 pairs are dropped). The result is checked by `build.validate` before it is deployed.
 """
 from __future__ import annotations
 
@@ -36,6 +37,33 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def drop_round_trip_casts(graph: onnx.GraphProto) -> int:
+    """Replace every Cast(to FP16) -> Cast(to FP32) pair by an Identity of the FP32 tensor, so a tensor
+    that is FP32 already (Softmax's probabilities, kept FP32) is not rounded through FP16 on its way
+    out (the converter inserts such pairs before FP32 graph outputs). Returns how many pairs went."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+
+    def casts_to(node: onnx.NodeProto | None, dtype: int) -> bool:
+        return node is not None and node.op_type == "Cast" and onnx.helper.get_node_attr_value(node, "to") == dtype
+
+    dropped = 0
+    for node in list(graph.node):
+        first = producers.get(node.input[0]) if node.op_type == "Cast" else None
+        if not (casts_to(node, onnx.TensorProto.FLOAT) and casts_to(first, onnx.TensorProto.FLOAT16)):
+            continue
+        node.CopyFrom(onnx.helper.make_node("Identity", [first.input[0]], list(node.output), name=node.name))
+        consumers[first.output[0]] -= 1
+        if consumers[first.output[0]] == 0 and first.output[0] not in outputs:
+            graph.node.remove(first)
+        dropped += 1
+    return dropped
+
+
 def block_list(keep_fp32: list[str] | None = None) -> list[str]:
     """Op types kept FP32: the converter's defaults, KEEP_FP32, and `keep_fp32` on top (never instead)."""
     return sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32) | set(keep_fp32 or []))
@@ -46,6 +74,7 @@ def convert(model_path: Path, out: Path, keep_fp32: list[str] | None = None) -> 
     model = onnx.load(str(model_path))
     block = block_list(keep_fp32)
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    drop_round_trip_casts(converted.graph)
     topological_sort(converted.graph)  # the converter appends its Cast nodes out of order
     onnx.checker.check_model(converted)
     onnx.save(converted, str(out))

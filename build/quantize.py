@@ -3,20 +3,26 @@ for ONNX Runtime on CPU. One cache, both worlds.
 
     model.onnx + calibration/<method>.cache
       -> model.int8.trt.onnx   signed int8 activations, symmetric scales = the cache's (amax / 127),
-                               per-channel int8 weights: TensorRT's explicit-quantization form
-                               (TensorRT 10/11 strongly typed networks read precision from Q/DQ)
+                               per-channel int8 weights, float biases, Q/DQ on the inputs of convolutions,
+                               GEMMs and the skip input of residual Adds: TensorRT's explicit-quantization
+                               form (TensorRT 10/11 strongly typed networks read precision from Q/DQ;
+                               the rules are build/trt_qdq.py's)
       -> model.int8.cpu.onnx   unsigned int8 activations (zero point 0 for tensors that calibration
-                               saw non-negative), signed per-channel weights: U8S8, the x86 VNNI path,
-                               in ONNX Runtime's QOperator form (QLinearConv & co.): measured here
-                               2.4x FP32 at batch 8 for EfficientNet-Lite0, against 1.3x for the same
-                               model in Q/DQ form (`--cpu-format qdq`)
+                               saw non-negative), signed per-channel weights: U8S8, in ONNX Runtime's
+                               QOperator form (QLinearConv & co.; `--cpu-format qdq` for the Q/DQ form),
+                               in the layout the target CPU computes exactly (`--cpu-layout`):
+                                 vnni  8-bit weights; right only on CPUs with VNNI (AVX-512 VNNI,
+                                       AVX-VNNI, AMX)
+                                 avx2  7-bit weights wherever a kernel adds products in pairs (every
+                                       convolution but the depthwise ones, GEMMs): right on every x86 CPU
+                               The file's ONNX metadata names its layout and the CPU flags it needs; the
+                               served classifier refuses it on a CPU without them (common/cpu.py).
 
 Tool: ONNX Runtime's quantizer (`onnxruntime.quantization.quantize_static`, maintained by Microsoft),
-fed the cache's ranges through its documented `calibration_cache_path`. It writes the Q/DQ form
-TensorRT documents for explicit quantization (symmetric, zero point 0) and runs here, so both
-models are validated here. NVIDIA ModelOpt's ONNX PTQ would be the natural choice for TensorRT but
-it pins onnx~=1.21 and onnxruntime-gpu~=1.24 (incompatible with this environment) and its output
-can only be checked where TensorRT runs (see README, "INT8 and FP16").
+fed the cache's ranges through its documented `calibration_cache_path`; 7-bit weights through its
+per-tensor `reduce_range` overrides. NVIDIA ModelOpt's ONNX PTQ implements the same TensorRT rules on
+top of this quantizer, but it pins onnx and onnxruntime-gpu versions this environment cannot take and
+its output can only be checked where TensorRT runs (docs/precision.md).
 """
 from __future__ import annotations
 
@@ -28,20 +34,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
+from build import trt_qdq
 from build.calibrate import METHODS, Calibration, load_calibration, staleness
 from build.repository import sha256
+from common import cpu
 from common.preprocessing import PreprocessConfig
 
 TARGETS = ("trt", "cpu")
 CPU_FORMATS = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}
+CPU_LAYOUTS = cpu.PATHS
 # TensorRT's placement: Q/DQ on the *inputs* of convolutions, GEMMs and residual Adds (and on
 # weights), never on their outputs: TensorRT fuses Conv+activation and takes the output scale from
 # the next layer's input Q. Quantising Conv outputs with the pre-activation range (ONNX Runtime's
-# default) cost 50 points of top-1 agreement on EfficientNet-Lite0.
+# default) loses most of the top-1 agreement on EfficientNet-Lite0 (docs/precision.md).
 TRT_OP_TYPES = ["Conv", "Gemm", "MatMul", "Add"]
 # ONNX Runtime CPU: also keep the activations between convolutions in int8 so kernels chain in U8S8.
 # ...but the classifier's logits stay float: quantised logits flip near-ties after the softmax.
@@ -78,14 +86,74 @@ def _quiet_root_logger():
         logging.root.setLevel(level)
 
 
+def pairing_weights(model: onnx.ModelProto) -> dict[str, int]:
+    """Weight initializer -> its output-channel axis, for every layer whose U8S8 kernel adds products in
+    pairs on x86 without VNNI: convolutions except depthwise ones (their kernels widen to 16 bits
+    first), GEMMs and MatMuls with a constant weight."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    axes = {}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        weight = initializers[node.input[1]]
+        if node.op_type == "Conv":
+            depthwise = attrs.get("group", 1) > 1 and attrs.get("group", 1) == weight.dims[0] and weight.dims[1] == 1
+            if not depthwise:
+                axes[node.input[1]] = 0
+        elif node.op_type == "Gemm":
+            axes[node.input[1]] = 0 if attrs.get("transB", 0) else 1
+        elif node.op_type == "MatMul":
+            axes[node.input[1]] = len(weight.dims) - 1
+    return axes
+
+
+def _cpu_options(model_path: Path, layout: str) -> dict:
+    if layout not in CPU_LAYOUTS:
+        raise ValueError(f"INT8 CPU layout {layout!r} is not one of {CPU_LAYOUTS}")
+    options = {"ActivationSymmetric": False, "WeightSymmetric": True,
+               "OpTypesToExcludeOutputQuantization": CPU_FLOAT_OUTPUTS}
+    if layout == "avx2":
+        axes = pairing_weights(onnx.load(str(model_path), load_external_data=False))
+        options["TensorQuantOverrides"] = {w: [{"reduce_range": True, "axis": axis}] for w, axis in axes.items()}
+    return options
+
+
+def stamp_layout(path: Path, layout: str) -> None:
+    """Write the CPU layout and the flags it needs into the model's ONNX metadata."""
+    model = onnx.load(str(path))
+    entries = {p.key: p.value for p in model.metadata_props}
+    entries.update({cpu.LAYOUT_KEY: layout, cpu.REQUIRES_KEY: cpu.requirement(layout)})
+    onnx.helper.set_model_props(model, entries)
+    onnx.save(model, str(path))
+
+
+def read_layout(path: Path) -> dict[str, str]:
+    """The INT8 CPU layout keys of an ONNX file's metadata ({} for files without them)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props if p.key in (cpu.LAYOUT_KEY, cpu.REQUIRES_KEY)}
+
+
+def default_layout(backend: str | None = None) -> str:
+    """The layout `auto` means: this CPU's own, where the served classifier checks it at load time
+    (the python backend); the portable one for servers that cannot check (Triton's onnxruntime backend)."""
+    return "avx2" if backend == "onnxruntime" else cpu.integer_path()
+
+
 def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
-             exclude_nodes: list[str] | None = None, cpu_format: str = "qoperator") -> Path:
-    """Write the INT8 model for `target` ('trt': Q/DQ; 'cpu': `cpu_format`) from the cache's ranges only."""
+             exclude_nodes: list[str] | None = None, cpu_format: str = "qoperator",
+             cpu_layout: str | None = None) -> Path:
+    """Write the INT8 model for `target` ('trt': Q/DQ; 'cpu': `cpu_format` in `cpu_layout`) from the cache's
+    ranges only. `cpu_layout` None: this CPU's (`default_layout`)."""
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not one of {TARGETS}")
     if cpu_format not in CPU_FORMATS:
         raise ValueError(f"cpu format {cpu_format!r} is not one of {sorted(CPU_FORMATS)}")
     symmetric = target == "trt"
+    cpu_layout = cpu_layout or default_layout()
+    extra = ({"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+              "OpTypesToExcludeOutputQuantization": TRT_OP_TYPES} if symmetric
+             else _cpu_options(model_path, cpu_layout))
     with tempfile.TemporaryDirectory(prefix="ranges.") as tmp:
         ranges = Path(tmp) / "ranges.json"
         save_tensors_data(_ranges(calibration, target), ranges)
@@ -100,53 +168,24 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
                 nodes_to_exclude=exclude_nodes or [],
                 calibrate_method=CalibrationMethod.MinMax,
                 calibration_cache_path=str(ranges),
-                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                               "OpTypesToExcludeOutputQuantization": TRT_OP_TYPES if symmetric else CPU_FLOAT_OUTPUTS},
+                extra_options=extra,
             )
     if symmetric:
-        set_cache_scales(out, calibration.scales)
+        _apply_trt_rules(model_path, out)
+        trt_qdq.set_cache_scales(out, calibration.scales)
+    else:
+        stamp_layout(out, cpu_layout)
     return out
 
 
-def set_cache_scales(path: Path, scales: dict[str, float]) -> int:
-    """Overwrite the scale of every quantized activation in the Q/DQ model at `path` with the cache's
-    float32, bit for bit. The quantizer recomputes each scale from the range it is fed ((hi - lo) / 254
-    in float64, then rounded to float32), which lands one ulp off the cache's value for about 1 %
-    of tensors. Int32 biases keep the scale they were quantized with (input x weight scale as the
-    quantizer computed it; its own DequantizeLinear carries it). Returns how many scales were set."""
-    model = onnx.load(str(path))
-    graph = model.graph
-    wanted: dict[str, np.float32] = {}  # scale initializer -> the cache's scale
-
-    def want(initializer: str, value: np.float32) -> None:
-        if initializer in wanted and wanted[initializer].tobytes() != value.tobytes():
-            raise RuntimeError(f"{path}: scale {initializer!r} is shared by tensors with different cache scales")
-        wanted[initializer] = value
-
-    quantized: dict[str, np.float32] = {}  # QuantizeLinear output -> the cache's scale of its input
-    for node in graph.node:
-        # A tensor calibration saw only as zeros has scale 0 in the cache, which no Q/DQ can use: the
-        # quantizer's placeholder (1.0) stays for it.
-        if node.op_type == "QuantizeLinear" and scales.get(node.input[0], 0.0) > 0:
-            quantized[node.output[0]] = np.float32(scales[node.input[0]])
-            want(node.input[1], quantized[node.output[0]])
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in quantized:
-            want(node.input[1], quantized[node.input[0]])
-    done = 0
-    for init in graph.initializer:
-        if init.name in wanted:
-            current = numpy_helper.to_array(init)
-            if current.shape != () or current.dtype != np.float32:
-                raise RuntimeError(f"{path}: activation scale {init.name!r} is {current.dtype}{list(current.shape)}, "
-                                   "expected a float32 scalar")
-            init.CopyFrom(numpy_helper.from_array(np.array(wanted[init.name], dtype=np.float32), init.name))
-            done += 1
-    missing = set(wanted) - {i.name for i in graph.initializer}
-    if missing:
-        raise RuntimeError(f"{path}: activation scales {sorted(missing)} are not initializers")
-    onnx.save(model, str(path))
-    return done
+def _apply_trt_rules(model_path: Path, out: Path) -> None:
+    branches = trt_qdq.residual_branches(onnx.load(str(model_path), load_external_data=False))
+    model = onnx.load(str(out))
+    trt_qdq.drop_branch_qdq(model, branches)
+    int32 = trt_qdq.int32_dequantize_nodes(model)
+    if int32:
+        raise RuntimeError(f"{out}: int32 DequantizeLinear nodes that TensorRT rejects: {int32[:3]}...")
+    onnx.save(model, str(out))
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -157,7 +196,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="which calibration cache to use (default: %(default)s)")
     p.add_argument("--target", nargs="+", default=list(TARGETS), choices=TARGETS, help="(default: %(default)s)")
     p.add_argument("--cpu-format", default="qoperator", choices=sorted(CPU_FORMATS),
-                   help="form of the CPU model (default: %(default)s, the faster one here)")
+                   help="form of the CPU model (default: %(default)s, the faster one on CPU)")
+    p.add_argument("--cpu-layout", default="auto", choices=["auto", *CPU_LAYOUTS],
+                   help="integer layout of the CPU model: vnni (8-bit weights, CPUs with VNNI only), avx2 (7-bit "
+                        "weights where kernels pair products, right on every x86 CPU); auto: this CPU's "
+                        "(default: %(default)s)")
     return p
 
 
@@ -174,11 +217,12 @@ def main(args: argparse.Namespace) -> list[Path]:
         raise StaleCalibration(f"calibration cache {cache} is stale: {why}; run `make calibrate` "
                                f"(python -m build.calibrate --artifacts {artifacts} --method {args.method}) first")
     calibration = load_calibration(cache)
+    layout = default_layout() if args.cpu_layout == "auto" else args.cpu_layout
     written = []
     for target in args.target:
         out = quantize(model, calibration, target, artifacts / output_name(target),
-                       cpu_format=args.cpu_format)
-        print(f"wrote {out} from {cache}")
+                       cpu_format=args.cpu_format, cpu_layout=layout)
+        print(f"wrote {out} from {cache}" + (f" (layout {layout}; this CPU: {cpu.describe()})" if target == "cpu" else ""))
         written.append(out)
     return written
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 
+import common.cpu as cpu_module
 import common.labels as labels_file
 import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
@@ -117,10 +118,14 @@ def write_repository(
         shutil.copy2(preprocessing_module.__file__, version_dir / "preprocessing.py")
         shutil.copy2(artifacts / "preprocess.json", version_dir / "preprocess.json")
 
+    def copy_session(version_dir: Path) -> None:  # for the python models that run ONNX Runtime
+        shutil.copy2(onnxsession_module.__file__, version_dir / "onnxsession.py")
+        shutil.copy2(cpu_module.__file__, version_dir / "cpu.py")
+
     if fused:
         (cls_dir / "config.pbtxt").write_text(configs.fused_config(spec, shape, spec_source))
         shutil.copy2(TEMPLATES / "classifier_fused.py", cls_dir / "1" / "model.py")
-        shutil.copy2(onnxsession_module.__file__, cls_dir / "1" / "onnxsession.py")
+        copy_session(cls_dir / "1")
         copy_preprocessing(cls_dir / "1")
     else:
         (pre_dir / "config.pbtxt").write_text(configs.preprocess_config(spec, shape, spec_source))
@@ -129,7 +134,7 @@ def write_repository(
         (cls_dir / "config.pbtxt").write_text(configs.classifier_config(spec, shape, backend, spec_source))
         if backend == "python-onnxruntime":
             shutil.copy2(TEMPLATES / "classifier_onnxruntime.py", cls_dir / "1" / "model.py")
-            shutil.copy2(onnxsession_module.__file__, cls_dir / "1" / "onnxsession.py")
+            copy_session(cls_dir / "1")
     shutil.copy2(model_file, cls_dir / "1" / configs.CLASSIFIER_BACKENDS[backend][2])
 
     (ens_dir / "config.pbtxt").write_text(configs.ensemble_config(spec, shape, spec_source))

@@ -10,6 +10,13 @@ top-5 overlap, max and mean absolute error of the probabilities, and top-1 agree
 where FP32 itself is confident (top-1 minus top-2 probability > 0.1): quantisation flips
 near-ties first, so this column tells a held-out set of ambiguous images from a broken variant.
 With labels (an ImageFolder), true top-1 accuracy is reported too.
+
+Each file runs as it will be served: the INT8 CPU file through the serving path's own ONNX Runtime
+session (common/onnxsession.py) on this CPU, whose integer path the report names. An INT8 CPU file
+whose layout this CPU cannot compute exactly (common/cpu.py) is not run and fails the gate: what it
+measured here would not be what it answers where it can run. TensorRT's Q/DQ file runs in ONNX
+Runtime with graph optimisations off, each Q/DQ pair executed as written around float maths, which is
+TensorRT's arithmetic up to rounding on every CPU (the fused int8 kernels would add the CPU's own).
 """
 from __future__ import annotations
 
@@ -19,11 +26,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+import onnxruntime as ort
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator
 
 from build.imagesets import ImageSet, held_out_set
+from build.quantize import read_layout
+from common import cpu
 from common.labels import read_labels
+from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 
 PROBABILITIES = "probabilities"
@@ -33,12 +44,16 @@ CONFIDENT_MARGIN = 0.1
 VARIANTS = {
     "fp32": ("model.onnx", "fp32", "ONNX Runtime CPU"),
     "fp16": ("model.fp16.onnx", "fp16", "ONNX Runtime CPU"),
-    "int8-cpu": ("model.int8.cpu.onnx", "int8", "ONNX Runtime CPU, U8S8"),
-    "int8-trt": ("model.int8.trt.onnx", "int8", "ONNX Runtime CPU simulating TensorRT's Q/DQ"),
+    "int8-cpu": ("model.int8.cpu.onnx", "int8", "ONNX Runtime CPU, U8S8, as served"),
+    "int8-cpu-avx2": ("model.int8.cpu.avx2.onnx", "int8", "ONNX Runtime CPU, U8S8, as served"),
+    "int8-trt": ("model.int8.trt.onnx", "int8", "ONNX Runtime CPU, Q/DQ in float (TensorRT)"),
     "fp32-plan": ("model.fp32.plan", "fp32", "TensorRT"),
     "fp16-plan": ("model.fp16.plan", "fp16", "TensorRT"),
     "int8-plan": ("model.int8.plan", "int8", "TensorRT"),
 }
+# Written by `make bench-precision` on a VNNI CPU beside the native INT8 file, to measure the portable
+# layout side by side; never deployed, so never gated by `make engines`.
+BENCH_ONLY = ("int8-cpu-avx2",)
 
 
 @dataclasses.dataclass
@@ -58,10 +73,22 @@ class VariantReport:
     threshold: float | None = None
     passed: bool = True
     reason: str = ""
+    layout: str = ""  # an INT8 CPU file's integer layout (common/cpu.py)
+    gated_on: str = ""  # the CPU it ran on, and its integer path
 
 
-def onnxruntime_runner(path: Path, name: str) -> OnnxrtRunner:
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
+def onnxruntime_runner(path: Path, name: str, threads: int = 2) -> OnnxrtRunner:
+    """The serving path's session (same options as the served classifier's)."""
+    return OnnxrtRunner(lambda: cpu_session(path, threads), name=name)
+
+
+def float_qdq_runner(path: Path, name: str) -> OnnxrtRunner:
+    """A Q/DQ model with every Q/DQ pair executed as written and float maths between them."""
+    def session() -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return OnnxrtRunner(session, name=name)
 
 
 def runner_for(artifacts: Path, variant: str):
@@ -70,7 +97,14 @@ def runner_for(artifacts: Path, variant: str):
         from build.plans import trt_runner
 
         return trt_runner(artifacts / filename, name=variant)
+    if variant == "int8-trt":
+        return float_qdq_runner(artifacts / filename, variant)
     return onnxruntime_runner(artifacts / filename, variant)
+
+
+def cannot_gate_here(path: Path) -> str | None:
+    """Why an ONNX file cannot be gated on this CPU (its INT8 layout needs flags this CPU lacks), or None."""
+    return cpu.refusal(read_layout(path)) if path.suffix == ".onnx" else None
 
 
 def _quiet_polygraphy() -> None:
@@ -124,15 +158,31 @@ def threshold_for(name: str, thresholds: dict[str, float]) -> float | None:
 def validate(artifacts: Path, variants: list[str], images: ImageSet, config: PreprocessConfig,
              thresholds: dict[str, float], labels: np.ndarray | None = None,
              batch_size: int = 16) -> list[VariantReport]:
-    present = [v for v in variants if (artifacts / VARIANTS[v][0]).exists()]
-    runners = [runner_for(artifacts, "fp32")] + [runner_for(artifacts, v) for v in present if v != "fp32"]
+    present = [v for v in variants if v != "fp32" and (artifacts / VARIANTS[v][0]).exists()]
+    refused = {v: why for v in present if (why := cannot_gate_here(artifacts / VARIANTS[v][0]))}
+    runnable = [v for v in present if v not in refused]
+    runners = [runner_for(artifacts, v) for v in ["fp32", *runnable]]
     outputs = run_all(runners, images, config, batch_size)
+    here = cpu.describe()
     reports = []
-    for name in ["fp32", *[v for v in present if v != "fp32"]]:
+    for name in ["fp32", *present]:
         filename, precision, runs_on = VARIANTS[name]
-        report = VariantReport(name, filename, precision, runs_on, **compare(outputs["fp32"], outputs[name], labels))
-        reports.append(gate(report, thresholds))
+        layout = read_layout(artifacts / filename).get(cpu.LAYOUT_KEY, "") if filename.endswith(".onnx") else ""
+        if name in refused:
+            report = VariantReport(name, filename, precision, runs_on, **not_run(len(images)), layout=layout,
+                                   gated_on=here, threshold=threshold_for(name, thresholds), passed=False,
+                                   reason=f"not gated: {refused[name]}")
+        else:
+            report = gate(VariantReport(name, filename, precision, runs_on, layout=layout, gated_on=here,
+                                        **compare(outputs["fp32"], outputs[name], labels)), thresholds)
+        reports.append(report)
     return reports
+
+
+def not_run(images: int) -> dict:
+    nan = float("nan")
+    return {"images": images, "top1_agreement": nan, "top5_overlap": nan, "max_abs_error": nan,
+            "mean_abs_error": nan, "confident_images": 0, "confident_agreement": nan, "accuracy": None}
 
 
 def gate(report: VariantReport, thresholds: dict[str, float]) -> VariantReport:
@@ -148,7 +198,7 @@ def gate(report: VariantReport, thresholds: dict[str, float]) -> VariantReport:
 
 def format_table(reports: list[VariantReport]) -> str:
     has_accuracy = any(r.accuracy is not None for r in reports)
-    head = (f"{'variant':10s} {'runs on':44s} {'images':>6s} {'top-1 agr':>9s} {'top-5 ovl':>9s} "
+    head = (f"{'variant':13s} {'runs on':50s} {'images':>6s} {'top-1 agr':>9s} {'top-5 ovl':>9s} "
             f"{'max|dp|':>8s} {'mean|dp|':>9s} {'confident agr':>14s}" + (f" {'accuracy':>8s}" if has_accuracy else "")
             + "  gate")
     lines = [head, "-" * len(head)]
@@ -158,12 +208,14 @@ def format_table(reports: list[VariantReport]) -> str:
         else:
             verdict = ("PASS" if r.passed else "FAIL") + f" (>= {r.threshold:.1%})"
         confident = f"{r.confident_agreement:7.2%} ({r.confident_images})"
-        line = (f"{r.name:10s} {r.runs_on:44s} {r.images:6d} {r.top1_agreement:9.2%} {r.top5_overlap:9.2%} "
+        runs_on = f"{r.runs_on}, {r.layout} layout" if r.layout else r.runs_on
+        line = (f"{r.name:13s} {runs_on:50s} {r.images:6d} {r.top1_agreement:9.2%} {r.top5_overlap:9.2%} "
                 f"{r.max_abs_error:8.4f} {r.mean_abs_error:9.2e} {confident:>14s}")
         if has_accuracy:
             line += f" {r.accuracy:8.2%}" if r.accuracy is not None else " " * 9
         lines.append(line + "  " + verdict)
     lines += [f"  {r.name}: {r.reason}" for r in reports if not r.passed]
+    lines += [f"gated on: {reports[0].gated_on}"] if reports and reports[0].gated_on else []
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """The precision chain behind `make engines PRECISION=fp16|int8`: build the variants, gate them,
 and hand back the one file the classifier should serve.
 
-    int8: calibrate (cache reused when current) -> quantize (TensorRT Q/DQ + CPU U8S8)
+    int8: calibrate (cache reused when current) -> quantize (TensorRT Q/DQ + CPU U8S8 in the layout the
+          target CPU computes exactly: `cpu_layout`, auto = this CPU's for the python backend, which checks
+          it when it loads, and the portable avx2 layout for Triton's onnxruntime backend, which cannot)
     fp16: convert (FP32 IO)
     then: TensorRT plan where TensorRT and a GPU exist (else one line saying why not)
     then: build.validate on held-out images; a variant that fails is not deployed
@@ -15,6 +17,7 @@ from typing import Callable
 from build import calibrate, fp16, quantize, validate
 from build.imagesets import calibration_set, held_out_set
 from build.spec import DeploymentSpec
+from common import cpu
 from common.preprocessing import PreprocessConfig
 
 
@@ -29,6 +32,7 @@ class VariantOptions:
     held_out: str | None = None
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict(validate.THRESHOLDS))
     allow_fallback: bool = False  # deploy FP32 when the requested precision fails the gate
+    cpu_layout: str = "auto"  # INT8 CPU file: auto | vnni | avx2 (build.quantize)
 
 
 @dataclasses.dataclass
@@ -64,9 +68,10 @@ def build_plan(artifacts: Path, precision: str, spec_path: str) -> tuple[Path | 
 
 
 def build_variants(artifacts: Path, precision: str, options: VariantOptions, config: PreprocessConfig,
-                   log: Callable[[str], None]) -> None:
-    """Write the ONNX variants of `precision`."""
+                   log: Callable[[str], None], backend: str | None = None) -> None:
+    """Write the ONNX variants of `precision` (the INT8 CPU file in the layout for `backend`'s server)."""
     if precision == "int8":
+        layout = quantize.default_layout(backend) if options.cpu_layout == "auto" else options.cpu_layout
         images = calibration_set(config, options.calibration_images)
         log(f"calibration images: {images.description}")
         result = calibrate.calibrate(artifacts / "model.onnx", artifacts / "calibration",
@@ -74,8 +79,8 @@ def build_variants(artifacts: Path, precision: str, options: VariantOptions, con
         log(result.message)
         for target in quantize.TARGETS:
             out = quantize.quantize(artifacts / "model.onnx", result, target,
-                                    artifacts / quantize.output_name(target))
-            log(f"wrote {out}")
+                                    artifacts / quantize.output_name(target), cpu_layout=layout)
+            log(f"wrote {out}" + (f" (layout {layout}; this CPU: {cpu.describe()})" if target == "cpu" else ""))
     elif precision == "fp16":
         log(f"wrote {fp16.convert(artifacts / 'model.onnx', artifacts / fp16.OUTPUT_NAME)}")
 
@@ -95,11 +100,12 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
                              f"deployed (--backend onnxruntime or python-onnxruntime serves the {cpu_variant} "
                              "variant on CPU)")
     config = PreprocessConfig.load(artifacts / "preprocess.json")
-    build_variants(artifacts, precision, options, config, log)
+    build_variants(artifacts, precision, options, config, log, backend)
     plan, why = build_plan(artifacts, precision, spec_path)
     log(f"TensorRT plan: {plan}" if plan else why + "; building the CPU variants instead")
 
-    checked = [v for v in validate.VARIANTS if v != "fp32" and validate.VARIANTS[v][1] == precision]
+    checked = [v for v in validate.VARIANTS
+               if v != "fp32" and validate.VARIANTS[v][1] == precision and v not in validate.BENCH_ONLY]
     images = held_out_set(config, options.held_out)
     labels = validate.held_out_labels(images, options.held_out, artifacts)
     log(f"held-out images: {images.description}" + (" (labelled: true accuracy reported)" if labels is not None else ""))

@@ -1,12 +1,23 @@
 """The one ONNX Runtime CPU session the serving path uses, so that every measurement runs the same kernels.
 
-Used by the python-backend classifier models (the build copies this file next to their model.py, so
-it must depend on nothing but onnxruntime), the in-process bound, the FastAPI baseline and the
-precision bench.
+Used by the python-backend classifier models (the build copies this file and common/cpu.py next to
+their model.py, so it must depend on nothing but onnxruntime and that file), the accuracy gate, the
+in-process bound, the FastAPI baseline and the precision bench. It refuses an INT8 file whose integer
+layout this CPU cannot compute exactly (common/cpu.py): such a file would answer differently from
+what its accuracy gate measured.
 """
 from __future__ import annotations
 
 import onnxruntime as ort
+
+try:
+    from common.cpu import refusal
+except ImportError:  # inside a model repository: cpu.py sits next to this file
+    from cpu import refusal
+
+
+class CpuCannotServe(RuntimeError):
+    """The model's INT8 layout needs CPU flags this CPU lacks."""
 
 
 def cpu_session(path, intra_op_threads: int = 1, allow_spinning: bool = False) -> ort.InferenceSession:
@@ -19,4 +30,8 @@ def cpu_session(path, intra_op_threads: int = 1, allow_spinning: bool = False) -
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    why = refusal(session.get_modelmeta().custom_metadata_map)
+    if why:
+        raise CpuCannotServe(f"{path}: {why}")
+    return session

@@ -1,5 +1,7 @@
 """Every generated config.pbtxt parses as Triton's ModelConfig and says what the spec says."""
 import json
+import subprocess
+import sys
 
 import pytest
 from google.protobuf import text_format
@@ -97,11 +99,16 @@ def test_repository_is_complete_and_self_contained(tmp_path, tiny_artifacts):
     manifest = write_repository(spec, "python-onnxruntime", out, "test")
     assert manifest["num_classes"] == 3 and manifest["input_dims"] == [3, 32, 32]
     for rel in ["preprocess/1/model.py", "preprocess/1/preprocessing.py", "preprocess/1/preprocess.json",
-                "classifier/1/model.py", "classifier/1/onnxsession.py", "classifier/1/model.onnx",
+                "classifier/1/model.py", "classifier/1/onnxsession.py", "classifier/1/cpu.py", "classifier/1/model.onnx",
                 "image_classifier/labels.txt", "image_classifier/1/README", "BUILD.json"]:
         assert (out / rel).is_file(), rel
     for model in ("preprocess", "classifier", "image_classifier"):
         parse((out / model / "config.pbtxt").read_text())
+    # The classifier's session code runs without the project: on another server, cpu.py beside it is used.
+    alone = subprocess.run([sys.executable, "-c", "import sys; sys.modules['common'] = None; import onnxsession; "
+                            "print(onnxsession.refusal.__module__)"], cwd=out / "classifier/1",
+                           capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0 and alone.stdout.strip() == "cpu", alone.stderr
     write_repository(spec, "onnxruntime", out, "test")  # rebuilt in place
     assert not (out / "classifier/1/model.py").exists()
 
@@ -144,7 +151,7 @@ def test_fused_pipeline_is_one_step_with_preprocessing_inside(tmp_path, tiny_art
     out = tmp_path / "repo"
     manifest = write_repository(spec, "python-onnxruntime", out, "test")
     assert manifest["models"] == ["classifier", "image_classifier"] and not (out / "preprocess").exists()
-    for rel in ("preprocessing.py", "onnxsession.py", "model.onnx"):
+    for rel in ("preprocessing.py", "onnxsession.py", "cpu.py", "model.onnx"):
         assert (out / "classifier/1" / rel).is_file(), rel
     with pytest.raises(ValueError, match="fused pipeline needs the python-onnxruntime backend"):
         write_repository(spec, "onnxruntime", tmp_path / "other", "test")

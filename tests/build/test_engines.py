@@ -50,14 +50,15 @@ def test_gate_failure_deploys_nothing_unless_fallback_is_asked(tiny_artifacts, t
 
 @pytest.mark.slow
 def test_int8_cpu_variant_served_through_the_ensemble(lite0_artifacts, tmp_path, photos):
-    """The INT8 CPU model, deployed by the gate (threshold lowered: see README on the bundled held-out
-    photos), answers through a real server exactly as it does in process."""
+    """The INT8 CPU model (this CPU's layout), deployed by the gate (threshold lowered: the bundled
+    held-out photos are full of near-ties, docs/precision.md), answers through a real server exactly as
+    it does in process."""
     import shutil
 
     artifacts = tmp_path / "lite0"
     shutil.copytree(lite0_artifacts, artifacts)
     repo = tmp_path / "repo"
-    engines("--artifacts", str(artifacts), "--out", str(repo), "--precision", "int8", "--min-agreement-int8", "0.8")
+    engines("--artifacts", str(artifacts), "--out", str(repo), "--precision", "int8", "--min-agreement-int8", "0.5")
     int8 = artifacts / "model.int8.cpu.onnx"
     assert (repo / "classifier" / "1" / "model.onnx").read_bytes() == int8.read_bytes()
     images = [photos[n] for n in ("coffee", "chelsea", "rocket")]
@@ -69,3 +70,48 @@ def test_int8_cpu_variant_served_through_the_ensemble(lite0_artifacts, tmp_path,
             with ImageClassifierClient(url, protocol) as client:
                 np.testing.assert_allclose(client.probabilities(images), expected, atol=1e-6)
                 assert client.classify(images, top_k=1)[0][0].index == ESPRESSO
+
+
+def test_served_classifier_refuses_an_int8_layout_its_cpu_cannot_run(tiny_artifacts, tmp_path):
+    """The classifier checks the INT8 file's layout against its CPU when it loads: a file that needs a
+    CPU flag this machine lacks is refused in one log line, the model is not ready and neither is the
+    server (never wrong answers). Today's CPU may have every VNNI flag, so the file asks for one no CPU has."""
+    import shutil
+
+    import onnx
+
+    from common import cpu
+    from serving.server import ServerError
+
+    artifacts = tmp_path / "tiny"
+    shutil.copytree(tiny_artifacts, artifacts)
+    repo = tmp_path / "repo"
+    engines("--artifacts", str(artifacts), "--out", str(repo), "--precision", "int8", "--min-agreement-int8", "0")
+    served = repo / "classifier" / "1" / "model.onnx"
+    model = onnx.load(str(served))
+    assert {p.key: p.value for p in model.metadata_props}[cpu.LAYOUT_KEY] == cpu.integer_path()
+    with TritonServer(repo, log_file=tmp_path / "accepted.log") as server:  # as built: served
+        with ImageClassifierClient(server.http_url, "http") as client:
+            assert client.probabilities([_png()]).shape == (1, 3)
+    onnx.helper.set_model_props(model, {cpu.LAYOUT_KEY: "vnni", cpu.REQUIRES_KEY: "no_cpu_has_this_flag"})
+    onnx.save(model, str(served))
+
+    log = tmp_path / "refused.log"
+    with pytest.raises(ServerError, match="exited with code") as exited:  # the default: the server refuses to start
+        TritonServer(repo, log_file=log).start(timeout=120)
+    assert "refusing the INT8 CPU model" in str(exited.value) and "no_cpu_has_this_flag" in str(exited.value)
+    lenient = TritonServer(repo, log_file=tmp_path / "lenient.log", extra_args=["--exit-on-error=false"])
+    with pytest.raises(ServerError, match="not ready after"):  # up, but never reports itself ready
+        lenient.start(timeout=20)
+    lines = [ln for ln in (tmp_path / "lenient.log").read_text().splitlines() if "failed to load 'classifier' version 1" in ln]
+    assert len(lines) == 1 and "refusing the INT8 CPU model" in lines[0] and "INT8_CPU_LAYOUT=avx2" in lines[0], lines
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -115,8 +115,9 @@ def test_int8_true_accuracy_on_held_out_digits(demo_run):
     config = calibrate.PreprocessConfig.load(artifacts / "preprocess.json")
     result = calibrate.calibrate(artifacts / "model.onnx", artifacts / "calibration", "max",
                                  folder_images(data / "train", config, limit=256), config)
-    for target in quantize.TARGETS:
-        quantize.quantize(artifacts / "model.onnx", result, target, artifacts / quantize.output_name(target))
+    for target in quantize.TARGETS:  # the portable CPU layout: the same answers on every CI machine's CPU
+        quantize.quantize(artifacts / "model.onnx", result, target, artifacts / quantize.output_name(target),
+                          cpu_layout="avx2")
     held_out = folder_images(data / "val", config)
     labels = validate.folder_labels(held_out, data / "val", artifacts / "labels.txt")
     assert labels is not None and len(labels) == 359
@@ -125,9 +126,8 @@ def test_int8_true_accuracy_on_held_out_digits(demo_run):
     print("\n" + validate.format_table(list(reports.values())))
     fp32 = reports["fp32"].accuracy
     assert fp32 >= MIN_SERVED_TOP1
-    # This one-epoch, 32 px model is barely trained (FP32 about 82 %): INT8 measured about 3 points
-    # lower (78.8 % CPU, 78.6 % TensorRT form) and 88-91 % agreement. `make bench-precision` reports the
-    # fully trained digits model.
+    # This one-epoch, 32 px model is barely trained, so INT8 is allowed a few points below FP32 here;
+    # `make bench-precision` reports the fully trained digits model (docs/precision.md).
     for name in ("int8-cpu", "int8-trt"):
         assert reports[name].accuracy >= fp32 - 0.05, (name, reports[name].accuracy, fp32)
         assert reports[name].top1_agreement >= 0.85, (name, reports[name].top1_agreement)
