@@ -42,6 +42,7 @@ from pathlib import Path
 from benchmarks import procstats, report, rounds
 from benchmarks.procstats import CORE, ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
+from common.contract import ENSEMBLE, MODEL_ONNX, PREPROCESS_JSON
 
 STEPS = ("inprocess", "perf", "locust", "fused", "fastapi", "rounds")
 WARM_UP_S = 3  # a Locust warm-up run, where no perf_analyzer run has warmed the service up
@@ -103,8 +104,8 @@ def bench_inprocess(artifacts: Path, photos: list[bytes], batches: list[int], im
     from benchmarks import inprocess
     from common.preprocessing import PreprocessConfig
 
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
-    model = model or artifacts / "model.onnx"
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
+    model = model or artifacts / MODEL_ONNX
     sessions = {ort: inprocess.session_from_onnx(model, ort) for _, _, ort in layouts}
     points = []
     for batch in batches:
@@ -163,7 +164,7 @@ def bench_perf(server, tool, runs: list[tuple[str, str, str, Path | None]], conc
 
 
 def bench_locust(pid: int, user_class: str, system: str, host: str, concurrency: list[int], run_time: int,
-                 photos: str, out: Path, triton_model: str = "image_classifier", tag: str = "",
+                 photos: str, out: Path, triton_model: str = ENSEMBLE, tag: str = "",
                  warm_up: bool = False) -> list[report.Point]:
     """Locust rows; each run's files are `out`/`tag`<user class>_u<users>* (the tag keeps the two
     pipelines' HTTP runs apart). With `warm_up`, a short unreported run at the highest user count
@@ -201,7 +202,7 @@ def comparison_model(build: dict, artifacts: Path, artifacts_given: bool = False
     if not artifacts_given and served.suffix == ".onnx" and served.is_file():
         return served, (f"Model: the classifier serves {served} ({variant}); the in-process bound and FastAPI "
                         f"run the same file.")
-    model = artifacts / "model.onnx"
+    model = artifacts / MODEL_ONNX
     return model, (f"Model: the classifier serves {served} ({variant}); the in-process bound and FastAPI run "
                    f"{model} on the CPU, so their ratios compare different models.")
 
@@ -435,7 +436,7 @@ def main(args: argparse.Namespace) -> dict:
     paired, round_text = [], ""
     if plan["rounds"] > 0 and "rounds" not in args.skip:
         top = report.best(points, report.INPROCESS)
-        bound = (model, artifacts / "preprocess.json", photos, plan["inprocess_images"],
+        bound = (model, artifacts / PREPROCESS_JSON, photos, plan["inprocess_images"],
                  layouts[top.concurrency]) if top else None
         print(f"bench: {plan['rounds']} paired round(s) of the systems the goals compare", flush=True)
         measures, paired = bench_rounds(plan["rounds"], points, repos, tool, perf_runs, bound, plan["measurement_ms"],

@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_PROBABILITIES, PREPROCESS_JSON
+
 ENV_ARTIFACTS = "FASTAPI_SERVICE_ARTIFACTS"
 ENV_THREADS = "FASTAPI_SERVICE_THREADS"
 ENV_MODEL = "FASTAPI_SERVICE_MODEL"
@@ -35,14 +37,14 @@ def create_app(artifacts: str | Path, intra_op_threads: int = 2, model: str | Pa
     from common.preprocessing import ImageError, PreprocessConfig, image_to_uint8, normalize
 
     artifacts = Path(artifacts)
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
-    labels = (artifacts / "labels.txt").read_text().splitlines()
-    session = session_from_onnx(Path(model) if model else artifacts / "model.onnx", intra_op_threads)
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
+    labels = (artifacts / LABELS_TXT).read_text().splitlines()
+    session = session_from_onnx(Path(model) if model else artifacts / MODEL_ONNX, intra_op_threads)
     input_name = session.get_inputs()[0].name
 
     def predict(data: bytes, top_k: int) -> list[dict]:
         pixels = normalize(image_to_uint8(data, config)[None], config)
-        (probabilities,) = session.run(["probabilities"], {input_name: pixels})
+        (probabilities,) = session.run([ONNX_PROBABILITIES], {input_name: pixels})
         top = np.argsort(-probabilities[0])[:top_k]
         return [{"index": int(i), "label": labels[i], "score": float(probabilities[0, i])} for i in top]
 

@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.workload import ENCODINGS, load_photos
+from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, image_to_uint8, normalize
 
@@ -123,8 +124,8 @@ def measure(artifacts: str | Path, photos: list[bytes], batches: list[int], imag
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
     artifacts = Path(artifacts)
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
-    session = session_from_onnx(Path(model) if model else artifacts / "model.onnx", intra_op_threads)
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
+    session = session_from_onnx(Path(model) if model else artifacts / MODEL_ONNX, intra_op_threads)
     run = run_pipelined if strategy == "pipelined" else run_parallel
     return [run(session, config, photos, b, max(images, b), decode_threads) for b in batches]
 

@@ -26,9 +26,10 @@ import subprocess
 from pathlib import Path
 
 from benchmarks.workload import ENCODINGS, load_photos
+from common import contract
 
 DEFAULT_VENV = ".venv-perf"
-IMAGE_INPUT = "IMAGE"  # the encoded-photo input of the ensemble, preprocess and the fused classifier
+IMAGE_INPUT = contract.IMAGE  # the encoded-photo input of the ensemble, preprocess and the fused classifier
 
 
 class PerfAnalyzerError(RuntimeError):
@@ -56,7 +57,7 @@ def serialize_bytes_element(data: bytes) -> bytes:
     return struct.pack("<I", len(data)) + bytes(data)
 
 
-def input_data_json(images: list[bytes], input_name: str = "IMAGE") -> dict:
+def input_data_json(images: list[bytes], input_name: str = IMAGE_INPUT) -> dict:
     """perf_analyzer `--input-data` document: one step per image, each a [1] BYTES tensor."""
     if not images:
         raise ValueError("no images for perf_analyzer input data")
@@ -64,7 +65,7 @@ def input_data_json(images: list[bytes], input_name: str = "IMAGE") -> dict:
     return {"data": [{input_name: {"content": {"b64": encode(image)}, "shape": [1]}} for image in images]}
 
 
-def decode_input_data(doc: dict, input_name: str = "IMAGE") -> list[bytes]:
+def decode_input_data(doc: dict, input_name: str = IMAGE_INPUT) -> list[bytes]:
     """The images inside an `input_data_json` document (the inverse, for checks)."""
     images = []
     for step in doc["data"]:
@@ -76,7 +77,7 @@ def decode_input_data(doc: dict, input_name: str = "IMAGE") -> list[bytes]:
     return images
 
 
-def write_input_data(images: list[bytes], path: str | Path, input_name: str = "IMAGE") -> Path:
+def write_input_data(images: list[bytes], path: str | Path, input_name: str = IMAGE_INPUT) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(input_data_json(images, input_name)))

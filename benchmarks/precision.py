@@ -32,6 +32,7 @@ from build.calibrate import load_calibration
 from build.imagesets import held_out_set
 from build.variants import VariantOptions, build_variants
 from common import cpu
+from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, PREPROCESS_JSON
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, normalize
 
@@ -42,7 +43,7 @@ SPEED_NOTES = {"int8-trt": "TensorRT's Q/DQ form, run by ONNX Runtime: its CPU s
 
 def ensure_resnet50(out: Path) -> Path:
     """ResNet-50 with random weights (no hub), exported with the project's IO names."""
-    if (out / "model.onnx").exists():
+    if (out / MODEL_ONNX).exists():
         return out
     import torch
     import torchvision
@@ -54,9 +55,9 @@ def ensure_resnet50(out: Path) -> Path:
     model = torchvision.models.resnet50(weights=None).eval()
     tmp = out / "model.tmp.onnx"
     export_torch_to_onnx(model, tmp, (3, 224, 224), 17)
-    PreprocessConfig().save(out / "preprocess.json")
-    (out / "labels.txt").write_text("".join(f"class {i}\n" for i in range(1000)))
-    tmp.rename(out / "model.onnx")
+    PreprocessConfig().save(out / PREPROCESS_JSON)
+    (out / LABELS_TXT).write_text("".join(f"class {i}\n" for i in range(1000)))
+    tmp.rename(out / MODEL_ONNX)
     return out
 
 
@@ -67,13 +68,13 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds: int, seconds: float) -> dict:
     """Median images/s per session, rounds interleaved."""
     for s in sessions.values():
-        s.run(None, {"images": batch})  # warm up
+        s.run(None, {ONNX_INPUT: batch})  # warm up
     samples = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, s in sessions.items():
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
-                s.run(None, {"images": batch})
+                s.run(None, {ONNX_INPUT: batch})
                 count += 1
             samples[name].append(count * len(batch) / (time.perf_counter() - start))
     return {name: statistics.median(v) for name, v in samples.items()}
@@ -82,14 +83,14 @@ def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rou
 def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: float, views: int,
                 data: Path | None = None) -> list[dict]:
     """`data`: an ImageFolder root with train/ (calibration) and val/ (held out, labelled)."""
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     options = VariantOptions(calibration_images=str(data / "train") if data else None)
     build_variants(artifacts, "int8", options, config, print)
     build_variants(artifacts, "fp16", options, config, print)
     portable_beside_native(artifacts, options.calibration_method)
     present = [v for v in CPU_VARIANTS if (artifacts / validate.VARIANTS[v][0]).exists()]
     images = held_out_set(config, str(data / "val") if data else None, views=views)
-    labels = validate.folder_labels(images, data / "val", artifacts / "labels.txt") if data else None
+    labels = validate.folder_labels(images, data / "val", artifacts / LABELS_TXT) if data else None
     reports = {r.name: r for r in validate.validate(artifacts, [v for v in present if v != "fp32"], images,
                                                        config, validate.THRESHOLDS, labels)}
     sessions = {v: session(artifacts / validate.VARIANTS[v][0], threads) for v in present}
@@ -112,7 +113,7 @@ def portable_beside_native(artifacts: Path, method: str) -> None:
     native = quantize.read_layout(artifacts / quantize.output_name("cpu")).get(cpu.LAYOUT_KEY)
     if native == "vnni":
         calibration = load_calibration(artifacts / "calibration" / f"{method}.cache")
-        quantize.quantize(artifacts / "model.onnx", calibration, "cpu", portable, cpu_layout="avx2")
+        quantize.quantize(artifacts / MODEL_ONNX, calibration, "cpu", portable, cpu_layout="avx2")
         print(f"wrote {portable} (layout avx2, measured beside the vnni layout)")
     else:
         portable.unlink(missing_ok=True)
@@ -195,7 +196,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     models = [("efficientnet_lite0", Path(args.artifacts), None)]
     if not args.no_resnet50:
         models.append(("resnet50 (random)", ensure_resnet50(Path(args.resnet50)), None))
-    if (Path(args.digits) / "model.onnx").exists() and (Path(args.digits_data) / "val").is_dir():
+    if (Path(args.digits) / MODEL_ONNX).exists() and (Path(args.digits_data) / "val").is_dir():
         models.append(("digits (trained)", Path(args.digits), Path(args.digits_data)))
     else:
         print(f"no {args.digits}/model.onnx or {args.digits_data}/val: `make train-demo` adds the digits model "

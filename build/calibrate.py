@@ -25,7 +25,9 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from build.imagesets import ImageSet, calibration_set
-from build.repository import sha256
+from common.contract import MODEL_ONNX, PREPROCESS_JSON
+from common.hashing import file_sha256
+from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 
 METHODS = ("max", "percentile", "entropy")
@@ -92,10 +94,7 @@ def _session_with_all_outputs(model: onnx.ModelProto, names: list[str], threads:
     for name in names:
         if name not in existing and name not in {i.name for i in model.graph.input}:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return cpu_session(model.SerializeToString(), threads, optimize=False)  # every tensor kept
 
 
 @dataclasses.dataclass
@@ -244,7 +243,7 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
               percentile: float = 99.99, batch_size: int = 16, force: bool = False) -> Calibration:
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / f"{method}.cache"
-    onnx_hash = sha256(model_path)
+    onnx_hash = file_sha256(model_path)
     reason = "forced" if force else staleness(cache, onnx_hash, config, method, images, percentile)
     if reason is None:
         calibration = load_calibration(cache)
@@ -278,7 +277,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
     p.add_argument("--method", default="max", choices=METHODS,
-                   help="max suits ReLU6-bounded networks such as EfficientNet-Lite (measured: README) "
+                   help="max suits ReLU6-bounded networks such as EfficientNet-Lite (docs/precision.md) "
                         "(default: %(default)s)")
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default: %(default)s)")
     p.add_argument("--images", default=None,
@@ -292,10 +291,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Calibration:
     artifacts = Path(args.artifacts)
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     images = calibration_set(config, args.images, args.views)
     print(f"calibration images: {images.description}")
-    result = calibrate(artifacts / "model.onnx", artifacts / "calibration", args.method, images, config,
+    result = calibrate(artifacts / MODEL_ONNX, artifacts / "calibration", args.method, images, config,
                        args.percentile, args.batch_size, args.force)
     print(result.message)
     return result

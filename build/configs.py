@@ -17,18 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from build.spec import DeploymentSpec, StageSpec
+from common import contract
 
-ENSEMBLE_INPUT = "IMAGE"
-ENSEMBLE_OUTPUT = "PROBABILITIES"
-PIXELS = "PIXELS"
-MODEL_INPUT = "images"
-MODEL_OUTPUTS = ("logits", "probabilities")
-LABELS_FILE = "labels.txt"
+ENSEMBLE_INPUT = contract.IMAGE
+ENSEMBLE_OUTPUT = contract.PROBABILITIES
+PIXELS = contract.PIXELS
+MODEL_INPUT = contract.ONNX_INPUT
+MODEL_OUTPUTS = contract.ONNX_OUTPUTS
+LABELS_FILE = contract.LABELS_TXT
 
 # backend -> (config lines selecting it, instance kind, model file)
 CLASSIFIER_BACKENDS = {
-    "python-onnxruntime": ('backend: "python"', "KIND_CPU", "model.onnx"),
-    "onnxruntime": ('platform: "onnxruntime_onnx"', "KIND_CPU", "model.onnx"),
+    "python-onnxruntime": ('backend: "python"', "KIND_CPU", contract.MODEL_ONNX),
+    "onnxruntime": ('platform: "onnxruntime_onnx"', "KIND_CPU", contract.MODEL_ONNX),
     "tensorrt": ('platform: "tensorrt_plan"', "KIND_GPU", "model.plan"),
 }
 
@@ -77,8 +78,7 @@ def _parameters(params: dict[str, object]) -> str:
 
 
 def _limits(spec: DeploymentSpec) -> dict[str, object]:
-    return {"max_image_bytes": spec.limits.max_image_bytes, "max_image_pixels": spec.limits.max_image_pixels,
-            "min_image_side": spec.limits.min_image_side, "max_image_aspect_ratio": spec.limits.max_image_aspect_ratio}
+    return dict(spec.limits.to_parameters())
 
 
 def preprocess_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
@@ -101,7 +101,7 @@ def fused_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
         + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
         + _io("output", outputs)
         + _batching(spec.fused, "KIND_CPU")
-        + _parameters({"onnx_file": "model.onnx", "threads": 1, "intra_op_threads": spec.fused.threads,
+        + _parameters({"onnx_file": contract.MODEL_ONNX, "threads": 1, "intra_op_threads": spec.fused.threads,
                        "allow_spinning": 0,
                        "precision": spec.precision, **_limits(spec)})
     )
@@ -137,7 +137,7 @@ def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
 
 def ensemble_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
     label = f' label_filename: "{LABELS_FILE}"'
-    result = {"probabilities": ENSEMBLE_OUTPUT}
+    result = {contract.ONNX_PROBABILITIES: ENSEMBLE_OUTPUT}
     if spec.pipeline == "fused":
         steps = [_step(spec.classifier_name, {ENSEMBLE_INPUT: ENSEMBLE_INPUT}, result)]
     else:

@@ -16,6 +16,8 @@ from pathlib import Path
 import onnx
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+from common.contract import MODEL_ONNX
+
 KEEP_FP32 = ["Softmax", "GlobalAveragePool", "ReduceMean"]
 OUTPUT_NAME = "model.fp16.onnx"
 
@@ -92,7 +94,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     artifacts = Path(args.artifacts)
-    out = convert(artifacts / "model.onnx", artifacts / OUTPUT_NAME, args.keep_fp32)
+    out = convert(artifacts / MODEL_ONNX, artifacts / OUTPUT_NAME, args.keep_fp32)
     print(f"wrote {out}")
     return out
 

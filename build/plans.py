@@ -32,11 +32,12 @@ from onnx import TensorProto
 
 from build import capabilities
 from build.configs import MODEL_INPUT
-from build.repository import sha256
 from build.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
+from common.contract import MODEL_ONNX
+from common.hashing import file_sha256
 
 LOG = logging.getLogger("build.plans")
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx"}
+ONNX_FILES = {"fp32": MODEL_ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx"}
 TIMING_CACHE_NAME = "timing.cache"
 MIN_TENSORRT_MAJOR = 10  # strongly typed networks + IProgressMonitor; 11.x has only strong typing
 EXIT_UNAVAILABLE = 3
@@ -518,7 +519,7 @@ def main(args: argparse.Namespace) -> dict:
     if new_cache:
         write_timing_cache(cache_path, new_cache, key)
     metadata = plan_metadata(
-        tensorrt_version=tensorrt_version, gpu=gpu, onnx_path=onnx_path, onnx_sha256=sha256(onnx_path),
+        tensorrt_version=tensorrt_version, gpu=gpu, onnx_path=onnx_path, onnx_sha256=file_sha256(onnx_path),
         precision=precision, summary=summary, profile=profile, workspace_bytes=args.workspace_mib << 20,
         timing_cache=cache_path, timing_cache_status=cache_status, build_seconds=seconds, plan=plan_path,
         plan_sha256=hashlib.sha256(plan).hexdigest(), network_io=io,

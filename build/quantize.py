@@ -39,8 +39,9 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from build import trt_qdq
 from build.calibrate import METHODS, Calibration, load_calibration, staleness
-from build.repository import sha256
 from common import cpu
+from common.contract import MODEL_ONNX, PREPROCESS_JSON
+from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 
 TARGETS = ("trt", "cpu")
@@ -209,10 +210,10 @@ def main(args: argparse.Namespace) -> list[Path]:
     cache = artifacts / "calibration" / f"{args.method}.cache"
     if not cache.exists():
         raise FileNotFoundError(f"no calibration cache {cache}: run `make calibrate` first")
-    model = artifacts / "model.onnx"
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    model = artifacts / MODEL_ONNX
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     # The image set and percentile are calibrate's to choose; what the cache must fit is checked here.
-    why = staleness(cache, sha256(model), config, args.method)
+    why = staleness(cache, file_sha256(model), config, args.method)
     if why is not None:
         raise StaleCalibration(f"calibration cache {cache} is stale: {why}; run `make calibrate` "
                                f"(python -m build.calibrate --artifacts {artifacts} --method {args.method}) first")

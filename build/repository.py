@@ -11,19 +11,21 @@ swapped in); a folder that this module did not write is never deleted.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import onnx
 
+import common.contract as contract_module
 import common.cpu as cpu_module
 import common.labels as labels_file
 import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
 from build import configs
 from build.spec import DeploymentSpec
+from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
+from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -44,14 +46,6 @@ def read_manifest(repository: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_labels(path: Path) -> list[str]:
     try:
         return labels_file.read_labels(path)
@@ -61,14 +55,14 @@ def read_labels(path: Path) -> list[str]:
 
 def model_shape(artifacts: Path) -> configs.ModelShape:
     """Input and output shape of the exported model, cross-checked between its files."""
-    missing = [n for n in ("model.onnx", "labels.txt", "preprocess.json") if not (artifacts / n).is_file()]
+    missing = [n for n in (MODEL_ONNX, LABELS_TXT, PREPROCESS_JSON) if not (artifacts / n).is_file()]
     if missing:
         raise ArtifactsError(
             f"{artifacts} lacks {', '.join(missing)}: run `make export` (python -m training.export) first"
         )
-    pre = PreprocessConfig.load(artifacts / "preprocess.json")
-    labels = read_labels(artifacts / "labels.txt")
-    graph = onnx.load(str(artifacts / "model.onnx"), load_external_data=False).graph
+    pre = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
+    labels = read_labels(artifacts / LABELS_TXT)
+    graph = onnx.load(str(artifacts / MODEL_ONNX), load_external_data=False).graph
     inputs = [i.name for i in graph.input]
     outputs = {o.name: o for o in graph.output}
     if inputs != [configs.MODEL_INPUT] or not set(configs.MODEL_OUTPUTS) <= set(outputs):
@@ -94,7 +88,7 @@ def write_repository(
     (e.g. a TensorRT plan or a quantized ONNX); default: the artifacts' model.onnx."""
     artifacts = Path(spec.artifacts)
     shape = model_shape(artifacts)
-    model_file = Path(model_file) if model_file else artifacts / "model.onnx"
+    model_file = Path(model_file) if model_file else artifacts / MODEL_ONNX
     if out.exists() and not (out / MARKER).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and was not written by build.engines; refusing to replace it")
 
@@ -116,7 +110,8 @@ def write_repository(
     def copy_preprocessing(version_dir: Path) -> None:  # for the models that take encoded images
         shutil.copy2(TEMPLATES / "image_model.py", version_dir / "image_model.py")
         shutil.copy2(preprocessing_module.__file__, version_dir / "preprocessing.py")
-        shutil.copy2(artifacts / "preprocess.json", version_dir / "preprocess.json")
+        shutil.copy2(contract_module.__file__, version_dir / "contract.py")
+        shutil.copy2(artifacts / PREPROCESS_JSON, version_dir / PREPROCESS_JSON)
 
     def copy_session(version_dir: Path) -> None:  # for the python models that run ONNX Runtime
         shutil.copy2(onnxsession_module.__file__, version_dir / "onnxsession.py")
@@ -138,7 +133,7 @@ def write_repository(
     shutil.copy2(model_file, cls_dir / "1" / configs.CLASSIFIER_BACKENDS[backend][2])
 
     (ens_dir / "config.pbtxt").write_text(configs.ensemble_config(spec, shape, spec_source))
-    shutil.copy2(artifacts / "labels.txt", ens_dir / configs.LABELS_FILE)
+    shutil.copy2(artifacts / LABELS_TXT, ens_dir / configs.LABELS_FILE)
     # An ensemble's version folder is empty; object stores (S3, GCS) drop empty folders.
     (ens_dir / "1" / "README").write_text("Ensembles have no model file; this keeps the version folder.\n")
 
@@ -150,7 +145,7 @@ def write_repository(
         "backend": backend,
         "pipeline": spec.pipeline,
         "models": ([] if fused else [spec.preprocess_name]) + [spec.classifier_name, spec.ensemble_name],
-        "classifier_model": {"source": str(model_file), "sha256": sha256(model_file)},
+        "classifier_model": {"source": str(model_file), "sha256": file_sha256(model_file)},
         "input_dims": list(shape.input_dims),
         "num_classes": shape.num_classes,
         **(extra or {}),

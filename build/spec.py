@@ -10,6 +10,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from common import contract
+from common.contract import ImageLimits
+
 PIPELINES = ("ensemble", "fused")
 BACKENDS = ("auto", "python-onnxruntime", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -39,24 +42,14 @@ class StageSpec:
 
 
 @dataclasses.dataclass
-class LimitsSpec:
-    """What the preprocess model accepts; anything else is a client error (HTTP 400)."""
-
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    min_image_side: int = 16
-    max_image_aspect_ratio: int = 100  # longer side / shorter side
-
-
-@dataclasses.dataclass
 class DeploymentSpec:
     artifacts: str = "artifacts/efficientnet_lite0"  # from `python -m training.export`
-    ensemble_name: str = "image_classifier"
-    preprocess_name: str = "preprocess"
-    classifier_name: str = "classifier"
+    ensemble_name: str = contract.ENSEMBLE
+    preprocess_name: str = contract.PREPROCESS
+    classifier_name: str = contract.CLASSIFIER
     backend: str = "auto"
     # "ensemble": preprocess -> classifier (two models). "fused": one python model does both
-    # (python-onnxruntime only): no inter-process tensor hops, measured faster on CPU (README).
+    # (python-onnxruntime only): no inter-process tensor hop per batch (docs/benchmarks.md).
     pipeline: str = "ensemble"
     precision: str = "fp32"
     max_batch_size: int = 32
@@ -64,23 +57,23 @@ class DeploymentSpec:
         default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[4, 8], threads=1)
     )
     # Defaults that suit a GPU classifier (TensorRT likes batches). On CPU, small batches on several
-    # 1-thread instances win: the committed configs/deployment.json, tuned on the 2-core machine by
-    # `make tune`, has classifier 2 x 1 thread with batches of 2 and preprocess 3 x 1 (README).
+    # 1-thread instances win: the committed configs/deployment.json is what `make tune` chose on
+    # the project's 2-core machines (docs/benchmarks.md).
     classifier: StageSpec = dataclasses.field(
         default_factory=lambda: StageSpec(instances=1, preferred_batch_sizes=[8, 16], threads=2)
     )
     # The one model of the fused pipeline: decode inline, `threads` ONNX Runtime threads per instance.
     # Two single-threaded instances keep both cores busy; batches of 2, sent at once, keep both
-    # instances fed (a larger preferred size hands one instance the queue while the other idles) and
-    # ONNX Runtime at its lowest CPU time per image (measured: README, Benchmarks; `make tune`).
+    # instances fed (a larger preferred size hands one instance the queue while the other idles)
+    # (docs/benchmarks.md; `make tune`).
     fused: StageSpec = dataclasses.field(
         default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[2], max_queue_delay_us=0, threads=1)
     )
-    limits: LimitsSpec = dataclasses.field(default_factory=LimitsSpec)
+    limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
 
     def __post_init__(self):
         for key, kind in (("preprocess", StageSpec), ("classifier", StageSpec), ("fused", StageSpec),
-                          ("limits", LimitsSpec)):
+                          ("limits", ImageLimits)):
             value = getattr(self, key)
             if isinstance(value, dict):
                 setattr(self, key, kind(**value))
@@ -101,8 +94,7 @@ class DeploymentSpec:
         names = [self.ensemble_name, self.preprocess_name, self.classifier_name]
         if len(set(names)) != 3:
             raise ValueError(f"model names must differ, got {names}")
-        if self.limits.max_image_aspect_ratio < 1:
-            raise ValueError(f"limits.max_image_aspect_ratio must be >= 1, got {self.limits.max_image_aspect_ratio}")
+        self.limits.check()
         self.preprocess.check("preprocess", self.max_batch_size)
         self.classifier.check("classifier", self.max_batch_size)
         self.fused.check("fused", self.max_batch_size)

@@ -26,23 +26,23 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator
 
 from build.imagesets import ImageSet, held_out_set
 from build.quantize import read_layout
 from common import cpu
+from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, ONNX_PROBABILITIES, PREPROCESS_JSON
 from common.labels import read_labels
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 
-PROBABILITIES = "probabilities"
+PROBABILITIES = ONNX_PROBABILITIES
 THRESHOLDS = {"fp16": 0.995, "int8": 0.99}
 CONFIDENT_MARGIN = 0.1
 # variant name -> (file in the artifacts folder, precision, how it runs here)
 VARIANTS = {
-    "fp32": ("model.onnx", "fp32", "ONNX Runtime CPU"),
+    "fp32": (MODEL_ONNX, "fp32", "ONNX Runtime CPU"),
     "fp16": ("model.fp16.onnx", "fp16", "ONNX Runtime CPU"),
     "int8-cpu": ("model.int8.cpu.onnx", "int8", "ONNX Runtime CPU, U8S8, as served"),
     "int8-cpu-avx2": ("model.int8.cpu.avx2.onnx", "int8", "ONNX Runtime CPU, U8S8, as served"),
@@ -84,11 +84,7 @@ def onnxruntime_runner(path: Path, name: str, threads: int = 2) -> OnnxrtRunner:
 
 def float_qdq_runner(path: Path, name: str) -> OnnxrtRunner:
     """A Q/DQ model with every Q/DQ pair executed as written and float maths between them."""
-    def session() -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return OnnxrtRunner(session, name=name)
+    return OnnxrtRunner(lambda: cpu_session(path, 2, optimize=False), name=name)
 
 
 def runner_for(artifacts: Path, variant: str):
@@ -116,7 +112,7 @@ def _quiet_polygraphy() -> None:
 def run_all(runners: list, images: ImageSet, config: PreprocessConfig, batch_size: int) -> dict[str, np.ndarray]:
     """Comparator.run over the same batches -> {runner name: probabilities (N, classes)}."""
     _quiet_polygraphy()
-    feeds = [{"images": batch} for batch in images.batches(config, batch_size)]
+    feeds = [{ONNX_INPUT: batch} for batch in images.batches(config, batch_size)]
     results = Comparator.run(runners, data_loader=feeds)
     return {name: np.concatenate([iteration[PROBABILITIES] for iteration in iterations])
             for name, iterations in results.items()}
@@ -250,7 +246,7 @@ def folder_labels(images: ImageSet, folder: Path, labels_file: Path) -> np.ndarr
 def held_out_labels(images: ImageSet, held_out: str | None, artifacts: Path) -> np.ndarray | None:
     """True class indices when `held_out` is an ImageFolder whose class folders are named as in the
     artifacts' labels.txt; else None. Used here and by `make engines` (build.variants)."""
-    labels_file = artifacts / "labels.txt"
+    labels_file = artifacts / LABELS_TXT
     if not held_out or not labels_file.exists():
         return None
     return folder_labels(images, Path(held_out), labels_file)
@@ -258,7 +254,7 @@ def held_out_labels(images: ImageSet, held_out: str | None, artifacts: Path) -> 
 
 def main(args: argparse.Namespace) -> list[VariantReport]:
     artifacts = Path(args.artifacts)
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     images = held_out_set(config, args.held_out, args.views)
     labels = held_out_labels(images, args.held_out, artifacts)
     print(f"held-out images: {images.description}" + (" (labelled)" if labels is not None else ""))

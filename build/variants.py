@@ -18,6 +18,7 @@ from build import calibrate, fp16, quantize, validate
 from build.imagesets import calibration_set, held_out_set
 from build.spec import DeploymentSpec
 from common import cpu
+from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.preprocessing import PreprocessConfig
 
 
@@ -74,11 +75,11 @@ def build_variants(artifacts: Path, precision: str, options: VariantOptions, con
         layout = quantize.default_layout(backend) if options.cpu_layout == "auto" else options.cpu_layout
         images = calibration_set(config, options.calibration_images)
         log(f"calibration images: {images.description}")
-        result = calibrate.calibrate(artifacts / "model.onnx", artifacts / "calibration",
+        result = calibrate.calibrate(artifacts / MODEL_ONNX, artifacts / "calibration",
                                      options.calibration_method, images, config)
         log(result.message)
         for target in quantize.TARGETS:
-            out = quantize.quantize(artifacts / "model.onnx", result, target,
+            out = quantize.quantize(artifacts / MODEL_ONNX, result, target,
                                     artifacts / quantize.output_name(target), cpu_layout=layout)
             log(f"wrote {out}" + (f" (layout {layout}; this CPU: {cpu.describe()})" if target == "cpu" else ""))
     elif precision == "fp16":
@@ -90,7 +91,7 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
     artifacts = Path(spec.artifacts)
     precision = spec.precision
     if precision == "fp32" and backend != "tensorrt":
-        return Deployable(artifacts / "model.onnx", "fp32", "fp32")
+        return Deployable(artifacts / MODEL_ONNX, "fp32", "fp32")
     cpu_variant = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-cpu"}[precision]
     wanted = f"{precision}-plan" if backend == "tensorrt" else cpu_variant
     if backend == "tensorrt":  # a tensorrt classifier serves nothing but a plan: fail before building anything
@@ -99,7 +100,7 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
             raise GateFailed(f"{why_not}; the tensorrt backend needs the {wanted} variant, so nothing is built or "
                              f"deployed (--backend onnxruntime or python-onnxruntime serves the {cpu_variant} "
                              "variant on CPU)")
-    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     build_variants(artifacts, precision, options, config, log, backend)
     plan, why = build_plan(artifacts, precision, spec_path)
     log(f"TensorRT plan: {plan}" if plan else why + "; building the CPU variants instead")
@@ -123,4 +124,4 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
                          "(use a representative --held-out set, another --calibration-method, or "
                          "--allow-fallback to deploy FP32 instead)")
     log(f"{wanted} failed the accuracy gate ({chosen.reason}); deploying FP32 instead (--allow-fallback)")
-    return Deployable(artifacts / "model.onnx", "fp32", "fp32", reports)
+    return Deployable(artifacts / MODEL_ONNX, "fp32", "fp32", reports)

@@ -20,18 +20,23 @@ class CpuCannotServe(RuntimeError):
     """The model's INT8 layout needs CPU flags this CPU lacks."""
 
 
-def cpu_session(path, intra_op_threads: int = 1, allow_spinning: bool = False) -> ort.InferenceSession:
-    """A CPU session: `intra_op_threads` threads for one model call, one inter-op thread, sequential
-    execution, all graph optimisations. No spinning by default: ONNX Runtime's busy-waiting threads
-    would steal the cores that decoding needs."""
+def cpu_session(model, intra_op_threads: int = 1, allow_spinning: bool = False,
+                optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session over `model` (a path, or serialized ONNX bytes): `intra_op_threads` threads for one
+    model call (0: ONNX Runtime's default), one inter-op thread, sequential execution, all graph
+    optimisations (`optimize=False`: none, so every node runs as written: calibration reads every
+    tensor, the gate runs Q/DQ pairs in float). No spinning by default: ONNX Runtime's busy-waiting
+    threads would steal the cores that decoding needs."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(intra_op_threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     why = refusal(session.get_modelmeta().custom_metadata_map)
     if why:
-        raise CpuCannotServe(f"{path}: {why}")
+        raise CpuCannotServe(f"{'the model' if isinstance(model, bytes) else model}: {why}")
     return session

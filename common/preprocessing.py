@@ -1,8 +1,9 @@
 """The one preprocessing definition: encoded bytes -> RGB image -> normalised tensor.
 
 Imported by export (parity check), calibration, validation, the clients' local reference path,
-training evaluation, and the Triton `preprocess` model (the build copies this file into
-`model_repository/preprocess/1/`, so it must depend on nothing but numpy and Pillow).
+training evaluation, and the Triton `preprocess` model (the build copies this file and
+common/contract.py into `model_repository/preprocess/1/`, so it must depend on nothing but numpy,
+Pillow and that file).
 
 The transform is torchvision's eval preset: resize the shorter side to `resize` (bilinear,
 antialiased), centre-crop `crop` x `crop`, scale to [0, 1], subtract `mean`, divide by `std`.
@@ -19,6 +20,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    from common.contract import ImageLimits
+except ImportError:  # inside a model repository: contract.py sits next to this file
+    from contract import ImageLimits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,26 +82,7 @@ class PreprocessConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeLimits:
-    """What a served image may be. Checked before any pixel is decoded where possible."""
-
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000  # declared width x height (decompression-bomb guard)
-    min_side: int = 16
-    # longer side / shorter side: resizing the shorter side to `resize` scales the longer one by the
-    # same factor, so a 16 x 3,000,000 strip (48 MP, inside max_pixels) would ask for 256 x 48,000,000
-    max_aspect_ratio: float = 100.0
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "DecodeLimits":
-        """From a Triton model config's string parameters (max_image_bytes, max_image_pixels,
-        min_image_side, max_image_aspect_ratio; the last is optional, for repositories built before it)."""
-        return cls(int(params["max_image_bytes"]), int(params["max_image_pixels"]), int(params["min_image_side"]),
-                   float(params.get("max_image_aspect_ratio", cls.max_aspect_ratio)))
-
-
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: int | None = None) -> Image.Image:
     """Encoded bytes (JPEG, PNG, WebP, BMP, GIF, TIFF, ...) -> upright RGB image.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha is
@@ -109,8 +96,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
     size = len(data)
     if size == 0:
         raise ImageError("empty input: 0 bytes (expected an encoded image)")
-    if size > limits.max_bytes:
-        raise ImageError(f"image is {size} bytes; the limit is {limits.max_bytes} bytes")
+    if size > limits.max_image_bytes:
+        raise ImageError(f"image is {size} bytes; the limit is {limits.max_image_bytes} bytes")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
@@ -120,17 +107,17 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
     except Exception as exc:  # Pillow plugins raise a variety of errors on malformed headers
         raise ImageError(f"unreadable image header: {exc}") from None
     width, height = image.size
-    if width * height > limits.max_pixels:
+    if width * height > limits.max_image_pixels:
         raise ImageError(
             f"image declares {width}x{height} = {width * height} pixels; the limit is "
-            f"{limits.max_pixels} (refused before decoding)"
+            f"{limits.max_image_pixels} (refused before decoding)"
         )
-    if min(width, height) < limits.min_side:
-        raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
-    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+    if min(width, height) < limits.min_image_side:
+        raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_image_side} pixels")
+    if max(width, height) > limits.max_image_aspect_ratio * min(width, height):
         raise ImageError(
             f"image is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; the "
-            f"limit is {limits.max_aspect_ratio:g}:1 (refused before decoding)"
+            f"limit is {limits.max_image_aspect_ratio:g}:1 (refused before decoding)"
         )
     try:
         if getattr(image, "n_frames", 1) > 1:
@@ -208,13 +195,13 @@ def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return table
 
 
-def image_to_uint8(data: bytes, config: PreprocessConfig, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def image_to_uint8(data: bytes, config: PreprocessConfig, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """Encoded bytes -> uint8 (crop, crop, 3), with JPEG draft decoding at `config.resize`."""
     return resize_and_crop(decode_image(data, limits, draft_size=config.resize), config)
 
 
 def load_batch(
-    images: Sequence[bytes], config: PreprocessConfig, limits: DecodeLimits = DecodeLimits()
+    images: Sequence[bytes], config: PreprocessConfig, limits: ImageLimits = ImageLimits()
 ) -> np.ndarray:
     """Encoded images -> the float32 model input batch. Raises ImageError naming the bad item."""
     crops = []
@@ -227,7 +214,7 @@ def load_batch(
 
 
 def preprocess_requests(
-    requests: Sequence[Sequence[bytes]], config: PreprocessConfig, limits: DecodeLimits, pool=None
+    requests: Sequence[Sequence[bytes]], config: PreprocessConfig, limits: ImageLimits, pool=None
 ) -> tuple[np.ndarray | None, list[tuple[int, int] | ImageError]]:
     """A server's dynamic batch: several requests of several images each -> one normalised batch.
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +18,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 from training.onnx_graph import default_opset, io_summary
 from training.parity import Parity
@@ -37,14 +37,6 @@ class ExportResult:
     @property
     def sha256(self) -> str:
         return self.metadata["onnx"]["sha256"]
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def temp_model(out_dir: Path) -> Path:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.preprocessing import DecodeLimits, ImageError, decode_image
+from common.contract import ImageLimits
+from common.preprocessing import ImageError, decode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -96,7 +97,7 @@ class ImageFolderDataset(Dataset):
     many draws came before (the same with 0 or 8 loader workers, and after --resume)."""
 
     def __init__(self, split: Split, transform: Callable, draft_size: int | None = None,
-                 limits: DecodeLimits = DecodeLimits()):
+                 limits: ImageLimits = ImageLimits()):
         self.split, self.transform, self.draft_size, self.limits = split, transform, draft_size, limits
 
     def __len__(self) -> int:

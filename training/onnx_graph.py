@@ -14,10 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-INPUT_NAME = "images"
-LOGITS = "logits"
-PROBABILITIES = "probabilities"
-BATCH_AXIS = "batch"
+from common import contract
+from common.onnxsession import cpu_session
+
+INPUT_NAME = contract.ONNX_INPUT
+LOGITS = contract.ONNX_LOGITS
+PROBABILITIES = contract.ONNX_PROBABILITIES
+BATCH_AXIS = contract.BATCH_AXIS
 CHECK_BATCH_SIZES = (1, 5)
 
 
@@ -47,9 +50,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def onnxruntime_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """The project's one CPU session (common/onnxsession.py), with ONNX Runtime's default thread count."""
+    return cpu_session(path, threads)
 
 
 def check_onnx_file(path: str | Path, input_shape: tuple[int, int, int], num_classes: int) -> dict:

@@ -5,8 +5,8 @@ GENERATED into the model repository by `python -m build.engines` when the deploy
 `"pipeline": "fused"` (source: build/templates/classifier_fused.py). The ensemble keeps its API
 (IMAGE in, PROBABILITIES out) with this single step. On a CPU-only server whose classifier is itself
 a python model, this saves the second python model's inter-process round trip per batch that the
-preprocess -> classifier ensemble pays (measured: `make bench`, README; the size of the tensor
-between the two is not the cost: passing uint8 instead of float32 changed nothing measurable). Bad
+preprocess -> classifier ensemble pays (docs/benchmarks.md: `make bench` measures both; the size of
+the tensor between the two is not the cost). Bad
 items fail their own request with INVALID_ARG: decoding and responses are `image_model.py`'s, shared
 with the `preprocess` model.
 """

@@ -1,6 +1,6 @@
 """What the python-backend models that take encoded images share: `preprocess` (ensemble) and the
 fused `classifier`. Copied next to their model.py by `python -m build.engines` (source:
-build/templates/image_model.py), with `preprocessing.py` and `preprocess.json`.
+build/templates/image_model.py), with `preprocessing.py`, `contract.py` and `preprocess.json`.
 
 `ImageModel.initialize` reads the model's parameters (image limits, decode `threads`) and its
 preprocess.json; `decode` turns a dynamic batch of requests into one normalised batch; `respond`
@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-from preprocessing import DecodeLimits, PreprocessConfig, preprocess_requests
-
-INPUT = "IMAGE"
+from contract import IMAGE as INPUT, ImageLimits
+from preprocessing import PreprocessConfig, preprocess_requests
 
 
 class ImageModel:
@@ -25,7 +24,7 @@ class ImageModel:
         self.params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
         self.here = os.path.join(args["model_repository"], args["model_version"])
         self.config = PreprocessConfig.load(os.path.join(self.here, "preprocess.json"))
-        self.limits = DecodeLimits.from_parameters(self.params)
+        self.limits = ImageLimits.from_parameters(self.params)
         threads = int(self.params.get("threads", "1"))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 

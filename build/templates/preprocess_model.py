@@ -12,9 +12,8 @@ releases the GIL) and all crops of the batch are normalised in one vectorised st
 """
 import triton_python_backend_utils as pb_utils
 
+from contract import PIXELS as OUTPUT
 from image_model import ImageModel
-
-OUTPUT = "PIXELS"
 
 
 class TritonPythonModel(ImageModel):

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from build.spec import DeploymentSpec, LimitsSpec, StageSpec
+from build.spec import DeploymentSpec, StageSpec
+from common.contract import ImageLimits
 
 
 @pytest.mark.parametrize("key", ["preprocess", "classifier", "fused", "limits"])
@@ -24,7 +25,7 @@ def test_stage_objects_and_dicts_still_load(tmp_path):
     path.write_text(json.dumps({"preprocess": {"instances": 3}, "limits": {"min_image_side": 8}}))
     spec = DeploymentSpec.load(path)
     assert spec.preprocess == StageSpec(instances=3) and spec.limits.min_image_side == 8
-    assert isinstance(spec.limits, LimitsSpec) and DeploymentSpec(classifier=StageSpec(threads=3)).classifier.threads == 3
+    assert isinstance(spec.limits, ImageLimits) and DeploymentSpec(classifier=StageSpec(threads=3)).classifier.threads == 3
     path.write_text(json.dumps({"classifier": {"instances": 1, "bogus": 2}}))
     with pytest.raises(ValueError, match="bogus"):  # a TypeError from the dataclass, reported as ValueError
         DeploymentSpec.load(path)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.preprocessing import (DecodeLimits, ImageError, PreprocessConfig, decode_image, image_to_uint8,
+from common.contract import ImageLimits
+from common.preprocessing import (ImageError, PreprocessConfig, decode_image, image_to_uint8,
                                   load_batch, normalize, resize_and_crop)
 from common.samples import sample_photos
 from tests.images import encode, png_declaring
@@ -122,7 +123,7 @@ def test_truncated_jpeg_and_size_limit(photo):
     with pytest.raises(ImageError, match="truncated"):
         decode_image(data[: len(data) // 2])
     with pytest.raises(ImageError, match="limit is 1000 bytes"):
-        decode_image(data, DecodeLimits(max_bytes=1000))
+        decode_image(data, ImageLimits(max_image_bytes=1000))
 
 
 def test_load_batch_names_the_bad_item(photo):
