@@ -64,7 +64,7 @@ valgrind-setup: ## Debian valgrind (as root): the tests run INT8 kernels on its 
 	    || { echo "valgrind-setup: needs root to apt-get install valgrind (sudo apt-get install valgrind)" >&2; exit 1; }
 
 capabilities: $(STAMP) ## what the local server and machine can run
-	$(PY) -m build.capabilities
+	$(PY) -m build.repository.capabilities
 
 serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) and wait until ready
 	$(PY) -m serving.server start --model-repository $(REPOSITORY) --address $(ADDRESS) \
@@ -79,8 +79,16 @@ status:
 demo: engines ## end to end on CPU: serve the repository and classify the bundled photos (HTTP + gRPC)
 	$(PY) -m clients.demo --model-repository $(REPOSITORY)
 
-classify: ## classify IMAGES="a.jpg b.png" (default: two bundled photos) with the server on HTTP_PORT
-	$(PY) -m clients.classify $(or $(IMAGES),$$($(PY) -m common.samples --paths chelsea coffee)) --url $(ADDRESS):$(HTTP_PORT)
+# `make classify` names a server only when told (URL=, or ADDRESS / HTTP_PORT / GRPC_PORT on the command
+# line); otherwise clients.classify finds the one `make serve` started, else Triton's default ports.
+PROTOCOL ?=
+URL ?=
+CLASSIFY_PORT = $(if $(filter grpc,$(PROTOCOL)),$(GRPC_PORT),$(HTTP_PORT))
+CLASSIFY_URL = $(or $(URL),$(if $(filter command line,$(origin ADDRESS) $(origin HTTP_PORT) $(origin GRPC_PORT)),$(ADDRESS):$(CLASSIFY_PORT)))
+
+classify: ## classify IMAGES="a.jpg b.png" (default: two photos) [PROTOCOL=grpc] [URL=host:port] with `make serve`'s server
+	$(PY) -m clients.classify $(or $(IMAGES),$$($(PY) -m common.samples --paths chelsea coffee)) \
+	    $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(CLASSIFY_URL),--url $(CLASSIFY_URL))
 
 test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env and valgrind first, best effort)
 	@$(MAKE) --no-print-directory perf-setup || echo "make test: perf_analyzer could not be set up; its tests will skip and say why"
@@ -90,8 +98,9 @@ test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env and valgr
 test-fast: $(STAMP) ## the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-clean: ## remove generated artifacts and the repository (keeps .venv)
-	rm -rf artifacts $(REPOSITORY) $(REPOSITORY).tmp .run .pytest_cache
+clean: ## remove generated artifacts and the repository (keeps .venv and the repository's committed README.md)
+	rm -rf artifacts $(REPOSITORY).tmp .run .pytest_cache
+	if [ -d $(REPOSITORY) ]; then find $(REPOSITORY) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +; fi
 
 distclean: clean
 	rm -rf $(VENV)

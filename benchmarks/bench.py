@@ -212,7 +212,7 @@ def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]
     pipeline (into `out`), so both are measured whichever one `make engines` built. "fused" is left
     out where it does not apply (a classifier backend other than python-onnxruntime)."""
     from build.repository import write_repository
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     spec = DeploymentSpec.from_dict(build["spec"])
     built = spec.pipeline

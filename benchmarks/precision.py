@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from build import quantize, validate
-from build.calibrate import load_calibration
-from build.imagesets import held_out_set
-from build.variants import VariantOptions, build_variants
+from build.precision import quantize, validate
+from build.precision.calibrate import load_calibration
+from build.precision.imagesets import held_out_set
+from build.precision.variants import VariantOptions, build_variants
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, PREPROCESS_JSON
 from common.onnxsession import cpu_session

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, photo_inputs
 from benchmarks.workload import ENCODINGS, load_photos
-from build.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
+from build.repository.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 
 # knob -> values tried. A knob is a top-level field of the spec ("pipeline") or "<stage>.<name>", where
 # <name> is a field of the stage or one of the COMPOUND knobs, which move fields that only pay off
@@ -336,7 +336,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> DeploymentSpec:
-    from build import capabilities
+    from build.repository import capabilities
 
     if args.confirm_pairs < 0:
         raise ValueError(f"--confirm-pairs {args.confirm_pairs}: give 0 (believe one run) or more pairs")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from build import capabilities, validate
-from build.calibrate import METHODS
-from build.quantize import CPU_LAYOUTS
+from build.precision import validate
+from build.repository import capabilities
+from build.precision.calibrate import METHODS
+from build.precision.quantize import CPU_LAYOUTS
 from build.repository import write_repository
-from build.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
-from build.variants import GateFailed, VariantOptions, prepare
+from build.repository.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
+from build.precision.variants import GateFailed, VariantOptions, prepare
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -2,19 +2,19 @@
 .PHONY: calibrate quantize fp16 validate plans bench-precision
 
 calibrate: $(STAMP) $(ARTIFACTS)/model.onnx ## TensorRT-format calibration cache [METHOD=max|percentile|entropy]
-	$(PY) -m build.calibrate --artifacts $(ARTIFACTS) --method $(METHOD)
+	$(PY) -m build.precision.calibrate --artifacts $(ARTIFACTS) --method $(METHOD)
 
 quantize: calibrate ## INT8 Q/DQ ONNX for TensorRT and U8S8 for CPU, from the cache
-	$(PY) -m build.quantize --artifacts $(ARTIFACTS) --method $(METHOD) --cpu-layout $(INT8_CPU_LAYOUT)
+	$(PY) -m build.precision.quantize --artifacts $(ARTIFACTS) --method $(METHOD) --cpu-layout $(INT8_CPU_LAYOUT)
 
 fp16: $(STAMP) $(ARTIFACTS)/model.onnx ## mixed-precision FP16 ONNX with FP32 IO
-	$(PY) -m build.fp16 --artifacts $(ARTIFACTS)
+	$(PY) -m build.precision.fp16 --artifacts $(ARTIFACTS)
 
 validate: $(STAMP) ## accuracy gate table: every variant present vs FP32 on held-out images
-	$(PY) -m build.validate --artifacts $(ARTIFACTS)
+	$(PY) -m build.precision.validate --artifacts $(ARTIFACTS)
 
 plans: $(STAMP) ## TensorRT plan for PRECISION (needs TensorRT and a GPU; says so in one line otherwise)
-	$(PY) -m build.plans --artifacts $(ARTIFACTS) --precision $(or $(PRECISION),fp32)
+	$(PY) -m build.precision.plans --artifacts $(ARTIFACTS) --precision $(or $(PRECISION),fp32)
 
 bench-precision: $(STAMP) $(ARTIFACTS)/model.onnx ## throughput (batch 1, 8) and agreement of every variant, Lite0 + ResNet-50
 	$(PY) -m benchmarks.precision --artifacts $(ARTIFACTS) $(BENCH_PRECISION_ARGS)

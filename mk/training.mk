@@ -17,7 +17,7 @@ train: $(STAMP) ## fine-tune on DATA=<imagefolder> [VAL=<dir>] into RUN=runs/<na
 	$(PY) -m training.train --data-dir $(DATA) $(if $(VAL),--val-dir $(VAL)) --epochs $(EPOCHS) \
 	    --output-dir $(RUN) $(TRAIN_ARGS)
 
-train-demo: $(STAMP) ## digits -> fine-tune Lite0 on CPU -> ONNX -> repository -> real server; fails below 95% top-1
+train-demo: $(STAMP) ## digits -> fine-tune Lite0 on CPU -> ONNX -> repository -> real server on free ports; fails below 95% top-1
 	$(PY) -m training.demo --data-root data/digits --run-dir runs/digits --artifacts artifacts/digits \
 	    --repository runs/digits/model_repository
 

@@ -26,7 +26,7 @@ def lite0_artifacts(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lite0_repository(lite0_artifacts, tmp_path_factory) -> Path:
     from build.repository import write_repository
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     repo = tmp_path_factory.mktemp("served") / "model_repository"
     write_repository(DeploymentSpec(artifacts=str(lite0_artifacts)), "python-onnxruntime", repo, "tests")

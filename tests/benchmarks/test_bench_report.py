@@ -95,7 +95,7 @@ def test_a_point_that_served_nothing_is_never_a_ratios_denominator():
 def test_bench_builds_the_other_pipeline_from_the_same_spec(tiny_artifacts, tmp_path):
     from benchmarks.bench import pipeline_repositories
     from build.repository import write_repository
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     for built in ("ensemble", "fused"):
         repo = tmp_path / built / "model_repository"

@@ -66,7 +66,7 @@ def test_bench_rounds_measure_every_system_of_both_pipelines(perf_tool, tiny_art
     from benchmarks.bench import bench_inprocess, bench_rounds, pipeline_repositories
     from benchmarks.perf import photo_inputs
     from build.repository import write_repository
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     repo = tmp_path / "model_repository"
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo)

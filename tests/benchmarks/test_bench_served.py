@@ -98,7 +98,7 @@ def test_server_statistics_split_queue_and_compute(server, photos):
 def test_process_monitor_splits_cpu_between_the_server_and_each_models_processes(server, photos):
     """Each python-backend model runs in its own stub processes; the monitor names them after the
     model, so the bench can say where an ensemble's CPU goes."""
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     spec = DeploymentSpec()
     with ProcessTreeMonitor(server.process.pid, interval_s=0.05) as monitor:
@@ -140,7 +140,7 @@ def test_tune_tries_candidates_and_writes_the_spec(perf_tool, perf_venv, tiny_ar
         "--perf-venv", str(perf_venv), "--out", str(tmp_path / "tune"), "--quick"])
     best = tune.main(args)
     assert spec_path.exists() and (tmp_path / "tune" / "tune.csv").exists()
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     assert DeploymentSpec.load(spec_path).to_dict() == best.to_dict()
 
@@ -154,7 +154,7 @@ def test_tune_says_when_every_candidate_failed(perf_tool, perf_venv, tiny_artifa
     import onnx
 
     from benchmarks import tune
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_artifacts, broken)
@@ -178,7 +178,7 @@ def test_tune_a_pipeline_without_switching_to_it(perf_tool, perf_venv, tiny_arti
     import json
 
     from benchmarks import tune
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     spec_path = tmp_path / "deployment.json"
     DeploymentSpec(artifacts=str(tiny_artifacts)).save(spec_path)
@@ -202,7 +202,7 @@ def test_tune_no_write_names_the_winner_and_writes_nothing(perf_tool, perf_venv,
     """--no-write measures as usual, leaves the spec as it was and says so (it used to print that the
     fused pipeline's knobs were written), naming the winner instead."""
     from benchmarks import tune
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     spec_path = tmp_path / "deployment.json"
     DeploymentSpec(artifacts=str(tiny_artifacts)).save(spec_path)

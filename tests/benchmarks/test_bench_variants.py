@@ -12,7 +12,7 @@ import pytest
 from benchmarks import bench, inprocess, tune
 from benchmarks.fastapi_service import FastAPIService
 from build.engines import get_args_parser as engines_args, main as engines
-from build.spec import DeploymentSpec
+from build.repository.spec import DeploymentSpec
 from common.preprocessing import PreprocessConfig, load_batch
 from serving.server import free_port
 

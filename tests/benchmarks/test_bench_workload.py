@@ -67,7 +67,7 @@ def test_a_perf_analyzer_csv_without_a_needed_column_is_a_clear_error(tmp_path):
 
 def test_perf_measures_the_models_the_repository_names(tmp_path):
     """The spec's model names, as BUILD.json records them; the fused pipeline has no preprocess model."""
-    from build.spec import DeploymentSpec
+    from build.repository.spec import DeploymentSpec
 
     spec = DeploymentSpec(ensemble_name="cats", preprocess_name="decode", classifier_name="net")
     (tmp_path / "BUILD.json").write_text(json.dumps({"spec": spec.to_dict()}))

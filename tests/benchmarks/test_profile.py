@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import profile
 from build.repository import write_repository
-from build.spec import DeploymentSpec
+from build.repository.spec import DeploymentSpec
 
 
 @pytest.mark.parametrize("dso, group", [

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from benchmarks import tune
-from build.spec import DeploymentSpec
+from build.repository.spec import DeploymentSpec
 
 
 @dataclasses.dataclass
@@ -163,7 +163,7 @@ def test_a_failed_repeat_keeps_the_best():
 def test_a_grid_value_the_spec_rejects_is_passed_over_not_fatal(capsys):
     """max_batch_size 8: the grid's preferred sizes of 16 make an invalid spec; the search says so
     and goes on with the knob's other values."""
-    from build.spec import StageSpec
+    from build.repository.spec import StageSpec
 
     spec = DeploymentSpec(max_batch_size=8, classifier=StageSpec(1, [4, 8], 2000, 2))
     grid = {"classifier.shape": [[1, 2, [8, 16], 2000], [2, 1, [2], 0]]}

@@ -1,5 +1,6 @@
 """Every generated config.pbtxt parses as Triton's ModelConfig and says what the spec says."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -7,9 +8,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from build import configs
+from build.repository import configs
 from build.repository import ArtifactsError, model_shape, write_repository
-from build.spec import DeploymentSpec, StageSpec
+from build.repository.spec import DeploymentSpec, StageSpec
 
 SHAPE = configs.ModelShape(input_dims=(3, 224, 224), num_classes=1000)
 DT = model_config_pb2.DataType
@@ -157,3 +158,21 @@ def test_fused_pipeline_is_one_step_with_preprocessing_inside(tmp_path, tiny_art
         write_repository(spec, "onnxruntime", tmp_path / "other", "test")
     with pytest.raises(ValueError, match="pipeline"):
         DeploymentSpec(pipeline="parallel")
+
+
+def test_the_committed_model_repository_readme_is_what_the_writer_writes(tmp_path, tiny_artifacts):
+    """model_repository/ is visible in a fresh clone (its README.md is committed); `make engines` writes
+    into it, keeps that README as it is, and still refuses a folder with anything else in it."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[2] / "model_repository" / "README.md"
+    out = tmp_path / "model_repository"
+    out.mkdir()
+    shutil.copy(committed, out / "README.md")  # what a fresh clone has
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", out, "test")
+    assert (out / "README.md").read_bytes() == committed.read_bytes() and (out / "BUILD.json").is_file()
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "README.md").write_text("my notes\n")
+    with pytest.raises(FileExistsError, match="was not written by build.engines"):
+        write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", edited, "test")

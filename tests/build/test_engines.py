@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from build.engines import get_args_parser, main
-from build.variants import GateFailed
+from build.precision.variants import GateFailed
 from clients.client import ImageClassifierClient
 from common.preprocessing import PreprocessConfig, load_batch
 from common.samples import ESPRESSO

@@ -1,4 +1,4 @@
-"""build.plans: everything that runs without TensorRT runs here for real; plan building and TensorRT
+"""build.precision.plans: everything that runs without TensorRT runs here for real; plan building and TensorRT
 inference run only where TensorRT and an NVIDIA GPU are present (skipped, with the reason, elsewhere)."""
 import io
 import json
@@ -13,8 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from build import capabilities, plans
-from build.spec import DeploymentSpec, StageSpec
+from build.precision import plans
+from build.repository import capabilities
+from build.repository.spec import DeploymentSpec, StageSpec
 
 TRT_VERSION, TRT_REASON = capabilities.detect_tensorrt()
 GPUS, GPU_REASON = capabilities.detect_gpus()
@@ -126,7 +127,7 @@ def test_unavailable_is_really_raised_here(tmp_path):
 
 @pytest.mark.skipif(HAVE_TRT_AND_GPU, reason="TensorRT and a GPU are present here: nothing is unavailable")
 def test_cli_exits_3_with_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "build.plans", "--check"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "build.precision.plans", "--check"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == plans.EXIT_UNAVAILABLE
     lines = done.stderr.strip().splitlines()
@@ -170,7 +171,7 @@ def test_parser_errors_name_their_node():
 
 def test_progress_logs_phases_or_draws_bars(caplog):
     progress = plans.BuildProgress(use_tqdm=False)
-    with caplog.at_level(logging.INFO, logger="build.plans"):
+    with caplog.at_level(logging.INFO, logger="build.precision.plans"):
         progress.phase_start("Building engine", None, 3)
         progress.phase_start("Tactic selection", "Building engine", 10)
         progress.phase_start("Layer timing", "Tactic selection", 5)  # depth 2: not logged
@@ -262,7 +263,7 @@ def test_cli_arguments_resolve_paths_from_the_spec(tmp_path):
 # ---------------------------------------------------------------- the stage's own logic, on a stand-in
 
 def stand_in_tensorrt(version: str, calls: list):
-    """NOT TensorRT: a recording stand-in with the Python API names build.plans uses (10.x / 11.x
+    """NOT TensorRT: a recording stand-in with the Python API names build.precision.plans uses (10.x / 11.x
     spellings), so the stage's order of calls, profile, cache and metadata logic runs here. Whether
     TensorRT accepts them is checked only by the tests marked gpu."""
     flags = {"STRONGLY_TYPED": 1, "EXPLICIT_BATCH": 0} if version.startswith("10.") else {"STRONGLY_TYPED": 0}
@@ -358,7 +359,7 @@ def test_stage_logic_on_a_stand_in_for_tensorrt(tmp_path, tiny_artifacts, monkey
     DeploymentSpec(artifacts=str(art), max_batch_size=8, classifier=StageSpec(preferred_batch_sizes=[2, 4])).save(spec_file)
     argv = ["--spec", str(spec_file), "--precision", "int8", "--workspace-mib", "64"]
 
-    with caplog.at_level(logging.INFO, logger="build.plans"):
+    with caplog.at_level(logging.INFO, logger="build.precision.plans"):
         meta = plans.main(plans.get_args_parser().parse_args(argv))
     strongly_typed_bit = 1 << (1 if version.startswith("10.") else 0)
     assert calls[:3] == [("flags", strongly_typed_bit), ("parse", "model.int8.trt.onnx"),
@@ -374,7 +375,7 @@ def test_stage_logic_on_a_stand_in_for_tensorrt(tmp_path, tiny_artifacts, monkey
     assert again["timing_cache"]["status"] == "loaded (6 bytes)"
     assert (art / "timing.cache").read_bytes() == b"+timed+timed"
     (art / "timing.cache").write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="build.plans"):
+    with caplog.at_level(logging.WARNING, logger="build.precision.plans"):
         third = plans.main(plans.get_args_parser().parse_args(argv))
     assert "corrupt" in third["timing_cache"]["status"] and "rebuilding" in caplog.text
     assert (art / "timing.cache").read_bytes() == b"+timed"

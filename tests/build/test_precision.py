@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from build import calibrate, fp16, quantize, validate
-from build.imagesets import augmented_photos, held_out_set
+from build.precision import calibrate, fp16, quantize, validate
+from build.precision.imagesets import augmented_photos, held_out_set
 from common.preprocessing import PreprocessConfig
 from tests.tiny_model import write_tiny_classifier
 
@@ -76,7 +76,7 @@ def test_changed_preprocessing_recalibrates_and_says_why(tiny):
 
 
 def _module(name, *argv):
-    return subprocess.run([sys.executable, "-m", f"build.{name}", *map(str, argv)],
+    return subprocess.run([sys.executable, "-m", f"build.precision.{name}", *map(str, argv)],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -85,7 +85,7 @@ def test_quantize_cli_refuses_a_stale_cache(tiny_artifacts, tmp_path):
     shutil.copytree(tiny_artifacts, artifacts, ignore=shutil.ignore_patterns("calibration", "model.*.onnx"))
     missing = _module("quantize", "--artifacts", artifacts)
     assert missing.returncode == 1 and missing.stderr.strip() == (
-        f"build.quantize: no calibration cache {artifacts}/calibration/max.cache: run `make calibrate` first")
+        f"build.precision.quantize: no calibration cache {artifacts}/calibration/max.cache: run `make calibrate` first")
     assert _module("calibrate", "--artifacts", artifacts, "--views", 2).returncode == 0
     current = _module("quantize", "--artifacts", artifacts)
     assert current.returncode == 0, current.stderr
@@ -95,7 +95,7 @@ def test_quantize_cli_refuses_a_stale_cache(tiny_artifacts, tmp_path):
     (artifacts / "preprocess.json").write_text(json.dumps({**config, "std": [0.5, 0.5, 0.5]}))
     stale = _module("quantize", "--artifacts", artifacts)
     assert stale.returncode == 1 and "Traceback" not in stale.stderr, stale.stderr
-    assert stale.stderr.startswith(f"build.quantize: calibration cache {artifacts}/calibration/max.cache is stale: "
+    assert stale.stderr.startswith(f"build.precision.quantize: calibration cache {artifacts}/calibration/max.cache is stale: "
                                    "the preprocessing changed (std [0.229, 0.224, 0.225] -> [0.5, 0.5, 0.5]); "
                                    "run `make calibrate`"), stale.stderr
     write_tiny_classifier(artifacts, num_classes=4)  # another model (and the original preprocess.json)
@@ -107,7 +107,7 @@ def test_quantize_cli_refuses_a_stale_cache(tiny_artifacts, tmp_path):
 def test_module_clis_report_errors_in_one_line(module, tmp_path):
     cli = _module(module, "--artifacts", tmp_path)  # an empty folder: no model, no preprocess.json, no cache
     assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
-    assert cli.stderr.startswith(f"build.{module}: ") and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    assert cli.stderr.startswith(f"build.precision.{module}: ") and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
     assert str(tmp_path) in cli.stderr
 
 
@@ -284,7 +284,7 @@ def test_fp16_probabilities_are_not_rounded_through_fp16(tiny_artifacts, tmp_pat
 
 
 def _residual_branch(float_graph, add):
-    """Independently of build.trt_qdq: the Add input computed by a Conv that descends from the other input."""
+    """Independently of build.precision.trt_qdq: the Add input computed by a Conv that descends from the other input."""
     producers = {o: n for n in float_graph.node for o in n.output}
 
     def descends(node, ancestor_output):

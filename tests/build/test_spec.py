@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from build.spec import DeploymentSpec, StageSpec
+from build.repository.spec import DeploymentSpec, StageSpec
 from common.contract import ImageLimits
 
 

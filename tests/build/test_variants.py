@@ -1,14 +1,14 @@
-"""build.variants (the chain behind `make engines PRECISION=...`) and the gate's thresholds."""
+"""build.precision.variants (the chain behind `make engines PRECISION=...`) and the gate's thresholds."""
 import shutil
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from build import validate
-from build.imagesets import folder_images
-from build.spec import DeploymentSpec
-from build.variants import GateFailed, VariantOptions, prepare, tensorrt_unavailable
+from build.precision import validate
+from build.precision.imagesets import folder_images
+from build.repository.spec import DeploymentSpec
+from build.precision.variants import GateFailed, VariantOptions, prepare, tensorrt_unavailable
 from common.labels import read_labels
 from common.preprocessing import PreprocessConfig
 from common.samples import sample_photos

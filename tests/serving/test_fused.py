@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 
 from build.repository import write_repository
-from build.spec import DeploymentSpec
+from build.repository.spec import DeploymentSpec
 from clients.client import ClassificationError, ImageClassifierClient
 from common.preprocessing import PreprocessConfig, load_batch
 from serving.server import TritonServer

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from build.capabilities import Capabilities, detect, resolve_backend
+from build.repository.capabilities import Capabilities, detect, resolve_backend
 from serving.server import Ports
 from serving.tritonserver import build_command, locate_server, prepare_backend_directory
 

@@ -107,8 +107,8 @@ def test_distillation_reports_student_with_and_without_teacher(demo_run, small_d
 def test_int8_true_accuracy_on_held_out_digits(demo_run):
     """Real labels: FP32 vs INT8 (CPU U8S8 and TensorRT's Q/DQ form) top-1 accuracy on the 359
     held-out digits, calibrated on training digits only (one cache for both INT8 models)."""
-    from build import calibrate, quantize, validate
-    from build.imagesets import folder_images
+    from build.precision import calibrate, quantize, validate
+    from build.precision.imagesets import folder_images
 
     work, _ = demo_run
     artifacts, data = work / "artifacts", work / "data"

@@ -1,6 +1,6 @@
 """What the python-backend models that take encoded images share: `preprocess` (ensemble) and the
 fused `classifier`. Copied next to their model.py by `python -m build.engines` (source:
-build/templates/image_model.py), with `preprocessing.py`, `contract.py` and `preprocess.json`.
+build/repository/templates/image_model.py), with `preprocessing.py`, `contract.py` and `preprocess.json`.
 
 `ImageModel.initialize` reads the model's parameters (image limits, decode `threads`) and its
 preprocess.json; `decode` turns a dynamic batch of requests into one normalised batch; `respond`

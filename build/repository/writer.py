@@ -22,8 +22,8 @@ import common.cpu as cpu_module
 import common.labels as labels_file
 import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
-from build import configs
-from build.spec import DeploymentSpec
+from build.repository import configs
+from build.repository.spec import DeploymentSpec
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
@@ -31,6 +31,15 @@ from common.preprocessing import PreprocessConfig
 TEMPLATES = Path(__file__).parent / "templates"
 MARKER = "BUILD.json"
 STAGING = ".staging"  # first file of a repository being written (left behind if the write is interrupted)
+README, README_TEMPLATE = "README.md", "repository_README.md"  # the one committed file of model_repository/
+
+
+def _written_here(out: Path) -> bool:
+    """`out` holds a repository this writer wrote, or nothing but the README it writes (as committed)."""
+    if (out / MARKER).exists():
+        return True
+    entries = list(out.iterdir())
+    return all(e.name == README and e.read_bytes() == (TEMPLATES / README_TEMPLATE).read_bytes() for e in entries)
 
 
 class ArtifactsError(FileNotFoundError):
@@ -89,7 +98,7 @@ def write_repository(
     artifacts = Path(spec.artifacts)
     shape = model_shape(artifacts)
     model_file = Path(model_file) if model_file else artifacts / MODEL_ONNX
-    if out.exists() and not (out / MARKER).exists() and any(out.iterdir()):
+    if out.exists() and not _written_here(out):
         raise FileExistsError(f"{out} exists and was not written by build.engines; refusing to replace it")
 
     if spec.pipeline == "fused" and backend != "python-onnxruntime":
@@ -150,6 +159,7 @@ def write_repository(
         "num_classes": shape.num_classes,
         **(extra or {}),
     }
+    shutil.copy2(TEMPLATES / README_TEMPLATE, staging / README)
     (staging / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
     (staging / STAGING).unlink()
 

@@ -5,7 +5,7 @@ INT8. Three rules from TensorRT's Q/DQ placement guidance (and NVIDIA ModelOpt, 
 on top of the same quantizer) that the quantizer does not follow by itself:
 
 - **Float biases.** TensorRT's DequantizeLinear takes int8/fp8/int4/fp4 only: an int32 bias behind a
-  DequantizeLinear makes the ONNX parser reject the model. `build.quantize` turns the quantizer's
+  DequantizeLinear makes the ONNX parser reject the model. `build.precision.quantize` turns the quantizer's
   `QuantizeBias` off; `int32_dequantize_nodes` lists any that slipped through.
 - **Residual Adds.** TensorRT fuses `Conv -> Add(skip)` into the convolution when the skip input is
   quantized and the branch the convolution computes is not: Q/DQ stays on the residual (skip) input

@@ -1,7 +1,7 @@
 """Triton python-backend model `preprocess`: encoded image bytes -> normalised pixels.
 
 GENERATED into the model repository by `python -m build.engines` (source:
-build/templates/preprocess_model.py). `image_model.py` and `preprocessing.py` next to this file are
+build/repository/templates/preprocess_model.py). `image_model.py` and `preprocessing.py` next to this file are
 copies of the project's shared model code and its one preprocessing definition; `preprocess.json`
 holds this model's numbers.
 

@@ -1,7 +1,7 @@
 """Triton python-backend model `classifier`: ONNX Runtime on the CPU.
 
 GENERATED into the model repository by `python -m build.engines` (source:
-build/templates/classifier_onnxruntime.py). Used where the server has no onnxruntime backend
+build/repository/templates/classifier_onnxruntime.py). Used where the server has no onnxruntime backend
 (the tritonserver from the nvidia-pytriton wheel ships only the python backend).
 
 All requests of a dynamic batch run as one ONNX Runtime call; one response per request.

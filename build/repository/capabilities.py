@@ -1,6 +1,6 @@
 """What this machine and its Triton server can run: decided once, reported in one line.
 
-    python -m build.capabilities
+    python -m build.repository.capabilities
 """
 from __future__ import annotations
 
@@ -81,5 +81,5 @@ if __name__ == "__main__":
         caps = detect()
         backend, why = resolve_backend("auto", caps)
     except (OSError, RuntimeError, ValueError) as exc:  # ServerNotInstalled is a RuntimeError
-        sys.exit(f"build.capabilities: {exc}")
+        sys.exit(f"build.repository.capabilities: {exc}")
     print(f"{caps.line()} -> classifier backend: {backend} ({why})")

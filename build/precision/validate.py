@@ -1,8 +1,8 @@
-"""`python -m build.validate`: the accuracy gate. Every variant against the FP32 reference, on images
+"""`python -m build.precision.validate`: the accuracy gate. Every variant against the FP32 reference, on images
 that calibration never saw; a variant that fails is not deployed.
 
-    python -m build.validate --artifacts artifacts/efficientnet_lite0
-    python -m build.validate --held-out my_photos/ --min-agreement-int8 0.99
+    python -m build.precision.validate --artifacts artifacts/efficientnet_lite0
+    python -m build.precision.validate --held-out my_photos/ --min-agreement-int8 0.99
 
 Polygraphy's Comparator runs each variant (ONNX Runtime runners on CPU; TensorRT runners where
 TensorRT and a GPU exist) on the same batches. Reported per variant: top-1 agreement with FP32,
@@ -29,8 +29,8 @@ import numpy as np
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator
 
-from build.imagesets import ImageSet, held_out_set
-from build.quantize import read_layout
+from build.precision.imagesets import ImageSet, held_out_set
+from build.precision.quantize import read_layout
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, ONNX_PROBABILITIES, PREPROCESS_JSON
 from common.labels import read_labels
@@ -90,7 +90,7 @@ def float_qdq_runner(path: Path, name: str) -> OnnxrtRunner:
 def runner_for(artifacts: Path, variant: str):
     filename = VARIANTS[variant][0]
     if filename.endswith(".plan"):
-        from build.plans import trt_runner
+        from build.precision.plans import trt_runner
 
         return trt_runner(artifacts / filename, name=variant)
     if variant == "int8-trt":
@@ -245,7 +245,7 @@ def folder_labels(images: ImageSet, folder: Path, labels_file: Path) -> np.ndarr
 
 def held_out_labels(images: ImageSet, held_out: str | None, artifacts: Path) -> np.ndarray | None:
     """True class indices when `held_out` is an ImageFolder whose class folders are named as in the
-    artifacts' labels.txt; else None. Used here and by `make engines` (build.variants)."""
+    artifacts' labels.txt; else None. Used here and by `make engines` (build.precision.variants)."""
     labels_file = artifacts / LABELS_TXT
     if not held_out or not labels_file.exists():
         return None
@@ -274,5 +274,5 @@ if __name__ == "__main__":
     try:
         passed = all(r.passed for r in main(get_args_parser().parse_args()))
     except (OSError, RuntimeError, ValueError) as exc:
-        sys.exit(f"build.validate: {exc}")
+        sys.exit(f"build.precision.validate: {exc}")
     sys.exit(0 if passed else 1)

@@ -1,6 +1,6 @@
 """`make calibrate`: activation ranges of an ONNX model -> a TensorRT-format calibration cache.
 
-    python -m build.calibrate --artifacts artifacts/efficientnet_lite0 --method max
+    python -m build.precision.calibrate --artifacts artifacts/efficientnet_lite0 --method max
 
 Writes `<artifacts>/calibration/<method>.cache` in TensorRT's text format (a header line, then one
 `tensor: <hex of the float32 scale>` line per tensor, scale = amax / 127) and `<method>.json`
@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from build.imagesets import ImageSet, calibration_set
+from build.precision.imagesets import ImageSet, calibration_set
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.onnxsession import cpu_session
@@ -306,4 +306,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (OSError, RuntimeError, ValueError) as exc:
-        sys.exit(f"build.calibrate: {exc}")
+        sys.exit(f"build.precision.calibrate: {exc}")

@@ -1,4 +1,4 @@
-"""`python -m build.fp16`: FP32 ONNX -> mixed-precision FP16 ONNX with FP32 inputs and outputs.
+"""`python -m build.precision.fp16`: FP32 ONNX -> mixed-precision FP16 ONNX with FP32 inputs and outputs.
 
     model.onnx -> model.fp16.onnx
 
@@ -6,7 +6,7 @@ The precision lives in the graph (TensorRT 10/11 strongly typed networks take it
 builder flag). Converter: ONNX Runtime's `float16.convert_float_to_float16` with `keep_io_types`
 (FP32 IO, casts inserted at the boundaries); Softmax and the reductions always stay FP32
 (`--keep-fp32` adds op types to them), and an FP32 result on its way to an FP32 output is not rounded
-through FP16 (the converter's Cast FP16 -> Cast FP32 pairs are dropped). The result is checked by `build.validate` before it is deployed.
+through FP16 (the converter's Cast FP16 -> Cast FP32 pairs are dropped). The result is checked by `build.precision.validate` before it is deployed.
 """
 from __future__ import annotations
 
@@ -105,4 +105,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (OSError, RuntimeError, ValueError) as exc:
-        sys.exit(f"build.fp16: {exc}")
+        sys.exit(f"build.precision.fp16: {exc}")

@@ -6,7 +6,7 @@ and hand back the one file the classifier should serve.
           it when it loads, and the portable avx2 layout for Triton's onnxruntime backend, which cannot)
     fp16: convert (FP32 IO)
     then: TensorRT plan where TensorRT and a GPU exist (else one line saying why not)
-    then: build.validate on held-out images; a variant that fails is not deployed
+    then: build.precision.validate on held-out images; a variant that fails is not deployed
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from build import calibrate, fp16, quantize, validate
-from build.imagesets import calibration_set, held_out_set
-from build.spec import DeploymentSpec
+from build.precision import calibrate, fp16, quantize, validate
+from build.precision.imagesets import calibration_set, held_out_set
+from build.repository.spec import DeploymentSpec
 from common import cpu
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.preprocessing import PreprocessConfig
@@ -33,7 +33,7 @@ class VariantOptions:
     held_out: str | None = None
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict(validate.THRESHOLDS))
     allow_fallback: bool = False  # deploy FP32 when the requested precision fails the gate
-    cpu_layout: str = "auto"  # INT8 CPU file: auto | vnni | avx2 (build.quantize)
+    cpu_layout: str = "auto"  # INT8 CPU file: auto | vnni | avx2 (build.precision.quantize)
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ class Deployable:
 
 def tensorrt_unavailable() -> str | None:
     """None where TensorRT plans can be built here; otherwise the one-line reason."""
-    from build import plans
+    from build.precision import plans
 
     try:
         plans.require_tensorrt()
@@ -57,7 +57,7 @@ def tensorrt_unavailable() -> str | None:
 
 def build_plan(artifacts: Path, precision: str, spec_path: str) -> tuple[Path | None, str]:
     """A TensorRT plan, or None and the one-line reason it could not be built here."""
-    from build import plans
+    from build.precision import plans
 
     why_not = tensorrt_unavailable()
     if why_not:

@@ -2,7 +2,7 @@
 resize, crop, normalise -> ONNX Runtime -> probabilities, in one process.
 
 GENERATED into the model repository by `python -m build.engines` when the deployment spec says
-`"pipeline": "fused"` (source: build/templates/classifier_fused.py). The ensemble keeps its API
+`"pipeline": "fused"` (source: build/repository/templates/classifier_fused.py). The ensemble keeps its API
 (IMAGE in, PROBABILITIES out) with this single step. On a CPU-only server whose classifier is itself
 a python model, this saves the second python model's inter-process round trip per batch that the
 preprocess -> classifier ensemble pays (docs/benchmarks.md: `make bench` measures both; the size of
@@ -14,7 +14,7 @@ import os
 
 import triton_python_backend_utils as pb_utils
 
-# copies of build/templates/image_model.py and common/onnxsession.py (and common/preprocessing.py)
+# copies of build/repository/templates/image_model.py and common/onnxsession.py (and common/preprocessing.py)
 from image_model import ImageModel
 from onnxsession import cpu_session
 

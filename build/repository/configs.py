@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from build.spec import DeploymentSpec, StageSpec
+from build.repository.spec import DeploymentSpec, StageSpec
 from common import contract
 
 ENSEMBLE_INPUT = contract.IMAGE

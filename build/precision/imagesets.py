@@ -35,7 +35,7 @@ class ImageSet:
 
     def fingerprint(self) -> str:
         """sha256 of the uint8 crops: which images, resized and cropped. Normalisation (mean, std,
-        layout) comes later, so build.calibrate.staleness compares the preprocessing itself too."""
+        layout) comes later, so build.precision.calibrate.staleness compares the preprocessing itself too."""
         return hashlib.sha256(self.crops.tobytes()).hexdigest()
 
     def batches(self, config: PreprocessConfig, batch_size: int):

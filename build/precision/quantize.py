@@ -1,4 +1,4 @@
-"""`python -m build.quantize`: calibration cache -> INT8 ONNX models with explicit Q/DQ, for TensorRT and
+"""`python -m build.precision.quantize`: calibration cache -> INT8 ONNX models with explicit Q/DQ, for TensorRT and
 for ONNX Runtime on CPU. One cache, both worlds.
 
     model.onnx + calibration/<method>.cache
@@ -6,7 +6,7 @@ for ONNX Runtime on CPU. One cache, both worlds.
                                per-channel int8 weights, float biases, Q/DQ on the inputs of convolutions,
                                GEMMs and the skip input of residual Adds: TensorRT's explicit-quantization
                                form (TensorRT 10/11 strongly typed networks read precision from Q/DQ;
-                               the rules are build/trt_qdq.py's)
+                               the rules are build/precision/trt_qdq.py's)
       -> model.int8.cpu.onnx   unsigned int8 activations (zero point 0 for tensors that calibration
                                saw non-negative), signed per-channel weights: U8S8, in ONNX Runtime's
                                QOperator form (QLinearConv & co.; `--cpu-format qdq` for the Q/DQ form),
@@ -37,8 +37,8 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from build import trt_qdq
-from build.calibrate import METHODS, Calibration, load_calibration, staleness
+from build.precision import trt_qdq
+from build.precision.calibrate import METHODS, Calibration, load_calibration, staleness
 from common import cpu
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
@@ -216,7 +216,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     why = staleness(cache, file_sha256(model), config, args.method)
     if why is not None:
         raise StaleCalibration(f"calibration cache {cache} is stale: {why}; run `make calibrate` "
-                               f"(python -m build.calibrate --artifacts {artifacts} --method {args.method}) first")
+                               f"(python -m build.precision.calibrate --artifacts {artifacts} --method {args.method}) first")
     calibration = load_calibration(cache)
     layout = default_layout() if args.cpu_layout == "auto" else args.cpu_layout
     written = []
@@ -234,4 +234,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (OSError, RuntimeError, ValueError) as exc:
-        sys.exit(f"build.quantize: {exc}")
+        sys.exit(f"build.precision.quantize: {exc}")

@@ -1,9 +1,9 @@
 """TensorRT plans from ONNX files that already carry their precision (TensorRT 10.x and 11.x).
 
-    python -m build.plans --precision int8        # artifacts/<model>/model.int8.trt.onnx -> model.int8.plan
-    python -m build.plans --onnx artifacts/efficientnet_lite0/model.int8.trt.onnx --precision int8 \\
+    python -m build.precision.plans --precision int8        # artifacts/<model>/model.int8.trt.onnx -> model.int8.plan
+    python -m build.precision.plans --onnx artifacts/efficientnet_lite0/model.int8.trt.onnx --precision int8 \\
         --out artifacts/efficientnet_lite0/model.int8.plan
-    python -m build.plans --check                 # one line: can plans be built here? (exit 0 / 3)
+    python -m build.precision.plans --check                 # one line: can plans be built here? (exit 0 / 3)
 
 TensorRT 11 removed weak typing (no FP16/INT8 builder flags, no calibrator), so precision lives in the
 graph: model.onnx (fp32), model.fp16.onnx (mixed precision, FP32 IO), model.int8.trt.onnx (Q/DQ).
@@ -30,13 +30,13 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from build import capabilities
-from build.configs import MODEL_INPUT
-from build.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
+from build.repository import capabilities
+from build.repository.configs import MODEL_INPUT
+from build.repository.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from common.contract import MODEL_ONNX
 from common.hashing import file_sha256
 
-LOG = logging.getLogger("build.plans")
+LOG = logging.getLogger("build.precision.plans")
 ONNX_FILES = {"fp32": MODEL_ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx"}
 TIMING_CACHE_NAME = "timing.cache"
 MIN_TENSORRT_MAJOR = 10  # strongly typed networks + IProgressMonitor; 11.x has only strong typing
@@ -217,7 +217,7 @@ def plan_metadata(*, tensorrt_version: str, gpu: dict, onnx_path: Path, onnx_sha
                   options: dict) -> dict:
     """The record written beside each plan (`<plan>.json`)."""
     return {
-        "generated_by": "python -m build.plans",
+        "generated_by": "python -m build.precision.plans",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tensorrt": tensorrt_version,
         "gpu": gpu,
@@ -540,4 +540,4 @@ if __name__ == "__main__":
         print(exc, file=sys.stderr)
         sys.exit(EXIT_UNAVAILABLE)
     except (OSError, ValueError, RuntimeError) as exc:
-        sys.exit(f"build.plans: {exc}")
+        sys.exit(f"build.precision.plans: {exc}")
