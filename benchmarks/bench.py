@@ -211,7 +211,7 @@ def pipeline_repositories(repo: Path, build: dict, out: Path) -> dict[str, Path]
     """{"ensemble": path, "fused": path}: the repository as built, plus its spec rebuilt with the other
     pipeline (into `out`), so both are measured whichever one `make engines` built. "fused" is left
     out where it does not apply (a classifier backend other than python-onnxruntime)."""
-    from build.repository import write_repository
+    from build.repository.writer import write_repository
     from build.repository.spec import DeploymentSpec
 
     spec = DeploymentSpec.from_dict(build["spec"])
@@ -363,7 +363,7 @@ def main(args: argparse.Namespace) -> dict:
     from benchmarks import perf
     from benchmarks.fastapi_service import FastAPIService
     from benchmarks.perf import PerfAnalyzer, PerfAnalyzerError
-    from build.repository import read_manifest
+    from build.repository.writer import read_manifest
     from serving.server import Ports, TritonServer, free_port
 
     plan = dict(QUICK if args.quick else FULL)

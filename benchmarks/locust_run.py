@@ -130,7 +130,7 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
 
 def ensemble_name(repository: str | Path) -> str:
     """The ensemble a built repository serves (its BUILD.json's spec), else the default name."""
-    from build.repository import read_manifest
+    from build.repository.writer import read_manifest
 
     try:
         return read_manifest(repository)["spec"]["ensemble_name"]

@@ -203,7 +203,7 @@ def takes_photos(url: str, protocol: str, model: str) -> bool:
 
 def repository_models(repository: str | Path) -> list[str]:
     """The models a built repository serves, from its BUILD.json: the ensemble, then its members."""
-    from build.repository import read_manifest
+    from build.repository.writer import read_manifest
 
     try:
         spec = read_manifest(repository)["spec"]

@@ -200,7 +200,7 @@ def main(args: argparse.Namespace) -> list[Profile]:
     from benchmarks.bench import pipeline_repositories
     from benchmarks.perf import PerfAnalyzer, photo_inputs
     from benchmarks.workload import load_photos
-    from build.repository import read_manifest
+    from build.repository.writer import read_manifest
 
     perf = require_perf(args.perf)
     tool = PerfAnalyzer.locate(args.perf_venv)

@@ -137,7 +137,7 @@ def classifier_model(spec: DeploymentSpec, backend: str, repository: Path) -> Pa
     variant passed the accuracy gate there). Raises ValueError, saying how to build it, when none does."""
     if spec.precision == "fp32" and backend != "tensorrt":
         return None
-    from build.repository import MARKER, read_manifest
+    from build.repository.writer import MARKER, read_manifest
 
     manifest = repository / MARKER
     try:
@@ -158,7 +158,7 @@ def measure_spec(spec: DeploymentSpec, backend: str, repo: Path, tool: PerfAnaly
                  concurrency: int, measurement_ms: int, log: Path, model_file: Path | None = None):
     """Build `spec` into `repo` (classifier: `model_file`, default the artifacts' model.onnx), serve
     it, perf_analyzer the ensemble once. Returns a PerfResult."""
-    from build.repository import write_repository
+    from build.repository.writer import write_repository
     from serving.server import TritonServer
 
     write_repository(spec, backend, repo, spec_source="benchmarks.tune candidate", model_file=model_file)

@@ -16,7 +16,7 @@ from build.precision import validate
 from build.repository import capabilities
 from build.precision.calibrate import METHODS
 from build.precision.quantize import CPU_LAYOUTS
-from build.repository import write_repository
+from build.repository.writer import write_repository
 from build.repository.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from build.precision.variants import GateFailed, VariantOptions, prepare
 

@@ -25,7 +25,7 @@ def lite0_artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0_repository(lite0_artifacts, tmp_path_factory) -> Path:
-    from build.repository import write_repository
+    from build.repository.writer import write_repository
     from build.repository.spec import DeploymentSpec
 
     repo = tmp_path_factory.mktemp("served") / "model_repository"

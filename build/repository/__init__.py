@@ -6,7 +6,3 @@
     capabilities  what the local server and machine can run (`python -m build.repository.capabilities`)
     templates/    the python-backend models' code, copied into the repository
 """
-from build.repository.writer import (MARKER, TEMPLATES, ArtifactsError, model_shape, read_labels, read_manifest,
-                                     write_repository)
-
-__all__ = ["MARKER", "TEMPLATES", "ArtifactsError", "model_shape", "read_labels", "read_manifest", "write_repository"]

@@ -94,7 +94,7 @@ def test_a_point_that_served_nothing_is_never_a_ratios_denominator():
 
 def test_bench_builds_the_other_pipeline_from_the_same_spec(tiny_artifacts, tmp_path):
     from benchmarks.bench import pipeline_repositories
-    from build.repository import write_repository
+    from build.repository.writer import write_repository
     from build.repository.spec import DeploymentSpec
 
     for built in ("ensemble", "fused"):

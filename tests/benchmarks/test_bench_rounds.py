@@ -65,7 +65,7 @@ def test_bench_rounds_measure_every_system_of_both_pipelines(perf_tool, tiny_art
     pipelines' models, two servers up for all the rounds."""
     from benchmarks.bench import bench_inprocess, bench_rounds, pipeline_repositories
     from benchmarks.perf import photo_inputs
-    from build.repository import write_repository
+    from build.repository.writer import write_repository
     from build.repository.spec import DeploymentSpec
 
     repo = tmp_path / "model_repository"

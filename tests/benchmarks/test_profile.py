@@ -6,7 +6,7 @@ import json
 import pytest
 
 from benchmarks import profile
-from build.repository import write_repository
+from build.repository.writer import write_repository
 from build.repository.spec import DeploymentSpec
 
 

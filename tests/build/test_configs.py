@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from build.repository import configs
-from build.repository import ArtifactsError, model_shape, write_repository
+from build.repository.writer import ArtifactsError, model_shape, write_repository
 from build.repository.spec import DeploymentSpec, StageSpec
 
 SHAPE = configs.ModelShape(input_dims=(3, 224, 224), num_classes=1000)

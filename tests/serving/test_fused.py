@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from build.repository import write_repository
+from build.repository.writer import write_repository
 from build.repository.spec import DeploymentSpec
 from clients.client import ClassificationError, ImageClassifierClient
 from common.preprocessing import PreprocessConfig, load_batch
