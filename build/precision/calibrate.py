@@ -24,8 +24,8 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from build.precision.imagesets import ImageSet, calibration_set
-from common.contract import MODEL_ONNX, PREPROCESS_JSON
+from build.precision.imagesets import ImageSet, bundled_photos_warning, calibration_set
+from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
@@ -294,6 +294,9 @@ def main(args: argparse.Namespace) -> Calibration:
     config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     images = calibration_set(config, args.images, args.views)
     print(f"calibration images: {images.description}")
+    warning = bundled_photos_warning(artifacts / LABELS_TXT, {"--images": args.images})
+    if warning:
+        print(warning)
     result = calibrate(artifacts / MODEL_ONNX, artifacts / "calibration", args.method, images, config,
                        args.percentile, args.batch_size, args.force)
     print(result.message)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from common.labels import read_labels
 from common.preprocessing import PreprocessConfig, decode_image, normalize, resize_and_crop
 from common.samples import sample_photos
 
@@ -84,6 +85,23 @@ def folder_images(folder: str | Path, config: PreprocessConfig, limit: int | Non
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     crops = [resize_and_crop(decode_image(p.read_bytes(), draft_size=config.resize), config) for p in paths]
     return ImageSet(np.stack(crops), [str(p) for p in paths], f"{len(paths)} images from {folder}")
+
+
+IMAGENET_CLASSES = 1000
+
+
+def bundled_photos_warning(labels_file: str | Path, folders: dict[str, str | None]) -> str | None:
+    """One line when the bundled ImageNet photos stand in for a model that does not classify ImageNet's
+    1000 classes: calibration ranges from photos of other things are a guess, and agreement with FP32 on
+    them says little (a model with random weights agrees with itself anywhere). `folders`: the command's
+    flag for each image set -> the folder given (None: the bundled photos). None otherwise."""
+    missing = [flag for flag, folder in folders.items() if folder is None]
+    classes = len(read_labels(labels_file)) if Path(labels_file).exists() else IMAGENET_CLASSES
+    if not missing or classes == IMAGENET_CLASSES:
+        return None
+    return (f"warning: this model has {classes} classes, not ImageNet's {IMAGENET_CLASSES}, but the bundled ImageNet "
+            f"photos stand in for its images; pass {' and '.join(f'{m} DIR' for m in missing)} with images of its "
+            "own classes (an ImageFolder for --held-out adds true accuracy)")
 
 
 def calibration_set(config: PreprocessConfig, folder: str | None = None, views: int = 16, seed: int = 0) -> ImageSet:

@@ -29,7 +29,7 @@ import numpy as np
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator
 
-from build.precision.imagesets import ImageSet, held_out_set
+from build.precision.imagesets import ImageSet, bundled_photos_warning, held_out_set
 from build.precision.quantize import read_layout
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, ONNX_PROBABILITIES, PREPROCESS_JSON
@@ -187,8 +187,8 @@ def gate(report: VariantReport, thresholds: dict[str, float]) -> VariantReport:
     if report.threshold is not None and report.top1_agreement < report.threshold:
         report.passed = False
         report.reason = (f"top-1 agreement {report.top1_agreement:.2%} < {report.threshold:.1%}: not deployed"
-                         f" (on confident images: {report.confident_agreement:.2%} of "
-                         f"{report.confident_images})")
+                         + (f" (on confident images: {report.confident_agreement:.2%} of {report.confident_images})"
+                            if report.confident_images else " (no held-out image where FP32 is confident)"))
     return report
 
 
@@ -203,15 +203,20 @@ def format_table(reports: list[VariantReport]) -> str:
             verdict = "reference" if r.name == "fp32" else "not gated"
         else:
             verdict = ("PASS" if r.passed else "FAIL") + f" (>= {r.threshold:.1%})"
-        confident = f"{r.confident_agreement:7.2%} ({r.confident_images})"
+        confident = f"{r.confident_agreement:7.2%} ({r.confident_images})" if r.confident_images else "- (0)"
         runs_on = f"{r.runs_on}, {r.layout} layout" if r.layout else r.runs_on
-        line = (f"{r.name:13s} {runs_on:50s} {r.images:6d} {r.top1_agreement:9.2%} {r.top5_overlap:9.2%} "
-                f"{r.max_abs_error:8.4f} {r.mean_abs_error:9.2e} {confident:>14s}")
+        if np.isnan(r.top1_agreement):  # not run here
+            line = f"{r.name:13s} {runs_on:50s} {r.images:6d} {'-':>9s} {'-':>9s} {'-':>8s} {'-':>9s} {confident:>14s}"
+        else:
+            line = (f"{r.name:13s} {runs_on:50s} {r.images:6d} {r.top1_agreement:9.2%} {r.top5_overlap:9.2%} "
+                    f"{r.max_abs_error:8.4f} {r.mean_abs_error:9.2e} {confident:>14s}")
         if has_accuracy:
             line += f" {r.accuracy:8.2%}" if r.accuracy is not None else " " * 9
         lines.append(line + "  " + verdict)
     lines += [f"  {r.name}: {r.reason}" for r in reports if not r.passed]
-    lines += [f"gated on: {reports[0].gated_on}"] if reports and reports[0].gated_on else []
+    if reports and reports[0].gated_on:
+        lines.append(f"gated on: {reports[0].gated_on}; each variant's top-1 against fp32 ({reports[0].file}) "
+                     f"on the same {reports[0].images} held-out images")
     return "\n".join(lines)
 
 
@@ -258,6 +263,9 @@ def main(args: argparse.Namespace) -> list[VariantReport]:
     images = held_out_set(config, args.held_out, args.views)
     labels = held_out_labels(images, args.held_out, artifacts)
     print(f"held-out images: {images.description}" + (" (labelled)" if labels is not None else ""))
+    warning = bundled_photos_warning(artifacts / LABELS_TXT, {"--held-out": args.held_out})
+    if warning:
+        print(warning)
     thresholds = {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}
     reports = validate(artifacts, args.variants, images, config, thresholds, labels, args.batch_size)
     print(format_table(reports))

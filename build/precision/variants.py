@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from build.precision import calibrate, fp16, quantize, validate
-from build.precision.imagesets import calibration_set, held_out_set
+from build.precision.imagesets import bundled_photos_warning, calibration_set, held_out_set
 from build.repository.spec import DeploymentSpec
 from common import cpu
-from common.contract import MODEL_ONNX, PREPROCESS_JSON
+from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.preprocessing import PreprocessConfig
 
 
@@ -101,6 +101,10 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
                              f"deployed (--backend onnxruntime or python-onnxruntime serves the {cpu_variant} "
                              "variant on CPU)")
     config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
+    warning = bundled_photos_warning(artifacts / LABELS_TXT, {"--calibration-images": options.calibration_images,
+                                                              "--held-out": options.held_out})
+    if warning:
+        log(warning)
     build_variants(artifacts, precision, options, config, log, backend)
     plan, why = build_plan(artifacts, precision, spec_path)
     log(f"TensorRT plan: {plan}" if plan else why + "; building the CPU variants instead")

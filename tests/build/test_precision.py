@@ -412,4 +412,30 @@ def test_gate_refuses_a_layout_this_cpu_cannot_run(tiny, tmp_path):
     assert not reports[1].passed and reports[1].reason.startswith("not gated: refusing the INT8 CPU model")
     assert "no_cpu_has_this_flag" in reports[1].reason and reports[1].layout == "vnni"
     table = validate.format_table(reports)
-    assert table.endswith(f"\ngated on: {cpu.describe()}") and "FAIL" in table
+    assert f"\ngated on: {cpu.describe()}; each variant's top-1 against fp32 (model.onnx)" in table
+    assert "nan" not in table and "FAIL" in table
+
+
+def test_a_foreign_model_is_told_the_bundled_photos_are_not_its_images(tiny_artifacts, tmp_path):
+    """The tiny model has 3 classes: calibrating and gating it on the bundled ImageNet photos works, but
+    each command says what stood in and which flag to pass; the gate's table has no nan."""
+    artifacts = tmp_path / "tiny"
+    shutil.copytree(tiny_artifacts, artifacts, ignore=shutil.ignore_patterns("calibration", "model.*.onnx"))
+    calibrated = _module("calibrate", "--artifacts", artifacts, "--views", 2)
+    assert calibrated.returncode == 0, calibrated.stderr
+    assert ("warning: this model has 3 classes, not ImageNet's 1000, but the bundled ImageNet photos stand in for "
+            "its images; pass --images DIR with images of its own classes") in calibrated.stdout
+    assert _module("quantize", "--artifacts", artifacts).returncode == 0
+    gated = _module("validate", "--artifacts", artifacts, "--views", 2, "--variants", "int8-cpu", "int8-trt")
+    assert "pass --held-out DIR" in gated.stdout and "nan" not in gated.stdout, gated.stdout
+    assert "each variant's top-1 against fp32 (model.onnx) on the same 12 held-out images" in gated.stdout
+    bundled = tmp_path / "imagenet"
+    bundled.mkdir()
+    (bundled / "labels.txt").write_text("".join(f"class {i}\n" for i in range(1000)))
+    assert calibrate_warning(bundled) is None
+
+
+def calibrate_warning(artifacts):
+    from build.precision.imagesets import bundled_photos_warning
+
+    return bundled_photos_warning(artifacts / "labels.txt", {"--images": None})
