@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from build.precision import quantize, validate
+from build.precision import mixed, quantize, validate
 from build.precision.calibrate import load_calibration
 from build.precision.imagesets import held_out_set
 from build.precision.variants import VariantOptions, build_variants
@@ -36,7 +36,7 @@ from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, PREPROCESS_JSON
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, normalize
 
-CPU_VARIANTS = ["fp32", "fp16", "int8-cpu", "int8-cpu-avx2", "int8-trt"]
+CPU_VARIANTS = ["fp32", "fp16", "int8-cpu", "int8-cpu-mixed", "int8-cpu-avx2", "int8-trt"]
 SPEED_NOTES = {"int8-trt": "TensorRT's Q/DQ form, run by ONNX Runtime: its CPU speed says nothing about TensorRT",
                "fp16": "FP16 is a GPU precision; ONNX Runtime's CPU kernels are not tuned for it"}
 
@@ -81,16 +81,17 @@ def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rou
 
 
 def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: float, views: int,
-                data: Path | None = None) -> list[dict]:
+                data: Path | None = None, max_float: int = 8) -> list[dict]:
     """`data`: an ImageFolder root with train/ (calibration) and val/ (held out, labelled)."""
     config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     options = VariantOptions(calibration_images=str(data / "train") if data else None)
-    build_variants(artifacts, "int8", options, config, print)
+    built = build_variants(artifacts, "int8", options, config, print)
     build_variants(artifacts, "fp16", options, config, print)
     portable_beside_native(artifacts, options.calibration_method)
-    present = [v for v in CPU_VARIANTS if (artifacts / validate.VARIANTS[v][0]).exists()]
     images = held_out_set(config, str(data / "val") if data else None, views=views)
     labels = validate.folder_labels(images, data / "val", artifacts / LABELS_TXT) if data else None
+    mixed_beside_plain(artifacts, built, config, images, labels, max_float)
+    present = [v for v in CPU_VARIANTS if (artifacts / validate.VARIANTS[v][0]).exists()]
     reports = {r.name: r for r in validate.validate(artifacts, [v for v in present if v != "fp32"], images,
                                                        config, validate.THRESHOLDS, labels)}
     sessions = {v: session(artifacts / validate.VARIANTS[v][0], threads) for v in present}
@@ -103,8 +104,28 @@ def bench_model(name: str, artifacts: Path, threads: int, rounds: int, seconds: 
                      "x_fp32_b1": speed[1][v] / speed[1]["fp32"], "x_fp32_b8": speed[8][v] / speed[8]["fp32"],
                      "top1_agreement": r.top1_agreement, "confident_agreement": r.confident_agreement,
                      "top5_overlap": r.top5_overlap, "images": r.images, "accuracy": r.accuracy,
-                     "layout": r.layout, "cpu": r.gated_on, "note": SPEED_NOTES.get(v, "")})
+                     "layout": r.layout, "float_layers": len(r.float_layers),
+                     "size_mb": (artifacts / validate.VARIANTS[v][0]).stat().st_size / 2**20,
+                     "cpu": r.gated_on, "note": SPEED_NOTES.get(v, "")})
     return rows
+
+
+def mixed_beside_plain(artifacts: Path, built, config: PreprocessConfig, images, labels, max_float: int) -> None:
+    """When the plain INT8 CPU file fails the gate, write the mixed-precision one beside it (as
+    `make engines` would deploy it); else remove a stale one."""
+    out = artifacts / validate.VARIANTS["int8-cpu-mixed"][0]
+    out.unlink(missing_ok=True)
+    plain = validate.validate(artifacts, ["int8-cpu"], images, config, validate.THRESHOLDS, labels)[1]
+    if plain.passed or max_float < 1:
+        return
+
+    def passes(_: Path) -> bool:
+        return validate.validate(artifacts, ["int8-cpu-mixed"], images, config, validate.THRESHOLDS, labels)[1].passed
+
+    kept = mixed.search(artifacts / MODEL_ONNX, built.calibration, built.layout, out, built.images, config, passes,
+                        max_float)
+    print(f"int8-cpu-mixed: {len(kept)} float layer(s) pass the gate" if kept is not None else
+          f"int8-cpu-mixed: {max_float} float layers do not pass the gate (measured anyway)")
 
 
 def portable_beside_native(artifacts: Path, method: str) -> None:
@@ -121,11 +142,12 @@ def portable_beside_native(artifacts: Path, method: str) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'model':18s} {'variant':13s} {'layout':6s} {'b1 img/s':>9s} {'b8 img/s':>9s} {'x fp32 b1':>9s} {'x fp32 b8':>9s} "
-            f"{'top-1 agr':>9s} {'confident':>9s} {'top-5 ovl':>9s} {'accuracy':>9s}")
+    head = (f"{'model':18s} {'variant':14s} {'layout':6s} {'float':>5s} {'MB':>6s} {'b1 img/s':>9s} {'b8 img/s':>9s} "
+            f"{'x fp32 b1':>9s} {'x fp32 b8':>9s} {'top-1 agr':>9s} {'decided':>9s} {'top-5 ovl':>9s} {'accuracy':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:18s} {r['variant']:13s} {r['layout'] or '-':6s} {r['img_s_b1']:9.1f} {r['img_s_b8']:9.1f} "
+        lines.append(f"{r['model']:18s} {r['variant']:14s} {r['layout'] or '-':6s} {r['float_layers']:5d} "
+                     f"{r['size_mb']:6.1f} {r['img_s_b1']:9.1f} {r['img_s_b8']:9.1f} "
                      f"{r['x_fp32_b1']:9.2f} {r['x_fp32_b8']:9.2f} {r['top1_agreement']:9.2%} "
                      f"{r['confident_agreement']:9.2%} {r['top5_overlap']:9.2%} "
                      + (f"{r['accuracy']:9.2%}" if r["accuracy"] is not None else f"{'-':>9s}"))
@@ -133,21 +155,22 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def goal_check(rows: list[dict], model: str, variant: str = "int8-cpu") -> str:
+    """The INT8 goal: >= 1.8x FP32 throughput at batch 8 with >= 99 % top-1 agreement on the held-out
+    images where FP32 is decided (the gate's metric)."""
     int8 = next((r for r in rows if r["model"] == model and r["variant"] == variant), None)
     if int8 is None:
         return f"{model}: no {variant} variant"
-    speed = max(int8["x_fp32_b1"], int8["x_fp32_b8"])
-    ok_speed, ok_agree = speed >= 1.8, int8["top1_agreement"] >= 0.99
+    ok_speed, ok_agree = int8["x_fp32_b8"] >= 1.8, int8["confident_agreement"] >= 0.99
     verdict = "MET" if ok_speed and ok_agree else "NOT MET"
     limits = []
     if not ok_speed:
-        limits.append(f"speed {speed:.2f}x < 1.8x")
+        limits.append(f"speed at batch 8 {int8['x_fp32_b8']:.2f}x < 1.8x")
     if not ok_agree:
-        limits.append(f"top-1 agreement {int8['top1_agreement']:.2%} < 99% on {int8['images']} held-out images; "
-                      f"on the images where FP32 is confident (top-1 - top-2 > {validate.CONFIDENT_MARGIN}) "
-                      f"it is {int8['confident_agreement']:.2%}")
-    return (f"INT8 goal ({model}, {variant}, {int8['layout']} layout, >= 1.8x at >= 99% agreement): {verdict}"
-            + ("; " + "; ".join(limits) if limits else ""))
+        limits.append(f"top-1 agreement {int8['confident_agreement']:.2%} < 99% on the held-out images where FP32 is "
+                      f"decided (top-1 - top-2 > {validate.CONFIDENT_MARGIN}); on all {int8['images']}: "
+                      f"{int8['top1_agreement']:.2%}")
+    return (f"INT8 goal ({model}, {variant}, {int8['layout']} layout, {int8['float_layers']} float layers, "
+            f">= 1.8x at batch 8 with >= 99% decided agreement): {verdict}" + ("; " + "; ".join(limits) if limits else ""))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -186,6 +209,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="per round and variant (default: %(default)s)")
     p.add_argument("--views", type=int, default=40, help="held-out views per photo (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 s, 10 views")
+    p.add_argument("--max-float-layers", type=int, default=8,
+                   help="mixed precision: an INT8 CPU file that fails the gate is measured again with up to this "
+                        "many layers in float, as few as pass, as `make engines` deploys it (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")
     return p
 
@@ -202,7 +228,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         print(f"no {args.digits}/model.onnx or {args.digits_data}/val: `make train-demo` adds the digits model "
               "(true accuracy on real labels)")
     rows = [row for name, path, data in models
-            for row in bench_model(name, path, args.threads, args.rounds, args.seconds, args.views, data)]
+            for row in bench_model(name, path, args.threads, args.rounds, args.seconds, args.views, data,
+                                   args.max_float_layers)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "precision.csv", "w", newline="") as f:
@@ -214,7 +241,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     print(format_rows(rows))
     for variant, note in SPEED_NOTES.items():
         print(f"  {variant}: {note}")
-    for variant in ("int8-cpu", "int8-cpu-avx2"):
+    for variant in ("int8-cpu", "int8-cpu-mixed", "int8-cpu-avx2"):
         if any(r["variant"] == variant for r in rows):
             print(goal_check(rows, "efficientnet_lite0", variant))
     print(f"wrote {out / 'precision.csv'} and {out / 'precision.png'}")

@@ -38,6 +38,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="integer layout of the INT8 CPU file: vnni (CPUs with VNNI only), avx2 (right on every x86 "
                         "CPU); auto: this CPU's for the python backend (it refuses a file its CPU cannot run), avx2 "
                         "for the onnxruntime backend (default: %(default)s)")
+    p.add_argument("--int8-max-float-layers", type=int, default=8,
+                   help="an INT8 CPU file that fails the gate gets up to this many of its most costly layers back "
+                        "in float, as few as pass (0: never) (default: %(default)s)")
+    p.add_argument("--max-accuracy-drop", type=float, default=validate.ACCURACY_DROP,
+                   help="with a labelled --held-out: how far below FP32's true top-1 a variant may fall "
+                        "(default: %(default)s)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="deploy FP32 when the requested precision fails the accuracy gate (default: fail)")
     return p
@@ -60,8 +66,9 @@ def main(args: argparse.Namespace) -> dict:
     if backend != "python-onnxruntime" and backend not in caps.server_backends:
         print(f"note: the local tritonserver has no {backend!r} backend; this repository is for a server that has it")
     options = VariantOptions(args.calibration_method, args.calibration_images, args.held_out,
-                             {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8}, args.allow_fallback,
-                             args.int8_cpu_layout)
+                             {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8,
+                              "accuracy_drop": args.max_accuracy_drop}, args.allow_fallback,
+                             args.int8_cpu_layout, args.int8_max_float_layers)
     deployable = prepare(spec, backend, args.spec, options)
     manifest = write_repository(spec, backend, Path(args.out), spec_source=source, model_file=deployable.model_file,
                                 extra={"variant": deployable.variant, "precision": deployable.precision,

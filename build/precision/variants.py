@@ -7,6 +7,7 @@ and hand back the one file the classifier should serve.
     fp16: convert (FP32 IO)
     then: TensorRT plan where TensorRT and a GPU exist (else one line saying why not)
     then: build.precision.validate on held-out images; a variant that fails is not deployed
+    int8 CPU file failing the gate: the fewest float layers that make it pass (build.precision.mixed)
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from build.precision import calibrate, fp16, quantize, validate
-from build.precision.imagesets import bundled_photos_warning, calibration_set, held_out_set
+from build.precision import calibrate, fp16, mixed, quantize, validate
+from build.precision.imagesets import ImageSet, bundled_photos_warning, calibration_set, held_out_set
 from build.repository.spec import DeploymentSpec
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
@@ -34,6 +35,7 @@ class VariantOptions:
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict(validate.THRESHOLDS))
     allow_fallback: bool = False  # deploy FP32 when the requested precision fails the gate
     cpu_layout: str = "auto"  # INT8 CPU file: auto | vnni | avx2 (build.precision.quantize)
+    max_float_layers: int = 8  # INT8 CPU file failing the gate: keep up to this many layers in float (mixed.py)
 
 
 @dataclasses.dataclass
@@ -68,8 +70,15 @@ def build_plan(artifacts: Path, precision: str, spec_path: str) -> tuple[Path | 
     return Path(metadata["plan"]), "built"
 
 
+@dataclasses.dataclass
+class Int8Build:
+    calibration: calibrate.Calibration
+    images: ImageSet  # the calibration images
+    layout: str
+
+
 def build_variants(artifacts: Path, precision: str, options: VariantOptions, config: PreprocessConfig,
-                   log: Callable[[str], None], backend: str | None = None) -> None:
+                   log: Callable[[str], None], backend: str | None = None) -> Int8Build | None:
     """Write the ONNX variants of `precision` (the INT8 CPU file in the layout for `backend`'s server)."""
     if precision == "int8":
         layout = quantize.default_layout(backend) if options.cpu_layout == "auto" else options.cpu_layout
@@ -82,8 +91,30 @@ def build_variants(artifacts: Path, precision: str, options: VariantOptions, con
             out = quantize.quantize(artifacts / MODEL_ONNX, result, target,
                                     artifacts / quantize.output_name(target), cpu_layout=layout)
             log(f"wrote {out}" + (f" (layout {layout}; this CPU: {cpu.describe()})" if target == "cpu" else ""))
-    elif precision == "fp16":
-        log(f"wrote {fp16.convert(artifacts / 'model.onnx', artifacts / fp16.OUTPUT_NAME)}")
+        return Int8Build(result, images, layout)
+    if precision == "fp16":
+        log(f"wrote {fp16.convert(artifacts / MODEL_ONNX, artifacts / fp16.OUTPUT_NAME)}")
+    return None
+
+
+def mixed_precision(artifacts: Path, built: Int8Build, options: VariantOptions, config: PreprocessConfig,
+                    held_out: ImageSet, labels, log: Callable[[str], None]) -> list[validate.VariantReport] | None:
+    """The INT8 CPU file failed the gate: rebuild it with the fewest float layers that pass; the gate's
+    reports for the file that passed, or None."""
+    passed: list[list[validate.VariantReport]] = []
+
+    def gate(_: Path) -> bool:
+        reports = validate.validate(artifacts, ["int8-cpu"], held_out, config, options.thresholds, labels)
+        if reports[1].passed:
+            passed.append(reports)
+        return reports[1].passed
+
+    log(f"int8-cpu failed the gate: searching for the fewest layers to keep in float (at most "
+        f"{options.max_float_layers}; --int8-max-float-layers)")
+    kept = mixed.search(artifacts / MODEL_ONNX, built.calibration, built.layout,
+                        artifacts / quantize.output_name("cpu"), built.images, config, gate,
+                        options.max_float_layers, log)
+    return passed[-1] if kept is not None else None
 
 
 def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: VariantOptions,
@@ -105,7 +136,7 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
                                                               "--held-out": options.held_out})
     if warning:
         log(warning)
-    build_variants(artifacts, precision, options, config, log, backend)
+    built = build_variants(artifacts, precision, options, config, log, backend)
     plan, why = build_plan(artifacts, precision, spec_path)
     log(f"TensorRT plan: {plan}" if plan else why + "; building the CPU variants instead")
 
@@ -121,6 +152,12 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
     if wanted not in by_name:
         raise GateFailed(f"the {wanted} variant was not built (missing file {validate.VARIANTS[wanted][0]})")
     chosen = by_name[wanted]
+    if not chosen.passed and wanted == "int8-cpu" and built is not None and options.max_float_layers > 0:
+        mixed_reports = mixed_precision(artifacts, built, options, config, images, labels, log)
+        if mixed_reports is not None:
+            reports = [mixed_reports[1] if r.name == "int8-cpu" else r for r in reports]
+            chosen = mixed_reports[1]
+            log(validate.format_table(reports))
     if chosen.passed:
         return Deployable(artifacts / chosen.file, wanted, precision, reports)
     if not options.allow_fallback:

@@ -29,7 +29,7 @@ def _report(name, agreement):
     filename, precision, runs_on = validate.VARIANTS[name]
     return validate.VariantReport(name, filename, precision, runs_on, images=100, top1_agreement=agreement,
                                   top5_overlap=1.0, max_abs_error=0.01, mean_abs_error=1e-4,
-                                  confident_images=50, confident_agreement=1.0)
+                                  confident_images=50, confident_agreement=agreement)
 
 
 def test_the_fp32_plan_is_gated_and_not_called_the_reference():
@@ -38,7 +38,8 @@ def test_the_fp32_plan_is_gated_and_not_called_the_reference():
     bad_plan = validate.gate(_report("fp32-plan", 0.99), thresholds)
     good_plan = validate.gate(_report("fp32-plan", 1.0), thresholds)
     assert reference.passed and reference.threshold is None
-    assert not bad_plan.passed and "top-1 agreement 99.00% < 99.5%: not deployed" in bad_plan.reason
+    assert not bad_plan.passed and bad_plan.reason == ("top-1 agreement 99.00% < 99.5% on the 50 held-out images "
+                                                       "where FP32 is decided (50 near-ties left out): not deployed")
     assert good_plan.passed and good_plan.threshold == thresholds["fp16"]
     rows = validate.format_table([reference, bad_plan, good_plan]).splitlines()
     assert rows[2].startswith("fp32 ") and rows[2].endswith("reference")
@@ -103,3 +104,25 @@ def test_tensorrt_backend_without_tensorrt_says_what_happens(artifacts):
     assert str(info.value) == (f"{why}; the tensorrt backend needs the fp16-plan variant, so nothing is built or "
                                "deployed (--backend onnxruntime or python-onnxruntime serves the fp16 variant on CPU)")
     assert not (artifacts / "model.fp16.onnx").exists() and not any("instead" in line for line in logged)
+
+
+def test_the_gate_holds_decided_images_to_the_threshold_and_labels_to_fp32s_accuracy():
+    """Near-ties are left out of the gate's agreement and counted; with labels, a variant more than the
+    allowed drop below FP32's true top-1 fails even when it agrees."""
+    thresholds = {"int8": 0.99, "accuracy_drop": 0.01}
+    flips_near_ties = _report("int8-cpu", 1.0)
+    flips_near_ties.top1_agreement = 0.8  # only near-ties flipped: the decided 50 all agree
+    assert validate.gate(flips_near_ties, thresholds).passed
+    no_decided = validate.VariantReport("int8-cpu", "f", "int8", "r", images=10, top1_agreement=0.5, top5_overlap=1.0,
+                                        max_abs_error=0.1, mean_abs_error=0.01, confident_images=0,
+                                        confident_agreement=float("nan"))
+    failed = validate.gate(no_decided, thresholds)
+    assert not failed.passed and "on all 10 held-out images (none where FP32 is decided)" in failed.reason
+    worse = _report("int8-cpu", 1.0)
+    worse.accuracy = 0.90
+    assert not validate.gate(worse, thresholds, reference_accuracy=0.92).passed
+    assert "true top-1 90.00% is more than 1.0% below FP32's 92.00%" in worse.reason
+    close = _report("int8-cpu", 1.0)
+    close.accuracy = 0.915
+    assert validate.gate(close, thresholds, reference_accuracy=0.92).passed
+    assert "nan" not in validate.format_table([failed])
