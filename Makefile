@@ -93,6 +93,7 @@ classify: ## classify IMAGES="a.jpg b.png" (default: two photos) [PROTOCOL=grpc]
 test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env and valgrind first, best effort)
 	@$(MAKE) --no-print-directory perf-setup || echo "make test: perf_analyzer could not be set up; its tests will skip and say why"
 	@$(MAKE) --no-print-directory valgrind-setup || echo "make test: no valgrind; the tests that emulate a CPU without VNNI will skip and say why"
+	@$(MAKE) --no-print-directory prometheus-setup || echo "make test: no prometheus/promtool; the monitoring tests will skip and say why"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests not marked slow

@@ -1,0 +1,212 @@
+"""Run a real Prometheus on loopback that scrapes the server `make serve` started (`make monitor`).
+
+    python -m serving.monitor start [--port 9090]
+    python -m serving.monitor stop
+    python -m serving.monitor status
+
+The scrape config, rules and dashboard are committed in deploy/monitoring/ and used as they are. This
+writes only the scrape target, .run/monitoring/targets.json, from the metrics URL `make serve` recorded
+(Prometheus re-reads that file, so `make monitor` after a new `make serve` follows the new ports), and
+keeps the Prometheus process in .run/prometheus.json. See docs/operations.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from serving.server import RUN_DIR, served
+
+MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
+CONFIG = MONITORING / "prometheus.yml"
+TARGETS = RUN_DIR / "monitoring" / "targets.json"  # the path CONFIG's file_sd_configs names
+DEFAULT_TARGET = "127.0.0.1:8002"  # Triton's default metrics port
+
+
+class MonitorError(RuntimeError):
+    pass
+
+
+def scrape_target(info: dict | None) -> str:
+    """host:port of the metrics endpoint in what `make serve` recorded; Triton's default without one."""
+    if not info:
+        return DEFAULT_TARGET
+    return urllib.parse.urlsplit(info["metrics"]).netloc
+
+
+def write_targets(path: Path, targets: list[str]) -> None:
+    """A Prometheus file_sd file for the `triton` job (written whole, then renamed: Prometheus watches it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"targets": targets, "labels": {}}], indent=2))
+    tmp.replace(path)
+
+
+class Prometheus:
+    """One `prometheus` process on 127.0.0.1:<port>. A context manager."""
+
+    def __init__(self, config: Path, data_dir: Path, port: int = 9090, log_file: Path | None = None):
+        self.config, self.data_dir, self.port, self.log_file = Path(config), Path(data_dir), port, log_file
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise MonitorError("no `prometheus` on PATH: make prometheus-setup (as root), "
+                               "or sudo apt-get install prometheus")
+        return [binary, f"--config.file={self.config.resolve()}", f"--storage.tsdb.path={self.data_dir.resolve()}",
+                f"--web.listen-address=127.0.0.1:{self.port}"]
+
+    def start(self, timeout: float = 60.0, detach: bool = False) -> "Prometheus":
+        command = self.command()
+        with socket.socket() as s:  # another Prometheus there would answer the readiness probe for this one
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise MonitorError(f"port {self.port} on 127.0.0.1 already in use (Debian's prometheus service? "
+                                   "systemctl disable --now prometheus): or make monitor PROMETHEUS_PORT=...") from None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        try:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=detach)
+        finally:
+            if self.log_file:
+                log.close()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise MonitorError(f"prometheus exited with code {self.process.returncode} while starting"
+                                   + (f"; see {self.log_file}" if self.log_file else ""))
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        raise MonitorError(f"prometheus not ready at {self.url} after {timeout:.0f} s")
+
+    def query(self, expr: str) -> list[dict]:
+        """The result of an instant query through the HTTP API (/api/v1/query)."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as r:
+            answer = json.load(r)
+        if answer.get("status") != "success":
+            raise MonitorError(f"query {expr!r} failed: {answer}")
+        return answer["data"]["result"]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "Prometheus":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---- `make monitor` / `make monitor-stop`: a detached Prometheus remembered in .run/ -------------
+
+def _state_file() -> Path:
+    return RUN_DIR / "prometheus.json"
+
+
+def running() -> dict | None:
+    """What `make monitor` recorded while that Prometheus runs; None if there is none."""
+    try:
+        info = json.loads(_state_file().read_text())
+        cmdline = Path(f"/proc/{int(info['pid'])}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if b"prometheus" in cmdline else None  # not a process that has since taken its pid
+
+
+def start(port: int, timeout: float) -> tuple[dict, str, bool]:
+    """Write the scrape target and start Prometheus unless it runs: (its state, the target, whether started)."""
+    target = scrape_target(served())
+    write_targets(TARGETS, [target])
+    info = running()
+    if info is not None:
+        return info, target, False
+    prometheus = Prometheus(CONFIG, RUN_DIR / "prometheus", port, RUN_DIR / "prometheus.log")
+    prometheus.start(timeout, detach=True)
+    info = {"pid": prometheus.process.pid, "url": prometheus.url, "config": str(CONFIG),
+            "log": str(prometheus.log_file)}
+    _state_file().write_text(json.dumps(info, indent=2))
+    return info, target, True
+
+
+def stop(timeout: float = 30.0) -> int | None:
+    """Stop the Prometheus `make monitor` started: its pid, or None if none runs."""
+    info = running()
+    _state_file().unlink(missing_ok=True)
+    if info is None:
+        return None
+    pid = int(info["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Start/stop a background Prometheus on loopback (make monitor).")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--port", type=int, default=9090,
+                   help="loopback port of Prometheus' web UI and API (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.action == "start":
+        info, target, started = start(args.port, args.timeout)
+        print(f"prometheus {'ready' if started else 'already running'} (pid {info['pid']}, log {info['log']})")
+        print(f"  UI and API  {info['url']}  (alerts: {info['url']}/alerts)")
+        print(f"  scraping    {target}{'' if served() else ' (no server from `make serve` runs: Triton default)'}")
+    elif args.action == "stop":
+        pid = stop()
+        print(f"stopped prometheus (pid {pid})" if pid else "no prometheus started by `make monitor` runs")
+    else:
+        info = running()
+        print(json.dumps(info, indent=2) if info else "not running")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except MonitorError as exc:
+        sys.exit(f"serving.monitor: {exc}")

@@ -1,0 +1,170 @@
+"""deploy/monitoring/: promtool checks the config and runs the rules' unit tests; a real Prometheus that
+scrapes a real tritonserver under load answers every recording rule and every dashboard query."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.contract import ENSEMBLE
+from serving.monitor import CONFIG, MONITORING, TARGETS, Prometheus, scrape_target, write_targets
+from serving.server import free_port
+
+ROOT = MONITORING.parent.parent
+RULES = MONITORING / "rules"
+UNIT_TESTS = sorted((RULES / "tests").glob("*.yml"))
+DASHBOARD = MONITORING / "dashboard.json"
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """promtool, installed with `make prometheus-setup` (as root) where missing."""
+    if shutil.which("promtool") is None or shutil.which("prometheus") is None:
+        subprocess.run(["make", "--no-print-directory", "prometheus-setup"], cwd=ROOT, capture_output=True)
+    found = shutil.which("promtool")
+    if found is None or shutil.which("prometheus") is None:
+        pytest.skip("no prometheus/promtool and `make prometheus-setup` could not install them "
+                    "(needs root: sudo apt-get install prometheus)")
+    return found
+
+
+def run_promtool(promtool: str, *args: str) -> str:
+    done = subprocess.run([promtool, *args], cwd=MONITORING, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def rules(name: str) -> list[dict]:
+    return [r for g in yaml.safe_load((RULES / name).read_text())["groups"] for r in g["rules"]]
+
+
+def dashboard_queries() -> list[str]:
+    """Every panel query, and every variable's label_values() selector, as PromQL for all servers and models."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    exprs += [re.fullmatch(r"label_values\((.*), \w+\)", v["query"]["query"]).group(1)
+              for v in board["templating"]["list"] if v["type"] == "query"]
+    return [e.replace("$instance", ".*").replace("$model", ".*") for e in exprs]
+
+
+# ---- promtool ------------------------------------------------------------------------------------
+
+def test_promtool_checks_the_config_and_the_rules(promtool):
+    out = run_promtool(promtool, "check", "config", "prometheus.yml")
+    assert "SUCCESS: 2 rule files found" in out
+    run_promtool(promtool, "check", "rules", "rules/recording.yml", "rules/alerts.yml")
+
+
+def test_promtool_rule_unit_tests_pass(promtool):
+    run_promtool(promtool, "test", "rules", *(str(p.relative_to(MONITORING)) for p in UNIT_TESTS))
+
+
+def test_every_alert_has_a_firing_and_a_not_firing_unit_test():
+    cases = [case for path in UNIT_TESTS for test in yaml.safe_load(path.read_text())["tests"]
+             for case in test.get("alert_rule_test", [])]
+    for alert in (r["alert"] for r in rules("alerts.yml")):
+        mine = [c for c in cases if c["alertname"] == alert]
+        assert any(c["exp_alerts"] for c in mine), f"{alert}: no unit test where it fires"
+        assert any(not c["exp_alerts"] for c in mine), f"{alert}: no unit test where it does not fire"
+
+
+def test_every_recording_rule_has_a_unit_test():
+    tested = {case["expr"] for path in UNIT_TESTS for test in yaml.safe_load(path.read_text())["tests"]
+              for case in test.get("promql_expr_test", [])}
+    assert {r["record"] for r in rules("recording.yml")} <= tested
+
+
+def test_the_alerts_name_the_served_ensemble():
+    named = {r["alert"] for r in rules("alerts.yml") if f'model="{ENSEMBLE}"' in r["expr"]}
+    assert named == {"TritonModelNotReady", "TritonP99LatencyOverBudget"}
+
+
+# ---- the dashboard and the scrape target ---------------------------------------------------------
+
+def test_dashboard_panels_use_the_datasource_variable():
+    board = json.loads(DASHBOARD.read_text())
+    assert any(v["name"] == "datasource" and v["type"] == "datasource" for v in board["templating"]["list"])
+    for panel in board["panels"]:
+        for source in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
+            assert source == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    titles = " ".join(p["title"] for p in board["panels"]).lower()
+    for wanted in ("throughput", "p50 / p99", "queue vs compute", "batch size", "failures by reason", "cpu", "memory"):
+        assert wanted in titles
+
+
+def test_the_scrape_target_follows_make_serve(tmp_path):
+    assert scrape_target(None) == "127.0.0.1:8002"
+    assert scrape_target({"metrics": "http://127.0.0.1:18002/metrics"}) == "127.0.0.1:18002"
+    config = yaml.safe_load(CONFIG.read_text())
+    (files,) = [sd["files"] for job in config["scrape_configs"] for sd in job["file_sd_configs"]]
+    assert [(CONFIG.parent / f).resolve() for f in files] == [(ROOT / TARGETS).resolve()]
+    write_targets(tmp_path / "targets.json", ["127.0.0.1:1"])
+    assert json.loads((tmp_path / "targets.json").read_text()) == [{"targets": ["127.0.0.1:1"], "labels": {}}]
+
+
+# ---- a real Prometheus scraping a real server ------------------------------------------------------
+
+def loopback_config(tmp_path: Path, target: str) -> Path:
+    """The committed config with a 1 s scrape and evaluation, absolute rule paths and this test's target."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str((CONFIG.parent / f).resolve()) for f in config["rule_files"]]
+    targets = tmp_path / "targets.json"
+    write_targets(targets, [target])
+    for job in config["scrape_configs"]:
+        for sd in job["file_sd_configs"]:
+            sd["files"] = [str(targets)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def finite(result: list[dict]) -> bool:
+    return any(math.isfinite(float(series["value"][1])) for series in result)
+
+
+@pytest.mark.slow
+def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, tmp_path, photos):
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import write_repository
+    from clients.client import ClassificationError, ImageClassifierClient
+    from serving.server import TritonServer
+
+    repo = tmp_path / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
+    images = list(photos.values())
+    recorded = [r["record"] for r in rules("recording.yml")]
+    queries = [r["expr"] for r in rules("recording.yml")] + recorded + dashboard_queries()
+    with TritonServer(repo, log_file=tmp_path / "tritonserver.log",
+                      extra_args=["--metrics-config=summary_latencies=true"]) as server, \
+            ImageClassifierClient(server.http_url, "http") as client:
+        target = scrape_target({"metrics": server.metrics_url})
+        with Prometheus(loopback_config(tmp_path, target), tmp_path / "data", free_port(),
+                        tmp_path / "prometheus.log") as prometheus:
+            missing = queries
+            for _ in range(120):  # bounded: a few requests, then ask again
+                for i in range(4):
+                    client.classify([images[i % len(images)]] * (1 + i % 3), top_k=1)
+                with pytest.raises(ClassificationError):
+                    client.classify([b"not an image"], top_k=1)
+                missing = [q for q in missing if not finite(prometheus.query(q))]
+                if not missing:
+                    break
+            assert not missing, f"no data from Prometheus for: {missing}; see {tmp_path}/prometheus.log"
+            assert {s["metric"]["model"] for s in prometheus.query("triton:requests:rate1m")} >= {ENSEMBLE}
+            assert prometheus.query('triton:request_failures:rate1m{model="%s"} > 0' % ENSEMBLE)
+            # the server is up with its models and summaries: these alerts' conditions are false
+            for rule in rules("alerts.yml"):
+                if rule["alert"] in ("TritonServerDown", "TritonModelNotReady", "TritonLatencySummariesOff"):
+                    assert prometheus.query(rule["expr"]) == [], rule["alert"]
+            with urllib.request.urlopen(f"{prometheus.url}/api/v1/rules", timeout=10) as answer:
+                groups = json.load(answer)["data"]["groups"]
+            unhealthy = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
+            assert not unhealthy
