@@ -119,8 +119,9 @@ def mixed_beside_plain(artifacts: Path, built, config: PreprocessConfig, images,
     if plain.passed or max_float < 1:
         return
 
-    def passes(_: Path) -> bool:
-        return validate.validate(artifacts, ["int8-cpu-mixed"], images, config, validate.THRESHOLDS, labels)[1].passed
+    def passes(_: Path) -> tuple[bool, str]:
+        report = validate.validate(artifacts, ["int8-cpu-mixed"], images, config, validate.THRESHOLDS, labels)[1]
+        return report.passed, validate.gate_summary(report)
 
     kept = mixed.search(artifacts / MODEL_ONNX, built.calibration, built.layout, out, built.images, config, passes,
                         max_float)

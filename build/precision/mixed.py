@@ -105,11 +105,11 @@ def float_nodes(path: Path) -> list[str]:
 
 
 def search(model_path: Path, calibration: Calibration, layout: str, out: Path, images: ImageSet,
-           config: PreprocessConfig, passes: Callable[[Path], bool], max_float: int,
+           config: PreprocessConfig, passes: Callable[[Path], tuple[bool, str]], max_float: int,
            log: Callable[[str], None] = print) -> list[str] | None:
     """Write to `out` the INT8 CPU file with the fewest float layers (ranked on `images`) that `passes`
-    (the gate, on other images); the float layers, or None (and `out` as with `max_float` layers) when
-    none within `max_float` passes."""
+    (the gate, on other images: verdict and a few words on its figure); the float layers, or None (and
+    `out` as with `max_float` layers) when none within `max_float` passes."""
     ranking = rank_layers(model_path, calibration, layout, images, config)
     log(("reusing the layer ranking" if ranking.reused else "ranked the layers") +
         f" ({len(ranking.nodes)} weighted layers on {images.description}; all quantized: mean |dp| "
@@ -118,8 +118,9 @@ def search(model_path: Path, calibration: Calibration, layout: str, out: Path, i
         kept = ranking.nodes[:count]
         quantize.quantize(model_path, calibration, "cpu", out, exclude_nodes=kept, cpu_layout=layout)
         stamp_float_nodes(out, kept)
-        ok = passes(out)
-        log(f"mixed precision: {count} layer(s) in float ({', '.join(kept)}): gate {'PASS' if ok else 'FAIL'}")
+        ok, figure = passes(out)
+        log(f"mixed precision: {count} layer(s) in float: gate {'PASS' if ok else 'FAIL'} ({figure}); "
+            f"added {kept[-1]}")
         if ok:
             return kept
     return None

@@ -103,11 +103,11 @@ def mixed_precision(artifacts: Path, built: Int8Build, options: VariantOptions, 
     reports for the file that passed, or None."""
     passed: list[list[validate.VariantReport]] = []
 
-    def gate(_: Path) -> bool:
+    def gate(_: Path) -> tuple[bool, str]:
         reports = validate.validate(artifacts, ["int8-cpu"], held_out, config, options.thresholds, labels)
         if reports[1].passed:
             passed.append(reports)
-        return reports[1].passed
+        return reports[1].passed, validate.gate_summary(reports[1])
 
     log(f"int8-cpu failed the gate: searching for the fewest layers to keep in float (at most "
         f"{options.max_float_layers}; --int8-max-float-layers)")
@@ -160,6 +160,8 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
             log(validate.format_table(reports))
     if chosen.passed:
         return Deployable(artifacts / chosen.file, wanted, precision, reports)
+    if not chosen.passed and wanted == "int8-cpu" and built is not None and options.max_float_layers > 0:
+        chosen.reason += f" (and with up to {options.max_float_layers} layers in float)"
     if not options.allow_fallback:
         raise GateFailed(f"{wanted} failed the accuracy gate and is not deployed: {chosen.reason} "
                          "(use a representative --held-out set, another --calibration-method, or "
