@@ -1,10 +1,14 @@
 """Classify image files with a running Triton server.
 
     python -m clients.classify cat.jpg dog.png --protocol grpc --top-k 5
-    python -m clients.classify photos/*.jpg --batch          # all images in one request
+    python -m clients.classify photos/*.jpg --batch          # requests of up to max_batch_size images
     python -m clients.classify photos/*.jpg --async          # one request per image, concurrently
+    python -m clients.classify cat.jpg --url http://127.0.0.1:8200
 
-Prints label and probability per image; exits non-zero if any image failed, naming it.
+Without --url: the server `make serve` started (its ports are in .run/tritonserver.json) while it
+runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
+image; exits non-zero if any image failed, naming it. A wrong or missing server is one line that says
+what answers at the URL and what to use instead.
 """
 from __future__ import annotations
 
@@ -15,19 +19,26 @@ import re
 import sys
 from pathlib import Path
 
-from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageClassifierClient,
-                            ClassificationError, ImageClassifierClient, Prediction)
+from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageClassifierClient, ClassificationError,
+                            ImageClassifierClient, Prediction, ServerUnavailable)
+from clients.endpoint import split_url
+from serving.server import served
+
+READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Classify images with the Triton image_classifier ensemble.")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
-    p.add_argument("--url", default=None, help="host:port (default: %s)" % DEFAULT_URLS)
-    p.add_argument("--protocol", default="http", choices=PROTOCOLS, help="(default: %(default)s)")
+    p.add_argument("--url", default=None,
+                   help="[http:// | grpc://]host:port (default: the server `make serve` started, while it runs; "
+                        "else %s)" % DEFAULT_URLS)
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="(default: the --url scheme's, else http)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="(default: %(default)s)")
     p.add_argument("--top-k", type=int, default=5, help="(default: %(default)s)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--batch", action="store_true", help="send all images in one request")
+    mode.add_argument("--batch", action="store_true",
+                      help="send the images in as few requests as the model's max_batch_size allows")
     mode.add_argument("--async", dest="use_async", action="store_true",
                       help="one request per image, sent concurrently with asyncio")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -38,6 +49,14 @@ Outcome = list[Prediction] | ClassificationError
 Outcomes = list[tuple[str, Outcome]]  # one per argument, in order: a path given twice is classified twice
 
 
+def server_url(url: str | None, protocol: str | None, running: dict | None) -> tuple[str, str]:
+    """(protocol, host:port): --url, else the server `make serve` started (`running`), else Triton's default."""
+    if url:
+        return split_url(url, protocol)
+    protocol = protocol or "http"
+    return split_url((running or DEFAULT_URLS)[protocol], protocol)
+
+
 def read_images(paths: list[str]) -> list[tuple[str, bytes | ClassificationError]]:
     """(path, bytes) per argument; a file that cannot be read is that image's failure, not the run's."""
     images = []
@@ -45,7 +64,8 @@ def read_images(paths: list[str]) -> list[tuple[str, bytes | ClassificationError
         try:
             images.append((name, Path(name).read_bytes()))
         except OSError as exc:
-            images.append((name, ClassificationError(f"cannot read the file: {exc.strerror or exc}", "local")))
+            status = READ_STATUS.get(type(exc), "INVALID_ARGUMENT")
+            images.append((name, ClassificationError(f"cannot read the file: {exc.strerror or exc}", status)))
     return images
 
 
@@ -57,26 +77,35 @@ def classify_files(args: argparse.Namespace) -> Outcomes:
 
 
 def _classify(args: argparse.Namespace, images: list[bytes]) -> list[Outcome]:
-    """One outcome per image, in order, as the chosen mode (one by one, --batch or --async) sends them."""
+    """One outcome per image, in order, as the chosen mode (one by one, --batch or --async) sends them.
+    ServerUnavailable is no image's fault: it is raised, once."""
     if args.use_async:
         return asyncio.run(_classify_async(args, images))
     with ImageClassifierClient(args.url, args.protocol, args.model) as client:
         if args.batch:
-            try:
-                return client.classify(images, args.top_k)
-            except ClassificationError as exc:
-                return _blame(len(images), exc)
-        outcomes: list[Outcome] = []
-        for image in images:
-            try:
-                outcomes.append(client.classify([image], args.top_k)[0])
-            except ClassificationError as exc:
-                outcomes.append(exc)
-        return outcomes
+            return _batched(client, images, args.top_k)
+        return [outcome for image in images for outcome in _requested(client, [image], args.top_k)]
+
+
+def _requested(client: ImageClassifierClient, images: list[bytes], top_k: int) -> list[Outcome]:
+    """One request: its answers, or its error blamed on the images the server names."""
+    try:
+        return client.classify(images, top_k)
+    except ServerUnavailable:
+        raise
+    except ClassificationError as exc:
+        return _blame(len(images), exc)
+
+
+def _batched(client: ImageClassifierClient, images: list[bytes], top_k: int) -> list[Outcome]:
+    """Requests of at most the served model's max_batch_size images each."""
+    size = max(1, client.max_batch_size())
+    return [outcome for start in range(0, len(images), size)
+            for outcome in _requested(client, images[start:start + size], top_k)]
 
 
 def _blame(count: int, exc: ClassificationError) -> list[Outcome]:
-    """A batched request failed: the server's message names the bad items ("image 2: ...")."""
+    """A request failed: the server's message names the bad items of a batch ("image 2: ...")."""
     bad = {int(i) for i in re.findall(r"image (\d+):", str(exc))}
     innocent = ClassificationError("not classified: another image in the same request failed", exc.status)
     return [exc if (i in bad or not bad) else innocent for i in range(count)]
@@ -90,7 +119,11 @@ async def _classify_async(args: argparse.Namespace, images: list[bytes]) -> list
             except ClassificationError as exc:
                 return exc
 
-        return list(await asyncio.gather(*(one(image) for image in images)))
+        outcomes = list(await asyncio.gather(*(one(image) for image in images)))
+    unavailable = next((o for o in outcomes if isinstance(o, ServerUnavailable)), None)
+    if unavailable is not None:
+        raise unavailable
+    return outcomes
 
 
 def report(outcomes: Outcomes, as_json: bool) -> int:
@@ -112,8 +145,20 @@ def report(outcomes: Outcomes, as_json: bool) -> int:
     return failures
 
 
+def _served_hint(running: dict | None, url: str) -> str:
+    """Where the server `make serve` started answers, when the request went elsewhere."""
+    if not running or url in (running["http"], running["grpc"]):
+        return ""
+    return f" (the server `make serve` started: HTTP {running['http']}, gRPC {running['grpc']})"
+
+
 def main(args: argparse.Namespace) -> int:
-    return report(classify_files(args), args.json)
+    running = served()
+    args.protocol, args.url = server_url(args.url, args.protocol, running)
+    try:
+        return report(classify_files(args), args.json)
+    except ServerUnavailable as exc:
+        raise ServerUnavailable(f"{exc}{_served_hint(running, args.url)}") from None
 
 
 if __name__ == "__main__":

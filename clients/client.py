@@ -7,20 +7,28 @@
 
 `classify` asks Triton's classification extension for the top k (scores and labels computed on the
 server); `probabilities` returns the full probability vectors. Several images go in one request.
-Server-side errors raise ClassificationError carrying Triton's status and message.
+The URL may carry a scheme (`http://`, `grpc://`, which then sets the protocol). Server-side errors
+raise ClassificationError carrying a gRPC status name (HTTP 400 is INVALID_ARGUMENT too) and the
+server's message; when no server of the client's protocol answers at the URL (nothing listens, or it
+is the other protocol's or the metrics port), ServerUnavailable says what answers there instead.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import http.client
 from typing import Sequence
 
 import numpy as np
 
+from clients.endpoint import DEFAULT_URLS, NAMES, PROTOCOLS, split_url, what_answers, wrong_endpoint
+
+__all__ = ["AsyncImageClassifierClient", "ClassificationError", "DEFAULT_MODEL", "DEFAULT_URLS",
+           "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerUnavailable", "status_name"]
+
 IMAGE_INPUT = "IMAGE"
 PROBABILITIES = "PROBABILITIES"
 DEFAULT_MODEL = "image_classifier"
-PROTOCOLS = ("http", "grpc")
-DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,16 +39,40 @@ class Prediction:
 
 
 UNAVAILABLE = "UNAVAILABLE"  # the status of a request that never reached a server
+# One status vocabulary, gRPC's names; HTTP status codes map onto them as Triton maps its own errors.
+HTTP_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+               405: "UNIMPLEMENTED", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
+               500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
+                           "PERMISSION_DENIED", "UNAUTHENTICATED"})
+# What a wrong or missing endpoint looks like (gRPC: UNAVAILABLE; HTTP: 404 / 405 from another server).
+PROBED = frozenset({UNAVAILABLE, "NOT_FOUND", "UNIMPLEMENTED", "UNKNOWN"})
+
+
+def status_name(status) -> str:
+    """'400' -> 'INVALID_ARGUMENT', 'StatusCode.UNAVAILABLE' -> 'UNAVAILABLE', None -> 'UNKNOWN'."""
+    text = "" if status is None else str(status)
+    if text.isdigit():
+        code = int(text)
+        return HTTP_STATUS.get(code, "FAILED_PRECONDITION" if 400 <= code < 500 else "UNKNOWN")
+    return text.removeprefix("StatusCode.") or "UNKNOWN"
 
 
 class ClassificationError(RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
-        self.status = status  # e.g. "400" (HTTP) or "StatusCode.INVALID_ARGUMENT" (gRPC)
+        self.status = status  # a gRPC status name: "INVALID_ARGUMENT", "UNAVAILABLE", "NOT_FOUND", ...
 
     @property
     def is_client_error(self) -> bool:
-        return self.status is not None and (self.status.startswith("4") or "INVALID_ARGUMENT" in self.status)
+        return self.status in CLIENT_ERRORS
+
+
+class ServerUnavailable(ClassificationError):
+    """No server of the client's protocol answers at its URL; the message says what does and what to use."""
+
+    def __init__(self, message: str):
+        super().__init__(message, UNAVAILABLE)
 
 
 def _module(protocol: str, asynchronous: bool):
@@ -57,6 +89,19 @@ def _module(protocol: str, asynchronous: bool):
     else:
         raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
     return module
+
+
+def _transport_errors(protocol: str, asynchronous: bool) -> tuple[type[Exception], ...]:
+    """What the protocol's client raises, besides its InferenceServerException, when the far end is no
+    server of its protocol: refused or reset connections, replies that are not HTTP, bodies that are
+    not JSON (gRPC reports all of it as UNAVAILABLE)."""
+    if protocol == "grpc":
+        return (OSError,)
+    if asynchronous:
+        import aiohttp
+
+        return (OSError, ValueError, aiohttp.ClientError)
+    return (OSError, ValueError, http.client.HTTPException)  # geventhttpclient's HTTPParseError is one
 
 
 def parse_classification(entry: bytes | str) -> Prediction:
@@ -83,48 +128,86 @@ def _top_k(result, count: int) -> list[list[Prediction]]:
     return [[parse_classification(e) for e in row] for row in rows]
 
 
-def _error(exc) -> ClassificationError:
-    status = exc.status() if hasattr(exc, "status") else None
-    message = exc.message() if hasattr(exc, "message") else str(exc)
-    return ClassificationError(message, None if status is None else str(status))
+def _check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def _unreachable(url: str, exc: OSError) -> ClassificationError:
-    return ClassificationError(f"cannot reach the server at {url} over HTTP: {exc}", UNAVAILABLE)
+def _max_batch_size(config: dict) -> int:
+    """The model config's max_batch_size (gRPC nests the config under "config")."""
+    return int(config.get("config", config).get("max_batch_size", 0))
 
 
-class ImageClassifierClient:
-    """Blocking client. `url` is host:port (HTTP 8000, gRPC 8001 by default)."""
+class _Client:
+    """What the sync and async clients share: the URL, the tritonclient module, and turning its
+    errors into ClassificationError / ServerUnavailable."""
 
-    def __init__(self, url: str | None = None, protocol: str = "http", model: str = DEFAULT_MODEL,
+    asynchronous = False
+
+    def __init__(self, url: str | None = None, protocol: str | None = None, model: str = DEFAULT_MODEL,
                  timeout_s: float = 60.0):
-        self.protocol, self.model = protocol, model
-        self._module = _module(protocol, asynchronous=False)
-        url = url or DEFAULT_URLS[protocol]
-        if protocol == "http":
-            self._client = self._module.InferenceServerClient(url, connection_timeout=timeout_s,
-                                                              network_timeout=timeout_s)
-        else:
-            self._client = self._module.InferenceServerClient(url)
-        self._timeout, self._url = timeout_s, url
+        self.protocol, self.url = split_url(url or DEFAULT_URLS[protocol or "http"], protocol)
+        self.model, self._timeout = model, timeout_s
+        self._module = _module(self.protocol, self.asynchronous)
+        self._transport = _transport_errors(self.protocol, self.asynchronous)
+        self._client = self._module.InferenceServerClient(self.url, **self._client_options())
+
+    def _client_options(self) -> dict:
+        if self.protocol == "grpc":
+            return {}
+        if self.asynchronous:
+            return {"conn_timeout": self._timeout}
+        return {"connection_timeout": self._timeout, "network_timeout": self._timeout}
+
+    def _call_options(self) -> dict:
+        return {"client_timeout": self._timeout} if self.protocol == "grpc" else {}
+
+    def _config_options(self) -> dict:
+        return {"as_json": True} if self.protocol == "grpc" else {}
+
+    def _failure(self, exc: Exception) -> ClassificationError | None:
+        """Our error for what a tritonclient call raised (None: not a server or transport error)."""
+        if isinstance(exc, self._module.InferenceServerException):
+            message = exc.message() if hasattr(exc, "message") else str(exc)
+            return ClassificationError(message, status_name(exc.status() if hasattr(exc, "status") else None))
+        if isinstance(exc, self._transport):
+            return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {exc}", UNAVAILABLE)
+        return None
+
+    def _explain(self, error: ClassificationError, answer: str) -> ClassificationError:
+        """`error`, or what answers at the URL when that is no server of this protocol."""
+        message = wrong_endpoint(self.url, self.protocol, answer)
+        if message:
+            return ServerUnavailable(message)
+        return ServerUnavailable(str(error)) if error.status == UNAVAILABLE else error
+
+
+class ImageClassifierClient(_Client):
+    """Blocking client. `url` is [http:// | grpc://]host:port (HTTP 8000, gRPC 8001 by default)."""
+
+    def _call(self, method, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - _failure picks what is ours to translate
+            error = self._failure(exc)
+            if error is None:
+                raise
+        raise self._explain(error, what_answers(self.url)) if error.status in PROBED else error
 
     def is_ready(self) -> bool:
-        return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
+        return bool(self._call(self._client.is_server_ready) and self._call(self._client.is_model_ready, self.model))
+
+    def max_batch_size(self) -> int:
+        """The served model's max_batch_size (images per request), from its config."""
+        return _max_batch_size(self._call(self._client.get_model_config, self.model, **self._config_options()))
 
     def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        kwargs = {"client_timeout": self._timeout} if self.protocol == "grpc" else {}
-        try:
-            return self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
-        except self._module.InferenceServerException as exc:
-            raise _error(exc) from None
-        except OSError as exc:  # HTTP: connection refused or reset (gRPC reports these as UNAVAILABLE)
-            raise _unreachable(self._url, exc) from None
+        return self._call(self._client.infer, self.model, inputs, outputs=outputs, **self._call_options())
 
     def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         """One request; the top `top_k` predictions of each image, best first."""
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        _check_top_k(top_k)
         return _top_k(self._infer(images, top_k), len(images))
 
     def probabilities(self, images: Sequence[bytes]) -> np.ndarray:
@@ -141,36 +224,35 @@ class ImageClassifierClient:
         self.close()
 
 
-class AsyncImageClassifierClient:
+class AsyncImageClassifierClient(_Client):
     """asyncio client with the same methods as ImageClassifierClient (awaitable)."""
 
-    def __init__(self, url: str | None = None, protocol: str = "http", model: str = DEFAULT_MODEL,
-                 timeout_s: float = 60.0):
-        self.protocol, self.model = protocol, model
-        self._module = _module(protocol, asynchronous=True)
-        url = url or DEFAULT_URLS[protocol]
-        if protocol == "http":
-            self._client = self._module.InferenceServerClient(url, conn_timeout=timeout_s)
-        else:
-            self._client = self._module.InferenceServerClient(url)
-        self._timeout, self._url = timeout_s, url
+    asynchronous = True
+
+    async def _call(self, method, *args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - _failure picks what is ours to translate
+            error = self._failure(exc)
+            if error is None:
+                raise
+        if error.status in PROBED:
+            error = self._explain(error, await asyncio.to_thread(what_answers, self.url))
+        raise error
 
     async def is_ready(self) -> bool:
-        return bool(await self._client.is_server_ready() and await self._client.is_model_ready(self.model))
+        return bool(await self._call(self._client.is_server_ready)
+                    and await self._call(self._client.is_model_ready, self.model))
+
+    async def max_batch_size(self) -> int:
+        return _max_batch_size(await self._call(self._client.get_model_config, self.model, **self._config_options()))
 
     async def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        kwargs = {"client_timeout": self._timeout} if self.protocol == "grpc" else {}
-        try:
-            return await self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
-        except self._module.InferenceServerException as exc:
-            raise _error(exc) from None
-        except OSError as exc:  # HTTP: connection refused or reset (gRPC reports these as UNAVAILABLE)
-            raise _unreachable(self._url, exc) from None
+        return await self._call(self._client.infer, self.model, inputs, outputs=outputs, **self._call_options())
 
     async def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        _check_top_k(top_k)
         return _top_k(await self._infer(images, top_k), len(images))
 
     async def probabilities(self, images: Sequence[bytes]) -> np.ndarray:

@@ -1,7 +1,9 @@
 """`make demo`'s last step: start a real tritonserver, classify the bundled photos over HTTP and
 gRPC, print the top-5, check the answers, stop the server. Exits non-zero if any check fails.
 
-    python -m clients.demo --model-repository model_repository
+    python -m clients.demo --model-repository model_repository [--http-port 8100 --grpc-port 8101 --metrics-port 8102]
+
+Its server takes free loopback ports unless told which, so it runs beside a server `make serve` started.
 """
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from clients.client import ImageClassifierClient, Prediction
+from clients.client import ClassificationError, ImageClassifierClient, Prediction
 from common.samples import CAT_CLASSES, ESPRESSO, sample_photos
-from serving.server import TritonServer
+from serving.server import Ports, ServerError, TritonServer
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "motorcycle", "horse", "grace_hopper", "china", "flower"]
 
@@ -55,14 +57,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the ImageNet answer checks (for models trained on other classes)")
     p.add_argument("--log-file", default=".run/demo-tritonserver.log", help="(default: %(default)s)")
+    for name in ("http", "grpc", "metrics"):
+        p.add_argument(f"--{name}-port", type=int, default=None, help="(default: a free port)")
     return p
+
+
+def demo_ports(args: argparse.Namespace) -> Ports:
+    """The ports asked for; free loopback ports for the others."""
+    free = Ports.free()
+    return Ports(args.http_port or free.http, args.grpc_port or free.grpc, args.metrics_port or free.metrics)
 
 
 def main(args: argparse.Namespace) -> int:
     photos = sample_photos([n for n in PHOTOS if n in sample_photos()])
     Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
     print(f"starting tritonserver on {args.model_repository} (log: {args.log_file}) ...")
-    with TritonServer(args.model_repository, log_file=args.log_file) as server:
+    with TritonServer(args.model_repository, demo_ports(args), log_file=args.log_file) as server:
         print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}")
         problems = run_demo(server, photos, args.top_k, args.check)
     print("\nserver stopped.")
@@ -75,4 +85,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (ServerError, ClassificationError, OSError) as exc:
+        sys.exit(f"clients.demo: {exc}")

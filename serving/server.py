@@ -112,7 +112,8 @@ class TritonServer:
         taken = self.ports.in_use(self.address)
         if taken:
             raise ServerError(f"{', '.join(taken)} on {self.address} already in use (another server?): stop it, or "
-                              "choose other ports (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...)")
+                              "choose other ports (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...; "
+                              "python -m clients.demo --http-port ...)")
         project_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
@@ -201,9 +202,20 @@ def _is_tritonserver(pid: int) -> bool:
         return True
 
 
+def served() -> dict | None:
+    """What `make serve` recorded (pid, http and grpc host:port, metrics URL, log) while that server
+    runs; None if there is none. The clients default to its ports."""
+    try:
+        info = json.loads(_state_file().read_text())
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if _pid_alive(pid) and _is_tritonserver(pid) else None
+
+
 def serve(args: argparse.Namespace) -> dict:
     state = _state_file()
-    if state.exists() and _pid_alive(json.loads(state.read_text())["pid"]):
+    if served() is not None:
         raise ServerError(f"a server started by `make serve` is already running ({state}); `make stop` first")
     RUN_DIR.mkdir(exist_ok=True)
     log_file = RUN_DIR / "tritonserver.log"
@@ -267,11 +279,8 @@ def main(args: argparse.Namespace) -> None:
             print(f"stopped tritonserver (pid {pid})" if running else
                   f"tritonserver (pid {pid}) had already exited; forgot it")
     else:
-        state = _state_file()
-        if state.exists() and _pid_alive(json.loads(state.read_text())["pid"]):
-            print(state.read_text())
-        else:
-            print("not running")
+        info = served()
+        print(json.dumps(info, indent=2) if info else "not running")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.labels import read_labels
 from common.preprocessing import PreprocessConfig
@@ -88,12 +89,14 @@ def _onnx_runner(model_path: Path):
     return lambda images: session.run([PROBABILITIES], {INPUT_NAME: images.numpy()})[0]
 
 
-def run_model(infer, split: data.Split, preprocess: PreprocessConfig, batch_size: int, workers: int):
+def run_model(infer, split: data.Split, preprocess: PreprocessConfig, batch_size: int, workers: int,
+              progress: bool = True):
     dataset = data.ImageFolderDataset(split, presets.EvalPreset(preprocess), draft_size=preprocess.resize)
     sampler = data.ShardedSampler(len(dataset), shuffle=False, pad=False)
     loader = data.make_loader(dataset, sampler, batch_size, workers, pin_memory=False)
     probabilities, labels, indices, bad = [], [], [], []
-    for images, batch_labels, batch_indices, batch_bad in loader:
+    for images, batch_labels, batch_indices, batch_bad in tqdm(loader, desc="evaluate", unit="batch", leave=False,
+                                                               disable=not progress):
         bad += batch_bad.tolist()
         if images is not None:
             probabilities.append(infer(images))
@@ -128,6 +131,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default: %(default)s)")
     p.add_argument("--top-misclassified", type=int, default=50, help="rows in misclassified.csv (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's choice (default: %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     return p
 
 
@@ -153,7 +157,8 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir) if args.output_dir else home / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
-    probabilities, labels, indices, bad = run_model(infer, split, preprocess, args.batch_size, args.workers)
+    probabilities, labels, indices, bad = run_model(infer, split, preprocess, args.batch_size, args.workers,
+                                                   args.progress)
     paths = [split.samples[i][0] for i in indices]
     summary = metrics_from_summary(summarize(probabilities, labels, len(classes)), len(classes), prefix="eval")
     confusion = np.array(summary.pop("confusion"))

@@ -22,8 +22,10 @@ module is the command line, and keeps their public names importable from `traini
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+from common.contract import EXPORT_JSON
 from common.labels import read_labels
 from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, PreprocessConfig
 from training import models
@@ -59,7 +61,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="export a training.train checkpoint, or a run directory (its best.pt)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="artifact directory (default: artifacts/efficientnet_lite0; with --checkpoint, "
-                             "artifacts/<run directory name>)")
+                             "artifacts/<run directory name>; --onnx needs one)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --output-dir that holds something other than an export of this "
+                             "same source")
     parser.add_argument("--atol", type=float, default=1e-4, help="max |logits diff| PyTorch vs ONNX Runtime (default: %(default)s)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset for exports (default: %(default)s)")
     parser.add_argument("--exporter", default="auto", choices=EXPORTERS, help="torch ONNX exporter (default: %(default)s)")
@@ -76,28 +81,73 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+SOURCE_FILE = {"onnx": "path", "checkpoint": "checkpoint"}  # export.json "source" key of each kind's file
+
+
+def _held_source(out_dir: Path) -> dict:
+    """export.json's "source" in `out_dir` ({} if there is none)."""
+    try:
+        held = json.loads((out_dir / EXPORT_JSON).read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+def _describe(held: dict) -> str:
+    if held.get("kind") == "bundled":
+        return f"the bundled model ({held.get('model')})"
+    if held.get("kind") in SOURCE_FILE:
+        return f"an export of {held.get(SOURCE_FILE[held['kind']])}"
+    return "files that training.export did not write"
+
+
+def check_output_dir(out_dir: Path, kind: str, source: Path | None, force: bool) -> None:
+    """Refuse (ValueError) to write into a non-empty `out_dir` unless `force`, or its export.json says it
+    is an export of the same source: the same `kind` (bundled, checkpoint, onnx) and `source` file."""
+    if force or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    held = _held_source(out_dir)
+    held_file = held.get(SOURCE_FILE.get(kind, ""))
+    same_file = source is None or (held_file is not None and Path(held_file).resolve() == source.resolve())
+    if held.get("kind") == kind and same_file:
+        return
+    raise ValueError(f"{out_dir} already holds {_describe(held)}: choose another --output-dir, "
+                     "or pass --force to replace it")
+
+
 def main(args: argparse.Namespace) -> ExportResult:
     if args.checkpoint is not None:
         return _main_checkpoint(args)
+    if args.onnx is not None:
+        return _main_onnx(args)
     if args.output_dir is None:
         args.output_dir = Path("artifacts/efficientnet_lite0")
-    if args.onnx is not None:
-        if args.labels is None:
-            raise ValueError("--onnx needs --labels")
-        preprocess = PreprocessConfig(
-            resize=args.resize_size, crop=args.input_size, mean=tuple(args.mean), std=tuple(args.std),
-            interpolation=args.interpolation,
-        )
-        result = import_onnx(args.onnx, args.output_dir, read_labels(args.labels), preprocess, args.outputs)
-        for name, index in result.metadata["sample_top1"].items():
-            print(f"{name:14s} top-1 {index}")
-    else:
-        try:
-            result = export_bundled(args.output_dir, atol=args.atol, opset=args.opset, exporter=args.exporter)
-        except ParityError as exc:
-            print(exc.parity.report(models.imagenet_labels()))
-            raise
-        print(result.parity.report(models.imagenet_labels()))
+    check_output_dir(args.output_dir, "bundled", None, args.force)
+    try:
+        result = export_bundled(args.output_dir, atol=args.atol, opset=args.opset, exporter=args.exporter)
+    except ParityError as exc:
+        print(exc.parity.report(models.imagenet_labels()))
+        raise
+    print(result.parity.report(models.imagenet_labels()))
+    return _wrote(result)
+
+
+def _main_onnx(args: argparse.Namespace) -> ExportResult:
+    if args.labels is None or args.output_dir is None:
+        raise ValueError("--onnx needs --labels and --output-dir (a new folder, e.g. --output-dir artifacts/mine)")
+    check_output_dir(args.output_dir, "onnx", args.onnx, args.force)
+    preprocess = PreprocessConfig(
+        resize=args.resize_size, crop=args.input_size, mean=tuple(args.mean), std=tuple(args.std),
+        interpolation=args.interpolation,
+    )
+    labels = read_labels(args.labels)
+    result = import_onnx(args.onnx, args.output_dir, labels, preprocess, args.outputs, labels_name=str(args.labels))
+    for name, index in result.metadata["sample_top1"].items():
+        print(f"{name:14s} top-1 {labels[index]}")
+    return _wrote(result)
+
+
+def _wrote(result: ExportResult) -> ExportResult:
     onnx_meta = result.metadata["onnx"]
     print(f"wrote {result.out_dir}: model.onnx opset {onnx_meta['opset']} ({onnx_meta['exporter']}), sha256 {result.sha256[:16]}...")
     return result
@@ -106,6 +156,7 @@ def main(args: argparse.Namespace) -> ExportResult:
 def _main_checkpoint(args: argparse.Namespace) -> ExportResult:
     path = resolve_checkpoint_path(args.checkpoint)
     out_dir = args.output_dir or Path("artifacts") / (path.parent.name if path.parent.name else path.stem)
+    check_output_dir(out_dir, "checkpoint", path, args.force)
     try:
         result = export_checkpoint(path, out_dir, args.atol, args.opset, args.exporter, args.parity_images)
     except ParityError as exc:

@@ -2,19 +2,30 @@
 
 There is no source model to compare with: the checks are the graph's own (onnx.checker, a dynamic
 batch in ONNX Runtime, the class count) and sane outputs on the sample photos; export.json has
-`"parity": null` and the sample photos' top-1 instead.
+`"parity": null` and the sample photos' top-1 instead. The two mistakes people make most, a labels
+file that does not match the model and a model exported with a fixed batch size, are checked first
+and named in those words. A failed import leaves no folder it created behind.
 """
 from __future__ import annotations
 
+import contextlib
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
+from common.contract import LABELS_TXT
 from common.preprocessing import PreprocessConfig, load_files
 from common.samples import sample_photos
 from training.artifacts import ExportResult, file_sha256, temp_model, write_artifacts
-from training.onnx_graph import LOGITS, PROBABILITIES, canonicalize_classifier, check_onnx_file, run_onnxruntime
+from training.onnx_graph import (CHECK_BATCH_SIZES, INPUT_NAME, LOGITS, PROBABILITIES, canonicalize_classifier,
+                                 check_onnx_file, onnxruntime_session, run_onnxruntime)
+
+DYNAMIC_BATCH_HINT = ("export it again with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'<input>': "
+                      "{0: 'batch'}, '<output>': {0: 'batch'}}), or dynamic_shapes with dynamo=True)")
 
 
 def import_onnx(
@@ -23,42 +34,92 @@ def import_onnx(
     labels: list[str],
     preprocess: PreprocessConfig,
     outputs: str = LOGITS,
+    labels_name: str = LABELS_TXT,
 ) -> ExportResult:
     """Any single-input, single-output ONNX image classifier -> canonical artifact directory.
 
-    Checks: onnx.checker, ONNX Runtime at each of CHECK_BATCH_SIZES, and on the sample photos outputs of
-    shape [N, len(labels)] with finite values (probabilities summing to 1). Raises ValueError if
-    the graph cannot take a dynamic batch (e.g. a Reshape hard-coded to batch 1).
+    Checks: the class count against `labels` (read from `labels_name`, for the message), a dynamic
+    batch, onnx.checker, ONNX Runtime at each of CHECK_BATCH_SIZES, and on the sample photos outputs
+    of shape [N, len(labels)] with finite values (probabilities summing to 1). Raises ValueError
+    naming the problem; a folder this call created is removed again.
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not labels:
         raise ValueError("labels must not be empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = canonicalize_classifier(onnx.load(str(onnx_path)), outputs, preprocess.crop)
+    with _new_folder(out_dir):
+        tmp_model = temp_model(out_dir)
+        try:
+            onnx.save(model, str(tmp_model))
+            check_classes_and_batch(tmp_model, onnx_path, preprocess.input_shape, len(labels), labels_name)
+            try:
+                check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
+            except ValueError as exc:
+                raise ValueError(f"{onnx_path} cannot be made canonical: {exc}") from exc
+            return _write(tmp_model, onnx_path, out_dir, labels, preprocess, outputs)
+        finally:
+            tmp_model.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _new_folder(out_dir: Path):
+    """mkdir -p `out_dir`; if the block fails, remove the topmost folder this created (if any)."""
+    created = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out_dir
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def check_classes_and_batch(model_path: Path, onnx_path: Path, input_shape: tuple[int, int, int],
+                            num_classes: int, labels_name: str) -> None:
+    """Run the canonical model at each of CHECK_BATCH_SIZES; ValueError in the user's words if its class
+    count differs from the labels' or it only runs at its export batch size. ONNX Runtime's own log
+    is silenced here: its message is in the exception, once."""
+    session = onnxruntime_session(model_path)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # fatal only
+    for batch in CHECK_BATCH_SIZES:
+        try:
+            (first, *_) = session.run(None, {INPUT_NAME: np.zeros((batch, *input_shape), np.float32)}, quiet)
+        except Exception as exc:  # ORT raises its own exception types
+            raise ValueError(_batch_failure(onnx_path, batch, input_shape, exc)) from None
+        if first.shape[0] != batch:
+            raise ValueError(f"{onnx_path} answers {first.shape[0]} rows for a batch of {batch}: it was exported "
+                             f"with a fixed batch size; {DYNAMIC_BATCH_HINT}")
+        if first.shape[-1] != num_classes:
+            raise ValueError(f"the model has {first.shape[-1]} classes but {labels_name} has {num_classes} lines")
+
+
+def _batch_failure(onnx_path: Path, batch: int, input_shape: tuple[int, int, int], exc: Exception) -> str:
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).splitlines()[0])
+    if batch == CHECK_BATCH_SIZES[0]:
+        return f"ONNX Runtime cannot run {onnx_path} on a batch of shape {[batch, *input_shape]} ({reason})"
+    return (f"{onnx_path} runs at batch {CHECK_BATCH_SIZES[0]} but not at batch {batch}: it was exported with a "
+            f"fixed batch size; {DYNAMIC_BATCH_HINT} ({reason})")
+
+
+def _write(tmp_model: Path, onnx_path: Path, out_dir: Path, labels: list[str], preprocess: PreprocessConfig,
+           outputs: str) -> ExportResult:
+    """Sane outputs on the sample photos, then the artifact files (model.onnx last)."""
     photos = sample_photos()
     names = list(photos)
     images = load_files(photos.values(), preprocess)
-    tmp_model = temp_model(out_dir)
-    try:
-        onnx.save(model, str(tmp_model))
-        try:
-            check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
-        except ValueError as exc:
-            raise ValueError(f"{onnx_path} cannot be made canonical (dynamic batch, {len(labels)} classes): {exc}") from exc
-        results = run_onnxruntime(tmp_model, images)
-        for name, value in results.items():
-            if not np.isfinite(value).all():
-                raise ValueError(f"{name} has non-finite values on the sample photos")
-        sums = results[PROBABILITIES].sum(axis=1)
-        if not np.allclose(sums, 1.0, atol=1e-3):
-            raise ValueError(f"probabilities do not sum to 1 (sums {sums.min():.4f}..{sums.max():.4f})")
-        metadata = {
-            "source": {"kind": "onnx", "path": str(onnx_path), "sha256": file_sha256(onnx_path), "outputs": outputs},
-            "onnx": {"exporter": "import"},
-            "parity": None,
-            "sample_top1": dict(zip(names, results[PROBABILITIES].argmax(1).tolist())),
-        }
-        reference = {"images": images, "names": np.array(names), **results}
-        return write_artifacts(tmp_model, out_dir, labels, preprocess, reference, metadata)
-    finally:
-        tmp_model.unlink(missing_ok=True)
+    results = run_onnxruntime(tmp_model, images)
+    for name, value in results.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} has non-finite values on the sample photos")
+    sums = results[PROBABILITIES].sum(axis=1)
+    if not np.allclose(sums, 1.0, atol=1e-3):
+        raise ValueError(f"probabilities do not sum to 1 (sums {sums.min():.4f}..{sums.max():.4f})")
+    metadata = {
+        "source": {"kind": "onnx", "path": str(onnx_path), "sha256": file_sha256(onnx_path), "outputs": outputs},
+        "onnx": {"exporter": "import"},
+        "parity": None,
+        "sample_top1": dict(zip(names, results[PROBABILITIES].argmax(1).tolist())),
+    }
+    reference = {"images": images, "names": np.array(names), **results}
+    return write_artifacts(tmp_model, out_dir, labels, preprocess, reference, metadata)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from training import models
@@ -107,6 +108,15 @@ def main(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+def next_step(summary: dict) -> str:
+    """The command to run after this one: --resume while epochs are left, else export and build."""
+    run_dir = Path(summary["output_dir"])
+    if not summary["finished"]:
+        return f"next: the same command with --resume {run_dir} added, to train the epochs that are left"
+    return (f"next: make export-run RUN={run_dir}, then make engines ARTIFACTS=artifacts/{run_dir.name} "
+            f"(python -m training.export --checkpoint {run_dir}; make evaluate RUN={run_dir} for a per-class report)")
+
+
 if __name__ == "__main__":
     try:
         summary = main(get_args_parser().parse_args())
@@ -114,3 +124,4 @@ if __name__ == "__main__":
         sys.exit(f"error: {exc}")
     if summary["rank"] == 0:
         print(json.dumps({k: summary[k] for k in ("output_dir", "best")}, indent=2))
+        print(next_step(summary))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -226,11 +228,72 @@ def test_import_onnx_probabilities_model_gets_no_second_softmax(tmp_path):
 
 def test_import_onnx_refuses_fixed_batch_graph_and_wrong_labels(tmp_path):
     source = _export_fixed_batch(TinyNet(head="fixed-reshape"), tmp_path / "fixed.onnx")
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="fixed batch size"):
         export.import_onnx(source, tmp_path / "out", [str(i) for i in range(7)], TINY)
-    assert not (tmp_path / "out" / "model.onnx").exists()
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # the folder it created is gone again
 
     source = _export_fixed_batch(TinyNet(), tmp_path / "tiny.onnx")
-    with pytest.raises(ValueError, match="shape"):  # 7 classes, 5 labels
+    with pytest.raises(ValueError, match="the model has 7 classes but labels.txt has 5 lines"):
         export.import_onnx(source, tmp_path / "out", [str(i) for i in range(5)], TINY)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="7 classes"):
+        export.import_onnx(source, tmp_path / "kept", [str(i) for i in range(5)], TINY)
+    assert list((tmp_path / "kept").iterdir()) == []  # a folder it did not create stays
+
+
+# --- the import command line: nothing overwritten, errors in the user's words ---------------------
+
+LABELS = [f"label-{i}" for i in range(7)]
+TINY_ARGS = ["--input-size", "64", "--resize-size", "72"]
+
+
+def _import_cli(tmp_path: Path, source: Path, labels: list[str], *args: str) -> subprocess.CompletedProcess:
+    labels_file = tmp_path / f"labels{len(labels)}.txt"
+    labels_file.write_text("".join(f"{label}\n" for label in labels))
+    command = [sys.executable, "-m", "training.export", "--onnx", str(source), "--labels", str(labels_file),
+               *TINY_ARGS, *args]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def _one_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode != 0 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_import_cli_overwrites_nothing_it_did_not_make(tmp_path):
+    source = _export_fixed_batch(TinyNet(), tmp_path / "tiny.onnx")
+    assert "--output-dir" in _one_line(_import_cli(tmp_path, source, LABELS))
+    assert not (tmp_path / "artifacts").exists()
+
+    bundled = tmp_path / "artifacts" / "efficientnet_lite0"  # what the bundled export leaves
+    bundled.mkdir(parents=True)
+    (bundled / "model.onnx").write_bytes(b"the bundled model")
+    (bundled / "export.json").write_text(json.dumps({"source": {"kind": "bundled", "model": "bundled"}}))
+    refused = _one_line(_import_cli(tmp_path, source, LABELS, "--output-dir", str(bundled)))
+    assert "already holds the bundled model" in refused and "--force" in refused
+    assert (bundled / "model.onnx").read_bytes() == b"the bundled model"
+
+    mine = tmp_path / "artifacts" / "mine"
+    done = _import_cli(tmp_path, source, LABELS, "--output-dir", str(mine))
+    assert done.returncode == 0, done.stderr
+    assert _import_cli(tmp_path, source, LABELS, "--output-dir", str(mine)).returncode == 0  # same source: refreshed
+    other = _export_fixed_batch(TinyNet(), tmp_path / "other.onnx")
+    assert "already holds an export of" in _one_line(_import_cli(tmp_path, other, LABELS, "--output-dir", str(mine)))
+    forced = _import_cli(tmp_path, other, LABELS, "--output-dir", str(mine), "--force")
+    assert forced.returncode == 0 and json.loads((mine / "export.json").read_text())["source"]["path"] == str(other)
+
+
+def test_import_cli_errors_in_the_users_words(tmp_path):
+    source = _export_fixed_batch(TinyNet(), tmp_path / "tiny.onnx")
+    done = _import_cli(tmp_path, source, LABELS, "--output-dir", "artifacts/ok")
+    assert done.returncode == 0, done.stderr
+    printed = [line.split() for line in done.stdout.splitlines() if " top-1 " in line]
+    assert len(printed) == len(sample_photos()) and all(words[2] in LABELS for words in printed)  # labels, not indices
+
+    short = _one_line(_import_cli(tmp_path, source, LABELS[:3], "--output-dir", "artifacts/short"))
+    assert f"the model has 7 classes but {tmp_path / 'labels3.txt'} has 3 lines" in short
+    fixed = _export_fixed_batch(TinyNet(head="fixed-reshape"), tmp_path / "fixed.onnx")
+    message = _one_line(_import_cli(tmp_path, fixed, LABELS, "--output-dir", "artifacts/fixed"))
+    assert "exported with a fixed batch size" in message and "dynamic batch axis" in message
+    assert message.count("Gemm node") == 1  # ONNX Runtime's error once, not its log line too
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["ok"]  # failed imports left nothing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BROKEN = "-broken.png"  # sorts before the digits' NNNN.png: the first file of its class
 
 
-def _args(train_dir, val_dir, out, *extra: str):
-    return train.get_args_parser().parse_args([
+def _argv(train_dir, val_dir, out, *extra: str) -> list[str]:
+    return [
         "--data-dir", str(train_dir), "--val-dir", str(val_dir), "--output-dir", str(out),
         "--model", "timm/mobilenetv3_small_050", "--crop-size", "32", "--resize-size", "32", "--batch-size", "16",
         "--workers", "0", "--threads", "2", "--no-progress", "--no-tensorboard", *extra,
-    ])
+    ]
+
+
+def _args(train_dir, val_dir, out, *extra: str):
+    return train.get_args_parser().parse_args(_argv(train_dir, val_dir, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,24 @@ def test_cli_says_in_one_line_that_a_file_is_no_checkpoint(tmp_path):
         assert done.returncode == 1, done.stderr
         lines = done.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {junk} is not a readable training.train checkpoint")
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_training_ends_with_the_next_command_and_evaluation_shows_progress(small_digits, tmp_path):
+    out = tmp_path / "mine"
+    argv = _argv(*small_digits, out, "--epochs", "2", "--steps-per-epoch", "1")
+    first = _run("training.train", *argv, "--session-epochs", "1")
+    assert first.stdout.splitlines()[-1].startswith(f"next: the same command with --resume {out} added")
+    done = _run("training.train", *argv, "--resume", str(out))
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith(f"next: make export-run RUN={out}, then make engines ARTIFACTS=artifacts/mine")
+
+    evaluated = _run("training.evaluate", "--checkpoint", str(out), "--output-dir", str(tmp_path / "eval"))
+    assert re.search(r"evaluate: +\d+%.* \d/1 ", evaluated.stderr), evaluated.stderr  # a tqdm bar; 40 images: 1 batch
+    quiet = _run("training.evaluate", "--checkpoint", str(out), "--output-dir", str(tmp_path / "eval"), "--no-progress")
+    assert "evaluate:" not in quiet.stderr and "top-1" in quiet.stdout
