@@ -213,6 +213,11 @@ def served() -> dict | None:
     return info if _pid_alive(pid) and _is_tritonserver(pid) else None
 
 
+# `make serve` exports p50/p99 latency summaries, which `make monitor`'s rules and dashboard read
+# (deploy/monitoring, docs/operations.md).
+SERVE_EXTRA_ARGS = ["--metrics-config=summary_latencies=true"]
+
+
 def serve(args: argparse.Namespace) -> dict:
     state = _state_file()
     if served() is not None:
@@ -221,7 +226,7 @@ def serve(args: argparse.Namespace) -> dict:
     log_file = RUN_DIR / "tritonserver.log"
     log_file.write_bytes(b"")
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
-                          address=args.address, log_file=log_file)
+                          address=args.address, log_file=log_file, extra_args=SERVE_EXTRA_ARGS)
     server.start(timeout=args.timeout, detach=True)
     info = {"pid": server.process.pid, "http": server.http_url, "grpc": server.grpc_url,
             "metrics": server.metrics_url, "log": str(log_file), "model_repository": str(args.model_repository)}
