@@ -14,7 +14,7 @@ from pathlib import Path
 
 from build.precision import validate
 from build.repository import capabilities
-from build.precision.calibrate import METHODS
+from build.precision.calibrate import CACHE_METHODS
 from build.precision.quantize import CPU_LAYOUTS
 from build.repository.writer import write_repository
 from build.repository.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
@@ -29,7 +29,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="model_repository", help="repository to write (default: %(default)s)")
     p.add_argument("--backend", default=None, choices=BACKENDS, help="classifier backend (default: the spec's)")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="classifier precision (default: the spec's)")
-    p.add_argument("--calibration-method", default="max", choices=METHODS, help="for int8 (default: %(default)s)")
+    p.add_argument("--calibration-method", default="max", choices=CACHE_METHODS,
+                   help="for int8; qat: the cache python -m training.qat wrote (default: %(default)s)")
     p.add_argument("--calibration-images", default=None, help="folder (default: bundled calibration photos)")
     p.add_argument("--held-out", default=None, help="folder for the accuracy gate (default: bundled held-out photos)")
     p.add_argument("--min-agreement-fp16", type=float, default=validate.THRESHOLDS["fp16"], help="(default: %(default)s)")

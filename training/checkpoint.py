@@ -9,6 +9,8 @@ A checkpoint (`runs/<run>/checkpoint.pt` = last epoch, `best.pt` = best monitore
     preprocess                the eval PreprocessConfig (preprocess.json at export)
     data                      train/val folders, the validation files and their labels (evaluation, export parity)
     metrics                   that epoch's metrics
+    pruning                   (training.prune only) torch-pruning's history of removed channels and the input
+                              shape it was traced with: `model_from_checkpoint` replays it on the rebuilt network
 """
 from __future__ import annotations
 
@@ -70,9 +72,23 @@ def model_from_checkpoint(checkpoint: dict, weights: str | None = None) -> torch
     if checkpoint.get(key) is None:
         raise ValueError(f"checkpoint has no {key!r} weights; it has {[k for k in ('model', 'model_ema') if checkpoint.get(k)]}")
     arch = checkpoint["architecture"]
-    model = build_network(arch["name"], arch["num_classes"])
+    model = build_network(arch["name"], arch["num_classes"]).eval()
+    if checkpoint.get("pruning"):
+        replay_pruning(model, checkpoint["pruning"])
     model.load_state_dict(checkpoint[key])
     return model.eval()
+
+
+def replay_pruning(model: torch.nn.Module, pruning: dict) -> torch.nn.Module:
+    """Cut a freshly built network to a pruned checkpoint's shape, in place: torch-pruning removes the
+    channels its recorded history names (weights do not matter, only which channels went)."""
+    import torch_pruning as tp  # only pruned checkpoints need it
+
+    example = torch.zeros((1, *pruning["input_shape"]))
+    with torch.enable_grad():  # the dependency graph is traced through autograd
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph.load_pruning_history(pruning["history"])
+    return model
 
 
 def preprocess_from_checkpoint(checkpoint: dict) -> PreprocessConfig:

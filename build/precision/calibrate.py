@@ -30,9 +30,11 @@ from common.hashing import file_sha256
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 
-METHODS = ("max", "percentile", "entropy")
+METHODS = ("max", "percentile", "entropy")  # what this stage computes from images
+LEARNED_METHODS = ("qat",)  # caches that training writes (python -m training.qat); read here, never recomputed
+CACHE_METHODS = METHODS + LEARNED_METHODS
 CALIBRATOR_NAMES = {"max": "MinMaxCalibration", "percentile": "PercentileCalibration",
-                    "entropy": "EntropyCalibration2"}
+                    "entropy": "EntropyCalibration2", "qat": "MinMaxCalibration"}  # qat: moving-average min/max
 ALGORITHM_VERSION = 2  # bump when the statistics or threshold code changes: old caches are then redone
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
@@ -244,7 +246,11 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / f"{method}.cache"
     onnx_hash = file_sha256(model_path)
-    reason = "forced" if force else staleness(cache, onnx_hash, config, method, images, percentile)
+    learned = method in LEARNED_METHODS  # its scales come from training, not from `images`
+    reason = "forced" if force else staleness(cache, onnx_hash, config, method, None if learned else images, percentile)
+    if learned and reason is not None:
+        raise ValueError(f"calibration cache {cache} cannot be used: {reason}; a {method} cache is written by "
+                         f"python -m training.{method}, not calibrated here")
     if reason is None:
         calibration = load_calibration(cache)
         calibration.message = (f"reusing calibration cache {cache} (same ONNX sha256 {onnx_hash[:12]}, "

@@ -38,7 +38,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from build.precision import trt_qdq
-from build.precision.calibrate import METHODS, Calibration, load_calibration, staleness
+from build.precision.calibrate import CACHE_METHODS, LEARNED_METHODS, Calibration, load_calibration, staleness
 from common import cpu
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
@@ -193,8 +193,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
-    p.add_argument("--method", default="max", choices=METHODS,
-                   help="which calibration cache to use (default: %(default)s)")
+    p.add_argument("--method", default="max", choices=CACHE_METHODS,
+                   help="which calibration cache to use; qat: the one python -m training.qat wrote (default: %(default)s)")
     p.add_argument("--target", nargs="+", default=list(TARGETS), choices=TARGETS, help="(default: %(default)s)")
     p.add_argument("--cpu-format", default="qoperator", choices=sorted(CPU_FORMATS),
                    help="form of the CPU model (default: %(default)s, the faster one on CPU)")
@@ -208,15 +208,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[Path]:
     artifacts = Path(args.artifacts)
     cache = artifacts / "calibration" / f"{args.method}.cache"
+    remedy = (f"python -m training.{args.method}" if args.method in LEARNED_METHODS else "`make calibrate` "
+              f"(python -m build.precision.calibrate --artifacts {artifacts} --method {args.method})")
     if not cache.exists():
-        raise FileNotFoundError(f"no calibration cache {cache}: run `make calibrate` first")
+        raise FileNotFoundError(f"no calibration cache {cache}: run {remedy} first")
     model = artifacts / MODEL_ONNX
     config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     # The image set and percentile are calibrate's to choose; what the cache must fit is checked here.
     why = staleness(cache, file_sha256(model), config, args.method)
     if why is not None:
-        raise StaleCalibration(f"calibration cache {cache} is stale: {why}; run `make calibrate` "
-                               f"(python -m build.precision.calibrate --artifacts {artifacts} --method {args.method}) first")
+        raise StaleCalibration(f"calibration cache {cache} is stale: {why}; run {remedy} first")
     calibration = load_calibration(cache)
     layout = default_layout() if args.cpu_layout == "auto" else args.cpu_layout
     written = []

@@ -85,7 +85,8 @@ def test_quantize_cli_refuses_a_stale_cache(tiny_artifacts, tmp_path):
     shutil.copytree(tiny_artifacts, artifacts, ignore=shutil.ignore_patterns("calibration", "model.*.onnx"))
     missing = _module("quantize", "--artifacts", artifacts)
     assert missing.returncode == 1 and missing.stderr.strip() == (
-        f"build.precision.quantize: no calibration cache {artifacts}/calibration/max.cache: run `make calibrate` first")
+        f"build.precision.quantize: no calibration cache {artifacts}/calibration/max.cache: run `make calibrate` "
+        f"(python -m build.precision.calibrate --artifacts {artifacts} --method max) first")
     assert _module("calibrate", "--artifacts", artifacts, "--views", 2).returncode == 0
     current = _module("quantize", "--artifacts", artifacts)
     assert current.returncode == 0, current.stderr
