@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from serving.server import RUN_DIR, served
+from serving.server import RUN_DIR, served, terminate, terminate_pid
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"
@@ -119,14 +117,7 @@ class Prometheus:
         return answer["data"]["result"]
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, timeout)
 
     def __enter__(self) -> "Prometheus":
         return self.start() if self.process is None else self
@@ -173,12 +164,7 @@ def stop(timeout: float = 30.0) -> int | None:
     if info is None:
         return None
     pid = int(info["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
+    terminate_pid(pid, timeout)
     return pid
 
 

@@ -65,6 +65,31 @@ class Ports:
         return taken
 
 
+def terminate(process: subprocess.Popen | None, timeout: float = 30.0) -> None:
+    """SIGTERM a child we started, wait up to `timeout`, then SIGKILL; nothing if it has exited."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def terminate_pid(pid: int, timeout: float = 30.0) -> None:
+    """The same for a detached process known by pid (`make stop`, `make monitor-stop`)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # it exited between the check and the signal
+        pass
+
+
 class TritonServer:
     """One tritonserver process on loopback (or `address`). A context manager."""
 
@@ -160,14 +185,7 @@ class TritonServer:
         return f"; see {self.log_file}:\n" + "\n".join(errors or lines[-8:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, timeout)
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
@@ -242,15 +260,7 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
     pid = json.loads(state.read_text())["pid"]
     running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
     if running:
-        try:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:  # it exited between the check and the signal
-            pass
+        terminate_pid(pid, timeout)
     state.unlink()
     return pid, running
 
