@@ -43,8 +43,8 @@ def test_the_fp32_plan_is_gated_and_not_called_the_reference():
     assert good_plan.passed and good_plan.threshold == thresholds["fp16"]
     rows = validate.format_table([reference, bad_plan, good_plan]).splitlines()
     assert rows[2].startswith("fp32 ") and rows[2].endswith("reference")
-    assert rows[3].startswith("fp32-plan") and rows[3].endswith("FAIL (>= 99.5%)")
-    assert rows[4].endswith("PASS (>= 99.5%)") and sum("reference" in r for r in rows) == 1
+    assert rows[3].startswith("fp32-plan") and rows[3].endswith("FAIL (agreement >= 99.5%)")
+    assert rows[4].endswith("PASS (agreement >= 99.5%)") and sum("reference" in r for r in rows) == 1
 
 
 @pytest.fixture
@@ -125,4 +125,11 @@ def test_the_gate_holds_decided_images_to_the_threshold_and_labels_to_fp32s_accu
     close = _report("int8-cpu", 1.0)
     close.accuracy = 0.915
     assert validate.gate(close, thresholds, reference_accuracy=0.92).passed
+    # With labels, agreement is reported, not held: a file more accurate than FP32 that disagrees with it
+    # where FP32 is wrong passes (QAT's can); the same agreement without labels fails.
+    better = _report("int8-cpu", 0.97)
+    better.accuracy = 0.93
+    assert validate.gate(better, thresholds, reference_accuracy=0.92).passed
+    assert "true top-1 >= FP32's - 1.0%" in validate.format_table([better])
+    assert not validate.gate(_report("int8-cpu", 0.97), thresholds).passed
     assert "nan" not in validate.format_table([failed])
