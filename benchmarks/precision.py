@@ -10,7 +10,8 @@ thread count, rounds interleaved across variants so machine noise hits all of th
 top-1 agreement / top-5 overlap with FP32 on the held-out photos. Writes
 benchmarks/results/precision.csv and precision.png; prints the CPU and its integer path, the table
 (with each INT8 CPU file's layout) and the INT8 goal check (>= 1.8x FP32 throughput at >= 99% top-1
-agreement).
+agreement). Then the compression table for Lite0 and the digits model (benchmarks.compression:
+pruned, distilled student, INT8 PTQ and QAT, pruned + INT8 beside FP32; --no-compression skips it).
 
 The INT8 CPU file is built in this CPU's layout (common/cpu.py); on a CPU with VNNI the portable avx2
 layout (right on every x86 CPU) is measured beside it as `int8-cpu-avx2`. A CPU without VNNI cannot
@@ -65,18 +66,20 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return cpu_session(path, threads)
 
 
-def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds: int, seconds: float) -> dict:
-    """Median images/s per session, rounds interleaved."""
-    for s in sessions.values():
-        s.run(None, {ONNX_INPUT: batch})  # warm up
+def throughput(sessions: dict[str, ort.InferenceSession], batch: np.ndarray | dict[str, np.ndarray], rounds: int,
+               seconds: float) -> dict:
+    """Median images/s per session, rounds interleaved (`batch`: one for all, or one per session)."""
+    feeds = {name: {ONNX_INPUT: batch[name] if isinstance(batch, dict) else batch} for name in sessions}
+    for name, s in sessions.items():
+        s.run(None, feeds[name])  # warm up
     samples = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, s in sessions.items():
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
-                s.run(None, {ONNX_INPUT: batch})
+                s.run(None, feeds[name])
                 count += 1
-            samples[name].append(count * len(batch) / (time.perf_counter() - start))
+            samples[name].append(count * len(feeds[name][ONNX_INPUT]) / (time.perf_counter() - start))
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -213,6 +216,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-float-layers", type=int, default=8,
                    help="mixed precision: an INT8 CPU file that fails the gate is measured again with up to this "
                         "many layers in float, as few as pass, as `make engines` deploys it (default: %(default)s)")
+    p.add_argument("--no-compression", dest="compression", action="store_false",
+                   help="skip the compression table (benchmarks.compression: pruned, student, INT8 PTQ/QAT beside FP32)")
     p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")
     return p
 
@@ -246,7 +251,22 @@ def main(args: argparse.Namespace) -> list[dict]:
         if any(r["variant"] == variant for r in rows):
             print(goal_check(rows, "efficientnet_lite0", variant))
     print(f"wrote {out / 'precision.csv'} and {out / 'precision.png'}")
+    if args.compression:
+        compression_table(args, [(path, data) for name, path, data in models if not name.startswith("resnet50")])
     return rows
+
+
+def compression_table(args: argparse.Namespace, models: list[tuple[Path, Path | None]]) -> list[dict]:
+    """The compression table for Lite0 and the digits model (benchmarks.compression)."""
+    from benchmarks import compression
+
+    argv = []
+    for path, data in models:
+        argv += ["--artifacts", str(path), "--held-out", str(data / "val") if data else "photos",
+                 "--calibration-images", str(data / "train") if data else "photos"]
+    argv += ["--threads", str(args.threads), "--rounds", str(args.rounds), "--seconds", str(args.seconds),
+             "--views", str(args.views), "--out", args.out]
+    return compression.main(compression.get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

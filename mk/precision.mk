@@ -1,5 +1,5 @@
 # Precision variants: calibration cache, INT8/FP16 ONNX, TensorRT plans, accuracy gate.
-.PHONY: calibrate quantize fp16 validate plans bench-precision
+.PHONY: calibrate quantize fp16 validate plans bench-precision bench-compression
 
 calibrate: $(STAMP) $(ARTIFACTS)/model.onnx ## TensorRT-format calibration cache [METHOD=max|percentile|entropy]
 	$(PY) -m build.precision.calibrate --artifacts $(ARTIFACTS) --method $(METHOD)
@@ -16,5 +16,8 @@ validate: $(STAMP) ## accuracy gate table: every variant present vs FP32 on held
 plans: $(STAMP) ## TensorRT plan for PRECISION (needs TensorRT and a GPU; says so in one line otherwise)
 	$(PY) -m build.precision.plans --artifacts $(ARTIFACTS) --precision $(or $(PRECISION),fp32)
 
-bench-precision: $(STAMP) $(ARTIFACTS)/model.onnx ## throughput (batch 1, 8) and agreement of every variant, Lite0 + ResNet-50
+bench-precision: $(STAMP) $(ARTIFACTS)/model.onnx ## every variant's speed (batch 1, 8) and agreement, then the compression table
 	$(PY) -m benchmarks.precision --artifacts $(ARTIFACTS) $(BENCH_PRECISION_ARGS)
+
+bench-compression: $(STAMP) $(ARTIFACTS)/model.onnx ## compression table of ARTIFACTS and its -pruned/-student/-qat folders [COMPRESSION_ARGS="--held-out DIR ..."]
+	$(PY) -m benchmarks.compression --artifacts $(ARTIFACTS) $(COMPRESSION_ARGS)
