@@ -47,6 +47,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="deploy FP32 when the requested precision fails the accuracy gate (default: fail)")
+    p.add_argument("--target-tensorrt", default=None,
+                   help="TensorRT version of the server that will load the plan, e.g. 10.13.2.6 (default: the spec's "
+                        "target_server, else this machine's; docs/gpu.md)")
+    p.add_argument("--target-compute-capability", default=None,
+                   help="compute capability of that server's GPU, e.g. 9.0 (default: the spec's, else this machine's)")
     return p
 
 
@@ -56,6 +61,10 @@ def main(args: argparse.Namespace) -> dict:
     source = str(spec_path) if spec_path.exists() else "the built-in default DeploymentSpec"
     overrides = {k: v for k, v in (("artifacts", args.artifacts), ("backend", args.backend),
                                    ("precision", args.precision)) if v is not None}
+    target = {k: v for k, v in (("tensorrt", getattr(args, "target_tensorrt", None)),
+                                ("compute_capability", getattr(args, "target_compute_capability", None))) if v}
+    if target:
+        overrides["target_server"] = {**spec.target_server, **target}
     spec = spec.replace(**overrides)
     if overrides:
         source += " with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
@@ -73,7 +82,8 @@ def main(args: argparse.Namespace) -> dict:
     deployable = prepare(spec, backend, args.spec, options)
     manifest = write_repository(spec, backend, Path(args.out), spec_source=source, model_file=deployable.model_file,
                                 extra={"variant": deployable.variant, "precision": deployable.precision,
-                                       "validation": [vars(r) for r in deployable.reports]})
+                                       "validation": [vars(r) for r in deployable.reports]},
+                                held_out=args.held_out)
     print(f"classifier: {deployable.variant} ({deployable.model_file})")
     print(f"wrote {args.out}/: {', '.join(manifest['models'])} "
           f"(input {manifest['input_dims']}, {manifest['num_classes']} classes, max batch {spec.max_batch_size})")

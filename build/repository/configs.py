@@ -40,6 +40,7 @@ class ModelShape:
 
     input_dims: tuple[int, ...]  # one image, no batch axis, e.g. (3, 224, 224)
     num_classes: int
+    layout: str = "NCHW"  # preprocess.json's: declared as the image tensor's format (FORMAT_NCHW / FORMAT_NHWC)
 
 
 def header(source: str) -> str:
@@ -61,14 +62,20 @@ def _io(kind: str, tensors: list[str]) -> str:
     return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
 
 
-def _batching(stage: StageSpec, kind: str) -> str:
+def _batching(stage: StageSpec, kind: str, queue: tuple[int, int] = (0, 0)) -> str:
+    """Instances and dynamic batching; `queue` = (max_queue_size, timeout_us) from DeploymentSpec.queue_policy."""
     preferred = ", ".join(str(b) for b in stage.preferred_batch_sizes)
+    size, timeout_us = queue
+    policy = ("  default_queue_policy { timeout_action: REJECT "
+              f"default_timeout_microseconds: {timeout_us} allow_timeout_override: true max_queue_size: {size} }}\n"
+              if size or timeout_us else "")
     return (
         f"instance_group [ {{ count: {stage.instances} kind: {kind} }} ]\n"
         "dynamic_batching {\n"
         f"  preferred_batch_size: [ {preferred} ]\n"
         f"  max_queue_delay_microseconds: {stage.max_queue_delay_us}\n"
-        "}\n"
+        + policy
+        + "}\n"
     )
 
 
@@ -87,7 +94,7 @@ def preprocess_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> s
         + f'name: "{spec.preprocess_name}"\nbackend: "python"\nmax_batch_size: {spec.max_batch_size}\n'
         + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
         + _io("output", [_tensor(PIXELS, "TYPE_FP32", shape.input_dims)])
-        + _batching(spec.preprocess, "KIND_CPU")
+        + _batching(spec.preprocess, "KIND_CPU", spec.queue_policy("preprocess"))
         + _parameters({"threads": spec.preprocess.threads, **_limits(spec)})
     )
 
@@ -100,7 +107,7 @@ def fused_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
         + f'name: "{spec.classifier_name}"\nbackend: "python"\nmax_batch_size: {spec.max_batch_size}\n'
         + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
         + _io("output", outputs)
-        + _batching(spec.fused, "KIND_CPU")
+        + _batching(spec.fused, "KIND_CPU", spec.queue_policy("fused"))
         + _parameters({"onnx_file": contract.MODEL_ONNX, "threads": 1, "intra_op_threads": spec.fused.threads,
                        "allow_spinning": 0,
                        "precision": spec.precision, **_limits(spec)})
@@ -111,14 +118,15 @@ def classifier_config(spec: DeploymentSpec, shape: ModelShape, backend: str, sou
     if backend not in CLASSIFIER_BACKENDS:
         raise ValueError(f"classifier backend {backend!r} is not one of {sorted(CLASSIFIER_BACKENDS)}")
     selector, kind, filename = CLASSIFIER_BACKENDS[backend]
-    outputs = [_tensor(name, "TYPE_FP32", [shape.num_classes]) for name in MODEL_OUTPUTS]
+    # the ONNX model's order; spec.classifier_outputs picks which (one output for single-output clients)
+    outputs = [_tensor(name, "TYPE_FP32", [shape.num_classes]) for name in MODEL_OUTPUTS if name in spec.classifier_outputs]
     text = (
         header(source)
         + f'name: "{spec.classifier_name}"\n{selector}\nmax_batch_size: {spec.max_batch_size}\n'
         + ("" if backend == "python-onnxruntime" else f'default_model_filename: "{filename}"\n')
-        + _io("input", [_tensor(MODEL_INPUT, "TYPE_FP32", shape.input_dims)])
+        + _io("input", [_tensor(MODEL_INPUT, "TYPE_FP32", shape.input_dims, f" format: FORMAT_{shape.layout}")])
         + _io("output", outputs)
-        + _batching(spec.classifier, kind)
+        + _batching(spec.classifier, kind, spec.queue_policy("classifier"))
     )
     threads = spec.classifier.threads
     if backend == "python-onnxruntime":
@@ -146,7 +154,9 @@ def ensemble_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str
     return (
         header(source)
         + f'name: "{spec.ensemble_name}"\nplatform: "ensemble"\nmax_batch_size: {spec.max_batch_size}\n'
-        + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
+        + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1]) if spec.preprocessing != "dali"
+                        else _tensor(ENSEMBLE_INPUT, "TYPE_UINT8", [-1])])  # DALI: one encoded image as bytes
         + _io("output", [_tensor(ENSEMBLE_OUTPUT, "TYPE_FP32", [shape.num_classes], label)])
         + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+        + ("response_cache { enable: true }\n" if spec.response_cache_mb else "")
     )

@@ -18,6 +18,10 @@ BACKENDS = ("auto", "python-onnxruntime", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 DEFAULT_SPEC_PATH = Path("configs/deployment.json")
+QUEUE_BATCHES = 1  # derived queue bound: this many full preferred batches per instance
+DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
+TARGET_SERVER_KEYS = ("image", "tensorrt", "compute_capability", "version_compatible", "hardware_compatibility")
+PREPROCESSING = ("python", "dali")
 
 
 @dataclasses.dataclass
@@ -28,6 +32,11 @@ class StageSpec:
     preferred_batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [4, 8])
     max_queue_delay_us: int = 2000
     threads: int = 2  # decode threads (preprocess) / ONNX Runtime intra-op threads (classifier)
+    # The bounded queue (Triton's default_queue_policy, timeout_action REJECT): a request that finds it full,
+    # or waits in it longer than the timeout, is answered "busy" (HTTP 503 / gRPC UNAVAILABLE).
+    # None: derived (DeploymentSpec.queue_policy); 0: unbounded / no timeout.
+    max_queue_size: int | None = None
+    queue_timeout_us: int | None = None
 
     def check(self, name: str, max_batch_size: int) -> None:
         if self.instances < 1:
@@ -36,6 +45,9 @@ class StageSpec:
             raise ValueError(f"{name}.threads must be >= 1, got {self.threads}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"{name}.max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        for key in ("max_queue_size", "queue_timeout_us"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"{name}.{key} must be >= 0 (0: unbounded) or null (derived), got {getattr(self, key)}")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= max_batch_size]
         if bad:
             raise ValueError(f"{name}.preferred_batch_sizes {bad} outside 1..max_batch_size ({max_batch_size})")
@@ -70,6 +82,20 @@ class DeploymentSpec:
         default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[2], max_queue_delay_us=0, threads=1)
     )
     limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
+    # Triton's response cache on the ensemble: an image sent before is answered from memory, without
+    # preprocessing or inference. 0: off; else the cache's size in MiB (`make serve` starts the server with it).
+    response_cache_mb: int = 0
+    # The Triton server that will load a TensorRT plan (docs/gpu.md): {"image": NGC tag (for messages),
+    # "tensorrt": its TensorRT version, "compute_capability": its GPU's, "version_compatible": bool,
+    # "hardware_compatibility": none | ampere_plus | same_compute_capability}. Empty: this machine's.
+    target_server: dict = dataclasses.field(default_factory=dict)
+    # "python": the preprocess model is the python backend (common/preprocessing.py); "dali": a DALI pipeline
+    # for servers with the DALI backend (NGC images; build/repository/dali.py, docs/gpu.md).
+    preprocessing: str = "python"
+    # Outputs the classifier model declares (a subset of the ONNX model's, "probabilities" always: the
+    # ensemble reads it). ["probabilities"] gives one output, what single-output clients such as
+    # Triton's image_client.py require (docs/deploy.md).
+    classifier_outputs: list[str] = dataclasses.field(default_factory=lambda: list(contract.ONNX_OUTPUTS))
 
     def __post_init__(self):
         for key, kind in (("preprocess", StageSpec), ("classifier", StageSpec), ("fused", StageSpec),
@@ -95,9 +121,37 @@ class DeploymentSpec:
         if len(set(names)) != 3:
             raise ValueError(f"model names must differ, got {names}")
         self.limits.check()
+        unknown_target = set(self.target_server) - set(TARGET_SERVER_KEYS)
+        if unknown_target:
+            raise ValueError(f"unknown target_server keys {sorted(unknown_target)}; valid: {list(TARGET_SERVER_KEYS)}")
+        if self.preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing {self.preprocessing!r} is not one of {PREPROCESSING}")
+        outputs = self.classifier_outputs
+        if (not isinstance(outputs, list) or contract.ONNX_PROBABILITIES not in outputs
+                or not set(outputs) <= set(contract.ONNX_OUTPUTS) or len(set(outputs)) != len(outputs)):
+            raise ValueError(f"classifier_outputs must be distinct names from {list(contract.ONNX_OUTPUTS)} including "
+                             f"{contract.ONNX_PROBABILITIES!r}, got {outputs!r}")
+        if self.response_cache_mb < 0:
+            raise ValueError(f"response_cache_mb must be >= 0 (0: off), got {self.response_cache_mb}")
         self.preprocess.check("preprocess", self.max_batch_size)
         self.classifier.check("classifier", self.max_batch_size)
         self.fused.check("fused", self.max_batch_size)
+
+    def queue_policy(self, stage: str) -> tuple[int, int]:
+        """(max_queue_size, timeout_us) of `stage` (preprocess, classifier or fused), defaults resolved. A model
+        that takes the ensemble's requests first (preprocess, fused) holds QUEUE_BATCHES full preferred batches
+        per instance; the classifier behind preprocess holds one max batch from every preprocess instance at
+        once (what preprocess hands on in one go), so it turns nothing away below capacity. Both time out, so
+        that an accepted request's wait stays bounded whichever model is the slower."""
+        this = getattr(self, stage)
+        if this.max_queue_size is not None:
+            size = this.max_queue_size
+        elif stage == "classifier":
+            size = self.preprocess.instances * self.max_batch_size if self.queue_policy("preprocess")[0] else 0
+        else:
+            size = QUEUE_BATCHES * this.instances * max(this.preferred_batch_sizes, default=1)
+        timeout = this.queue_timeout_us if this.queue_timeout_us is not None else DEFAULT_QUEUE_TIMEOUT_US
+        return size, timeout
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

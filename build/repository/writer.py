@@ -22,7 +22,8 @@ import common.cpu as cpu_module
 import common.labels as labels_file
 import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
-from build.repository import configs
+from build.precision import binding
+from build.repository import configs, dali, quality
 from build.repository.spec import DeploymentSpec
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
@@ -82,7 +83,7 @@ def model_shape(artifacts: Path) -> configs.ModelShape:
     classes = outputs["probabilities"].type.tensor_type.shape.dim[-1].dim_value
     if classes and classes != len(labels):
         raise ArtifactsError(f"model has {classes} classes but labels.txt has {len(labels)} lines")
-    return configs.ModelShape(input_dims=pre.input_shape, num_classes=len(labels))
+    return configs.ModelShape(input_dims=pre.input_shape, num_classes=len(labels), layout=pre.layout)
 
 
 def write_repository(
@@ -92,12 +93,17 @@ def write_repository(
     spec_source: str = "a DeploymentSpec",
     model_file: Path | None = None,
     extra: dict | None = None,
+    held_out: str | None = None,
 ) -> dict:
     """Render and copy everything into `out`. `model_file` overrides the classifier's model
-    (e.g. a TensorRT plan or a quantized ONNX); default: the artifacts' model.onnx."""
+    (e.g. a TensorRT plan or a quantized ONNX); default: the artifacts' model.onnx. A python classifier
+    also gets its quality reference, from `held_out` (a folder; default: the bundled held-out photos)."""
     artifacts = Path(spec.artifacts)
     shape = model_shape(artifacts)
     model_file = Path(model_file) if model_file else artifacts / MODEL_ONNX
+    # A plan loads only on the TensorRT and GPU it was built for: refuse one the target server cannot load.
+    plan_binding = (binding.check_plan(model_file, binding.local_target(spec.target_server))
+                    if backend == "tensorrt" else None)
     if out.exists() and not _written_here(out):
         raise FileExistsError(f"{out} exists and was not written by build.engines; refusing to replace it")
 
@@ -125,16 +131,24 @@ def write_repository(
     def copy_session(version_dir: Path) -> None:  # for the python models that run ONNX Runtime
         shutil.copy2(onnxsession_module.__file__, version_dir / "onnxsession.py")
         shutil.copy2(cpu_module.__file__, version_dir / "cpu.py")
+        shutil.copy2(TEMPLATES / "quality_metrics.py", version_dir / "quality_metrics.py")
+        quality.write_reference(version_dir, quality.compute_reference(model_file, artifacts, held_out))
 
     if fused:
         (cls_dir / "config.pbtxt").write_text(configs.fused_config(spec, shape, spec_source))
         shutil.copy2(TEMPLATES / "classifier_fused.py", cls_dir / "1" / "model.py")
         copy_session(cls_dir / "1")
         copy_preprocessing(cls_dir / "1")
+    elif spec.preprocessing == "dali":  # a serialized DALI pipeline (build/repository/dali.py; make dali-setup)
+        (pre_dir / "config.pbtxt").write_text(dali.preprocess_config(
+            spec.preprocess_name, spec.max_batch_size, shape.input_dims, spec.preprocess.instances,
+            configs.header(spec_source)))
+        dali.serialize(artifacts / PREPROCESS_JSON, pre_dir / "1" / dali.MODEL_FILE, "mixed", spec.max_batch_size)
     else:
         (pre_dir / "config.pbtxt").write_text(configs.preprocess_config(spec, shape, spec_source))
         shutil.copy2(TEMPLATES / "preprocess_model.py", pre_dir / "1" / "model.py")
         copy_preprocessing(pre_dir / "1")
+    if not fused:
         (cls_dir / "config.pbtxt").write_text(configs.classifier_config(spec, shape, backend, spec_source))
         if backend == "python-onnxruntime":
             shutil.copy2(TEMPLATES / "classifier_onnxruntime.py", cls_dir / "1" / "model.py")
@@ -157,6 +171,7 @@ def write_repository(
         "classifier_model": {"source": str(model_file), "sha256": file_sha256(model_file)},
         "input_dims": list(shape.input_dims),
         "num_classes": shape.num_classes,
+        **({"plan_binding": plan_binding} if plan_binding else {}),
         **(extra or {}),
     }
     shutil.copy2(TEMPLATES / README_TEMPLATE, staging / README)

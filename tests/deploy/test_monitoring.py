@@ -83,7 +83,7 @@ def test_every_recording_rule_has_a_unit_test():
 
 def test_the_alerts_name_the_served_ensemble():
     named = {r["alert"] for r in rules("alerts.yml") if f'model="{ENSEMBLE}"' in r["expr"]}
-    assert named == {"TritonModelNotReady", "TritonP99LatencyOverBudget"}
+    assert named == {"TritonModelNotReady", "TritonP99LatencyOverBudget", "ModelQualityMetricsMissing"}
 
 
 # ---- the dashboard and the scrape target ---------------------------------------------------------
@@ -95,7 +95,8 @@ def test_dashboard_panels_use_the_datasource_variable():
         for source in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
             assert source == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
     titles = " ".join(p["title"] for p in board["panels"]).lower()
-    for wanted in ("throughput", "p50 / p99", "queue vs compute", "batch size", "failures by reason", "cpu", "memory"):
+    for wanted in ("throughput", "p50 / p99", "queue vs compute", "batch size", "failures by reason", "cpu", "memory",
+                   "predicted classes vs reference", "prediction drift", "low-confidence share", "top-1 confidence"):
         assert wanted in titles
 
 
@@ -160,9 +161,13 @@ def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, 
             assert not missing, f"no data from Prometheus for: {missing}; see {tmp_path}/prometheus.log"
             assert {s["metric"]["model"] for s in prometheus.query("triton:requests:rate1m")} >= {ENSEMBLE}
             assert prometheus.query('triton:request_failures:rate1m{model="%s"} > 0' % ENSEMBLE)
+            # the python classifier's quality series, with its build-time reference, per version
+            assert {(s["metric"]["model"], s["metric"]["version"])
+                    for s in prometheus.query("quality:class_drift_tvd:ratio30m")} == {("classifier", "1")}
             # the server is up with its models and summaries: these alerts' conditions are false
             for rule in rules("alerts.yml"):
-                if rule["alert"] in ("TritonServerDown", "TritonModelNotReady", "TritonLatencySummariesOff"):
+                if rule["alert"] in ("TritonServerDown", "TritonModelNotReady", "TritonLatencySummariesOff",
+                                     "ModelQualityMetricsMissing"):
                     assert prometheus.query(rule["expr"]) == [], rule["alert"]
             with urllib.request.urlopen(f"{prometheus.url}/api/v1/rules", timeout=10) as answer:
                 groups = json.load(answer)["data"]["groups"]
