@@ -33,7 +33,11 @@ from common.preprocessing import PreprocessConfig
 METHODS = ("max", "percentile", "entropy")  # what this stage computes from images
 LEARNED_METHODS = ("qat",)  # caches that training writes (python -m training.qat); read here, never recomputed
 CACHE_METHODS = METHODS + LEARNED_METHODS
-CALIBRATOR_NAMES = {"max": "MinMaxCalibration", "percentile": "PercentileCalibration",
+# The names TensorRT's own calibrators write in a cache header (IInt8EntropyCalibrator, IInt8EntropyCalibrator2,
+# IInt8MinMaxCalibrator, IInt8LegacyCalibrator). TensorRT has no percentile calibrator: its legacy calibrator is
+# the quantile-based one, so a percentile cache says LegacyCalibration.
+TENSORRT_CALIBRATORS = ("EntropyCalibration", "EntropyCalibration2", "MinMaxCalibration", "LegacyCalibration")
+CALIBRATOR_NAMES = {"max": "MinMaxCalibration", "percentile": "LegacyCalibration",
                     "entropy": "EntropyCalibration2", "qat": "MinMaxCalibration"}  # qat: moving-average min/max
 ALGORITHM_VERSION = 2  # bump when the statistics or threshold code changes: old caches are then redone
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -50,6 +54,8 @@ def hex_to_scale(text: str) -> float:
 
 
 def write_cache(path: Path, scales: dict[str, float], calibrator: str, trt_version_code: int) -> None:
+    if calibrator not in TENSORRT_CALIBRATORS:
+        raise ValueError(f"calibrator {calibrator!r} is not one TensorRT has; one of {TENSORRT_CALIBRATORS}")
     lines = [f"TRT-{trt_version_code}-{calibrator}"]
     lines += [f"{name}: {scale_to_hex(scale)}" for name, scale in scales.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -221,6 +227,9 @@ def staleness(cache: Path, onnx_hash: str, config: PreprocessConfig, method: str
     if not cache.exists() or not meta_path.exists():
         return "no cache yet"
     meta = json.loads(meta_path.read_text())
+    calibrator = cache.read_text().split("\n", 1)[0].rpartition("-")[2]
+    if calibrator not in TENSORRT_CALIBRATORS:
+        return f"its header names a calibrator TensorRT does not have ({calibrator!r})"
     if meta.get("onnx_sha256") != onnx_hash:
         return f"the ONNX model changed (sha256 {str(meta.get('onnx_sha256', '?'))[:12]} -> {onnx_hash[:12]})"
     # The image fingerprint is of the uint8 crops: mean, std and layout act after it, so compare them here.

@@ -35,6 +35,7 @@ from build.repository.configs import MODEL_INPUT
 from build.repository.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from common.contract import MODEL_ONNX
 from common.hashing import file_sha256
+from build.precision.binding import HARDWARE_LEVELS
 
 LOG = logging.getLogger("build.precision.plans")
 ONNX_FILES = {"fp32": MODEL_ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx"}
@@ -214,7 +215,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def plan_metadata(*, tensorrt_version: str, gpu: dict, onnx_path: Path, onnx_sha256: str, precision: str,
                   summary: dict, profile: dict, workspace_bytes: int, timing_cache: Path, timing_cache_status: str,
                   build_seconds: float, plan: Path, plan_sha256: str, network_io: list[dict],
-                  options: dict) -> dict:
+                  options: dict, compatibility: dict | None = None) -> dict:
     """The record written beside each plan (`<plan>.json`)."""
     return {
         "generated_by": "python -m build.precision.plans",
@@ -231,6 +232,7 @@ def plan_metadata(*, tensorrt_version: str, gpu: dict, onnx_path: Path, onnx_sha
         "plan": {"path": str(plan), "sha256": plan_sha256},
         "network_io": network_io,
         "options": options,
+        "compatibility": compatibility or {"version_compatible": False, "hardware_compatibility": "none"},
     }
 
 
@@ -371,12 +373,16 @@ def network_io(network) -> list[dict]:
 
 def engine_bytes_from_network(trt, builder, network, *, profile: dict, workspace_bytes: int,
                               timing_cache: bytes | None, progress: BuildProgress | None,
-                              optimization_level: int | None = None) -> tuple[bytes, bytes | None]:
+                              optimization_level: int | None = None, compatibility: dict | None = None,
+                              detailed_profile: bool = False) -> tuple[bytes, bytes | None]:
     """(serialized plan, serialized timing cache) built from a parsed network."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)  # TRT >= 8.4
     if optimization_level is not None:
         config.builder_optimization_level = optimization_level  # TRT >= 8.6
+    apply_compatibility(trt, config, compatibility or {})
+    if detailed_profile:  # layer names, precisions and tactics in the engine inspector (gpu_check)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # TRT >= 8.2
 
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     if inputs != [MODEL_INPUT]:
@@ -419,10 +425,34 @@ def engine_bytes_from_network(trt, builder, network, *, profile: dict, workspace
     return bytes(memoryview(plan)), cache_bytes
 
 
-def engine_profile(trt, logger, plan: bytes) -> dict:
+def apply_compatibility(trt, config, compatibility: dict) -> None:
+    """Portable plans, at a cost in speed (build.precision.binding): BuilderFlag.VERSION_COMPATIBLE (TRT >= 8.6)
+    runs on later TensorRT versions; HardwareCompatibilityLevel AMPERE_PLUS (TRT >= 8.6) or
+    SAME_COMPUTE_CAPABILITY (TRT >= 10.x) on other GPUs."""
+    if compatibility.get("version_compatible"):
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    level = compatibility.get("hardware_compatibility", "none")
+    if level not in HARDWARE_LEVELS:
+        raise ValueError(f"hardware compatibility {level!r} is not one of {HARDWARE_LEVELS}")
+    if level != "none":
+        value = getattr(trt.HardwareCompatibilityLevel, level.upper(), None)
+        if value is None:
+            raise TensorRTUnavailable(f"TensorRT {trt.__version__} has no HardwareCompatibilityLevel.{level.upper()}")
+        config.hardware_compatibility_level = value
+
+
+def runtime_for(trt, logger, version_compatible: bool = False):
+    """A Runtime that may load a version-compatible plan (it embeds a lean runtime: host code)."""
+    runtime = trt.Runtime(logger)
+    if version_compatible:
+        runtime.engine_host_code_allowed = True  # TRT >= 8.6
+    return runtime
+
+
+def engine_profile(trt, logger, plan: bytes, version_compatible: bool = False) -> dict:
     """The profile an engine was built with, read back from the deserialized plan
     (ICudaEngine.get_tensor_profile_shape: name-based API, TRT >= 8.5; the only one left in 10.x/11.x)."""
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    engine = runtime_for(trt, logger, version_compatible).deserialize_cuda_engine(plan)
     if engine is None:
         raise RuntimeError("TensorRT could not deserialize the plan it just built")
     shapes = engine.get_tensor_profile_shape(MODEL_INPUT, 0)
@@ -456,6 +486,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="builder workspace memory limit in MiB (default: %(default)s)")
     p.add_argument("--optimization-level", type=int, default=None, choices=range(6),
                    help="builder optimization level 0-5 (default: TensorRT's, 3)")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="a plan that also loads on later TensorRT versions (slower; the server needs "
+                        "--backend-config=tensorrt,version-compatible=true) (default: off)")
+    p.add_argument("--hardware-compatibility", default="none", choices=HARDWARE_LEVELS,
+                   help="a plan for other GPUs: ampere_plus (compute capability 8.0+) or same_compute_capability "
+                        "(slower) (default: %(default)s)")
+    p.add_argument("--detailed-profile", action="store_true",
+                   help="keep layer precisions and tactics in the plan for the engine inspector (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars during the build")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     p.add_argument("--check", action="store_true", help="only say whether plans can be built here (exit 0 or 3)")
@@ -490,7 +528,8 @@ def main(args: argparse.Namespace) -> dict:
     profile = profile_shapes(spec, onnx_input_dims(model))
     del model
     gpu = gpu_info()
-    key = cache_key(tensorrt_version, gpu)
+    compatibility = {"version_compatible": args.version_compatible, "hardware_compatibility": args.hardware_compatibility}
+    key = {**cache_key(tensorrt_version, gpu), **compatibility}
     cache_data, cache_status = read_timing_cache(cache_path, key)
     (LOG.info if cache_data is not None or not cache_path.exists() else LOG.warning)(
         "timing cache %s: %s", cache_path, cache_status)
@@ -508,9 +547,10 @@ def main(args: argparse.Namespace) -> dict:
     plan, new_cache = engine_bytes_from_network(
         trt, builder, network, profile=profile, workspace_bytes=args.workspace_mib << 20,
         timing_cache=cache_data, progress=None if args.no_progress else BuildProgress(),
-        optimization_level=args.optimization_level)
+        optimization_level=args.optimization_level, compatibility=compatibility,
+        detailed_profile=args.detailed_profile)
     seconds = time.monotonic() - start
-    built = engine_profile(trt, logger, plan)
+    built = engine_profile(trt, logger, plan, args.version_compatible)
     if built != profile:
         raise RuntimeError(f"the built plan's profile {built} differs from the requested {profile}")
 
@@ -523,7 +563,7 @@ def main(args: argparse.Namespace) -> dict:
         precision=precision, summary=summary, profile=profile, workspace_bytes=args.workspace_mib << 20,
         timing_cache=cache_path, timing_cache_status=cache_status, build_seconds=seconds, plan=plan_path,
         plan_sha256=hashlib.sha256(plan).hexdigest(), network_io=io,
-        options={k: v for k, v in vars(args).items()})
+        options={k: v for k, v in vars(args).items()}, compatibility=compatibility)
     metadata_path(plan_path).write_text(json.dumps(metadata, indent=2) + "\n")
     LOG.info("wrote %s (%.1f MiB) in %.1f s; metadata %s", plan_path, len(plan) / 2**20, seconds,
              metadata_path(plan_path))

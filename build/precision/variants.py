@@ -5,7 +5,7 @@ and hand back the one file the classifier should serve.
           target CPU computes exactly: `cpu_layout`, auto = this CPU's for the python backend, which checks
           it when it loads, and the portable avx2 layout for Triton's onnxruntime backend, which cannot)
     fp16: convert (FP32 IO)
-    then: TensorRT plan where TensorRT and a GPU exist (else one line saying why not)
+    then: for the tensorrt backend only, a TensorRT plan (where TensorRT and a GPU exist; else it fails)
     then: build.precision.validate on held-out images; a variant that fails is not deployed
     int8 CPU file failing the gate: the fewest float layers that make it pass (build.precision.mixed)
 """
@@ -57,17 +57,29 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
-def build_plan(artifacts: Path, precision: str, spec_path: str) -> tuple[Path | None, str]:
-    """A TensorRT plan, or None and the one-line reason it could not be built here."""
+def build_plan(artifacts: Path, precision: str, spec_path: str, backend: str,
+               compatibility: list[str] | None = None) -> tuple[Path | None, str]:
+    """A TensorRT plan for the tensorrt backend, or None and the one-line reason none was built. Only the
+    tensorrt backend serves a plan: for any other backend none is built (and a TensorRT failure cannot
+    stop a CPU deployment)."""
     from build.precision import plans
 
+    if backend != "tensorrt":
+        return None, f"TensorRT plan not built: the {backend} backend serves an ONNX file, not a plan"
     why_not = tensorrt_unavailable()
     if why_not:
         return None, why_not
     args = plans.get_args_parser().parse_args(["--spec", spec_path, "--artifacts", str(artifacts),
-                                               "--precision", precision])
+                                               "--precision", precision, *(compatibility or [])])
     metadata = plans.main(args)
-    return Path(metadata["plan"]), "built"
+    return Path(metadata["plan"]["path"]), "built"
+
+
+def plan_flags(target_server: dict) -> list[str]:
+    """build.precision.plans flags for the portability the spec's target_server accepts (build.precision.binding)."""
+    flags = ["--version-compatible"] if target_server.get("version_compatible") else []
+    level = target_server.get("hardware_compatibility", "none")
+    return flags + (["--hardware-compatibility", level] if level != "none" else [])
 
 
 @dataclasses.dataclass
@@ -137,8 +149,8 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
     if warning:
         log(warning)
     built = build_variants(artifacts, precision, options, config, log, backend)
-    plan, why = build_plan(artifacts, precision, spec_path)
-    log(f"TensorRT plan: {plan}" if plan else why + "; building the CPU variants instead")
+    plan, why = build_plan(artifacts, precision, spec_path, backend, plan_flags(spec.target_server))
+    log(f"TensorRT plan: {plan}" if plan else why)
 
     checked = [v for v in validate.VARIANTS
                if v != "fp32" and validate.VARIANTS[v][1] == precision and v not in validate.BENCH_ONLY]

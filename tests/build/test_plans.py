@@ -303,6 +303,11 @@ def stand_in_tensorrt(version: str, calls: list):
 
     class Config:
         def set_memory_pool_limit(self, pool, size): calls.append(("workspace", pool, size))
+        def set_flag(self, flag): calls.append(("flag", flag))
+        def __setattr__(self, name, value):
+            if name in ("hardware_compatibility_level", "profiling_verbosity"):
+                calls.append((name, value))
+            object.__setattr__(self, name, value)
         def add_optimization_profile(self, profile): self.profile = profile; return 0
         def create_timing_cache(self, data): return Cache(data)
         def set_timing_cache(self, cache, ignore_mismatch): self.cache = cache; return True
@@ -316,10 +321,11 @@ def stand_in_tensorrt(version: str, calls: list):
         def create_builder_config(self): return Config()
         def create_optimization_profile(self): return Profile()
         def build_serialized_network(self, network, config):
-            monitor = config.progress_monitor
-            monitor.phase_start("Building engine", None, 2)
-            assert monitor.step_complete("Building engine", 0) is True
-            monitor.phase_finish("Building engine")
+            monitor = getattr(config, "progress_monitor", None)  # none with --no-progress
+            if monitor is not None:
+                monitor.phase_start("Building engine", None, 2)
+                assert monitor.step_complete("Building engine", 0) is True
+                monitor.phase_finish("Building engine")
             plans_built.append(config.profile)
             return memoryview(b"PLAN %d" % len(plans_built))
 
@@ -329,6 +335,9 @@ def stand_in_tensorrt(version: str, calls: list):
 
     class Runtime:
         def __init__(self, logger): pass
+        def __setattr__(self, name, value):
+            calls.append(("runtime", name, value))
+            object.__setattr__(self, name, value)
         def deserialize_cuda_engine(self, plan): return Engine(bytes(plan))
 
     class IProgressMonitor:
@@ -342,7 +351,10 @@ def stand_in_tensorrt(version: str, calls: list):
     return SimpleNamespace(
         __version__=version, Builder=Builder, OnnxParser=Parser, Runtime=Runtime, IProgressMonitor=IProgressMonitor,
         Logger=Logger, NetworkDefinitionCreationFlag=SimpleNamespace(**flags),
-        MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))
+        MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+        BuilderFlag=SimpleNamespace(VERSION_COMPATIBLE="VERSION_COMPATIBLE"),
+        HardwareCompatibilityLevel=SimpleNamespace(NONE=0, AMPERE_PLUS=1, SAME_COMPUTE_CAPABILITY=2),
+        ProfilingVerbosity=SimpleNamespace(DETAILED="DETAILED"))
 
 
 @pytest.mark.parametrize("version", ["10.13.0", "11.0.0"])
