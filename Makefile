@@ -68,7 +68,8 @@ capabilities: $(STAMP) ## what the local server and machine can run
 
 serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) and wait until ready
 	$(PY) -m serving.server start --model-repository $(REPOSITORY) --address $(ADDRESS) \
-	    --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	    --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	    $(if $(WATCHDOG_PORT),--watchdog-port $(WATCHDOG_PORT))
 
 stop: ## stop the server started by `make serve`
 	@$(PY) -m serving.server stop
@@ -90,10 +91,11 @@ classify: ## classify IMAGES="a.jpg b.png" (default: two photos) [PROTOCOL=grpc]
 	$(PY) -m clients.classify $(or $(IMAGES),$$($(PY) -m common.samples --paths chelsea coffee)) \
 	    $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(CLASSIFY_URL),--url $(CLASSIFY_URL))
 
-test: $(STAMP) ## run the test suite (sets up perf_analyzer's tool env and valgrind first, best effort)
+test: $(STAMP) ## run the test suite (sets up perf_analyzer's and DALI's tool envs, valgrind, Prometheus first, best effort)
 	@$(MAKE) --no-print-directory perf-setup || echo "make test: perf_analyzer could not be set up; its tests will skip and say why"
 	@$(MAKE) --no-print-directory valgrind-setup || echo "make test: no valgrind; the tests that emulate a CPU without VNNI will skip and say why"
 	@$(MAKE) --no-print-directory prometheus-setup || echo "make test: no prometheus/promtool; the monitoring tests will skip and say why"
+	@$(MAKE) --no-print-directory dali-setup || echo "make test: no .venv-dali; the DALI parity tests will skip and say why"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests not marked slow

@@ -12,6 +12,8 @@ chosen from each model's metadata on the server: a model whose input is the BYTE
 (shape [1]; each element base64 of its serialized form, a 4-byte little-endian length then the
 encoded image); any other (the two-model ensemble's `classifier`) gets synthetic tensors.
 One perf_analyzer run per concurrency, CSV (`-f`) parsed into rows, latencies in milliseconds.
+perf_analyzer reads the model config and statistics, which `make serve`'s server restricts: with --url,
+the admin key in --admin-key-file (what `make serve` wrote) goes along as `-H` headers.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from benchmarks.workload import ENCODINGS, load_photos
 from common import contract
+from serving.access import KEY_FILE, admin_headers
 
 DEFAULT_VENV = ".venv-perf"
 IMAGE_INPUT = contract.IMAGE  # the encoded-photo input of the ensemble, preprocess and the fused classifier
@@ -90,6 +93,7 @@ def write_input_data(images: list[bytes], path: str | Path, input_name: str = IM
 class PerfAnalyzer:
     binary: Path
     env: dict
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request (-H), e.g. the admin key
 
     @classmethod
     def locate(cls, venv: str | Path = DEFAULT_VENV) -> "PerfAnalyzer":
@@ -114,7 +118,8 @@ class PerfAnalyzer:
         return [str(self.binary), "-m", model, "-u", url, "-i", protocol,
                 "--concurrency-range", str(concurrency), "-p", str(measurement_ms),
                 "--max-trials", str(max_trials), "--stability-percentage", str(stability),
-                "--input-data", str(input_data) if input_data else "random", "-f", str(csv_path)]
+                "--input-data", str(input_data) if input_data else "random", "-f", str(csv_path),
+                *[arg for name, value in self.headers for arg in ("-H", f"{name}:{value}")]]
 
     def measure(self, model: str, url: str, protocol: str, concurrency: int, csv_path: str | Path,
                 input_data: Path | None = None, measurement_ms: int = 2000, max_trials: int = 6,
@@ -222,6 +227,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="concurrency sweep (default: %(default)s)")
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="(default: %(default)s)")
     p.add_argument("--url", default=None, help="a running server (host:port for --protocol); default: start one")
+    p.add_argument("--admin-key-file", default=str(KEY_FILE),
+                   help="with --url: the server's admin key, if it restricts config and statistics "
+                        "(default: %(default)s)")
     p.add_argument("--model-repository", default="model_repository", help="served when no --url (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
     p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
@@ -236,6 +244,9 @@ def main(args: argparse.Namespace) -> list[PerfResult]:
     from serving.server import TritonServer
 
     tool = PerfAnalyzer.locate(args.perf_venv)
+    if args.url:
+        key_headers = admin_headers(Path(args.admin_key_file), args.protocol)
+        tool = dataclasses.replace(tool, headers=tuple(key_headers.items()))
     out = Path(args.out)
     models = args.models or repository_models(args.model_repository)
     photos = list(load_photos(args.photos).values())

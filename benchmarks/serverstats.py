@@ -35,8 +35,11 @@ class StageStats:
                 + (f"  busy {self.busy:4.2f}" if with_busy else "  (end to end)"))
 
 
-def snapshot(url: str, protocol: str = "grpc") -> dict[str, dict]:
-    """{model name: its statistics as JSON} of every loaded model."""
+def snapshot(url: str, protocol: str = "grpc", admin_key: str | None = None) -> dict[str, dict]:
+    """{model name: its statistics as JSON} of every loaded model. A server that restricts statistics
+    (`make serve`'s) needs its `admin_key` (serving/access.py)."""
+    from serving.access import key_headers
+
     if protocol == "grpc":
         import tritonclient.grpc as module
     elif protocol == "http":
@@ -45,8 +48,9 @@ def snapshot(url: str, protocol: str = "grpc") -> dict[str, dict]:
         raise ValueError(f"protocol {protocol!r} is not one of ('http', 'grpc')")
     client = module.InferenceServerClient(url)
     try:
-        stats = client.get_inference_statistics(as_json=True) if protocol == "grpc" else \
-            client.get_inference_statistics()
+        headers = key_headers(admin_key, protocol) or None
+        stats = client.get_inference_statistics(headers=headers, as_json=True) if protocol == "grpc" else \
+            client.get_inference_statistics(headers=headers)
     finally:
         client.close()
     return {entry["name"]: entry for entry in stats.get("model_stats", [])}

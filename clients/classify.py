@@ -8,7 +8,8 @@
 Without --url: the server `make serve` started (its ports are in .run/tritonserver.json) while it
 runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
 image; exits non-zero if any image failed, naming it. A wrong or missing server is one line that says
-what answers at the URL and what to use instead.
+what answers at the URL and what to use instead. `make serve`'s server restricts model configuration:
+--batch reads max_batch_size with the admin key it wrote (.run/admin.key), sent to that server only.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageClassifierClient, ClassificationError,
                             ImageClassifierClient, Prediction, ServerUnavailable)
 from clients.endpoint import split_url
+from serving.access import read_key
 from serving.server import served
 
 READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
@@ -81,7 +83,8 @@ def _classify(args: argparse.Namespace, images: list[bytes]) -> list[Outcome]:
     ServerUnavailable is no image's fault: it is raised, once."""
     if args.use_async:
         return asyncio.run(_classify_async(args, images))
-    with ImageClassifierClient(args.url, args.protocol, args.model) as client:
+    admin_key = getattr(args, "admin_key", None)
+    with ImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key) as client:
         if args.batch:
             return _batched(client, images, args.top_k)
         return [outcome for image in images for outcome in _requested(client, [image], args.top_k)]
@@ -112,7 +115,8 @@ def _blame(count: int, exc: ClassificationError) -> list[Outcome]:
 
 
 async def _classify_async(args: argparse.Namespace, images: list[bytes]) -> list[Outcome]:
-    async with AsyncImageClassifierClient(args.url, args.protocol, args.model) as client:
+    admin_key = getattr(args, "admin_key", None)
+    async with AsyncImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key) as client:
         async def one(image: bytes) -> Outcome:
             try:
                 return (await client.classify([image], args.top_k))[0]
@@ -145,6 +149,11 @@ def report(outcomes: Outcomes, as_json: bool) -> int:
     return failures
 
 
+def admin_key_for(url: str, running: dict | None) -> str | None:
+    """`make serve`'s admin key when `url` is that server's; no other server is sent it."""
+    return read_key() if running and url in (running["http"], running["grpc"]) else None
+
+
 def _served_hint(running: dict | None, url: str) -> str:
     """Where the server `make serve` started answers, when the request went elsewhere."""
     if not running or url in (running["http"], running["grpc"]):
@@ -155,6 +164,7 @@ def _served_hint(running: dict | None, url: str) -> str:
 def main(args: argparse.Namespace) -> int:
     running = served()
     args.protocol, args.url = server_url(args.url, args.protocol, running)
+    args.admin_key = admin_key_for(args.url, running)
     try:
         return report(classify_files(args), args.json)
     except ServerUnavailable as exc:

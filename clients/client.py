@@ -10,7 +10,10 @@ server); `probabilities` returns the full probability vectors. Several images go
 The URL may carry a scheme (`http://`, `grpc://`, which then sets the protocol). Server-side errors
 raise ClassificationError carrying a gRPC status name (HTTP 400 is INVALID_ARGUMENT too) and the
 server's message; when no server of the client's protocol answers at the URL (nothing listens, or it
-is the other protocol's or the metrics port), ServerUnavailable says what answers there instead.
+is the other protocol's or the metrics port), ServerUnavailable says what answers there instead. A server
+past its bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE): retry later.
+`admin_key` (what `make serve` writes to .run/admin.key) is sent with the restricted calls (the model
+config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from clients.endpoint import DEFAULT_URLS, NAMES, PROTOCOLS, split_url, what_answers, wrong_endpoint
+from serving.access import is_restricted_error, key_headers
 
 __all__ = ["AsyncImageClassifierClient", "ClassificationError", "DEFAULT_MODEL", "DEFAULT_URLS",
-           "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerUnavailable", "status_name"]
+           "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerBusy", "ServerUnavailable", "status_name"]
 
 IMAGE_INPUT = "IMAGE"
 PROBABILITIES = "PROBABILITIES"
@@ -47,6 +51,8 @@ CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "F
                            "PERMISSION_DENIED", "UNAUTHENTICATED"})
 # What a wrong or missing endpoint looks like (gRPC: UNAVAILABLE; HTTP: 404 / 405 from another server).
 PROBED = frozenset({UNAVAILABLE, "NOT_FOUND", "UNIMPLEMENTED", "UNKNOWN"})
+# Triton's messages for a request turned away by a model's bounded queue: full, or waited past its timeout.
+BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 def status_name(status) -> str:
@@ -66,6 +72,14 @@ class ClassificationError(RuntimeError):
     @property
     def is_client_error(self) -> bool:
         return self.status in CLIENT_ERRORS
+
+
+class ServerBusy(ClassificationError):
+    """The server is past its capacity (a model's queue is full or the request waited past its timeout):
+    answered at once, nothing was computed; retry later or elsewhere."""
+
+    def __init__(self, message: str):
+        super().__init__(f"server busy: {message}", UNAVAILABLE)
 
 
 class ServerUnavailable(ClassificationError):
@@ -138,6 +152,11 @@ def _max_batch_size(config: dict) -> int:
     return int(config.get("config", config).get("max_batch_size", 0))
 
 
+def _probed(error: ClassificationError) -> bool:
+    """Whether the error may mean no server of this protocol at the URL (a busy server is one)."""
+    return error.status in PROBED and not isinstance(error, ServerBusy)
+
+
 class _Client:
     """What the sync and async clients share: the URL, the tritonclient module, and turning its
     errors into ClassificationError / ServerUnavailable."""
@@ -145,9 +164,10 @@ class _Client:
     asynchronous = False
 
     def __init__(self, url: str | None = None, protocol: str | None = None, model: str = DEFAULT_MODEL,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, admin_key: str | None = None):
         self.protocol, self.url = split_url(url or DEFAULT_URLS[protocol or "http"], protocol)
         self.model, self._timeout = model, timeout_s
+        self._admin_headers = key_headers(admin_key, self.protocol) or None
         self._module = _module(self.protocol, self.asynchronous)
         self._transport = _transport_errors(self.protocol, self.asynchronous)
         self._client = self._module.InferenceServerClient(self.url, **self._client_options())
@@ -163,12 +183,18 @@ class _Client:
         return {"client_timeout": self._timeout} if self.protocol == "grpc" else {}
 
     def _config_options(self) -> dict:
-        return {"as_json": True} if self.protocol == "grpc" else {}
+        options = {"headers": self._admin_headers}
+        return {**options, "as_json": True} if self.protocol == "grpc" else options
 
     def _failure(self, exc: Exception) -> ClassificationError | None:
         """Our error for what a tritonclient call raised (None: not a server or transport error)."""
         if isinstance(exc, self._module.InferenceServerException):
             message = exc.message() if hasattr(exc, "message") else str(exc)
+            if any(m in message for m in BUSY_MESSAGES):
+                return ServerBusy(message)
+            if is_restricted_error(message):  # HTTP 403, gRPC UNAVAILABLE
+                return ClassificationError(f"{message}: this server restricts the call; pass its admin key "
+                                           "(`make serve` writes .run/admin.key)", "PERMISSION_DENIED")
             return ClassificationError(message, status_name(exc.status() if hasattr(exc, "status") else None))
         if isinstance(exc, self._transport):
             return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {exc}", UNAVAILABLE)
@@ -192,7 +218,7 @@ class ImageClassifierClient(_Client):
             error = self._failure(exc)
             if error is None:
                 raise
-        raise self._explain(error, what_answers(self.url)) if error.status in PROBED else error
+        raise self._explain(error, what_answers(self.url)) if _probed(error) else error
 
     def is_ready(self) -> bool:
         return bool(self._call(self._client.is_server_ready) and self._call(self._client.is_model_ready, self.model))
@@ -236,7 +262,7 @@ class AsyncImageClassifierClient(_Client):
             error = self._failure(exc)
             if error is None:
                 raise
-        if error.status in PROBED:
+        if _probed(error):
             error = self._explain(error, await asyncio.to_thread(what_answers, self.url))
         raise error
 

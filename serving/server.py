@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from serving import access
+from serving.cache import cache_args, repository_cache_mb
 from serving.tritonserver import LOOPBACK
 
 RUN_DIR = Path(".run")
@@ -233,7 +235,10 @@ def served() -> dict | None:
 
 # `make serve` exports p50/p99 latency summaries, which `make monitor`'s rules and dashboard read
 # (deploy/monitoring, docs/operations.md).
-SERVE_EXTRA_ARGS = ["--metrics-config=summary_latencies=true"]
+# Explicit model control (all models loaded at start) lets serving/watchdog.py reload a model whose
+# python-backend stub died; a 15 s exit timeout bounds SIGTERM (docs/operations.md, self-healing).
+SERVE_EXTRA_ARGS = ["--metrics-config=summary_latencies=true", "--model-control-mode=explicit", "--load-model=*",
+                    "--exit-timeout-secs=15"]
 
 
 def serve(args: argparse.Namespace) -> dict:
@@ -243,11 +248,31 @@ def serve(args: argparse.Namespace) -> dict:
     RUN_DIR.mkdir(exist_ok=True)
     log_file = RUN_DIR / "tritonserver.log"
     log_file.write_bytes(b"")
+    # A fresh admin key per start guards model control, config, statistics, ... (serving/access.py).
+    key = access.write_key(access.KEY_FILE)
+    extra_args = [*SERVE_EXTRA_ARGS, *access.restricted_args(key),
+                  *cache_args(repository_cache_mb(args.model_repository))]
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
-                          address=args.address, log_file=log_file, extra_args=SERVE_EXTRA_ARGS)
-    server.start(timeout=args.timeout, detach=True)
+                          address=args.address, log_file=log_file, extra_args=extra_args)
+    try:
+        server.start(timeout=args.timeout, detach=True)
+    except BaseException:
+        access.remove_key(access.KEY_FILE)
+        raise
     info = {"pid": server.process.pid, "http": server.http_url, "grpc": server.grpc_url,
-            "metrics": server.metrics_url, "log": str(log_file), "model_repository": str(args.model_repository)}
+            "metrics": server.metrics_url, "log": str(log_file), "model_repository": str(args.model_repository),
+            "admin_key_file": str(access.KEY_FILE)}
+    if getattr(args, "watchdog_port", 0):
+        from serving import watchdog
+
+        try:
+            info["watchdog"] = watchdog.spawn(server.process.pid, server.http_url, args.watchdog_port,
+                                              RUN_DIR / "watchdog.log", address=args.address)
+        except BaseException as exc:
+            terminate_pid(server.process.pid)
+            access.remove_key(access.KEY_FILE)
+            raise ServerError(f"{exc} (port taken? make serve WATCHDOG_PORT=..., or --watchdog-port 0 for none)") \
+                from exc
     state.write_text(json.dumps(info, indent=2))
     return info
 
@@ -257,11 +282,26 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
     state = _state_file()
     if not state.exists():
         return None
-    pid = json.loads(state.read_text())["pid"]
+    recorded = json.loads(state.read_text())
+    pid = recorded["pid"]
+    watchdog_pid = (recorded.get("watchdog") or {}).get("pid")
+    if watchdog_pid:  # first, so that it does not take the stopping server's stubs for crashed ones
+        from serving import watchdog
+
+        if watchdog.is_watchdog(watchdog_pid):
+            terminate_pid(watchdog_pid, 10)
     running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
     if running:
+        from serving import watchdog
+
+        try:  # unload the ensembles first: their in-flight requests finish (serving/watchdog.py)
+            watchdog.drain(watchdog.TritonAdmin(recorded["http"], lambda: access.admin_headers(protocol="http"),
+                                                timeout=10), timeout_s=timeout)
+        except (OSError, RuntimeError, ValueError):
+            pass  # a server that cannot be drained is stopped all the same
         terminate_pid(pid, timeout)
     state.unlink()
+    access.remove_key(access.KEY_FILE)
     return pid, running
 
 
@@ -275,6 +315,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001, help="(default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=8002, help="(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
+    p.add_argument("--watchdog-port", type=int, default=8003,
+                   help="port of the stub watchdog's /ready, /live, /status; 0: no watchdog (default: %(default)s)")
     return p
 
 
@@ -285,6 +327,10 @@ def main(args: argparse.Namespace) -> None:
         print(f"  HTTP     http://{info['http']}/v2/models/image_classifier")
         print(f"  gRPC     {info['grpc']}")
         print(f"  metrics  {info['metrics']}")
+        if info.get("watchdog"):
+            print(f"  ready    {info['watchdog']['ready']} (false while a crashed model is reloaded)")
+        print(f"  admin key for model control, config, statistics: {info['admin_key_file']} "
+              f"(header {access.KEY_HEADER}; docs/operations.md)")
     elif args.action == "stop":
         stopped = stop_served()
         if stopped is None:

@@ -1,0 +1,349 @@
+"""`make bench-overload`: what a bounded queue does past saturation, measured with Locust.
+
+    python -m benchmarks.overload                         # the repository make engines built, loads 1x 2x 4x
+    python -m benchmarks.overload --loads 1 2 4 --run-time 20 --saturation-users 8
+
+Two repositories are written from the served repository's spec: `bounded` (the spec's queue policy,
+DeploymentSpec.queue_policy: a full queue or a request past its queue timeout is answered "busy",
+HTTP 503 / gRPC UNAVAILABLE) and `unbounded` (no queue limit, no timeout: every request waits). Locust
+runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
+request (one real photo, top-k asked as JSON); an answer counts as accepted (200 with k predictions),
+busy (503 naming the full queue or the queue timeout) or error (anything else).
+
+The saturating rate R is the accepted req/s of `--saturation-users` closed-loop users (no wait) on the
+bounded server. Load k offers k x R req/s open loop: `ceil(k R x --pacing-s)` users, each starting one
+request every `--pacing-s` seconds (Locust's constant_pacing); a user whose request takes longer falls
+behind, so the rate actually sent is reported beside the rate offered. Between loads, the server's
+queues drain (its pending-request gauge reaches 0). Writes overload.csv, overload.md (figures and
+ratios) and overload.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import math
+import random
+import json
+import re
+import struct
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from common import contract
+
+CONFIGS = ("bounded", "unbounded")
+OUTCOMES = ("accepted", "busy", "error")
+
+
+def use_gevent() -> None:
+    """Locust's gevent (it patches the standard library when imported): call first in a command."""
+    import locust  # noqa: F401
+
+
+@dataclasses.dataclass
+class Outcomes:
+    """Latencies (seconds) by outcome, and the messages of errors, from one Locust run."""
+
+    seconds: float = 0.0
+    latencies: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {k: [] for k in OUTCOMES})
+    errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    busy: dict[str, list[float]] = dataclasses.field(  # the busy latencies by kind
+        default_factory=lambda: {"queue full": [], "queue timeout": []})
+
+    def count(self, outcome: str) -> int:
+        return len(self.latencies[outcome])
+
+    @property
+    def sent(self) -> int:
+        return sum(len(v) for v in self.latencies.values())
+
+    def percentile_ms(self, outcome: str, q: float) -> float:
+        values = self.latencies[outcome]
+        return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+
+def infer_body(image: bytes, top_k: int) -> tuple[bytes, dict[str, str]]:
+    """One image as Triton's HTTP binary-tensor request (a JSON header, then the BYTES element: its
+    4-byte little-endian length and the bytes), asking for the top-k as JSON; and its headers."""
+    header = json.dumps({
+        "inputs": [{"name": contract.IMAGE, "datatype": "BYTES", "shape": [1, 1],
+                    "parameters": {"binary_data_size": len(image) + 4}}],
+        "outputs": [{"name": contract.PROBABILITIES, "parameters": {"classification": top_k, "binary_data": False}}],
+    }).encode()
+    return header + struct.pack("<I", len(image)) + image, {
+        "Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def classify_outcome(status: int, body: bytes, top_k: int) -> tuple[str, str]:
+    """(accepted | busy | error, detail) of one HTTP answer of the ensemble."""
+    from clients.client import BUSY_MESSAGES
+
+    text = body.decode(errors="replace")
+    if status == 200:
+        outputs = json.loads(text).get("outputs", [])
+        if outputs and len(outputs[0].get("data", [])) == top_k:
+            return "accepted", ""
+        return "error", f"200 without {top_k} predictions: {text[:120]}"
+    busy = [m for m in BUSY_MESSAGES if m in text]
+    if status == 503 and busy:
+        return "busy", "queue timeout" if "timeout" in busy[0] else "queue full"
+    return "error", f"HTTP {status}: {text[:120]}"
+
+
+def run_users(host: str, model: str, images: list[bytes], users: int, seconds: float, pacing_s: float = 0.0,
+              seed: int = 0, top_k: int = 1) -> Outcomes:
+    """`users` Locust users (FastHttpUser, one connection each) for `seconds` against Triton's HTTP
+    `host`, each starting a request every `pacing_s` seconds (0: as soon as the last one answered), photos
+    drawn at random from `images`."""
+    import gevent
+    from locust import FastHttpUser, constant, constant_pacing, task
+    from locust.env import Environment
+
+    outcomes, rng = Outcomes(), random.Random(seed)
+    bodies = [infer_body(image, top_k) for image in images]
+    path = f"/v2/models/{model}/infer"
+
+    class Sender(FastHttpUser):
+        wait_time = constant_pacing(pacing_s) if pacing_s else constant(0)
+        network_timeout = connection_timeout = 120.0
+
+        @task
+        def send(self) -> None:
+            body, headers = rng.choice(bodies)
+            start = time.perf_counter()
+            with self.client.post(path, data=body, headers=headers, name="infer", catch_response=True) as response:
+                elapsed = time.perf_counter() - start
+                outcome, detail = classify_outcome(response.status_code, response.content or b"", top_k)
+                if outcome == "error":
+                    response.failure(detail)
+                    outcomes.errors[detail[:120]] += 1
+                else:
+                    response.success()
+                    if outcome == "busy":
+                        outcomes.busy[detail].append(elapsed)
+            outcomes.latencies[outcome].append(elapsed)
+
+    environment = Environment(user_classes=[Sender], host=f"http://{host}")
+    runner = environment.create_local_runner()
+    runner.start(users, spawn_rate=users)
+    started = time.perf_counter()
+    gevent.sleep(seconds)
+    runner.quit()
+    outcomes.seconds = time.perf_counter() - started
+    return outcomes
+
+
+def pending_requests(metrics_url: str) -> int:
+    """Requests queued or executing in the server, all models (Triton's pending-request gauge)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return int(sum(float(v) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$", text, re.M)))
+
+
+def drain(metrics_url: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pending_requests(metrics_url) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server still holds requests {timeout_s:.0f} s after the load stopped")
+        time.sleep(0.5)
+
+
+def unbounded(spec):
+    """The same spec with no queue limit and no queue timeout on any model (Triton's default)."""
+    open_queue = dict(max_queue_size=0, queue_timeout_us=0)
+    return spec.replace(preprocess=dataclasses.replace(spec.preprocess, **open_queue),
+                        classifier=dataclasses.replace(spec.classifier, **open_queue),
+                        fused=dataclasses.replace(spec.fused, **open_queue))
+
+
+def write_repositories(repository: Path, out: Path) -> dict[str, Path]:
+    """{"bounded": path, "unbounded": path} from the served repository's spec and backend."""
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import read_manifest, write_repository
+
+    build = read_manifest(repository)
+    spec = DeploymentSpec.from_dict(build["spec"])
+    source = build.get("classifier_model", {}).get("source")
+    model_file = Path(source) if source and Path(source).exists() else None
+    repos = {}
+    for name, variant in (("bounded", spec), ("unbounded", unbounded(spec))):
+        repos[name] = out / f"{name}_repository"
+        write_repository(variant, build["backend"], repos[name], "benchmarks.overload", model_file=model_file)
+    return repos
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    config: str
+    load: float
+    users: int
+    offered_rps: float
+    sent_rps: float
+    accepted_rps: float
+    accepted: int
+    busy: int
+    busy_full: int  # of busy: the queue was full (answered at once); the rest waited past the queue timeout
+    errors: int
+    accepted_p50_ms: float
+    accepted_p99_ms: float
+    busy_p50_ms: float
+    busy_p99_ms: float
+    full_p99_ms: float  # busy answers for a full queue
+
+    @classmethod
+    def of(cls, config: str, load: float, users: int, offered: float, o: Outcomes) -> "Row":
+        return cls(config, load, users, offered, o.sent / o.seconds, o.count("accepted") / o.seconds,
+                   o.count("accepted"), o.count("busy"), len(o.busy["queue full"]), o.count("error"),
+                   o.percentile_ms("accepted", 50), o.percentile_ms("accepted", 99),
+                   o.percentile_ms("busy", 50), o.percentile_ms("busy", 99),
+                   float(np.percentile(o.busy["queue full"], 99) * 1000) if o.busy["queue full"] else float("nan"))
+
+
+def ratios(rows: list[Row]) -> list[str]:
+    """The comparisons the results page reports, as lines."""
+    by = {(r.config, r.load): r for r in rows}
+    loads = sorted({r.load for r in rows})
+    base, lines = loads[0], []
+    for config in CONFIGS:
+        ref = by.get((config, base))
+        for load in loads[1:]:
+            r = by.get((config, load))
+            if ref and r and ref.accepted_p99_ms:
+                share = r.busy / max(r.accepted + r.busy + r.errors, 1)
+                lines.append(f"{config}: accepted p99 at {load:g}x / at {base:g}x = "
+                             f"{r.accepted_p99_ms / ref.accepted_p99_ms:.2f}; busy share {share:.1%}")
+    for load in loads:
+        b, u = by.get(("bounded", load)), by.get(("unbounded", load))
+        if b and u and u.accepted_p99_ms:
+            lines.append(f"{load:g}x: bounded / unbounded accepted p99 = {b.accepted_p99_ms / u.accepted_p99_ms:.2f}, "
+                         f"accepted req/s = {b.accepted_rps / max(u.accepted_rps, 1e-9):.2f}")
+        if b and b.busy and b.accepted_p50_ms:
+            lines.append(f"{load:g}x bounded: busy answers p99 {b.busy_p99_ms:.1f} ms = "
+                         f"{b.busy_p99_ms / b.accepted_p50_ms:.2f} x the accepted p50; those for a full queue "
+                         f"({b.busy_full} of {b.busy}): p99 {b.full_p99_ms:.1f} ms")
+    return lines
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for config, style in zip(CONFIGS, ("o-", "s--")):
+        mine = sorted((r for r in rows if r.config == config), key=lambda r: r.load)
+        left.plot([r.load for r in mine], [r.accepted_p99_ms for r in mine], style, label=f"{config}: accepted p99")
+        if any(r.busy for r in mine):
+            left.plot([r.load for r in mine], [r.busy_p99_ms for r in mine], style, alpha=0.5,
+                      label=f"{config}: busy p99")
+            left.plot([r.load for r in mine], [r.full_p99_ms for r in mine], ":", marker="x",
+                      label=f"{config}: busy p99, queue full")
+    left.set(xlabel="offered load (x saturating rate)", ylabel="ms", yscale="log", title="latency")
+    left.legend(fontsize=8)
+    bounded_rows = sorted((r for r in rows if r.config == "bounded"), key=lambda r: r.load)
+    loads = [f"{r.load:g}x" for r in bounded_rows]
+    right.bar(loads, [r.accepted_rps for r in bounded_rows], label="accepted req/s")
+    right.bar(loads, [r.sent_rps - r.accepted_rps for r in bounded_rows],
+              bottom=[r.accepted_rps for r in bounded_rows], label="busy (+ error) req/s")
+    right.set(xlabel="offered load, bounded queue", ylabel="req/s", title="what the server answered")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[Row], header: list[str], out: Path) -> Path:
+    with open(out / "overload.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Row)])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(r) for r in rows)
+    table = ["| queue | load | users | offered req/s | sent req/s | accepted req/s | accepted | busy (queue full) | "
+             "errors | accepted p50 / p99 ms | busy p50 / p99 ms | queue-full p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {r.config} | {r.load:g}x | {r.users} | {r.offered_rps:.1f} | {r.sent_rps:.1f} | "
+              f"{r.accepted_rps:.1f} | {r.accepted} | {r.busy} ({r.busy_full}) | {r.errors} | "
+              f"{r.accepted_p50_ms:.1f} / {r.accepted_p99_ms:.1f} | "
+              f"{r.busy_p50_ms:.1f} / {r.busy_p99_ms:.1f} | {r.full_p99_ms:.1f} |" for r in rows]
+    report = out / "overload.md"
+    report.write_text("\n".join(header + [""] + table + ["", *(f"- {line}" for line in ratios(rows))]) + "\n")
+    plot(rows, out / "overload.png")
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from benchmarks.workload import ENCODINGS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", default="model_repository",
+                   help="the built repository whose spec and model are measured (default: %(default)s)")
+    p.add_argument("--loads", nargs="+", type=float, default=[1.0, 2.0, 4.0],
+                   help="offered loads, multiples of the saturating rate (default: %(default)s)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS, help="(default: %(default)s)")
+    p.add_argument("--run-time", type=float, default=20.0, help="seconds per load (default: %(default)s)")
+    p.add_argument("--saturation-users", type=int, default=16,
+                   help="closed-loop users that saturate the server (default: %(default)s)")
+    p.add_argument("--pacing-s", type=float, default=2.0,
+                   help="each open-loop user starts a request this often (default: %(default)s)")
+    p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results/overload", help="(default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> list[Row]:
+    use_gevent()
+    from tqdm import tqdm
+
+    from benchmarks.locust_run import ensemble_name
+    from benchmarks.workload import load_photos
+    from serving.server import TritonServer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    repos = write_repositories(Path(args.model_repository), out)
+    model, images = ensemble_name(args.model_repository), list(load_photos(args.photos).values())
+    rows, saturating = [], None
+    steps = tqdm(total=len(args.configs) * (len(args.loads) + 1), desc="overload", unit="run")
+    for config in args.configs:
+        with TritonServer(repos[config], log_file=out / f"{config}_tritonserver.log") as server:
+            run_users(server.http_url, model, images, args.saturation_users, min(5.0, args.run_time), seed=args.seed)
+            drain(server.metrics_url)
+            if saturating is None:
+                measured = run_users(server.http_url, model, images, args.saturation_users, args.run_time,
+                                     seed=args.seed)
+                saturating = measured.count("accepted") / measured.seconds
+                drain(server.metrics_url)
+            steps.update()
+            for load in args.loads:
+                offered = load * saturating
+                users = max(1, math.ceil(offered * args.pacing_s))
+                outcomes = run_users(server.http_url, model, images, users, args.run_time, users / offered, args.seed)
+                drain(server.metrics_url)
+                rows.append(Row.of(config, load, users, offered, outcomes))
+                steps.update()
+                r = rows[-1]
+                tqdm.write(f"{config:9s} {load:g}x: sent {r.sent_rps:6.1f}/s, accepted {r.accepted_rps:6.1f}/s "
+                           f"p50 {r.accepted_p50_ms:6.1f} p99 {r.accepted_p99_ms:7.1f} ms; busy {r.busy} "
+                           f"({r.busy_full} queue full, p99 {r.full_p99_ms:.1f} ms) "
+                           f"p99 {r.busy_p99_ms:5.1f} ms; errors {r.errors} {dict(outcomes.errors) or ''}")
+    steps.close()
+    header = [f"saturating rate: {saturating:.1f} accepted req/s with {args.saturation_users} closed-loop users "
+              f"(bounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP"]
+    report = write_report(rows, header, out)
+    print(report.read_text())
+    print(f"wrote {report}, {out / 'overload.csv'}, {out / 'overload.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"benchmarks.overload: {exc}")

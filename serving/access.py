@@ -1,0 +1,74 @@
+"""The admin key that guards Triton's restricted APIs on a server started by `make serve`.
+
+`make serve` writes a fresh key to .run/admin.key (mode 0600) and starts tritonserver with the
+restricted-API flags; `make stop` removes it. The project's own tools send it with `admin_headers()`.
+Without it, the restricted APIs answer HTTP 403 / gRPC UNAVAILABLE ("This API is restricted, expecting
+header ..."); health, metadata and inference need no key, and the metrics port has no restriction.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+KEY_HEADER = "triton-admin-key"
+# Triton 2.51 looks for a gRPC restricted-protocol key under this prefix (its error message names it).
+GRPC_KEY_PREFIX = "triton-grpc-protocol-"
+KEY_FILE = Path(".run") / "admin.key"
+# Everything but health, metadata and inference: model control, configuration, shared memory,
+# statistics, trace and logging.
+RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+PROTOCOLS = ("http", "grpc")
+
+
+def write_key(path: Path = KEY_FILE) -> str:
+    """A new random key in `path`, readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
+    return key
+
+
+def read_key(path: Path = KEY_FILE) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def remove_key(path: Path = KEY_FILE) -> bool:
+    """Delete the key file; whether there was one."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def key_headers(key: str | None, protocol: str | None = None) -> dict[str, str]:
+    """The header(s) carrying `key` for `protocol` ("http", "grpc"; None: both, each ignores the other's)."""
+    if not key:
+        return {}
+    names = {"http": KEY_HEADER, "grpc": GRPC_KEY_PREFIX + KEY_HEADER}
+    if protocol is not None and protocol not in names:
+        raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+    return {name: key for p, name in names.items() if protocol in (None, p)}
+
+
+def admin_headers(path: Path = KEY_FILE, protocol: str | None = None) -> dict[str, str]:
+    """The headers a restricted API call needs ({} when no key was made: an unrestricted server)."""
+    return key_headers(read_key(path), protocol)
+
+
+def restricted_args(key: str) -> list[str]:
+    """tritonserver flags that put RESTRICTED behind `key` on HTTP and gRPC."""
+    apis = ",".join(RESTRICTED)
+    return [f"--http-restricted-api={apis}:{KEY_HEADER}={key}", f"--grpc-restricted-protocol={apis}:{KEY_HEADER}={key}"]
+
+
+def is_restricted_error(message: str) -> bool:
+    """Whether a server's error says a restricted API was called without (the right) key."""
+    return "is restricted, expecting header" in message

@@ -1,0 +1,37 @@
+"""Triton's response cache on a server the project starts (`make serve`, benchmarks, tests).
+
+A repository built with `"response_cache_mb": N` in the deployment spec marks its ensemble
+`response_cache { enable: true }`; the server caches only when it is also started with a cache:
+`--cache-config=local,size=<bytes>` and, for the pip wheel, `--cache-directory` pointing at the
+wheel's `tritonserver/caches` (the server looks in /opt/tritonserver/caches otherwise).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from serving.tritonserver import locate_server
+
+MANIFEST = "BUILD.json"  # what build.engines writes beside the models (build.repository.writer)
+
+
+def cache_directory() -> Path:
+    return locate_server().binary.parent.parent / "caches"
+
+
+def cache_args(size_mb: int) -> list[str]:
+    """tritonserver flags for a local response cache of `size_mb` MiB ([] for 0: no cache)."""
+    if size_mb < 0:
+        raise ValueError(f"cache size must be >= 0 MiB, got {size_mb}")
+    if not size_mb:
+        return []
+    return [f"--cache-config=local,size={size_mb << 20}", f"--cache-directory={cache_directory()}"]
+
+
+def repository_cache_mb(repository: str | Path) -> int:
+    """The response cache size the repository's spec asks for (0: none, or no BUILD.json)."""
+    try:
+        spec = json.loads((Path(repository) / MANIFEST).read_text())["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return int(spec.get("response_cache_mb") or 0)

@@ -1,0 +1,184 @@
+"""Bounded queues: the spec's queue policy in every generated config (defaults derived from instances and
+batches), and a real server flooded past a small queue answering only successes or a clear "busy"
+(HTTP 503 / gRPC UNAVAILABLE, ServerBusy in the clients), nothing else, and serving again afterwards."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from build.repository import configs
+from build.repository.spec import DEFAULT_QUEUE_TIMEOUT_US, QUEUE_BATCHES, DeploymentSpec, StageSpec
+from clients.client import BUSY_MESSAGES  # a full queue, or a wait past the queue timeout
+
+SHAPE = configs.ModelShape(input_dims=(3, 32, 32), num_classes=3)
+REJECT = model_config_pb2.ModelQueuePolicy.REJECT
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def policy(text: str) -> model_config_pb2.ModelQueuePolicy:
+    cfg = parse(text)
+    assert cfg.dynamic_batching.HasField("default_queue_policy"), text
+    return cfg.dynamic_batching.default_queue_policy
+
+
+def test_default_queues_are_derived_from_instances_and_batches():
+    spec = DeploymentSpec.load("configs/deployment.json")
+    pre, cls = spec.preprocess, spec.classifier
+    first = QUEUE_BATCHES * pre.instances * max(pre.preferred_batch_sizes)
+    p = policy(configs.preprocess_config(spec, SHAPE, "test"))
+    assert (p.max_queue_size, p.default_timeout_microseconds) == (first, DEFAULT_QUEUE_TIMEOUT_US)
+    assert p.timeout_action == REJECT and p.allow_timeout_override
+    # the classifier takes a max batch from every preprocess instance at once
+    c = policy(configs.classifier_config(spec, SHAPE, "python-onnxruntime", "test"))
+    assert c.max_queue_size == pre.instances * spec.max_batch_size and c.timeout_action == REJECT
+    assert c.default_timeout_microseconds == DEFAULT_QUEUE_TIMEOUT_US  # bounds the wait behind preprocess too
+    fused = policy(configs.fused_config(spec, SHAPE, "test"))
+    assert fused.max_queue_size == QUEUE_BATCHES * spec.fused.instances * max(spec.fused.preferred_batch_sizes)
+    assert cls.max_queue_size is None  # the committed spec leaves the bound to the rule above
+
+
+def test_explicit_queue_settings_and_zero_for_unbounded():
+    spec = DeploymentSpec(preprocess=StageSpec(instances=1, max_queue_size=5, queue_timeout_us=250),
+                          classifier=StageSpec(max_queue_size=0, queue_timeout_us=0))
+    p = policy(configs.preprocess_config(spec, SHAPE, "test"))
+    assert (p.max_queue_size, p.default_timeout_microseconds) == (5, 250)
+    assert not parse(configs.classifier_config(spec, SHAPE, "onnxruntime", "test")).dynamic_batching.HasField(
+        "default_queue_policy")  # 0 and 0: Triton's unbounded queue, no policy written
+    open_door = DeploymentSpec(preprocess=StageSpec(max_queue_size=0))  # behind an unbounded door, no bound
+    assert open_door.queue_policy("classifier") == (0, DEFAULT_QUEUE_TIMEOUT_US)
+    with pytest.raises(ValueError, match="preprocess.max_queue_size must be >= 0"):
+        DeploymentSpec(preprocess=StageSpec(max_queue_size=-1))
+    with pytest.raises(ValueError, match="classifier.queue_timeout_us must be >= 0"):
+        DeploymentSpec.from_dict({"classifier": {"queue_timeout_us": -5}})
+
+
+def test_response_cache_marks_the_ensemble_only():
+    plain, cached = DeploymentSpec(), DeploymentSpec(response_cache_mb=64)
+    assert not parse(configs.ensemble_config(plain, SHAPE, "test")).HasField("response_cache")
+    assert parse(configs.ensemble_config(cached, SHAPE, "test")).response_cache.enable
+    assert not parse(configs.classifier_config(cached, SHAPE, "onnxruntime", "test")).HasField("response_cache")
+    with pytest.raises(ValueError, match="response_cache_mb must be >= 0"):
+        DeploymentSpec(response_cache_mb=-1)
+
+
+def test_the_overload_benchmark_opens_every_queue():
+    from benchmarks.overload import unbounded
+
+    spec = unbounded(DeploymentSpec.load("configs/deployment.json"))
+    for stage in ("preprocess", "classifier", "fused"):
+        assert spec.queue_policy(stage) == (0, 0)
+
+
+# ---- a real server past its queue -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_queue(tiny_artifacts, tmp_path_factory):
+    """One preprocess instance taking one image at a time behind a queue of 2."""
+    from build.repository.writer import write_repository
+    from serving.server import TritonServer
+
+    one = StageSpec(instances=1, preferred_batch_sizes=[1], max_queue_delay_us=0, threads=1)
+    spec = DeploymentSpec(artifacts=str(tiny_artifacts), preprocess=dataclasses.replace(one, max_queue_size=2),
+                          classifier=one)
+    repo = tmp_path_factory.mktemp("small_queue") / "model_repository"
+    write_repository(spec, "python-onnxruntime", repo, "tests")
+    with TritonServer(repo, log_file=repo.parent / "tritonserver.log") as server:
+        yield server
+
+
+def flood(url: str, protocol: str, images: list[bytes], requests: int = 240, threads: int = 32) -> collections.Counter:
+    """`requests` one-image requests from `threads` threads at once: {outcome: count}."""
+    from clients.client import ClassificationError, ImageClassifierClient, ServerBusy
+
+    def one(i: int) -> str:
+        with ImageClassifierClient(url, protocol) as client:
+            try:
+                top = client.classify([images[i % len(images)]], top_k=1)
+                return "answer" if len(top) == 1 and len(top[0]) == 1 else "short answer"
+            except ServerBusy as exc:
+                assert exc.status == "UNAVAILABLE" and any(m in str(exc) for m in BUSY_MESSAGES), str(exc)
+                return "busy"
+            except ClassificationError as exc:
+                return f"{exc.status}: {exc}"
+
+    with ThreadPoolExecutor(threads) as pool:
+        return collections.Counter(pool.map(one, range(requests)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_past_the_queue_the_server_says_busy_and_nothing_else(small_queue, photos, protocol):
+    images = list(photos.values())
+    url = small_queue.http_url if protocol == "http" else small_queue.grpc_url
+    outcomes = flood(url, protocol, images)
+    assert set(outcomes) <= {"answer", "busy"}, outcomes
+    assert outcomes["busy"] > 0 and outcomes["answer"] > 0, outcomes
+    # afterwards it serves as before
+    from clients.client import ImageClassifierClient
+
+    with ImageClassifierClient(url, protocol) as client:
+        assert client.is_ready() and len(client.classify([images[0]], top_k=1)) == 1
+
+
+@pytest.mark.slow
+def test_busy_is_http_503_and_grpc_unavailable(small_queue, photos):
+    """What Triton 2.51 itself answers through the ensemble, below the project's client."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    image = list(photos.values())[0]
+
+    def raw(module, url: str) -> str:
+        client = module.InferenceServerClient(url)
+        data = module.InferInput("IMAGE", [1, 1], "BYTES")
+        data.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+        try:
+            client.infer("image_classifier", [data])
+            return "answer"
+        except InferenceServerException as exc:
+            return f"{exc.status()} {exc.message()}"
+        finally:
+            client.close()
+
+    for module, url, busy in ((httpclient, small_queue.http_url, "503"),
+                              (grpcclient, small_queue.grpc_url, "StatusCode.UNAVAILABLE")):
+        with ThreadPoolExecutor(32) as pool:
+            seen = collections.Counter(pool.map(lambda _: raw(module, url), range(160)))
+        failures = {k: v for k, v in seen.items() if k != "answer"}
+        assert failures and all(k.startswith(busy) and any(m in k for m in BUSY_MESSAGES) for k in failures), seen
+        assert any("Exceeds maximum queue size" in k for k in failures), seen
+
+
+@pytest.mark.slow
+def test_the_benchmarks_http_request_and_its_outcomes(small_queue, photos):
+    """What benchmarks.overload's Locust users post, answered by a real server, and how it is counted."""
+    import urllib.error
+    import urllib.request
+
+    from benchmarks.overload import classify_outcome, infer_body
+
+    body, headers = infer_body(photos["coffee"], 2)
+    request = urllib.request.Request(f"http://{small_queue.http_url}/v2/models/image_classifier/infer", data=body,
+                                     headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert classify_outcome(response.status, response.read(), 2) == ("accepted", "")
+    bad = urllib.request.Request(request.full_url, data=body[:-10], headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(bad, timeout=60)
+    outcome, detail = classify_outcome(refused.value.code, refused.value.read(), 2)
+    assert outcome == "error" and detail.startswith("HTTP 400")
+    full = b'{"error":"in ensemble \'image_classifier\', Exceeds maximum queue size"}'
+    assert classify_outcome(503, full, 2) == ("busy", "queue full")
+    assert classify_outcome(503, b'{"error":"in ensemble \'image_classifier\', Request timeout expired"}', 2) == \
+        ("busy", "queue timeout")
+    assert classify_outcome(503, b'{"error":"something else"}', 2)[0] == "error"

@@ -1,0 +1,270 @@
+"""A killed python-backend stub under load: the watchdog's readiness says so, its model comes back, and
+nothing sent after that fails. SIGTERM under load: in-flight requests finish and the server exits."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serving import access
+from serving.server import SERVE_EXTRA_ARGS, TritonServer, free_port
+from serving.watchdog import TritonAdmin, serving_stubs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_artifacts, tmp_path_factory) -> Path:
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import write_repository
+
+    repo = tmp_path_factory.mktemp("healing") / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
+    return repo
+
+
+class Load:
+    """`threads` closed-loop clients, each request recorded as (start, end, error or None)."""
+
+    def __init__(self, url: str, protocol: str, image: bytes, threads: int = 4):
+        self.url, self.protocol, self.image = url, protocol, image
+        self.results: list[tuple[float, float, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        from clients.client import ImageClassifierClient
+
+        with ImageClassifierClient(self.url, protocol=self.protocol) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    client.classify([self.image], top_k=1)
+                    error = None
+                except Exception as exc:  # counted, not raised: the test asserts on the counts
+                    error = str(exc)
+                self.results.append((start, time.monotonic(), error))
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+    def failed(self, started_from: float, started_before: float = float("inf")) -> list[str]:
+        return [e for s, _, e in list(self.results) if e and started_from <= s < started_before]
+
+    def count(self, started_from: float, started_before: float = float("inf")) -> int:
+        return sum(1 for s, _, _ in list(self.results) if started_from <= s < started_before)
+
+
+TRITON_ABORT = "boost::interprocess::lock_exception"
+
+
+def xfail_if_triton_aborted(log: Path) -> None:
+    """A stub killed at the wrong moment can make Triton 2.51's python backend abort the whole server
+    (docs/results/2026-12-02-self-healing.md): no reload can heal that, /live says to restart it."""
+    if log.exists() and TRITON_ABORT in log.read_text(errors="replace"):
+        pytest.xfail(f"tritonserver itself aborted ({TRITON_ABORT} in the python backend) on a stub kill")
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def test_a_killed_stub_is_reloaded_and_readiness_says_degraded_meanwhile(repository, tmp_path, photos):
+    key_file = tmp_path / "admin.key"
+    key = access.write_key(key_file)
+    headers = access.admin_headers(key_file, "http")
+    image = photos["chelsea"]
+    with TritonServer(repository, log_file=tmp_path / "tritonserver.log",
+                      extra_args=[*SERVE_EXTRA_ARGS, *access.restricted_args(key)]) as server:
+        port = free_port()
+        watchdog = subprocess.Popen([sys.executable, "-m", "serving.watchdog", "--server-pid", str(server.process.pid),
+                                     "--http", server.http_url, "--port", str(port), "--key-file", str(key_file),
+                                     "--interval", "0.1", "--retire-after", "1"],
+                                    stdout=open(tmp_path / "watchdog.log", "wb"), stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(100):
+                try:
+                    if get(base + "/ready")[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            assert get(base + "/ready") == (200, {"ready": True, "reason": "ready"})
+            admin = TritonAdmin(server.http_url, lambda: headers)
+            counts = {m: admin.instances(m) for m in ("preprocess", "classifier")}
+            victims = [(m, i) for m, n in counts.items() for i in range(n)]
+            figures = []
+            with Load(server.http_url, "http", image) as load:
+                time.sleep(1.0)
+                for model, index in victims:
+                    victim = serving_stubs(server.process.pid, model, counts[model])[index]
+                    killed = time.monotonic()
+                    os.kill(victim.pid, signal.SIGKILL)
+                    states = []
+                    deadline = killed + 120
+                    while time.monotonic() < deadline:
+                        code, body = get(base + "/ready")
+                        states.append(code)
+                        if 503 in states and code == 200:
+                            break
+                        time.sleep(0.05)
+                    back = time.monotonic()
+                    if states[-1] != 200:
+                        xfail_if_triton_aborted(tmp_path / "tritonserver.log")
+                    assert 503 in states, f"readiness never said degraded after killing {model} stub {victim.pid}"
+                    assert states[-1] == 200, f"{model} not back within 120 s; see {tmp_path}/watchdog.log"
+                    time.sleep(2.0)  # load on the reloaded model
+                    figures.append({"model": model, "instance": index, "seconds_until_ready": round(back - killed, 2),
+                                    "failed_while_degraded": len(load.failed(killed - 1.0, back)),
+                                    "requests_after": load.count(back), "failed_after": load.failed(back)})
+            # back to full strength: the configured stubs per model, the replaced ones retired
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                alive = {m: len(serving_stubs(server.process.pid, m, 100)) for m in counts}
+                if alive == counts:
+                    break
+                time.sleep(0.2)
+            assert alive == counts
+            status = get(base + "/status")[1]
+        finally:
+            watchdog.terminate()
+            watchdog.wait(10)
+        print("\nstub kills under load:", json.dumps(figures))
+        for f in figures:
+            assert f["requests_after"] > 0 and f["failed_after"] == [], f
+        assert len(status["crashes"]) == len(victims) and all(c["recovered_at"] for c in status["crashes"])
+        assert {c["model"] for c in status["crashes"]} == set(counts)
+        assert status["retired_stubs"], status  # each preprocess kill left the other instance's old stub
+        # every model answers again, through the ensemble
+        from clients.client import ImageClassifierClient
+
+        with ImageClassifierClient(server.grpc_url, protocol="grpc") as client:
+            assert len(client.classify([image] * 3, top_k=1)) == 3
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(60)
+        print(f"SIGTERM after {len(victims)} stub kills: exit code {code} in {time.monotonic() - started:.1f} s")
+
+
+def test_the_watchdog_works_without_a_key_and_sees_the_server_exit(repository, tmp_path):
+    from serving.watchdog import Watchdog
+
+    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log", extra_args=SERVE_EXTRA_ARGS).start()
+    try:
+        watchdog = Watchdog(server.process.pid, TritonAdmin(server.http_url, lambda: access.admin_headers(
+            tmp_path / "no.key", "http")), interval_s=0.1).start()
+        victim = serving_stubs(server.process.pid, "classifier", 1)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        seen_degraded = False
+        while time.monotonic() < deadline:
+            ready, reason = watchdog.readiness()
+            seen_degraded |= not ready and "classifier" in reason
+            if seen_degraded and ready:
+                break
+            time.sleep(0.05)
+        if not watchdog.readiness()[0]:
+            xfail_if_triton_aborted(tmp_path / "tritonserver.log")
+        assert seen_degraded and watchdog.readiness()[0], watchdog.status()
+    finally:
+        server.stop()
+    watchdog._thread.join(10)
+    assert not watchdog._thread.is_alive() and not watchdog.live()  # the server is gone: not live
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_drain_then_sigterm_under_load_lets_accepted_requests_finish(repository, tmp_path, photos, protocol):
+    """What `make stop` does: unload the ensembles (serving.watchdog.drain), then SIGTERM. No request the
+    ensemble accepted fails ("in ensemble ..."); later ones are turned away as the model is not ready."""
+    from serving.watchdog import drain
+
+    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log",
+                          extra_args=[*SERVE_EXTRA_ARGS, "--exit-timeout-secs=5"]).start()
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    try:
+        with Load(url, protocol, photos["coffee"], threads=8) as load:
+            time.sleep(2.0)
+            draining = time.monotonic()
+            assert drain(TritonAdmin(server.http_url, lambda: {})) == ["image_classifier"]
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            code = server.process.wait(60)
+            exited = time.monotonic()
+    finally:
+        server.stop()
+    in_flight = [(s, e, err) for s, e, err in load.results if s < draining < e]
+    log = (tmp_path / "tritonserver.log").read_text(errors="replace")
+    print(f"\ndrain + SIGTERM under {protocol} load: drain {signalled - draining:.2f} s, exit code {code} "
+          f"{exited - signalled:.1f} s after SIGTERM; {len(in_flight)} requests in flight, "
+          f"{sum(1 for *_, e in in_flight if e)} turned away")
+    assert load.count(0, draining) > 0 and in_flight
+    assert load.failed(0, draining - 0.5) == []
+    assert [e for *_, e in load.results if e and e.startswith("in ensemble")] == []
+    if protocol == "grpc":
+        assert code == 0, log[-2000:]
+    else:
+        # Triton 2.51 waits for its HTTP clients to close their connections; a keep-alive client that keeps
+        # sending holds it until the exit timeout, and then it exits with code 1 (docs/operations.md).
+        assert "HTTP service connections" in log
+        assert code == 0 or "Exit timeout expired" in log
+
+
+def test_make_serve_starts_the_watchdog_and_make_stop_stops_it(repository, tmp_path):
+    from serving.server import Ports
+
+    ports, watchdog_port = Ports.free(), free_port()
+    cli = [sys.executable, "-m", "serving.server"]
+    start = subprocess.run([*cli, "start", "--model-repository", str(repository), "--http-port", str(ports.http),
+                            "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+                            "--watchdog-port", str(watchdog_port)], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=200)
+    assert start.returncode == 0, start.stderr
+    state = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
+    try:
+        assert state["watchdog"]["ready"] == f"http://127.0.0.1:{watchdog_port}/ready"
+        assert state["watchdog"]["ready"] in start.stdout
+        assert get(state["watchdog"]["ready"])[0] == 200
+        os.kill(serving_stubs(state["pid"], "classifier", 1)[0].pid, signal.SIGKILL)
+        codes = []
+        for _ in range(1200):
+            codes.append(get(state["watchdog"]["ready"])[0])
+            if 503 in codes and codes[-1] == 200:
+                break
+            time.sleep(0.05)
+        if codes[-1] != 200:
+            xfail_if_triton_aborted(tmp_path / ".run" / "tritonserver.log")
+        assert 503 in codes and codes[-1] == 200  # the key in .run/admin.key let it reload the model
+    finally:
+        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert stop.returncode == 0, stop.stderr
+    assert not psutil_alive(state["watchdog"]["pid"]) and not psutil_alive(state["pid"])
+    assert "reloaded classifier" in (tmp_path / ".run" / "watchdog.log").read_text()
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
