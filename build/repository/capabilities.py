@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 from pathlib import Path
 
 from serving.tritonserver import ServerNotInstalled, backend_names, default_backend_directory
@@ -48,14 +49,28 @@ def detect_gpus() -> tuple[int, str]:
     return count.value, "ok"
 
 
-def detect(backend_directory: Path | None = None) -> Capabilities:
-    if backend_directory is None:
-        from serving.tritonserver import locate_server, prepare_backend_directory
+# Where NGC's tritonserver images (and the project's CPU image, deploy/images/) keep the server: the
+# binary in bin/, one folder per backend in backends/. TRITON_SERVER_ROOT names another such root.
+NGC_SERVER_ROOT = Path("/opt/tritonserver")
 
-        try:
-            backend_directory = prepare_backend_directory(locate_server(), default_backend_directory())
-        except ServerNotInstalled:
-            backend_directory = default_backend_directory()
+
+def server_backend_directory(server_root: Path | None = None) -> Path:
+    """The backend directory of the server that will run here: an NGC-layout install (bin/tritonserver
+    + backends/) where there is one, else the pip server's (prepared by the launcher)."""
+    root = Path(server_root or os.environ.get("TRITON_SERVER_ROOT") or NGC_SERVER_ROOT)
+    if (root / "bin" / "tritonserver").is_file() and (root / "backends").is_dir():
+        return root / "backends"
+    from serving.tritonserver import locate_server, prepare_backend_directory
+
+    try:
+        return prepare_backend_directory(locate_server(), default_backend_directory())
+    except ServerNotInstalled:
+        return default_backend_directory()
+
+
+def detect(backend_directory: Path | None = None, server_root: Path | None = None) -> Capabilities:
+    if backend_directory is None:
+        backend_directory = server_backend_directory(server_root)
     trt, trt_reason = detect_tensorrt()
     gpus, gpu_reason = detect_gpus()
     return Capabilities(tuple(backend_names(backend_directory)), trt, trt_reason, gpus, gpu_reason)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the CPU serving image with podman, offline apart from the Debian mirror for the base:
+#   1. base: a Debian 12 root file system made by debootstrap (no registry needed), imported once;
+#   2. wheelhouse: the pinned wheels of requirements/image.txt (pip download);
+#   3. podman build deploy/images/Containerfile.cpu, the repository REPOSITORY baked in at /models.
+# Called by `make image`; every setting comes from the environment (mk/ship.mk sets them).
+set -euo pipefail
+
+IMAGE=${IMAGE:-localhost/triton-image-classifier:cpu}
+BASE_IMAGE=${BASE_IMAGE:-localhost/triton-ic-base:bookworm}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+REPOSITORY=${REPOSITORY:-model_repository}
+WORK=${WORK:-.run/image-build}
+PY=${PY:-.venv/bin/python}
+PODMAN=${PODMAN:-podman}
+# podman's defaults (crun, rlimits above the caller's) fail in some sandboxes; PODMAN_ARGS and
+# PODMAN_BUILD_ARGS let the caller pass --runtime runc and --ulimit (mk/ship.mk).
+read -r -a PODMAN_ARGS <<< "${PODMAN_ARGS:-}"
+read -r -a BUILD_ARGS <<< "${PODMAN_BUILD_ARGS:-}"
+
+say() { echo "make image: $*" >&2; }
+
+command -v "$PODMAN" >/dev/null || { say "no podman (apt-get install podman buildah runc)"; exit 2; }
+[ -f "$REPOSITORY/BUILD.json" ] || { say "no built repository at $REPOSITORY (make engines first)"; exit 2; }
+mkdir -p "$WORK"
+
+if ! "$PODMAN" "${PODMAN_ARGS[@]}" image exists "$BASE_IMAGE"; then
+    command -v debootstrap >/dev/null || { say "no debootstrap (apt-get install debootstrap)"; exit 2; }
+    [ "$(id -u)" = 0 ] || { say "debootstrap needs root"; exit 2; }
+    say "base: debootstrap Debian 12 (bookworm, minbase + python3) from $MIRROR"
+    rm -rf "$WORK/rootfs"
+    debootstrap --variant=minbase --include=python3,python3-venv,libpython3.11 bookworm "$WORK/rootfs" "$MIRROR" \
+        > "$WORK/debootstrap.log"
+    rm -rf "$WORK/rootfs/var/lib/apt/lists/"* "$WORK/rootfs/var/cache/apt/"*.bin
+    tar -C "$WORK/rootfs" -c . | "$PODMAN" "${PODMAN_ARGS[@]}" import --message "debootstrap bookworm minbase" - "$BASE_IMAGE"
+    rm -rf "$WORK/rootfs"
+fi
+
+say "wheelhouse: requirements/image.txt"
+rm -rf "$WORK/context" && mkdir -p "$WORK/context/requirements"
+cp requirements/image.txt "$WORK/context/requirements/"
+# The image is Debian 12 with Python 3.11, like the machines this runs on: wheels for this interpreter.
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: -r requirements/image.txt -d "$WORK/wheels"
+cp -r "$WORK/wheels" "$WORK/context/wheels"
+cp -r "$REPOSITORY" "$WORK/context/repository"
+
+say "podman build $IMAGE"
+"$PODMAN" "${PODMAN_ARGS[@]}" build "${BUILD_ARGS[@]}" --build-arg "BASE=$BASE_IMAGE" \
+    -f deploy/images/Containerfile.cpu -t "$IMAGE" "$WORK/context"
+"$PODMAN" "${PODMAN_ARGS[@]}" image inspect --format '{{.Id}} {{.Size}}' "$IMAGE"

@@ -1,0 +1,148 @@
+"""Publish a built model repository to S3-compatible object storage, where Triton can serve it.
+
+    python -m serving.publish --model-repository model_repository --url s3://host:port/bucket/prefix
+    tritonserver --model-repository=s3://host:port/bucket/prefix      (AWS_* variables: credentials)
+
+The URL is Triton's own form: `s3://bucket/prefix` on AWS, `s3://host:port/bucket/prefix` for another
+S3-compatible endpoint (plain HTTP, as Triton reads it). Every file is uploaded; S3 has no empty
+folders, so an empty folder (an ensemble's version folder) gets a placeholder object, or Triton finds
+no version there. BUILD.json goes last: a prefix with BUILD.json holds a whole repository. Objects under
+the prefix that the repository no longer has are deleted afterwards, so the prefix mirrors it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from build.repository.writer import MARKER, read_manifest
+
+PLACEHOLDER = ".placeholder"
+SKIP = {"__pycache__", ".staging"}
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # no leading or trailing slash; may be ""
+    endpoint: str | None  # http://host:port, or None for AWS
+
+    @classmethod
+    def parse(cls, url: str) -> "S3Location":
+        if not url.startswith("s3://"):
+            raise ValueError(f"{url!r} is not an s3:// URL (s3://bucket/prefix or s3://host:port/bucket/prefix)")
+        parts = [p for p in url[len("s3://"):].split("/") if p]
+        endpoint = None
+        if parts and ":" in parts[0]:  # host:port first, as Triton reads it
+            host, _, port = parts[0].rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{url!r}: {parts[0]!r} is not host:port")
+            endpoint = f"http://{parts.pop(0)}"
+        if not parts:
+            raise ValueError(f"{url!r} names no bucket")
+        return cls(parts[0], "/".join(parts[1:]), endpoint)
+
+    def key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    @property
+    def url(self) -> str:
+        """The URL to give tritonserver --model-repository."""
+        host = self.endpoint.removeprefix("http://") + "/" if self.endpoint else ""
+        return f"s3://{host}{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+
+
+def repository_objects(repository: Path) -> dict[str, Path | None]:
+    """Object name (relative, '/'-separated) -> file to upload, None for an empty placeholder.
+    BUILD.json last."""
+    read_manifest(repository)  # a repository build.engines wrote, or FileNotFoundError saying so
+    objects: dict[str, Path | None] = {}
+    for path in sorted(repository.rglob("*")):
+        relative = path.relative_to(repository)
+        if SKIP & set(relative.parts) or relative.as_posix() == MARKER:
+            continue
+        if path.is_file():
+            objects[relative.as_posix()] = path
+        elif path.is_dir() and not any(path.iterdir()):
+            objects[f"{relative.as_posix()}/{PLACEHOLDER}"] = None
+    objects[MARKER] = repository / MARKER
+    return objects
+
+
+def s3_client(location: S3Location):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=location.endpoint)
+
+
+def publish(repository: Path, location: S3Location, create_bucket: bool = False, progress: bool = True,
+            client=None) -> dict:
+    """Upload `repository` under `location`; returns what was done. Raises PublishError with the reason."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from tqdm import tqdm
+
+    objects = repository_objects(repository)
+    client = client or s3_client(location)
+    try:
+        if create_bucket:
+            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            if location.bucket not in existing:
+                client.create_bucket(Bucket=location.bucket)
+        before = set(_list_keys(client, location))
+        total = sum(p.stat().st_size for p in objects.values() if p)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {location.url}", disable=not progress) as bar:
+            for name, path in objects.items():
+                if path is None:
+                    client.put_object(Bucket=location.bucket, Key=location.key(name), Body=b"")
+                else:
+                    client.upload_file(str(path), location.bucket, location.key(name), Callback=bar.update)
+        stale = sorted(before - {location.key(n) for n in objects})
+        for start in range(0, len(stale), 1000):
+            client.delete_objects(Bucket=location.bucket,
+                                  Delete={"Objects": [{"Key": k} for k in stale[start:start + 1000]]})
+        after = _list_keys(client, location)
+    except (BotoCoreError, ClientError) as exc:
+        raise PublishError(f"publishing to {location.url} failed: {exc}") from exc
+    missing = [n for n, p in objects.items() if after.get(location.key(n)) != (p.stat().st_size if p else 0)]
+    if missing:
+        raise PublishError(f"after upload, {len(missing)} object(s) are missing or of the wrong size: {missing[:5]}")
+    return {"url": location.url, "objects": len(objects), "bytes": total, "deleted": len(stale),
+            "placeholders": sorted(n for n, p in objects.items() if p is None)}
+
+
+def _list_keys(client, location: S3Location) -> dict[str, int]:
+    prefix = location.key("") if location.prefix else ""
+    keys: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+        keys.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    return keys
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Upload a built model repository to S3-compatible storage.")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"), help="(default: %(default)s)")
+    p.add_argument("--url", required=True,
+                   help="s3://bucket/prefix (AWS) or s3://host:port/bucket/prefix (other S3 endpoints, HTTP)")
+    p.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    done = publish(args.model_repository, S3Location.parse(args.url), args.create_bucket, args.progress)
+    print(f"published {done['objects']} objects ({done['bytes']} bytes; {len(done['placeholders'])} placeholder(s), "
+          f"{done['deleted']} stale object(s) deleted)")
+    print(f"serve it with: tritonserver --model-repository={done['url']}   (AWS_ACCESS_KEY_ID, "
+          "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION set)")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (PublishError, ValueError, FileNotFoundError) as exc:
+        sys.exit(f"serving.publish: {exc}")

@@ -1,0 +1,176 @@
+"""deploy/images/: what the image definitions promise (pins, non-root, ports, the NGC tag), and, where
+podman can build and run containers, `make image` builds the CPU image and a container started from it
+(read-only root, non-root user) classifies the bundled photos over HTTP and gRPC."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serving.server import Ports
+from tests.deploy.test_publish import moto  # noqa: F401  (fixture: moto's S3 server on loopback)
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = ROOT / "deploy" / "images"
+SHIP_MK = ROOT / "mk" / "ship.mk"
+TEST_IMAGE = "localhost/triton-image-classifier:test"
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            found[re.sub(r"\[.*\]", "", name).lower().replace("_", "-")] = version.strip()
+    return found
+
+
+def make_variable(name: str) -> str:
+    return re.search(rf"^{name} \?= (.*)$", SHIP_MK.read_text(), re.M).group(1).strip()
+
+
+def test_cpu_image_pins_what_the_python_models_import():
+    image = pins(ROOT / "requirements" / "image.txt")
+    main = pins(ROOT / "requirements" / "main.txt")
+    assert {"nvidia-pytriton", "numpy", "pillow", "onnxruntime"} <= set(image)
+    assert {name: main.get(name) for name in image} == image  # the versions the tests run
+    copied = [*(ROOT / "build" / "repository" / "templates").glob("*.py"),  # what the writer puts in the repository
+              *(ROOT / "common" / f"{m}.py" for m in ("preprocessing", "contract", "onnxsession", "cpu"))]
+    templates = " ".join(p.read_text() for p in copied)
+    for module, package in (("numpy", "numpy"), ("PIL", "pillow"), ("onnxruntime", "onnxruntime")):
+        assert re.search(rf"^\s*(import|from) {module}\b", templates, re.M) and package in image
+
+
+def test_images_run_as_non_root_and_expose_the_three_ports():
+    for name in ("Containerfile.cpu", "Containerfile.gpu"):
+        text = (IMAGES / name).read_text()
+        (user,) = re.findall(r"^USER (\S+)$", text, re.M)[-1:]
+        assert user.split(":")[0] not in ("0", "root"), name
+        assert re.search(r"^EXPOSE 8000 8001 8002$", text, re.M), name
+
+
+def test_gpu_image_is_the_pinned_ngc_tag_plus_pillow():
+    text = (IMAGES / "Containerfile.gpu").read_text()
+    tag = re.search(r"^ARG TRITON_TAG=(\S+)$", text, re.M).group(1)
+    assert tag == make_variable("NGC_TAG") and re.fullmatch(r"\d\d\.\d\d-py3", tag)
+    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in text
+    assert re.search(r"pip install .*pillow==\d", text)  # server#6621: the stock image lacks Pillow
+
+
+# ---- build and run, where containers run ------------------------------------------------------------
+
+def podman_args() -> list[str]:
+    """As mk/ship.mk's PODMAN_ARGS: runc where installed."""
+    return ["--runtime", "runc"] if shutil.which("runc") else []
+
+
+def hard_limits() -> list[str]:
+    nofile = subprocess.run(["bash", "-c", "ulimit -Hn"], capture_output=True, text=True).stdout.strip()
+    nofile = "1048576" if nofile == "unlimited" else nofile
+    return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", "nproc=4096:4096"]
+
+
+@pytest.fixture(scope="module")
+def podman() -> list[str]:
+    if shutil.which("podman") is None:
+        subprocess.run(["make", "--no-print-directory", "image-setup"], cwd=ROOT, capture_output=True)
+    if shutil.which("podman") is None:
+        pytest.skip("no podman and `make image-setup` could not install it (needs root)")
+    return ["podman", *podman_args()]
+
+
+@pytest.fixture(scope="module")
+def cpu_image(podman, lite0_repository):
+    done = subprocess.run(["make", "--no-print-directory", "image", f"REPOSITORY={lite0_repository}",
+                           f"IMAGE={TEST_IMAGE}"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        pytest.skip(f"`make image` could not build here: {done.stderr[-1500:]}")
+    yield TEST_IMAGE
+    subprocess.run([*podman, "rmi", TEST_IMAGE], capture_output=True)
+
+
+def wait_ready(url: str, container: list[str], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    logs = subprocess.run([*container[:-1], "logs", container[-1]], capture_output=True, text=True)
+    pytest.fail(f"container not ready after {timeout:.0f} s:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+
+
+@pytest.mark.slow
+def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
+    from clients.client import ImageClassifierClient
+    from common.samples import CAT_CLASSES, ESPRESSO
+
+    ports = Ports.free()
+    name = f"triton-image-test-{ports.http}"
+    run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
+           "--shm-size", "256m", "-p", f"127.0.0.1:{ports.http}:8000", "-p", f"127.0.0.1:{ports.grpc}:8001",
+           "-p", f"127.0.0.1:{ports.metrics}:8002", cpu_image,
+           "--model-repository=/models", "--http-address=0.0.0.0", "--grpc-address=0.0.0.0",
+           "--metrics-address=0.0.0.0"]
+    started = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
+    try:
+        wait_ready(f"http://127.0.0.1:{ports.http}/v2/health/ready", [*podman, name])
+        uid = subprocess.run([*podman, "exec", name, "id", "-u"], capture_output=True, text=True).stdout.strip()
+        assert uid == "1000"
+        for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
+            with ImageClassifierClient(f"127.0.0.1:{port}", protocol) as client:
+                chelsea, coffee = client.classify([photos["chelsea"], photos["coffee"]], top_k=3)
+            assert CAT_CLASSES & {p.index for p in chelsea}, protocol
+            assert coffee[0].index == ESPRESSO, protocol
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics", timeout=5) as answer:
+            assert b'nv_inference_request_success{model="image_classifier"' in answer.read()
+        stopped = subprocess.run([*podman, "stop", "--time", "40", name], capture_output=True, text=True, timeout=90)
+        assert stopped.returncode == 0
+        code = subprocess.run([*podman, "inspect", "--format", "{{.State.ExitCode}}", name],
+                              capture_output=True, text=True).stdout.strip()
+        assert code == "0", "tritonserver did not shut down cleanly on SIGTERM"
+    finally:
+        subprocess.run([*podman, "rm", "-f", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_cpu_image_serves_a_repository_from_s3_with_a_read_only_root(podman, cpu_image, moto, lite0_repository,
+                                                                      photos):
+    """What the Kubernetes Deployment does: the repository from S3 (moto on the host's loopback), the
+    credentials from the environment, the root file system read-only, /tmp the only writable place."""
+    from clients.client import ImageClassifierClient
+    from common.samples import CAT_CLASSES, ESPRESSO
+    from serving.publish import S3Location, publish
+
+    url = publish(lite0_repository, S3Location.parse(f"s3://{moto}/models/image-test"), create_bucket=True,
+                  progress=False)["url"]
+    ports = Ports.free()
+    name = f"triton-image-s3-{ports.http}"
+    env = [arg for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+           for arg in ("-e", f"{key}={os.environ[key]}")]
+    run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
+           "--shm-size", "256m", "--network", "host", *env, cpu_image, f"--model-repository={url}",
+           f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
+           "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]
+    started = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
+    try:
+        wait_ready(f"http://127.0.0.1:{ports.http}/v2/health/ready", [*podman, name])
+        with ImageClassifierClient(f"127.0.0.1:{ports.http}", "http") as client:
+            chelsea, coffee = client.classify([photos["chelsea"], photos["coffee"]], top_k=3)
+        assert CAT_CLASSES & {p.index for p in chelsea} and coffee[0].index == ESPRESSO
+    finally:
+        subprocess.run([*podman, "rm", "-f", name], capture_output=True)

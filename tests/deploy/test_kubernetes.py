@@ -1,0 +1,305 @@
+"""deploy/k8s/ and deploy/kserve/: kustomize renders every overlay, every object validates against the
+pinned Kubernetes schema (kubernetes-validate) or a vendored CRD schema (deploy/schemas/), the pieces
+agree with each other and with the project's contracts, and the autoscaler's metric and the probes
+answer from a real server scraped by a real Prometheus."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from common.contract import ENSEMBLE
+from serving import access
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SCHEMAS = DEPLOY / "schemas"
+RECORDING = DEPLOY / "monitoring" / "rules" / "recording.yml"
+KUBERNETES_VERSION = "1.32"  # the kubectl on the project's machines; docs/deploy.md
+TARGETS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "kserve": DEPLOY / "kserve",
+           "prometheus-adapter": K8S / "prometheus-adapter"}
+# apiVersion/kind -> vendored schema file (deploy/schemas/README.md)
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring.coreos.com-v1.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.yaml",
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): "servingruntime-serving.kserve.io-v1alpha1.yaml",
+    ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice-serving.kserve.io-v1beta1.yaml",
+}
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.skip("no kubectl (with its built-in kustomize) on PATH")
+    return found
+
+
+def render(kubectl: str, folder: Path) -> list[dict]:
+    done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kubectl kustomize {folder}:\n{done.stderr}"
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.fixture(scope="session")
+def rendered(kubectl) -> dict[str, list[dict]]:
+    return {name: render(kubectl, folder) for name, folder in TARGETS.items()}
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+# ---- validation ------------------------------------------------------------------------------------
+
+def _kubernetes_definitions() -> dict:
+    import kubernetes_validate
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    (strict,) = [p for p in folder.glob(f"v{KUBERNETES_VERSION}.*-local-strict")]
+    return json.loads((strict / "_definitions.json").read_text())
+
+
+def crd_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator:
+    """The vendored schema, its `$ref`s into Kubernetes' own definitions resolved offline; unknown
+    fields are errors wherever the schema lists properties (kubectl's strict field validation)."""
+    from referencing import Registry, Resource
+
+    schema = yaml.safe_load((SCHEMAS / CRD_SCHEMAS[(api_version, kind)]).read_text())
+    registry = Resource.from_contents(_kubernetes_definitions()) @ Registry()
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def validation_errors(obj: dict) -> list[str]:
+    import kubernetes_validate
+
+    key = (obj["apiVersion"], obj["kind"])
+    if key in CRD_SCHEMAS:
+        return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in crd_validator(*key).iter_errors(obj)]
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(map(str, exc.path))}: {exc.message}"]
+    return []
+
+
+def test_every_target_renders(rendered):
+    kinds = {name: sorted(o["kind"] for o in objs) for name, objs in rendered.items()}
+    server = sorted(["ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
+                     "PodDisruptionBudget", "PodMonitor", "PrometheusRule"])
+    assert kinds["cpu"] == server and kinds["gpu"] == server
+    assert kinds["kserve"] == ["InferenceService", "ServingRuntime"]
+    assert kinds["prometheus-adapter"] == ["ConfigMap"]
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_object_validates(rendered, target):
+    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (make setup)")
+    for obj in rendered[target]:
+        errors = validation_errors(obj)
+        assert not errors, f"{target}: {obj['kind']}/{obj['metadata']['name']}: {errors}"
+
+
+def test_validation_refuses_broken_objects(rendered):
+    """The validators catch what a cluster would refuse: a misspelt field, a wrong type, an out-of-range
+    canary share, an unknown relabelling action."""
+    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (make setup)")
+    deployment = copy.deepcopy(one(rendered["cpu"], "Deployment"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["livenesProbe"] = container.pop("livenessProbe")
+    assert validation_errors(deployment)
+    hpa = copy.deepcopy(one(rendered["cpu"], "HorizontalPodAutoscaler"))
+    hpa["spec"]["maxReplicas"] = "ten"
+    assert validation_errors(hpa)
+    isvc = copy.deepcopy(one(rendered["kserve"], "InferenceService"))
+    isvc["spec"]["predictor"]["canaryTrafficPercent"] = 150
+    assert validation_errors(isvc)
+    runtime = copy.deepcopy(one(rendered["kserve"], "ServingRuntime"))
+    runtime["spec"]["containers"][0]["args"] = "--http-port=8080"
+    assert validation_errors(runtime)
+    monitor = copy.deepcopy(one(rendered["cpu"], "PodMonitor"))
+    monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "rename"
+    assert validation_errors(monitor)
+
+
+# ---- what the objects say ---------------------------------------------------------------------------
+
+def server_container(objects: list[dict]) -> dict:
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_pod_runs_locked_down_with_probes_and_resources(rendered, target):
+    pod = one(rendered[target], "Deployment")["spec"]["template"]["spec"]
+    container = server_container(rendered[target])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/tmp", "/dev/shm"} <= mounts  # writable places Triton and the python backend need
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    flags = dict(a.split("=", 1) for a in container["args"])
+    assert [int(flags[f"--{name}-port"]) for name in ("http", "grpc", "metrics")] == [8000, 8001, 8002]
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):
+    gpu = server_container(rendered["gpu"])["resources"]
+    cpu = server_container(rendered["cpu"])["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in json.dumps(cpu)
+    for target in ("cpu", "gpu"):
+        config = one(rendered[target], "ConfigMap")["data"]["MODEL_REPOSITORY"]
+        assert config.startswith("s3://") and config.endswith(f"/{target}")
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_repository_and_credentials_come_from_config_and_secrets(rendered, target):
+    container = server_container(rendered[target])
+    config = one(rendered[target], "ConfigMap")
+    refs = {next(iter(r)): r[next(iter(r))]["name"] for r in container["envFrom"]}
+    assert refs == {"configMapRef": config["metadata"]["name"], "secretRef": "triton-s3"}
+    assert "--model-repository=$(MODEL_REPOSITORY)" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "triton-admin-key"
+    # the same restricted APIs and header as `make serve` (serving/access.py)
+    expected = access.restricted_args("$(TRITON_ADMIN_KEY)")
+    assert [a for a in container["args"] if "restricted" in a] == expected
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_selectors_pick_the_server_pods(rendered, target):
+    objects = rendered[target]
+    deployment = one(objects, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selectors = [deployment["spec"]["selector"]["matchLabels"], one(objects, "Service")["spec"]["selector"],
+                 one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+                 one(objects, "PodMonitor")["spec"]["selector"]["matchLabels"]]
+    for selector in selectors:
+        assert selector and selector.items() <= labels.items()
+    service_ports = {p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]}
+    assert service_ports == {p["name"] for p in server_container(objects)["ports"]}
+    assert one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    hpa = one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (hpa["kind"], hpa["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+def test_kserve_canary_and_v2_protocol(rendered):
+    runtime = one(rendered["kserve"], "ServingRuntime")
+    isvc = one(rendered["kserve"], "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    assert 0 < predictor["canaryTrafficPercent"] < 100
+    assert predictor["model"]["runtime"] == runtime["metadata"]["name"]
+    assert predictor["model"]["protocolVersion"] == "v2" and "v2" in runtime["spec"]["protocolVersions"]
+    formats = {(f["name"], f["version"]) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (predictor["model"]["modelFormat"]["name"], predictor["model"]["modelFormat"]["version"]) in formats
+    (container,) = runtime["spec"]["containers"]
+    assert "--model-repository=/mnt/models" in container["args"]  # where KServe's storage initializer puts it
+    assert "--http-port=8080" in container["args"] and "ports" not in container  # KServe's default HTTP port
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+# ---- the autoscaler's metric: HPA <- prometheus-adapter <- recording rule <- Triton -----------------
+
+def recording_rules() -> dict[str, str]:
+    groups = yaml.safe_load(RECORDING.read_text())["groups"]
+    return {r["record"]: r["expr"] for g in groups for r in g["rules"] if "record" in r}
+
+
+def adapter_rule(rendered) -> dict:
+    config = yaml.safe_load(one(rendered["prometheus-adapter"], "ConfigMap")["data"]["config.yaml"])
+    (rule,) = config["rules"]
+    return rule
+
+
+def test_hpa_metric_comes_from_a_recording_rule(rendered):
+    rule = adapter_rule(rendered)
+    series = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{.*\}", rule["seriesQuery"]).group(1)
+    assert series in recording_rules(), f"{series} is not recorded in {RECORDING}"
+    assert re.fullmatch(rule["name"]["matches"], series)
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}  # what a PodMonitor's targets carry
+    for target in ("cpu", "gpu"):
+        (metric,) = one(rendered[target], "HorizontalPodAutoscaler")["spec"]["metrics"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
+        # the cluster's Prometheus records the same rule (PrometheusRule), the job the rules select
+        (group,) = one(rendered[target], "PrometheusRule")["spec"]["groups"]
+        assert {r["record"]: r["expr"] for r in group["rules"]} == {series: recording_rules()[series]}
+        relabel = one(rendered[target], "PodMonitor")["spec"]["podMetricsEndpoints"][0]["relabelings"]
+        assert {"action": "replace", "targetLabel": "job", "replacement": "triton"} in relabel
+    assert f'model="{ENSEMBLE}"' in recording_rules()[series]
+
+
+def adapter_query(rule: dict, namespace: str, pod: str) -> str:
+    """The PromQL prometheus-adapter sends for one pod (its template, filled in as the adapter does)."""
+    series = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{.*\}", rule["seriesQuery"]).group(1)
+    return (rule["metricsQuery"].replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", f'namespace="{namespace}",pod=~"{pod}"')
+            .replace("<<.GroupBy>>", "pod"))
+
+
+@pytest.mark.slow
+def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifacts, tmp_path, photos):
+    """A real tritonserver: the Deployment's probe paths answer 200 on the ports its names point to;
+    a real Prometheus scraping it (with the namespace/pod labels a PodMonitor adds) records the rule,
+    and the adapter's query for that pod returns a number."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("no prometheus binary (make prometheus-setup, as root)")
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import write_repository
+    from clients.client import ImageClassifierClient
+    from serving.monitor import Prometheus
+    from serving.server import TritonServer, free_port
+
+    repo = tmp_path / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
+    container = server_container(rendered["cpu"])
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    with TritonServer(repo, log_file=tmp_path / "tritonserver.log") as server:
+        local = {8000: server.ports.http, 8001: server.ports.grpc, 8002: server.ports.metrics}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = container[probe]["httpGet"]
+            url = f"http://{server.address}:{local[named[get['port']]]}{get['path']}"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                assert answer.status == 200, url
+        get = one(rendered["cpu"], "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+        with urllib.request.urlopen(f"http://{server.address}:{local[named[get['port']]]}{get['path']}") as answer:
+            assert b"nv_inference_queue_duration_us" in answer.read()
+
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "rule_files": [str(RECORDING)],
+                  "scrape_configs": [{"job_name": "triton", "static_configs": [{
+                      "targets": [f"{server.address}:{server.ports.metrics}"],
+                      "labels": {"namespace": "triton", "pod": "triton-0"}}]}]}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        query = adapter_query(adapter_rule(rendered), "triton", "triton-0")
+        images = list(photos.values())
+        with Prometheus(tmp_path / "prometheus.yml", tmp_path / "data", free_port(), tmp_path / "prometheus.log") \
+                as prometheus, ImageClassifierClient(server.http_url, "http") as client:
+            answer = []
+            for _ in range(120):  # bounded: a few requests, then ask again
+                for i in range(4):
+                    client.classify([images[i % len(images)]] * 2, top_k=1)
+                answer = prometheus.query(query)
+                if answer and math.isfinite(float(answer[0]["value"][1])):
+                    break
+            assert answer, f"no value for {query}; see {tmp_path}/prometheus.log"
+            assert answer[0]["metric"] == {"pod": "triton-0"}
+            assert 0 <= float(answer[0]["value"][1]) < 60

@@ -1,0 +1,123 @@
+"""serving.publish: a built repository uploaded to a real S3 endpoint (moto's server on loopback), then
+served from s3:// by a real tritonserver that classifies the bundled photos."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from build.repository.writer import MARKER
+from common.samples import CAT_CLASSES, ESPRESSO
+from serving.publish import PLACEHOLDER, PublishError, S3Location, publish, repository_objects
+from serving.server import TritonServer, free_port
+
+
+def test_urls_read_as_triton_reads_them():
+    local = S3Location.parse("s3://127.0.0.1:9000/models/lite0/cpu")
+    assert (local.endpoint, local.bucket, local.prefix) == ("http://127.0.0.1:9000", "models", "lite0/cpu")
+    assert local.url == "s3://127.0.0.1:9000/models/lite0/cpu" and local.key("a/b") == "lite0/cpu/a/b"
+    aws = S3Location.parse("s3://bucket")
+    assert (aws.endpoint, aws.bucket, aws.prefix, aws.url) == (None, "bucket", "", "s3://bucket")
+    for bad in ("http://x/y", "s3://", "s3://host:port/b", "s3://127.0.0.1:9000/"):
+        with pytest.raises(ValueError):
+            S3Location.parse(bad)
+
+
+def test_only_a_built_repository_is_published(tmp_path):
+    (tmp_path / "model" / "1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="make engines"):
+        repository_objects(tmp_path)
+
+
+def test_objects_cover_the_repository_with_placeholders_and_marker_last(lite0_repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(lite0_repository, repo)
+    (repo / "classifier" / "1" / "__pycache__").mkdir(exist_ok=True)
+    (repo / "classifier" / "1" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    for f in (repo / "image_classifier" / "1").iterdir():
+        f.unlink()
+    objects = repository_objects(repo)
+    assert list(objects)[-1] == MARKER
+    assert objects["image_classifier/1/" + PLACEHOLDER] is None
+    assert "classifier/config.pbtxt" in objects and "classifier/1/model.onnx" in objects
+    assert not [n for n in objects if "__pycache__" in n]
+    files = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert files == {n for n, p in objects.items() if p is not None}
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """moto's S3 server on a free loopback port, with dummy credentials for every client."""
+    server_bin = Path(sys.executable).parent / "moto_server"
+    if not server_bin.exists():
+        pytest.skip("moto[server] is not installed (make setup)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(server_bin), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(f"moto_server exited; see {log}")
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                                ("AWS_DEFAULT_REGION", "us-east-1")):
+                env.setenv(name, value)
+            yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+class ServerOnS3(TritonServer):
+    """TritonServer with an s3:// repository (the launcher passes the URL through to tritonserver)."""
+
+    def __init__(self, url: str, workdir: Path, **kwargs):
+        super().__init__(workdir, **kwargs)
+        self.url = url
+
+    def command(self) -> list[str]:
+        return [f"--model-repository={self.url}" if a.startswith("--model-repository=") else a
+                for a in super().command()]
+
+
+@pytest.mark.slow
+def test_published_repository_serves_from_s3(moto, lite0_repository, tmp_path, photos):
+    from clients.client import ImageClassifierClient
+
+    repo = tmp_path / "repo"
+    shutil.copytree(lite0_repository, repo)
+    for f in (repo / "image_classifier" / "1").iterdir():  # an ensemble's version folder as S3 sees it: empty
+        f.unlink()
+    location = S3Location.parse(f"s3://{moto}/models/lite0/cpu")
+    done = publish(repo, location, create_bucket=True, progress=False)
+    assert done["placeholders"] == [f"image_classifier/1/{PLACEHOLDER}"] and done["deleted"] == 0
+
+    with ServerOnS3(done["url"], tmp_path, log_file=tmp_path / "tritonserver.log") as server, \
+            ImageClassifierClient(server.http_url, "http") as client:
+        chelsea, coffee = client.classify([photos["chelsea"], photos["coffee"]], top_k=3)
+    assert server.process.returncode == 0
+    assert CAT_CLASSES & {p.index for p in chelsea}
+    assert coffee[0].index == ESPRESSO
+
+    # publishing again mirrors the repository: a file gone from it is gone from the bucket
+    (repo / "preprocess" / "1" / "preprocess.json").rename(repo / "preprocess" / "1" / "renamed.json")
+    again = publish(repo, location, progress=False)
+    assert again["deleted"] == 1 and again["objects"] == done["objects"]
+
+
+@pytest.mark.slow
+def test_publish_to_a_missing_bucket_says_so(moto, lite0_repository):
+    with pytest.raises(PublishError, match="NoSuchBucket|does not exist"):
+        publish(lite0_repository, S3Location.parse(f"s3://{moto}/no-such-bucket/x"), progress=False)
