@@ -205,12 +205,14 @@ def gate_summary(report: VariantReport) -> str:
     return f"{gate_metric(report):.2%} {where}" + (f", true top-1 {report.accuracy:.2%}" if report.accuracy is not None else "")
 
 
-def gate(report: VariantReport, thresholds: dict[str, float], reference_accuracy: float | None = None) -> VariantReport:
+def gate(report: VariantReport, thresholds: dict[str, float], reference_accuracy: float | None = None,
+         threshold: float | None = None) -> VariantReport:
     """Set the report's threshold and verdict (a failing variant is not deployed). Without labels the
     gate holds agreement with FP32 (gate_metric) to the threshold. With labels, true accuracy is what
     counts: the variant's top-1 may fall at most thresholds["accuracy_drop"] below FP32's, and agreement
-    is reported, not held (a file that is right where FP32 is wrong, as QAT's can be, disagrees)."""
-    report.threshold = threshold_for(report.name, thresholds)
+    is reported, not held (a file that is right where FP32 is wrong, as QAT's can be, disagrees).
+    `threshold` overrides the variant's own (serving.rollout gates a candidate model this way)."""
+    report.threshold = threshold if threshold is not None else threshold_for(report.name, thresholds)
     if report.threshold is None:
         return report
     reasons = []

@@ -1,0 +1,123 @@
+"""Versioned rollout on a real server under load (serving.rollout): a gated candidate becomes the
+classifier's next version, a failing one is refused, rollback brings the previous one back, A/B serves
+a candidate beside it; no request through the ensemble fails at any switch."""
+import json
+import shutil
+import threading
+import urllib.request
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from build.repository.spec import DeploymentSpec
+from build.repository.writer import write_repository
+from clients.client import ClassificationError, ImageClassifierClient
+from serving import rollout
+from serving.server import TritonServer
+
+pytestmark = pytest.mark.slow
+EXPLICIT = ["--model-control-mode=explicit", "--load-model=*"]
+
+
+def _candidate(source, target, scale):
+    """The tiny model with its classifier weights multiplied by `scale` (per class)."""
+    shutil.copytree(source, target)
+    model = onnx.load(target / "model.onnx")
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    weight.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(weight) * np.float32(scale)).astype(np.float32), "W"))
+    onnx.save(model, target / "model.onnx")
+    return rollout.Candidate(target / "model.onnx", target)
+
+
+class Load:
+    """Threads classifying through the ensemble until stopped; every outcome counted."""
+
+    def __init__(self, url, photo, threads=3):
+        self.url, self.photo, self.ok, self.failed, self.stopping = url, photo, 0, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self):
+        client = ImageClassifierClient(self.url, protocol="http")
+        while not self.stopping.is_set():
+            try:
+                client.classify([self.photo], top_k=1)
+                self.ok += 1
+            except ClassificationError as exc:
+                self.failed.append(str(exc))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        for t in self.threads:
+            t.join()
+
+
+def _classifier_successes(server, version):
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("nv_inference_request_success{") and 'model="classifier"' in line
+               and f'version="{version}"' in line)
+
+
+@pytest.fixture
+def served(tiny_artifacts, tmp_path):
+    repo = tmp_path / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
+    with TritonServer(repo, log_file=tmp_path / "tritonserver.log", extra_args=EXPLICIT) as server:
+        yield rollout.Repository.open(repo), rollout.Server(server.http_url), server
+    assert server.process.returncode == 0
+
+
+def test_rollout_and_rollback_under_load_drop_nothing(served, tiny_artifacts, tmp_path, photos):
+    repo, api, server = served
+    thresholds = {"agreement": 0.99, "accuracy_drop": 0.01}
+    good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)  # same answers, other bytes
+    bad = _candidate(tiny_artifacts, tmp_path / "bad", [[1.0, -1.0, 1.0]])
+    with Load(server.http_url, photos["chelsea"]) as load:
+        assert rollout.add(repo, api, good, None, thresholds) == 2
+        assert api.ready_versions("classifier") == [2]
+        with pytest.raises(rollout.RolloutError, match="failed the gate against version 2"):
+            rollout.add(repo, api, bad, None, thresholds)
+        assert repo.versions() == [1, 2] and api.ready_versions("classifier") == [2]
+        ImageClassifierClient(server.http_url, protocol="http").classify([photos["coffee"]])
+        served_by_2 = _classifier_successes(server, 2)
+        assert rollout.rollback(repo, api) == 1
+        assert api.ready_versions("classifier") == [1]
+    assert served_by_2 > 0
+    assert load.failed == [] and load.ok > 0
+    assert repo.versions() == [1] and rollout.retired_versions(repo) == [2]
+    history = [h["action"] for h in json.loads((repo.path / rollout.STATE).read_text())["history"]]
+    assert history == ["rollout", "rollback"]
+    # The next version is numbered past the retired one.
+    assert rollout.add(repo, api, good, None, thresholds) == 3
+
+
+def test_ab_serves_a_candidate_beside_the_version_in_service(served, tiny_artifacts, tmp_path, photos):
+    repo, api, server = served
+    good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
+    with Load(server.http_url, photos["chelsea"]) as load:
+        assert rollout.ab_start(repo, api, good, None) == 2
+        assert api.ready_versions("classifier_candidate") == [2] and api.ready_versions("classifier") == [1]
+        report = rollout.ab_run(repo, api, split=0.5, duration=3)
+        rollout.ab_stop(repo, api)
+    assert load.failed == []
+    arms = report["image_classifier"], report["image_classifier_candidate"]
+    assert all(arm["requests"] > 0 and arm["failed"] == 0 for arm in arms)
+    assert arms[0]["answers"].keys() == arms[1]["answers"].keys()  # same answers: the candidate only rescales
+    assert not (repo.path / "classifier_candidate").exists()
+    assert "classifier_candidate" not in [m["name"] for m in api.index() if m.get("state") == "READY"]
+
+
+def test_refuses_what_the_ensemble_cannot_serve(served, tiny_artifacts, tmp_path):
+    repo, api, _ = served
+    other = _candidate(tiny_artifacts, tmp_path / "other", 1.0)
+    (other.artifacts / "labels.txt").write_text("a\nb\nc\n")
+    with pytest.raises(rollout.RolloutError, match="differs from the served labels"):
+        rollout.add(repo, api, other, None, {"agreement": 0.99, "accuracy_drop": 0.01})
+    assert repo.versions() == [1]
