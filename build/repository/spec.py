@@ -18,7 +18,7 @@ BACKENDS = ("auto", "python-onnxruntime", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 DEFAULT_SPEC_PATH = Path("configs/deployment.json")
-QUEUE_BATCHES = 1  # derived queue bound: this many full preferred batches per instance
+QUEUE_BATCHES = 1  # derived queue bound: this many max batches per instance
 DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
 TARGET_SERVER_KEYS = ("image", "tensorrt", "compute_capability", "version_compatible", "hardware_compatibility")
 PREPROCESSING = ("python", "dali")
@@ -139,17 +139,18 @@ class DeploymentSpec:
 
     def queue_policy(self, stage: str) -> tuple[int, int]:
         """(max_queue_size, timeout_us) of `stage` (preprocess, classifier or fused), defaults resolved. A model
-        that takes the ensemble's requests first (preprocess, fused) holds QUEUE_BATCHES full preferred batches
-        per instance; the classifier behind preprocess holds one max batch from every preprocess instance at
-        once (what preprocess hands on in one go), so it turns nothing away below capacity. Both time out, so
-        that an accepted request's wait stays bounded whichever model is the slower."""
+        that takes the ensemble's requests first (preprocess, fused) holds QUEUE_BATCHES max batches per
+        instance (a burst of that many requests on an idle server is served, not turned away); the classifier
+        behind preprocess holds one max batch from every preprocess instance at once (what preprocess hands on
+        in one go), so it turns nothing away below capacity. Both time out, so that an accepted request's wait
+        stays bounded whichever model is the slower."""
         this = getattr(self, stage)
         if this.max_queue_size is not None:
             size = this.max_queue_size
         elif stage == "classifier":
             size = self.preprocess.instances * self.max_batch_size if self.queue_policy("preprocess")[0] else 0
         else:
-            size = QUEUE_BATCHES * this.instances * max(this.preferred_batch_sizes, default=1)
+            size = QUEUE_BATCHES * this.instances * self.max_batch_size
         timeout = this.queue_timeout_us if this.queue_timeout_us is not None else DEFAULT_QUEUE_TIMEOUT_US
         return size, timeout
 

@@ -33,7 +33,7 @@ def policy(text: str) -> model_config_pb2.ModelQueuePolicy:
 def test_default_queues_are_derived_from_instances_and_batches():
     spec = DeploymentSpec.load("configs/deployment.json")
     pre, cls = spec.preprocess, spec.classifier
-    first = QUEUE_BATCHES * pre.instances * max(pre.preferred_batch_sizes)
+    first = QUEUE_BATCHES * pre.instances * spec.max_batch_size  # a burst of max batches is served
     p = policy(configs.preprocess_config(spec, SHAPE, "test"))
     assert (p.max_queue_size, p.default_timeout_microseconds) == (first, DEFAULT_QUEUE_TIMEOUT_US)
     assert p.timeout_action == REJECT and p.allow_timeout_override
@@ -42,7 +42,7 @@ def test_default_queues_are_derived_from_instances_and_batches():
     assert c.max_queue_size == pre.instances * spec.max_batch_size and c.timeout_action == REJECT
     assert c.default_timeout_microseconds == DEFAULT_QUEUE_TIMEOUT_US  # bounds the wait behind preprocess too
     fused = policy(configs.fused_config(spec, SHAPE, "test"))
-    assert fused.max_queue_size == QUEUE_BATCHES * spec.fused.instances * max(spec.fused.preferred_batch_sizes)
+    assert fused.max_queue_size == QUEUE_BATCHES * spec.fused.instances * spec.max_batch_size
     assert cls.max_queue_size is None  # the committed spec leaves the bound to the rule above
 
 
