@@ -144,15 +144,15 @@ def measure(artifacts: Path, held_out: str | None, options: VariantOptions, thre
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'model':14s} {'row':14s} {'accuracy':>9s} {'metric':11s} {'MB':>6s} {'b1 img/s':>9s} {'b8 img/s':>9s} "
+    head = (f"{'model':18s} {'row':14s} {'accuracy':>9s} {'metric':11s} {'MB':>6s} {'b1 img/s':>9s} {'b8 img/s':>9s} "
             f"{'x fp32 b1':>9s} {'x fp32 b8':>9s}  gate")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "accuracy" not in r:
-            lines.append(f"{r['model']:14s} {r['row']:14s} {'-':>9s}  {r['note']}")
+            lines.append(f"{r['model']:18s} {r['row']:14s} {'-':>9s}  {r['note']}")
             continue
         metric = "true top-1" if r["metric"] == "true top-1" else "agreement"
-        lines.append(f"{r['model']:14s} {r['row']:14s} {r['accuracy']:9.2%} {metric:11s} {r['size_mb']:6.1f} "
+        lines.append(f"{r['model']:18s} {r['row']:14s} {r['accuracy']:9.2%} {metric:11s} {r['size_mb']:6.1f} "
                      f"{r['img_s_b1']:9.1f} {r['img_s_b8']:9.1f} {r['x_fp32_b1']:9.2f} {r['x_fp32_b8']:9.2f}  "
                      f"{r['gate'] or '-'}")
     return "\n".join(lines)
@@ -174,6 +174,7 @@ def plot(rows: list[dict], path: Path) -> None:
                         textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel("throughput at batch 8, x FP32 (ONNX Runtime CPU)")
         ax.set_ylabel(f"{mine[0]['metric']} (%)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))  # a percentage
         ax.set_title(model)
         ax.grid(alpha=0.3)
     fig.tight_layout()
