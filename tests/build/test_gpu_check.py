@@ -14,13 +14,7 @@ from build.precision import plans
 from build.repository import capabilities
 
 ROOT = Path(__file__).resolve().parents[2]
-TRT_VERSION, TRT_REASON = capabilities.detect_tensorrt()
-GPUS, GPU_REASON = capabilities.detect_gpus()
-HAVE_TRT_AND_GPU = TRT_VERSION is not None and GPUS > 0
-NEEDS_TRT = pytest.mark.skipif(
-    not HAVE_TRT_AND_GPU,
-    reason=f"needs TensorRT and an NVIDIA GPU: TensorRT {TRT_VERSION or 'absent (' + TRT_REASON + ')'}, "
-           f"{GPUS} GPU(s) ({GPU_REASON})")
+from tests.build.test_plans import HAVE_TRT_AND_GPU, NEEDS_TRT  # noqa: E402  (one probe of TensorRT and the GPUs)
 
 
 @pytest.mark.skipif(HAVE_TRT_AND_GPU, reason="TensorRT and a GPU are present here: nothing to fail on")
