@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -38,151 +37,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 import psutil
 
 from serving.access import admin_headers
+from serving.health import endpoint
+from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
+from serving.triton_admin import TritonAdmin, drain
 
-STUB = "triton_python_backend_stub"
-RELOAD_PARAMETER = "watchdog_reload"
 log = logging.getLogger("watchdog")
-
-
-@dataclasses.dataclass(frozen=True)
-class Stub:
-    pid: int
-    model: str | None  # None: a zombie first seen dead (its command line is gone)
-    version: str | None
-    dead: bool
-
-
-def _model_of(cmdline: list[str]) -> tuple[str, str] | None:
-    """(model, version) of a python-backend stub: its first argument is <repository>/<model>/<version>/model.py."""
-    if not cmdline or Path(cmdline[0]).name != STUB or len(cmdline) < 2:
-        return None
-    parts = Path(cmdline[1]).parts
-    return (parts[-3], parts[-2]) if len(parts) >= 3 else None
-
-
-class StubTracker:
-    """The stub children of one tritonserver. A stub's model is learnt while it lives; a dead stub
-    stays a zombie, whose command line is empty, so it is named by what was learnt before."""
-
-    def __init__(self, server_pid: int):
-        self.server = psutil.Process(server_pid)
-        self.known: dict[int, tuple[str, str]] = {}
-
-    def scan(self) -> list[Stub]:
-        stubs = []
-        for child in self.server.children():
-            try:
-                dead = child.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-                if not dead and child.pid not in self.known:
-                    named = _model_of(child.cmdline())
-                    if named is None:
-                        continue
-                    self.known[child.pid] = named
-            except psutil.ZombieProcess:
-                dead = True
-            except psutil.NoSuchProcess:
-                continue
-            if child.pid in self.known or dead:
-                model, version = self.known.get(child.pid, (None, None))
-                stubs.append(Stub(child.pid, model, version, dead))
-        return stubs
-
-
-def serving_stubs(server_pid: int, model: str, instances: int) -> list[psutil.Process]:
-    """The live stubs serving `model` now: its `instances` newest (a reload after a crash leaves the old
-    version's surviving stubs behind, see docs/operations.md)."""
-    stubs = []
-    for child in psutil.Process(server_pid).children():
-        try:
-            named = _model_of(child.cmdline())
-        except psutil.Error:
-            continue
-        if named and named[0] == model:
-            stubs.append(child)
-    return sorted(stubs, key=lambda p: p.create_time())[-instances:]
-
-
-class TritonAdmin:
-    """The few HTTP calls the watchdog makes, with the admin key's header on each (none without a key)."""
-
-    def __init__(self, http_url: str, headers: Callable[[], dict[str, str]], timeout: float = 120.0):
-        self.base = http_url if "://" in http_url else f"http://{http_url}"
-        self.headers, self.timeout = headers, timeout
-
-    def _call(self, path: str, body: dict | None = None, method: str | None = None,
-              timeout: float | None = None) -> tuple[int, bytes]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method or ("POST" if data else "GET"),
-                                         headers={"Content-Type": "application/json", **self.headers()})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-
-    def ready(self) -> bool:
-        try:
-            return self._call("/v2/health/ready", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    def live(self) -> bool:
-        try:
-            return self._call("/v2/health/live", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    def index(self) -> dict[str, str]:
-        """{model: state} of the repository ("READY", "UNAVAILABLE", ...), the newest version's state per model."""
-        status, body = self._call("/v2/repository/index", {})
-        if status != 200:
-            raise RuntimeError(f"repository index: HTTP {status}: {body[:300]!r}")
-        states: dict[str, str] = {}
-        for entry in json.loads(body):
-            if states.get(entry["name"]) != "READY":
-                states[entry["name"]] = entry.get("state", "")
-        return states
-
-    def reload(self, model: str) -> None:
-        """Load `model` again with its current configuration, marked so that Triton does load it."""
-        status, body = self._call(f"/v2/models/{model}/config")
-        if status != 200:
-            raise RuntimeError(f"config of {model}: HTTP {status}: {body[:300]!r}")
-        config = json.loads(body)
-        config.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": f"{time.time():.3f}"}
-        self.load(model, config)
-
-    def instances(self, model: str) -> int:
-        """How many instances the model's configuration asks for (its stubs, for a python-backend model)."""
-        status, body = self._call(f"/v2/models/{model}/config")
-        if status != 200:
-            raise RuntimeError(f"config of {model}: HTTP {status}: {body[:300]!r}")
-        return sum(group.get("count", 1) for group in json.loads(body).get("instance_group", []))
-
-    def platform(self, model: str) -> str:
-        status, body = self._call(f"/v2/models/{model}/config")
-        if status != 200:
-            raise RuntimeError(f"config of {model}: HTTP {status}: {body[:300]!r}")
-        config = json.loads(body)
-        return config.get("platform") or config.get("backend", "")
-
-    def unload(self, model: str) -> None:
-        status, answer = self._call(f"/v2/repository/models/{model}/unload", {}, method="POST")
-        if status != 200:
-            raise RuntimeError(f"unload {model}: HTTP {status}: {answer[:300]!r}")
-
-    def load(self, model: str, config: dict | None = None) -> None:
-        body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
-        status, answer = self._call(f"/v2/repository/models/{model}/load", body, method="POST")
-        if status != 200:
-            raise RuntimeError(f"load {model}: HTTP {status}: {answer[:300]!r}")
 
 
 @dataclasses.dataclass
@@ -192,6 +56,7 @@ class Crash:
     version: str | None
     seen_at: float  # time.time()
     recovered_at: float | None = None
+    unloaded: bool = False  # its version was unloaded on purpose: not a crash after all
 
 
 class Watchdog:
@@ -244,7 +109,7 @@ class Watchdog:
                 "crashes": crashes, "reloads": self.reloads, "failed_reloads": self.failed_reloads,
                 "last_error": self.last_error, "retired_stubs": list(self.retired),
                 # every crash leaves its model's old version loaded for good (see docs/operations.md)
-                "leaked_versions": sum(1 for c in crashes if c["recovered_at"] is not None)}
+                "leaked_versions": sum(1 for c in crashes if c["recovered_at"] is not None and not c["unloaded"])}
 
     # -- the loop ------------------------------------------------------------------------------
     def retire(self, stubs: list[Stub]) -> None:
@@ -268,6 +133,19 @@ class Watchdog:
                 self.retired.append(pid)
             log.warning("retired %d stub(s) of %s's replaced instances: %s", len(leftover), model, sorted(leftover))
 
+    def _forget_unloaded(self, crashes: list[Crash], ready: dict[str, set[str]]) -> None:
+        """A stub whose model version is not loaded any more ended with an unload (a rollout, `make ab-stop`,
+        a model-control call), not a crash: there is nothing to bring back, and reloading a model that is
+        gone would fail for ever."""
+        now = time.time()
+        with self._lock:
+            for crash in crashes:
+                if crash.model is not None and crash.version not in ready.get(crash.model, set()):
+                    crash.recovered_at = now
+                    crash.unloaded = True
+                    log.info("stub %d of %s version %s ended with its version's unload: nothing to reload",
+                             crash.pid, crash.model, crash.version)
+
     def check(self) -> None:
         """One pass: note newly dead stubs, reload their models, re-load what the reload unloaded."""
         stubs = self.tracker.scan()
@@ -284,9 +162,19 @@ class Watchdog:
                 self.crashes.append(Crash(stub.pid, stub.model, stub.version, time.time()))
         with self._lock:
             unrecovered = [c for c in self.crashes if c.recovered_at is None]
+        if not unrecovered:
+            return
+        try:
+            ready = self.admin.ready_versions()
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.error("repository index failed: %s", exc)
+            return
+        self._forget_unloaded(unrecovered, ready)
+        with self._lock:
+            unrecovered = [c for c in self.crashes if c.recovered_at is None]
         pending = {c.model for c in unrecovered if c.model}
-        if any(c.model is None for c in unrecovered):  # seen dead only: reload every python-backend model
-            pending |= {model for model, _ in self.tracker.known.values()}
+        if any(c.model is None for c in unrecovered):  # seen dead only: reload every python-backend model loaded
+            pending |= {model for model, _ in self.tracker.known.values() if model in ready}
         if not unrecovered:
             return
         replaced = {m: {s.pid for s in stubs if not s.dead and s.model == m} for m in pending}
@@ -343,48 +231,6 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def endpoint(watchdog: Watchdog, host: str, port: int) -> ThreadingHTTPServer:
-    """/ready, /live, /status of `watchdog` on host:port (serve_forever() it)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path == "/ready":
-                ok, reason = watchdog.readiness()
-                self._send(200 if ok else 503, {"ready": ok, "reason": reason})
-            elif self.path == "/live":
-                ok = watchdog.live()
-                self._send(200 if ok else 503, {"live": ok, "last_error": watchdog.last_error})
-            elif self.path == "/status":
-                self._send(200, watchdog.status())
-            else:
-                self._send(404, {"error": f"no {self.path}: /ready, /live, /status"})
-
-        def _send(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    return ThreadingHTTPServer((host, port), Handler)
-
-
-def drain(admin: TritonAdmin, timeout_s: float = 30.0) -> list[str]:
-    """Unload the ensembles (the models clients call) so that their in-flight requests finish while the
-    models they chain stay loaded; a SIGTERM after this finds nothing in flight. The ensembles unloaded."""
-    ensembles = [m for m, state in admin.index().items() if state == "READY" and admin.platform(m) == "ensemble"]
-    for model in ensembles:
-        admin.unload(model)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(admin.index().get(m) in ("READY", "UNLOADING") for m in ensembles):
-        time.sleep(0.05)
-    return ensembles
 
 
 def spawn(server_pid: int, http_url: str, port: int, log_file: Path, address: str = "127.0.0.1") -> dict:

@@ -3,17 +3,20 @@ podman can build and run containers, `make image` builds the CPU image and a con
 (read-only root, non-root user) classifies the bundled photos over HTTP and gRPC."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from serving.server import Ports
+from serving.server import Ports, free_port
 from tests.deploy.test_publish import moto  # noqa: F401  (fixture: moto's S3 server on loopback)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,12 +54,40 @@ def test_cpu_image_pins_what_the_python_models_import():
         assert re.search(rf"^\s*(import|from) {module}\b", templates, re.M) and package in image
 
 
-def test_images_run_as_non_root_and_expose_the_three_ports():
+def test_images_run_as_non_root_and_expose_the_four_ports():
     for name in ("Containerfile.cpu", "Containerfile.gpu"):
         text = (IMAGES / name).read_text()
         (user,) = re.findall(r"^USER (\S+)$", text, re.M)[-1:]
         assert user.split(":")[0] not in ("0", "root"), name
-        assert re.search(r"^EXPOSE 8000 8001 8002$", text, re.M), name
+        assert re.search(r"^EXPOSE 8000 8001 8002 8003$", text, re.M), name  # 8003: the supervisor's probes
+
+
+def test_images_start_the_supervisor_with_every_module_it_imports():
+    """Both images run `python3 -m serving.supervise ... -- tritonserver`; the serving modules copied into
+    them are exactly what it imports, transitively, and its one third-party import is pinned in the image."""
+    import ast
+
+    def imports(module: str) -> tuple[set[str], set[str]]:
+        tree = ast.parse((ROOT / "serving" / f"{module}.py").read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return {n.split(".")[1] for n in names if n.startswith("serving.")}, {n.split(".")[0] for n in names}
+
+    needed, todo, third_party = set(), ["supervise"], set()
+    while todo:
+        module = todo.pop()
+        needed.add(module)
+        own, top = imports(module)
+        todo += sorted(own - needed)
+        third_party |= {t for t in top if t not in sys.stdlib_module_names and t not in ("serving", "__future__")}
+    assert third_party == {"psutil"} and "psutil" in pins(ROOT / "requirements" / "image.txt")
+    copied_cpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "build-cpu.sh").read_text()))
+    copied_gpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "Containerfile.gpu").read_text()))
+    assert copied_cpu == copied_gpu == needed | {"__init__"}
+    assert re.search(r"psutil==7\.2\.2", (IMAGES / "Containerfile.gpu").read_text())
+    supervise = '"python3", "-m", "serving.supervise", "--address=0.0.0.0", "--port=8003", "--", "tritonserver"'
+    assert supervise in (IMAGES / "Containerfile.cpu").read_text()
+    assert supervise in (IMAGES / "Containerfile.gpu").read_text()
 
 
 def test_gpu_image_is_the_pinned_ngc_tag_plus_pillow():
@@ -121,11 +152,11 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
     from clients.client import ImageClassifierClient
     from common.samples import CAT_CLASSES, ESPRESSO
 
-    ports = Ports.free()
+    ports, health = Ports.free(), free_port()
     name = f"triton-image-test-{ports.http}"
     run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
            "--shm-size", "256m", "-p", f"127.0.0.1:{ports.http}:8000", "-p", f"127.0.0.1:{ports.grpc}:8001",
-           "-p", f"127.0.0.1:{ports.metrics}:8002", cpu_image,
+           "-p", f"127.0.0.1:{ports.metrics}:8002", "-p", f"127.0.0.1:{health}:8003", cpu_image,
            "--model-repository=/models", "--http-address=0.0.0.0", "--grpc-address=0.0.0.0",
            "--metrics-address=0.0.0.0"]
     started = subprocess.run(run, capture_output=True, text=True, timeout=120)
@@ -133,6 +164,23 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
         pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
     try:
         wait_ready(f"http://127.0.0.1:{ports.http}/v2/health/ready", [*podman, name])
+        wait_ready(f"http://127.0.0.1:{health}/ready", [*podman, name])
+        # the entrypoint's watchdog: a classifier stub killed inside the container is reloaded, /ready 503 meanwhile
+        kill = ("import os, psutil\n"
+                "stub = next(p for p in psutil.process_iter(['cmdline']) if '/classifier/' in ' '.join(p.info['cmdline'] or []))\n"
+                "os.kill(stub.pid, 9)")
+        assert subprocess.run([*podman, "exec", name, "python3", "-c", kill], capture_output=True).returncode == 0
+        codes = []
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=2) as answer:
+                    codes.append(answer.status)
+            except urllib.error.HTTPError as exc:
+                codes.append(exc.code)
+            if 503 in codes and codes[-1] == 200:
+                break
+            time.sleep(0.05)
+        assert 503 in codes and codes[-1] == 200, codes[-20:]
         uid = subprocess.run([*podman, "exec", name, "id", "-u"], capture_output=True, text=True).stdout.strip()
         assert uid == "1000"
         for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
@@ -146,7 +194,7 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
         assert stopped.returncode == 0
         code = subprocess.run([*podman, "inspect", "--format", "{{.State.ExitCode}}", name],
                               capture_output=True, text=True).stdout.strip()
-        assert code == "0", "tritonserver did not shut down cleanly on SIGTERM"
+        assert code == "0", "the supervisor and tritonserver did not shut down cleanly on SIGTERM"
     finally:
         subprocess.run([*podman, "rm", "-f", name], capture_output=True)
 
@@ -166,8 +214,12 @@ def test_cpu_image_serves_a_repository_from_s3_with_a_read_only_root(podman, cpu
     name = f"triton-image-s3-{ports.http}"
     env = [arg for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
            for arg in ("-e", f"{key}={os.environ[key]}")]
+    # the host's network: the supervisor's endpoint on a free port, not 8003 (`make serve`'s watchdog's)
+    entrypoint = json.dumps(["python3", "-m", "serving.supervise", f"--port={free_port()}", "--", "tritonserver",
+                             "--model-control-mode=explicit", "--load-model=*"])
     run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
-           "--shm-size", "256m", "--network", "host", *env, cpu_image, f"--model-repository={url}",
+           "--shm-size", "256m", "--network", "host", *env, "--entrypoint", entrypoint, cpu_image,
+           f"--model-repository={url}",
            f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
            "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]
     started = subprocess.run(run, capture_output=True, text=True, timeout=120)

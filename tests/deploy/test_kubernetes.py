@@ -7,9 +7,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -151,12 +156,16 @@ def test_pod_runs_locked_down_with_probes_and_resources(rendered, target):
     assert sc["capabilities"]["drop"] == ["ALL"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/tmp", "/dev/shm"} <= mounts  # writable places Triton and the python backend need
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # the supervisor's endpoint (serving.supervise): /ready is 503 while a dead stub's model is reloaded
+    assert container["command"][:3] == ["python3", "-m", "serving.supervise"]
+    assert container["command"][-2:] == ["--", "tritonserver"] and "--port=8003" in container["command"]
+    assert {probe: (container[probe]["httpGet"]["path"], container[probe]["httpGet"]["port"])
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe")} == {
+        "livenessProbe": ("/live", "health"), "readinessProbe": ("/ready", "health"),
+        "startupProbe": ("/ready", "health")}
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
     flags = dict(a.split("=", 1) for a in container["args"])
     assert [int(flags[f"--{name}-port"]) for name in ("http", "grpc", "metrics")] == [8000, 8001, 8002]
 
@@ -196,7 +205,8 @@ def test_selectors_pick_the_server_pods(rendered, target):
     for selector in selectors:
         assert selector and selector.items() <= labels.items()
     service_ports = {p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]}
-    assert service_ports == {p["name"] for p in server_container(objects)["ports"]}
+    # every port clients and Prometheus use; the supervisor's health port is the kubelet's only
+    assert service_ports == {p["name"] for p in server_container(objects)["ports"]} - {"health"}
     assert one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     hpa = one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (hpa["kind"], hpa["name"]) == ("Deployment", deployment["metadata"]["name"])
@@ -215,6 +225,7 @@ def test_kserve_canary_and_v2_protocol(rendered):
     assert "--model-repository=/mnt/models" in container["args"]  # where KServe's storage initializer puts it
     assert "--http-port=8080" in container["args"] and "ports" not in container  # KServe's default HTTP port
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["command"][:3] == ["python3", "-m", "serving.supervise"]
 
 
 # ---- the autoscaler's metric: HPA <- prometheus-adapter <- recording rule <- Triton -----------------
@@ -257,49 +268,102 @@ def adapter_query(rule: dict, namespace: str, pod: str) -> str:
 
 @pytest.mark.slow
 def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifacts, tmp_path, photos):
-    """A real tritonserver: the Deployment's probe paths answer 200 on the ports its names point to;
-    a real Prometheus scraping it (with the namespace/pod labels a PodMonitor adds) records the rule,
-    and the adapter's query for that pod returns a number."""
+    """The Deployment's command line (serving.supervise over tritonserver, the admin key from the
+    environment), run here on loopback: its probes answer 200 on the ports their names point to, and a
+    stub killed with SIGKILL turns readiness to 503 until the supervisor has reloaded its model through
+    the key-guarded API. A real Prometheus scraping it (with the namespace/pod labels a PodMonitor adds)
+    records the rule, and the adapter's query for that pod returns a number."""
     if shutil.which("prometheus") is None:
         pytest.skip("no prometheus binary (make prometheus-setup, as root)")
     from build.repository.spec import DeploymentSpec
     from build.repository.writer import write_repository
-    from clients.client import ImageClassifierClient
-    from serving.monitor import Prometheus
-    from serving.server import TritonServer, free_port
+    from serving.server import Ports, TritonServer, free_port
+    from serving.stubs import serving_stubs
 
     repo = tmp_path / "model_repository"
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
     container = server_container(rendered["cpu"])
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    with TritonServer(repo, log_file=tmp_path / "tritonserver.log") as server:
-        local = {8000: server.ports.http, 8001: server.ports.grpc, 8002: server.ports.metrics}
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            get = container[probe]["httpGet"]
-            url = f"http://{server.address}:{local[named[get['port']]]}{get['path']}"
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                assert answer.status == 200, url
-        get = one(rendered["cpu"], "PodMonitor")["spec"]["podMetricsEndpoints"][0]
-        with urllib.request.urlopen(f"http://{server.address}:{local[named[get['port']]]}{get['path']}") as answer:
-            assert b"nv_inference_queue_duration_us" in answer.read()
+    ports, key = Ports.free(), "k8s-test-key"
+    local = {8000: ports.http, 8001: ports.grpc, 8002: ports.metrics, 8003: free_port()}
+    launcher = TritonServer(repo).command()
+    launcher = launcher[:next(i for i, a in enumerate(launcher) if a.startswith("--"))]
+    command = []
+    for arg in container["command"] + container["args"]:
+        arg = arg.replace("$(MODEL_REPOSITORY)", str(repo)).replace("$(TRITON_ADMIN_KEY)", key)
+        arg = arg.replace("=0.0.0.0", "=127.0.0.1")
+        name, _, value = arg.partition("=")
+        if name.endswith("-port") and value.isdigit():
+            arg = f"{name}={local[int(value)]}"
+        command += launcher if arg == "tritonserver" else [sys.executable] if arg == "python3" else [arg]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_ADMIN_KEY": key, "HOME": str(tmp_path)}
+    with open(tmp_path / "pod.log", "ab") as log:
+        pod = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
 
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(RECORDING)],
-                  "scrape_configs": [{"job_name": "triton", "static_configs": [{
-                      "targets": [f"{server.address}:{server.ports.metrics}"],
-                      "labels": {"namespace": "triton", "pod": "triton-0"}}]}]}
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        query = adapter_query(adapter_rule(rendered), "triton", "triton-0")
-        images = list(photos.values())
-        with Prometheus(tmp_path / "prometheus.yml", tmp_path / "data", free_port(), tmp_path / "prometheus.log") \
-                as prometheus, ImageClassifierClient(server.http_url, "http") as client:
-            answer = []
-            for _ in range(120):  # bounded: a few requests, then ask again
-                for i in range(4):
-                    client.classify([images[i % len(images)]] * 2, top_k=1)
-                answer = prometheus.query(query)
-                if answer and math.isfinite(float(answer[0]["value"][1])):
-                    break
-            assert answer, f"no value for {query}; see {tmp_path}/prometheus.log"
-            assert answer[0]["metric"] == {"pod": "triton-0"}
-            assert 0 <= float(answer[0]["value"][1]) < 60
+    def probe(name: str) -> int:
+        get = container[name]["httpGet"]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{local[named[get['port']]]}{get['path']}", timeout=5) as a:
+                return a.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    try:
+        for _ in range(600):
+            if probe("startupProbe") == 200 or pod.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert [probe(p) for p in ("startupProbe", "livenessProbe", "readinessProbe")] == [200, 200, 200], \
+            (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{local[8003]}/status", timeout=5) as answer:
+            server_pid = json.load(answer)["server_pid"]
+        os.kill(serving_stubs(server_pid, "classifier", 1)[0].pid, signal.SIGKILL)
+        codes = []
+        for _ in range(1200):
+            codes.append(probe("readinessProbe"))
+            if 503 in codes and codes[-1] == 200:
+                break
+            time.sleep(0.05)
+        assert 503 in codes and codes[-1] == 200, (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
+        assert probe("livenessProbe") == 200
+        _hpa_metric_from_prometheus(rendered, local, photos, tmp_path)
+    finally:
+        pod.send_signal(signal.SIGTERM)
+        code = pod.wait(120)
+    assert code == 0, (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
+
+
+def _hpa_metric_from_prometheus(rendered, local: dict[int, int], photos, tmp_path: Path) -> None:
+    """The PodMonitor's endpoint has Triton's metrics; Prometheus records the rule the adapter asks for."""
+    from clients.client import ImageClassifierClient
+    from serving.monitor import Prometheus
+    from serving.server import free_port
+
+    container = server_container(rendered["cpu"])
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    get = one(rendered["cpu"], "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    with urllib.request.urlopen(f"http://127.0.0.1:{local[named[get['port']]]}{get['path']}") as answer:
+        assert b"nv_inference_queue_duration_us" in answer.read()
+
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "rule_files": [str(RECORDING)],
+              "scrape_configs": [{"job_name": "triton", "static_configs": [{
+                  "targets": [f"127.0.0.1:{local[8002]}"],
+                  "labels": {"namespace": "triton", "pod": "triton-0"}}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    query = adapter_query(adapter_rule(rendered), "triton", "triton-0")
+    images = list(photos.values())
+    with Prometheus(tmp_path / "prometheus.yml", tmp_path / "data", free_port(), tmp_path / "prometheus.log") \
+            as prometheus, ImageClassifierClient(f"127.0.0.1:{local[8000]}", "http") as client:
+        answer = []
+        for _ in range(120):  # bounded: a few requests, then ask again
+            for i in range(4):
+                client.classify([images[i % len(images)]] * 2, top_k=1)
+            answer = prometheus.query(query)
+            if answer and math.isfinite(float(answer[0]["value"][1])):
+                break
+        assert answer, f"no value for {query}; see {tmp_path}/prometheus.log"
+        assert answer[0]["metric"] == {"pod": "triton-0"}
+        assert 0 <= float(answer[0]["value"][1]) < 60

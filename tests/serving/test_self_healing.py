@@ -192,6 +192,34 @@ def test_the_watchdog_works_without_a_key_and_sees_the_server_exit(repository, t
     assert not watchdog._thread.is_alive() and not watchdog.live()  # the server is gone: not live
 
 
+def test_a_stub_of_a_model_unloaded_since_is_not_reloaded(repository, tmp_path):
+    """A dead stub whose model was unloaded before the watchdog acted (a rollout's old version, `make
+    ab-stop`'s candidate): nothing to bring back. The watchdog says so, reloads nothing and does not count
+    the model as degraded; reloading a model that is gone would fail for ever and keep readiness at 503."""
+    from serving.watchdog import Watchdog
+
+    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log", extra_args=SERVE_EXTRA_ARGS).start()
+    try:
+        admin = TritonAdmin(server.http_url, lambda: {})
+        watchdog = Watchdog(server.process.pid, admin)
+        watchdog.tracker.scan()  # learn the stubs, as start() does; check() by hand below
+        victim = serving_stubs(server.process.pid, "classifier", 1)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        admin.unload("image_classifier")
+        admin.unload("classifier")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "classifier" in admin.ready_versions():
+            time.sleep(0.1)
+        assert "classifier" not in admin.ready_versions()
+        watchdog.check()
+        status = watchdog.status()
+        assert [(c["model"], c["unloaded"]) for c in status["crashes"]] == [("classifier", True)], status
+        assert status["reloads"] == 0 and status["failed_reloads"] == 0 and status["leaked_versions"] == 0
+        assert watchdog.degraded() == []  # /ready follows Triton's own readiness from here
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_drain_then_sigterm_under_load_lets_accepted_requests_finish(repository, tmp_path, photos, protocol):
     """What `make stop` does: unload the ensembles (serving.watchdog.drain), then SIGTERM. No request the

@@ -1,0 +1,54 @@
+"""The probe endpoint of the stub watchdog and of the supervisor: GET /ready, /live, /status as JSON.
+
+    /ready    200, or 503 with the reason (a dead stub's model is being reloaded, the server is not ready,
+              starting, restarting or stopping)
+    /live     200, or 503 when restarting the server is the way out
+    /status   the whole state
+"""
+from __future__ import annotations
+
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+
+class Probe(Protocol):
+    """What the endpoint asks: serving.watchdog.Watchdog and serving.supervise.Supervisor answer it."""
+
+    last_error: str
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+    def live(self) -> bool: ...
+
+    def status(self) -> dict: ...
+
+
+def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
+    """/ready, /live, /status of `watchdog` on host:port (serve_forever() it)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/ready":
+                ok, reason = watchdog.readiness()
+                self._send(200 if ok else 503, {"ready": ok, "reason": reason})
+            elif self.path == "/live":
+                ok = watchdog.live()
+                self._send(200 if ok else 503, {"live": ok, "last_error": watchdog.last_error})
+            elif self.path == "/status":
+                self._send(200, watchdog.status())
+            else:
+                self._send(404, {"error": f"no {self.path}: /ready, /live, /status"})
+
+        def _send(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return ThreadingHTTPServer((host, port), Handler)

@@ -1,0 +1,243 @@
+"""Run tritonserver under the stub watchdog: the container's entrypoint, or by hand.
+
+    python -m serving.supervise [--address 0.0.0.0] [--port 8003] [--restarts 0] -- tritonserver --model-repository=/models ...
+
+It starts the command after `--` (tritonserver and its flags) as its child and, once the server answers,
+watches it with serving.watchdog: a python-backend stub that dies is reloaded, and its `/ready` says 503
+meanwhile; `/live` and `/status` as the watchdog's. The probes of deploy/k8s point at this endpoint.
+
+- SIGTERM or SIGINT: drain (unload the ensembles, so that their in-flight requests finish), then SIGTERM to
+  tritonserver; it exits with the server's exit code. No preStop hook is needed.
+- tritonserver exits by itself (Triton 2.51's python backend aborts the server on about 1 in 50 stub
+  kills, docs/operations.md): the stubs it left are killed; with `--restarts N` the server is started
+  again (at most N times, 1 s, 2 s, 4 s ... apart; `/ready` 503 meanwhile), else the supervisor exits with
+  the server's code (1 if it was 0), and the container runtime or Kubernetes restarts the container.
+- As PID 1 it reaps the processes orphaned to it.
+
+The admin key for model control comes from the environment (TRITON_ADMIN_KEY, as the manifests pass it to
+tritonserver's restricted-API flags), else from `--key-file`; with neither, no key is sent.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from serving.access import admin_headers, key_headers
+from serving.stubs import STUB
+from serving.triton_admin import TritonAdmin, drain
+from serving.health import endpoint
+from serving.watchdog import Watchdog
+
+log = logging.getLogger("supervise")
+KEY_ENV = "TRITON_ADMIN_KEY"
+
+
+def http_url(command: list[str]) -> str:
+    """Where tritonserver's HTTP endpoint answers on this host, from its flags (Triton's default port 8000)."""
+    flags: dict[str, str] = {}
+    for i, arg in enumerate(command):
+        if arg.startswith("--") and "=" in arg:
+            flags.update([arg[2:].split("=", 1)])
+        elif arg.startswith("--") and i + 1 < len(command) and not command[i + 1].startswith("--"):
+            flags[arg[2:]] = command[i + 1]
+    address = flags.get("http-address", "0.0.0.0")
+    return f"{'127.0.0.1' if address in ('0.0.0.0', '::', '') else address}:{flags.get('http-port', '8000')}"
+
+
+class Supervisor:
+    """One tritonserver at a time, its watchdog, and what the endpoint reports for both."""
+
+    def __init__(self, command: list[str], admin: TritonAdmin, restarts: int = 0, drain_timeout_s: float = 15.0,
+                 start_timeout_s: float = 600.0, **watchdog_args):
+        self.command, self.admin, self.restarts = command, admin, restarts
+        self.drain_timeout_s, self.start_timeout_s = drain_timeout_s, start_timeout_s
+        self.watchdog_args = watchdog_args
+        self.process: subprocess.Popen | None = None
+        self.watchdog: Watchdog | None = None
+        self.exits: list[int] = []  # exit codes of the servers that ended by themselves
+        self.starts = 0
+        self.stopping = threading.Event()
+        self._exit_error = ""
+
+    @property
+    def last_error(self) -> str:
+        watchdog = self.watchdog
+        return (watchdog.last_error if watchdog is not None else "") or self._exit_error
+
+    # -- what the endpoint asks ----------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        if self.stopping.is_set():
+            return False, "stopping"
+        watchdog = self.watchdog
+        if watchdog is None:
+            return False, "tritonserver is restarting" if self.exits else "tritonserver is starting"
+        return watchdog.readiness()
+
+    def live(self) -> bool:
+        """Starting, restarting and stopping count as live (the container's own restart is for when none of
+        those ends); otherwise the watchdog's answer."""
+        watchdog = self.watchdog
+        return True if watchdog is None or self.stopping.is_set() else watchdog.live()
+
+    def status(self) -> dict:
+        ready, reason = self.readiness()
+        watchdog = self.watchdog
+        state = watchdog.status() if watchdog is not None else {"live": self.live(), "crashes": [], "reloads": 0}
+        return {**state, "ready": ready, "reason": reason, "starts": self.starts, "server_exits": list(self.exits),
+                "restarts_left": self.restarts}
+
+    # -- the server's life ---------------------------------------------------------------------
+    def _reap(self) -> int | None:
+        """Reap every child that has ended (orphans too, as PID 1); tritonserver's exit code once it has."""
+        code = None
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return code if code is not None else (self.process.returncode if self.process else 0)
+            if pid == 0:
+                return code
+            if self.process is not None and pid == self.process.pid:
+                code = self.process.returncode = os.waitstatus_to_exitcode(status)
+
+    def _wait_answering(self) -> int | None:
+        """Until tritonserver answers /v2/health/live (it opens its endpoints once the startup loads are done);
+        its exit code if it ends first, None when it answers or a stop was asked."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            code = self._reap()
+            if code is not None:
+                return code
+            if self.admin.live():
+                return None
+            time.sleep(0.2)
+        return None
+
+    def _wait_exit(self) -> int:
+        while True:
+            code = self._reap()
+            if code is not None:
+                return code
+            if self.stopping.wait(0.2):
+                return self._stop_server()
+
+    def _stop_server(self) -> int:
+        if self.watchdog is not None:
+            self.watchdog.stop()  # first, so that it does not take the stopping server's stubs for crashed ones
+            try:
+                log.info("drained %s", ", ".join(drain(self.admin, self.drain_timeout_s)) or "nothing")
+            except (RuntimeError, OSError, ValueError) as exc:
+                log.warning("drain failed (%s); stopping anyway", exc)
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            code = self._reap()
+            if code is not None:
+                return code
+            time.sleep(0.1)
+        self.process.kill()
+        while (code := self._reap()) is None:
+            time.sleep(0.1)
+        return code
+
+    def _kill_leftover_stubs(self, known: list[int]) -> None:
+        """The stubs of a server that died on its own would otherwise keep their memory (and /dev/shm)."""
+        for pid in known:
+            try:
+                stub = psutil.Process(pid)
+                if STUB in " ".join(stub.cmdline()):
+                    stub.kill()
+                    log.warning("killed stub %d left by the server that exited", pid)
+            except psutil.Error:
+                continue
+
+    def run(self) -> int:
+        """Serve until stopped (the server's exit code) or until the server exits with no restart left."""
+        backoff = 1.0
+        while True:
+            self.process = subprocess.Popen(self.command)
+            self.starts += 1
+            log.info("started %s (pid %d)", " ".join(self.command[:1]), self.process.pid)
+            code = self._wait_answering()
+            if code is None and not self.stopping.is_set():
+                self.watchdog = Watchdog(self.process.pid, self.admin, **self.watchdog_args).start()
+                log.info("watching tritonserver pid %d", self.process.pid)
+            if code is None:
+                code = self._wait_exit()
+            if self.stopping.is_set():
+                log.info("tritonserver exited with code %d", code)
+                return code
+            known = list(self.watchdog.tracker.known) if self.watchdog is not None else []
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            self.watchdog = None
+            self.exits.append(code)
+            self._exit_error = f"tritonserver exited by itself with code {code}"
+            self._kill_leftover_stubs(known)
+            if self.restarts <= 0:
+                log.error("%s; no restart left", self._exit_error)
+                return code or 1
+            self.restarts -= 1
+            log.error("%s; starting it again in %.0f s (%d restart(s) left)", self._exit_error, backoff,
+                      self.restarts)
+            if self.stopping.wait(backoff):
+                return code or 1
+            backoff = min(30.0, backoff * 2)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
+    p.add_argument("--restarts", type=int, default=0,
+                   help="times to start tritonserver again after it exits by itself; 0: exit with it, for a "
+                        "container runtime or Kubernetes to restart (default: %(default)s)")
+    p.add_argument("--key-file", default=None, help=f"admin key file, when ${KEY_ENV} is not set")
+    p.add_argument("--drain-timeout", type=float, default=15.0,
+                   help="seconds to wait for the ensembles' in-flight requests on SIGTERM (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=0.2, help="seconds between stub checks (default: %(default)s)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver and its flags")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ValueError("no server command: python -m serving.supervise [options] -- tritonserver ...")
+    key = os.environ.get(KEY_ENV)
+    if key:
+        headers = lambda: key_headers(key, "http")  # noqa: E731
+    elif args.key_file:
+        headers = lambda: admin_headers(Path(args.key_file), "http")  # noqa: E731
+    else:
+        headers = dict
+    supervisor = Supervisor(command, TritonAdmin(http_url(command), headers), args.restarts, args.drain_timeout,
+                            interval_s=args.interval)
+    # Set from another thread: the main thread may be inside the Event's own lock when the signal lands.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: threading.Thread(target=supervisor.stopping.set).start())
+    http = endpoint(supervisor, args.address, args.port)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    log.info("readiness on http://%s:%d/ready", args.address, args.port)
+    try:
+        return supervisor.run()
+    finally:
+        http.shutdown()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (OSError, ValueError) as exc:
+        sys.exit(f"serving.supervise: {exc}")

@@ -1,0 +1,141 @@
+"""serving.supervise, the container's entrypoint: a real tritonserver under it, its stubs and the server
+itself killed with SIGKILL, and SIGTERM under load."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from serving.server import SERVE_EXTRA_ARGS, Ports, TritonServer, free_port
+from serving.stubs import STUB, serving_stubs
+from serving.supervise import http_url
+from tests.serving.test_self_healing import Load, get, repository  # noqa: F401 (repository: a fixture)
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Supervised:
+    """`python -m serving.supervise ... -- tritonserver ...` as the container runs it, on free loopback ports,
+    serving a copy of `repository` in the log's folder (so that its stubs are told apart by their path)."""
+
+    def __init__(self, repository: Path, log: Path, restarts: int):
+        self.repository = log.parent / "repo"
+        shutil.copytree(repository, self.repository)
+        self.ports, self.port = Ports.free(), free_port()
+        server = TritonServer(self.repository, self.ports, extra_args=[*SERVE_EXTRA_ARGS, "--exit-timeout-secs=10"])
+        self.command = [sys.executable, "-m", "serving.supervise", "--port", str(self.port), "--restarts",
+                        str(restarts), "--", *server.command()]
+        self.log = log
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Supervised":
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, cwd=self.log.parent,
+                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.wait_ready(), self.log.read_text(errors="replace")[-3000:]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        for stub in self.stubs():
+            stub.kill()
+
+    def ready(self) -> int:
+        try:
+            return get(self.url + "/ready")[0]
+        except OSError:
+            return 0
+
+    def wait_ready(self, timeout: float = 120) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if self.ready() == 200:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def server_pid(self) -> int:
+        return get(self.url + "/status")[1]["server_pid"]
+
+    def stubs(self) -> list[psutil.Process]:
+        """Every live stub serving this repository, whoever its parent is now."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmdline = p.info["cmdline"] or []
+            if cmdline and Path(cmdline[0]).name == STUB and str(self.repository) in " ".join(cmdline[1:2]) \
+                    and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        return found
+
+
+def test_http_url_follows_the_servers_flags():
+    assert http_url(["tritonserver", "--model-repository=/models"]) == "127.0.0.1:8000"
+    assert http_url(["tritonserver", "--http-port=8080", "--http-address=0.0.0.0"]) == "127.0.0.1:8080"
+    assert http_url(["tritonserver", "--http-port", "9000", "--http-address", "10.1.2.3"]) == "10.1.2.3:9000"
+
+
+def test_a_dead_stub_is_reloaded_a_dead_server_restarted_and_sigterm_drains(repository, tmp_path, photos):
+    """--restarts 1: a killed stub makes /ready 503 until its model is reloaded; a killed tritonserver is
+    started again (its old stubs gone) and serves; SIGTERM under load drains and exits 0."""
+    from clients.client import ImageClassifierClient
+
+    with Supervised(repository, tmp_path / "supervise.log", restarts=1) as supervised:
+        first = supervised.server_pid()
+        victim = serving_stubs(first, "classifier", 1)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        codes = []
+        for _ in range(1200):
+            codes.append(supervised.ready())
+            if 503 in codes and codes[-1] == 200:
+                break
+            time.sleep(0.05)
+        assert 503 in codes and codes[-1] == 200, get(supervised.url + "/status")
+
+        old_stubs = {p.pid for p in supervised.stubs()}
+        os.kill(first, signal.SIGKILL)
+        status = {}
+        for _ in range(600):
+            code, status = get(supervised.url + "/status")
+            if status.get("starts") == 2 and status["ready"]:
+                break
+            time.sleep(0.1)
+        assert status["starts"] == 2 and status["server_exits"] == [-signal.SIGKILL] and status["ready"], status
+        assert status["server_pid"] != first and not old_stubs & {p.pid for p in supervised.stubs()}
+        with ImageClassifierClient(f"127.0.0.1:{supervised.ports.http}", protocol="http") as client:
+            assert len(client.classify([photos["coffee"]] * 2, top_k=1)) == 2
+
+        with Load(f"127.0.0.1:{supervised.ports.grpc}", "grpc", photos["coffee"], threads=6) as load:
+            time.sleep(2.0)
+            signalled = time.monotonic()
+            supervised.process.send_signal(signal.SIGTERM)
+            code = supervised.process.wait(90)
+            exited = time.monotonic()
+        log = supervised.log.read_text(errors="replace")
+        print(f"\nSIGTERM to the supervisor under load: exit code {code} after {exited - signalled:.1f} s; "
+              f"{load.count(0, signalled)} requests before it, {len(load.failed(0, signalled))} failed")
+        assert code == 0, log[-3000:]
+        assert "drained image_classifier" in log
+        assert load.count(0, signalled) > 0 and load.failed(0, signalled - 0.5) == []
+        assert [e for *_, e in load.results if e and e.startswith("in ensemble")] == []
+        assert supervised.stubs() == []
+
+
+def test_without_restarts_it_exits_with_the_server_and_leaves_no_stub(repository, tmp_path):
+    with Supervised(repository, tmp_path / "supervise.log", restarts=0) as supervised:
+        os.kill(supervised.server_pid(), signal.SIGKILL)
+        code = supervised.process.wait(60)
+        assert code != 0 and "no restart left" in supervised.log.read_text(errors="replace")
+        deadline = time.monotonic() + 10
+        while supervised.stubs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert supervised.stubs() == []
