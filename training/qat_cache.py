@@ -124,6 +124,7 @@ def write_qat_cache(model_path: Path, out_dir: Path, learned: dict[str, float], 
         "trt_version_code": code, "trt_version_note": "0: written without TensorRT" if code == 0 else "",
         "observed_min": {n: s.minimum for n, s in stats.items()},
         "observed_max": {n: s.maximum for n, s in stats.items()},
+        "channel_means": calibrate.channel_means(model_path, stats),
         "qat": {**source, "learned_tensors": sorted(learned),
                 "note": "learned_tensors hold QAT's scales; every other tensor the observed max / 127 on the images"},
     }

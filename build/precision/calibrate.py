@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from build.precision.bias_correction import layer_inputs
 from build.precision.imagesets import ImageSet, bundled_photos_warning, calibration_set
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
@@ -110,6 +111,20 @@ class TensorStats:
     minimum: float = np.inf
     maximum: float = -np.inf
     histogram: np.ndarray | None = None  # of |x| over [0, absmax], `bins` bins
+    channel_sum: np.ndarray | None = None  # per channel (axis 1), over the batch and spatial positions
+    count: int = 0  # values per channel in channel_sum
+
+    def add_channels(self, value: np.ndarray) -> None:
+        if value.ndim < 2:
+            return
+        axes = (0, *range(2, value.ndim))
+        total = value.sum(axis=axes, dtype=np.float64)
+        self.channel_sum = total if self.channel_sum is None else self.channel_sum + total
+        self.count += value.size // value.shape[1]
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        return None if self.channel_sum is None else self.channel_sum / max(self.count, 1)
 
     @property
     def absmax(self) -> float:
@@ -118,7 +133,7 @@ class TensorStats:
 
 def collect_statistics(model_path: Path, images: ImageSet, config: PreprocessConfig, batch_size: int = 16,
                        bins: int = 2048, threads: int = 2) -> dict[str, TensorStats]:
-    """Two passes over the images: min/max of every tensor, then a histogram of |x| per tensor."""
+    """Two passes over the images: min/max (and per-channel sums) of every tensor, then a histogram of |x|."""
     model = onnx.load(str(model_path))
     names = activation_tensors(model)
     input_name = model.graph.input[0].name
@@ -134,6 +149,7 @@ def collect_statistics(model_path: Path, images: ImageSet, config: PreprocessCon
         for name, value in run(batch).items():
             s = stats[name]
             s.minimum, s.maximum = min(s.minimum, float(value.min())), max(s.maximum, float(value.max()))
+            s.add_channels(value)
     for batch in tqdm(images.batches(config, batch_size), total=steps, desc="calibrate 2/2 histograms", unit="batch"):
         for name, value in run(batch).items():
             s = stats[name]
@@ -194,6 +210,14 @@ def amax_per_tensor(stats: dict[str, TensorStats], method: str, percentile: floa
 
 # ---- the stage -----------------------------------------------------------------------------
 
+def channel_means(model_path: Path, stats: dict[str, TensorStats]) -> dict[str, list[float]]:
+    """Per-channel means of the weighted layers' inputs on the calibration images, for bias correction
+    (build.precision.bias_correction), rounded to float32's precision."""
+    wanted = layer_inputs(onnx.load(str(model_path), load_external_data=False))
+    return {n: [float(f"{v:.7g}") for v in stats[n].channel_mean] for n in wanted
+            if n in stats and stats[n].channel_mean is not None}
+
+
 @dataclasses.dataclass
 class Calibration:
     cache: Path
@@ -244,6 +268,8 @@ def staleness(cache: Path, onnx_hash: str, config: PreprocessConfig, method: str
         return "the calibration images changed"
     if meta.get("algorithm_version") != ALGORITHM_VERSION:
         return f"the calibration code changed (version {meta.get('algorithm_version')} -> {ALGORITHM_VERSION})"
+    if method not in LEARNED_METHODS and "channel_means" not in meta:
+        return "it has no per-channel input means (bias correction needs them)"
     if meta.get("method") != method or (method == "percentile" and percentile is not None
                                         and meta.get("percentile") != percentile):
         return "the method changed"
@@ -281,6 +307,7 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
         "trt_version_code": code, "trt_version_note": "0: written without TensorRT" if code == 0 else "",
         "observed_min": {n: s.minimum for n, s in stats.items()},
         "observed_max": {n: s.maximum for n, s in stats.items()},
+        "channel_means": channel_means(model_path, stats),
     }
     cache.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     message = f"calibrated {len(scales)} tensors on {len(images)} images ({reason}); wrote {cache}"

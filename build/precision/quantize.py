@@ -37,7 +37,7 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from build.precision import trt_qdq
+from build.precision import bias_correction, trt_qdq
 from build.precision.calibrate import CACHE_METHODS, LEARNED_METHODS, Calibration, load_calibration, staleness
 from common import cpu
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
@@ -47,6 +47,7 @@ from common.preprocessing import PreprocessConfig
 TARGETS = ("trt", "cpu")
 CPU_FORMATS = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}
 CPU_LAYOUTS = cpu.PATHS
+BIAS_CORRECTION_KEY = "int8_bias_correction"  # ONNX metadata: "<n> layers" or "none"
 # TensorRT's placement: Q/DQ on the *inputs* of convolutions, GEMMs and residual Adds (and on
 # weights), never on their outputs: TensorRT fuses Conv+activation and takes the output scale from
 # the next layer's input Q. Quantising Conv outputs with the pre-activation range (ONNX Runtime's
@@ -120,13 +121,31 @@ def _cpu_options(model_path: Path, layout: str) -> dict:
     return options
 
 
-def stamp_layout(path: Path, layout: str) -> None:
-    """Write the CPU layout and the flags it needs into the model's ONNX metadata."""
+def stamp_layout(path: Path, layout: str, corrected: int | None = None) -> None:
+    """Write the CPU layout and the flags it needs into the model's ONNX metadata, and how many layers'
+    biases were corrected (None: no correction)."""
     model = onnx.load(str(path))
     entries = {p.key: p.value for p in model.metadata_props}
-    entries.update({cpu.LAYOUT_KEY: layout, cpu.REQUIRES_KEY: cpu.requirement(layout)})
+    if layout:
+        entries.update({cpu.LAYOUT_KEY: layout, cpu.REQUIRES_KEY: cpu.requirement(layout)})
+    entries[BIAS_CORRECTION_KEY] = "none" if corrected is None else f"{corrected} layers"
     onnx.helper.set_model_props(model, entries)
     onnx.save(model, str(path))
+
+
+def bias_corrected(model_path: Path, calibration: Calibration, target: str, layout: str,
+                   exclude_nodes: list[str], out: Path) -> int | None:
+    """Write `model_path` with bias correction for `target`'s weight grids to `out`; the layers corrected,
+    or None (and nothing written) when the cache has no per-channel means (a QAT cache from before them)."""
+    means = calibration.meta.get("channel_means")
+    if not means:
+        return None
+    model = onnx.load(str(model_path))
+    seven_bit = pairing_weights(model) if target == "cpu" and layout == "avx2" else {}
+    weight_max = {w: bias_correction.INT7_MAX for w in seven_bit}
+    corrected, layers = bias_correction.correct(model, means, weight_max, exclude_nodes)
+    onnx.save(corrected, str(out))
+    return len(layers)
 
 
 def read_layout(path: Path) -> dict[str, str]:
@@ -158,9 +177,11 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
     with tempfile.TemporaryDirectory(prefix="ranges.") as tmp:
         ranges = Path(tmp) / "ranges.json"
         save_tensors_data(_ranges(calibration, target), ranges)
+        source = Path(tmp) / "bias_corrected.onnx"
+        corrected = bias_corrected(model_path, calibration, target, cpu_layout, exclude_nodes or [], source)
         with _quiet_root_logger():
             quantize_static(
-                str(model_path), str(out), calibration_data_reader=None,
+                str(source if corrected is not None else model_path), str(out), calibration_data_reader=None,
                 quant_format=QuantFormat.QDQ if symmetric else CPU_FORMATS[cpu_format],
                 op_types_to_quantize=TRT_OP_TYPES if symmetric else CPU_OP_TYPES,
                 per_channel=True, reduce_range=False,
@@ -174,8 +195,7 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
     if symmetric:
         _apply_trt_rules(model_path, out)
         trt_qdq.set_cache_scales(out, calibration.scales)
-    else:
-        stamp_layout(out, cpu_layout)
+    stamp_layout(out, "" if symmetric else cpu_layout, corrected)
     return out
 
 

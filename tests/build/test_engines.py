@@ -50,7 +50,7 @@ def test_gate_failure_deploys_nothing_unless_fallback_is_asked(tiny_artifacts, t
 @pytest.mark.slow
 def test_int8_cpu_variant_served_through_the_ensemble(lite0_artifacts, tmp_path, photos):
     """Lite0's INT8 CPU file in the portable avx2 layout (the same answers on every CI machine's CPU)
-    fails a 95 % gate with every layer quantized; mixed precision gives its costliest layers back to
+    fails a 99 % gate with every layer quantized (bias-corrected: 97 % of the decided views); mixed precision gives its costliest layers back to
     float until it passes, the file says which, and the deployed file answers through a real server
     exactly as it does in process."""
     import shutil
@@ -61,11 +61,11 @@ def test_int8_cpu_variant_served_through_the_ensemble(lite0_artifacts, tmp_path,
     shutil.copytree(lite0_artifacts, artifacts)
     repo = tmp_path / "repo"
     manifest = engines("--artifacts", str(artifacts), "--out", str(repo), "--precision", "int8",
-                       "--int8-cpu-layout", "avx2", "--min-agreement-int8", "0.95")
+                       "--int8-cpu-layout", "avx2", "--min-agreement-int8", "0.99")
     int8 = artifacts / "model.int8.cpu.onnx"
     assert (repo / "classifier" / "1" / "model.onnx").read_bytes() == int8.read_bytes()
     report = next(r for r in manifest["validation"] if r["name"] == "int8-cpu")
-    assert report["passed"] and report["layout"] == "avx2" and report["confident_agreement"] >= 0.95
+    assert report["passed"] and report["layout"] == "avx2" and report["confident_agreement"] >= 0.99
     assert 1 <= len(report["float_layers"]) <= 8 and float_nodes(int8) == report["float_layers"]
     ranking = json.loads((artifacts / "calibration" / "max.avx2.ranking.json").read_text())
     assert ranking["nodes"][:len(report["float_layers"])] == report["float_layers"]
