@@ -19,7 +19,7 @@ from pathlib import Path
 from build.repository.writer import MARKER, read_manifest
 
 PLACEHOLDER = ".placeholder"
-SKIP = {"__pycache__", ".staging"}
+SKIP = {"__pycache__", ".staging", ".model-control.lock"}  # the last: serving.triton_admin.LOCK_FILE
 
 
 class PublishError(RuntimeError):

@@ -47,6 +47,7 @@ from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 from serving.access import admin_headers
+from serving.triton_admin import LockTimeout, control_lock
 
 STATE = "ROLLOUT.json"
 RETIRED = "_retired"
@@ -278,17 +279,18 @@ def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | 
     if not report.passed and not force:
         raise RolloutError(f"the candidate failed the gate against version {serving}: {report.reason} "
                            "(--force rolls it out anyway)")
-    version = max([*versions, *retired_versions(repo)]) + 1
-    write_version(repo, candidate, repo.classifier, serving, version, held_out)
-    log(f"wrote {repo.version_dir(version)}; loading {repo.classifier} (version {version} in, {serving} out)")
-    started = time.monotonic()
-    server.load(repo.classifier)
-    server.wait_serving(repo.classifier, version)
-    problem = smoke_check(server, repo, candidate, repo.ensemble)
-    if problem:
-        log(f"version {version} answers wrongly through {repo.ensemble} ({problem}): rolling back")
-        rollback(repo, server, log, reason=f"smoke check failed: {problem}")
-        raise RolloutError(f"version {version} was rolled back: {problem}")
+    with control_lock(repo.path):  # the watchdog does not reload the classifier meanwhile
+        version = max([*versions, *retired_versions(repo)]) + 1
+        write_version(repo, candidate, repo.classifier, serving, version, held_out)
+        log(f"wrote {repo.version_dir(version)}; loading {repo.classifier} (version {version} in, {serving} out)")
+        started = time.monotonic()
+        server.load(repo.classifier)
+        server.wait_serving(repo.classifier, version)
+        problem = smoke_check(server, repo, candidate, repo.ensemble)
+        if problem:
+            log(f"version {version} answers wrongly through {repo.ensemble} ({problem}): rolling back")
+            rollback(repo, server, log, reason=f"smoke check failed: {problem}")
+            raise RolloutError(f"version {version} was rolled back: {problem}")
     repo.record(action="rollout", model=repo.classifier, version=version, previous=serving,
                 sha256=file_sha256(candidate.model_file), source=str(candidate.model_file),
                 gate=validate.gate_summary(report), passed=report.passed)
@@ -304,6 +306,11 @@ def retired_versions(repo: Repository) -> list[int]:
 
 
 def rollback(repo: Repository, server: Server, log=print, reason: str = "") -> int:
+    with control_lock(repo.path):  # a watchdog reload of the version moved away here would never finish
+        return _rollback(repo, server, log, reason)
+
+
+def _rollback(repo: Repository, server: Server, log, reason: str) -> int:
     versions = repo.versions()
     if len(versions) < 2:
         raise RolloutError(f"{repo.classifier} has no earlier version to return to (versions: {versions})")
@@ -331,6 +338,11 @@ def candidate_names(repo: Repository) -> tuple[str, str]:
 
 
 def ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: str | None, log=print) -> int:
+    with control_lock(repo.path):
+        return _ab_start(repo, server, candidate, held_out, log)
+
+
+def _ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: str | None, log) -> int:
     check_compatible(repo, candidate)
     model, ensemble = candidate_names(repo)
     for name in (model, ensemble):
@@ -361,10 +373,11 @@ def ab_stop(repo: Repository, server: Server, log=print) -> None:
     model, ensemble = candidate_names(repo)
     if not (repo.path / model).exists():
         raise RolloutError("no A/B test is running (no candidate models in the repository)")
-    server.unload(ensemble)
-    server.unload(model)
-    for name in (ensemble, model):
-        shutil.rmtree(repo.path / name, ignore_errors=True)
+    with control_lock(repo.path):
+        server.unload(ensemble)
+        server.unload(model)
+        for name in (ensemble, model):
+            shutil.rmtree(repo.path / name, ignore_errors=True)
     repo.record(action="ab-stop", model=model)
     log(f"A/B stopped: {ensemble} and {model} unloaded and removed")
 
@@ -512,5 +525,5 @@ def main(args: argparse.Namespace) -> object:
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except RolloutError as exc:
+    except (RolloutError, LockTimeout) as exc:
         sys.exit(f"serving.rollout: {exc}")

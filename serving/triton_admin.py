@@ -1,14 +1,84 @@
 """The few Triton HTTP calls the watchdog, `make stop` and the supervisor make: health, repository index,
-model configuration, load (with a changed configuration), unload, and the drain before a SIGTERM."""
+model configuration, load (with a changed configuration), unload, and the drain before a SIGTERM; and the
+repository's model-control lock, which the watchdog and serving.rollout take so that one of them at a
+time changes what the server loads."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
 
 RELOAD_PARAMETER = "watchdog_reload"
+LOCK_FILE = ".model-control.lock"  # in the model repository's folder
+_held: dict[Path, int] = {}  # locks this process holds, and how deep (the lock is re-entrant in a process)
+
+
+class LockTimeout(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def control_lock(repository: Path | None, timeout_s: float = 600.0) -> Iterator[None]:
+    """Hold `<repository>/.model-control.lock` (flock) while changing the repository or loading models: a
+    watchdog reload that overlaps a rollback's move of the version it reloads makes Triton 2.51's load
+    wait for ever for stubs that cannot start. No lock where the repository is not a local, writable
+    folder (S3, a read-only image): nothing else changes it there."""
+    if repository is None or not Path(repository).is_dir():
+        yield
+        return
+    path = (Path(repository) / LOCK_FILE).resolve()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"{path} held by another process for {timeout_s:.0f} s") from None
+                time.sleep(0.1)
+        _held[path] = 1
+        try:
+            yield
+        finally:
+            del _held[path]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def repository_of(server_pid: int) -> Path | None:
+    """The local model repository a tritonserver process serves (its --model-repository), or None."""
+    try:
+        args = psutil.Process(server_pid).cmdline()
+    except psutil.Error:
+        return None
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--model-repository=") else (
+            args[i + 1] if arg == "--model-repository" and i + 1 < len(args) else None)
+        if value and "://" not in value and Path(value).is_dir():
+            return Path(value)
+    return None
 
 
 class TritonAdmin:

@@ -44,7 +44,7 @@ import psutil
 from serving.access import admin_headers
 from serving.health import endpoint
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
-from serving.triton_admin import TritonAdmin, drain
+from serving.triton_admin import LockTimeout, TritonAdmin, control_lock, drain, repository_of
 
 log = logging.getLogger("watchdog")
 
@@ -77,6 +77,8 @@ class Watchdog:
         self.retired: list[int] = []
         self._retire: list[tuple[float, str, set[int]]] = []  # (when, model, stubs of its replaced instances)
         self._handled: set[int] = set()
+        self.repository = repository_of(server_pid)  # whose model-control lock reloads take
+        self.lock_timeout_s = 600.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,10 +167,23 @@ class Watchdog:
         if not unrecovered:
             return
         try:
+            with control_lock(self.repository, self.lock_timeout_s):  # no rollout changes the repository meanwhile
+                failed = not self._heal(stubs)
+        except LockTimeout as exc:
+            log.warning("not reloading yet: %s", exc)
+            return
+        if failed:
+            self._stop.wait(min(30.0, 2.0 ** self.failed_reloads))  # back off, the lock released, before a new try
+
+    def _heal(self, stubs: list[Stub]) -> bool:
+        """Reload the models of the unrecovered crashes whose version is still loaded; False if a reload failed."""
+        with self._lock:
+            unrecovered = [c for c in self.crashes if c.recovered_at is None]
+        try:
             ready = self.admin.ready_versions()
         except (RuntimeError, OSError, ValueError) as exc:
             log.error("repository index failed: %s", exc)
-            return
+            return True
         self._forget_unloaded(unrecovered, ready)
         with self._lock:
             unrecovered = [c for c in self.crashes if c.recovered_at is None]
@@ -176,7 +191,7 @@ class Watchdog:
         if any(c.model is None for c in unrecovered):  # seen dead only: reload every python-backend model loaded
             pending |= {model for model, _ in self.tracker.known.values() if model in ready}
         if not unrecovered:
-            return
+            return True
         replaced = {m: {s.pid for s in stubs if not s.dead and s.model == m} for m in pending}
         self._reloading_since = time.monotonic()
         try:
@@ -194,8 +209,7 @@ class Watchdog:
             self.failed_reloads += 1
             self.last_error = str(exc)
             log.error("reload failed (%d in a row): %s", self.failed_reloads, exc)
-            self._stop.wait(min(30.0, 2.0 ** self.failed_reloads))  # back off before the next try
-            return
+            return False
         finally:
             self._reloading_since = None
         self.failed_reloads = 0
@@ -205,6 +219,7 @@ class Watchdog:
             for crash in self.crashes:
                 if crash.recovered_at is None and crash.model in pending | {None}:
                     crash.recovered_at = now
+        return True
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -20,6 +20,7 @@ from serving.server import SERVE_EXTRA_ARGS, TritonServer, free_port
 from serving.watchdog import TritonAdmin, serving_stubs
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +218,48 @@ def test_a_stub_of_a_model_unloaded_since_is_not_reloaded(repository, tmp_path):
         assert status["reloads"] == 0 and status["failed_reloads"] == 0 and status["leaked_versions"] == 0
         assert watchdog.degraded() == []  # /ready follows Triton's own readiness from here
     finally:
+        server.stop()
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from serving.triton_admin import control_lock
+with control_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_watchdog_waits_for_the_model_control_lock(repository, tmp_path):
+    """While another process (a rollout) holds the repository's model-control lock, the watchdog does not
+    reload a model whose stub died: in Triton 2.51 a reload that overlaps a rollback's move of that version
+    waits for ever for stubs that cannot start. Once the lock is released, it reloads."""
+    from serving.watchdog import Watchdog
+
+    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log", extra_args=SERVE_EXTRA_ARGS).start()
+    holder = None
+    try:
+        watchdog = Watchdog(server.process.pid, TritonAdmin(server.http_url, lambda: {}))
+        assert watchdog.repository is not None and watchdog.repository.resolve() == repository.resolve()
+        watchdog.lock_timeout_s = 0.5
+        watchdog.tracker.scan()
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(repository)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(serving_stubs(server.process.pid, "classifier", 1)[0].pid, signal.SIGKILL)
+        time.sleep(0.3)
+        watchdog.check()
+        assert watchdog.reloads == 0 and watchdog.degraded() == ["classifier"]
+        holder.stdin.close()
+        holder.wait(10)
+        watchdog.check()
+        if watchdog.degraded():
+            xfail_if_triton_aborted(tmp_path / "tritonserver.log")
+        assert watchdog.reloads == 1 and watchdog.degraded() == [], watchdog.status()
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
         server.stop()
 
 
