@@ -2,6 +2,7 @@
 nothing sent after that fails. SIGTERM under load: in-flight requests finish and the server exits."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -193,34 +194,6 @@ def test_the_watchdog_works_without_a_key_and_sees_the_server_exit(repository, t
     assert not watchdog._thread.is_alive() and not watchdog.live()  # the server is gone: not live
 
 
-def test_a_stub_of_a_model_unloaded_since_is_not_reloaded(repository, tmp_path):
-    """A dead stub whose model was unloaded before the watchdog acted (a rollout's old version, `make
-    ab-stop`'s candidate): nothing to bring back. The watchdog says so, reloads nothing and does not count
-    the model as degraded; reloading a model that is gone would fail for ever and keep readiness at 503."""
-    from serving.watchdog import Watchdog
-
-    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log", extra_args=SERVE_EXTRA_ARGS).start()
-    try:
-        admin = TritonAdmin(server.http_url, lambda: {})
-        watchdog = Watchdog(server.process.pid, admin)
-        watchdog.tracker.scan()  # learn the stubs, as start() does; check() by hand below
-        victim = serving_stubs(server.process.pid, "classifier", 1)[0]
-        os.kill(victim.pid, signal.SIGKILL)
-        admin.unload("image_classifier")
-        admin.unload("classifier")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "classifier" in admin.ready_versions():
-            time.sleep(0.1)
-        assert "classifier" not in admin.ready_versions()
-        watchdog.check()
-        status = watchdog.status()
-        assert [(c["model"], c["unloaded"]) for c in status["crashes"]] == [("classifier", True)], status
-        assert status["reloads"] == 0 and status["failed_reloads"] == 0 and status["leaked_versions"] == 0
-        assert watchdog.degraded() == []  # /ready follows Triton's own readiness from here
-    finally:
-        server.stop()
-
-
 HOLD_LOCK = """
 import sys
 from pathlib import Path
@@ -231,6 +204,67 @@ with control_lock(Path(sys.argv[1])):
 """
 
 
+def wait_dead(process) -> None:
+    """Until `process` (not our child) has died: a zombie, or gone."""
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{process.pid} still alive 10 s after SIGKILL")
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(repository: Path):
+    """The repository's model-control lock held by another process (as a rollout would) until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(repository)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
+def test_a_stub_of_a_model_unloaded_since_is_not_reloaded(repository, tmp_path):
+    """A dead stub whose model was unloaded before the watchdog acted (a rollout's old version, `make
+    ab-stop`'s candidate): nothing to bring back. The watchdog says so, reloads nothing and does not count
+    the model as degraded; reloading a model that is gone would fail for ever and keep readiness at 503."""
+    from serving.watchdog import Watchdog
+
+    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log", extra_args=SERVE_EXTRA_ARGS).start()
+    try:
+        admin = TritonAdmin(server.http_url, lambda: {})
+        watchdog = Watchdog(server.process.pid, admin)
+        watchdog.lock_timeout_s = 0.5
+        watchdog.tracker.scan()  # learn the stubs, as start() does; check() by hand below
+        victim = serving_stubs(server.process.pid, "classifier", 1)[0]
+        with lock_held_elsewhere(repository):  # the watchdog sees the dead stub, a "rollout" unloads its model
+            os.kill(victim.pid, signal.SIGKILL)
+            wait_dead(victim)  # a zombie: Triton 2.51 does not reap a stub that died by itself
+            watchdog.check()
+            assert [(c["model"], c["unloaded"]) for c in watchdog.status()["crashes"]] == [("classifier", False)]
+            admin.unload("image_classifier")
+            admin.unload("classifier")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "classifier" in admin.ready_versions():
+                time.sleep(0.1)
+            assert "classifier" not in admin.ready_versions()
+        watchdog.check()
+        status = watchdog.status()
+        assert [(c["model"], c["unloaded"]) for c in status["crashes"]] == [("classifier", True)], status
+        assert status["reloads"] == 0 and status["failed_reloads"] == 0 and status["leaked_versions"] == 0
+        assert watchdog.degraded() == []  # /ready follows Triton's own readiness from here
+    finally:
+        server.stop()
+
+
 def test_the_watchdog_waits_for_the_model_control_lock(repository, tmp_path):
     """While another process (a rollout) holds the repository's model-control lock, the watchdog does not
     reload a model whose stub died: in Triton 2.51 a reload that overlaps a rollback's move of that version
@@ -238,28 +272,22 @@ def test_the_watchdog_waits_for_the_model_control_lock(repository, tmp_path):
     from serving.watchdog import Watchdog
 
     server = TritonServer(repository, log_file=tmp_path / "tritonserver.log", extra_args=SERVE_EXTRA_ARGS).start()
-    holder = None
     try:
         watchdog = Watchdog(server.process.pid, TritonAdmin(server.http_url, lambda: {}))
         assert watchdog.repository is not None and watchdog.repository.resolve() == repository.resolve()
         watchdog.lock_timeout_s = 0.5
         watchdog.tracker.scan()
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(repository)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert holder.stdout.readline().strip() == "held"
-        os.kill(serving_stubs(server.process.pid, "classifier", 1)[0].pid, signal.SIGKILL)
-        time.sleep(0.3)
-        watchdog.check()
-        assert watchdog.reloads == 0 and watchdog.degraded() == ["classifier"]
-        holder.stdin.close()
-        holder.wait(10)
+        with lock_held_elsewhere(repository):
+            victim = serving_stubs(server.process.pid, "classifier", 1)[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            wait_dead(victim)
+            watchdog.check()
+            assert watchdog.reloads == 0 and watchdog.degraded() == ["classifier"]
         watchdog.check()
         if watchdog.degraded():
             xfail_if_triton_aborted(tmp_path / "tritonserver.log")
         assert watchdog.reloads == 1 and watchdog.degraded() == [], watchdog.status()
     finally:
-        if holder is not None and holder.poll() is None:
-            holder.kill()
         server.stop()
 
 
