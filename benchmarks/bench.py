@@ -329,10 +329,7 @@ def bench_rounds(n: int, points: list[report.Point], repos: dict[str, Path], too
                              pid=server.process.pid):
                     fields: dict = {}
                     with measured(pid, fields):
-                        try:
-                            r = tool.measure(model, url, protocol, c, csv, inputs, measurement_ms)
-                        except perf.PerfAnalyzerError:  # no stable window this time (exit 3): one more try
-                            r = tool.measure(model, url, protocol, c, csv, inputs, measurement_ms)
+                        r = tool.measure(model, url, protocol, c, csv, inputs, measurement_ms)
                     return report.Point(system, c, r.throughput, r.p50_ms, r.p90_ms, r.p99_ms, **fields)
                 measures.append(rounds.Measure(system, c, run_perf))
         results = rounds.run_rounds(measures, n, failures=(perf.PerfAnalyzerError,),
