@@ -111,49 +111,47 @@ class TritonAdmin:
         except OSError:
             return False
 
-    def index(self) -> dict[str, str]:
-        """{model: state} of the repository ("READY", "UNAVAILABLE", ...), the newest version's state per model."""
+    def _entries(self) -> list[dict]:
+        """The repository index: one entry per model version Triton knows (name, version, state, reason)."""
         status, body = self._call("/v2/repository/index", {})
         if status != 200:
             raise RuntimeError(f"repository index: HTTP {status}: {body[:300]!r}")
+        return json.loads(body)
+
+    def index(self) -> dict[str, str]:
+        """{model: state} of the repository ("READY", "UNAVAILABLE", ...), the newest version's state per model."""
         states: dict[str, str] = {}
-        for entry in json.loads(body):
+        for entry in self._entries():
             if states.get(entry["name"]) != "READY":
                 states[entry["name"]] = entry.get("state", "")
         return states
 
     def ready_versions(self) -> dict[str, set[str]]:
         """{model: its versions in state READY}, from the repository index."""
-        status, body = self._call("/v2/repository/index", {})
-        if status != 200:
-            raise RuntimeError(f"repository index: HTTP {status}: {body[:300]!r}")
         ready: dict[str, set[str]] = {}
-        for entry in json.loads(body):
+        for entry in self._entries():
             if entry.get("state") == "READY":
                 ready.setdefault(entry["name"], set()).add(str(entry.get("version", "")))
         return ready
 
-    def reload(self, model: str) -> None:
-        """Load `model` again with its current configuration, marked so that Triton does load it."""
+    def config(self, model: str) -> dict:
         status, body = self._call(f"/v2/models/{model}/config")
         if status != 200:
             raise RuntimeError(f"config of {model}: HTTP {status}: {body[:300]!r}")
-        config = json.loads(body)
+        return json.loads(body)
+
+    def reload(self, model: str) -> None:
+        """Load `model` again with its current configuration, marked so that Triton does load it."""
+        config = self.config(model)
         config.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": f"{time.time():.3f}"}
         self.load(model, config)
 
     def instances(self, model: str) -> int:
         """How many instances the model's configuration asks for (its stubs, for a python-backend model)."""
-        status, body = self._call(f"/v2/models/{model}/config")
-        if status != 200:
-            raise RuntimeError(f"config of {model}: HTTP {status}: {body[:300]!r}")
-        return sum(group.get("count", 1) for group in json.loads(body).get("instance_group", []))
+        return sum(group.get("count", 1) for group in self.config(model).get("instance_group", []))
 
     def platform(self, model: str) -> str:
-        status, body = self._call(f"/v2/models/{model}/config")
-        if status != 200:
-            raise RuntimeError(f"config of {model}: HTTP {status}: {body[:300]!r}")
-        config = json.loads(body)
+        config = self.config(model)
         return config.get("platform") or config.get("backend", "")
 
     def unload(self, model: str) -> None:
