@@ -66,10 +66,10 @@ valgrind-setup: ## Debian valgrind (as root): the tests run INT8 kernels on its 
 capabilities: $(STAMP) ## what the local server and machine can run
 	$(PY) -m build.repository.capabilities
 
-serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) and wait until ready
+serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) under its supervisor (stub watchdog, RESTARTS) and wait until ready
 	$(PY) -m serving.server start --model-repository $(REPOSITORY) --address $(ADDRESS) \
 	    --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-	    $(if $(WATCHDOG_PORT),--watchdog-port $(WATCHDOG_PORT))
+	    $(if $(WATCHDOG_PORT),--watchdog-port $(WATCHDOG_PORT)) --restarts $(RESTARTS)
 
 stop: ## stop the server started by `make serve`
 	@$(PY) -m serving.server stop

@@ -1,8 +1,9 @@
-# Operations: the stub watchdog `make serve` starts, and the soak run (docs/operations.md, self-healing).
+# Operations: the supervisor `make serve` starts (stub watchdog, server restarts), and the soak run (docs/operations.md, self-healing).
 # Included by the main Makefile (PY, STAMP, REPOSITORY, HTTP_PORT come from there).
 DURATION ?= 10m
 SOAK_ARGS ?=
 WATCHDOG_PORT ?= 8003
+RESTARTS ?= 3
 
 .PHONY: soak watchdog-status drain
 

@@ -56,15 +56,7 @@ class Ports:
 
     def in_use(self, host: str) -> list[str]:
         """'<name> port <n>' for each port something on `host` is already bound to."""
-        taken = []
-        for name, port in dataclasses.asdict(self).items():
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
-                try:
-                    s.bind((host, port))
-                except OSError:
-                    taken.append(f"{name} port {port}")
-        return taken
+        return [f"{name} port {port}" for name, port in dataclasses.asdict(self).items() if _port_taken(host, port)]
 
 
 def terminate(process: subprocess.Popen | None, timeout: float = 30.0) -> None:
@@ -92,12 +84,31 @@ def terminate_pid(pid: int, timeout: float = 30.0) -> None:
         pass
 
 
+def stop_tree(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM `pid` (a supervisor drains and stops its server), wait, SIGKILL it; then SIGKILL whatever it
+    started that is left (a supervisor killed in the middle would leave tritonserver and its stubs)."""
+    import psutil
+
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    terminate_pid(pid, timeout)
+    for process in family:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+
+
 class TritonServer:
     """One tritonserver process on loopback (or `address`). A context manager."""
 
     def __init__(self, model_repository: str | Path, ports: Ports | None = None, address: str = LOOPBACK,
-                 log_file: str | Path | None = None, extra_args: list[str] | None = None):
+                 log_file: str | Path | None = None, extra_args: list[str] | None = None,
+                 supervisor: list[str] | None = None):
         self.model_repository = Path(model_repository)
+        self.supervisor = supervisor or []  # a command that runs the server (after its `--`): serving.supervise
         self.ports = ports or Ports.free()
         self.address = address
         self.log_file = Path(log_file) if log_file else None
@@ -147,10 +158,10 @@ class TritonServer:
         if self.log_file:
             self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
             with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
-                self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                self.process = subprocess.Popen([*self.supervisor, *self.command()], stdout=log, stderr=subprocess.STDOUT, env=env,
                                                 start_new_session=detach)
         else:
-            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen([*self.supervisor, *self.command()], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=detach)
         try:
             self.wait_ready(timeout)
@@ -187,7 +198,11 @@ class TritonServer:
         return f"; see {self.log_file}:\n" + "\n".join(errors or lines[-8:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        terminate(self.process, timeout)
+        if self.supervisor and self.process is not None:
+            stop_tree(self.process.pid, timeout)
+            self.process.poll()
+        else:
+            terminate(self.process, timeout)
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
@@ -241,6 +256,51 @@ SERVE_EXTRA_ARGS = ["--metrics-config=summary_latencies=true", "--model-control-
                     "--exit-timeout-secs=15"]
 
 
+def supervisor_command(address: str, port: int, restarts: int, key_file: Path) -> list[str]:
+    """serving.supervise as `make serve` runs it: the stub watchdog's /ready /live /status on `port`, the
+    server restarted up to `restarts` times when it exits by itself; the server's command follows."""
+    return [sys.executable, "-m", "serving.supervise", "--address", address, "--port", str(port),
+            "--restarts", str(restarts), "--key-file", str(Path(key_file).resolve()), "--"]
+
+
+def server_pid(info: dict) -> int:
+    """The pid of the tritonserver a `make serve` state names now (under a supervisor, its current child)."""
+    if not info.get("supervisor"):
+        return int(info["pid"])
+    import psutil
+
+    for child in psutil.Process(int(info["pid"])).children():
+        try:
+            if child.name() == "tritonserver" or "tritonserver" in " ".join(child.cmdline()[:2]):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise ServerError(f"the supervisor (pid {info['pid']}) runs no tritonserver now (restarting?)")
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _wait_url(url: str, timeout: float, process: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def serve(args: argparse.Namespace) -> dict:
     state = _state_file()
     if served() is not None:
@@ -252,27 +312,30 @@ def serve(args: argparse.Namespace) -> dict:
     key = access.write_key(access.KEY_FILE)
     extra_args = [*SERVE_EXTRA_ARGS, *access.restricted_args(key),
                   *cache_args(repository_cache_mb(args.model_repository))]
-    server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
-                          address=args.address, log_file=log_file, extra_args=extra_args)
+    watchdog_port, restarts = getattr(args, "watchdog_port", 0), getattr(args, "restarts", 0)
+    supervisor = supervisor_command(args.address, watchdog_port, restarts, access.KEY_FILE) if watchdog_port else None
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    if watchdog_port and _port_taken(args.address, watchdog_port) and not ports.in_use(args.address):
+        access.remove_key(access.KEY_FILE)
+        raise ServerError(f"watchdog port {watchdog_port} on {args.address} already in use: make serve "
+                          "WATCHDOG_PORT=..., or --watchdog-port 0 for a bare tritonserver")
+    server = TritonServer(args.model_repository, ports, address=args.address, log_file=log_file,
+                          extra_args=extra_args, supervisor=supervisor)
     try:
         server.start(timeout=args.timeout, detach=True)
+        ready = f"http://{args.address}:{watchdog_port}/ready"
+        if supervisor and not _wait_url(ready, 30, server.process):  # its watchdog knows the stubs from now on
+            raise ServerError(f"the supervisor's {ready} did not answer 200" + server._log_hint())
     except BaseException:
+        server.stop()
         access.remove_key(access.KEY_FILE)
         raise
     info = {"pid": server.process.pid, "http": server.http_url, "grpc": server.grpc_url,
             "metrics": server.metrics_url, "log": str(log_file), "model_repository": str(args.model_repository),
             "admin_key_file": str(access.KEY_FILE)}
-    if getattr(args, "watchdog_port", 0):
-        from serving import watchdog
-
-        try:
-            info["watchdog"] = watchdog.spawn(server.process.pid, server.http_url, args.watchdog_port,
-                                              RUN_DIR / "watchdog.log", address=args.address)
-        except BaseException as exc:
-            terminate_pid(server.process.pid)
-            access.remove_key(access.KEY_FILE)
-            raise ServerError(f"{exc} (port taken? make serve WATCHDOG_PORT=..., or --watchdog-port 0 for none)") \
-                from exc
+    if supervisor:
+        info["supervisor"] = {"ready": ready, "status": ready[: -len("ready")] + "status", "restarts": restarts}
+        info["server_pid"] = server_pid(info)
     state.write_text(json.dumps(info, indent=2))
     return info
 
@@ -284,14 +347,10 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
         return None
     recorded = json.loads(state.read_text())
     pid = recorded["pid"]
-    watchdog_pid = (recorded.get("watchdog") or {}).get("pid")
-    if watchdog_pid:  # first, so that it does not take the stopping server's stubs for crashed ones
-        from serving import watchdog
-
-        if watchdog.is_watchdog(watchdog_pid):
-            terminate_pid(watchdog_pid, 10)
     running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
-    if running:
+    if running and recorded.get("supervisor"):
+        stop_tree(pid, 2 * timeout + 15)  # it drains (15 s at most), then waits out tritonserver's exit
+    elif running:
         from serving import watchdog
 
         try:  # unload the ensembles first: their in-flight requests finish (serving/watchdog.py)
@@ -316,7 +375,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002, help="(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
     p.add_argument("--watchdog-port", type=int, default=8003,
-                   help="port of the stub watchdog's /ready, /live, /status; 0: no watchdog (default: %(default)s)")
+                   help="port of the supervisor's /ready, /live, /status (serving.supervise: the stub watchdog, "
+                        "server restarts); 0: a bare tritonserver (default: %(default)s)")
+    p.add_argument("--restarts", type=int, default=3,
+                   help="times the supervisor starts tritonserver again after it exits by itself "
+                        "(default: %(default)s)")
     return p
 
 
@@ -327,8 +390,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"  HTTP     http://{info['http']}/v2/models/image_classifier")
         print(f"  gRPC     {info['grpc']}")
         print(f"  metrics  {info['metrics']}")
-        if info.get("watchdog"):
-            print(f"  ready    {info['watchdog']['ready']} (false while a crashed model is reloaded)")
+        if info.get("supervisor"):
+            print(f"  ready    {info['supervisor']['ready']} (false while a crashed model is reloaded or the "
+                  f"server restarts; up to {info['supervisor']['restarts']} restarts)")
         print(f"  admin key for model control, config, statistics: {info['admin_key_file']} "
               f"(header {access.KEY_HEADER}; docs/operations.md)")
     elif args.action == "stop":

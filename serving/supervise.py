@@ -12,6 +12,7 @@ meanwhile; `/live` and `/status` as the watchdog's. The probes of deploy/k8s poi
   kills, docs/operations.md): the stubs it left are killed; with `--restarts N` the server is started
   again (at most N times, 1 s, 2 s, 4 s ... apart; `/ready` 503 meanwhile), else the supervisor exits with
   the server's code (1 if it was 0), and the container runtime or Kubernetes restarts the container.
+  A first start that exits before the server answers (a repository or a flag that fails) is not retried.
 - As PID 1 it reaps the processes orphaned to it.
 
 The admin key for model control comes from the environment (TRITON_ADMIN_KEY, as the manifests pass it to
@@ -130,6 +131,13 @@ class Supervisor:
             if self.stopping.wait(0.2):
                 return self._stop_server()
 
+    def _reaped_within(self, timeout_s: float) -> int | None:
+        """tritonserver's exit code once it has ended, reaping meanwhile; None if it runs `timeout_s` later."""
+        deadline = time.monotonic() + timeout_s
+        while (code := self._reap()) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return code
+
     def _stop_server(self) -> int:
         if self.watchdog is not None:
             self.watchdog.stop()  # first, so that it does not take the stopping server's stubs for crashed ones
@@ -139,15 +147,10 @@ class Supervisor:
                 log.warning("drain failed (%s); stopping anyway", exc)
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            code = self._reap()
-            if code is not None:
-                return code
-            time.sleep(0.1)
-        self.process.kill()
-        while (code := self._reap()) is None:
-            time.sleep(0.1)
+        code = self._reaped_within(120)
+        if code is None:
+            self.process.kill()
+            code = self._reaped_within(float("inf"))
         return code
 
     def _kill_leftover_stubs(self, known: list[int]) -> None:
@@ -169,6 +172,9 @@ class Supervisor:
             self.starts += 1
             log.info("started %s (pid %d)", " ".join(self.command[:1]), self.process.pid)
             code = self._wait_answering()
+            if code is not None and self.starts == 1:  # a repository or flag that fails is not healed by restarts
+                log.error("tritonserver exited with code %d before it answered; not restarting it", code)
+                return code or 1
             if code is None and not self.stopping.is_set():
                 self.watchdog = Watchdog(self.process.pid, self.admin, **self.watchdog_args).start()
                 log.info("watching tritonserver pid %d", self.process.pid)

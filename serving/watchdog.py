@@ -1,7 +1,7 @@
 """Bring a crashed python-backend stub's model back, and say "not ready" while it is down.
 
-    python -m serving.watchdog --server-pid 1234 --http 127.0.0.1:8000 [--port 8003]   # make serve starts it
-    python -m serving.watchdog --drain --http 127.0.0.1:8000                           # make stop runs it
+    python -m serving.watchdog --server-pid 1234 --http 127.0.0.1:8000 [--port 8003]   # by hand (make serve: serving.supervise)
+    python -m serving.watchdog --drain --http 127.0.0.1:8000                           # make drain
 
 Triton 2.51 never restarts a python-backend stub that died (kill -9, a crash in a native library, an
 out-of-memory kill): the requests routed to its instance fail with `Stub process ... is not healthy`
@@ -35,8 +35,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -84,9 +82,12 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     # -- state ---------------------------------------------------------------------------------
-    def degraded(self) -> list[str]:
+    def _unrecovered(self) -> list[Crash]:
         with self._lock:
-            return sorted({c.model or "?" for c in self.crashes if c.recovered_at is None})
+            return [c for c in self.crashes if c.recovered_at is None]
+
+    def degraded(self) -> list[str]:
+        return sorted({c.model or "?" for c in self._unrecovered()})
 
     def live(self) -> bool:
         """False once restarting the server is the way out: it exited or does not answer, a reload has hung
@@ -162,9 +163,7 @@ class Watchdog:
             log.warning("stub %d of %s (version %s) died", stub.pid, stub.model or "an unknown model", stub.version)
             with self._lock:
                 self.crashes.append(Crash(stub.pid, stub.model, stub.version, time.time()))
-        with self._lock:
-            unrecovered = [c for c in self.crashes if c.recovered_at is None]
-        if not unrecovered:
+        if not self._unrecovered():
             return
         try:
             with control_lock(self.repository, self.lock_timeout_s):  # no rollout changes the repository meanwhile
@@ -177,16 +176,13 @@ class Watchdog:
 
     def _heal(self, stubs: list[Stub]) -> bool:
         """Reload the models of the unrecovered crashes whose version is still loaded; False if a reload failed."""
-        with self._lock:
-            unrecovered = [c for c in self.crashes if c.recovered_at is None]
         try:
             ready = self.admin.ready_versions()
         except (RuntimeError, OSError, ValueError) as exc:
             log.error("repository index failed: %s", exc)
             return True
-        self._forget_unloaded(unrecovered, ready)
-        with self._lock:
-            unrecovered = [c for c in self.crashes if c.recovered_at is None]
+        self._forget_unloaded(self._unrecovered(), ready)
+        unrecovered = self._unrecovered()
         pending = {c.model for c in unrecovered if c.model}
         if any(c.model is None for c in unrecovered):  # seen dead only: reload every python-backend model loaded
             pending |= {model for model, _ in self.tracker.known.values() if model in ready}
@@ -246,35 +242,6 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def spawn(server_pid: int, http_url: str, port: int, log_file: Path, address: str = "127.0.0.1") -> dict:
-    """Start `python -m serving.watchdog` detached for `make serve`; {"pid", "ready"} (its readiness URL)."""
-    import subprocess
-
-    project_root = str(Path(__file__).resolve().parent.parent)
-    with open(log_file, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "serving.watchdog", "--server-pid", str(server_pid),
-                                    "--http", http_url, "--address", address, "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=Path.cwd(),
-                                   env={**os.environ, "PYTHONPATH": project_root})
-    url = f"http://{address}:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/live", timeout=1):
-                return {"pid": process.pid, "ready": url + "/ready", "log": str(log_file)}
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"the watchdog did not answer on {url} (exit {process.poll()}); see {log_file}")
-
-
-def is_watchdog(pid: int) -> bool:
-    try:
-        return "serving.watchdog" in " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return False
 
 
 def get_args_parser() -> argparse.ArgumentParser:

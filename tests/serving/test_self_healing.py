@@ -328,36 +328,57 @@ def test_drain_then_sigterm_under_load_lets_accepted_requests_finish(repository,
         assert code == 0 or "Exit timeout expired" in log
 
 
-def test_make_serve_starts_the_watchdog_and_make_stop_stops_it(repository, tmp_path):
-    from serving.server import Ports
+def test_make_serve_supervises_the_server_and_make_stop_stops_it(repository, tmp_path):
+    """`make serve` runs tritonserver under serving.supervise: a killed stub's model is reloaded (readiness
+    503 meanwhile), a killed tritonserver is started again, and `make stop` leaves no process behind."""
+    import psutil
+
+    from serving.server import Ports, server_pid
 
     ports, watchdog_port = Ports.free(), free_port()
     cli = [sys.executable, "-m", "serving.server"]
     start = subprocess.run([*cli, "start", "--model-repository", str(repository), "--http-port", str(ports.http),
                             "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-                            "--watchdog-port", str(watchdog_port)], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=200)
+                            "--watchdog-port", str(watchdog_port), "--restarts", "2"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=200)
     assert start.returncode == 0, start.stderr
     state = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
+    family: set[int] = set()
     try:
-        assert state["watchdog"]["ready"] == f"http://127.0.0.1:{watchdog_port}/ready"
-        assert state["watchdog"]["ready"] in start.stdout
-        assert get(state["watchdog"]["ready"])[0] == 200
-        os.kill(serving_stubs(state["pid"], "classifier", 1)[0].pid, signal.SIGKILL)
+        supervisor = state["supervisor"]
+        assert supervisor["ready"] == f"http://127.0.0.1:{watchdog_port}/ready" and supervisor["restarts"] == 2
+        assert supervisor["ready"] in start.stdout
+        assert get(supervisor["ready"])[0] == 200
+        first = state["server_pid"]
+        assert first == server_pid(state) and psutil.Process(first).ppid() == state["pid"]
+        os.kill(serving_stubs(first, "classifier", 1)[0].pid, signal.SIGKILL)
         codes = []
         for _ in range(1200):
-            codes.append(get(state["watchdog"]["ready"])[0])
+            codes.append(get(supervisor["ready"])[0])
             if 503 in codes and codes[-1] == 200:
                 break
             time.sleep(0.05)
-        if codes[-1] != 200:
-            xfail_if_triton_aborted(tmp_path / ".run" / "tritonserver.log")
         assert 503 in codes and codes[-1] == 200  # the key in .run/admin.key let it reload the model
+
+        family = {p.pid for p in psutil.Process(state["pid"]).children(recursive=True)}
+        os.kill(server_pid(state), signal.SIGKILL)  # as Triton 2.51 aborting on a stub kill
+        status = {}
+        for _ in range(900):
+            status = get(supervisor["status"])[1]
+            if status.get("ready") and status.get("server_pid") not in (None, first):
+                break
+            time.sleep(0.1)
+        assert status["ready"] and status["server_exits"][-1] == -signal.SIGKILL
+        assert status["restarts_left"] == 2 - len(status["server_exits"])  # 2 exits: Triton aborted on the stub kill
+        assert server_pid(state) == status["server_pid"] != first
+        family |= {p.pid for p in psutil.Process(state["pid"]).children(recursive=True)}
     finally:
-        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=90)
+        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
-    assert not psutil_alive(state["watchdog"]["pid"]) and not psutil_alive(state["pid"])
-    assert "reloaded classifier" in (tmp_path / ".run" / "watchdog.log").read_text()
+    assert not psutil_alive(state["pid"]) and not [pid for pid in family if psutil_alive(pid)]
+    log = (tmp_path / ".run" / "tritonserver.log").read_text(errors="replace")
+    assert "starting it again" in log
+    assert "reloaded classifier" in log or TRITON_ABORT in log
 
 
 def psutil_alive(pid: int) -> bool:
