@@ -139,3 +139,16 @@ def test_without_restarts_it_exits_with_the_server_and_leaves_no_stub(repository
         while supervised.stubs() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert supervised.stubs() == []
+
+
+def test_a_server_that_fails_to_start_is_not_restarted(tmp_path):
+    """A repository that does not load is not healed by restarts: the supervisor exits with the server's code at
+    once, whatever --restarts says."""
+    missing = tmp_path / "no-such-repository"
+    server = TritonServer(missing, Ports.free(), extra_args=SERVE_EXTRA_ARGS)
+    command = [sys.executable, "-m", "serving.supervise", "--port", str(free_port()), "--restarts", "3", "--",
+               *server.command()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode != 0
+    assert "before it answered; not restarting" in done.stderr and "starting it again" not in done.stderr
