@@ -23,6 +23,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 ADDRESS ?= 127.0.0.1
+RESTARTS ?= 3
 PYTEST_ARGS ?=
 
 # Each area's targets live in mk/<area>.mk (training, precision, benchmarks).

@@ -3,7 +3,6 @@
 DURATION ?= 10m
 SOAK_ARGS ?=
 WATCHDOG_PORT ?= 8003
-RESTARTS ?= 3
 
 .PHONY: soak watchdog-status drain
 
