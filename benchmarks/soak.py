@@ -7,7 +7,8 @@
 Locust runs the users of benchmarks/soak_users.py (closed loops, no wait) for --duration; each request
 is logged. Per --bucket (a minute by default): requests, good requests that failed, server errors
 (5xx / INTERNAL), busy answers, bad images answered with a client error (4xx), p50/p99 of the good
-requests, and the resident memory (RSS) of tritonserver and its stubs. The first --warmup buckets are
+requests, and the memory of tritonserver and its stubs (RSS summed over the processes, and PSS, which
+counts their shared pages once, per process kind). The first --warmup buckets are
 left out of the drift figures. Writes soak.json, soak.md and soak.png to --out.
 
 With --kill-stubs (own server only) the soak also kills -9 each python-backend stub in turn, spread over
@@ -47,16 +48,47 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (tritonserver and its python-backend stubs)."""
+@dataclasses.dataclass
+class TreeMemory:
+    """One sample of a serving tree's memory. `rss_mb` sums each process's RSS, so pages that several processes
+    map (shared libraries; a stub's shared memory, mapped by tritonserver too) count once per process.
+    `pss_mb` sums the proportional set sizes (/proc/<pid>/smaps_rollup): each shared page split between the
+    processes that map it, so the tree's own pages count once. `pss_by_role`: per server / model's stubs."""
+
+    rss_mb: float = 0.0
+    pss_mb: float | None = 0.0
+    pss_by_role: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _pss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tree_memory(pid: int) -> TreeMemory:
+    from benchmarks.procstats import role_of
+
     root = psutil.Process(pid)
-    total = 0
+    sample = TreeMemory()
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            rss = proc.memory_info().rss / 2**20
+            role = role_of(proc.cmdline(), proc.pid == pid)
         except psutil.Error:
             continue
-    return total / 2**20
+        sample.rss_mb += rss
+        pss = _pss_mb(proc.pid)
+        if pss is None or sample.pss_mb is None:  # no smaps_rollup (not Linux, or not allowed): RSS only
+            sample.pss_mb = None
+            continue
+        sample.pss_mb += pss
+        sample.pss_by_role[role] = sample.pss_by_role.get(role, 0.0) + pss
+    return sample
 
 
 @dataclasses.dataclass
@@ -71,7 +103,9 @@ class Bucket:
     busy: int = 0
     p50_ms: float | None = None
     p99_ms: float | None = None
-    rss_mb: float | None = None
+    rss_mb: float | None = None  # the largest sample in the bucket, of each figure
+    pss_mb: float | None = None
+    pss_by_role: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def read_log(path: Path) -> list[tuple[float, str, str, float, str, str]]:
@@ -80,7 +114,8 @@ def read_log(path: Path) -> list[tuple[float, str, str, float, str, str]]:
                 for t, kind, name, ms, result, status in csv.reader(f)]
 
 
-def buckets(rows, rss: list[tuple[float, float]], t0: float, bucket_s: float, duration_s: float) -> list[Bucket]:
+def buckets(rows, memory: list[tuple[float, TreeMemory]], t0: float, bucket_s: float,
+            duration_s: float) -> list[Bucket]:
     """Per bucket_s of the run (what finished after duration_s, as Locust stops, counts in the last)."""
     count = max(1, int(np.ceil(duration_s / bucket_s)))
     out = [Bucket(i * bucket_s) for i in range(count)]
@@ -103,8 +138,14 @@ def buckets(rows, rss: list[tuple[float, float]], t0: float, bucket_s: float, du
             b.p50_ms, b.p99_ms = (round(float(v), 1) for v in np.percentile(ms, [50, 99]))
     for b in out:
         last = b is out[-1]
-        inside = [mb for t, mb in rss if b.start_s <= t - t0 and (last or t - t0 < b.start_s + bucket_s)]
-        b.rss_mb = round(max(inside), 1) if inside else None
+        inside = [m for t, m in memory if b.start_s <= t - t0 and (last or t - t0 < b.start_s + bucket_s)]
+        if not inside:
+            continue
+        b.rss_mb = round(max(m.rss_mb for m in inside), 1)
+        if all(m.pss_mb is not None for m in inside):
+            b.pss_mb = round(max(m.pss_mb for m in inside), 1)
+            b.pss_by_role = {role: round(max(m.pss_by_role.get(role, 0.0) for m in inside), 1)
+                             for role in sorted({r for m in inside for r in m.pss_by_role})}
     return out
 
 
@@ -112,6 +153,7 @@ def summarize(rows, per_bucket: list[Bucket], warmup: int) -> dict:
     steady = [b for b in per_bucket[warmup:] if b.requests] or [b for b in per_bucket if b.requests]
     p99 = [b.p99_ms for b in steady if b.p99_ms is not None]
     rss = [b.rss_mb for b in steady if b.rss_mb is not None]
+    pss = [b for b in steady if b.pss_mb is not None]
     return {
         "requests": len(rows), "good": sum(b.good for b in per_bucket),
         "good_failed": sum(b.good_failed for b in per_bucket),
@@ -123,6 +165,11 @@ def summarize(rows, per_bucket: list[Bucket], warmup: int) -> dict:
         "p99_drift_ratio": round(p99[-1] / p99[0], 3) if len(p99) > 1 and p99[0] else None,
         "rss_first_mb": rss[0] if rss else None, "rss_last_mb": rss[-1] if rss else None,
         "rss_growth_percent": round(100 * (rss[-1] - rss[0]) / rss[0], 2) if len(rss) > 1 and rss[0] else None,
+        "pss_first_mb": pss[0].pss_mb if pss else None, "pss_last_mb": pss[-1].pss_mb if pss else None,
+        "pss_growth_percent": round(100 * (pss[-1].pss_mb - pss[0].pss_mb) / pss[0].pss_mb, 2)
+        if len(pss) > 1 and pss[0].pss_mb else None,
+        "pss_growth_by_role_mb": {role: round(pss[-1].pss_by_role.get(role, 0.0) - first, 1)
+                                  for role, first in pss[0].pss_by_role.items()} if len(pss) > 1 else {},
     }
 
 
@@ -140,6 +187,8 @@ def write_report(out: Path, summary: dict, per_bucket: list[Bucket], args: argpa
     lines = [f"# Soak: {args.duration} s, {args.users} {args.protocol} users, {args.bad_share:.0%} bad images",
              "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary.items() if k not in ("outcomes", "stub_kills")]
+    lines += ["", "RSS sums each process's resident memory (shared libraries and the stubs' shared memory once per "
+              "process that maps them); PSS counts every page of the tree once (docs/operations.md)."]
     if summary.get("stub_kills"):
         lines += ["", "Stubs killed (kill -9) during the run, the watchdog reloading their model:", "",
                   "| model | instance | seconds until ready | failed while degraded | requests after | failed after |",
@@ -147,10 +196,11 @@ def write_report(out: Path, summary: dict, per_bucket: list[Bucket], args: argpa
         lines += [f"| {f['model']} | {f['instance']} | {f['seconds_until_ready']} | {f['failed_while_degraded']} | "
                   f"{f['requests_after']} | {f['failed_after']} |" for f in summary["stub_kills"]]
     lines += ["", f"Per {args.bucket:g} s (the first {args.warmup} left out of the drift figures):", "",
-              "| from s | requests | good failed | server errors | busy | bad -> 4xx | p50 ms | p99 ms | RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| from s | requests | good failed | server errors | busy | bad -> 4xx | p50 ms | p99 ms | RSS MB | PSS MB "
+              "| PSS by process MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {b.start_s:g} | {b.requests} | {b.good_failed} | {b.server_errors} | {b.busy} | "
-              f"{b.bad_client_error}/{b.bad} | {b.p50_ms} | {b.p99_ms} | {b.rss_mb} |" for b in per_bucket]
+              f"{b.bad_client_error}/{b.bad} | {b.p50_ms} | {b.p99_ms} | {b.rss_mb} | {b.pss_mb} | "
+              f"{', '.join(f'{r} {v:g}' for r, v in b.pss_by_role.items())} |" for b in per_bucket]
     lines += ["", "Outcomes: " + ", ".join(f"{k}: {v}" for k, v in summary["outcomes"].items())]
     (out / "soak.md").write_text("\n".join(lines) + "\n")
     plot(out / "soak.png", per_bucket, args.bucket)
@@ -168,8 +218,13 @@ def plot(path: Path, per_bucket: list[Bucket], bucket_s: float) -> None:
     axes[0].plot(x, [b.p99_ms for b in per_bucket], "o-", label="p99")
     axes[0].set_ylabel("good requests, ms")
     axes[0].legend()
-    axes[1].plot(x, [b.rss_mb for b in per_bucket], "o-", color="tab:purple")
-    axes[1].set_ylabel("RSS, server + stubs, MB")
+    axes[1].plot(x, [b.rss_mb for b in per_bucket], "o-", color="tab:purple", label="RSS, summed")
+    roles = sorted({r for b in per_bucket for r in b.pss_by_role})
+    if roles:
+        axes[1].stackplot(x, *[[b.pss_by_role.get(r, 0.0) for b in per_bucket] for r in roles],
+                          labels=[f"PSS {r}" for r in roles], alpha=0.5)
+    axes[1].set_ylabel("server + stubs, MB")
+    axes[1].legend(fontsize="small", loc="lower right")
     axes[2].bar(x, [b.good_failed for b in per_bucket], width=bucket_s / 60 * 0.4, label="good failed")
     axes[2].bar([v + bucket_s / 60 * 0.4 for v in x], [b.server_errors for b in per_bucket],
                 width=bucket_s / 60 * 0.4, label="server errors", color="tab:red")
@@ -254,8 +309,8 @@ def fault_figures(rows, faults: list[Fault], end: float) -> list[dict]:
     return figures
 
 
-def run_locust(url: str, server_pid: int, args: argparse.Namespace, log: Path) -> list[tuple[float, float]]:
-    """Locust for args.duration; the server tree's RSS every few seconds meanwhile: [(unix time, MB)]."""
+def run_locust(url: str, server_pid: int, args: argparse.Namespace, log: Path) -> list[tuple[float, TreeMemory]]:
+    """Locust for args.duration; the server tree's memory every few seconds meanwhile: [(unix time, sample)]."""
     from tqdm import tqdm
 
     binary = shutil.which("locust", path=str(Path(sys.executable).parent)) or "locust"
@@ -263,13 +318,13 @@ def run_locust(url: str, server_pid: int, args: argparse.Namespace, log: Path) -
     cmd = [binary, "-f", str(USERS_FILE), "--headless", "--host", url, "-u", str(args.users), "-r", str(args.users),
            "-t", f"{args.duration}s", "--stop-timeout", "10", "--only-summary", "--loglevel", "WARNING",
            "--soak-log", str(log), "--bad-share", str(args.bad_share), "--triton-model", args.triton_model, user]
-    rss: list[tuple[float, float]] = []
+    rss: list[tuple[float, TreeMemory]] = []
     with open(log.with_suffix(".locust.log"), "w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         start = time.monotonic()
         with tqdm(total=args.duration, unit="s", desc="soak", disable=not sys.stderr.isatty()) as bar:
             while process.poll() is None and time.monotonic() - start < args.duration + 90:
-                rss.append((time.time(), tree_rss_mb(server_pid)))
+                rss.append((time.time(), tree_memory(server_pid)))
                 time.sleep(min(2.0, args.bucket / 4))
                 bar.n = min(args.duration, int(time.monotonic() - start))
                 bar.refresh()

@@ -35,6 +35,11 @@ def test_a_short_soak_has_no_server_error_and_answers_bad_images_with_4xx(tiny_a
     report = json.loads((out / "soak.json").read_text())
     assert len(report["buckets"]) == 4 and all(b["rss_mb"] for b in report["buckets"])
     assert summary["rss_growth_percent"] is not None and summary["p99_drift_ratio"] is not None
+    # PSS counts the pages the server and its stubs share once: less than their summed RSS, split by process
+    last = report["buckets"][-1]
+    assert 0 < last["pss_mb"] < last["rss_mb"] and summary["pss_growth_percent"] is not None
+    assert {"server", "preprocess", "classifier"} <= set(last["pss_by_role"])
+    assert abs(sum(last["pss_by_role"].values()) - last["pss_mb"]) < 1.0 + 0.05 * last["pss_mb"]
     assert (out / "soak.md").read_text().count("\n|") >= 4 + 13 and (out / "soak.png").stat().st_size > 0
 
 
