@@ -228,7 +228,9 @@ def preprocess_requests(
         try:
             return image_to_uint8(data, config, limits)
         except ImageError as exc:
-            return exc
+            # Its message only: the raised one's traceback holds the failed decode's frames (the image bytes,
+            # Pillow's objects) in reference cycles that only the cyclic collector frees, late.
+            return ImageError(str(exc))
 
     flat = [data for items in requests for data in items]
     crops = list(pool.map(crop, flat)) if pool is not None else [crop(d) for d in flat]
