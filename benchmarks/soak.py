@@ -3,6 +3,7 @@
     python -m benchmarks.soak --duration 10m                  # own server on model_repository
     python -m benchmarks.soak --duration 30 --bucket 5         # a short run (the tests)
     python -m benchmarks.soak --url 127.0.0.1:8000 --server-pid 1234 --duration 1h
+    python -m benchmarks.soak --duration 10m --server-env MALLOC_ARENA_MAX=2   # the server's allocator only
 
 Locust runs the users of benchmarks/soak_users.py (closed loops, no wait) for --duration; each request
 is logged. Per --bucket (a minute by default): requests, good requests that failed, server errors
@@ -184,8 +185,9 @@ def write_report(out: Path, summary: dict, per_bucket: list[Bucket], args: argpa
     data = {"summary": summary, "buckets": [dataclasses.asdict(b) for b in per_bucket],
             "args": {k: v for k, v in vars(args).items()}}
     (out / "soak.json").write_text(json.dumps(data, indent=2))
-    lines = [f"# Soak: {args.duration} s, {args.users} {args.protocol} users, {args.bad_share:.0%} bad images",
-             "", "| | |", "|---|---|"]
+    server_env = " ".join(f"{k}={v}" for k, v in getattr(args, "server_env", []))
+    lines = [f"# Soak: {args.duration} s, {args.users} {args.protocol} users, {args.bad_share:.0%} bad images"
+             + (f", server environment {server_env}" if server_env else ""), "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary.items() if k not in ("outcomes", "stub_kills")]
     lines += ["", "RSS sums each process's resident memory (shared libraries and the stubs' shared memory once per "
               "process that maps them); PSS counts every page of the tree once (docs/operations.md)."]
@@ -336,6 +338,13 @@ def run_locust(url: str, server_pid: int, args: argparse.Namespace, log: Path) -
     return rss
 
 
+def env_setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"{text!r}: NAME=VALUE, e.g. MALLOC_ARENA_MAX=2")
+    return name, value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=parse_duration, default="600", help="600, 10m, 1h (default: 600 s)")
@@ -348,6 +357,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, default=None, help="that server's pid, for its RSS (with --url)")
     p.add_argument("--model-repository", default="model_repository", help="served without --url (default: %(default)s)")
     p.add_argument("--triton-model", default=None, help="ensemble to call (default: the repository's)")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE", type=env_setting,
+                   help="an environment variable for the soak's own server and its stubs only, not for Locust "
+                        "(e.g. an allocator setting: MALLOC_ARENA_MAX=2); repeatable")
     p.add_argument("--kill-stubs", action="store_true",
                    help="kill -9 each python-backend stub in turn during the run, with the watchdog (own server)")
     p.add_argument("--out", default="benchmarks/results/soak", help="report folder (default: %(default)s)")
@@ -358,8 +370,8 @@ def main(args: argparse.Namespace) -> dict:
     from benchmarks.locust_run import ensemble_name
     from serving.server import SERVE_EXTRA_ARGS, TritonServer
 
-    if args.url and args.kill_stubs:
-        raise ValueError("--kill-stubs runs on the soak's own server (no --url)")
+    if args.url and (args.kill_stubs or args.server_env):
+        raise ValueError("--kill-stubs and --server-env act on the soak's own server (no --url)")
     if args.url and args.server_pid is None:
         raise ValueError("--url needs --server-pid (the RSS is measured on that process and its stubs)")
     out = Path(args.out)
@@ -371,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
         url, pid = args.url, args.server_pid
         if url is None:
             server = stack.enter_context(TritonServer(args.model_repository, log_file=out / "tritonserver.log",
-                                                      extra_args=SERVE_EXTRA_ARGS))
+                                                      extra_args=SERVE_EXTRA_ARGS, env=dict(args.server_env)))
             url, pid = (server.grpc_url if args.protocol == "grpc" else server.http_url), server.process.pid
         killer = watchdog = None
         if args.kill_stubs:

@@ -106,8 +106,9 @@ class TritonServer:
 
     def __init__(self, model_repository: str | Path, ports: Ports | None = None, address: str = LOOPBACK,
                  log_file: str | Path | None = None, extra_args: list[str] | None = None,
-                 supervisor: list[str] | None = None):
+                 supervisor: list[str] | None = None, env: dict[str, str] | None = None):
         self.model_repository = Path(model_repository)
+        self.env = env or {}  # added to this process's environment for the server (and its stubs)
         self.supervisor = supervisor or []  # a command that runs the server (after its `--`): serving.supervise
         self.ports = ports or Ports.free()
         self.address = address
@@ -153,7 +154,7 @@ class TritonServer:
                               "choose other ports (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...; "
                               "python -m clients.demo --http-port ...)")
         project_root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
         if self.log_file:
             self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0

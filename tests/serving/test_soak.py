@@ -1,8 +1,12 @@
 """`make soak`, bounded: good and bad images against a real server; no server error, every bad image a 4xx."""
 from __future__ import annotations
 
+import argparse
 import json
+import threading
+import time
 
+import psutil
 import pytest
 
 from benchmarks import soak
@@ -10,10 +14,27 @@ from benchmarks import soak
 pytestmark = pytest.mark.slow
 
 
+def _environment_of_a_stub(name: str, timeout_s: float = 60.0) -> str | None:
+    """`name` in the environment of the first python-backend stub that has it (this test's server's)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.info["name"] == "triton_python_backend_stub" and name in proc.environ():
+                    return proc.environ()[name]
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    return None
+
+
 def test_parse_duration():
     assert [soak.parse_duration(t) for t in ("45", "30s", "10m", "1h")] == [45, 30, 600, 3600]
     with pytest.raises(ValueError, match="10m"):
         soak.parse_duration("ten minutes")
+    assert soak.env_setting("MALLOC_ARENA_MAX=2") == ("MALLOC_ARENA_MAX", "2")
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
+        soak.env_setting("no value")
 
 
 def test_a_short_soak_has_no_server_error_and_answers_bad_images_with_4xx(tiny_artifacts, tmp_path):
@@ -24,8 +45,15 @@ def test_a_short_soak_has_no_server_error_and_answers_bad_images_with_4xx(tiny_a
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
     out = tmp_path / "soak"
     args = soak.get_args_parser().parse_args(["--model-repository", str(repo), "--duration", "24", "--bucket", "6",
-                                              "--users", "4", "--bad-share", "0.25", "--out", str(out)])
+                                              "--users", "4", "--bad-share", "0.25", "--out", str(out),
+                                              "--server-env", "SOAK_SERVER_MARK=stubs-too"])
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.append(_environment_of_a_stub("SOAK_SERVER_MARK")), daemon=True)
+    watcher.start()
     summary = soak.main(args)
+    watcher.join(60)
+    assert seen == ["stubs-too"]  # --server-env reaches the server's stubs
+    assert "server environment SOAK_SERVER_MARK=stubs-too" in (out / "soak.md").read_text()
     assert summary["server_errors"] == 0, summary["outcomes"]
     assert summary["good"] > 0 and summary["good_failed"] == 0, summary["outcomes"]
     assert summary["bad"] > 0 and summary["bad_client_error"] == summary["bad"], summary["outcomes"]
