@@ -16,14 +16,21 @@ request every `--pacing-s` seconds (Locust's constant_pacing); a user whose requ
 behind, so the rate actually sent is reported beside the rate offered. Between loads, the server's
 queues drain (its pending-request gauge reaches 0). Writes overload.csv, overload.md (figures and
 ratios) and overload.png to --out.
+
+On one machine Locust takes CPU from the server it measures, and how long a "busy" answer takes is then
+partly Locust's wait for a core. `--server-cpus 0 --client-cpus 1` pins them apart (the server and its
+stubs on CPU 0, Locust on CPU 1), as if the load came from another machine; the saturating rate is then
+that of the server's CPUs.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import math
+import os
 import random
 import json
 import re
@@ -293,8 +300,40 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="each open-loop user starts a request this often (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--server-cpus", type=cpu_list, default=None,
+                   help="CPUs the servers run on, e.g. 0 or 0-3 (default: all; with --client-cpus the load "
+                        "generator does not take the server's cores, as if it ran on another machine)")
+    p.add_argument("--client-cpus", type=cpu_list, default=None, help="CPUs Locust runs on, e.g. 1 (default: all)")
     p.add_argument("--out", default="benchmarks/results/overload", help="(default: %(default)s)")
     return p
+
+
+def cpu_list(text: str) -> set[int]:
+    """'0', '0-3', '0,2,4-5' -> the set of CPU numbers (as taskset -c takes them)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r}: CPU numbers and ranges, e.g. 0 or 0-3 or 0,2")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+@contextlib.contextmanager
+def cpus(chosen: set[int] | None):
+    """Run this process (and what it starts meanwhile) on `chosen` CPUs; the former set afterwards."""
+    if not chosen:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    missing = chosen - before
+    if missing:
+        raise ValueError(f"CPU(s) {sorted(missing)} not available here (this process may use {sorted(before)})")
+    os.sched_setaffinity(0, chosen)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def main(args: argparse.Namespace) -> list[Row]:
@@ -311,8 +350,12 @@ def main(args: argparse.Namespace) -> list[Row]:
     model, images = ensemble_name(args.model_repository), list(load_photos(args.photos).values())
     rows, saturating = [], None
     steps = tqdm(total=len(args.configs) * (len(args.loads) + 1), desc="overload", unit="run")
+    if bool(args.server_cpus) != bool(args.client_cpus) or (args.server_cpus and args.server_cpus & args.client_cpus):
+        raise ValueError("--server-cpus and --client-cpus go together, and share no CPU")
     for config in args.configs:
-        with TritonServer(repos[config], log_file=out / f"{config}_tritonserver.log") as server:
+        with cpus(args.server_cpus):  # the server and its stubs inherit it
+            server = TritonServer(repos[config], log_file=out / f"{config}_tritonserver.log").start()
+        with server, cpus(args.client_cpus):
             run_users(server.http_url, model, images, args.saturation_users, min(5.0, args.run_time), seed=args.seed)
             drain(server.metrics_url)
             if saturating is None:
@@ -335,11 +378,16 @@ def main(args: argparse.Namespace) -> list[Row]:
                            f"p99 {r.busy_p99_ms:5.1f} ms; errors {r.errors} {dict(outcomes.errors) or ''}")
     steps.close()
     header = [f"saturating rate: {saturating:.1f} accepted req/s with {args.saturation_users} closed-loop users "
-              f"(bounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP"]
+              f"(bounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP",
+              f"CPUs: server {_cpus_text(args.server_cpus)}, Locust {_cpus_text(args.client_cpus)}"]
     report = write_report(rows, header, out)
     print(report.read_text())
     print(f"wrote {report}, {out / 'overload.csv'}, {out / 'overload.png'}")
     return rows
+
+
+def _cpus_text(chosen: set[int] | None) -> str:
+    return ",".join(map(str, sorted(chosen))) if chosen else f"all {len(os.sched_getaffinity(0))} (shared)"
 
 
 if __name__ == "__main__":

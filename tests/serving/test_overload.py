@@ -182,3 +182,28 @@ def test_the_benchmarks_http_request_and_its_outcomes(small_queue, photos):
     assert classify_outcome(503, b'{"error":"in ensemble \'image_classifier\', Request timeout expired"}', 2) == \
         ("busy", "queue timeout")
     assert classify_outcome(503, b'{"error":"something else"}', 2)[0] == "error"
+
+
+def test_the_overload_benchmark_pins_server_and_load_generator_apart():
+    """--server-cpus / --client-cpus: what the server starts inherits its CPUs, Locust keeps its own."""
+    import os
+    import subprocess
+    import sys
+
+    from argparse import ArgumentTypeError
+
+    from benchmarks.overload import cpu_list, cpus
+
+    assert cpu_list("0") == {0} and cpu_list("0-2,5") == {0, 1, 2, 5}
+    with pytest.raises(ArgumentTypeError, match="CPU numbers"):
+        cpu_list("one")
+    mine = os.sched_getaffinity(0)
+    first = {min(mine)}
+    with cpus(first):
+        child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                               capture_output=True, text=True, check=True)
+        assert os.sched_getaffinity(0) == first
+    assert child.stdout.strip() == str(sorted(first)) and os.sched_getaffinity(0) == mine
+    with pytest.raises(ValueError, match="not available"):
+        with cpus({max(mine) + 1}):
+            pass
