@@ -3,9 +3,11 @@
     python -m benchmarks.overload                         # the repository make engines built, loads 1x 2x 4x
     python -m benchmarks.overload --loads 1 2 4 --run-time 20 --saturation-users 8
 
-Two repositories are written from the served repository's spec: `bounded` (the spec's queue policy,
+Three repositories are written from the served repository's spec: `bounded` (the spec's queue policy,
 DeploymentSpec.queue_policy: a full queue or a request past its queue timeout is answered "busy",
-HTTP 503 / gRPC UNAVAILABLE) and `unbounded` (no queue limit, no timeout: every request waits). Locust
+HTTP 503 / gRPC UNAVAILABLE), `unbounded` (no queue limit, no timeout: every request waits) and
+`same-priority` (bounded, but the python stubs at tritonserver's own priority, stub_nice 0: what the
+spec's stub_nice does for the busy answers). Locust
 runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
 request (one real photo, top-k asked as JSON); an answer counts as accepted (200 with k predictions),
 busy (503 naming the full queue or the queue timeout) or error (anything else).
@@ -44,7 +46,7 @@ import numpy as np
 
 from common import contract
 
-CONFIGS = ("bounded", "unbounded")
+CONFIGS = ("bounded", "unbounded", "same-priority")
 OUTCOMES = ("accepted", "busy", "error")
 
 
@@ -169,8 +171,8 @@ def unbounded(spec):
                         fused=dataclasses.replace(spec.fused, **open_queue))
 
 
-def write_repositories(repository: Path, out: Path) -> dict[str, Path]:
-    """{"bounded": path, "unbounded": path} from the served repository's spec and backend."""
+def write_repositories(repository: Path, out: Path, names: tuple[str, ...] = CONFIGS) -> dict[str, Path]:
+    """{config: path} for `names` of CONFIGS, from the served repository's spec and backend."""
     from build.repository.spec import DeploymentSpec
     from build.repository.writer import read_manifest, write_repository
 
@@ -179,7 +181,9 @@ def write_repositories(repository: Path, out: Path) -> dict[str, Path]:
     source = build.get("classifier_model", {}).get("source")
     model_file = Path(source) if source and Path(source).exists() else None
     repos = {}
-    for name, variant in (("bounded", spec), ("unbounded", unbounded(spec))):
+    variants = {"bounded": spec, "unbounded": unbounded(spec), "same-priority": spec.replace(stub_nice=0)}
+    for name in names:
+        variant = variants[name]
         repos[name] = out / f"{name}_repository"
         write_repository(variant, build["backend"], repos[name], "benchmarks.overload", model_file=model_file)
     return repos
@@ -234,6 +238,13 @@ def ratios(rows: list[Row]) -> list[str]:
             lines.append(f"{load:g}x bounded: busy answers p99 {b.busy_p99_ms:.1f} ms = "
                          f"{b.busy_p99_ms / b.accepted_p50_ms:.2f} x the accepted p50; those for a full queue "
                          f"({b.busy_full} of {b.busy}): p99 {b.full_p99_ms:.1f} ms")
+        same = by.get(("same-priority", load))
+        if b and same and b.busy and same.busy:
+            lines.append(f"{load:g}x: bounded / same-priority (stubs lowered / not): busy p50 "
+                         f"{b.busy_p50_ms / same.busy_p50_ms:.2f}, busy p99 {b.busy_p99_ms / same.busy_p99_ms:.2f}, "
+                         f"queue-full p99 {b.full_p99_ms / same.full_p99_ms:.2f}, accepted p99 "
+                         f"{b.accepted_p99_ms / same.accepted_p99_ms:.2f}, accepted req/s "
+                         f"{b.accepted_rps / max(same.accepted_rps, 1e-9):.2f}")
     return lines
 
 
@@ -244,7 +255,7 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for config, style in zip(CONFIGS, ("o-", "s--")):
+    for config, style in zip(CONFIGS, ("o-", "s--", "^-.")):
         mine = sorted((r for r in rows if r.config == config), key=lambda r: r.load)
         left.plot([r.load for r in mine], [r.accepted_p99_ms for r in mine], style, label=f"{config}: accepted p99")
         if any(r.busy for r in mine):
@@ -342,11 +353,14 @@ def main(args: argparse.Namespace) -> list[Row]:
 
     from benchmarks.locust_run import ensemble_name
     from benchmarks.workload import load_photos
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import read_manifest
     from serving.server import TritonServer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    repos = write_repositories(Path(args.model_repository), out)
+    repos = write_repositories(Path(args.model_repository), out, tuple(args.configs))
+    stub_nice = DeploymentSpec.from_dict(read_manifest(Path(args.model_repository))["spec"]).stub_nice
     model, images = ensemble_name(args.model_repository), list(load_photos(args.photos).values())
     rows, saturating = [], None
     steps = tqdm(total=len(args.configs) * (len(args.loads) + 1), desc="overload", unit="run")
@@ -379,7 +393,8 @@ def main(args: argparse.Namespace) -> list[Row]:
     steps.close()
     header = [f"saturating rate: {saturating:.1f} accepted req/s with {args.saturation_users} closed-loop users "
               f"(bounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP",
-              f"CPUs: server {_cpus_text(args.server_cpus)}, Locust {_cpus_text(args.client_cpus)}"]
+              f"CPUs: server {_cpus_text(args.server_cpus)}, Locust {_cpus_text(args.client_cpus)}; "
+              f"python stubs at tritonserver's nice + {stub_nice} (same-priority: + 0)"]
     report = write_report(rows, header, out)
     print(report.read_text())
     print(f"wrote {report}, {out / 'overload.csv'}, {out / 'overload.png'}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common import contract
 from common.contract import ImageLimits
+from common.priority import MAX_NICE
 
 PIPELINES = ("ensemble", "fused")
 BACKENDS = ("auto", "python-onnxruntime", "onnxruntime", "tensorrt")
@@ -96,6 +97,9 @@ class DeploymentSpec:
     # ensemble reads it). ["probabilities"] gives one output, what single-output clients such as
     # Triton's image_client.py require (docs/deploy.md).
     classifier_outputs: list[str] = dataclasses.field(default_factory=lambda: list(contract.ONNX_OUTPUTS))
+    # Added to tritonserver's nice value for the python models' stubs (decode, inference), so that the server's
+    # own threads answer, "busy" included, without waiting for a core behind them (common/priority.py). 0: same.
+    stub_nice: int = 10
 
     def __post_init__(self):
         for key, kind in (("preprocess", StageSpec), ("classifier", StageSpec), ("fused", StageSpec),
@@ -131,6 +135,8 @@ class DeploymentSpec:
                 or not set(outputs) <= set(contract.ONNX_OUTPUTS) or len(set(outputs)) != len(outputs)):
             raise ValueError(f"classifier_outputs must be distinct names from {list(contract.ONNX_OUTPUTS)} including "
                              f"{contract.ONNX_PROBABILITIES!r}, got {outputs!r}")
+        if not 0 <= self.stub_nice <= MAX_NICE:
+            raise ValueError(f"stub_nice must be within 0..{MAX_NICE} (0: the server's priority), got {self.stub_nice}")
         if self.response_cache_mb < 0:
             raise ValueError(f"response_cache_mb must be >= 0 (0: off), got {self.response_cache_mb}")
         self.preprocess.check("preprocess", self.max_batch_size)

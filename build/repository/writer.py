@@ -22,6 +22,7 @@ import common.cpu as cpu_module
 import common.labels as labels_file
 import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
+import common.priority as priority_module
 from build.precision import binding
 from build.repository import configs, dali, quality
 from build.repository.spec import DeploymentSpec
@@ -126,11 +127,13 @@ def write_repository(
         shutil.copy2(TEMPLATES / "image_model.py", version_dir / "image_model.py")
         shutil.copy2(preprocessing_module.__file__, version_dir / "preprocessing.py")
         shutil.copy2(contract_module.__file__, version_dir / "contract.py")
+        shutil.copy2(priority_module.__file__, version_dir / "priority.py")
         shutil.copy2(artifacts / PREPROCESS_JSON, version_dir / PREPROCESS_JSON)
 
     def copy_session(version_dir: Path) -> None:  # for the python models that run ONNX Runtime
         shutil.copy2(onnxsession_module.__file__, version_dir / "onnxsession.py")
         shutil.copy2(cpu_module.__file__, version_dir / "cpu.py")
+        shutil.copy2(priority_module.__file__, version_dir / "priority.py")
         shutil.copy2(TEMPLATES / "quality_metrics.py", version_dir / "quality_metrics.py")
         quality.write_reference(version_dir, quality.compute_reference(model_file, artifacts, held_out))
 

@@ -89,6 +89,19 @@ def test_spec_rejects_bad_values(tmp_path):
         DeploymentSpec.load(path)
 
 
+def test_python_models_are_told_to_run_below_the_server(spec):
+    """Every python-backend model gets the spec's nice increment (common/priority.py applies it in the stub);
+    a classifier that runs inside tritonserver (onnxruntime backend) gets none: lowering it would lower the server."""
+    lowered = spec.replace(stub_nice=7)
+    for text in (configs.preprocess_config(lowered, SHAPE, "t"), configs.fused_config(lowered, SHAPE, "t"),
+                 configs.classifier_config(lowered, SHAPE, "python-onnxruntime", "t")):
+        assert parse(text).parameters["nice"].string_value == "7"
+    assert "nice" not in parse(configs.classifier_config(lowered, SHAPE, "onnxruntime", "t")).parameters
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="stub_nice must be within 0..19"):
+            spec.replace(stub_nice=bad)
+
+
 def test_spec_round_trip(tmp_path, spec):
     spec.save(tmp_path / "spec.json")
     assert DeploymentSpec.load(tmp_path / "spec.json") == spec
@@ -100,6 +113,7 @@ def test_repository_is_complete_and_self_contained(tmp_path, tiny_artifacts):
     manifest = write_repository(spec, "python-onnxruntime", out, "test")
     assert manifest["num_classes"] == 3 and manifest["input_dims"] == [3, 32, 32]
     for rel in ["preprocess/1/model.py", "preprocess/1/preprocessing.py", "preprocess/1/preprocess.json",
+                "preprocess/1/priority.py", "classifier/1/priority.py",
                 "classifier/1/model.py", "classifier/1/onnxsession.py", "classifier/1/cpu.py", "classifier/1/model.onnx",
                 "image_classifier/labels.txt", "image_classifier/1/README", "BUILD.json"]:
         assert (out / rel).is_file(), rel

@@ -78,6 +78,26 @@ def test_the_overload_benchmark_opens_every_queue():
         assert spec.queue_policy(stage) == (0, 0)
 
 
+def test_the_overload_benchmarks_same_priority_server_differs_only_in_the_stubs_nice(tiny_artifacts, tmp_path):
+    from benchmarks.overload import CONFIGS, write_repositories
+    from build.repository.writer import write_repository
+
+    served = tmp_path / "served"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", served, "tests")
+    repos = write_repositories(served, tmp_path / "bench")
+    assert set(repos) == set(CONFIGS)
+
+    def read(config: str, model: str) -> model_config_pb2.ModelConfig:
+        return parse((repos[config] / model / "config.pbtxt").read_text())
+
+    for model in ("preprocess", "classifier"):
+        bounded, same = read("bounded", model), read("same-priority", model)
+        assert bounded.parameters["nice"].string_value == str(DeploymentSpec().stub_nice) != "0"
+        assert same.parameters["nice"].string_value == "0"
+        same.parameters["nice"].string_value = bounded.parameters["nice"].string_value
+        assert same == bounded
+
+
 # ---- a real server past its queue -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -127,6 +147,28 @@ def test_past_the_queue_the_server_says_busy_and_nothing_else(small_queue, photo
 
     with ImageClassifierClient(url, protocol) as client:
         assert client.is_ready() and len(client.classify([images[0]], top_k=1)) == 1
+
+
+@pytest.mark.slow
+def test_the_stubs_run_below_the_server_which_keeps_its_priority(small_queue):
+    """The spec's stub_nice, applied in each python model's stub (common/priority.py), to every thread it runs;
+    tritonserver's own threads (HTTP, batching, the "busy" answers) stay where they were started."""
+    import os
+    from pathlib import Path
+
+    import psutil
+
+    from serving.stubs import STUB
+
+    def nice(process: psutil.Process) -> set[int]:
+        return {os.getpriority(os.PRIO_PROCESS, t.id) for t in process.threads()}
+
+    server = psutil.Process(small_queue.process.pid)
+    (base,) = nice(server)
+    stubs = [child for child in server.children() if Path(child.cmdline()[0]).name == STUB]
+    assert len(stubs) == 2, stubs  # one preprocess, one classifier instance
+    for stub in stubs:
+        assert nice(stub) == {min(19, base + DeploymentSpec().stub_nice)}, stub.cmdline()
 
 
 @pytest.mark.slow

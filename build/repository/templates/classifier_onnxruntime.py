@@ -15,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from onnxsession import cpu_session  # a copy of common/onnxsession.py
+from priority import lower  # a copy of common/priority.py
 from quality_metrics import open_quality_metrics  # a copy of build/repository/templates/quality_metrics.py
 
 
@@ -22,6 +23,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        lower(int(params.get("nice", "0")))  # before ONNX Runtime starts its threads: they inherit it
         here = os.path.join(args["model_repository"], args["model_version"])
         path = os.path.join(here, params.get("onnx_file", "model.onnx"))
         self.session = cpu_session(path, int(params.get("intra_op_threads", "1")),

@@ -1,12 +1,13 @@
 """What the python-backend models that take encoded images share: `preprocess` (ensemble) and the
 fused `classifier`. Copied next to their model.py by `python -m build.engines` (source:
-build/repository/templates/image_model.py), with `preprocessing.py`, `contract.py` and `preprocess.json`.
+build/repository/templates/image_model.py), with `preprocessing.py`, `contract.py`, `priority.py` and
+`preprocess.json`.
 
-`ImageModel.initialize` reads the model's parameters (image limits, decode `threads`) and its
-preprocess.json; `decode` turns a dynamic batch of requests into one normalised batch; `respond`
-gives one response per request, always: a request with an item that is not a usable image fails
-with INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) and a message naming the item and the problem,
-and the other requests of the batch carry on.
+`ImageModel.initialize` reads the model's parameters (image limits, decode `threads`, the stub's `nice`
+increment) and its preprocess.json; `decode` turns a dynamic batch of requests into one normalised
+batch; `respond` gives one response per request, always: a request with an item that is not a usable
+image fails with INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) and a message naming the item and the
+problem, and the other requests of the batch carry on.
 """
 import json
 import os
@@ -16,12 +17,14 @@ import triton_python_backend_utils as pb_utils
 
 from contract import IMAGE as INPUT, ImageLimits
 from preprocessing import PreprocessConfig, preprocess_requests
+from priority import lower  # a copy of common/priority.py
 
 
 class ImageModel:
     def initialize(self, args):
         self.model_config = json.loads(args["model_config"])
         self.params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
+        lower(int(self.params.get("nice", "0")))  # before any thread starts: they inherit it
         self.here = os.path.join(args["model_repository"], args["model_version"])
         self.config = PreprocessConfig.load(os.path.join(self.here, "preprocess.json"))
         self.limits = ImageLimits.from_parameters(self.params)
