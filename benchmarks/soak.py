@@ -53,7 +53,7 @@ def parse_duration(text: str) -> int:
 class TreeMemory:
     """One sample of a serving tree's memory. `rss_mb` sums each process's RSS, so pages that several processes
     map (shared libraries; a stub's shared memory, mapped by tritonserver too) count once per process.
-    `pss_mb` sums the proportional set sizes (/proc/<pid>/smaps_rollup): each shared page split between the
+    `pss_mb` sums the proportional set sizes (psutil's memory_full_info): each shared page split between the
     processes that map it, so the tree's own pages count once. `pss_by_role`: per server / model's stubs."""
 
     rss_mb: float = 0.0
@@ -61,34 +61,22 @@ class TreeMemory:
     pss_by_role: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _pss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def tree_memory(pid: int) -> TreeMemory:
-    from benchmarks.procstats import role_of
+    from benchmarks.procstats import tree_roles
 
-    root = psutil.Process(pid)
     sample = TreeMemory()
-    for proc in [root, *root.children(recursive=True)]:
+    for member, role in tree_roles(pid).items():
         try:
-            rss = proc.memory_info().rss / 2**20
-            role = role_of(proc.cmdline(), proc.pid == pid)
+            memory = psutil.Process(member).memory_full_info()  # rss, and pss from smaps_rollup on Linux
         except psutil.Error:
             continue
-        sample.rss_mb += rss
-        pss = _pss_mb(proc.pid)
-        if pss is None or sample.pss_mb is None:  # no smaps_rollup (not Linux, or not allowed): RSS only
+        sample.rss_mb += memory.rss / 2**20
+        pss = getattr(memory, "pss", None)
+        if pss is None or sample.pss_mb is None:  # not Linux: RSS only
             sample.pss_mb = None
             continue
-        sample.pss_mb += pss
-        sample.pss_by_role[role] = sample.pss_by_role.get(role, 0.0) + pss
+        sample.pss_mb += pss / 2**20
+        sample.pss_by_role[role] = sample.pss_by_role.get(role, 0.0) + pss / 2**20
     return sample
 
 
