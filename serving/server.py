@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -156,14 +157,14 @@ class TritonServer:
         project_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
-        if self.log_file:
-            self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
-            with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
-                self.process = subprocess.Popen([*self.supervisor, *self.command()], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                start_new_session=detach)
-        else:
-            self.process = subprocess.Popen([*self.supervisor, *self.command()], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=detach)
+        command = [*self.supervisor, *self.command()]
+        with contextlib.ExitStack() as stack:
+            output = subprocess.DEVNULL
+            if self.log_file:
+                self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+                output = stack.enter_context(open(self.log_file, "ab"))  # the child keeps its own descriptor
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=detach)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -171,23 +172,25 @@ class TritonServer:
             raise
         return self
 
-    def is_ready(self) -> bool:
+    def is_ready(self, url: str | None = None) -> bool:
+        """Whether `url` (default: the server's /v2/health/ready) answers 200."""
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(url or f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, url: str | None = None) -> None:
+        """Until is_ready(url); ServerError if the process exits first or `timeout` passes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting"
                                   + self._log_hint())
-            if self.is_ready():
+            if self.is_ready(url):
                 return
             time.sleep(0.25)
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+        raise ServerError(f"{url or 'tritonserver'} not ready after {timeout:.0f} s" + self._log_hint())
 
     def _log_hint(self) -> str:
         if not self.log_file or not self.log_file.exists():
@@ -289,19 +292,6 @@ def _port_taken(host: str, port: int) -> bool:
     return False
 
 
-def _wait_url(url: str, timeout: float, process: subprocess.Popen) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    return False
-
-
 def serve(args: argparse.Namespace) -> dict:
     state = _state_file()
     if served() is not None:
@@ -325,8 +315,8 @@ def serve(args: argparse.Namespace) -> dict:
     try:
         server.start(timeout=args.timeout, detach=True)
         ready = f"http://{args.address}:{watchdog_port}/ready"
-        if supervisor and not _wait_url(ready, 30, server.process):  # its watchdog knows the stubs from now on
-            raise ServerError(f"the supervisor's {ready} did not answer 200" + server._log_hint())
+        if supervisor:  # its watchdog knows the stubs once this answers 200
+            server.wait_ready(30, ready)
     except BaseException:
         server.stop()
         access.remove_key(access.KEY_FILE)
