@@ -33,9 +33,8 @@ import shutil
 import statistics
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,7 +46,7 @@ from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 from serving.access import admin_headers
-from serving.triton_admin import LockTimeout, control_lock
+from serving.triton_admin import AdminError, LockTimeout, TritonAdmin, control_lock
 
 STATE = "ROLLOUT.json"
 RETIRED = "_retired"
@@ -120,42 +119,35 @@ class Repository:
 
 # ---- the server's model-control API ----------------------------------------------------------------
 
-@dataclasses.dataclass
 class Server:
-    http: str  # host:port
+    """Model control of the served repository (serving.triton_admin.TritonAdmin, the admin key sent); what the
+    server refuses becomes a RolloutError that says what to do."""
 
-    def _call(self, method: str, path: str, body: bytes | None = None, timeout: float = 300) -> tuple[int, str]:
-        request = urllib.request.Request(f"http://{self.http}{path}", data=body, method=method,
-                                         headers={"Content-Type": "application/json", **admin_headers()})
+    def __init__(self, http: str):  # host:port
+        self.http = http
+        self.admin = TritonAdmin(http, admin_headers, timeout=300)
+
+    def _ask(self, call: Callable, *args):
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except (urllib.error.URLError, OSError) as exc:
+            return call(*args)
+        except AdminError as exc:
+            hint = ""
+            if exc.status in (401, 403):
+                hint = " (the admin key in .run/admin.key does not match this server's)"
+            elif any(word in exc.answer for word in ("explicit", "polling", "not allowed")):
+                hint = " (the server must run with --model-control-mode=explicit, as make serve starts it)"
+            raise RolloutError(f"{exc}{hint}") from None
+        except OSError as exc:
             raise RolloutError(f"no server answers at {self.http} ({exc}): start one (make serve)") from exc
 
-    def index(self) -> list[dict]:
-        status, body = self._call("POST", "/v2/repository/index", b"{}")
-        if status != 200:
-            raise RolloutError(f"the repository index answered {status}: {body.strip()}"
-                               + (" (the admin key in .run/admin.key does not match this server's)" if status in (401, 403) else ""))
-        return json.loads(body)
-
     def ready_versions(self, model: str) -> list[int]:
-        return sorted(int(m["version"]) for m in self.index() if m["name"] == model and m.get("state") == "READY")
+        return sorted(int(v) for v in self._ask(self.admin.ready_versions).get(model, ()))
 
     def load(self, model: str) -> None:
-        status, body = self._call("POST", f"/v2/repository/models/{model}/load", b"{}")
-        if status != 200:
-            hint = " (the server must run with --model-control-mode=explicit, as make serve starts it)" \
-                if "explicit" in body or "polling" in body or "not allowed" in body else ""
-            raise RolloutError(f"loading {model} failed ({status}): {body.strip()}{hint}")
+        self._ask(self.admin.load, model)
 
     def unload(self, model: str) -> None:
-        status, body = self._call("POST", f"/v2/repository/models/{model}/unload", b"{}")
-        if status != 200:
-            raise RolloutError(f"unloading {model} failed ({status}): {body.strip()}")
+        self._ask(self.admin.unload, model)
 
     def wait_serving(self, model: str, version: int, timeout: float = 120) -> None:
         """Until `version` is the one READY version of `model` (the old one has been retired)."""

@@ -81,8 +81,17 @@ def repository_of(server_pid: int) -> Path | None:
     return None
 
 
+class AdminError(RuntimeError):
+    """A call the server answered with an error: what was asked, the HTTP status and the server's answer."""
+
+    def __init__(self, what: str, status: int, body: bytes):
+        self.status, self.answer = status, body.decode(errors="replace").strip()
+        super().__init__(f"{what}: HTTP {status}: {self.answer[:300]}")
+
+
 class TritonAdmin:
-    """The few HTTP calls the watchdog makes, with the admin key's header on each (none without a key)."""
+    """The few HTTP calls the watchdog, the supervisor and rollout make, with the admin key's header on each
+    (none without a key). A refusal raises AdminError; a server that does not answer, OSError."""
 
     def __init__(self, http_url: str, headers: Callable[[], dict[str, str]], timeout: float = 120.0):
         self.base = http_url if "://" in http_url else f"http://{http_url}"
@@ -115,7 +124,7 @@ class TritonAdmin:
         """The repository index: one entry per model version Triton knows (name, version, state, reason)."""
         status, body = self._call("/v2/repository/index", {})
         if status != 200:
-            raise RuntimeError(f"repository index: HTTP {status}: {body[:300]!r}")
+            raise AdminError("repository index", status, body)
         return json.loads(body)
 
     def index(self) -> dict[str, str]:
@@ -127,7 +136,7 @@ class TritonAdmin:
         return states
 
     def ready_versions(self) -> dict[str, set[str]]:
-        """{model: its versions in state READY}, from the repository index."""
+        """{model: its versions in state READY}, from the repository index (version strings, as Triton's)."""
         ready: dict[str, set[str]] = {}
         for entry in self._entries():
             if entry.get("state") == "READY":
@@ -137,7 +146,7 @@ class TritonAdmin:
     def config(self, model: str) -> dict:
         status, body = self._call(f"/v2/models/{model}/config")
         if status != 200:
-            raise RuntimeError(f"config of {model}: HTTP {status}: {body[:300]!r}")
+            raise AdminError(f"config of {model}", status, body)
         return json.loads(body)
 
     def reload(self, model: str) -> None:
@@ -157,13 +166,13 @@ class TritonAdmin:
     def unload(self, model: str) -> None:
         status, answer = self._call(f"/v2/repository/models/{model}/unload", {}, method="POST")
         if status != 200:
-            raise RuntimeError(f"unload {model}: HTTP {status}: {answer[:300]!r}")
+            raise AdminError(f"unload {model}", status, answer)
 
     def load(self, model: str, config: dict | None = None) -> None:
         body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
         status, answer = self._call(f"/v2/repository/models/{model}/load", body, method="POST")
         if status != 200:
-            raise RuntimeError(f"load {model}: HTTP {status}: {answer[:300]!r}")
+            raise AdminError(f"load {model}", status, answer)
 
 
 def drain(admin: TritonAdmin, timeout_s: float = 30.0) -> list[str]:

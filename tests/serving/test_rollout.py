@@ -111,7 +111,7 @@ def test_ab_serves_a_candidate_beside_the_version_in_service(served, tiny_artifa
     assert all(arm["requests"] > 0 and arm["failed"] == 0 for arm in arms)
     assert arms[0]["answers"].keys() == arms[1]["answers"].keys()  # same answers: the candidate only rescales
     assert not (repo.path / "classifier_candidate").exists()
-    assert "classifier_candidate" not in [m["name"] for m in api.index() if m.get("state") == "READY"]
+    assert api.ready_versions("classifier_candidate") == []
 
 
 def test_refuses_what_the_ensemble_cannot_serve(served, tiny_artifacts, tmp_path):
@@ -121,3 +121,14 @@ def test_refuses_what_the_ensemble_cannot_serve(served, tiny_artifacts, tmp_path
     with pytest.raises(rollout.RolloutError, match="differs from the served labels"):
         rollout.add(repo, api, other, None, {"agreement": 0.99, "accuracy_drop": 0.01})
     assert repo.versions() == [1]
+
+
+def test_model_control_errors_say_what_to_do(served):
+    """The server's refusals and a missing server become RolloutErrors with the remedy (rollout.Server)."""
+    from serving.server import free_port
+
+    _, api, _ = served
+    with pytest.raises(rollout.RolloutError, match=r"load no_such_model: HTTP 500: .*failed to load 'no_such_model'"):
+        api.load("no_such_model")
+    with pytest.raises(rollout.RolloutError, match=r"no server answers at .*start one \(make serve\)"):
+        rollout.Server(f"127.0.0.1:{free_port()}").ready_versions("classifier")
