@@ -14,8 +14,10 @@ busy (503 naming the full queue or the queue timeout) or error (anything else).
 
 The saturating rate R is the accepted req/s of `--saturation-users` closed-loop users (no wait) on the
 bounded server. Load k offers k x R req/s open loop: `ceil(k R x --pacing-s)` users, each starting one
-request every `--pacing-s` seconds (Locust's constant_pacing); a user whose request takes longer falls
-behind, so the rate actually sent is reported beside the rate offered. Between loads, the server's
+request every `--pacing-s` seconds (Locust's constant_pacing), the first at a random point of the first
+period, so that requests arrive spread over time (users started in step would send one burst of every
+user per period, and a busy answer would wait for the server to read the whole burst); a user whose
+request takes longer falls behind, so the rate actually sent is reported beside the rate offered. Between loads, the server's
 queues drain (its pending-request gauge reaches 0). Writes overload.csv, overload.md (figures and
 ratios) and overload.png to --out.
 
@@ -122,6 +124,9 @@ def run_users(host: str, model: str, images: list[bytes], users: int, seconds: f
         wait_time = constant_pacing(pacing_s) if pacing_s else constant(0)
         network_timeout = connection_timeout = 120.0
 
+        def on_start(self) -> None:
+            gevent.sleep(rng.uniform(0, pacing_s))
+
         @task
         def send(self) -> None:
             body, headers = rng.choice(bodies)
@@ -153,6 +158,25 @@ def pending_requests(metrics_url: str) -> int:
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     return int(sum(float(v) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$", text, re.M)))
+
+
+def successes(metrics_url: str) -> collections.Counter:
+    """{model: requests it has answered} (Triton's nv_inference_request_success, all versions)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    counts: collections.Counter = collections.Counter()
+    for labels, value in re.findall(r"^nv_inference_request_success\{([^}]*)\} (\S+)$", text, re.M):
+        counts[dict(re.findall(r'(\w+)="([^"]*)"', labels)).get("model", "?")] += int(float(value))
+    return counts
+
+
+def turned_away_after_preprocess(answered: collections.Counter) -> int:
+    """Of the requests a load sent through the ensemble, those preprocess answered that the classifier did
+    not (its queue was full, or they waited past its timeout): busy answers that cost preprocessing first.
+    `answered` = successes() after the load (drained) minus before; 0 for the fused pipeline."""
+    if contract.PREPROCESS not in answered:
+        return 0
+    return answered[contract.PREPROCESS] - answered[contract.CLASSIFIER]
 
 
 def drain(metrics_url: str, timeout_s: float = 180.0) -> None:
@@ -206,14 +230,17 @@ class Row:
     busy_p50_ms: float
     busy_p99_ms: float
     full_p99_ms: float  # busy answers for a full queue
+    busy_after_preprocess: int = 0  # of busy: turned away by the classifier, after preprocessing
 
     @classmethod
-    def of(cls, config: str, load: float, users: int, offered: float, o: Outcomes) -> "Row":
+    def of(cls, config: str, load: float, users: int, offered: float, o: Outcomes,
+           after_preprocess: int = 0) -> "Row":
         return cls(config, load, users, offered, o.sent / o.seconds, o.count("accepted") / o.seconds,
                    o.count("accepted"), o.count("busy"), len(o.busy["queue full"]), o.count("error"),
                    o.percentile_ms("accepted", 50), o.percentile_ms("accepted", 99),
                    o.percentile_ms("busy", 50), o.percentile_ms("busy", 99),
-                   float(np.percentile(o.busy["queue full"], 99) * 1000) if o.busy["queue full"] else float("nan"))
+                   float(np.percentile(o.busy["queue full"], 99) * 1000) if o.busy["queue full"] else float("nan"),
+                   after_preprocess)
 
 
 def ratios(rows: list[Row]) -> list[str]:
@@ -237,7 +264,8 @@ def ratios(rows: list[Row]) -> list[str]:
         if b and b.busy and b.accepted_p50_ms:
             lines.append(f"{load:g}x bounded: busy answers p99 {b.busy_p99_ms:.1f} ms = "
                          f"{b.busy_p99_ms / b.accepted_p50_ms:.2f} x the accepted p50; those for a full queue "
-                         f"({b.busy_full} of {b.busy}): p99 {b.full_p99_ms:.1f} ms")
+                         f"({b.busy_full} of {b.busy}): p99 {b.full_p99_ms:.1f} ms; turned away by the classifier "
+                         f"after preprocessing: {b.busy_after_preprocess} of {b.busy}")
         same = by.get(("same-priority", load))
         if b and same and b.busy and same.busy:
             lines.append(f"{load:g}x: bounded / same-priority (stubs lowered / not): busy p50 "
@@ -283,12 +311,12 @@ def write_report(rows: list[Row], header: list[str], out: Path) -> Path:
         writer.writeheader()
         writer.writerows(dataclasses.asdict(r) for r in rows)
     table = ["| queue | load | users | offered req/s | sent req/s | accepted req/s | accepted | busy (queue full) | "
-             "errors | accepted p50 / p99 ms | busy p50 / p99 ms | queue-full p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "errors | accepted p50 / p99 ms | busy p50 / p99 ms | queue-full p99 ms | busy after preprocess |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table += [f"| {r.config} | {r.load:g}x | {r.users} | {r.offered_rps:.1f} | {r.sent_rps:.1f} | "
               f"{r.accepted_rps:.1f} | {r.accepted} | {r.busy} ({r.busy_full}) | {r.errors} | "
               f"{r.accepted_p50_ms:.1f} / {r.accepted_p99_ms:.1f} | "
-              f"{r.busy_p50_ms:.1f} / {r.busy_p99_ms:.1f} | {r.full_p99_ms:.1f} |" for r in rows]
+              f"{r.busy_p50_ms:.1f} / {r.busy_p99_ms:.1f} | {r.full_p99_ms:.1f} | {r.busy_after_preprocess} |" for r in rows]
     report = out / "overload.md"
     report.write_text("\n".join(header + [""] + table + ["", *(f"- {line}" for line in ratios(rows))]) + "\n")
     plot(rows, out / "overload.png")
@@ -381,15 +409,18 @@ def main(args: argparse.Namespace) -> list[Row]:
             for load in args.loads:
                 offered = load * saturating
                 users = max(1, math.ceil(offered * args.pacing_s))
+                before = successes(server.metrics_url)
                 outcomes = run_users(server.http_url, model, images, users, args.run_time, users / offered, args.seed)
                 drain(server.metrics_url)
-                rows.append(Row.of(config, load, users, offered, outcomes))
+                answered = successes(server.metrics_url)
+                answered.subtract(before)
+                rows.append(Row.of(config, load, users, offered, outcomes, turned_away_after_preprocess(answered)))
                 steps.update()
                 r = rows[-1]
                 tqdm.write(f"{config:9s} {load:g}x: sent {r.sent_rps:6.1f}/s, accepted {r.accepted_rps:6.1f}/s "
                            f"p50 {r.accepted_p50_ms:6.1f} p99 {r.accepted_p99_ms:7.1f} ms; busy {r.busy} "
                            f"({r.busy_full} queue full, p99 {r.full_p99_ms:.1f} ms) "
-                           f"p99 {r.busy_p99_ms:5.1f} ms; errors {r.errors} {dict(outcomes.errors) or ''}")
+                           f"p99 {r.busy_p99_ms:5.1f} ms [{r.busy_after_preprocess} after preprocess]; errors {r.errors} {dict(outcomes.errors) or ''}")
     steps.close()
     header = [f"saturating rate: {saturating:.1f} accepted req/s with {args.saturation_users} closed-loop users "
               f"(bounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,6 +16,7 @@ from tritonclient.grpc import model_config_pb2
 from build.repository import configs
 from build.repository.spec import DEFAULT_QUEUE_TIMEOUT_US, QUEUE_BATCHES, DeploymentSpec, StageSpec
 from clients.client import BUSY_MESSAGES  # a full queue, or a wait past the queue timeout
+from common.contract import CLASSIFIER, ENSEMBLE
 
 SHAPE = configs.ModelShape(input_dims=(3, 32, 32), num_classes=3)
 REJECT = model_config_pb2.ModelQueuePolicy.REJECT
@@ -137,11 +139,24 @@ def flood(url: str, protocol: str, images: list[bytes], requests: int = 240, thr
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_past_the_queue_the_server_says_busy_and_nothing_else(small_queue, photos, protocol):
+    from benchmarks.overload import successes, turned_away_after_preprocess
+
     images = list(photos.values())
     url = small_queue.http_url if protocol == "http" else small_queue.grpc_url
+    before = successes(small_queue.metrics_url)
     outcomes = flood(url, protocol, images)
     assert set(outcomes) <= {"answer", "busy"}, outcomes
     assert outcomes["busy"] > 0 and outcomes["answer"] > 0, outcomes
+    # what the overload benchmark reads from the metrics: the ensemble answered exactly these, and of the busy
+    # ones, those that preprocess answered and the classifier did not
+    for _ in range(50):  # Triton counts a request when it releases it, which may follow its answer
+        answered = successes(small_queue.metrics_url)
+        answered.subtract(before)
+        if answered[ENSEMBLE] >= outcomes["answer"]:
+            break
+        time.sleep(0.1)
+    assert answered[ENSEMBLE] == answered[CLASSIFIER] == outcomes["answer"], (answered, outcomes)
+    assert 0 <= turned_away_after_preprocess(answered) <= outcomes["busy"], (answered, outcomes)
     # afterwards it serves as before
     from clients.client import ImageClassifierClient
 
