@@ -3,12 +3,13 @@
     python -m benchmarks.overload                         # the repository make engines built, loads 1x 2x 4x
     python -m benchmarks.overload --loads 1 2 4 --run-time 20 --saturation-users 8
 
-Three repositories are written from the served repository's spec: `bounded` (the spec's queue policy,
+Four repositories are written from the served repository's spec: `bounded` (the spec's queue policy,
 DeploymentSpec.queue_policy: a full queue or a request past its queue timeout is answered "busy",
-HTTP 503 / gRPC UNAVAILABLE), `unbounded` (no queue limit, no timeout: every request waits) and
-`same-priority` (bounded, but the python stubs at tritonserver's own priority, stub_nice 0: what the
-spec's stub_nice does for the busy answers). Locust
-runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
+HTTP 503 / gRPC UNAVAILABLE; its stubs' priorities, DeploymentSpec.nice), `unbounded` (no queue limit,
+no timeout: every request waits), `same-priority` (bounded, but every python stub at tritonserver's
+own priority: what lowering the stubs does for the busy answers) and `flat-stubs` (bounded, the
+preprocess stubs at the classifier's priority rather than below it: what that does for the requests
+turned away after preprocessing). Locust runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
 request (one real photo, top-k asked as JSON); an answer counts as accepted (200 with k predictions),
 busy (503 naming the full queue or the queue timeout) or error (anything else).
 
@@ -48,7 +49,7 @@ import numpy as np
 
 from common import contract
 
-CONFIGS = ("bounded", "unbounded", "same-priority")
+CONFIGS = ("bounded", "unbounded", "same-priority", "flat-stubs")
 OUTCOMES = ("accepted", "busy", "error")
 
 
@@ -170,6 +171,19 @@ def successes(metrics_url: str) -> collections.Counter:
     return counts
 
 
+def settled_successes(metrics_url: str, timeout_s: float = 5.0) -> collections.Counter:
+    """successes() once two reads 0.2 s apart agree: Triton counts a request when it releases it, which
+    may follow its answer and the pending gauge's return to 0."""
+    counts, deadline = successes(metrics_url), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = successes(metrics_url)
+        if again == counts:
+            break
+        counts = again
+    return counts
+
+
 def turned_away_after_preprocess(answered: collections.Counter) -> int:
     """Of the requests a load sent through the ensemble, those preprocess answered that the classifier did
     not (its queue was full, or they waited past its timeout): busy answers that cost preprocessing first.
@@ -195,6 +209,13 @@ def unbounded(spec):
                         fused=dataclasses.replace(spec.fused, **open_queue))
 
 
+def with_nice(spec, preprocess: int, others: int):
+    """The same spec with these nice increments for the preprocess stubs and for the others'."""
+    return spec.replace(preprocess=dataclasses.replace(spec.preprocess, nice=preprocess),
+                        classifier=dataclasses.replace(spec.classifier, nice=others),
+                        fused=dataclasses.replace(spec.fused, nice=others))
+
+
 def write_repositories(repository: Path, out: Path, names: tuple[str, ...] = CONFIGS) -> dict[str, Path]:
     """{config: path} for `names` of CONFIGS, from the served repository's spec and backend."""
     from build.repository.spec import DeploymentSpec
@@ -205,7 +226,8 @@ def write_repositories(repository: Path, out: Path, names: tuple[str, ...] = CON
     source = build.get("classifier_model", {}).get("source")
     model_file = Path(source) if source and Path(source).exists() else None
     repos = {}
-    variants = {"bounded": spec, "unbounded": unbounded(spec), "same-priority": spec.replace(stub_nice=0)}
+    variants = {"bounded": spec, "unbounded": unbounded(spec), "same-priority": with_nice(spec, 0, 0),
+                "flat-stubs": with_nice(spec, spec.nice("classifier"), spec.nice("classifier"))}
     for name in names:
         variant = variants[name]
         repos[name] = out / f"{name}_repository"
@@ -273,6 +295,13 @@ def ratios(rows: list[Row]) -> list[str]:
                          f"queue-full p99 {b.full_p99_ms / same.full_p99_ms:.2f}, accepted p99 "
                          f"{b.accepted_p99_ms / same.accepted_p99_ms:.2f}, accepted req/s "
                          f"{b.accepted_rps / max(same.accepted_rps, 1e-9):.2f}")
+        flat = by.get(("flat-stubs", load))
+        if b and flat and b.busy and flat.busy:
+            lines.append(f"{load:g}x: bounded / flat-stubs (preprocess below the classifier / level with it): busy p50 "
+                         f"{b.busy_p50_ms / flat.busy_p50_ms:.2f}, busy p99 {b.busy_p99_ms / flat.busy_p99_ms:.2f}, "
+                         f"accepted p99 {b.accepted_p99_ms / flat.accepted_p99_ms:.2f}, accepted req/s "
+                         f"{b.accepted_rps / max(flat.accepted_rps, 1e-9):.2f}; turned away after preprocessing "
+                         f"{b.busy_after_preprocess} / {flat.busy_after_preprocess}")
     return lines
 
 
@@ -282,23 +311,31 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for config, style in zip(CONFIGS, ("o-", "s--", "^-.")):
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
+    styles = dict(zip(CONFIGS, ("o-", "s--", "^-.", "v:")))
+    for config in dict.fromkeys(r.config for r in rows):
         mine = sorted((r for r in rows if r.config == config), key=lambda r: r.load)
-        left.plot([r.load for r in mine], [r.accepted_p99_ms for r in mine], style, label=f"{config}: accepted p99")
+        color = f"C{CONFIGS.index(config)}"
+        left.plot([r.load for r in mine], [r.accepted_p99_ms for r in mine], styles[config], color=color, label=config)
         if any(r.busy for r in mine):
-            left.plot([r.load for r in mine], [r.busy_p99_ms for r in mine], style, alpha=0.5,
-                      label=f"{config}: busy p99")
-            left.plot([r.load for r in mine], [r.full_p99_ms for r in mine], ":", marker="x",
-                      label=f"{config}: busy p99, queue full")
-    left.set(xlabel="offered load (x saturating rate)", ylabel="ms", yscale="log", title="latency")
-    left.legend(fontsize=8)
+            middle.plot([r.load for r in mine], [r.busy_p50_ms for r in mine], styles[config], color=color,
+                        label=f"{config}: p50")
+            middle.plot([r.load for r in mine], [r.busy_p99_ms for r in mine], styles[config], color=color, alpha=0.4,
+                        label=f"{config}: p99")
+    left.set(xlabel="offered load (x saturating rate)", ylabel="ms", yscale="log", title="accepted answers, p99")
+    middle.set(xlabel="offered load (x saturating rate)", ylabel="ms", yscale="log", title="busy answers")
+    for axes in (left, middle):
+        axes.legend(fontsize=8)
     bounded_rows = sorted((r for r in rows if r.config == "bounded"), key=lambda r: r.load)
     loads = [f"{r.load:g}x" for r in bounded_rows]
-    right.bar(loads, [r.accepted_rps for r in bounded_rows], label="accepted req/s")
-    right.bar(loads, [r.sent_rps - r.accepted_rps for r in bounded_rows],
-              bottom=[r.accepted_rps for r in bounded_rows], label="busy (+ error) req/s")
-    right.set(xlabel="offered load, bounded queue", ylabel="req/s", title="what the server answered")
+    turned = [r.sent_rps - r.accepted_rps for r in bounded_rows]  # busy (+ error) req/s
+    late = [t * r.busy_after_preprocess / r.busy if r.busy else 0.0 for t, r in zip(turned, bounded_rows)]
+    right.bar(loads, [r.accepted_rps for r in bounded_rows], label="accepted")
+    right.bar(loads, [t - x for t, x in zip(turned, late)], bottom=[r.accepted_rps for r in bounded_rows],
+              label="busy at the door (+ errors)")
+    right.bar(loads, late, bottom=[r.accepted_rps + t - x for r, t, x in zip(bounded_rows, turned, late)],
+              label="busy after preprocessing")
+    right.set(xlabel="offered load, bounded server", ylabel="req/s", title="what the server answered")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -388,7 +425,7 @@ def main(args: argparse.Namespace) -> list[Row]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repos = write_repositories(Path(args.model_repository), out, tuple(args.configs))
-    stub_nice = DeploymentSpec.from_dict(read_manifest(Path(args.model_repository))["spec"]).stub_nice
+    spec = DeploymentSpec.from_dict(read_manifest(Path(args.model_repository))["spec"])
     model, images = ensemble_name(args.model_repository), list(load_photos(args.photos).values())
     rows, saturating = [], None
     steps = tqdm(total=len(args.configs) * (len(args.loads) + 1), desc="overload", unit="run")
@@ -409,10 +446,10 @@ def main(args: argparse.Namespace) -> list[Row]:
             for load in args.loads:
                 offered = load * saturating
                 users = max(1, math.ceil(offered * args.pacing_s))
-                before = successes(server.metrics_url)
+                before = settled_successes(server.metrics_url)
                 outcomes = run_users(server.http_url, model, images, users, args.run_time, users / offered, args.seed)
                 drain(server.metrics_url)
-                answered = successes(server.metrics_url)
+                answered = settled_successes(server.metrics_url)
                 answered.subtract(before)
                 rows.append(Row.of(config, load, users, offered, outcomes, turned_away_after_preprocess(answered)))
                 steps.update()
@@ -425,7 +462,9 @@ def main(args: argparse.Namespace) -> list[Row]:
     header = [f"saturating rate: {saturating:.1f} accepted req/s with {args.saturation_users} closed-loop users "
               f"(bounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP",
               f"CPUs: server {_cpus_text(args.server_cpus)}, Locust {_cpus_text(args.client_cpus)}; "
-              f"python stubs at tritonserver's nice + {stub_nice} (same-priority: + 0)"]
+              f"python stubs at tritonserver's nice + {spec.nice('preprocess')} (preprocess), + "
+              f"{spec.nice('classifier')} (classifier, fused); same-priority: + 0; flat-stubs: preprocess at "
+              f"the classifier's"]
     report = write_report(rows, header, out)
     print(report.read_text())
     print(f"wrote {report}, {out / 'overload.csv'}, {out / 'overload.png'}")

@@ -2,9 +2,9 @@
 
 The python-backend stubs do the models' work (decode, inference); tritonserver's own threads parse
 requests, batch them and answer, a "busy" for a full queue included. On a saturated CPU, with both at
-the same priority, that answer waits for a core behind the stubs (docs/results/2026-12-02-overload.md).
-A stub that adds to its nice value leaves the server's threads first in line; the stubs still get every
-cycle the server does not use, so throughput is unchanged.
+the same priority, that answer waits for a core behind the stubs. A stub that adds to its nice value
+leaves the server's threads first in line; the stubs still get every cycle the server does not use.
+What it gains and costs, measured: docs/operations.md (bounded queues).
 
 Linux keeps a nice value per thread, and a thread starts with its creator's: every thread of the
 process now is lowered, and those it starts later (ONNX Runtime's pool, the decode pool) inherit it.

@@ -95,7 +95,7 @@ def preprocess_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> s
         + _io("input", [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])])
         + _io("output", [_tensor(PIXELS, "TYPE_FP32", shape.input_dims)])
         + _batching(spec.preprocess, "KIND_CPU", spec.queue_policy("preprocess"))
-        + _parameters({"threads": spec.preprocess.threads, "nice": spec.stub_nice, **_limits(spec)})
+        + _parameters({"threads": spec.preprocess.threads, "nice": spec.nice("preprocess"), **_limits(spec)})
     )
 
 
@@ -109,7 +109,7 @@ def fused_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
         + _io("output", outputs)
         + _batching(spec.fused, "KIND_CPU", spec.queue_policy("fused"))
         + _parameters({"onnx_file": contract.MODEL_ONNX, "threads": 1, "intra_op_threads": spec.fused.threads,
-                       "allow_spinning": 0, "nice": spec.stub_nice, "precision": spec.precision, **_limits(spec)})
+                       "allow_spinning": 0, "nice": spec.nice("fused"), "precision": spec.precision, **_limits(spec)})
     )
 
 
@@ -131,7 +131,7 @@ def classifier_config(spec: DeploymentSpec, shape: ModelShape, backend: str, sou
     if backend == "python-onnxruntime":
         # No spinning: ORT's busy-waiting threads would steal the cores preprocessing needs.
         text += _parameters({"onnx_file": filename, "intra_op_threads": threads, "allow_spinning": 0,
-                             "nice": spec.stub_nice, "precision": spec.precision})
+                             "nice": spec.nice("classifier"), "precision": spec.precision})
     elif backend == "onnxruntime":
         text += _parameters({"intra_op_thread_count": threads, "inter_op_thread_count": 1})
     return text

@@ -21,6 +21,8 @@ INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 DEFAULT_SPEC_PATH = Path("configs/deployment.json")
 QUEUE_BATCHES = 1  # derived queue bound: this many max batches per instance
 DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
+STUB_NICE = 10  # derived nice increment of the classifier's (and the fused model's) python stub
+PREPROCESS_NICE = MAX_NICE  # of the preprocess stub: below the classifier's
 TARGET_SERVER_KEYS = ("image", "tensorrt", "compute_capability", "version_compatible", "hardware_compatibility")
 PREPROCESSING = ("python", "dali")
 
@@ -38,6 +40,9 @@ class StageSpec:
     # None: derived (DeploymentSpec.queue_policy); 0: unbounded / no timeout.
     max_queue_size: int | None = None
     queue_timeout_us: int | None = None
+    # Added to tritonserver's nice value for this model's python stub (common/priority.py), 0..19.
+    # None: derived (DeploymentSpec.nice); 0: the server's own priority.
+    nice: int | None = None
 
     def check(self, name: str, max_batch_size: int) -> None:
         if self.instances < 1:
@@ -49,6 +54,9 @@ class StageSpec:
         for key in ("max_queue_size", "queue_timeout_us"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{name}.{key} must be >= 0 (0: unbounded) or null (derived), got {getattr(self, key)}")
+        if self.nice is not None and not 0 <= self.nice <= MAX_NICE:
+            raise ValueError(f"{name}.nice must be within 0..{MAX_NICE} (0: the server's priority) or null (derived), "
+                             f"got {self.nice}")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= max_batch_size]
         if bad:
             raise ValueError(f"{name}.preferred_batch_sizes {bad} outside 1..max_batch_size ({max_batch_size})")
@@ -97,9 +105,6 @@ class DeploymentSpec:
     # ensemble reads it). ["probabilities"] gives one output, what single-output clients such as
     # Triton's image_client.py require (docs/deploy.md).
     classifier_outputs: list[str] = dataclasses.field(default_factory=lambda: list(contract.ONNX_OUTPUTS))
-    # Added to tritonserver's nice value for the python models' stubs (decode, inference), so that the server's
-    # own threads answer, "busy" included, without waiting for a core behind them (common/priority.py). 0: same.
-    stub_nice: int = 10
 
     def __post_init__(self):
         for key, kind in (("preprocess", StageSpec), ("classifier", StageSpec), ("fused", StageSpec),
@@ -135,8 +140,6 @@ class DeploymentSpec:
                 or not set(outputs) <= set(contract.ONNX_OUTPUTS) or len(set(outputs)) != len(outputs)):
             raise ValueError(f"classifier_outputs must be distinct names from {list(contract.ONNX_OUTPUTS)} including "
                              f"{contract.ONNX_PROBABILITIES!r}, got {outputs!r}")
-        if not 0 <= self.stub_nice <= MAX_NICE:
-            raise ValueError(f"stub_nice must be within 0..{MAX_NICE} (0: the server's priority), got {self.stub_nice}")
         if self.response_cache_mb < 0:
             raise ValueError(f"response_cache_mb must be >= 0 (0: off), got {self.response_cache_mb}")
         self.preprocess.check("preprocess", self.max_batch_size)
@@ -159,6 +162,17 @@ class DeploymentSpec:
             size = QUEUE_BATCHES * this.instances * self.max_batch_size
         timeout = this.queue_timeout_us if this.queue_timeout_us is not None else DEFAULT_QUEUE_TIMEOUT_US
         return size, timeout
+
+    def nice(self, stage: str) -> int:
+        """The nice increment of `stage`'s python stub (preprocess, classifier or fused), defaults resolved.
+        Every stub runs below tritonserver, whose own threads parse requests and answer "busy": on a saturated
+        CPU that answer then does not wait for a core behind the models' work. Preprocess runs below the
+        classifier: it gets the CPU the classifier leaves, so past capacity requests wait, and are turned
+        away, at the ensemble's door rather than after their decoding, in the classifier's queue."""
+        this = getattr(self, stage)
+        if this.nice is not None:
+            return this.nice
+        return PREPROCESS_NICE if stage == "preprocess" else STUB_NICE
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
 """Every generated config.pbtxt parses as Triton's ModelConfig and says what the spec says."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from tritonclient.grpc import model_config_pb2
 
 from build.repository import configs
 from build.repository.writer import ArtifactsError, model_shape, write_repository
-from build.repository.spec import DeploymentSpec, StageSpec
+from build.repository.spec import PREPROCESS_NICE, STUB_NICE, DeploymentSpec, StageSpec
 
 SHAPE = configs.ModelShape(input_dims=(3, 224, 224), num_classes=1000)
 DT = model_config_pb2.DataType
@@ -90,16 +91,27 @@ def test_spec_rejects_bad_values(tmp_path):
 
 
 def test_python_models_are_told_to_run_below_the_server(spec):
-    """Every python-backend model gets the spec's nice increment (common/priority.py applies it in the stub);
-    a classifier that runs inside tritonserver (onnxruntime backend) gets none: lowering it would lower the server."""
-    lowered = spec.replace(stub_nice=7)
-    for text in (configs.preprocess_config(lowered, SHAPE, "t"), configs.fused_config(lowered, SHAPE, "t"),
-                 configs.classifier_config(lowered, SHAPE, "python-onnxruntime", "t")):
-        assert parse(text).parameters["nice"].string_value == "7"
-    assert "nice" not in parse(configs.classifier_config(lowered, SHAPE, "onnxruntime", "t")).parameters
+    """Every python-backend model gets its stub's nice increment (common/priority.py applies it in the stub):
+    derived, preprocess below the classifier (and the fused model); a classifier that runs inside tritonserver
+    (onnxruntime backend) gets none: lowering it would lower the server."""
+    def nice(text: str) -> int:
+        return int(parse(text).parameters["nice"].string_value)
+
+    derived = {"preprocess": configs.preprocess_config(spec, SHAPE, "t"), "fused": configs.fused_config(spec, SHAPE, "t"),
+               "classifier": configs.classifier_config(spec, SHAPE, "python-onnxruntime", "t")}
+    assert {stage: nice(text) for stage, text in derived.items()} == {
+        "preprocess": PREPROCESS_NICE, "classifier": STUB_NICE, "fused": STUB_NICE}
+    assert 0 < STUB_NICE < PREPROCESS_NICE <= 19
+    chosen = spec.replace(preprocess=dataclasses.replace(spec.preprocess, nice=0),
+                          classifier=dataclasses.replace(spec.classifier, nice=7),
+                          fused=dataclasses.replace(spec.fused, nice=3))
+    assert nice(configs.preprocess_config(chosen, SHAPE, "t")) == 0
+    assert nice(configs.classifier_config(chosen, SHAPE, "python-onnxruntime", "t")) == 7
+    assert nice(configs.fused_config(chosen, SHAPE, "t")) == 3
+    assert "nice" not in parse(configs.classifier_config(chosen, SHAPE, "onnxruntime", "t")).parameters
     for bad in (-1, 20):
-        with pytest.raises(ValueError, match="stub_nice must be within 0..19"):
-            spec.replace(stub_nice=bad)
+        with pytest.raises(ValueError, match="classifier.nice must be within 0..19"):
+            spec.replace(classifier=dataclasses.replace(spec.classifier, nice=bad))
 
 
 def test_spec_round_trip(tmp_path, spec):

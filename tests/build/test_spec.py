@@ -38,4 +38,4 @@ def test_build_engines_reports_a_null_stage_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
     assert cli.stderr.strip() == f"build.engines: {path}: preprocess must be an object of " \
-                                 "['instances', 'max_queue_delay_us', 'max_queue_size', 'preferred_batch_sizes', 'queue_timeout_us', 'threads'], got None"
+                                 "['instances', 'max_queue_delay_us', 'max_queue_size', 'nice', 'preferred_batch_sizes', 'queue_timeout_us', 'threads'], got None"

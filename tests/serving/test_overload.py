@@ -14,7 +14,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from build.repository import configs
-from build.repository.spec import DEFAULT_QUEUE_TIMEOUT_US, QUEUE_BATCHES, DeploymentSpec, StageSpec
+from build.repository.spec import (DEFAULT_QUEUE_TIMEOUT_US, PREPROCESS_NICE, QUEUE_BATCHES, STUB_NICE, DeploymentSpec,
+                                   StageSpec)
 from clients.client import BUSY_MESSAGES  # a full queue, or a wait past the queue timeout
 from common.contract import CLASSIFIER, ENSEMBLE
 
@@ -80,7 +81,7 @@ def test_the_overload_benchmark_opens_every_queue():
         assert spec.queue_policy(stage) == (0, 0)
 
 
-def test_the_overload_benchmarks_same_priority_server_differs_only_in_the_stubs_nice(tiny_artifacts, tmp_path):
+def test_the_overload_benchmarks_priority_servers_differ_only_in_the_stubs_nice(tiny_artifacts, tmp_path):
     from benchmarks.overload import CONFIGS, write_repositories
     from build.repository.writer import write_repository
 
@@ -92,12 +93,16 @@ def test_the_overload_benchmarks_same_priority_server_differs_only_in_the_stubs_
     def read(config: str, model: str) -> model_config_pb2.ModelConfig:
         return parse((repos[config] / model / "config.pbtxt").read_text())
 
-    for model in ("preprocess", "classifier"):
-        bounded, same = read("bounded", model), read("same-priority", model)
-        assert bounded.parameters["nice"].string_value == str(DeploymentSpec().stub_nice) != "0"
-        assert same.parameters["nice"].string_value == "0"
-        same.parameters["nice"].string_value = bounded.parameters["nice"].string_value
-        assert same == bounded
+    # same-priority: every stub at the server's; flat-stubs: preprocess at the classifier's
+    for config, expected in (("same-priority", {"preprocess": 0, "classifier": 0}),
+                             ("flat-stubs", {"preprocess": STUB_NICE, "classifier": STUB_NICE})):
+        for model in ("preprocess", "classifier"):
+            bounded, other = read("bounded", model), read(config, model)
+            assert int(bounded.parameters["nice"].string_value) == DeploymentSpec().nice(model)
+            assert int(other.parameters["nice"].string_value) == expected[model], (config, model)
+            other.parameters["nice"].string_value = bounded.parameters["nice"].string_value
+            assert other == bounded, (config, model)
+    assert DeploymentSpec().nice("preprocess") == PREPROCESS_NICE > STUB_NICE == DeploymentSpec().nice("classifier")
 
 
 # ---- a real server past its queue -------------------------------------------------------------
@@ -166,8 +171,9 @@ def test_past_the_queue_the_server_says_busy_and_nothing_else(small_queue, photo
 
 @pytest.mark.slow
 def test_the_stubs_run_below_the_server_which_keeps_its_priority(small_queue):
-    """The spec's stub_nice, applied in each python model's stub (common/priority.py), to every thread it runs;
-    tritonserver's own threads (HTTP, batching, the "busy" answers) stay where they were started."""
+    """Each python model's nice increment (DeploymentSpec.nice), applied in its stub (common/priority.py) to every
+    thread it runs, preprocess below the classifier; tritonserver's own threads (HTTP, batching, the "busy"
+    answers) stay where they were started."""
     import os
     from pathlib import Path
 
@@ -180,10 +186,11 @@ def test_the_stubs_run_below_the_server_which_keeps_its_priority(small_queue):
 
     server = psutil.Process(small_queue.process.pid)
     (base,) = nice(server)
-    stubs = [child for child in server.children() if Path(child.cmdline()[0]).name == STUB]
-    assert len(stubs) == 2, stubs  # one preprocess, one classifier instance
-    for stub in stubs:
-        assert nice(stub) == {min(19, base + DeploymentSpec().stub_nice)}, stub.cmdline()
+    stubs = {Path(child.cmdline()[1]).parent.parent.name: child for child in server.children()
+             if Path(child.cmdline()[0]).name == STUB}
+    assert set(stubs) == {"preprocess", "classifier"}, stubs  # one instance each
+    for model, stub in stubs.items():
+        assert nice(stub) == {min(19, base + DeploymentSpec().nice(model))}, (model, stub.cmdline())
 
 
 @pytest.mark.slow
