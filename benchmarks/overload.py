@@ -326,16 +326,25 @@ def plot(rows: list[Row], path: Path) -> None:
     middle.set(xlabel="offered load (x saturating rate)", ylabel="ms", yscale="log", title="busy answers")
     for axes in (left, middle):
         axes.legend(fontsize=8)
-    bounded_rows = sorted((r for r in rows if r.config == "bounded"), key=lambda r: r.load)
-    loads = [f"{r.load:g}x" for r in bounded_rows]
-    turned = [r.sent_rps - r.accepted_rps for r in bounded_rows]  # busy (+ error) req/s
-    late = [t * r.busy_after_preprocess / r.busy if r.busy else 0.0 for t, r in zip(turned, bounded_rows)]
-    right.bar(loads, [r.accepted_rps for r in bounded_rows], label="accepted")
-    right.bar(loads, [t - x for t, x in zip(turned, late)], bottom=[r.accepted_rps for r in bounded_rows],
-              label="busy at the door (+ errors)")
-    right.bar(loads, late, bottom=[r.accepted_rps + t - x for r, t, x in zip(bounded_rows, turned, late)],
-              label="busy after preprocessing")
-    right.set(xlabel="offered load, bounded server", ylabel="req/s", title="what the server answered")
+    shown = [c for c in dict.fromkeys(r.config for r in rows) if c != "unbounded"]  # the servers that say busy
+    loads = sorted({r.load for r in rows})
+    width = 0.8 / max(1, len(shown))
+    for i, config in enumerate(shown):
+        mine = {r.load: r for r in rows if r.config == config}
+        x = [loads.index(load) + (i - (len(shown) - 1) / 2) * width for load in mine]
+        accepted = [r.accepted_rps for r in mine.values()]
+        turned = [r.sent_rps - r.accepted_rps for r in mine.values()]  # busy (+ error) req/s
+        late = [t * r.busy_after_preprocess / r.busy if r.busy else 0.0 for t, r in zip(turned, mine.values())]
+        first = i == 0  # one legend entry per kind
+        right.bar(x, accepted, width, color="C0", edgecolor="white", label="accepted" if first else None)
+        right.bar(x, [t - x_ for t, x_ in zip(turned, late)], width, bottom=accepted, color="C1", edgecolor="white",
+                  label="busy at the door (+ errors)" if first else None)
+        right.bar(x, late, width, bottom=[a + t - x_ for a, t, x_ in zip(accepted, turned, late)], color="C3",
+                  edgecolor="white", label="busy after preprocessing" if first else None)
+        for xi in x:
+            right.annotate(config, (xi, 0), rotation=90, fontsize=7, ha="center", va="bottom", color="white")
+    right.set_xticks(range(len(loads)), [f"{load:g}x" for load in loads])
+    right.set(xlabel="offered load (bars: the bounded servers)", ylabel="req/s", title="what the servers answered")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
