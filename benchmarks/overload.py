@@ -14,7 +14,7 @@ request (one real photo, top-k asked as JSON); an answer counts as accepted (200
 busy (503 naming the full queue or the queue timeout) or error (anything else).
 
 The saturating rate R is the accepted req/s of `--saturation-users` closed-loop users (no wait) on the
-bounded server. Load k offers k x R req/s open loop: `ceil(k R x --pacing-s)` users, each starting one
+unbounded server (on a bounded one, users answered "busy" would send again at once). Load k offers k x R req/s open loop: `ceil(k R x --pacing-s)` users, each starting one
 request every `--pacing-s` seconds (Locust's constant_pacing), the first at a random point of the first
 period, so that requests arrive spread over time (users started in step would send one burst of every
 user per period, and a busy answer would wait for the server to read the whole burst); a user whose
@@ -433,24 +433,29 @@ def main(args: argparse.Namespace) -> list[Row]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    repos = write_repositories(Path(args.model_repository), out, tuple(args.configs))
+    # the saturating rate is measured on the unbounded server: on a bounded one, closed-loop users answered "busy"
+    # send again at once, and a tight queue then turns the measurement into a flood of rejections
+    repos = write_repositories(Path(args.model_repository), out, tuple(dict.fromkeys([*args.configs, "unbounded"])))
     spec = DeploymentSpec.from_dict(read_manifest(Path(args.model_repository))["spec"])
     model, images = ensemble_name(args.model_repository), list(load_photos(args.photos).values())
-    rows, saturating = [], None
-    steps = tqdm(total=len(args.configs) * (len(args.loads) + 1), desc="overload", unit="run")
+    rows = []
+    steps = tqdm(total=1 + len(args.configs) * (len(args.loads) + 1), desc="overload", unit="run")
     if bool(args.server_cpus) != bool(args.client_cpus) or (args.server_cpus and args.server_cpus & args.client_cpus):
         raise ValueError("--server-cpus and --client-cpus go together, and share no CPU")
+    with cpus(args.server_cpus):
+        server = TritonServer(repos["unbounded"], log_file=out / "saturation_tritonserver.log").start()
+    with server, cpus(args.client_cpus):
+        run_users(server.http_url, model, images, args.saturation_users, min(5.0, args.run_time), seed=args.seed)
+        drain(server.metrics_url)
+        measured = run_users(server.http_url, model, images, args.saturation_users, args.run_time, seed=args.seed)
+        saturating = measured.count("accepted") / measured.seconds
+    steps.update()
     for config in args.configs:
         with cpus(args.server_cpus):  # the server and its stubs inherit it
             server = TritonServer(repos[config], log_file=out / f"{config}_tritonserver.log").start()
         with server, cpus(args.client_cpus):
             run_users(server.http_url, model, images, args.saturation_users, min(5.0, args.run_time), seed=args.seed)
             drain(server.metrics_url)
-            if saturating is None:
-                measured = run_users(server.http_url, model, images, args.saturation_users, args.run_time,
-                                     seed=args.seed)
-                saturating = measured.count("accepted") / measured.seconds
-                drain(server.metrics_url)
             steps.update()
             for load in args.loads:
                 offered = load * saturating
@@ -469,7 +474,7 @@ def main(args: argparse.Namespace) -> list[Row]:
                            f"p99 {r.busy_p99_ms:5.1f} ms [{r.busy_after_preprocess} after preprocess]; errors {r.errors} {dict(outcomes.errors) or ''}")
     steps.close()
     header = [f"saturating rate: {saturating:.1f} accepted req/s with {args.saturation_users} closed-loop users "
-              f"(bounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP",
+              f"(unbounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP",
               f"CPUs: server {_cpus_text(args.server_cpus)}, Locust {_cpus_text(args.client_cpus)}; "
               f"python stubs at tritonserver's nice + {spec.nice('preprocess')} (preprocess), + "
               f"{spec.nice('classifier')} (classifier, fused); same-priority: + 0; flat-stubs: preprocess at "
