@@ -265,6 +265,25 @@ class Row:
                    after_preprocess)
 
 
+# the servers whose stubs' priorities differ from bounded's: what each comparison shows, and its extra figures
+PRIORITY_COMPARISONS = (("same-priority", "stubs lowered / not", {"queue_full": True}),
+                        ("flat-stubs", "preprocess below the classifier / level with it", {"after_preprocess": True}))
+
+
+def versus(load: float, b: Row, other: Row, name: str, meaning: str, queue_full: bool = False,
+           after_preprocess: bool = False) -> str:
+    """One ratio line: the bounded server's busy and accepted figures over `other`'s at the same load."""
+    parts = [f"busy p50 {b.busy_p50_ms / other.busy_p50_ms:.2f}", f"busy p99 {b.busy_p99_ms / other.busy_p99_ms:.2f}"]
+    if queue_full:
+        parts.append(f"queue-full p99 {b.full_p99_ms / other.full_p99_ms:.2f}")
+    parts += [f"accepted p99 {b.accepted_p99_ms / other.accepted_p99_ms:.2f}",
+              f"accepted req/s {b.accepted_rps / max(other.accepted_rps, 1e-9):.2f}"]
+    line = f"{load:g}x: bounded / {name} ({meaning}): " + ", ".join(parts)
+    if after_preprocess:
+        line += f"; turned away after preprocessing {b.busy_after_preprocess} / {other.busy_after_preprocess}"
+    return line
+
+
 def ratios(rows: list[Row]) -> list[str]:
     """The comparisons the results page reports, as lines."""
     by = {(r.config, r.load): r for r in rows}
@@ -288,20 +307,10 @@ def ratios(rows: list[Row]) -> list[str]:
                          f"{b.busy_p99_ms / b.accepted_p50_ms:.2f} x the accepted p50; those for a full queue "
                          f"({b.busy_full} of {b.busy}): p99 {b.full_p99_ms:.1f} ms; turned away by the classifier "
                          f"after preprocessing: {b.busy_after_preprocess} of {b.busy}")
-        same = by.get(("same-priority", load))
-        if b and same and b.busy and same.busy:
-            lines.append(f"{load:g}x: bounded / same-priority (stubs lowered / not): busy p50 "
-                         f"{b.busy_p50_ms / same.busy_p50_ms:.2f}, busy p99 {b.busy_p99_ms / same.busy_p99_ms:.2f}, "
-                         f"queue-full p99 {b.full_p99_ms / same.full_p99_ms:.2f}, accepted p99 "
-                         f"{b.accepted_p99_ms / same.accepted_p99_ms:.2f}, accepted req/s "
-                         f"{b.accepted_rps / max(same.accepted_rps, 1e-9):.2f}")
-        flat = by.get(("flat-stubs", load))
-        if b and flat and b.busy and flat.busy:
-            lines.append(f"{load:g}x: bounded / flat-stubs (preprocess below the classifier / level with it): busy p50 "
-                         f"{b.busy_p50_ms / flat.busy_p50_ms:.2f}, busy p99 {b.busy_p99_ms / flat.busy_p99_ms:.2f}, "
-                         f"accepted p99 {b.accepted_p99_ms / flat.accepted_p99_ms:.2f}, accepted req/s "
-                         f"{b.accepted_rps / max(flat.accepted_rps, 1e-9):.2f}; turned away after preprocessing "
-                         f"{b.busy_after_preprocess} / {flat.busy_after_preprocess}")
+        for name, meaning, extra in PRIORITY_COMPARISONS:
+            other = by.get((name, load))
+            if b and other and b.busy and other.busy:
+                lines.append(versus(load, b, other, name, meaning, **extra))
     return lines
 
 
