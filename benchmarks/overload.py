@@ -15,10 +15,12 @@ busy (503 naming the full queue or the queue timeout) or error (anything else).
 
 The saturating rate R is the accepted req/s of `--saturation-users` closed-loop users (no wait) on the
 unbounded server (on a bounded one, users answered "busy" would send again at once). Load k offers k x R req/s open loop: `ceil(k R x --pacing-s)` users, each starting one
-request every `--pacing-s` seconds (Locust's constant_pacing), the first at a random point of the first
-period, so that requests arrive spread over time (users started in step would send one burst of every
-user per period, and a busy answer would wait for the server to read the whole burst); a user whose
-request takes longer falls behind, so the rate actually sent is reported beside the rate offered. Between loads, the server's
+request every `--pacing-s` seconds on a grid of its own, at a phase drawn at random, so that requests
+arrive spread over time (users in step send one burst of every user per period, which a bounded queue
+mostly turns away while the server idles between bursts: Locust's constant_pacing counts its first
+period from the user's creation, so it brings randomly started users back into step after one period);
+a user whose request takes longer than a period skips the slots it missed, so the rate actually sent
+is reported beside the rate offered, and so is the largest burst (requests started in any 100 ms). Between loads, the server's
 queues drain (its pending-request gauge reaches 0). Writes overload.csv, overload.md (figures and
 ratios) and overload.png to --out.
 
@@ -51,6 +53,7 @@ from common import contract
 
 CONFIGS = ("bounded", "unbounded", "same-priority", "flat-stubs")
 OUTCOMES = ("accepted", "busy", "error")
+BURST_WINDOW_S = 0.1
 
 
 def use_gevent() -> None:
@@ -67,6 +70,7 @@ class Outcomes:
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     busy: dict[str, list[float]] = dataclasses.field(  # the busy latencies by kind
         default_factory=lambda: {"queue full": [], "queue timeout": []})
+    sends: list[float] = dataclasses.field(default_factory=list)  # when each request started (perf_counter)
 
     def count(self, outcome: str) -> int:
         return len(self.latencies[outcome])
@@ -74,6 +78,11 @@ class Outcomes:
     @property
     def sent(self) -> int:
         return sum(len(v) for v in self.latencies.values())
+
+    def largest_burst(self, window_s: float = BURST_WINDOW_S) -> int:
+        """The most requests started within any `window_s` seconds."""
+        sends = np.sort(np.asarray(self.sends))
+        return int((np.searchsorted(sends, sends + window_s) - np.arange(len(sends))).max()) if len(sends) else 0
 
     def percentile_ms(self, outcome: str, q: float) -> float:
         values = self.latencies[outcome]
@@ -111,10 +120,10 @@ def classify_outcome(status: int, body: bytes, top_k: int) -> tuple[str, str]:
 def run_users(host: str, model: str, images: list[bytes], users: int, seconds: float, pacing_s: float = 0.0,
               seed: int = 0, top_k: int = 1) -> Outcomes:
     """`users` Locust users (FastHttpUser, one connection each) for `seconds` against Triton's HTTP
-    `host`, each starting a request every `pacing_s` seconds (0: as soon as the last one answered), photos
-    drawn at random from `images`."""
+    `host`, each starting a request every `pacing_s` seconds at a phase of its own (0: as soon as the last
+    one answered), photos drawn at random from `images`."""
     import gevent
-    from locust import FastHttpUser, constant, constant_pacing, task
+    from locust import FastHttpUser, task
     from locust.env import Environment
 
     outcomes, rng = Outcomes(), random.Random(seed)
@@ -122,16 +131,25 @@ def run_users(host: str, model: str, images: list[bytes], users: int, seconds: f
     path = f"/v2/models/{model}/infer"
 
     class Sender(FastHttpUser):
-        wait_time = constant_pacing(pacing_s) if pacing_s else constant(0)
         network_timeout = connection_timeout = 120.0
 
         def on_start(self) -> None:
-            gevent.sleep(rng.uniform(0, pacing_s))
+            self.slot = time.perf_counter() + rng.uniform(0, pacing_s)
+            gevent.sleep(max(0.0, self.slot - time.perf_counter()))
+
+        def wait_time(self) -> float:
+            """Until this user's next slot (slots `pacing_s` apart from its phase; missed ones skipped)."""
+            if not pacing_s:
+                return 0.0
+            now = time.perf_counter()
+            self.slot += pacing_s * max(1, math.ceil((now - self.slot) / pacing_s))
+            return self.slot - now
 
         @task
         def send(self) -> None:
             body, headers = rng.choice(bodies)
             start = time.perf_counter()
+            outcomes.sends.append(start)
             with self.client.post(path, data=body, headers=headers, name="infer", catch_response=True) as response:
                 elapsed = time.perf_counter() - start
                 outcome, detail = classify_outcome(response.status_code, response.content or b"", top_k)
@@ -253,6 +271,7 @@ class Row:
     busy_p99_ms: float
     full_p99_ms: float  # busy answers for a full queue
     busy_after_preprocess: int = 0  # of busy: turned away by the classifier, after preprocessing
+    largest_burst: int = 0  # requests started within any BURST_WINDOW_S: how spread the arrivals were
 
     @classmethod
     def of(cls, config: str, load: float, users: int, offered: float, o: Outcomes,
@@ -262,7 +281,7 @@ class Row:
                    o.percentile_ms("accepted", 50), o.percentile_ms("accepted", 99),
                    o.percentile_ms("busy", 50), o.percentile_ms("busy", 99),
                    float(np.percentile(o.busy["queue full"], 99) * 1000) if o.busy["queue full"] else float("nan"),
-                   after_preprocess)
+                   after_preprocess, o.largest_burst())
 
 
 # the servers whose stubs' priorities differ from bounded's: what each comparison shows, and its extra figures
@@ -366,12 +385,14 @@ def write_report(rows: list[Row], header: list[str], out: Path) -> Path:
         writer.writeheader()
         writer.writerows(dataclasses.asdict(r) for r in rows)
     table = ["| queue | load | users | offered req/s | sent req/s | accepted req/s | accepted | busy (queue full) | "
-             "errors | accepted p50 / p99 ms | busy p50 / p99 ms | queue-full p99 ms | busy after preprocess |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "errors | accepted p50 / p99 ms | busy p50 / p99 ms | queue-full p99 ms | busy after preprocess | "
+             f"largest burst ({BURST_WINDOW_S * 1000:g} ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table += [f"| {r.config} | {r.load:g}x | {r.users} | {r.offered_rps:.1f} | {r.sent_rps:.1f} | "
               f"{r.accepted_rps:.1f} | {r.accepted} | {r.busy} ({r.busy_full}) | {r.errors} | "
               f"{r.accepted_p50_ms:.1f} / {r.accepted_p99_ms:.1f} | "
-              f"{r.busy_p50_ms:.1f} / {r.busy_p99_ms:.1f} | {r.full_p99_ms:.1f} | {r.busy_after_preprocess} |" for r in rows]
+              f"{r.busy_p50_ms:.1f} / {r.busy_p99_ms:.1f} | {r.full_p99_ms:.1f} | {r.busy_after_preprocess} | "
+              f"{r.largest_burst} |" for r in rows]
     report = out / "overload.md"
     report.write_text("\n".join(header + [""] + table + ["", *(f"- {line}" for line in ratios(rows))]) + "\n")
     plot(rows, out / "overload.png")
@@ -480,7 +501,8 @@ def main(args: argparse.Namespace) -> list[Row]:
                 tqdm.write(f"{config:9s} {load:g}x: sent {r.sent_rps:6.1f}/s, accepted {r.accepted_rps:6.1f}/s "
                            f"p50 {r.accepted_p50_ms:6.1f} p99 {r.accepted_p99_ms:7.1f} ms; busy {r.busy} "
                            f"({r.busy_full} queue full, p99 {r.full_p99_ms:.1f} ms) "
-                           f"p99 {r.busy_p99_ms:5.1f} ms [{r.busy_after_preprocess} after preprocess]; errors {r.errors} {dict(outcomes.errors) or ''}")
+                           f"p99 {r.busy_p99_ms:5.1f} ms [{r.busy_after_preprocess} after preprocess]; errors {r.errors} {dict(outcomes.errors) or ''}; "
+                           f"largest burst {r.largest_burst} in {BURST_WINDOW_S * 1000:g} ms")
     steps.close()
     header = [f"saturating rate: {saturating:.1f} accepted req/s with {args.saturation_users} closed-loop users "
               f"(unbounded server), run time {args.run_time:g} s per load, photos {args.photos}, HTTP",

@@ -169,6 +169,43 @@ def test_past_the_queue_the_server_says_busy_and_nothing_else(small_queue, photo
         assert client.is_ready() and len(client.classify([images[0]], top_k=1)) == 1
 
 
+OPEN_LOOP = """
+import json, sys
+from benchmarks.overload import use_gevent
+use_gevent()
+from benchmarks.overload import run_users
+from common.samples import sample_photos
+images = [path.read_bytes() for path in sample_photos().values()]
+o = run_users(sys.argv[1], sys.argv[2], images, int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))
+print(json.dumps({"sends": o.sends, "errors": dict(o.errors)}))
+"""
+
+
+@pytest.mark.slow
+def test_open_loop_users_stay_spread_over_time(small_queue):
+    """The overload benchmark's open-loop users keep their random phases period after period (Locust's
+    constant_pacing counts from each user's creation and brings them back into step after one period: one
+    burst of every user per period, which a bounded queue mostly turns away)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.overload import BURST_WINDOW_S, Outcomes
+
+    users, pacing, seconds = 20, 1.0, 3.6
+    done = subprocess.run([sys.executable, "-c", OPEN_LOOP, small_queue.http_url, ENSEMBLE, str(users), str(seconds),
+                           str(pacing)], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["errors"], result["errors"]
+    sends = sorted(result["sends"])
+    assert len(sends) >= 3 * users, len(sends)  # every user in every period: busy answers come at once
+    later = Outcomes(sends=[t for t in sends if t >= sends[0] + pacing])  # after the first period
+    assert len(later.sends) >= 2 * users, len(later.sends)
+    assert later.largest_burst() <= users // 2, (later.largest_burst(), BURST_WINDOW_S)
+
+
 @pytest.mark.slow
 def test_the_stubs_run_below_the_server_which_keeps_its_priority(small_queue):
     """Each python model's nice increment (DeploymentSpec.nice), applied in its stub (common/priority.py) to every
