@@ -3,13 +3,15 @@
     python -m benchmarks.overload                         # the repository make engines built, loads 1x 2x 4x
     python -m benchmarks.overload --loads 1 2 4 --run-time 20 --saturation-users 8
 
-Four repositories are written from the served repository's spec: `bounded` (the spec's queue policy,
+Five repositories are written from the served repository's spec: `bounded` (the spec's queue policy,
 DeploymentSpec.queue_policy: a full queue or a request past its queue timeout is answered "busy",
 HTTP 503 / gRPC UNAVAILABLE; its stubs' priorities, DeploymentSpec.nice), `unbounded` (no queue limit,
 no timeout: every request waits), `same-priority` (bounded, but every python stub at tritonserver's
 own priority: what lowering the stubs does for the busy answers) and `flat-stubs` (bounded, the
 preprocess stubs at the classifier's priority rather than below it: what that does for the requests
-turned away after preprocessing). Locust runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
+turned away after preprocessing) and `budget-door` (bounded, but the door, the first model's queue,
+holds only what the server answers within --p99-budget-ms at the saturating rate: the sizing
+docs/operations.md gives for a latency budget, against the deployed door that takes bursts). Locust runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
 request (one real photo, top-k asked as JSON); an answer counts as accepted (200 with k predictions),
 busy (503 naming the full queue or the queue timeout) or error (anything else).
 
@@ -51,7 +53,7 @@ import numpy as np
 
 from common import contract
 
-CONFIGS = ("bounded", "unbounded", "same-priority", "flat-stubs")
+CONFIGS = ("bounded", "unbounded", "same-priority", "flat-stubs", "budget-door")
 OUTCOMES = ("accepted", "busy", "error")
 BURST_WINDOW_S = 0.1
 
@@ -234,8 +236,21 @@ def with_nice(spec, preprocess: int, others: int):
                         fused=dataclasses.replace(spec.fused, nice=others))
 
 
-def write_repositories(repository: Path, out: Path, names: tuple[str, ...] = CONFIGS) -> dict[str, Path]:
-    """{config: path} for `names` of CONFIGS, from the served repository's spec and backend."""
+def with_door(spec, size: int):
+    """The same spec with the door (the first model's queue: preprocess, or the fused classifier) bounded at `size`."""
+    door = "fused" if spec.pipeline == "fused" else "preprocess"
+    return spec.replace(**{door: dataclasses.replace(getattr(spec, door), max_queue_size=size)})
+
+
+def budget_door(saturating_rps: float, budget_ms: float) -> int:
+    """A door that holds what the server answers within the budget at its saturating rate (at least 1)."""
+    return max(1, int(saturating_rps * budget_ms / 1000))
+
+
+def write_repositories(repository: Path, out: Path, names: tuple[str, ...] = CONFIGS,
+                       door: int | None = None) -> dict[str, Path]:
+    """{config: path} for `names` of CONFIGS, from the served repository's spec and backend; budget-door needs
+    `door`, its door's size."""
     from build.repository.spec import DeploymentSpec
     from build.repository.writer import read_manifest, write_repository
 
@@ -245,9 +260,12 @@ def write_repositories(repository: Path, out: Path, names: tuple[str, ...] = CON
     model_file = Path(source) if source and Path(source).exists() else None
     repos = {}
     variants = {"bounded": spec, "unbounded": unbounded(spec), "same-priority": with_nice(spec, 0, 0),
-                "flat-stubs": with_nice(spec, spec.nice("classifier"), spec.nice("classifier"))}
+                "flat-stubs": with_nice(spec, spec.nice("classifier"), spec.nice("classifier")),
+                "budget-door": with_door(spec, door) if door else None}
     for name in names:
         variant = variants[name]
+        if variant is None:
+            raise ValueError(f"{name} needs its door's size")
         repos[name] = out / f"{name}_repository"
         write_repository(variant, build["backend"], repos[name], "benchmarks.overload", model_file=model_file)
     return repos
@@ -291,13 +309,13 @@ PRIORITY_COMPARISONS = (("same-priority", "stubs lowered / not", {"queue_full": 
 
 def versus(load: float, b: Row, other: Row, name: str, meaning: str, queue_full: bool = False,
            after_preprocess: bool = False) -> str:
-    """One ratio line: the bounded server's busy and accepted figures over `other`'s at the same load."""
+    """One ratio line: `b`'s busy and accepted figures over `other`'s at the same load."""
     parts = [f"busy p50 {b.busy_p50_ms / other.busy_p50_ms:.2f}", f"busy p99 {b.busy_p99_ms / other.busy_p99_ms:.2f}"]
     if queue_full:
         parts.append(f"queue-full p99 {b.full_p99_ms / other.full_p99_ms:.2f}")
     parts += [f"accepted p99 {b.accepted_p99_ms / other.accepted_p99_ms:.2f}",
               f"accepted req/s {b.accepted_rps / max(other.accepted_rps, 1e-9):.2f}"]
-    line = f"{load:g}x: bounded / {name} ({meaning}): " + ", ".join(parts)
+    line = f"{load:g}x: {b.config} / {name} ({meaning}): " + ", ".join(parts)
     if after_preprocess:
         line += f"; turned away after preprocessing {b.busy_after_preprocess} / {other.busy_after_preprocess}"
     return line
@@ -330,6 +348,10 @@ def ratios(rows: list[Row]) -> list[str]:
             other = by.get((name, load))
             if b and other and b.busy and other.busy:
                 lines.append(versus(load, b, other, name, meaning, **extra))
+        door = by.get(("budget-door", load))
+        if b and door and b.busy and door.busy:
+            lines.append(versus(load, door, b, "bounded", "a door sized to the latency budget / as deployed",
+                                queue_full=True))
     return lines
 
 
@@ -340,7 +362,7 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
-    styles = dict(zip(CONFIGS, ("o-", "s--", "^-.", "v:")))
+    styles = dict(zip(CONFIGS, ("o-", "s--", "^-.", "v:", "D-")))
     for config in dict.fromkeys(r.config for r in rows):
         mine = sorted((r for r in rows if r.config == config), key=lambda r: r.load)
         color = f"C{CONFIGS.index(config)}"
@@ -411,6 +433,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-time", type=float, default=20.0, help="seconds per load (default: %(default)s)")
     p.add_argument("--saturation-users", type=int, default=16,
                    help="closed-loop users that saturate the server (default: %(default)s)")
+    p.add_argument("--p99-budget-ms", type=float, default=100.0,
+                   help="budget-door's door holds saturating rate x this (default: %(default)s, the alert's "
+                        "and make tune's)")
     p.add_argument("--pacing-s", type=float, default=2.0,
                    help="each open-loop user starts a request this often (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="(default: %(default)s)")
@@ -465,7 +490,9 @@ def main(args: argparse.Namespace) -> list[Row]:
     out.mkdir(parents=True, exist_ok=True)
     # the saturating rate is measured on the unbounded server: on a bounded one, closed-loop users answered "busy"
     # send again at once, and a tight queue then turns the measurement into a flood of rejections
-    repos = write_repositories(Path(args.model_repository), out, tuple(dict.fromkeys([*args.configs, "unbounded"])))
+    late = ("budget-door",)  # sized from the saturating rate, written once it is measured
+    repos = write_repositories(Path(args.model_repository), out,
+                               tuple(c for c in dict.fromkeys([*args.configs, "unbounded"]) if c not in late))
     spec = DeploymentSpec.from_dict(read_manifest(Path(args.model_repository))["spec"])
     model, images = ensemble_name(args.model_repository), list(load_photos(args.photos).values())
     rows = []
@@ -479,6 +506,9 @@ def main(args: argparse.Namespace) -> list[Row]:
         drain(server.metrics_url)
         measured = run_users(server.http_url, model, images, args.saturation_users, args.run_time, seed=args.seed)
         saturating = measured.count("accepted") / measured.seconds
+    door = budget_door(saturating, args.p99_budget_ms)
+    if "budget-door" in args.configs:
+        repos.update(write_repositories(Path(args.model_repository), out, late, door=door))
     steps.update()
     for config in args.configs:
         with cpus(args.server_cpus):  # the server and its stubs inherit it
@@ -509,7 +539,7 @@ def main(args: argparse.Namespace) -> list[Row]:
               f"CPUs: server {_cpus_text(args.server_cpus)}, Locust {_cpus_text(args.client_cpus)}; "
               f"python stubs at tritonserver's nice + {spec.nice('preprocess')} (preprocess), + "
               f"{spec.nice('classifier')} (classifier, fused); same-priority: + 0; flat-stubs: preprocess at "
-              f"the classifier's"]
+              f"the classifier's; budget-door: the door holds {door} (saturating rate x {args.p99_budget_ms:g} ms)"]
     report = write_report(rows, header, out)
     print(report.read_text())
     print(f"wrote {report}, {out / 'overload.csv'}, {out / 'overload.png'}")

@@ -81,13 +81,17 @@ def test_the_overload_benchmark_opens_every_queue():
         assert spec.queue_policy(stage) == (0, 0)
 
 
-def test_the_overload_benchmarks_priority_servers_differ_only_in_the_stubs_nice(tiny_artifacts, tmp_path):
-    from benchmarks.overload import CONFIGS, write_repositories
+def test_the_overload_benchmarks_servers_differ_only_in_the_stubs_nice_or_the_doors_size(tiny_artifacts, tmp_path):
+    from benchmarks.overload import CONFIGS, budget_door, write_repositories
     from build.repository.writer import write_repository
 
     served = tmp_path / "served"
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", served, "tests")
-    repos = write_repositories(served, tmp_path / "bench")
+    with pytest.raises(ValueError, match="budget-door needs its door's size"):
+        write_repositories(served, tmp_path / "no_door")
+    door = budget_door(95.0, 100.0)
+    assert door == 9 and budget_door(5.0, 100.0) == 1
+    repos = write_repositories(served, tmp_path / "bench", door=door)
     assert set(repos) == set(CONFIGS)
 
     def read(config: str, model: str) -> model_config_pb2.ModelConfig:
@@ -103,6 +107,13 @@ def test_the_overload_benchmarks_priority_servers_differ_only_in_the_stubs_nice(
             other.parameters["nice"].string_value = bounded.parameters["nice"].string_value
             assert other == bounded, (config, model)
     assert DeploymentSpec().nice("preprocess") == PREPROCESS_NICE > STUB_NICE == DeploymentSpec().nice("classifier")
+    # budget-door: only the door's (preprocess's) queue bound differs
+    assert read("budget-door", "classifier") == read("bounded", "classifier")
+    bounded, sized = read("bounded", "preprocess"), read("budget-door", "preprocess")
+    assert sized.dynamic_batching.default_queue_policy.max_queue_size == door
+    assert bounded.dynamic_batching.default_queue_policy.max_queue_size == DeploymentSpec().queue_policy("preprocess")[0]
+    sized.dynamic_batching.default_queue_policy.max_queue_size = bounded.dynamic_batching.default_queue_policy.max_queue_size
+    assert sized == bounded
 
 
 # ---- a real server past its queue -------------------------------------------------------------
