@@ -87,6 +87,8 @@ def main(args: argparse.Namespace) -> dict:
     print(f"classifier: {deployable.variant} ({deployable.model_file})")
     print(f"wrote {args.out}/: {', '.join(manifest['models'])} "
           f"(input {manifest['input_dims']}, {manifest['num_classes']} classes, max batch {spec.max_batch_size})")
+    for caution in spec.cautions():
+        print(f"caution: {caution}")
     print(f"serve it:  tritonserver --model-repository {args.out}")
     return manifest
 

@@ -39,3 +39,20 @@ def test_build_engines_reports_a_null_stage_in_one_line(tmp_path):
     assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
     assert cli.stderr.strip() == f"build.engines: {path}: preprocess must be an object of " \
                                  "['instances', 'max_queue_delay_us', 'max_queue_size', 'nice', 'preferred_batch_sizes', 'queue_timeout_us', 'threads'], got None"
+
+
+def test_a_bounded_queue_before_a_single_instance_is_a_caution():
+    """Triton 2.51's batcher can idle its one instance for 500 ms behind a full queue (docs/operations.md)."""
+    import dataclasses
+    from pathlib import Path
+
+    committed = DeploymentSpec.load(Path(__file__).parents[2] / "configs" / "deployment.json")
+    assert committed.cautions() == []
+    one = committed.replace(preprocess=dataclasses.replace(committed.preprocess, instances=1))
+    [caution] = one.cautions()
+    size = one.queue_policy("preprocess")[0]
+    assert caution.startswith(f"preprocess: one instance behind a queue bounded at {size}:") and "500 ms" in caution
+    unbounded = one.replace(preprocess=dataclasses.replace(one.preprocess, max_queue_size=0, queue_timeout_us=50000))
+    assert unbounded.cautions() == []
+    fused = one.replace(pipeline="fused", fused=dataclasses.replace(one.fused, instances=1, max_queue_size=4))
+    assert [c.split(":")[0] for c in fused.cautions()] == ["fused"]  # preprocess is not served in a fused pipeline
