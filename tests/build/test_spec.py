@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,13 +42,20 @@ def test_build_engines_reports_a_null_stage_in_one_line(tmp_path):
                                  "['instances', 'max_queue_delay_us', 'max_queue_size', 'nice', 'preferred_batch_sizes', 'queue_timeout_us', 'threads'], got None"
 
 
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.json")))
+def test_every_committed_spec_loads_without_a_caution(name):
+    spec = DeploymentSpec.load(CONFIGS / name)
+    assert spec.cautions() == [], spec.cautions()
+
+
 def test_a_bounded_queue_before_a_single_instance_is_a_caution():
     """Triton 2.51's batcher can idle its one instance for 500 ms behind a full queue (docs/operations.md)."""
     import dataclasses
-    from pathlib import Path
 
-    committed = DeploymentSpec.load(Path(__file__).parents[2] / "configs" / "deployment.json")
-    assert committed.cautions() == []
+    committed = DeploymentSpec.load(CONFIGS / "deployment.json")
     one = committed.replace(preprocess=dataclasses.replace(committed.preprocess, instances=1))
     [caution] = one.cautions()
     size = one.queue_policy("preprocess")[0]
