@@ -10,8 +10,8 @@ no timeout: every request waits), `same-priority` (bounded, but every python stu
 own priority: what lowering the stubs does for the busy answers) and `flat-stubs` (bounded, the
 preprocess stubs at the classifier's priority rather than below it: what that does for the requests
 turned away after preprocessing) and `budget-door` (bounded, but the door, the first model's queue,
-holds only what the server answers within --p99-budget-ms at the saturating rate: the sizing
-docs/operations.md gives for a latency budget, against the deployed door that takes bursts). Locust runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
+holds only what the server answers within --p99-budget-ms at the saturating rate: the upper bound
+docs/operations.md gives a door for a latency budget, against the deployed door that takes bursts). Locust runs in this process: FastHttpUser greenlets, one connection each, posting Triton's HTTP binary-tensor
 request (one real photo, top-k asked as JSON); an answer counts as accepted (200 with k predictions),
 busy (503 naming the full queue or the queue timeout) or error (anything else).
 
