@@ -238,7 +238,7 @@ def with_nice(spec, preprocess: int, others: int):
 
 def with_door(spec, size: int):
     """The same spec with the door (the first model's queue: preprocess, or the fused classifier) bounded at `size`."""
-    door = "fused" if spec.pipeline == "fused" else "preprocess"
+    door = spec.served_stages()[0]
     return spec.replace(**{door: dataclasses.replace(getattr(spec, door), max_queue_size=size)})
 
 

@@ -163,15 +163,18 @@ class DeploymentSpec:
         timeout = this.queue_timeout_us if this.queue_timeout_us is not None else DEFAULT_QUEUE_TIMEOUT_US
         return size, timeout
 
+    def served_stages(self) -> tuple[str, ...]:
+        """The stages this pipeline serves, the door (the model that takes the ensemble's requests) first."""
+        return ("fused",) if self.pipeline == "fused" else ("preprocess", "classifier")
+
     def cautions(self) -> list[str]:
         """What in this spec is valid but measured to behave badly (printed by `make engines`): a size-bounded
         queue in front of a single instance, which Triton 2.51's batcher can leave idle for its default 500 ms
         wait once the queue is full (arrivals turned away do not wake it; docs/operations.md, Sizing)."""
-        stages = ("fused",) if self.pipeline == "fused" else ("preprocess", "classifier")
         return [f"{stage}: one instance behind a queue bounded at {size}: once that queue is full, Triton 2.51 "
                 f"can leave the instance idle for up to 500 ms (measured: 23-26 accepted req/s where three instances "
                 f"gave 77-91); give it 2 or more instances, or max_queue_size 0 with a queue timeout"
-                for stage in stages
+                for stage in self.served_stages()
                 if getattr(self, stage).instances == 1 and (size := self.queue_policy(stage)[0]) > 0]
 
     def nice(self, stage: str) -> int:
