@@ -127,24 +127,28 @@ class PerfAnalyzer:
     def measure(self, model: str, url: str, protocol: str, concurrency: int, csv_path: str | Path,
                 input_data: Path | None = None, measurement_ms: int = 2000, max_trials: int = 6,
                 stability: int = 100) -> PerfResult:
-        """One perf_analyzer run at one concurrency. Raises PerfAnalyzerError with its output."""
+        """One perf_analyzer run at one concurrency; a failed run is tried once more with windows twice as
+        long and twice as many (no stable window on a noisy machine; or exit 3, a window in which no request
+        completed: a stall of the machine or the server longer than a window). Raises PerfAnalyzerError whose
+        first line says why, in perf_analyzer's words, and whose other lines hold its output."""
         csv_path = Path(csv_path)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = self.command(model, url, protocol, concurrency, csv_path, input_data, measurement_ms,
-                           max_trials, stability)
-        timeout = 60 + 3 * max_trials * measurement_ms / 1000
-        try:
-            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
-            if done.returncode != 0:  # mostly no stable window (UNSTABLE) on a noisy or very fast run: once more, longer
-                cmd = self.command(model, url, protocol, concurrency, csv_path, input_data, measurement_ms,
-                                   2 * max_trials, stability)
-                timeout *= 2
+        tries = ((measurement_ms, max_trials), (2 * measurement_ms, 2 * max_trials))
+        for window_ms, trials in tries:
+            cmd = self.command(model, url, protocol, concurrency, csv_path, input_data, window_ms, trials, stability)
+            timeout = 60 + 3 * trials * window_ms / 1000
+            csv_path.unlink(missing_ok=True)  # a CSV left by an earlier run is not this run's result
+            try:
                 done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise PerfAnalyzerError(f"perf_analyzer ran past {timeout:.0f} s: {' '.join(cmd)}") from None
-        if done.returncode != 0 or not csv_path.exists():
-            raise PerfAnalyzerError(f"perf_analyzer failed (exit {done.returncode}) on {model} at concurrency "
-                                    f"{concurrency}:\n{(done.stdout + done.stderr).strip()[-1500:]}")
+            except subprocess.TimeoutExpired:
+                raise PerfAnalyzerError(f"perf_analyzer ran past {timeout:.0f} s: {' '.join(cmd)}") from None
+            if done.returncode == 0 and csv_path.exists():
+                break
+        else:
+            output = (done.stdout + done.stderr).strip()
+            raise PerfAnalyzerError(f"perf_analyzer failed (exit {done.returncode}: {failure_reason(output)}) on "
+                                    f"{model} at concurrency {concurrency}, also with {tries[-1][0]} ms windows:"
+                                    f"\n{output[-1500:]}")
         rows = parse_csv(csv_path, model, protocol)
         if not rows:
             raise PerfAnalyzerError(f"{csv_path}: no measurement rows")
@@ -157,6 +161,16 @@ class PerfAnalyzer:
         batch shape, memory arenas growing) are slower and would bias the first measured point."""
         self.measure(model, url, protocol, concurrency, csv_path, input_data, measurement_ms=500, max_trials=3,
                      stability=1000)
+
+
+def failure_reason(output: str) -> str:
+    """perf_analyzer's own word on why it failed: the last line of its output that reports a failure or an
+    error, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if any(word in line.lower() for word in ("fail", "error", "no valid", "unable", "expired")):
+            return line
+    return lines[-1] if lines else "no output"
 
 
 CSV_COLUMNS = ("Concurrency", "Inferences/Second", "p50 latency", "p90 latency", "p99 latency")

@@ -31,7 +31,7 @@ SYSTEMS = (report.INPROCESS, report.ENSEMBLE_GRPC, report.PREPROCESS, report.CLA
 @dataclasses.dataclass(frozen=True)
 class Measure:
     """One system to measure in each round: `run()` measures it once at `concurrency` and returns the
-    point; it may raise one of `failures`, which skips that system in that round only."""
+    point; it may raise one of `failures` (run_rounds tries it once more, then skips it in that round only)."""
     system: str
     concurrency: int
     run: Callable[[], report.Point]
@@ -62,21 +62,36 @@ def point_label(system: str, concurrency: int) -> str:
 def run_rounds(measures: list[Measure], rounds: int, failures: tuple[type[BaseException], ...] = (),
                log: Callable[[str], None] = print) -> list[dict[str, report.Point]]:
     """`rounds` rounds of every measure, round r starting at measure r (mod their count); one
-    {system: point} per round. A measure that raises one of `failures` is left out of that round."""
+    {system: point} per round. A measure that raises one of `failures` is tried once more at the end of its
+    round (after the others: a stall of the machine has passed by then, and the pairing holds within the
+    round); only when that fails too is it left out of that round."""
     results = []
     for r in range(rounds):
         start = r % len(measures) if measures else 0
-        got = {}
+        got, again = {}, []
         for m in measures[start:] + measures[:start]:
             try:
                 got[m.system] = point = m.run()
             except failures as exc:
-                log(f"  round {r + 1}, {m.system}: skipped, {str(exc).splitlines()[0] if str(exc) else exc!r}")
+                log(f"  round {r + 1}, {m.system}: failed, tried again at the end of the round: {_first_line(exc)}")
+                again.append(m)
                 continue
             log(f"  round {r + 1}, {m.system} ({point_label(m.system, m.concurrency)}): "
                 f"{point.throughput:.1f} img/s, p99 {point.p99_ms:.1f} ms")
+        for m in again:
+            try:
+                got[m.system] = point = m.run()
+            except failures as exc:
+                log(f"  round {r + 1}, {m.system}: skipped, failed twice: {_first_line(exc)}")
+                continue
+            log(f"  round {r + 1}, {m.system} ({point_label(m.system, m.concurrency)}), tried again: "
+                f"{point.throughput:.1f} img/s, p99 {point.p99_ms:.1f} ms")
         results.append(got)
     return results
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)
 
 
 def paired_ratios(results: list[dict[str, report.Point]]) -> list[PairedRatio]:

@@ -13,25 +13,35 @@ def test_paired_rounds_rotate_the_order_and_take_each_ratio_within_its_round(tmp
     schedule = {report.INPROCESS: [200.0, 150.0, 210.0], report.ENSEMBLE_GRPC: [170.0, 135.0, 168.0],
                 report.PREPROCESS: [400.0, 300.0, 390.0], report.CLASSIFIER: [220.0, 150.0, 200.0],
                 report.FUSED_GRPC: [196.0, 148.0, 205.0], report.FUSED_ALONE: [190.0, 160.0, 200.0]}
+    # each system's attempts in order; None fails: the fused member fails in round 2 and again when tried at
+    # the end of it (left out of round 2), preprocess fails once in round 3 and is measured when tried again
+    attempts = {s: list(v) for s, v in schedule.items()}
+    attempts[report.FUSED_ALONE] = [190.0, None, None, 200.0]
+    attempts[report.PREPROCESS] = [400.0, 300.0, None, 390.0]
     calls = []
 
     def measure(system):
         def run():
-            round_index = sum(s == system for s in calls)
             calls.append(system)
-            if system == report.FUSED_ALONE and round_index == 1:
-                raise TimeoutError("no stable window")
+            throughput = attempts[system].pop(0)
+            if throughput is None:
+                raise TimeoutError(f"{system}: no stable window")
             cpu = 190.0 if system == report.ENSEMBLE_GRPC else None  # 190 % at 170 img/s: 11.2 ms per image
-            return report.Point(system, 8, schedule[system][round_index], 10, 20, 30, server_cpu_percent=cpu)
+            return report.Point(system, 8, throughput, 10, 20, 30, server_cpu_percent=cpu)
         return rounds.Measure(system, 8, run)
 
     measures = [measure(s) for s in schedule]
     log = []
     results = rounds.run_rounds(measures, 3, failures=(TimeoutError,), log=log.append)
-    assert len(results) == 3
-    # round r starts at measure r: no system always goes first
-    assert [calls[6 * r] for r in range(3)] == [report.INPROCESS, report.ENSEMBLE_GRPC, report.PREPROCESS]
-    assert report.FUSED_ALONE not in results[1] and any("no stable window" in line for line in log)
+    assert len(results) == 3 and not any(attempts.values())
+    # round r starts at measure r (no system always goes first); a failed measure is tried again at its round's end
+    assert [calls[0], calls[6], calls[13]] == [report.INPROCESS, report.ENSEMBLE_GRPC, report.PREPROCESS]
+    assert calls[12] == report.FUSED_ALONE and calls[19] == report.PREPROCESS and len(calls) == 20
+    assert report.FUSED_ALONE not in results[1] and results[2][report.PREPROCESS].throughput == 390.0
+    assert sum("failed, tried again at the end of the round" in line for line in log) == 2
+    assert f"  round 3, {report.PREPROCESS} (c=8), tried again: 390.0 img/s, p99 30.0 ms" in log
+    assert [line for line in log if "skipped" in line] == [
+        f"  round 2, {report.FUSED_ALONE}: skipped, failed twice: {report.FUSED_ALONE}: no stable window"]
 
     ratios = {p.name: p for p in rounds.paired_ratios(results)}
     bound = ratios["Triton / in-process bound"]

@@ -128,6 +128,14 @@ def test_perf_analyzer_on_ensemble_with_real_photos(server, perf_tool, photos, t
     synthetic = perf_tool.measure("classifier", server.http_url, "http", 1, tmp_path / "cls.csv", None,
                                   measurement_ms=500, max_trials=3)
     assert synthetic.throughput > 0
+    # a run that fails (no two windows agree exactly: never stable at 0 %) is tried once more with longer
+    # windows; the error's first line says why in perf_analyzer's words, and no earlier CSV passes for a result
+    with pytest.raises(PerfAnalyzerError) as failed:
+        perf_tool.measure("classifier", server.http_url, "http", 1, tmp_path / "cls.csv", None,
+                          measurement_ms=100, max_trials=3, stability=0)
+    assert str(failed.value).splitlines()[0] == ("perf_analyzer failed (exit 2: Failed to obtain stable measurement.) "
+                                                 "on classifier at concurrency 1, also with 200 ms windows:")
+    assert "within 6 measurement windows" in str(failed.value) and not (tmp_path / "cls.csv").exists()
 
 
 def test_tune_tries_candidates_and_writes_the_spec(perf_tool, perf_venv, tiny_artifacts, tmp_path):
