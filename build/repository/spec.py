@@ -21,6 +21,9 @@ INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 DEFAULT_SPEC_PATH = Path("configs/deployment.json")
 QUEUE_BATCHES = 1  # derived queue bound: this many max batches per instance
 DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
+# measured (docs/results/2026-12-03-single-instance-stall.md): one instance with any default_queue_policy
+SINGLE_INSTANCE_STALL = ("Triton 2.51's batcher then leaves it idle for 500 ms now and then, at any load (2 clients: "
+                         "5-56 stalls of 503 ms a minute; none without the policy, nor with 2 instances at 2-8 clients)")
 STUB_NICE = 10  # derived nice increment of the classifier's (and the fused model's) python stub
 PREPROCESS_NICE = MAX_NICE  # of the preprocess stub: below the classifier's
 TARGET_SERVER_KEYS = ("image", "tensorrt", "compute_capability", "version_compatible", "hardware_compatibility")
@@ -152,15 +155,23 @@ class DeploymentSpec:
         instance (a burst of that many requests on an idle server is served, not turned away); the classifier
         behind preprocess holds one max batch from every preprocess instance at once (what preprocess hands on
         in one go), so it turns nothing away below capacity. Both time out, so that an accepted request's wait
-        stays bounded whichever model is the slower."""
+        stays bounded whichever model is the slower. A stage with one instance derives no policy at all:
+        Triton 2.51's batcher leaves a single instance behind any queue policy idle for its 500 ms wait now and
+        then, at any load (SINGLE_INSTANCE_STALL); set the fields to bound it anyway (`cautions` then says so)."""
         this = getattr(self, stage)
+        derived = 0 if this.instances == 1 else None
         if this.max_queue_size is not None:
             size = this.max_queue_size
+        elif derived is not None:
+            size = derived
         elif stage == "classifier":
             size = self.preprocess.instances * self.max_batch_size if self.queue_policy("preprocess")[0] else 0
         else:
             size = QUEUE_BATCHES * this.instances * self.max_batch_size
-        timeout = this.queue_timeout_us if this.queue_timeout_us is not None else DEFAULT_QUEUE_TIMEOUT_US
+        if this.queue_timeout_us is not None:
+            timeout = this.queue_timeout_us
+        else:
+            timeout = DEFAULT_QUEUE_TIMEOUT_US if derived is None else derived
         return size, timeout
 
     def served_stages(self) -> tuple[str, ...]:
@@ -168,14 +179,21 @@ class DeploymentSpec:
         return ("fused",) if self.pipeline == "fused" else ("preprocess", "classifier")
 
     def cautions(self) -> list[str]:
-        """What in this spec is valid but measured to behave badly (printed by `make engines`): a size-bounded
-        queue in front of a single instance, which Triton 2.51's batcher can leave idle for its default 500 ms
-        wait once the queue is full (arrivals turned away do not wake it; docs/operations.md, Sizing)."""
-        return [f"{stage}: one instance behind a queue bounded at {size}: once that queue is full, Triton 2.51 "
-                f"can leave the instance idle for up to 500 ms (measured: 23-26 accepted req/s where three instances "
-                f"gave 77-91); give it 2 or more instances, or max_queue_size 0 with a queue timeout"
-                for stage in self.served_stages()
-                if getattr(self, stage).instances == 1 and (size := self.queue_policy(stage)[0]) > 0]
+        """What in this spec is valid but measured to behave badly (printed by `make engines`): a queue policy
+        in front of a single instance, which Triton 2.51's batcher leaves idle for its default 500 ms wait now
+        and then (SINGLE_INSTANCE_STALL); and a single-instance door, which therefore turns nothing away."""
+        out = []
+        for stage in self.served_stages():
+            if getattr(self, stage).instances != 1:
+                continue
+            size, timeout = self.queue_policy(stage)
+            if size or timeout:
+                out.append(f"{stage}: one instance behind a queue policy (max_queue_size {size}, timeout {timeout} us): "
+                           f"{SINGLE_INSTANCE_STALL}; give it 2 or more instances, or no policy (both 0)")
+            elif stage == self.served_stages()[0]:
+                out.append(f"{stage}: the door has one instance and so no queue bound (a policy would stall it: "
+                           f"{SINGLE_INSTANCE_STALL}): past capacity every request waits; give it 2 or more instances")
+        return out
 
     def nice(self, stage: str) -> int:
         """The nice increment of `stage`'s python stub (preprocess, classifier or fused), defaults resolved.

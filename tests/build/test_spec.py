@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from build.repository.spec import DeploymentSpec, StageSpec
+from build.repository.spec import DEFAULT_QUEUE_TIMEOUT_US, DeploymentSpec, StageSpec
 from common.contract import ImageLimits
 
 
@@ -51,16 +51,24 @@ def test_every_committed_spec_loads_without_a_caution(name):
     assert spec.cautions() == [], spec.cautions()
 
 
-def test_a_bounded_queue_before_a_single_instance_is_a_caution():
-    """Triton 2.51's batcher can idle its one instance for 500 ms behind a full queue (docs/operations.md)."""
+def test_a_single_instance_derives_no_queue_policy_and_one_set_by_hand_is_a_caution():
+    """Triton 2.51's batcher leaves one instance behind any queue policy idle for 500 ms now and then
+    (docs/results/2026-12-03-single-instance-stall.md): derived, a single instance gets none."""
     import dataclasses
 
     committed = DeploymentSpec.load(CONFIGS / "deployment.json")
     one = committed.replace(preprocess=dataclasses.replace(committed.preprocess, instances=1))
-    [caution] = one.cautions()
-    size = one.queue_policy("preprocess")[0]
-    assert caution.startswith(f"preprocess: one instance behind a queue bounded at {size}:") and "500 ms" in caution
-    unbounded = one.replace(preprocess=dataclasses.replace(one.preprocess, max_queue_size=0, queue_timeout_us=50000))
-    assert unbounded.cautions() == []
+    assert one.queue_policy("preprocess") == (0, 0) and one.queue_policy("classifier") == (0, DEFAULT_QUEUE_TIMEOUT_US)
+    [door] = one.cautions()  # unbounded, behind no other model: said
+    assert door.startswith("preprocess: the door has one instance and so no queue bound") and "500 ms" in door
+    for size, timeout in ((8, 0), (0, 50000), (8, 50000)):  # the size alone and the timeout alone stalled it too
+        bounded = one.replace(preprocess=dataclasses.replace(one.preprocess, max_queue_size=size, queue_timeout_us=timeout))
+        [caution] = bounded.cautions()
+        assert caution.startswith(f"preprocess: one instance behind a queue policy (max_queue_size {size}, "
+                                  f"timeout {timeout} us):") and "500 ms" in caution
+    # the classifier behind a bounded door: one instance, no policy, nothing to say
+    default = DeploymentSpec()
+    assert default.classifier.instances == 1 and default.queue_policy("classifier") == (0, 0)
+    assert default.cautions() == []
     fused = one.replace(pipeline="fused", fused=dataclasses.replace(one.fused, instances=1, max_queue_size=4))
     assert [c.split(":")[0] for c in fused.cautions()] == ["fused"]  # preprocess is not served in a fused pipeline

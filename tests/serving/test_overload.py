@@ -56,8 +56,11 @@ def test_explicit_queue_settings_and_zero_for_unbounded():
     assert (p.max_queue_size, p.default_timeout_microseconds) == (5, 250)
     assert not parse(configs.classifier_config(spec, SHAPE, "onnxruntime", "test")).dynamic_batching.HasField(
         "default_queue_policy")  # 0 and 0: Triton's unbounded queue, no policy written
-    open_door = DeploymentSpec(preprocess=StageSpec(max_queue_size=0))  # behind an unbounded door, no bound
+    open_door = DeploymentSpec(preprocess=StageSpec(instances=2, max_queue_size=0),  # behind an unbounded door,
+                               classifier=StageSpec(instances=2))                    # no bound
     assert open_door.queue_policy("classifier") == (0, DEFAULT_QUEUE_TIMEOUT_US)
+    # one instance derives no policy (Triton 2.51 stalls it behind one); set by hand, it is written all the same
+    assert DeploymentSpec(preprocess=StageSpec(instances=1)).queue_policy("preprocess") == (0, 0)
     with pytest.raises(ValueError, match="preprocess.max_queue_size must be >= 0"):
         DeploymentSpec(preprocess=StageSpec(max_queue_size=-1))
     with pytest.raises(ValueError, match="classifier.queue_timeout_us must be >= 0"):
