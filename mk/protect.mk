@@ -11,3 +11,8 @@ bench-overload: engines ## Locust at 1x 2x 4x the saturating rate, bounded vs un
 
 bench-cache: engines ## response cache on repeated images: hit rate, throughput with vs without [CACHE_ARGS="--distinct 50"]
 	$(PY) -m benchmarks.response_cache --model-repository $(REPOSITORY) --out $(or $(BENCH_OUT),benchmarks/results)/response_cache $(CACHE_ARGS)
+
+STALL_ARGS ?=
+.PHONY: bench-stall
+bench-stall: engines ## light load on the classifier, its queue policy and instances varied: stalls of Triton's batcher, PNG [STALL_ARGS="--seconds 20"]
+	$(PY) -m benchmarks.stall --model-repository $(REPOSITORY) --out $(or $(BENCH_OUT),benchmarks/results)/stall $(STALL_ARGS)

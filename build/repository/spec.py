@@ -23,7 +23,8 @@ QUEUE_BATCHES = 1  # derived queue bound: this many max batches per instance
 DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
 # measured (docs/results/2026-12-03-single-instance-stall.md): one instance with any default_queue_policy
 SINGLE_INSTANCE_STALL = ("Triton 2.51's batcher then leaves it idle for 500 ms now and then, at any load (2 clients: "
-                         "5-56 stalls of 503 ms a minute; none without the policy, nor with 2 instances at 2-8 clients)")
+                         "5-56 stalls of 503 ms a minute; none without the policy, nor with 2 instances at 2-8 "
+                         "clients)")
 STUB_NICE = 10  # derived nice increment of the classifier's (and the fused model's) python stub
 PREPROCESS_NICE = MAX_NICE  # of the preprocess stub: below the classifier's
 TARGET_SERVER_KEYS = ("image", "tensorrt", "compute_capability", "version_compatible", "hardware_compatibility")
@@ -188,8 +189,8 @@ class DeploymentSpec:
                 continue
             size, timeout = self.queue_policy(stage)
             if size or timeout:
-                out.append(f"{stage}: one instance behind a queue policy (max_queue_size {size}, timeout {timeout} us): "
-                           f"{SINGLE_INSTANCE_STALL}; give it 2 or more instances, or no policy (both 0)")
+                out.append(f"{stage}: one instance behind a queue policy (max_queue_size {size}, timeout {timeout} "
+                           f"us): {SINGLE_INSTANCE_STALL}; give it 2 or more instances, or no policy (both 0)")
             elif stage == self.served_stages()[0]:
                 out.append(f"{stage}: the door has one instance and so no queue bound (a policy would stall it: "
                            f"{SINGLE_INSTANCE_STALL}): past capacity every request waits; give it 2 or more instances")

@@ -62,7 +62,8 @@ def test_a_single_instance_derives_no_queue_policy_and_one_set_by_hand_is_a_caut
     [door] = one.cautions()  # unbounded, behind no other model: said
     assert door.startswith("preprocess: the door has one instance and so no queue bound") and "500 ms" in door
     for size, timeout in ((8, 0), (0, 50000), (8, 50000)):  # the size alone and the timeout alone stalled it too
-        bounded = one.replace(preprocess=dataclasses.replace(one.preprocess, max_queue_size=size, queue_timeout_us=timeout))
+        bounded = one.replace(preprocess=dataclasses.replace(one.preprocess, max_queue_size=size,
+                                                             queue_timeout_us=timeout))
         [caution] = bounded.cautions()
         assert caution.startswith(f"preprocess: one instance behind a queue policy (max_queue_size {size}, "
                                   f"timeout {timeout} us):") and "500 ms" in caution
