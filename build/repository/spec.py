@@ -160,11 +160,11 @@ class DeploymentSpec:
         Triton 2.51's batcher leaves a single instance behind any queue policy idle for its 500 ms wait now and
         then, at any load (SINGLE_INSTANCE_STALL); set the fields to bound it anyway (`cautions` then says so)."""
         this = getattr(self, stage)
-        derived = 0 if this.instances == 1 else None
+        single = this.instances == 1  # derives neither a bound nor a timeout
         if this.max_queue_size is not None:
             size = this.max_queue_size
-        elif derived is not None:
-            size = derived
+        elif single:
+            size = 0
         elif stage == "classifier":
             size = self.preprocess.instances * self.max_batch_size if self.queue_policy("preprocess")[0] else 0
         else:
@@ -172,7 +172,7 @@ class DeploymentSpec:
         if this.queue_timeout_us is not None:
             timeout = this.queue_timeout_us
         else:
-            timeout = DEFAULT_QUEUE_TIMEOUT_US if derived is None else derived
+            timeout = 0 if single else DEFAULT_QUEUE_TIMEOUT_US
         return size, timeout
 
     def served_stages(self) -> tuple[str, ...]:
