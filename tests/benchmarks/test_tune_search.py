@@ -174,6 +174,19 @@ def test_a_grid_value_the_spec_rejects_is_passed_over_not_fatal(capsys):
 
 
 
+def test_a_candidate_with_a_new_caution_is_passed_over(capsys):
+    """One preprocess instance would be the door with no queue bound (a bound would stall it): not tried,
+    with the caution said; the same layout for the classifier, behind the door, is tried."""
+    spec = DeploymentSpec.load("configs/deployment.json")
+    grid = {"preprocess.layout": [[1, 1], [2, 1]], "classifier.layout": [[1, 2]]}
+    best, trials = tune.search(spec, grid, cost_model, budget_ms=100, min_gain=0.01, max_candidates=10, confirm=0)
+    assert [(t.knob, t.settings["preprocess.layout"], t.settings["classifier.layout"]) for t in trials] == [
+        ("baseline", [3, 1], [2, 1]), ("preprocess.layout", [2, 1], [2, 1]), ("classifier.layout", [3, 1], [1, 2])]
+    out = capsys.readouterr().out
+    assert "preprocess.layout=1x1: not tried, caution: preprocess: the door has one instance" in out
+    assert best.preprocess.instances >= 2 and best.cautions() == []
+
+
 def test_a_negative_number_of_confirmation_pairs_is_refused_before_anything_runs(tmp_path):
     args = tune.get_args_parser().parse_args(["--confirm-pairs", "-1", "--spec", str(tmp_path / "none.json"),
                                               "--out", str(tmp_path / "tune")])
