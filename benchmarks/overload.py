@@ -252,23 +252,17 @@ def write_repositories(repository: Path, out: Path, names: tuple[str, ...] = CON
     """{config: path} for `names` of CONFIGS, from the served repository's spec and backend; budget-door needs
     `door`, its door's size."""
     from build.repository.spec import DeploymentSpec
-    from build.repository.writer import read_manifest, write_repository
+    from build.repository.writer import read_manifest, write_variants
 
     build = read_manifest(repository)
     spec = DeploymentSpec.from_dict(build["spec"])
-    source = build.get("classifier_model", {}).get("source")
-    model_file = Path(source) if source and Path(source).exists() else None
-    repos = {}
     variants = {"bounded": spec, "unbounded": unbounded(spec), "same-priority": with_nice(spec, 0, 0),
                 "flat-stubs": with_nice(spec, spec.nice("classifier"), spec.nice("classifier")),
                 "budget-door": with_door(spec, door) if door else None}
-    for name in names:
-        variant = variants[name]
-        if variant is None:
-            raise ValueError(f"{name} needs its door's size")
-        repos[name] = out / f"{name}_repository"
-        write_repository(variant, build["backend"], repos[name], "benchmarks.overload", model_file=model_file)
-    return repos
+    missing = [name for name in names if variants[name] is None]
+    if missing:
+        raise ValueError(f"{missing[0]} needs its door's size")
+    return write_variants(build, {name: variants[name] for name in names}, out, "benchmarks.overload")
 
 
 @dataclasses.dataclass(frozen=True)

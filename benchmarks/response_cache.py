@@ -83,18 +83,12 @@ class Row:
 
 def write_repositories(repository: Path, out: Path, cache_mb: int) -> dict[str, Path]:
     from build.repository.spec import DeploymentSpec
-    from build.repository.writer import read_manifest, write_repository
+    from build.repository.writer import read_manifest, write_variants
 
     build = read_manifest(repository)
     spec = DeploymentSpec.from_dict(build["spec"])
-    source = build.get("classifier_model", {}).get("source")
-    model_file = Path(source) if source and Path(source).exists() else None
-    repos = {}
-    for name, size in (("uncached", 0), ("cached", cache_mb)):
-        repos[name] = out / f"{name}_repository"
-        write_repository(spec.replace(response_cache_mb=size), build["backend"], repos[name],
-                         "benchmarks.response_cache", model_file=model_file)
-    return repos
+    variants = {name: spec.replace(response_cache_mb=size) for name, size in (("uncached", 0), ("cached", cache_mb))}
+    return write_variants(build, variants, out, "benchmarks.response_cache")
 
 
 def answers(url: str, images: list[bytes]) -> np.ndarray:

@@ -68,24 +68,23 @@ def run_rounds(measures: list[Measure], rounds: int, failures: tuple[type[BaseEx
     results = []
     for r in range(rounds):
         start = r % len(measures) if measures else 0
-        got, again = {}, []
-        for m in measures[start:] + measures[:start]:
+        got: dict[str, report.Point] = {}
+
+        def attempt(m: Measure, again: bool) -> bool:
             try:
                 got[m.system] = point = m.run()
             except failures as exc:
-                log(f"  round {r + 1}, {m.system}: failed, tried again at the end of the round: {_first_line(exc)}")
-                again.append(m)
-                continue
-            log(f"  round {r + 1}, {m.system} ({point_label(m.system, m.concurrency)}): "
-                f"{point.throughput:.1f} img/s, p99 {point.p99_ms:.1f} ms")
-        for m in again:
-            try:
-                got[m.system] = point = m.run()
-            except failures as exc:
-                log(f"  round {r + 1}, {m.system}: skipped, failed twice: {_first_line(exc)}")
-                continue
-            log(f"  round {r + 1}, {m.system} ({point_label(m.system, m.concurrency)}), tried again: "
-                f"{point.throughput:.1f} img/s, p99 {point.p99_ms:.1f} ms")
+                log(f"  round {r + 1}, {m.system}: " + ("skipped, failed twice: " if again else
+                                                        "failed, tried again at the end of the round: ")
+                    + _first_line(exc))
+                return False
+            log(f"  round {r + 1}, {m.system} ({point_label(m.system, m.concurrency)})"
+                + (", tried again" if again else "") + f": {point.throughput:.1f} img/s, p99 {point.p99_ms:.1f} ms")
+            return True
+
+        failed = [m for m in measures[start:] + measures[:start] if not attempt(m, False)]
+        for m in failed:
+            attempt(m, True)
         results.append(got)
     return results
 

@@ -152,21 +152,15 @@ def plot(samples: dict[str, list[tuple[float, float]]], stall_ms: float, path: P
 def write_repositories(repository: Path, out: Path, names: list[str]) -> tuple[dict[str, Path], object]:
     """{variant: path} written from the served repository's spec and backend, and that spec."""
     from build.repository.spec import DeploymentSpec
-    from build.repository.writer import read_manifest, write_repository
+    from build.repository.writer import read_manifest, write_variants
 
     build = read_manifest(repository)
     spec = DeploymentSpec.from_dict(build["spec"])
     if spec.pipeline != "ensemble":
         raise ValueError(f"{repository}: a {spec.pipeline} pipeline; the stall benchmark varies the ensemble's "
                          "classifier")
-    source = build.get("classifier_model", {}).get("source")
-    model_file = Path(source) if source and Path(source).exists() else None
-    repos = {}
-    for name in names:
-        repos[name] = out / f"{name}_repository"
-        write_repository(variant_spec(spec, *VARIANTS[name]), build["backend"], repos[name], "benchmarks.stall",
-                         model_file=model_file)
-    return repos, spec
+    variants = {name: variant_spec(spec, *VARIANTS[name]) for name in names}
+    return write_variants(build, variants, out, "benchmarks.stall"), spec
 
 
 def main(args: argparse.Namespace) -> list[Row]:

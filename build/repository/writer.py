@@ -57,6 +57,19 @@ def read_manifest(repository: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def write_variants(build: dict, variants: dict[str, DeploymentSpec], out: Path, generator: str) -> dict[str, Path]:
+    """{name: out/<name>_repository}: each variant of a served repository's spec (`build`, its read_manifest)
+    written with that repository's backend and classifier file (the variant or plan `make engines` deployed,
+    where it still exists), so that the variants differ from what is served only in their spec."""
+    source = build.get("classifier_model", {}).get("source")
+    model_file = Path(source) if source and Path(source).exists() else None
+    repos = {}
+    for name, spec in variants.items():
+        repos[name] = out / f"{name}_repository"
+        write_repository(spec, build["backend"], repos[name], generator, model_file=model_file)
+    return repos
+
+
 def read_labels(path: Path) -> list[str]:
     try:
         return labels_file.read_labels(path)
