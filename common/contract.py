@@ -41,6 +41,8 @@ class ImageLimits:
     format allows. The deployment spec's `limits` and the served models' config parameters carry these
     fields under these names."""
 
+    __pydantic_config__ = {"strict": True, "extra": "forbid"}  # a loaded deployment spec's (build/repository/spec.py)
+
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000  # declared width x height (decompression-bomb guard)
     min_image_side: int = 16

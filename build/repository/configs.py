@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from build.repository import dali
 from build.repository.spec import DeploymentSpec, StageSpec
 from common import contract
 
@@ -86,6 +87,12 @@ def _parameters(params: dict[str, object]) -> str:
 
 def _limits(spec: DeploymentSpec) -> dict[str, object]:
     return dict(spec.limits.to_parameters())
+
+
+def dali_preprocess_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
+    """The DALI preprocess model (build/repository/dali.py) on the GPU, batched and bounded as the spec says."""
+    return dali.preprocess_config(spec.preprocess_name, spec.max_batch_size, shape.input_dims,
+                                  _batching(spec.preprocess, "KIND_GPU", spec.queue_policy("preprocess")), header(source))
 
 
 def preprocess_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:

@@ -7,7 +7,9 @@ Edit the JSON (or let `make tune` write it); never edit the generated configs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 from pathlib import Path
 
 from common import contract
@@ -27,14 +29,20 @@ SINGLE_INSTANCE_STALL = ("Triton 2.51's batcher then leaves it idle for 500 ms n
                          "clients)")
 STUB_NICE = 10  # derived nice increment of the classifier's (and the fused model's) python stub
 PREPROCESS_NICE = MAX_NICE  # of the preprocess stub: below the classifier's
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a folder of the repository and a config.pbtxt string
 TARGET_SERVER_KEYS = ("image", "tensorrt", "compute_capability", "version_compatible", "hardware_compatibility")
 PREPROCESSING = ("python", "dali")
+# pydantic's validation of a loaded spec (DeploymentSpec.from_dict): each value of its field's type exactly
+STRICT = {"strict": True, "extra": "forbid"}
+TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "list_type": "a list",
+              "dict_type": "an object", "bool_type": "true or false"}
 
 
 @dataclasses.dataclass
 class StageSpec:
     """Batching and instances of one served model (preprocess or classifier)."""
 
+    __pydantic_config__ = STRICT
     instances: int = 1
     preferred_batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [4, 8])
     max_queue_delay_us: int = 2000
@@ -68,6 +76,8 @@ class StageSpec:
 
 @dataclasses.dataclass
 class DeploymentSpec:
+    __pydantic_config__ = STRICT
+
     artifacts: str = "artifacts/efficientnet_lite0"  # from `python -m training.export`
     ensemble_name: str = contract.ENSEMBLE
     preprocess_name: str = contract.PREPROCESS
@@ -133,12 +143,18 @@ class DeploymentSpec:
         names = [self.ensemble_name, self.preprocess_name, self.classifier_name]
         if len(set(names)) != 3:
             raise ValueError(f"model names must differ, got {names}")
+        bad = [n for n in names if not isinstance(n, str) or not MODEL_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"model names are letters, digits, '_', '.' and '-' (not first), got {bad}")
         self.limits.check()
         unknown_target = set(self.target_server) - set(TARGET_SERVER_KEYS)
         if unknown_target:
             raise ValueError(f"unknown target_server keys {sorted(unknown_target)}; valid: {list(TARGET_SERVER_KEYS)}")
         if self.preprocessing not in PREPROCESSING:
             raise ValueError(f"preprocessing {self.preprocessing!r} is not one of {PREPROCESSING}")
+        if self.pipeline == "fused" and self.preprocessing != "python":
+            raise ValueError(f"the fused pipeline preprocesses in its python model: preprocessing must be 'python', "
+                             f"got {self.preprocessing!r}")
         outputs = self.classifier_outputs
         if (not isinstance(outputs, list) or contract.ONNX_PROBABILITIES not in outputs
                 or not set(outputs) <= set(contract.ONNX_OUTPUTS) or len(set(outputs)) != len(outputs)):
@@ -212,11 +228,20 @@ class DeploymentSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeploymentSpec":
+        """The spec of a JSON object: every value checked against its field's type by pydantic, strictly (2.5, "2"
+        or true is no instance count), then by `check`; ValueError naming the key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a deployment spec is a JSON object, got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown deployment-spec keys {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**data)
+        import pydantic
+
+        try:
+            return _validator().validate_json(json.dumps(data))
+        except pydantic.ValidationError as exc:
+            raise ValueError("; ".join(_explain(error) for error in exc.errors())) from None
 
     @classmethod
     def load(cls, path: str | Path) -> "DeploymentSpec":
@@ -230,3 +255,30 @@ class DeploymentSpec:
 
     def replace(self, **changes) -> "DeploymentSpec":
         return dataclasses.replace(self, **changes)
+
+
+@functools.cache
+def _validator():
+    import pydantic
+
+    return pydantic.TypeAdapter(DeploymentSpec)
+
+
+def _fields(key: str) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(ImageLimits if key == "limits" else StageSpec))
+
+
+def _explain(error: dict) -> str:
+    """One pydantic error as the spec's other errors read: the key, what it must be, what it got."""
+    if error["type"] == "value_error":  # raised by check()
+        return str(error["ctx"]["error"])
+    loc = error["loc"]
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    got = error.get("input")
+    if error["type"] == "dataclass_type":
+        return f"{key} must be an object of {_fields(str(loc[-1]))}, got {got!r}"
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"unknown {loc[0]} key {loc[-1]!r}; valid: {_fields(str(loc[0]))}"
+    if error["type"] in TYPE_NAMES:
+        return f"{key} must be {TYPE_NAMES[error['type']]}, got {got!r}"
+    return f"{key}: {error['msg']}, got {got!r}"

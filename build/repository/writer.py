@@ -156,9 +156,7 @@ def write_repository(
         copy_session(cls_dir / "1")
         copy_preprocessing(cls_dir / "1")
     elif spec.preprocessing == "dali":  # a serialized DALI pipeline (build/repository/dali.py; make dali-setup)
-        (pre_dir / "config.pbtxt").write_text(dali.preprocess_config(
-            spec.preprocess_name, spec.max_batch_size, shape.input_dims, spec.preprocess.instances,
-            configs.header(spec_source)))
+        (pre_dir / "config.pbtxt").write_text(configs.dali_preprocess_config(spec, shape, spec_source))
         dali.serialize(artifacts / PREPROCESS_JSON, pre_dir / "1" / dali.MODEL_FILE, "mixed", spec.max_batch_size)
     else:
         (pre_dir / "config.pbtxt").write_text(configs.preprocess_config(spec, shape, spec_source))

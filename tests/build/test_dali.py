@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from build.repository import dali
+from build.repository import configs, dali
 from build.repository.spec import DeploymentSpec
 from build.repository.writer import write_repository
 from common.preprocessing import PreprocessConfig, decode_image, normalize, resize_and_crop
@@ -99,3 +99,19 @@ def test_without_the_dali_environment_the_writer_says_how_to_make_it(tiny_artifa
     with pytest.raises(FileNotFoundError, match="make dali-setup"):
         write_repository(spec, "onnxruntime", tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_the_dali_preprocess_model_is_batched_and_bounded_as_the_spec_says():
+    """Before, its config said `dynamic_batching { }` whatever the spec: a door of 1 (configs/latency-budget.json)
+    quietly became unbounded while the classifier behind it derived a bound as if it were not."""
+    spec = DeploymentSpec.load(ROOT / "configs" / "latency-budget.json").replace(preprocessing="dali")
+    text = configs.dali_preprocess_config(spec, configs.ModelShape(input_dims=(3, 224, 224), num_classes=1000), "t")
+    pre = text_format.Parse(text, model_config_pb2.ModelConfig())
+    size, timeout = spec.queue_policy("preprocess")
+    assert size >= 1 and pre.backend == "dali"
+    assert [(g.count, g.kind) for g in pre.instance_group] == [(spec.preprocess.instances,
+                                                               model_config_pb2.ModelInstanceGroup.KIND_GPU)]
+    assert list(pre.dynamic_batching.preferred_batch_size) == spec.preprocess.preferred_batch_sizes
+    assert pre.dynamic_batching.max_queue_delay_microseconds == spec.preprocess.max_queue_delay_us
+    policy = pre.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (size, timeout)

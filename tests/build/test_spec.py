@@ -32,6 +32,60 @@ def test_stage_objects_and_dicts_still_load(tmp_path):
         DeploymentSpec.load(path)
 
 
+WRONG_TYPES = [  # (path of the key, value, the message's end): each rendered a config Triton cannot parse, or a
+    # model that fails to load (parameters are int()'ed in the stubs), or a cache silently off (int(0.5) MiB)
+    (("preprocess", "instances"), 2.5, "preprocess.instances must be an integer, got 2.5"),
+    (("preprocess", "instances"), True, "preprocess.instances must be an integer, got True"),
+    (("preprocess", "instances"), "2", "preprocess.instances must be an integer, got '2'"),
+    (("max_batch_size",), 32.0, "max_batch_size must be an integer, got 32.0"),
+    (("max_batch_size",), None, "max_batch_size must be an integer, got None"),
+    (("classifier", "preferred_batch_sizes"), [4.5], "classifier.preferred_batch_sizes[0] must be an integer, got 4.5"),
+    (("classifier", "preferred_batch_sizes"), 4, "classifier.preferred_batch_sizes must be a list, got 4"),
+    (("classifier", "queue_timeout_us"), 1e6, "classifier.queue_timeout_us must be an integer, got 1000000.0"),
+    (("fused", "threads"), 1.5, "fused.threads must be an integer, got 1.5"),
+    (("limits", "max_image_bytes"), 1.5, "limits.max_image_bytes must be an integer, got 1.5"),
+    (("response_cache_mb",), 0.5, "response_cache_mb must be an integer, got 0.5"),
+    (("target_server",), "tensorrt", "target_server must be an object, got 'tensorrt'"),
+    (("classifier_name",), None, "classifier_name must be a string, got None"),
+    (("preprocess", "bogus"), 1, "unknown preprocess key 'bogus'; valid: ['instances', 'max_queue_delay_us', "
+                                 "'max_queue_size', 'nice', 'preferred_batch_sizes', 'queue_timeout_us', 'threads']"),
+]
+
+
+@pytest.mark.parametrize("where, value, message", WRONG_TYPES, ids=[f"{'.'.join(w)}={v!r}" for w, v, _ in WRONG_TYPES])
+def test_a_value_of_the_wrong_type_is_a_value_error_naming_the_key(tmp_path, where, value, message):
+    data = json.loads((CONFIGS / "deployment.json").read_text())
+    parent = data
+    for key in where[:-1]:
+        parent = parent[key]
+    parent[where[-1]] = value
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        DeploymentSpec.load(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_values_of_their_types_load_as_before():
+    data = json.loads((CONFIGS / "deployment.json").read_text())
+    data["limits"] = {"max_image_aspect_ratio": 100}  # an integer where a number is asked for
+    data["classifier"]["max_queue_size"] = None
+    spec = DeploymentSpec.from_dict(data)
+    assert spec.limits.max_image_aspect_ratio == 100 and spec.classifier.max_queue_size is None
+    assert DeploymentSpec.from_dict(spec.to_dict()) == spec and DeploymentSpec.from_dict({}) == DeploymentSpec()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"pipeline": "fused", "preprocessing": "dali"}, "the fused pipeline preprocesses in its python model"),
+    ({"classifier_name": 'a"b'}, r"model names are letters, digits.*'a\"b'"),
+    ({"ensemble_name": ""}, "model names are letters"),
+    ({"preprocess_name": ".."}, "model names are letters"),
+])
+def test_specs_that_cannot_be_served_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        DeploymentSpec.from_dict(changes)
+
+
 def test_build_engines_reports_a_null_stage_in_one_line(tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps({"preprocess": None}))
