@@ -2,9 +2,9 @@
 
 `split_url` accepts what people paste: `127.0.0.1:8000`, `http://127.0.0.1:8000`,
 `grpc://127.0.0.1:8001` or the model URL `make serve` prints. `what_answers` tells a Triton HTTP
-port, a gRPC port, Triton's metrics port, another server and nothing at all apart (one or two plain
-requests), and `wrong_endpoint` turns that into one line that names what answered and what to use
-instead. Triton's own defaults: HTTP 8000, gRPC 8001, metrics 8002.
+port, a gRPC port, Triton's metrics port, another server, nothing at all and a host name that does
+not resolve apart (one or two plain requests), and `wrong_endpoint` turns that into one line that
+names what answered and what to use instead. Triton's own defaults: HTTP 8000, gRPC 8001, metrics 8002.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 NAMES = {"http": "HTTP", "grpc": "gRPC"}
 
-NOTHING, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP, OTHER = (
-    "nothing", "Triton HTTP", "gRPC", "Triton metrics", "other HTTP", "other")
+UNRESOLVED, NOTHING, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP, OTHER = (
+    "unresolved", "nothing", "Triton HTTP", "gRPC", "Triton metrics", "other HTTP", "other")
 
 
 def split_url(url: str, protocol: str | None = None) -> tuple[str, str]:
@@ -44,7 +44,8 @@ def split_url(url: str, protocol: str | None = None) -> tuple[str, str]:
 
 
 def _get(address: str, path: str, timeout: float) -> bytes | None:
-    """The first bytes answered to a plain HTTP/1.1 GET of `path`; None if nothing accepts the connection."""
+    """The first bytes answered to a plain HTTP/1.1 GET of `path`; None if nothing accepts the connection.
+    A host name that does not resolve raises socket.gaierror."""
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
@@ -53,6 +54,8 @@ def _get(address: str, path: str, timeout: float) -> bytes | None:
             while len(reply) < 4096 and (chunk := s.recv(4096)):
                 reply += chunk
             return reply
+    except socket.gaierror:
+        raise
     except ConnectionRefusedError:
         return None
     except OSError:  # reset, timeout: something is there
@@ -65,8 +68,11 @@ def _is_http2(reply: bytes) -> bool:
 
 
 def what_answers(address: str, timeout: float = 3.0) -> str:
-    """NOTHING, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP or OTHER, from what `address` answers."""
-    reply = _get(address, "/metrics", timeout)
+    """UNRESOLVED, NOTHING, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP or OTHER, from what `address` answers."""
+    try:
+        reply = _get(address, "/metrics", timeout)
+    except socket.gaierror:
+        return UNRESOLVED
     if reply is None:
         return NOTHING
     if _is_http2(reply):
@@ -83,6 +89,8 @@ def wrong_endpoint(address: str, protocol: str, answer: str) -> str | None:
     """One line naming what answers at `address` and what to use instead; None if it is the right endpoint."""
     other = "grpc" if protocol == "http" else "http"
     ports = f"the server's {NAMES[protocol]} port (Triton's default: {DEFAULT_PORTS[protocol]})"
+    if answer == UNRESOLVED:
+        return f"the host name of {address} does not resolve: check the host in --url host:port"
     if answer == NOTHING:
         return (f"nothing listens at {address} ({NAMES[protocol]}): start the server (make serve) "
                 "or pass --url host:port of a running one")
