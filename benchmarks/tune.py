@@ -356,7 +356,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
         spec = spec.replace(backend=args.backend)
     if args.pipeline:
         spec = spec.replace(pipeline=args.pipeline)
-    backend, _ = capabilities.resolve_backend(spec.backend, capabilities.detect())
+    backend, _ = capabilities.resolve_backend(spec.backend, capabilities.detect(), spec.pipeline)
     model_file = classifier_model(spec, backend, Path(args.model_repository))
     tool = PerfAnalyzer.locate(args.perf_venv)
     out = Path(args.out)

@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> dict:
         source += " with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
 
     caps = capabilities.detect()
-    backend, why = capabilities.resolve_backend(spec.backend, caps)
+    backend, why = capabilities.resolve_backend(spec.backend, caps, spec.pipeline)
     print(f"capabilities: {caps.line()}")
     print(f"classifier backend: {backend} ({why})")
     if backend != "python-onnxruntime" and backend not in caps.server_backends:

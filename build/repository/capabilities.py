@@ -76,10 +76,12 @@ def detect(backend_directory: Path | None = None, server_root: Path | None = Non
     return Capabilities(tuple(backend_names(backend_directory)), trt, trt_reason, gpus, gpu_reason)
 
 
-def resolve_backend(requested: str, caps: Capabilities) -> tuple[str, str]:
-    """'auto' -> the best classifier backend this server can run, with the reason."""
+def resolve_backend(requested: str, caps: Capabilities, pipeline: str = "ensemble") -> tuple[str, str]:
+    """'auto' -> the best classifier backend this server can run for `pipeline`, with the reason."""
     if requested != "auto":
         return requested, "requested explicitly"
+    if pipeline == "fused" and "python" in caps.server_backends:
+        return "python-onnxruntime", "the fused pipeline decodes and classifies in one python model"
     if "tensorrt" in caps.server_backends and caps.tensorrt and caps.gpus:
         return "tensorrt", "server has the tensorrt backend, TensorRT and a GPU are present"
     if "onnxruntime" in caps.server_backends:

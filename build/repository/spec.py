@@ -152,6 +152,9 @@ class DeploymentSpec:
             raise ValueError(f"unknown target_server keys {sorted(unknown_target)}; valid: {list(TARGET_SERVER_KEYS)}")
         if self.preprocessing not in PREPROCESSING:
             raise ValueError(f"preprocessing {self.preprocessing!r} is not one of {PREPROCESSING}")
+        if self.pipeline == "fused" and self.backend not in ("auto", "python-onnxruntime"):
+            raise ValueError(f"the fused pipeline runs in the python backend: backend must be 'auto' or "
+                             f"'python-onnxruntime', got {self.backend!r}")
         if self.pipeline == "fused" and self.preprocessing != "python":
             raise ValueError(f"the fused pipeline preprocesses in its python model: preprocessing must be 'python', "
                              f"got {self.preprocessing!r}")

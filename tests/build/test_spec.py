@@ -77,6 +77,7 @@ def test_values_of_their_types_load_as_before():
 
 @pytest.mark.parametrize("changes, message", [
     ({"pipeline": "fused", "preprocessing": "dali"}, "the fused pipeline preprocesses in its python model"),
+    ({"pipeline": "fused", "backend": "onnxruntime"}, "the fused pipeline runs in the python backend"),
     ({"classifier_name": 'a"b'}, r"model names are letters, digits.*'a\"b'"),
     ({"ensemble_name": ""}, "model names are letters"),
     ({"preprocess_name": ".."}, "model names are letters"),

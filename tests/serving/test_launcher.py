@@ -43,6 +43,8 @@ def test_backend_resolution_prefers_the_fastest_available():
     pip_server = Capabilities(("python",), None, "no module", 0, "no driver")
     assert resolve_backend("auto", pip_server)[0] == "python-onnxruntime"
     assert resolve_backend("onnxruntime", pip_server)[0] == "onnxruntime"
+    assert resolve_backend("auto", no_gpu, "fused")[0] == "python-onnxruntime"  # the fused model is a python one
+    assert resolve_backend("auto", trt, "fused")[0] == "python-onnxruntime"
     with pytest.raises(RuntimeError, match="no classifier backend"):
         resolve_backend("auto", Capabilities((), None, "-", 0, "-"))
 
