@@ -165,6 +165,8 @@ class _Client:
 
     def __init__(self, url: str | None = None, protocol: str | None = None, model: str = DEFAULT_MODEL,
                  timeout_s: float = 60.0, admin_key: str | None = None):
+        if protocol not in (None, *PROTOCOLS):
+            raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
         self.protocol, self.url = split_url(url or DEFAULT_URLS[protocol or "http"], protocol)
         self.model, self._timeout = model, timeout_s
         self._admin_headers = key_headers(admin_key, self.protocol) or None

@@ -36,11 +36,13 @@ def split_url(url: str, protocol: str | None = None) -> tuple[str, str]:
     if not parts.hostname:
         raise ValueError(f"URL {url!r} names no host; expected host:port, e.g. {DEFAULT_URLS[protocol]}")
     try:
-        port = parts.port or DEFAULT_PORTS[protocol]
+        port = parts.port
     except ValueError as exc:  # a port that is not a number
         raise ValueError(f"URL {url!r}: {exc}") from None
+    if port == 0:
+        raise ValueError(f"URL {url!r}: port 0 is no server's port; expected host:port, e.g. {DEFAULT_URLS[protocol]}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return protocol, f"{host}:{port}"
+    return protocol, f"{host}:{DEFAULT_PORTS[protocol] if port is None else port}"
 
 
 def _get(address: str, path: str, timeout: float) -> bytes | None:
