@@ -49,8 +49,7 @@ def sample_photos(names: list[str] | None = None) -> dict[str, Path]:
         root = _package_dir(package)
         if root is not None and (root / relative).is_file():
             found[name] = root / relative
-    if names is not None and len(found) != len(names):
-        missing = sorted(set(names) - set(found))
+    if names is not None and (missing := sorted(set(names) - set(found))):
         raise FileNotFoundError(f"sample photos not installed: {missing} (run `make setup`)")
     return found
 
@@ -67,5 +66,5 @@ if __name__ == "__main__":
         photos = sample_photos(args.names or None)
     except (KeyError, FileNotFoundError) as exc:
         sys.exit(f"common.samples: {exc.args[0]}")
-    for name, path in photos.items():
-        print(path if args.paths else f"{name:14s} {path}")
+    for name in args.names or photos:
+        print(photos[name] if args.paths else f"{name:14s} {photos[name]}")

@@ -20,6 +20,12 @@ def test_paths_of_named_photos_in_order():
     assert all(Path(p).is_file() for p in paths)
 
 
+def test_a_repeated_name_gives_its_path_again():
+    done = _run("--paths", "chelsea", "chelsea")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(sample_photos(["chelsea", "chelsea"])["chelsea"])] * 2
+
+
 def test_unknown_photo_is_one_line():
     done = _run("--paths", "no_such_photo")
     assert done.returncode == 1 and "Traceback" not in done.stderr
