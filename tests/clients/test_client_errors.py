@@ -3,11 +3,17 @@ name that does not resolve, port 0, an unknown protocol, --top-k below 1."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from clients.client import AsyncImageClassifierClient, ImageClassifierClient, ServerUnavailable
 from clients.endpoint import split_url
+from serving.server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def _classify_async(url: str, protocol: str) -> None:
@@ -34,3 +40,14 @@ def test_unknown_protocol_is_a_value_error():
     for url in (None, "127.0.0.1:8000"):
         with pytest.raises(ValueError, match=r"protocol 'https' is not one of \('http', 'grpc'\)"):
             ImageClassifierClient(url, protocol="https")
+
+
+@pytest.mark.parametrize("module", ["clients.classify", "clients.demo"])
+@pytest.mark.parametrize("top_k", ["0", "-3"])
+def test_top_k_below_one_is_refused_by_the_command_line(tmp_path, module, top_k):
+    args = ["x.jpg", "--url", f"127.0.0.1:{free_port()}"] if module == "clients.classify" else [
+        "--model-repository", str(tmp_path / "none"), "--log-file", str(tmp_path / "demo.log")]
+    done = subprocess.run([sys.executable, "-m", module, *args, "--top-k", top_k], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"argument --top-k: must be at least 1, got {top_k}" in done.stderr
