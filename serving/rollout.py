@@ -11,7 +11,7 @@
 agreement with it on decided images, or with labels true top-1 at most --max-accuracy-drop below
 it), writes it as the classifier's next version folder, loads the classifier (Triton loads the new
 version, then retires the old one: requests in flight finish on it), waits until it is ready and
-checks it through the ensemble on the bundled photos; it rolls back by itself when that check fails.
+checks it through the ensemble on the bundled photos; it rolls back by itself when any of that fails.
 `rollback` moves the version in service aside (`<classifier>/_retired/<n>`) and loads the classifier
 again, which brings the previous version back. The ensemble is never reloaded and each switch keeps
 one version of the classifier in the policy, the pattern that dropped no request in the tests; see
@@ -276,12 +276,17 @@ def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | 
         write_version(repo, candidate, repo.classifier, serving, version, held_out)
         log(f"wrote {repo.version_dir(version)}; loading {repo.classifier} (version {version} in, {serving} out)")
         started = time.monotonic()
-        server.load(repo.classifier)
-        server.wait_serving(repo.classifier, version)
-        problem = smoke_check(server, repo, candidate, repo.ensemble)
+        try:
+            server.load(repo.classifier)
+            server.wait_serving(repo.classifier, version)
+            problem = smoke_check(server, repo, candidate, repo.ensemble)
+        except Exception as exc:
+            log(f"version {version} did not come up ({exc}): rolling back")
+            _rollback(repo, server, log, reason=f"rollout failed: {exc}")
+            raise RolloutError(f"version {version} was rolled back: {exc}") from exc
         if problem:
             log(f"version {version} answers wrongly through {repo.ensemble} ({problem}): rolling back")
-            rollback(repo, server, log, reason=f"smoke check failed: {problem}")
+            _rollback(repo, server, log, reason=f"smoke check failed: {problem}")
             raise RolloutError(f"version {version} was rolled back: {problem}")
     repo.record(action="rollout", model=repo.classifier, version=version, previous=serving,
                 sha256=file_sha256(candidate.model_file), source=str(candidate.model_file),

@@ -31,6 +31,17 @@ def _candidate(source, target, scale):
     return rollout.Candidate(target / "model.onnx", target)
 
 
+def _external_weights(source, target):
+    """The tiny model with its weights in a file beside it: it runs where it is, so it passes the gate, but
+    its version folder holds the model file alone, so the server fails to load it."""
+    shutil.copytree(source, target)
+    model = onnx.load(target / "model.onnx")
+    for tensor in model.graph.initializer:  # raw data: onnx moves only that out of the file
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(model, target / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return rollout.Candidate(target / "model.onnx", target)
+
+
 class Load:
     """Threads classifying through the ensemble until stopped; every outcome counted."""
 
@@ -95,6 +106,18 @@ def test_rollout_and_rollback_under_load_drop_nothing(served, tiny_artifacts, tm
     history = [h["action"] for h in json.loads((repo.path / rollout.STATE).read_text())["history"]]
     assert history == ["rollout", "rollback"]
     # The next version is numbered past the retired one.
+    assert rollout.add(repo, api, good, None, thresholds) == 3
+
+
+def test_a_version_that_fails_to_load_is_rolled_back(served, tiny_artifacts, tmp_path):
+    repo, api, _ = served
+    thresholds = {"agreement": 0.99, "accuracy_drop": 0.01}
+    with pytest.raises(rollout.RolloutError, match="version 2 was rolled back: load classifier: .*External data path"):
+        rollout.add(repo, api, _external_weights(tiny_artifacts, tmp_path / "broken"), None, thresholds)
+    assert repo.versions() == [1] and rollout.retired_versions(repo) == [2]
+    assert api.ready_versions("classifier") == [1]
+    assert [(h["action"], h["retired"]) for h in repo.state()["history"]] == [("rollback", 2)]
+    good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
     assert rollout.add(repo, api, good, None, thresholds) == 3
 
 
