@@ -202,6 +202,11 @@ def check_compatible(repo: Repository, candidate: Candidate) -> None:
                            "ensemble shares it, so build a new repository (make engines)")
 
 
+def check_held_out(held_out: str | None) -> None:
+    if held_out and not Path(held_out).is_dir():
+        raise RolloutError(f"--held-out {held_out} is not a folder: pass a folder of held-out images (an ImageFolder)")
+
+
 def gate(repo: Repository, candidate: Candidate, held_out: str | None, thresholds: dict, log=print) -> validate.VariantReport:
     """The candidate against the version in service, on held-out images (build.precision.validate's gate)."""
     serving = repo.versions()[-1]
@@ -262,6 +267,7 @@ def smoke_check(server: Server, repo: Repository, candidate: Candidate, ensemble
 def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | None, thresholds: dict,
         force: bool = False, log=print) -> int:
     check_compatible(repo, candidate)
+    check_held_out(held_out)
     versions = repo.versions()
     serving = versions[-1]
     if server.ready_versions(repo.classifier) != [serving]:
@@ -341,10 +347,22 @@ def ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: s
 
 def _ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: str | None, log) -> int:
     check_compatible(repo, candidate)
+    check_held_out(held_out)
     model, ensemble = candidate_names(repo)
     for name in (model, ensemble):
         if (repo.path / name).exists():
             raise RolloutError(f"{repo.path / name} exists: an A/B test is running (ab stop first)")
+    loaded = []
+    try:
+        return _write_and_load_candidate(repo, server, candidate, held_out, loaded, log)
+    except BaseException:
+        remove_candidate(repo, server, loaded)
+        raise
+
+
+def _write_and_load_candidate(repo: Repository, server: Server, candidate: Candidate, held_out: str | None,
+                              loaded: list[str], log) -> int:
+    model, ensemble = candidate_names(repo)
     serving = repo.versions()[-1]
     version = max([*repo.versions(), *retired_versions(repo)]) + 1
     (repo.path / model).mkdir()
@@ -358,8 +376,9 @@ def _ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: 
     (repo.path / ensemble / "config.pbtxt").write_text(ens)
     (repo.path / ensemble / "1" / "README").write_text("Ensembles have no model file; this keeps the version folder.\n")
     shutil.copy2(repo.path / repo.ensemble / configs.LABELS_FILE, repo.path / ensemble / configs.LABELS_FILE)
-    server.load(model)
-    server.load(ensemble)
+    for name in (model, ensemble):
+        server.load(name)
+        loaded.append(name)
     repo.record(action="ab-start", model=model, version=version, against=serving,
                 sha256=file_sha256(candidate.model_file), source=str(candidate.model_file))
     log(f"A/B: {ensemble} -> {model} version {version} beside {repo.ensemble} -> {repo.classifier} version {serving}")
@@ -371,12 +390,17 @@ def ab_stop(repo: Repository, server: Server, log=print) -> None:
     if not (repo.path / model).exists():
         raise RolloutError("no A/B test is running (no candidate models in the repository)")
     with control_lock(repo.path):
-        server.unload(ensemble)
-        server.unload(model)
-        for name in (ensemble, model):
-            shutil.rmtree(repo.path / name, ignore_errors=True)
+        remove_candidate(repo, server, [model, ensemble])
     repo.record(action="ab-stop", model=model)
     log(f"A/B stopped: {ensemble} and {model} unloaded and removed")
+
+
+def remove_candidate(repo: Repository, server: Server, loaded: list[str]) -> None:
+    """Unload the candidate models in `loaded` (the ensemble first), then remove both candidate folders."""
+    for name in reversed(loaded):
+        server.unload(name)
+    for name in reversed(candidate_names(repo)):
+        shutil.rmtree(repo.path / name, ignore_errors=True)
 
 
 def ab_candidate(repo: Repository) -> Candidate:

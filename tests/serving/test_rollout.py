@@ -137,6 +137,22 @@ def test_ab_serves_a_candidate_beside_the_version_in_service(served, tiny_artifa
     assert api.ready_versions("classifier_candidate") == []
 
 
+def test_a_failed_ab_start_leaves_nothing_behind(served, tiny_artifacts, tmp_path):
+    repo, api, _ = served
+    good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
+    with pytest.raises(rollout.RolloutError, match="--held-out .*missing is not a folder"):
+        rollout.ab_start(repo, api, good, str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        rollout.ab_start(repo, api, good, str(tmp_path / "empty"))
+    with pytest.raises(rollout.RolloutError, match="load classifier_candidate: .*External data path"):
+        rollout.ab_start(repo, api, _external_weights(tiny_artifacts, tmp_path / "broken"), None)
+    assert [p.name for p in repo.path.iterdir() if p.name.endswith("_candidate")] == []
+    assert api.ready_versions("classifier_candidate") == [] and api.ready_versions("classifier") == [1]
+    assert rollout.ab_start(repo, api, good, None) == 2
+    rollout.ab_stop(repo, api)
+
+
 def test_refuses_what_the_ensemble_cannot_serve(served, tiny_artifacts, tmp_path):
     repo, api, _ = served
     other = _candidate(tiny_artifacts, tmp_path / "other", 1.0)
