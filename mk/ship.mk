@@ -11,8 +11,9 @@ NOFILE := $(shell n=$$(ulimit -Hn); [ "$$n" = unlimited ] && n=1048576; echo $$n
 PODMAN_BUILD_ARGS ?= --ulimit nofile=$(NOFILE):$(NOFILE) --ulimit nproc=4096:4096
 S3_URL ?=
 K8S_OUT ?= .run/k8s
+GPU_CONTEXT ?= .run/image-gpu
 
-.PHONY: image-setup image image-gpu publish k8s-render k8s-validate
+.PHONY: image-setup image image-gpu-context image-gpu publish k8s-render k8s-validate
 
 image-setup: ## Debian podman, buildah, runc, debootstrap (as root) for `make image`
 	@{ command -v podman && command -v debootstrap && command -v runc; } >/dev/null || { [ "$$(id -u)" = 0 ] \
@@ -23,9 +24,13 @@ image: $(STAMP) image-setup ## CPU image (Debian 12 + pip Triton, non-root, :800
 	IMAGE=$(IMAGE) REPOSITORY=$(REPOSITORY) PY=$(PY) PODMAN=$(PODMAN) PODMAN_ARGS="$(PODMAN_ARGS)" \
 	    PODMAN_BUILD_ARGS="$(PODMAN_BUILD_ARGS)" bash deploy/images/build-cpu.sh
 
-image-gpu: ## GPU image: NGC tritonserver (NGC_TAG=24.10-py3) + Pillow; needs nvcr.io or that image already local
+image-gpu-context: ## the GPU image's build context (what Containerfile.gpu copies) in GPU_CONTEXT
+	rm -rf $(GPU_CONTEXT) && mkdir -p $(GPU_CONTEXT)/serving
+	cp serving/*.py $(GPU_CONTEXT)/serving/
+
+image-gpu: image-gpu-context ## GPU image: NGC tritonserver (NGC_TAG=24.10-py3) + Pillow; needs nvcr.io or that image already local
 	$(PODMAN) $(PODMAN_ARGS) build $(PODMAN_BUILD_ARGS) --build-arg TRITON_TAG=$(NGC_TAG) \
-	    -f deploy/images/Containerfile.gpu -t $(GPU_IMAGE) deploy/images
+	    -f deploy/images/Containerfile.gpu -t $(GPU_IMAGE) $(GPU_CONTEXT)
 
 publish: $(STAMP) ## upload REPOSITORY to S3_URL=s3://[host:port/]bucket/prefix (AWS_* credentials), for tritonserver and the k8s overlays
 	@[ -n "$(S3_URL)" ] || { echo "publish: set S3_URL=s3://bucket/prefix or s3://host:port/bucket/prefix" >&2; exit 1; }

@@ -232,3 +232,12 @@ def test_cpu_image_serves_a_repository_from_s3_with_a_read_only_root(podman, cpu
         assert CAT_CLASSES & {p.index for p in chelsea} and coffee[0].index == ESPRESSO
     finally:
         subprocess.run([*podman, "rm", "-f", name], capture_output=True)
+
+
+def test_the_gpu_image_context_holds_every_file_its_containerfile_copies(tmp_path):
+    """`make image-gpu` once built from deploy/images, where no serving/ exists: every COPY failed."""
+    context = tmp_path / "context"
+    subprocess.run(["make", "-s", "image-gpu-context", f"GPU_CONTEXT={context}"], cwd=ROOT, check=True, timeout=60)
+    text = (IMAGES / "Containerfile.gpu").read_text().replace("\\\n", " ")
+    sources = [s for line in re.findall(r"^COPY (.+)$", text, re.M) for s in line.split()[:-1] if not s.startswith("--")]
+    assert sources and all((context / s).is_file() for s in sources), sources
