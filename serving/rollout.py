@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import random
 import shutil
 import statistics
@@ -105,16 +106,26 @@ class Repository:
         return PreprocessConfig.load(self.version_dir(self.versions(self.preprocess)[-1], self.preprocess) / PREPROCESS_JSON)
 
     def state(self) -> dict:
+        path = self.path / STATE
         try:
-            return json.loads((self.path / STATE).read_text())
-        except (OSError, ValueError):
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
             return {"history": []}
+        except (OSError, ValueError) as exc:
+            raise RolloutError(f"{path} is unreadable ({exc}): repair it or move it aside "
+                               "(it is the rollout history)") from exc
+        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+            raise RolloutError(f"{path} holds no history list: repair it or move it aside (it is the rollout history)")
+        return state
 
     def record(self, **entry) -> None:
+        """Append `entry` to the history; the file is replaced whole, never left half written."""
         state = self.state()
         state["history"].append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                  **entry})
-        (self.path / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        staging = self.path / f".{STATE}.tmp"
+        staging.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(staging, self.path / STATE)
 
 
 # ---- the server's model-control API ----------------------------------------------------------------
@@ -268,6 +279,7 @@ def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | 
         force: bool = False, log=print) -> int:
     check_compatible(repo, candidate)
     check_held_out(held_out)
+    repo.state()  # an unreadable history stops the rollout before anything changes
     versions = repo.versions()
     serving = versions[-1]
     if server.ready_versions(repo.classifier) != [serving]:
@@ -294,9 +306,9 @@ def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | 
             log(f"version {version} answers wrongly through {repo.ensemble} ({problem}): rolling back")
             _rollback(repo, server, log, reason=f"smoke check failed: {problem}")
             raise RolloutError(f"version {version} was rolled back: {problem}")
-    repo.record(action="rollout", model=repo.classifier, version=version, previous=serving,
-                sha256=file_sha256(candidate.model_file), source=str(candidate.model_file),
-                gate=validate.gate_summary(report), passed=report.passed)
+        repo.record(action="rollout", model=repo.classifier, version=version, previous=serving,
+                    sha256=file_sha256(candidate.model_file), source=str(candidate.model_file),
+                    gate=validate.gate_summary(report), passed=report.passed)
     log(f"{repo.classifier} version {version} serving ({time.monotonic() - started:.1f} s); "
         f"version {serving} kept for `make rollback`")
     return version
@@ -348,6 +360,7 @@ def ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: s
 def _ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: str | None, log) -> int:
     check_compatible(repo, candidate)
     check_held_out(held_out)
+    repo.state()
     model, ensemble = candidate_names(repo)
     for name in (model, ensemble):
         if (repo.path / name).exists():
@@ -391,7 +404,7 @@ def ab_stop(repo: Repository, server: Server, log=print) -> None:
         raise RolloutError("no A/B test is running (no candidate models in the repository)")
     with control_lock(repo.path):
         remove_candidate(repo, server, [model, ensemble])
-    repo.record(action="ab-stop", model=model)
+        repo.record(action="ab-stop", model=model)
     log(f"A/B stopped: {ensemble} and {model} unloaded and removed")
 
 

@@ -77,11 +77,16 @@ def _classifier_successes(server, version):
 
 
 @pytest.fixture
-def served(tiny_artifacts, tmp_path):
-    repo = tmp_path / "model_repository"
-    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
-    with TritonServer(repo, log_file=tmp_path / "tritonserver.log", extra_args=EXPLICIT) as server:
-        yield rollout.Repository.open(repo), rollout.Server(server.http_url), server
+def repository(tiny_artifacts, tmp_path):
+    path = tmp_path / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", path, "tests")
+    return rollout.Repository.open(path)
+
+
+@pytest.fixture
+def served(repository, tmp_path):
+    with TritonServer(repository.path, log_file=tmp_path / "tritonserver.log", extra_args=EXPLICIT) as server:
+        yield repository, rollout.Server(server.http_url), server
     assert server.process.returncode == 0
 
 
@@ -160,6 +165,21 @@ def test_refuses_what_the_ensemble_cannot_serve(served, tiny_artifacts, tmp_path
     with pytest.raises(rollout.RolloutError, match="differs from the served labels"):
         rollout.add(repo, api, other, None, {"agreement": 0.99, "accuracy_drop": 0.01})
     assert repo.versions() == [1]
+
+
+def test_history_is_replaced_whole_and_never_reset(repository):
+    path = repository.path / rollout.STATE
+    repository.record(action="rollout", version=2)
+    with open(path) as before:
+        repository.record(action="rollback", version=1)
+        assert [h["action"] for h in json.load(before)["history"]] == ["rollout"]
+    assert [h["action"] for h in repository.state()["history"]] == ["rollout", "rollback"]
+    assert [p.name for p in repository.path.iterdir() if rollout.STATE in p.name] == [rollout.STATE]
+    path.write_text('{"history": [{"action": "rollout"')
+    for call in (repository.state, lambda: repository.record(action="rollback")):
+        with pytest.raises(rollout.RolloutError, match=f"{path} is unreadable .*move it aside"):
+            call()
+    assert path.read_text() == '{"history": [{"action": "rollout"'
 
 
 def test_model_control_errors_say_what_to_do(served):
