@@ -393,7 +393,8 @@ def _write_and_load_candidate(repo: Repository, server: Server, candidate: Candi
         server.load(name)
         loaded.append(name)
     repo.record(action="ab-start", model=model, version=version, against=serving,
-                sha256=file_sha256(candidate.model_file), source=str(candidate.model_file))
+                sha256=file_sha256(candidate.model_file), source=str(candidate.model_file),
+                artifacts=str(candidate.artifacts))
     log(f"A/B: {ensemble} -> {model} version {version} beside {repo.ensemble} -> {repo.classifier} version {serving}")
     return version
 
@@ -424,7 +425,8 @@ def ab_candidate(repo: Repository) -> Candidate:
     entry = next((h for h in reversed(repo.state()["history"]) if h["action"] == "ab-start"), None)
     if entry is None:
         raise RolloutError(f"{STATE} does not record the A/B candidate's source")
-    return Candidate(repo.version_dir(versions[-1], model) / repo.model_filename, Path(entry["source"]).parent)
+    artifacts = entry.get("artifacts") or Path(entry["source"]).parent  # older entries lack it
+    return Candidate(repo.version_dir(versions[-1], model) / repo.model_filename, Path(artifacts))
 
 
 def ab_run(repo: Repository, server: Server, split: float, duration: float, seed: int = 0, log=print) -> dict:

@@ -5,6 +5,7 @@ import json
 import shutil
 import threading
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -129,9 +130,12 @@ def test_a_version_that_fails_to_load_is_rolled_back(served, tiny_artifacts, tmp
 def test_ab_serves_a_candidate_beside_the_version_in_service(served, tiny_artifacts, tmp_path, photos):
     repo, api, server = served
     good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
+    (tmp_path / "elsewhere").mkdir()  # MODEL_FILE outside ARTIFACTS
+    good.model_file = Path(shutil.copy2(good.model_file, tmp_path / "elsewhere" / "model.onnx"))
     with Load(server.http_url, photos["chelsea"]) as load:
         assert rollout.ab_start(repo, api, good, None) == 2
         assert api.ready_versions("classifier_candidate") == [2] and api.ready_versions("classifier") == [1]
+        assert rollout.ab_candidate(repo).artifacts == good.artifacts  # what ab promote gates with
         report = rollout.ab_run(repo, api, split=0.5, duration=3)
         rollout.ab_stop(repo, api)
     assert load.failed == []
