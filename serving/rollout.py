@@ -561,5 +561,5 @@ def main(args: argparse.Namespace) -> object:
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (RolloutError, LockTimeout) as exc:
+    except (RolloutError, LockTimeout, OSError, ValueError) as exc:  # OSError: ArtifactsError too
         sys.exit(f"serving.rollout: {exc}")

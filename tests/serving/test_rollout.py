@@ -2,7 +2,10 @@
 classifier's next version, a failing one is refused, rollback brings the previous one back, A/B serves
 a candidate beside it; no request through the ensemble fails at any switch."""
 import json
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -19,6 +22,7 @@ from serving import rollout
 from serving.server import TritonServer
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 EXPLICIT = ["--model-control-mode=explicit", "--load-model=*"]
 
 
@@ -184,6 +188,23 @@ def test_history_is_replaced_whole_and_never_reset(repository):
         with pytest.raises(rollout.RolloutError, match=f"{path} is unreadable .*move it aside"):
             call()
     assert path.read_text() == '{"history": [{"action": "rollout"'
+
+
+@pytest.mark.parametrize("breakage, says", [
+    (lambda a: (a / "labels.txt").unlink(), "No such file or directory: '.*labels.txt'"),
+    (lambda a: (a / "labels.txt").write_text("a\n\nb\n"), "labels.txt: expected one non-empty label per line"),
+    (lambda a: (a / "preprocess.json").write_text("{"), "Expecting property name"),
+], ids=["no labels.txt", "a blank label", "broken preprocess.json"])
+def test_bad_artifacts_are_one_line_not_a_traceback(repository, tiny_artifacts, tmp_path, breakage, says):
+    from serving.server import free_port
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, artifacts)
+    breakage(artifacts)
+    command = [sys.executable, "-m", "serving.rollout", "--url", f"127.0.0.1:{free_port()}",
+               "--repository", str(repository.path), "ab", "start", "--artifacts", str(artifacts)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and re.fullmatch(f"serving.rollout: .*{says}.*\n", run.stderr), run.stderr
 
 
 def test_model_control_errors_say_what_to_do(served):
