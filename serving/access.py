@@ -22,13 +22,16 @@ PROTOCOLS = ("http", "grpc")
 
 
 def write_key(path: Path = KEY_FILE) -> str:
-    """A new random key in `path`, readable by its owner only."""
+    """A new random key in `path`, readable by its owner only: written to a new 0600 file beside it, which
+    then replaces `path` (an older file, whatever its mode, never holds the new key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
-    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
+    os.replace(staging, path)
     return key
 
 

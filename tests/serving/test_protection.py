@@ -29,8 +29,11 @@ def test_key_file_is_fresh_and_owner_only(tmp_path):
     first = access.write_key(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     path.chmod(0o644)
-    second = access.write_key(path)
+    with open(path) as opened_while_loose:
+        second = access.write_key(path)
+        assert opened_while_loose.read() == first + "\n"  # the new key never sat in the 0644 file
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and second != first and len(second) >= 32
+    assert [p.name for p in path.parent.iterdir()] == ["admin.key"]
     assert access.read_key(path) == second
     assert access.admin_headers(path, "http") == {"triton-admin-key": second}
     assert access.admin_headers(path, "grpc") == {"triton-grpc-protocol-triton-admin-key": second}
