@@ -9,9 +9,11 @@
 server); `probabilities` returns the full probability vectors. Several images go in one request.
 The URL may carry a scheme (`http://`, `grpc://`, which then sets the protocol). Server-side errors
 raise ClassificationError carrying a gRPC status name (HTTP 400 is INVALID_ARGUMENT too) and the
-server's message; when no server of the client's protocol answers at the URL (nothing listens, or it
-is the other protocol's or the metrics port), ServerUnavailable says what answers there instead. A server
-past its bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE): retry later.
+server's message; when no server of the client's protocol answers at the URL (the host name does not
+resolve, nothing listens, or it is the other protocol's or the metrics port), ServerUnavailable says
+what answers there instead. A server past its bounded queue answers at once with ServerBusy (HTTP 503
+/ gRPC UNAVAILABLE): retry later. A request the server does not answer within `timeout_s` fails alone,
+with ClassificationError DEADLINE_EXCEEDED.
 `admin_key` (what `make serve` writes to .run/admin.key) is sent with the restricted calls (the model
 config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED.
 """
@@ -43,14 +45,16 @@ class Prediction:
 
 
 UNAVAILABLE = "UNAVAILABLE"  # the status of a request that never reached a server
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # no answer within the client's timeout
 # One status vocabulary, gRPC's names; HTTP status codes map onto them as Triton maps its own errors.
 HTTP_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                405: "UNIMPLEMENTED", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
                500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
                            "PERMISSION_DENIED", "UNAUTHENTICATED"})
-# What a wrong or missing endpoint looks like (gRPC: UNAVAILABLE; HTTP: 404 / 405 from another server).
-PROBED = frozenset({UNAVAILABLE, "NOT_FOUND", "UNIMPLEMENTED", "UNKNOWN"})
+# What a wrong or missing endpoint looks like (gRPC: UNAVAILABLE; HTTP: 404 / 405 from another server; no answer
+# in time). From the right server, a request past the client's timeout stays that request's DEADLINE_EXCEEDED.
+PROBED = frozenset({UNAVAILABLE, DEADLINE_EXCEEDED, "NOT_FOUND", "UNIMPLEMENTED", "UNKNOWN"})
 # Triton's messages for a request turned away by a model's bounded queue: full, or waited past its timeout.
 BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
 
@@ -197,10 +201,20 @@ class _Client:
             if is_restricted_error(message):  # HTTP 403, gRPC UNAVAILABLE
                 return ClassificationError(f"{message}: this server restricts the call; pass its admin key "
                                            "(`make serve` writes .run/admin.key)", "PERMISSION_DENIED")
-            return ClassificationError(message, status_name(exc.status() if hasattr(exc, "status") else None))
+            status = status_name(exc.status() if hasattr(exc, "status") else None)
+            if status == DEADLINE_EXCEEDED and self.protocol == "grpc":
+                return self._timed_out()
+            return ClassificationError(message, status)
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            return self._timed_out()
         if isinstance(exc, self._transport):
-            return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {exc}", UNAVAILABLE)
+            reason = str(exc) or type(exc).__name__
+            return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {reason}", UNAVAILABLE)
         return None
+
+    def _timed_out(self) -> ClassificationError:
+        return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: timed out after "
+                                   f"{self._timeout:g} s", DEADLINE_EXCEEDED)
 
     def _explain(self, error: ClassificationError, answer: str) -> ClassificationError:
         """`error`, or what answers at the URL when that is no server of this protocol."""

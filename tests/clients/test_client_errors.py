@@ -1,5 +1,5 @@
-"""What the client library and its command lines say about bad input before any server answers: a host
-name that does not resolve, port 0, an unknown protocol, --top-k below 1."""
+"""What the client library and its command lines say when a request cannot be answered: a host name that
+does not resolve, port 0, an unknown protocol, --top-k below 1, and (real server) a request past its timeout."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import AsyncImageClassifierClient, ImageClassifierClient, ServerUnavailable
+from clients.classify import _requested
+from clients.client import AsyncImageClassifierClient, ClassificationError, ImageClassifierClient, ServerUnavailable
 from clients.endpoint import split_url
 from serving.server import free_port
 
@@ -51,3 +52,24 @@ def test_top_k_below_one_is_refused_by_the_command_line(tmp_path, module, top_k)
                           text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"argument --top-k: must be at least 1, got {top_k}" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_past_its_timeout_is_that_requests_failure(server, photos, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    expected = rf"no {'HTTP' if protocol == 'http' else 'gRPC'} answer from {url}: timed out after 0\.001 s"
+    with ImageClassifierClient(url, protocol, timeout_s=0.001) as client:
+        with pytest.raises(ClassificationError, match=expected) as raised:
+            client.classify([photos["coffee"]])
+        assert not isinstance(raised.value, ServerUnavailable) and raised.value.status == "DEADLINE_EXCEEDED"
+        (outcome,) = _requested(client, [photos["coffee"]], 5)  # clients.classify: the image fails, not the run
+        assert isinstance(outcome, ClassificationError) and outcome.status == "DEADLINE_EXCEEDED"
+
+    async def classify_async():
+        async with AsyncImageClassifierClient(url, protocol, timeout_s=0.001) as client:
+            await client.classify([photos["coffee"]])
+
+    with pytest.raises(ClassificationError, match=expected) as raised:
+        asyncio.run(classify_async())
+    assert not isinstance(raised.value, ServerUnavailable) and raised.value.status == "DEADLINE_EXCEEDED"
