@@ -1,6 +1,7 @@
 """Shared fixtures: real artifacts, a real model repository and a real tritonserver on free ports."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,11 @@ def lite0_repository(lite0_artifacts, tmp_path_factory) -> Path:
     from build.repository.spec import DeploymentSpec
 
     repo = tmp_path_factory.mktemp("served") / "model_repository"
-    write_repository(DeploymentSpec(artifacts=str(lite0_artifacts)), "python-onnxruntime", repo, "tests")
+    spec = DeploymentSpec(artifacts=str(lite0_artifacts))
+    # No queue timeout: whether a request waits past one depends on the machine's speed and load, and no
+    # test may depend on wall-clock time. The overload tests build servers with timeouts of their own.
+    spec = spec.replace(preprocess=dataclasses.replace(spec.preprocess, queue_timeout_us=0))
+    write_repository(spec, "python-onnxruntime", repo, "tests")
     return repo
 
 
