@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+import pydantic
+
 from common import contract
 from common.contract import ImageLimits
 from common.priority import MAX_NICE
@@ -43,6 +45,7 @@ class StageSpec:
     """Batching and instances of one served model (preprocess or classifier)."""
 
     __pydantic_config__ = STRICT
+
     instances: int = 1
     preferred_batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [4, 8])
     max_queue_delay_us: int = 2000
@@ -239,8 +242,6 @@ class DeploymentSpec:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown deployment-spec keys {sorted(unknown)}; valid: {sorted(known)}")
-        import pydantic
-
         try:
             return _validator().validate_json(json.dumps(data))
         except pydantic.ValidationError as exc:
@@ -261,9 +262,7 @@ class DeploymentSpec:
 
 
 @functools.cache
-def _validator():
-    import pydantic
-
+def _validator() -> pydantic.TypeAdapter:
     return pydantic.TypeAdapter(DeploymentSpec)
 
 
