@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from common.files import write_whole
 from serving.server import RUN_DIR, served, terminate, terminate_pid
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
@@ -45,9 +46,7 @@ def scrape_target(info: dict | None) -> str:
 def write_targets(path: Path, targets: list[str]) -> None:
     """A Prometheus file_sd file for the `triton` job (written whole, then renamed: Prometheus watches it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([{"targets": targets, "labels": {}}], indent=2))
-    tmp.replace(path)
+    write_whole(path, json.dumps([{"targets": targets, "labels": {}}], indent=2))
 
 
 class Prometheus:

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import random
 import shutil
 import statistics
@@ -44,6 +43,7 @@ from build.precision.imagesets import held_out_set
 from build.repository import configs, quality
 from build.repository.writer import MARKER, model_shape, read_labels
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
+from common.files import write_whole
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 from serving.access import admin_headers
@@ -123,9 +123,7 @@ class Repository:
         state = self.state()
         state["history"].append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                  **entry})
-        staging = self.path / f".{STATE}.tmp"
-        staging.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(staging, self.path / STATE)
+        write_whole(self.path / STATE, json.dumps(state, indent=2) + "\n")
 
 
 # ---- the server's model-control API ----------------------------------------------------------------

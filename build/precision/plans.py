@@ -22,7 +22,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from build.repository import capabilities
 from build.repository.configs import MODEL_INPUT
 from build.repository.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from common.contract import MODEL_ONNX
+from common.files import write_whole
 from common.hashing import file_sha256
 from build.precision.binding import HARDWARE_LEVELS
 
@@ -201,15 +201,9 @@ def read_timing_cache(path: Path, key: dict) -> tuple[bytes | None, str]:
 
 def write_timing_cache(path: Path, data: bytes, key: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
+    write_whole(path, data)
     sidecar = {**key, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    _atomic_write(path.with_name(path.name + ".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_whole(path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2) + "\n")
 
 
 def plan_metadata(*, tensorrt_version: str, gpu: dict, onnx_path: Path, onnx_sha256: str, precision: str,
@@ -555,7 +549,7 @@ def main(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"the built plan's profile {built} differs from the requested {profile}")
 
     plan_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(plan_path, plan)
+    write_whole(plan_path, plan)
     if new_cache:
         write_timing_cache(cache_path, new_cache, key)
     metadata = plan_metadata(

@@ -130,8 +130,7 @@ class DeploymentSpec:
             if isinstance(value, dict):
                 setattr(self, key, kind(**value))
             elif not isinstance(value, kind):  # e.g. "preprocess": null in the JSON
-                raise ValueError(f"{key} must be an object of {sorted(f.name for f in dataclasses.fields(kind))}, "
-                                 f"got {value!r}")
+                raise ValueError(f"{key} must be an object of {_fields(key)}, got {value!r}")
         self.check()
 
     def check(self) -> None:
