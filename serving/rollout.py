@@ -41,7 +41,7 @@ import numpy as np
 from build.precision import validate
 from build.precision.imagesets import held_out_set
 from build.repository import configs, quality
-from build.repository.writer import MARKER, model_shape, read_labels
+from build.repository.writer import MARKER, copy_model, model_shape, read_labels, weight_files
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.files import write_whole
 from common.hashing import file_sha256
@@ -201,7 +201,8 @@ def check_compatible(repo: Repository, candidate: Candidate) -> None:
     if labels != repo.labels():
         raise RolloutError(f"{candidate.artifacts / LABELS_TXT} differs from the served labels "
                            f"({len(labels)} vs {len(repo.labels())} classes): build a new repository (make engines)")
-    shape = model_shape(candidate.artifacts)
+    shape = model_shape(candidate.artifacts, candidate.model_file)
+    weight_files(candidate.model_file)  # weights beside the file: copied with it, so they must be where it says
     if list(shape.input_dims) != list(repo.manifest["input_dims"]):
         raise RolloutError(f"the candidate takes {list(shape.input_dims)}, the served classifier "
                            f"{repo.manifest['input_dims']}: build a new repository (make engines)")
@@ -247,8 +248,9 @@ def write_version(repo: Repository, candidate: Candidate, model: str, source: in
         raise RolloutError(f"{target} exists already")
     staging = target.with_name(f".{version}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(repo.version_dir(source), staging)
-    shutil.copy2(candidate.model_file, staging / repo.model_filename)
+    served = repo.version_dir(source) / repo.model_filename
+    shutil.copytree(repo.version_dir(source), staging, ignore=shutil.ignore_patterns(*weight_files(served)))
+    copy_model(candidate.model_file, staging / repo.model_filename, keep={p.name for p in staging.iterdir()})
     if (staging / quality.REFERENCE_JSON).exists():
         quality.write_reference(staging, quality.compute_reference(candidate.model_file, candidate.artifacts, held_out))
     staging.rename(target)

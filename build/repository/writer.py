@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 import common.contract as contract_module
 import common.cpu as cpu_module
@@ -77,8 +78,9 @@ def read_labels(path: Path) -> list[str]:
         raise ArtifactsError(str(exc)) from None
 
 
-def model_shape(artifacts: Path) -> configs.ModelShape:
-    """Input and output shape of the exported model, cross-checked between its files."""
+def model_shape(artifacts: Path, model_file: Path | None = None) -> configs.ModelShape:
+    """Input and output shape of the exported model, cross-checked between its files; `model_file` (an ONNX
+    file to serve instead of the artifacts' model.onnx) is checked against them too."""
     missing = [n for n in (MODEL_ONNX, LABELS_TXT, PREPROCESS_JSON) if not (artifacts / n).is_file()]
     if missing:
         raise ArtifactsError(
@@ -86,18 +88,79 @@ def model_shape(artifacts: Path) -> configs.ModelShape:
         )
     pre = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     labels = read_labels(artifacts / LABELS_TXT)
-    graph = onnx.load(str(artifacts / MODEL_ONNX), load_external_data=False).graph
-    inputs = [i.name for i in graph.input]
+    model_file = Path(model_file) if model_file else artifacts / MODEL_ONNX
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    inputs = {i.name: i for i in graph.input}
     outputs = {o.name: o for o in graph.output}
-    if inputs != [configs.MODEL_INPUT] or not set(configs.MODEL_OUTPUTS) <= set(outputs):
+    if list(inputs) != [configs.MODEL_INPUT] or not set(configs.MODEL_OUTPUTS) <= set(outputs):
         raise ArtifactsError(
-            f"{artifacts}/model.onnx has inputs {inputs} and outputs {sorted(outputs)}; expected "
+            f"{model_file} has inputs {list(inputs)} and outputs {sorted(outputs)}; expected "
             f"{[configs.MODEL_INPUT]} and {list(configs.MODEL_OUTPUTS)} (export it with training.export)"
         )
+    for tensor in (inputs[configs.MODEL_INPUT], *(outputs[n] for n in configs.MODEL_OUTPUTS)):
+        if tensor.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            kind = onnx.TensorProto.DataType.Name(tensor.type.tensor_type.elem_type)
+            raise ArtifactsError(f"{model_file}: {tensor.name} is {kind}; the served model takes and gives FLOAT")
+    dims = [d.dim_value or None for d in inputs[configs.MODEL_INPUT].type.tensor_type.shape.dim][1:]
+    if any(d is not None and d != want for d, want in zip(dims, pre.input_shape)) or len(dims) != len(pre.input_shape):
+        raise ArtifactsError(f"{model_file} takes {dims} per image, {PREPROCESS_JSON} makes {list(pre.input_shape)}")
     classes = outputs["probabilities"].type.tensor_type.shape.dim[-1].dim_value
     if classes and classes != len(labels):
-        raise ArtifactsError(f"model has {classes} classes but labels.txt has {len(labels)} lines")
+        raise ArtifactsError(f"{model_file} has {classes} classes but labels.txt has {len(labels)} lines")
     return configs.ModelShape(input_dims=pre.input_shape, num_classes=len(labels), layout=pre.layout)
+
+
+def _node_tensors(nodes) -> list[onnx.TensorProto]:
+    found = []
+    for node in nodes:
+        for attr in node.attribute:
+            found += [attr.t] if attr.HasField("t") else []
+            found += list(attr.tensors)
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found += _graph_tensors(graph)
+    return found
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    sparse = [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
+    return [*graph.initializer, *sparse, *_node_tensors(graph.node)]
+
+
+def weight_files(model_file: Path) -> list[str]:
+    """The files beside an ONNX file that hold its weights (saved with external data, as models over 2 GB
+    must be); [] for a self-contained file or a plan. They must be plain names in its folder: that is
+    where ONNX Runtime looks for them, and what the server's version folder can hold."""
+    model_file = Path(model_file)
+    if model_file.suffix != ".onnx":
+        return []
+    model = onnx.load(str(model_file), load_external_data=False)
+    tensors = _graph_tensors(model.graph) + [t for f in model.functions for t in _node_tensors(f.node)]
+    names = sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
+    for name in names:
+        if Path(name).name != name or name in (".", ".."):
+            raise ArtifactsError(f"{model_file} keeps weights in {name!r}: only a file beside it can be served "
+                                 "(save it with onnx.save(..., save_as_external_data=True, location=<a file name>))")
+        if not (model_file.parent / name).is_file():
+            raise ArtifactsError(f"{model_file} keeps weights in {name}, which is not beside it")
+        if name == model_file.name:
+            raise ArtifactsError(f"{model_file} names itself as its weights file")
+    return names
+
+
+def copy_model(model_file: Path, target: Path, keep: set[str] = frozenset()) -> Path:
+    """Copy a model file to `target` with the weights files it names (weight_files), beside it under the
+    same names. A weights file must not take the place of `target` or of a file named in `keep` (the version
+    folder's own files)."""
+    model_file, target = Path(model_file), Path(target)
+    names = weight_files(model_file)
+    clash = sorted(set(names) & ({target.name} | set(keep)))
+    if clash:
+        raise ArtifactsError(f"{model_file} keeps weights in {', '.join(clash)}, a name the served version folder "
+                             "uses for its own file: save them under another name")
+    for name in names:
+        shutil.copy2(model_file.parent / name, target.parent / name)
+    shutil.copy2(model_file, target)
+    return target
 
 
 def write_repository(
@@ -113,8 +176,8 @@ def write_repository(
     (e.g. a TensorRT plan or a quantized ONNX); default: the artifacts' model.onnx. A python classifier
     also gets its quality reference, from `held_out` (a folder; default: the bundled held-out photos)."""
     artifacts = Path(spec.artifacts)
-    shape = model_shape(artifacts)
     model_file = Path(model_file) if model_file else artifacts / MODEL_ONNX
+    shape = model_shape(artifacts, model_file if model_file.suffix == ".onnx" else None)
     # A plan loads only on the TensorRT and GPU it was built for: refuse one the target server cannot load.
     plan_binding = (binding.check_plan(model_file, binding.local_target(spec.target_server))
                     if backend == "tensorrt" else None)
@@ -167,7 +230,8 @@ def write_repository(
         if backend == "python-onnxruntime":
             shutil.copy2(TEMPLATES / "classifier_onnxruntime.py", cls_dir / "1" / "model.py")
             copy_session(cls_dir / "1")
-    shutil.copy2(model_file, cls_dir / "1" / configs.CLASSIFIER_BACKENDS[backend][2])
+    copy_model(model_file, cls_dir / "1" / configs.CLASSIFIER_BACKENDS[backend][2],
+               keep={p.name for p in (cls_dir / "1").iterdir()})
 
     (ens_dir / "config.pbtxt").write_text(configs.ensemble_config(spec, shape, spec_source))
     shutil.copy2(artifacts / LABELS_TXT, ens_dir / configs.LABELS_FILE)

@@ -1,6 +1,7 @@
 """Versioned rollout on a real server under load (serving.rollout): a gated candidate becomes the
 classifier's next version, a failing one is refused, rollback brings the previous one back, A/B serves
 a candidate beside it; no request through the ensemble fails at any switch."""
+import contextlib
 import json
 import re
 import shutil
@@ -37,14 +38,31 @@ def _candidate(source, target, scale):
 
 
 def _external_weights(source, target):
-    """The tiny model with its weights in a file beside it: it runs where it is, so it passes the gate, but
-    its version folder holds the model file alone, so the server fails to load it."""
+    """The tiny model with its weights in a file beside it (as models over 2 GB must be saved)."""
     shutil.copytree(source, target)
     model = onnx.load(target / "model.onnx")
     for tensor in model.graph.initializer:  # raw data: onnx moves only that out of the file
-        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(1.05), tensor.name))
     onnx.save(model, target / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
     return rollout.Candidate(target / "model.onnx", target)
+
+
+@contextlib.contextmanager
+def torn_copies():
+    """A fault of the disk under the served repository: each version folder rollout writes meanwhile gets half
+    of its model file (what a full disk or an interrupted copy leaves). The candidate itself is whole and
+    passes the gate; the server then fails to load what was written."""
+    write_version = rollout.write_version
+
+    def torn(repo, *args, **kwargs):
+        target = write_version(repo, *args, **kwargs)
+        model = target / repo.model_filename
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+        return target
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rollout, "write_version", torn)
+        yield
 
 
 class Load:
@@ -122,13 +140,30 @@ def test_rollout_and_rollback_under_load_drop_nothing(served, tiny_artifacts, tm
 def test_a_version_that_fails_to_load_is_rolled_back(served, tiny_artifacts, tmp_path):
     repo, api, _ = served
     thresholds = {"agreement": 0.99, "accuracy_drop": 0.01}
-    with pytest.raises(rollout.RolloutError, match="version 2 was rolled back: load classifier: .*External data path"):
-        rollout.add(repo, api, _external_weights(tiny_artifacts, tmp_path / "broken"), None, thresholds)
+    good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
+    with torn_copies(), pytest.raises(rollout.RolloutError, match="version 2 was rolled back: load classifier: "):
+        rollout.add(repo, api, good, None, thresholds)
     assert repo.versions() == [1] and rollout.retired_versions(repo) == [2]
     assert api.ready_versions("classifier") == [1]
     assert [(h["action"], h["retired"]) for h in repo.state()["history"]] == [("rollback", 2)]
-    good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
     assert rollout.add(repo, api, good, None, thresholds) == 3
+
+
+def test_a_candidate_with_its_weights_beside_it_rolls_out(served, tiny_artifacts, tmp_path, photos):
+    repo, api, server = served
+    thresholds = {"agreement": 0.99, "accuracy_drop": 0.01}
+    external = _external_weights(tiny_artifacts, tmp_path / "external")
+    with Load(server.http_url, photos["chelsea"]) as load:
+        assert rollout.add(repo, api, external, None, thresholds) == 2
+        assert api.ready_versions("classifier") == [2]
+        assert sorted(p.name for p in repo.version_dir(2).iterdir() if p.suffix in (".onnx", ".bin")) == [
+            "model.onnx", "weights.bin"]
+        # The next version, self-contained, does not inherit the weights file of the one it replaces.
+        assert rollout.add(repo, api, _candidate(tiny_artifacts, tmp_path / "good", 1.1), None, thresholds) == 3
+        assert not (repo.version_dir(3) / "weights.bin").exists()
+        assert rollout.rollback(repo, api) == 2  # version 2 serves again, from its own weights
+    assert load.failed == [] and load.ok > 0
+    assert _classifier_successes(server, 2) > 0
 
 
 def test_ab_serves_a_candidate_beside_the_version_in_service(served, tiny_artifacts, tmp_path, photos):
@@ -158,8 +193,8 @@ def test_a_failed_ab_start_leaves_nothing_behind(served, tiny_artifacts, tmp_pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         rollout.ab_start(repo, api, good, str(tmp_path / "empty"))
-    with pytest.raises(rollout.RolloutError, match="load classifier_candidate: .*External data path"):
-        rollout.ab_start(repo, api, _external_weights(tiny_artifacts, tmp_path / "broken"), None)
+    with torn_copies(), pytest.raises(rollout.RolloutError, match="load classifier_candidate: "):
+        rollout.ab_start(repo, api, good, None)
     assert [p.name for p in repo.path.iterdir() if p.name.endswith("_candidate")] == []
     assert api.ready_versions("classifier_candidate") == [] and api.ready_versions("classifier") == [1]
     assert rollout.ab_start(repo, api, good, None) == 2
