@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -225,7 +226,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[dict]:
     if args.quick:
         args.rounds, args.seconds, args.views = 2, 1.0, 10
-    models = [("efficientnet_lite0", Path(args.artifacts), None)]
+    lead = Path(args.artifacts).name  # the model measured (artifacts/efficientnet_lite0 by default)
+    models = [(lead, Path(args.artifacts), None)]
     if not args.no_resnet50:
         models.append(("resnet50 (random)", ensure_resnet50(Path(args.resnet50)), None))
     if (Path(args.digits) / MODEL_ONNX).exists() and (Path(args.digits_data) / "val").is_dir():
@@ -249,7 +251,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         print(f"  {variant}: {note}")
     for variant in ("int8-cpu", "int8-cpu-mixed", "int8-cpu-avx2"):
         if any(r["variant"] == variant for r in rows):
-            print(goal_check(rows, "efficientnet_lite0", variant))
+            print(goal_check(rows, lead, variant))
     print(f"wrote {out / 'precision.csv'} and {out / 'precision.png'}")
     if args.compression:
         compression_table(args, [(path, data) for name, path, data in models if not name.startswith("resnet50")])
@@ -270,4 +272,7 @@ def compression_table(args: argparse.Namespace, models: list[tuple[Path, Path | 
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (RuntimeError, OSError, ValueError) as exc:  # a missing repository or artifacts, a server that fails
+        sys.exit(f"benchmarks.precision: {exc}")

@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +48,14 @@ def classifier_requests(metrics_url: str, model: str) -> dict[str, float]:
 def run(artifacts: Path, candidate: rollout.Candidate, cycles: int, users: int, settle_s: float, out: Path,
         log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+    try:
+        return _run(work, artifacts, candidate, cycles, users, settle_s, out, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, artifacts: Path, candidate: rollout.Candidate, cycles: int, users: int, settle_s: float,
+         out: Path, log) -> dict:
     repo_path = work / "model_repository"
     write_repository(DeploymentSpec(artifacts=str(artifacts)), "python-onnxruntime", repo_path, "benchmarks.rollout_bench")
     switches, seen = [], {}
@@ -75,7 +84,6 @@ def run(artifacts: Path, candidate: rollout.Candidate, cycles: int, users: int, 
                     seen.update({f"v{k}": v for k, v in classifier_requests(server.metrics_url, repo.classifier).items()})
         finally:
             thread.join()
-    shutil.rmtree(work, ignore_errors=True)
     locust = result["locust"]
     failures = {}
     with open(out / "rollout_locust" / f"TritonHttpUser_u{users}_failures.csv", newline="") as f:
@@ -126,4 +134,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (RuntimeError, OSError, ValueError) as exc:  # a missing repository or artifacts, a server that fails
+        sys.exit(f"benchmarks.rollout_bench: {exc}")

@@ -312,15 +312,22 @@ def run_locust(url: str, server_pid: int, args: argparse.Namespace, log: Path) -
     with open(log.with_suffix(".locust.log"), "w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         start = time.monotonic()
-        with tqdm(total=args.duration, unit="s", desc="soak", disable=not sys.stderr.isatty()) as bar:
-            while process.poll() is None and time.monotonic() - start < args.duration + 90:
-                rss.append((time.time(), tree_memory(server_pid)))
-                time.sleep(min(2.0, args.bucket / 4))
-                bar.n = min(args.duration, int(time.monotonic() - start))
-                bar.refresh()
-        if process.poll() is None:
-            process.kill()
-            raise SoakError(f"locust ran past {args.duration + 90} s")
+        try:
+            with tqdm(total=args.duration, unit="s", desc="soak", disable=not sys.stderr.isatty()) as bar:
+                while process.poll() is None and time.monotonic() - start < args.duration + 90:
+                    try:
+                        rss.append((time.time(), tree_memory(server_pid)))
+                    except psutil.NoSuchProcess:
+                        raise SoakError(f"the server (pid {server_pid}) exited during the soak") from None
+                    time.sleep(min(2.0, args.bucket / 4))
+                    bar.n = min(args.duration, int(time.monotonic() - start))
+                    bar.refresh()
+            if process.poll() is None:
+                raise SoakError(f"locust ran past {args.duration + 90} s")
+        finally:  # whatever stopped the soak, Locust does not go on without it
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     if not log.exists():
         raise SoakError(f"locust logged no request (exit {process.returncode}); see {log.with_suffix('.locust.log')}")
     return rss
@@ -362,6 +369,9 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError("--kill-stubs and --server-env act on the soak's own server (no --url)")
     if args.url and args.server_pid is None:
         raise ValueError("--url needs --server-pid (the RSS is measured on that process and its stubs)")
+    if args.server_pid is not None and not psutil.pid_exists(args.server_pid):
+        raise ValueError(f"--server-pid {args.server_pid}: no such process (`make serve` records its server's "
+                         "in .run/tritonserver.json)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.triton_model = args.triton_model or ensemble_name(args.model_repository)
@@ -413,5 +423,5 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (SoakError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:  # RuntimeError: SoakError, the server's ServerError
         sys.exit(f"benchmarks.soak: {exc}")

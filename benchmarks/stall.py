@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -208,4 +209,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (RuntimeError, OSError, ValueError) as exc:  # a missing repository or artifacts, a server that fails
+        sys.exit(f"benchmarks.stall: {exc}")

@@ -17,7 +17,7 @@ plans: $(STAMP) ## TensorRT plan for PRECISION (needs TensorRT and a GPU; says s
 	$(PY) -m build.precision.plans --artifacts $(ARTIFACTS) --precision $(or $(PRECISION),fp32)
 
 bench-precision: $(STAMP) $(ARTIFACTS)/model.onnx ## every variant's speed (batch 1, 8) and agreement, then the compression table
-	$(PY) -m benchmarks.precision --artifacts $(ARTIFACTS) $(BENCH_PRECISION_ARGS)
+	$(PY) -m benchmarks.precision --artifacts $(ARTIFACTS) --out $(BENCH_OUT) $(BENCH_PRECISION_ARGS)
 
 bench-compression: $(STAMP) $(ARTIFACTS)/model.onnx ## compression table of ARTIFACTS and its -pruned/-student/-qat folders [COMPRESSION_ARGS="--held-out DIR ..."]
-	$(PY) -m benchmarks.compression --artifacts $(ARTIFACTS) $(COMPRESSION_ARGS)
+	$(PY) -m benchmarks.compression --artifacts $(ARTIFACTS) --out $(BENCH_OUT) $(COMPRESSION_ARGS)
