@@ -138,9 +138,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float grayscale
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I") and array.max(initial=0) > 255 else 255.0
-        array = np.clip(array * (255.0 / top), 0, 255).astype(np.uint8)
+        # By the mode's depth, never by the image's own values: the same 16-bit value is the same grey in
+        # every image (a 12-bit scan stays dark, as in any viewer). Integer modes hold 16-bit data (PNG and
+        # TIFF); "F" is taken as 0-255.
+        top = 255.0 if mode == "F" else 65535.0
+        array = np.clip(np.asarray(image, dtype=np.float64) * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(array).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")

@@ -63,6 +63,16 @@ def test_colour_modes_become_rgb(photo, mode):
         assert np.abs(np.asarray(decoded, dtype=float)[..., 0] - expected).max() <= 1
 
 
+@pytest.mark.parametrize("value", [255, 256, 4095, 65535])
+def test_16_bit_grey_is_scaled_by_its_depth_not_by_the_image(value):
+    """A uniform 16-bit image decodes to value / 257 whatever else is in it: 255 and 256 are both near black
+    (a per-image scale made 255 white and 256 black), 12-bit data's 4095 is dark grey."""
+    image = Image.fromarray(np.full((32, 32), value, dtype=np.uint16))
+    assert image.mode == "I;16"
+    decoded = np.asarray(decode_image(encode(image, "PNG")))
+    assert np.abs(decoded.astype(int) - int(value * 255 / 65535)).max() <= 1
+
+
 def test_transparent_pixels_become_white():
     image = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     image.paste((255, 0, 0, 255), (0, 0, 16, 32))
