@@ -12,11 +12,13 @@ measured. Weights kept within 7 bits (|w| <= 64, ONNX Runtime's `reduce_range`) 
 
 The INT8 CPU file says in its ONNX metadata which layout it is and which CPU flags it needs
 (`int8_cpu_layout`, `int8_requires_cpu`); the served classifier calls `refusal` when it loads and
-refuses a file this CPU would answer wrongly. Standard library only: the build copies this file
-next to the classifier's model.py.
+refuses a file this CPU would answer wrongly. `machine` is what the benchmark reports name their
+CPU by (benchmarks/report.py). Standard library only: the build copies this file next to the
+classifier's model.py.
 """
 from __future__ import annotations
 
+import os
 import platform
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -24,6 +26,10 @@ PATHS = ("vnni", "avx2")
 LAYOUT_KEY = "int8_cpu_layout"
 REQUIRES_KEY = "int8_requires_cpu"  # '|'-separated flags, any one of which is enough; '' = none
 CPUINFO = "/proc/cpuinfo"
+# the flags ONNX Runtime's kernels and libjpeg-turbo choose their code paths by: two CPUs that differ
+# in these run the same benchmark at different speeds (every amx_* flag counts too)
+SPEED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16",
+               "avx512_vnni", "avx_vnni", "asimd", "asimddp", "i8mm", "sve")
 
 
 def _cpuinfo_field(names: tuple[str, ...], cpuinfo: str) -> str:
@@ -45,6 +51,16 @@ def cpu_flags(cpuinfo: str = CPUINFO) -> frozenset[str]:
 
 def cpu_model(cpuinfo: str = CPUINFO) -> str:
     return _cpuinfo_field(("model name",), cpuinfo) or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(cpuinfo: str = CPUINFO) -> dict:
+    """What a benchmark report names its machine by: the CPU model, its speed flags (SPEED_FLAGS, amx_*),
+    the cores online and those this process may run on (a container or taskset can hold fewer)."""
+    flags = cpu_flags(cpuinfo)
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return {"cpu": cpu_model(cpuinfo),
+            "flags": sorted(f for f in flags if f in SPEED_FLAGS or f.startswith("amx")),
+            "cores": os.cpu_count(), "cores_usable": len(usable) if usable else os.cpu_count()}
 
 
 def integer_path(flags: frozenset[str] | set[str] | None = None) -> str:

@@ -123,3 +123,17 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu.cpu_flags(str(tmp_path / "missing")) == frozenset()
     assert cpu.integer_path() == cpu.integer_path(cpu.cpu_flags())
     assert cpu.integer_path() in cpu.describe()
+
+
+def test_machine_names_the_cpu_its_speed_flags_and_cores(tmp_path):
+    import os
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\n"
+                       "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_vnni avx_vnni amx_tile amx_int8 amx_bf16\n")
+    machine = cpu.machine(str(cpuinfo))
+    assert machine["cpu"] == "Some Xeon"
+    assert machine["flags"] == ["amx_bf16", "amx_int8", "amx_tile", "avx", "avx2", "avx512_vnni", "avx512f",
+                                "avx_vnni", "fma"]  # sorted; fpu and sse4_2 decide nothing here
+    assert machine["cores"] == os.cpu_count() and 1 <= machine["cores_usable"] <= machine["cores"]
+    assert cpu.machine(str(tmp_path / "missing"))["flags"] == []
