@@ -42,6 +42,7 @@ from pathlib import Path
 from benchmarks import procstats, report, rounds
 from benchmarks.procstats import CORE, ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
+from common import cpu
 from common.contract import ENSEMBLE, MODEL_ONNX, PREPROCESS_JSON
 
 STEPS = ("inprocess", "perf", "locust", "fused", "fastapi", "rounds")
@@ -377,6 +378,7 @@ def main(args: argparse.Namespace) -> dict:
     photos = list(load_photos(args.photos).values())
     out.mkdir(parents=True, exist_ok=True)
     started, load, machine0 = time.monotonic(), os.getloadavg()[0], procstats.machine_cpu_times()
+    print(f"bench: {report.machine_line(cpu.machine())}", flush=True)
     print(f"bench: {model_text}", flush=True)
     print(f"bench: {plan}; load average {load:.2f} on {os.cpu_count()} cores"
           + (" (busy machine: numbers will be noisy)" if load > 0.5 else ""), flush=True)

@@ -2,6 +2,9 @@
 
     points -> table(points) (text), ratios(points) (goals), plot(points, png), write(results, folder)
 
+Every benchmark writes its JSON and markdown through write_json and write_markdown, which name the
+machine it ran on: a "machine" object (common.cpu.machine) in the JSON, a first line in the markdown.
+
 A Point is one measured load level of one system: `concurrency` is requests in flight
 (perf_analyzer concurrency, Locust users) or, for the in-process bound, the batch size.
 """
@@ -11,6 +14,8 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
+
+from common import cpu
 
 # system names, in table order
 INPROCESS = "in-process bound"
@@ -77,6 +82,26 @@ def best(points: list[Point], system: str, max_p99_ms: float | None = None) -> P
     mine = [p for p in points if p.system == system and p.failures == 0 and p.throughput > 0
             and (max_p99_ms is None or p.p99_ms <= max_p99_ms)]
     return max(mine, key=lambda p: p.throughput, default=None)
+
+
+def machine_line(machine: dict) -> str:
+    """A report's first line: the CPU, its speed flags and cores, from common.cpu.machine()."""
+    return (f"Machine: {machine['cpu']}; flags: {' '.join(machine['flags']) or 'none of the speed flags'}; "
+            f"{machine['cores']} cores, {machine['cores_usable']} usable by this run")
+
+
+def write_json(path: str | Path, doc: dict) -> Path:
+    """`doc` as JSON, with a "machine" object first."""
+    path = Path(path)
+    path.write_text(json.dumps({"machine": cpu.machine(), **doc}, indent=2) + "\n")
+    return path
+
+
+def write_markdown(path: str | Path, text: str) -> Path:
+    """`text` as markdown, under a first line naming the machine."""
+    path = Path(path)
+    path.write_text(machine_line(cpu.machine()) + "\n\n" + text)
+    return path
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -205,7 +230,8 @@ def plot(points: list[Point], path: str | Path, title: str = "latency vs through
 
 def write(points: list[Point], folder: str | Path, extra: dict | None = None, name: str = "bench",
           cores: int = 2) -> dict[str, Path]:
-    """bench.csv (points), bench.json (points, ratios, extra), bench.md (table + ratios), bench.png."""
+    """bench.csv (points), bench.json (machine, points, ratios, extra), bench.md (machine, table, ratios),
+    bench.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {k: folder / f"{name}.{k}" for k in ("csv", "json", "md", "png")}
@@ -214,9 +240,8 @@ def write(points: list[Point], folder: str | Path, extra: dict | None = None, na
         writer.writeheader()
         writer.writerows(dataclasses.asdict(p) for p in points)
     rs = ratios(points, cores)
-    doc = {"points": [dataclasses.asdict(p) for p in points],
-           "ratios": [dict(dataclasses.asdict(r), verdict=r.verdict) for r in rs], **(extra or {})}
-    files["json"].write_text(json.dumps(doc, indent=2) + "\n")
-    files["md"].write_text(table(points) + "\n" + ratio_lines(rs))
+    write_json(files["json"], {"points": [dataclasses.asdict(p) for p in points],
+                               "ratios": [dict(dataclasses.asdict(r), verdict=r.verdict) for r in rs], **(extra or {})})
+    write_markdown(files["md"], table(points) + "\n" + ratio_lines(rs))
     plot(points, files["png"])
     return files

@@ -7,7 +7,7 @@ from benchmarks.procstats import ProcessTreeMonitor
 from benchmarks.workload import load_photos
 
 
-def test_report_files_from_a_small_real_run(tiny_artifacts, tmp_path):
+def test_report_files_from_a_small_real_run(tiny_artifacts, tmp_path, names_this_machine):
     photos = list(load_photos("jpeg", ["chelsea", "coffee", "rocket"]).values())
     points = []
     results = inprocess.measure(tiny_artifacts, photos, batches=[1, 2], images=8, decode_threads=2,
@@ -35,6 +35,7 @@ def test_report_files_from_a_small_real_run(tiny_artifacts, tmp_path):
     assert abs(names["Triton / FastAPI (HTTP, p99 <= FastAPI's)"]["value"] - 2.0) < 1e-9
     text = files["md"].read_text()
     assert report.INPROCESS in text and "MISSED" in text and "met" in text
+    names_this_machine(doc, text)
 
 
 def test_process_monitor_sees_cpu_and_memory():
