@@ -7,8 +7,9 @@
 One `locust --headless` process per (user class, user count): all users spawn at once, statistics
 are reset after spawning, the run stops after --run-time seconds. Its `_stats.csv` is parsed into a
 LocustResult (throughput, p50/p90/p99 in ms, failures); `<user class>_u<users>_stats.csv`,
-`_failures.csv` and the `.html` report stay in --out. Triton users call the ensemble the
-repository's BUILD.json names (or --triton-model).
+`_failures.csv` and the `.html` report stay in --out, and locust.json lists every run's LocustResult
+with the machine they ran on. Triton users call the ensemble the repository's BUILD.json names (or
+--triton-model).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks.workload import ENCODINGS
 from clients.client import DEFAULT_MODEL
 
@@ -195,8 +197,13 @@ def main(args: argparse.Namespace) -> list[LocustResult]:
                                 triton_model=triton_model)
                 results.append(result)
                 print(describe(result), flush=True)
-    print(f"reports in {out}/ (*.html, *_stats.csv)")
+    print(f"reports in {out}/ (*.html, *_stats.csv, {write_summary(results, out).name})")
     return results
+
+
+def write_summary(results: list[LocustResult], out: Path) -> Path:
+    """locust.json: every run's LocustResult and the machine."""
+    return report.write_json(out / "locust.json", {"results": [dataclasses.asdict(r) for r in results]})
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ mostly turns away while the server idles between bursts: Locust's constant_pacin
 period from the user's creation, so it brings randomly started users back into step after one period);
 a user whose request takes longer than a period skips the slots it missed, so the rate actually sent
 is reported beside the rate offered, and so is the largest burst (requests started in any 100 ms). Between loads, the server's
-queues drain (its pending-request gauge reaches 0). Writes overload.csv, overload.md (figures and
-ratios) and overload.png to --out.
+queues drain (its pending-request gauge reaches 0). Writes overload.csv, overload.md (the machine,
+figures and ratios) and overload.png to --out.
 
 On one machine Locust takes CPU from the server it measures, and how long a "busy" answer takes is then
 partly Locust's wait for a core. `--server-cpus 0 --client-cpus 1` pins them apart (the server and its
@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import write_markdown
 from common import contract
 
 CONFIGS = ("bounded", "unbounded", "same-priority", "flat-stubs", "budget-door")
@@ -409,8 +410,8 @@ def write_report(rows: list[Row], header: list[str], out: Path) -> Path:
               f"{r.accepted_p50_ms:.1f} / {r.accepted_p99_ms:.1f} | "
               f"{r.busy_p50_ms:.1f} / {r.busy_p99_ms:.1f} | {r.full_p99_ms:.1f} | {r.busy_after_preprocess} | "
               f"{r.largest_burst} |" for r in rows]
-    report = out / "overload.md"
-    report.write_text("\n".join(header + [""] + table + ["", *(f"- {line}" for line in ratios(rows))]) + "\n")
+    report = write_markdown(out / "overload.md",
+                            "\n".join(header + [""] + table + ["", *(f"- {line}" for line in ratios(rows))]) + "\n")
     plot(rows, out / "overload.png")
     return report
 

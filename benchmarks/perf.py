@@ -27,6 +27,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks.workload import ENCODINGS, load_photos
 from common import contract
 from serving.access import KEY_FILE, admin_headers
@@ -286,13 +287,19 @@ def main(args: argparse.Namespace) -> list[PerfResult]:
                 print(f"{model:18s} {args.protocol:4s} c={c:<3d} {r.throughput:7.1f} img/s  p50 {r.p50_ms:6.1f}  "
                       f"p90 {r.p90_ms:6.1f}  p99 {r.p99_ms:6.1f} ms  (server queue {r.server_queue_ms:5.1f}, "
                       f"compute {r.server_compute_ms:5.1f} ms)", flush=True)
-    summary = out / f"perf_{args.protocol}.csv"
+    print("wrote " + ", ".join(map(str, write_summary(results, out, args.protocol))))
+    return results
+
+
+def write_summary(results: list[PerfResult], out: Path, protocol: str) -> list[Path]:
+    """perf_<protocol>.csv, one row per run, and perf_<protocol>.json: the same rows and the machine."""
+    rows = [dataclasses.asdict(r) for r in results]
+    summary = out / f"perf_{protocol}.csv"
     with open(summary, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(PerfResult)])
         writer.writeheader()
-        writer.writerows(dataclasses.asdict(r) for r in results)
-    print(f"wrote {summary}")
-    return results
+        writer.writerows(rows)
+    return [summary, report.write_json(out / f"perf_{protocol}.json", {"protocol": protocol, "results": rows})]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ the model whose python-backend stub it is) and to a group of libraries (ONNX Run
 Pillow, numpy, the Python interpreter, libc, the kernel, Triton's own code); dividing by the images
 the ensemble finished in the same window (Triton's statistics) gives CPU ms per image. The load
 generator and anything else on the machine are left out. Prints one table per pipeline and, with
-two pipelines, the difference per library group; writes profile.{md,json} to --out.
+two pipelines, the difference per library group; writes profile.{md,json}, each naming the machine,
+to --out.
 
 Needs Linux perf (`apt-get install linux-perf`) and the right to sample all CPUs (root, or
 kernel.perf_event_paranoid <= 0): says which is missing otherwise. Sampling costs a little CPU of
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import re
 import shutil
 import subprocess
@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks.procstats import tree_roles
 
 # library group -> patterns of the shared-object path, first match wins (Triton's wheel lives under
@@ -223,10 +224,15 @@ def main(args: argparse.Namespace) -> list[Profile]:
             + ", ".join(f"{p.pipeline} {p.images / p.seconds:.1f} img/s" for p in profiles) + ":\n\n"
             + table(profiles))
     print("\n" + text)
-    (out / "profile.md").write_text(text)
-    (out / "profile.json").write_text(json.dumps([dataclasses.asdict(p) for p in profiles], indent=2) + "\n")
+    write(profiles, text, out)
     print(f"wrote {out}/profile.md, profile.json")
     return profiles
+
+
+def write(profiles: list[Profile], text: str, out: Path) -> None:
+    """profile.md (the machine, then `text`) and profile.json (the machine and the profiles)."""
+    report.write_markdown(out / "profile.md", text)
+    report.write_json(out / "profile.json", {"profiles": [dataclasses.asdict(p) for p in profiles]})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ at random, so the share of repeats grows with the run. --users closed-loop Locus
 server, the same seed for both, over HTTP (benchmarks/overload.py's users). Reported per server:
 requests/s, p50/p99, and for the cached one the hit rate from Triton's `nv_cache_num_hits_per_model` /
 `nv_cache_num_misses_per_model` of the ensemble; then whether both servers answer every distinct image
-with the same probabilities (top-1, largest difference). Writes response_cache.md and response_cache.csv to --out.
+with the same probabilities (top-1, largest difference). Writes response_cache.md (the machine first) and
+response_cache.csv to --out.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from benchmarks.report import write_markdown
 
 CONFIGS = ("uncached", "cached")
 
@@ -144,10 +147,6 @@ def main(args: argparse.Namespace) -> list[Row]:
               f"cache hits {r.hits} misses {r.misses}", flush=True)
     same_top1 = float(np.mean(probabilities["cached"].argmax(1) == probabilities["uncached"].argmax(1)))
     max_diff = float(np.abs(probabilities["cached"] - probabilities["uncached"]).max())
-    with open(out / "response_cache.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Row)] + ["hit_rate"])
-        writer.writeheader()
-        writer.writerows({**dataclasses.asdict(r), "hit_rate": r.hit_rate} for r in rows)
     by = {r.config: r for r in rows}
     lines = [f"{args.distinct} distinct images, {args.users} closed-loop users, {args.run_time:g} s per server, "
              f"cache {args.cache_mb} MiB on the ensemble, HTTP", "",
@@ -159,10 +158,17 @@ def main(args: argparse.Namespace) -> list[Row]:
                   f"p99 {by['cached'].p99_ms / by['uncached'].p99_ms:.2f}x",
               f"- answers: same top-1 for {same_top1:.0%} of the {args.distinct} images, largest probability "
               f"difference {max_diff:.2e}"]
-    report = out / "response_cache.md"
-    report.write_text("\n".join(lines) + "\n")
-    print(report.read_text())
+    print(write_report(rows, lines, out).read_text())
     return rows
+
+
+def write_report(rows: list[Row], lines: list[str], out: Path) -> Path:
+    """response_cache.csv (one row per server) and response_cache.md (the machine, then `lines`)."""
+    with open(out / "response_cache.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Row)] + ["hit_rate"])
+        writer.writeheader()
+        writer.writerows({**dataclasses.asdict(r), "hit_rate": r.hit_rate} for r in rows)
+    return write_markdown(out / "response_cache.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

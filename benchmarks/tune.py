@@ -31,6 +31,7 @@ import functools
 import json
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, photo_inputs
 from benchmarks.workload import ENCODINGS, load_photos
 from build.repository.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
@@ -303,6 +304,17 @@ def describe(t: Trial) -> str:
     return f"{'*' if t.chosen else ' '} {t.knob:20s} {result:52s} {knobs}"
 
 
+def write_trials(trials: list[Trial], best: DeploymentSpec | None, args: argparse.Namespace, out: Path) -> None:
+    """tune.csv (one row per trial) and tune.json (the machine, args, best spec, trials)."""
+    with open(out / "tune.csv", "w", newline="") as f:
+        columns = [x.name for x in dataclasses.fields(Trial) if x.name != "detail"]  # a failure's text: tune.json
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**dataclasses.asdict(t), "settings": json.dumps(t.settings)} for t in trials)
+    report.write_json(out / "tune.json", {"args": vars(args), "best": best.to_dict() if best else None,
+                                          "trials": [dataclasses.asdict(t) for t in trials]})
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", default=str(DEFAULT_SPEC_PATH), help="starting spec (default: %(default)s)")
@@ -379,13 +391,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
     print("\ntried (* = chosen):")
     for t in trials:
         print(describe(t))
-    with open(out / "tune.csv", "w", newline="") as f:
-        columns = [x.name for x in dataclasses.fields(Trial) if x.name != "detail"]  # a failure's text: tune.json
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**dataclasses.asdict(t), "settings": json.dumps(t.settings)} for t in trials)
-    (out / "tune.json").write_text(json.dumps({"args": vars(args), "best": best.to_dict() if best else None,
-                                               "trials": [dataclasses.asdict(t) for t in trials]}, indent=2) + "\n")
+    write_trials(trials, best, args, out)
     if not any(t.runs for t in trials):
         raise RuntimeError(f"every configuration tried failed to serve or to measure ({len(trials)}; the first: "
                            f"{trials[0].error}); nothing written. Server log: {out / 'tritonserver.log'}")

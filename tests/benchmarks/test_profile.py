@@ -65,4 +65,5 @@ def test_profile_of_both_served_pipelines(tiny_artifacts, perf_tool, perf_venv, 
     assert "ONNX Runtime" in ensemble.ms_per_image["classifier"]
     assert "JPEG decoding" in ensemble.ms_per_image["preprocess"]
     assert "| **all serving processes** |" in (out / "profile.md").read_text()
-    assert [p["pipeline"] for p in json.loads((out / "profile.json").read_text())] == ["ensemble", "fused"]
+    doc = json.loads((out / "profile.json").read_text())
+    assert [p["pipeline"] for p in doc["profiles"]] == ["ensemble", "fused"] and doc["machine"]["cpu"]
