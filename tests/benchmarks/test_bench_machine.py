@@ -1,10 +1,10 @@
 """Every benchmark's report names the machine it ran on (CPU model, speed flags, cores): its writers,
-fed made-up figures, no server."""
+fed made-up figures, no server; and bench-preprocess refuses artifacts without preprocess.json."""
 import json
 
 import pytest
 
-from benchmarks import locust_run, overload, perf, profile, response_cache, tune
+from benchmarks import locust_run, overload, perf, preprocess_dali, profile, response_cache, tune
 from build.repository.spec import DeploymentSpec
 
 
@@ -57,3 +57,24 @@ def test_profile_report(tmp_path, names_this_machine):
     assert [x["pipeline"] for x in doc["profiles"]] == ["fused"]
     names_this_machine(doc, (tmp_path / "profile.md").read_text())
 
+
+def test_preprocess_dali_report(tmp_path, names_this_machine):
+    result = {"pillow": {"ms_per_image": 4.0, "images_per_s_per_core": 250.0, "runs_s": [0.02]},
+              "dali_cpu": {"ms_per_image": 5.0, "images_per_s_per_core": 200.0, "runs_s": [0.025]},
+              "dali_cpu_vs_pillow": 0.8}
+    setup = {"preprocess_json": "artifacts/x/preprocess.json", "preprocess": {}, "photos": 5, "repeat": 1,
+             "batch_size": 8, "threads": 1}
+    json_path, md_path = preprocess_dali.write(result, setup, tmp_path / "out")
+    doc = json.loads(json_path.read_text())
+    assert doc["dali_cpu_vs_pillow"] == 0.8 and doc["photos"] == 5
+    md = md_path.read_text()
+    assert "| pillow | 4.00 | 250.0 |" in md and "0.80x" in md
+    names_this_machine(doc, md)
+    assert preprocess_dali.get_args_parser().parse_args([]).out == "benchmarks/results/preprocess_dali"
+
+
+def test_preprocess_dali_needs_the_exported_preprocess_json(tmp_path):
+    args = preprocess_dali.get_args_parser().parse_args(["--artifacts", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match=r"preprocess\.json not found: run `make export`"):
+        preprocess_dali.main(args)
+    assert not (tmp_path / "o").exists()
