@@ -24,4 +24,4 @@ $(DALI_STAMP): requirements/dali.txt
 	touch $@
 
 bench-preprocess: $(STAMP) $(DALI_STAMP) ## DALI on CPU vs the Pillow path: ms per image and img/s per core, bundled photos [BENCH_PREPROCESS_ARGS=--repeat 5]
-	$(PY) -m benchmarks.preprocess_dali --artifacts $(ARTIFACTS) --dali-python $(DALI_VENV)/bin/python $(BENCH_PREPROCESS_ARGS)
+	$(PY) -m benchmarks.preprocess_dali --artifacts $(ARTIFACTS) --dali-python $(DALI_VENV)/bin/python --out $(BENCH_OUT)/preprocess_dali $(BENCH_PREPROCESS_ARGS)

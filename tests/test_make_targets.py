@@ -81,7 +81,8 @@ def test_every_targets_module_takes_the_arguments_make_passes():
 
 
 @pytest.mark.parametrize("target, flag", [("bench-precision", "--out"), ("bench-compression", "--out"),
-                                          ("bench-rollout", "--out"), ("soak", "--out")])
+                                          ("bench-rollout", "--out"), ("soak", "--out"),
+                                          ("bench-preprocess", "--out")])
 def test_benchmark_targets_write_where_bench_out_says(target, flag, tmp_path):
     argv = [argv for module, argv in module_calls(target) if module.startswith("benchmarks.")]
     assert argv, f"make -n {target} runs no benchmark"
