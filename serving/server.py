@@ -102,8 +102,18 @@ def stop_tree(pid: int, timeout: float = 30.0) -> None:
             continue
 
 
+def ipv4_address(address: str) -> str:
+    """`address` if the stack can bind and reach it; else why not, as a ValueError."""
+    if ":" in address:
+        # Triton 2.51 binds IPv6 only as `ipv6:<address>` (HTTP, metrics) and `[<address>]` (gRPC), and takes a
+        # bare `::1` for a broken IPv4 address; the clients, watchdog and Makefile here join host:port for IPv4.
+        raise ValueError(f"address {address}: IPv6 is not supported here; bind an IPv4 address "
+                         "(127.0.0.1, or 0.0.0.0 for every interface)")
+    return address
+
+
 class TritonServer:
-    """One tritonserver process on loopback (or `address`). A context manager."""
+    """One tritonserver process on loopback (or `address`, IPv4). A context manager."""
 
     def __init__(self, model_repository: str | Path, ports: Ports | None = None, address: str = LOOPBACK,
                  log_file: str | Path | None = None, extra_args: list[str] | None = None,
@@ -112,7 +122,10 @@ class TritonServer:
         self.env = env or {}  # added to this process's environment for the server (and its stubs)
         self.supervisor = supervisor or []  # a command that runs the server (after its `--`): serving.supervise
         self.ports = ports or Ports.free()
-        self.address = address
+        try:
+            self.address = ipv4_address(address)
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
@@ -355,11 +368,18 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
     return pid, running
 
 
+def _address_arg(text: str) -> str:
+    try:
+        return ipv4_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Start/stop a background tritonserver (make serve / make stop).")
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
-    p.add_argument("--address", default="127.0.0.1",
+    p.add_argument("--address", default="127.0.0.1", type=_address_arg,
                    help="address to bind; 0.0.0.0 exposes the server to the network (default: %(default)s)")
     p.add_argument("--http-port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--grpc-port", type=int, default=8001, help="(default: %(default)s)")

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from build.repository.capabilities import Capabilities, detect, resolve_backend
-from serving.server import Ports
+from serving.server import Ports, ServerError, TritonServer
 from serving.tritonserver import build_command, locate_server, prepare_backend_directory
 
 
@@ -92,3 +92,16 @@ def test_make_stop_leaves_a_process_that_is_not_tritonserver_alone(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_an_ipv6_address_is_refused_in_one_line(tmp_path):
+    """Triton 2.51 takes a bare `::1` for a broken IPv4 address (its HTTP port then answers nowhere) and the
+    tools here join IPv4 host:port: refused before anything starts, by the CLI and by TritonServer."""
+    done = subprocess.run([sys.executable, "-m", "serving.server", "start", "--address", "::1",
+                           "--model-repository", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "argument --address: address ::1: IPv6 is not supported here" in done.stderr
+    assert not (tmp_path / ".run").exists()  # no key written, nothing started
+    with pytest.raises(ServerError, match="IPv6 is not supported"):
+        TritonServer(tmp_path, address="::")
