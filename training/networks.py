@@ -6,7 +6,7 @@ Model names:
     timm/<name>                    any timm architecture, random init (e.g. timm/resnet18)
     torchvision/<name>             any torchvision classification architecture, random init
 Nothing is downloaded: other architectures start from random weights or from `--weights PATH`
-(a state dict or a training checkpoint of the same architecture).
+(a state dict or a training checkpoint of the same architecture; a run directory: its best.pt).
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ import torch
 from training import models
 
 PREFIXES = ("timm/", "torchvision/")
+# Without aux_logits=False these return a namedtuple with auxiliary logits in training mode, which the
+# loss cannot take; init_weights=True is what None means, without its FutureWarning.
+TORCHVISION_KWARGS = {name: {"aux_logits": False, "init_weights": True} for name in ("googlenet", "inception_v3")}
 
 
 def _timm_names() -> list[str]:
@@ -59,7 +62,8 @@ def build_network(name: str, num_classes: int) -> torch.nn.Module:
 
         if name[12:] not in _torchvision_names():
             raise _unknown(name)
-        return torchvision.models.get_model(name[12:], weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name[12:], weights=None, num_classes=num_classes,
+                                            **TORCHVISION_KWARGS.get(name[12:], {}))
     raise _unknown(name)
 
 
@@ -89,9 +93,14 @@ def replace_head(model: torch.nn.Module, num_classes: int, seed: int = 0) -> tor
 
 
 def read_weights_file(path: str | Path) -> dict:
-    """torch.load a local weights file; a missing, unreadable or non-dict file is a ValueError /
-    FileNotFoundError naming it (not a pickle traceback)."""
+    """torch.load a local weights file (a run directory: its best.pt); a missing, unreadable or non-dict
+    file is a ValueError / FileNotFoundError naming it (not a pickle traceback)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise FileNotFoundError(f"{path} is a directory without best.pt: --weights takes a weights file "
+                                    "(a state dict or a training checkpoint) or a run directory holding best.pt")
+        path = path / "best.pt"
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
