@@ -7,7 +7,8 @@ the most confidently misclassified images (the first place to look for label err
 Writes to --output-dir (default: <run>/eval or <artifacts>/eval): metrics.json (top-1, top-5,
 macro-F1, per-class precision / recall / F1 / support), confusion_matrix.png and .csv,
 misclassified.csv (path, label, predicted, confidence, probability of the label; most confident first).
-Images go through the serving preprocess (decode_image + resize_and_crop + normalize).
+Images go through the serving preprocess (decode_image + resize_and_crop + normalize). The class folders
+of --data-dir must be the model's class names, in any order.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import csv
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +120,21 @@ def _labels_from_paths(files: list[str], classes: list[str]) -> list[int]:
     return labels
 
 
+def scan_for_classes(root: str | Path, classes: list[str]) -> data.Split:
+    """An ImageFolder whose class folders are `classes` in any order, labelled by their index in `classes`
+    (an imported model's labels.txt is in the model's order, not alphabetical)."""
+    twice = sorted(name for name, count in Counter(classes).items() if count > 1)
+    if twice:
+        raise ValueError(f"the model's labels name {twice[:10]} more than once: a class folder cannot tell which")
+    found = data.scan_image_folder(root)
+    if set(found.classes) != set(classes):
+        missing, extra = sorted(set(classes) - set(found.classes)), sorted(set(found.classes) - set(classes))
+        raise ValueError(f"{root} has class folders {found.classes[:10]}, the model's classes are {classes[:10]} "
+                         f"(missing folders {missing[:10]}, folders not in the model {extra[:10]})")
+    index = {name: i for i, name in enumerate(classes)}
+    return data.Split(list(classes), [(path, index[found.classes[label]]) for path, label in found.samples])
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +166,7 @@ def main(args: argparse.Namespace) -> dict:
         classes, preprocess = read_labels(home / "labels.txt"), PreprocessConfig.load(home / "preprocess.json")
         infer, source, val_files, val_labels = _onnx_runner(home / "model.onnx"), str(home / "model.onnx"), None, None
     if args.data_dir:
-        split = data.scan_image_folder(args.data_dir, classes)
+        split = scan_for_classes(args.data_dir, classes)
     elif val_files:
         split = data.Split(classes, list(zip(val_files, val_labels or _labels_from_paths(val_files, classes))))
     else:

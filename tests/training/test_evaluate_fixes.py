@@ -1,0 +1,56 @@
+"""training.evaluate: an imported model whose labels are not in alphabetical order."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from tests.tiny_model import write_tiny_classifier
+from training import evaluate
+
+RED, GREEN = (255, 0, 0), (0, 255, 0)
+
+
+def _image_folder(root, colours: dict[str, tuple], per_class: int = 2):
+    for name, colour in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), colour).save(root / name / f"{i}.png")
+    return root
+
+
+def _evaluate(artifacts, data_dir, out) -> dict:
+    return evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--artifacts", str(artifacts), "--data-dir", str(data_dir), "--output-dir", str(out), "--workers", "0",
+         "--no-progress"]))
+
+
+@pytest.fixture
+def red_green_model(tmp_path):
+    """An ONNX classifier with labels.txt "b", "a" (not alphabetical): red images are class 0 ("b"),
+    green ones class 1 ("a")."""
+    out = write_tiny_classifier(tmp_path / "artifacts", num_classes=2, crop=8)
+    model = onnx.load(out / "model.onnx")
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    weight.CopyFrom(numpy_helper.from_array(np.array([[1, -1], [-1, 1], [0, 0]], np.float32), "W"))
+    onnx.save(model, out / "model.onnx")
+    (out / "labels.txt").write_text("b\na\n")
+    return out
+
+
+def test_artifacts_with_labels_in_the_models_order(red_green_model, tmp_path):
+    data_dir = _image_folder(tmp_path / "val", {"a": GREEN, "b": RED})
+    report = _evaluate(red_green_model, data_dir, tmp_path / "eval")  # was "has classes ['a', 'b']; expected ['b', 'a']"
+    assert report["eval_top1"] == 1.0
+    assert [(row["class"], row["recall"], row["support"]) for row in report["per_class"]] == [("b", 1.0, 2), ("a", 1.0, 2)]
+
+    (data_dir / "c").mkdir()
+    Image.new("RGB", (16, 16)).save(data_dir / "c" / "0.png")
+    with pytest.raises(ValueError, match=r"model's classes are \['b', 'a'\] \(missing folders \[\], folders not in "
+                                         r"the model \['c'\]\)"):
+        _evaluate(red_green_model, data_dir, tmp_path / "eval")
+    (red_green_model / "labels.txt").write_text("b\nb\n")
+    with pytest.raises(ValueError, match=r"labels name \['b'\] more than once"):
+        _evaluate(red_green_model, data_dir, tmp_path / "eval")
