@@ -5,8 +5,11 @@ the most confidently misclassified images (the first place to look for label err
     python -m training.evaluate --artifacts artifacts/digits --data-dir data/digits/val   # the ONNX model
 
 Writes to --output-dir (default: <run>/eval or <artifacts>/eval): metrics.json (top-1, top-5,
-macro-F1, per-class precision / recall / F1 / support), confusion_matrix.png and .csv,
-misclassified.csv (path, label, predicted, confidence, probability of the label; most confident first).
+macro-F1, per-class precision / recall / F1 / support), confusion_matrix.csv (rows: true class, columns:
+predicted, in the model's class order), confused_pairs.csv (label, predicted, count, share of the label's
+images; most frequent first), misclassified.csv (path, label, predicted, confidence, probability of the
+label; most confident first), and last confusion_matrix.png: the labelled matrix up to LABELLED_CLASSES
+classes, above that the matrix without names beside the most confused pairs.
 Images go through the serving preprocess (decode_image + resize_and_crop + normalize). The class folders
 of --data-dir must be the model's class names, in any order.
 """
@@ -42,24 +45,55 @@ def per_class_report(confusion: np.ndarray, classes: list[str]) -> list[dict]:
     return rows
 
 
-def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+LABELLED_CLASSES = 60  # more names than this overlap on a figure of MAX_INCHES
+MAX_INCHES = 16.0  # at 100 dpi; the figure's memory grows with its area (1000 classes uncapped: ~70 GB)
+PLOTTED_PAIRS = 20
+
+
+def confused_pairs(confusion: np.ndarray, classes: list[str]) -> list[dict]:
+    """Every (label, predicted) pair of distinct classes with a mistake, most frequent first."""
+    mistakes = confusion.copy()
+    np.fill_diagonal(mistakes, 0)
+    true, predicted = np.nonzero(mistakes)
+    counts = mistakes[true, predicted]
+    support = confusion.sum(1)
+    return [{"label": classes[t], "predicted": classes[p], "count": int(n), "share": float(n / support[t])}
+            for t, p, n in sorted(zip(true, predicted, counts), key=lambda row: -row[2])]
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str,
+                   pairs: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(5.0, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(classes, rotation=90)
-    ax.set_yticklabels(classes)
-    if len(classes) <= 30:
-        threshold = confusion.max() / 2 if confusion.size else 0
-        for (i, j), value in np.ndenumerate(confusion):
-            if value:
-                ax.text(j, i, int(value), ha="center", va="center", fontsize=8,
-                        color="white" if value > threshold else "black")
+    if len(classes) > LABELLED_CLASSES:
+        fig, (ax, bars) = plt.subplots(1, 2, figsize=(MAX_INCHES, MAX_INCHES / 2))
+        mistakes = confusion.copy()
+        np.fill_diagonal(mistakes, 0)  # the correct answers would set the colour scale
+        ax.imshow(mistakes, cmap="Blues")
+        ax.set(xticks=[], yticks=[], xlabel=f"predicted ({len(classes)} classes: confusion_matrix.csv)",
+               ylabel="true", title=f"{title}\nmistakes (diagonal left out)")
+        top = (pairs if pairs is not None else confused_pairs(confusion, classes))[:PLOTTED_PAIRS]
+        bars.barh(range(len(top)), [p["count"] for p in top])
+        bars.set_yticks(range(len(top)), [f"{p['label'][:30]} -> {p['predicted'][:30]}" for p in top])
+        bars.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        bars.invert_yaxis()
+        bars.set(xlabel="images", title="most confused pairs (all: confused_pairs.csv)")
+    else:
+        size = min(max(5.0, 0.45 * len(classes) + 2), MAX_INCHES)
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(confusion, cmap="Blues")
+        ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title=title)
+        ax.set_xticklabels(classes, rotation=90)
+        ax.set_yticklabels(classes)
+        if len(classes) <= 30:
+            threshold = confusion.max() / 2 if confusion.size else 0
+            for (i, j), value in np.ndenumerate(confusion):
+                if value:
+                    ax.text(j, i, int(value), ha="center", va="center", fontsize=8,
+                            color="white" if value > threshold else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -184,19 +218,23 @@ def main(args: argparse.Namespace) -> dict:
               "per_class": per_class_report(confusion, classes), "unreadable": [split.samples[i][0] for i in bad]}
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     np.savetxt(out / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",", header=",".join(classes))
-    plot_confusion(confusion, classes, out / "confusion_matrix.png", f"{Path(source).parent.name}: top-1 "
-                   f"{summary['eval_top1']:.2%} on {summary['eval_images']} images")
+    pairs = confused_pairs(confusion, classes)
     rows = misclassified(probabilities, labels, paths, classes, args.top_misclassified)
-    with open(out / "misclassified.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "predicted", "confidence", "p_label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    for name, fields, table in (("confused_pairs.csv", ["label", "predicted", "count", "share"], pairs),
+                                ("misclassified.csv", ["path", "label", "predicted", "confidence", "p_label"], rows)):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(table)
     print(f"{'class':20s} precision recall     f1 support")
     for row in report["per_class"]:
         print(f"{row['class'][:20]:20s} {row['precision']:9.2%} {row['recall']:6.2%} {row['f1']:6.2%} {row['support']:7d}")
     print(f"top-1 {summary['eval_top1']:.2%}  top-5 {summary['eval_top5']:.2%}  macro-F1 {summary['eval_macro_f1']:.2%}"
           f"  on {summary['eval_images']} images ({len(bad)} unreadable, {len(rows)} listed in misclassified.csv)")
-    print(f"wrote {out}/: metrics.json, confusion_matrix.png, confusion_matrix.csv, misclassified.csv")
+    plot_confusion(confusion, classes, out / "confusion_matrix.png", f"{Path(source).parent.name}: top-1 "
+                   f"{summary['eval_top1']:.2%} on {summary['eval_images']} images", pairs)
+    print(f"wrote {out}/: metrics.json, confusion_matrix.csv, confused_pairs.csv, misclassified.csv, "
+          "confusion_matrix.png")
     return report
 
 

@@ -1,5 +1,9 @@
-"""training.evaluate: an imported model whose labels are not in alphabetical order."""
+"""training.evaluate: an imported model whose labels are not in alphabetical order, many classes (a capped
+figure, the data files written before it)."""
 from __future__ import annotations
+
+import csv
+import json
 
 import numpy as np
 import onnx
@@ -54,3 +58,33 @@ def test_artifacts_with_labels_in_the_models_order(red_green_model, tmp_path):
     (red_green_model / "labels.txt").write_text("b\nb\n")
     with pytest.raises(ValueError, match=r"labels name \['b'\] more than once"):
         _evaluate(red_green_model, data_dir, tmp_path / "eval")
+
+
+def test_data_files_are_written_before_the_figure(red_green_model, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(evaluate, "plot_confusion", out_of_memory)
+    data_dir = _image_folder(tmp_path / "val", {"a": RED, "b": RED})  # every "a" image is taken for "b"
+    with pytest.raises(MemoryError):
+        _evaluate(red_green_model, data_dir, tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval_top1"] == 0.5
+    with open(tmp_path / "eval" / "misclassified.csv") as f:
+        assert [(r["label"], r["predicted"]) for r in csv.DictReader(f)] == [("a", "b"), ("a", "b")]
+    with open(tmp_path / "eval" / "confused_pairs.csv") as f:
+        assert list(csv.DictReader(f)) == [{"label": "a", "predicted": "b", "count": "2", "share": "1.0"}]
+
+
+def test_the_confusion_figure_stays_small_with_many_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    for count in (50, 300):  # uncapped: 2450 px square; 13700 px square and 6.5 GB of memory
+        confusion = rng.integers(0, 3, (count, count)) + np.diag(np.full(count, 20))
+        confusion[7, 3] = 50
+        classes = [f"class {i}" for i in range(count)]
+        evaluate.plot_confusion(confusion, classes, tmp_path / f"{count}.png", "title")
+        width, height = Image.open(tmp_path / f"{count}.png").size
+        assert max(width, height) <= evaluate.MAX_INCHES * 100, count
+        pairs = evaluate.confused_pairs(confusion, classes)
+        assert pairs[0] == {"label": "class 7", "predicted": "class 3", "count": 50, "share": 50 / confusion[7].sum()}
+        assert len(pairs) == np.count_nonzero(confusion) - count
+    assert (width, height) == (evaluate.MAX_INCHES * 100, evaluate.MAX_INCHES * 50)  # the matrix beside the pairs
