@@ -20,6 +20,8 @@ from training import train
 from training.checkpoint import LAST
 # the library's names stay importable as `training.distill.<name>`
 from training.distillation import Distiller, distillation_loss, imagenet_columns, load_teacher  # noqa: F401
+from training.distillation import check_preprocess, teacher_preprocess
+from training.state import preprocess_from_args
 
 RUNS = ("student_alone", "student_distilled")
 
@@ -45,6 +47,8 @@ def resume_points(resume: str | None) -> dict[str, str | None]:
 def main(args: argparse.Namespace) -> dict:
     if args.teacher is None:
         raise ValueError("training.distill needs --teacher (a checkpoint or bundled-efficientnet-lite0)")
+    # before the student that trains alone, which would otherwise train in vain
+    check_preprocess(args.teacher, teacher_preprocess(args.teacher), preprocess_from_args(args))
     out = Path(args.output_dir)
     resume = resume_points(args.resume)
     runs = {}

@@ -3,7 +3,9 @@
 Loss (Hinton et al.): alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE.
 The teacher is a checkpoint with the same classes, or the bundled ImageNet Lite0 when every class
 name is an ImageNet class (its description, or the part before the first comma): its logits are
-restricted to those classes.
+restricted to those classes. It sees the student's batches, so it must normalise images as the student
+does (mean, std, layout: `load_teacher` given the student's preprocessing and `training.distill` refuse
+another); a batch of another crop size is resized to the teacher's own.
 
 `training.train --teacher` trains with it; `python -m training.distill` compares a student trained
 with and without it.
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from common.preprocessing import PreprocessConfig
 from training import models
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 
 
 def imagenet_columns(classes: list[str]) -> list[int]:
@@ -30,15 +33,37 @@ def imagenet_columns(classes: list[str]) -> list[int]:
     return [lookup[c.lower().replace("_", " ")] for c in classes]
 
 
-def load_teacher(source: str, classes: list[str]) -> tuple[torch.nn.Module, list[int] | None]:
-    """(teacher in eval mode, ImageNet columns or None). `source`: a checkpoint path or the bundled name."""
+def teacher_preprocess(source: str, checkpoint: dict | None = None) -> PreprocessConfig:
+    """The preprocessing the teacher was trained with (`checkpoint`: `source`, already loaded)."""
     if source == models.BUNDLED_EFFICIENTNET_LITE0:
-        return models.load_bundled_efficientnet_lite0(), imagenet_columns(classes)
-    checkpoint = load_checkpoint(source)
-    if checkpoint["classes"] != list(classes):
+        return models.EFFICIENTNET_LITE0_PREPROCESS
+    return preprocess_from_checkpoint(checkpoint or load_checkpoint(source))
+
+
+def check_preprocess(source: str, teacher: PreprocessConfig, student: PreprocessConfig) -> None:
+    """ValueError unless the student's images are normalised as the teacher's were (sizes may differ)."""
+    fields = ("mean", "std", "layout")
+    if any(getattr(teacher, f) != getattr(student, f) for f in fields):
+        raise ValueError(f"teacher {source} expects {', '.join(f'{f} {getattr(teacher, f)}' for f in fields)}; the "
+                         f"student's images have {', '.join(f'{f} {getattr(student, f)}' for f in fields)}: train "
+                         "the student with the teacher's --mean and --std")
+
+
+def load_teacher(source: str, classes: list[str], preprocess: PreprocessConfig | None = None
+                 ) -> tuple[torch.nn.Module, list[int] | None]:
+    """(teacher in eval mode, ImageNet columns or None). `source`: a checkpoint path or the bundled name;
+    `preprocess`: the student's, checked against the teacher's. The teacher resizes batches to its crop size."""
+    checkpoint = None if source == models.BUNDLED_EFFICIENTNET_LITE0 else load_checkpoint(source)
+    if checkpoint is not None and checkpoint["classes"] != list(classes):
         raise ValueError(f"teacher {source} was trained on classes {checkpoint['classes'][:10]}, "
                          f"the data has {list(classes)[:10]}")
-    return model_from_checkpoint(checkpoint).eval(), None
+    own = teacher_preprocess(source, checkpoint)
+    if preprocess is not None:
+        check_preprocess(source, own, preprocess)
+    if checkpoint is None:
+        columns = imagenet_columns(classes)
+        return _AtCropSize(models.load_bundled_efficientnet_lite0(), own.crop), columns
+    return _AtCropSize(model_from_checkpoint(checkpoint), own.crop), None
 
 
 class Distiller:
@@ -69,6 +94,20 @@ class Distiller:
     def teacher_on_classes(self) -> torch.nn.Module:
         """The teacher as a classifier of the dataset's classes (to measure its accuracy)."""
         return self.teacher if self.columns is None else _Columns(self.teacher, self.columns)
+
+
+class _AtCropSize(torch.nn.Module):
+    """A model fed at the crop size it was trained on: a batch of another size is resized (bilinear,
+    antialiased; the same as resizing before normalising, which is linear)."""
+
+    def __init__(self, model, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.model(x)
 
 
 class _Columns(torch.nn.Module):
