@@ -1,8 +1,8 @@
 """ImageFolder data: `root/<class>/<image>` -> samples, splits, datasets, samplers and loaders.
 
 Images are decoded with `common.preprocessing.decode_image`, the serving decoder (EXIF, colour
-modes, alpha), so training sees each file as the server will. A file that does not decode is
-reported by path and dropped from its batch (`collate_skipping`); the epoch goes on.
+modes, alpha, size limits), so training sees each file as the server will. A file that does not decode is
+reported by path and reason and dropped from its batch (`collate_skipping`); the epoch goes on.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def find_classes(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{root} has no class folders: expected {root}/<class>/<image>")
+    if len(classes) < 2:
+        raise ValueError(f"{root} has {len(classes)} class folder(s) {classes}: a classifier needs at least 2 "
+                         f"({root}/<class>/<image>)")
     return classes
 
 
@@ -107,7 +108,7 @@ class ImageFolderDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.split.samples[index]
         try:
-            image = decode_image(Path(path).read_bytes(), self.limits, draft_size=self.draft_size)
+            image = self._decode(path)
         except (ImageError, OSError):
             return None, label, index
         if seed is None:
@@ -115,6 +116,17 @@ class ImageFolderDataset(Dataset):
         with torch.random.fork_rng(devices=[]):  # the caller's RNG (the training loop's, with 0 workers) is untouched
             torch.manual_seed(seed)
             return self.transform(image), label, index
+
+    def _decode(self, path: str):
+        return decode_image(Path(path).read_bytes(), self.limits, draft_size=self.draft_size)
+
+    def why_unreadable(self, index: int) -> str:
+        """The decoder's reason for skipping item `index` (decoded again: batches carry only the indices)."""
+        try:
+            self._decode(self.split.samples[index][0])
+        except (ImageError, OSError) as exc:
+            return str(exc)
+        return "it failed to load once but reads now"
 
 
 def collate_skipping(items):

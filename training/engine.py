@@ -99,7 +99,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, ctx: distrib
     totals = distributed.all_reduce_sum(totals, ctx)
     images_seen = max(1.0, totals[2].item())
     return {"train_loss": totals[0].item() / images_seen, "train_acc": totals[1].item() / images_seen,
-            "train_images_per_s": totals[2].item() / elapsed, "train_seconds": elapsed}
+            "train_images": int(totals[2].item()), "train_images_per_s": totals[2].item() / elapsed,
+            "train_seconds": elapsed}
 
 
 @torch.no_grad()

@@ -102,10 +102,14 @@ def train_and_evaluate(args: argparse.Namespace, ctx: distributed.Context, run_d
     """One epoch of training, then validation of the weights to deploy (the EMA's, with --model-ema)."""
     model, ema, num_classes = state.model, state.ema, len(run_data.classes)
     run_data.train_sampler.set_epoch(epoch)
+    train_set, val_set = run_data.train_loader.dataset, run_data.val_loader.dataset
     metrics = engine.train_one_epoch(
         wrapped, _limit(run_data.train_loader, run_data.steps), state.criterion, state.optimizer, state.scheduler,
         ctx, step_config, epoch, state.mixer, ema, state.scaler, state.distiller,
-        lambda indices: skipped.report(run_data.train_split, indices))
+        lambda indices: skipped.report(train_set, indices))
+    if metrics["train_images"] == 0:  # every step was a zero-loss dummy step: nothing was learnt
+        raise ValueError(f"epoch {epoch}: not one training image could be read ({skipped.example(train_set)}); "
+                         f"fix or remove the unreadable files in {args.data_dir}")
     distributed.average_buffers(model, ctx)
     val = engine.evaluate(model, run_data.val_loader, ctx, num_classes, progress=args.progress)
     if ema is not None:
@@ -114,7 +118,10 @@ def train_and_evaluate(args: argparse.Namespace, ctx: distributed.Context, run_d
         metrics["model_val_top1"] = val["val_top1"]  # the raw weights, for comparison
         metrics["ema_val_top1"] = ema_val["val_top1"]
         val = ema_val  # the deployed weights are the ones monitored
-    skipped.report(run_data.val_split, val.pop("val_unreadable"))
+    skipped.report(val_set, val.pop("val_unreadable"))
+    if val["val_images"] == 0:
+        raise ValueError(f"not one of the {len(run_data.val_split.samples)} validation images could be read "
+                         f"({skipped.example(val_set)}); fix or remove them, or pass another --val-dir")
     metrics.update(val, **_lrs(state.optimizer), trainable_tensors=sum(p.requires_grad for p in model.parameters()))
     return metrics
 
@@ -150,21 +157,28 @@ def finish(args: argparse.Namespace, ctx: distributed.Context, run_data: RunData
 
 
 class SkippedImages:
-    """Unreadable images, reported once each; every rank reports the files of its own shard."""
+    """Unreadable images, reported once each with the decoder's reason; every rank reports the files
+    of its own shard."""
 
     def __init__(self, ctx: distributed.Context):
-        self.ctx, self.paths = ctx, set()
+        self.ctx, self.reasons = ctx, {}  # path -> reason, in the order met
 
-    def report(self, split: data.Split, indices: list[int]) -> None:
+    def report(self, dataset: data.ImageFolderDataset, indices: list[int]) -> None:
         for i in indices:
-            path = split.samples[i][0]
-            if path not in self.paths:
-                self.paths.add(path)
+            path = dataset.split.samples[i][0]
+            if path not in self.reasons:
+                self.reasons[path] = dataset.why_unreadable(i)
                 rank = f" (rank {self.ctx.rank})" if self.ctx.distributed else ""
-                tqdm.write(f"skipping unreadable image {path}{rank}")
+                tqdm.write(f"skipping unreadable image {path}{rank}: {self.reasons[path]}")
+
+    def example(self, dataset: data.ImageFolderDataset) -> str:
+        """The first skipped file of `dataset` and why, for an error message."""
+        paths = {path for path, _ in dataset.split.samples}
+        return next((f"first: {path}: {reason}" for path, reason in self.reasons.items() if path in paths),
+                    "no file was reported")
 
     def of_all_ranks(self) -> list[str]:
-        gathered = distributed.gather_strings(json.dumps(sorted(self.paths)), self.ctx)
+        gathered = distributed.gather_strings(json.dumps(sorted(self.reasons)), self.ctx)
         return sorted(set().union(*map(json.loads, gathered)))
 
 
