@@ -130,6 +130,13 @@ def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState
            log: Log) -> tuple[int, dict | None]:
     """Load --resume's checkpoint into `state`; -> (first epoch to train, best metrics so far)."""
     checkpoint = load_checkpoint(args.resume, prefer=LAST)
+    made_by = "training.qat" if checkpoint.get("qat") else "training.prune" if checkpoint.get("pruning") else None
+    if made_by:
+        raise ValueError(f"{checkpoint['path']} is a {made_by} run: it holds no optimizer or LR-schedule state, so "
+                         f"it cannot be resumed (run {made_by} again to fine-tune longer)")
+    if not (checkpoint.get("optimizer") and checkpoint.get("lr_scheduler")):
+        raise ValueError(f"{checkpoint['path']} holds no optimizer or LR-schedule state, so it cannot be resumed; "
+                         f"start a new run from it with --weights")
     if checkpoint["classes"] != classes or checkpoint["architecture"]["name"] != args.model:
         raise ValueError(f"{checkpoint['path']} is a {checkpoint['architecture']['name']} run on classes "
                          f"{checkpoint['classes'][:10]}; this run is {args.model} on {classes[:10]}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training import train
-from training.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
+from training.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.distributed import state_digest
 
 
@@ -98,3 +98,32 @@ def test_distill_resumes_each_student_from_its_own_run(small_digits, tmp_path):
     expected = load_checkpoint(tmp_path / "straight", prefer=LAST)
     assert all(torch.equal(expected["model"][k], resumed["model"][k]) for k in expected["model"])
     assert report["student_distilled_val_top1"] == pytest.approx(straight["best"]["val_top1"])
+
+
+def _one_session(small_digits, out):
+    """Epoch 0 of 2 of a small timm run: a checkpoint with epochs left to --resume."""
+    args = _args(small_digits, out, 2, "--model", "timm/mobilenetv3_small_050", "--session-epochs", "1")
+    assert train.main(args)["epochs_run"] == 1
+    return args
+
+
+
+def test_resume_refuses_pruned_qat_and_stateless_checkpoints(small_digits, tmp_path):
+    """Such checkpoints hold no optimizer or LR-schedule state: resuming them was a KeyError traceback."""
+    from training import prune
+
+    out = tmp_path / "run"
+    args = _one_session(small_digits, out)
+    prune.main(prune.get_args_parser().parse_args([
+        "--checkpoint", str(out), "--output-dir", str(tmp_path / "pruned"), "--ratio", "0.25", "--round-to", "1",
+        "--fine-tune-epochs", "0", "--workers", "0", "--threads", "2", "--no-progress"]))
+    checkpoint = load_checkpoint(out, prefer=LAST)
+    del checkpoint["optimizer"], checkpoint["lr_scheduler"]
+    save_checkpoint(checkpoint, tmp_path / "stateless.pt")
+    save_checkpoint({**checkpoint, "qat": {"source": str(out / LAST)}}, tmp_path / "qat.pt")  # as training.qat saves
+    for source, message in ((tmp_path / "pruned", "is a training.prune run: it holds no optimizer"),
+                            (tmp_path / "qat.pt", "is a training.qat run: it holds no optimizer"),
+                            (tmp_path / "stateless.pt", "holds no optimizer or LR-schedule state, so it cannot be resumed")):
+        args.resume = str(source)
+        with pytest.raises(ValueError, match=message):
+            train.main(args)
