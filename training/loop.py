@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> dict:
         teacher_top1 = engine.evaluate(state.distiller.teacher_on_classes(), run_data.val_loader, ctx,
                                        len(run_data.classes))["val_top1"]
         log(f"teacher {args.teacher}: val top-1 {teacher_top1:.2%}")
-    start_epoch, best_metrics = resume(args, ctx, state, run_data.classes, log) if args.resume else (0, None)
+    start_epoch, best_metrics = resume(args, ctx, state, run_data, log) if args.resume else (0, None)
     if ctx.is_main:
         write_run_files(out, args, run_data)
     runlog = RunLog(out, ctx.is_main, args.tensorboard, resume=bool(args.resume), first_epoch=start_epoch)

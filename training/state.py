@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from typing import Callable
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from common.preprocessing import PreprocessConfig
 from training import data, distributed, networks, presets, recipe
-from training.checkpoint import FORMAT, LAST, load_checkpoint
+from training.checkpoint import FORMAT, LAST, load_checkpoint, preprocess_from_checkpoint
 from training.distillation import Distiller, load_teacher
 from training.logs import class_table
 
@@ -126,7 +127,14 @@ def build_state(args: argparse.Namespace, ctx: distributed.Context, run_data: Ru
     return TrainState(model, optimizer, schedule, scheduler, criterion, scaler, ema, mixer, stopper, distiller)
 
 
-def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState, classes: list[str],
+# What a later session of a run may change: how long this session runs, early stopping, where the run
+# writes and runs, what it shows. --epochs too, but it spans the LR schedule, which must not change.
+MAY_CHANGE_ON_RESUME = ("epochs", "session_epochs", "early_stop_patience", "early_stop_min_delta", "output_dir",
+                        "resume", "workers", "device", "threads", "progress", "tensorboard")
+PREPROCESS_ARGS = ("crop_size", "resize_size", "mean", "std", "interpolation")  # compared as the preprocess they make
+
+
+def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState, run_data: RunData,
            log: Log) -> tuple[int, dict | None]:
     """Load --resume's checkpoint into `state`; -> (first epoch to train, best metrics so far)."""
     checkpoint = load_checkpoint(args.resume, prefer=LAST)
@@ -137,9 +145,17 @@ def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState
     if not (checkpoint.get("optimizer") and checkpoint.get("lr_scheduler")):
         raise ValueError(f"{checkpoint['path']} holds no optimizer or LR-schedule state, so it cannot be resumed; "
                          f"start a new run from it with --weights")
+    classes = run_data.classes
     if checkpoint["classes"] != classes or checkpoint["architecture"]["name"] != args.model:
         raise ValueError(f"{checkpoint['path']} is a {checkpoint['architecture']['name']} run on classes "
                          f"{checkpoint['classes'][:10]}; this run is {args.model} on {classes[:10]}")
+    changed = _changed_settings(checkpoint, args, run_data.preprocess)
+    if changed:
+        # the checkpoint's weights, optimizer and LR were made with its settings; args.json and
+        # preprocess.json would describe the new ones
+        raise ValueError(f"{checkpoint['path']} was trained with other settings (checkpoint -> now): "
+                         f"{', '.join(changed)}; resume with the run's own arguments (its args.json), or start "
+                         f"a new run from it with --weights")
     saved_schedule = (checkpoint["lr_scheduler"].get("lr_lambdas") or [None])[0]
     schedule = dataclasses.asdict(state.schedule)
     if isinstance(saved_schedule, dict) and saved_schedule != schedule:
@@ -169,6 +185,20 @@ def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState
         log(f"{checkpoint['path']} had stopped early ({args.monitor} did not improve for {state.stopper.bad_epochs} "
             f"epochs): nothing left to train; raise --early-stop-patience to continue it")
     return start_epoch, checkpoint.get("best_metrics")
+
+
+def _changed_settings(checkpoint: dict, args: argparse.Namespace, preprocess: PreprocessConfig) -> list[str]:
+    """'setting old -> new' for each recipe argument and preprocess field that differs from the checkpoint's."""
+    def plain(value):  # tuples and lists, paths and strings compare equal, as args.json writes them
+        return json.loads(json.dumps(value, default=str))
+
+    saved, now = checkpoint["args"], vars(args)
+    changed = [f"--{key.replace('_', '-')} {plain(saved[key])} -> {plain(value)}" for key, value in now.items()
+               if key in saved and key not in MAY_CHANGE_ON_RESUME + PREPROCESS_ARGS
+               and plain(saved[key]) != plain(value)]
+    old = preprocess_from_checkpoint(checkpoint).to_dict()
+    return changed + [f"preprocess {key} {plain(old[key])} -> {plain(value)}"
+                      for key, value in preprocess.to_dict().items() if plain(old[key]) != plain(value)]
 
 
 def epoch_checkpoint(args: argparse.Namespace, ctx: distributed.Context, run_data: RunData, state: TrainState,

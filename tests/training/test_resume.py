@@ -2,7 +2,9 @@
 weights to an uninterrupted run (model, EMA, optimizer, LR schedule and RNG state all restored)."""
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 
 import pytest
 import torch
@@ -106,6 +108,29 @@ def _one_session(small_digits, out):
     assert train.main(args)["epochs_run"] == 1
     return args
 
+
+def test_resume_refuses_a_changed_recipe_and_rewrites_nothing(small_digits, tmp_path):
+    """A changed crop, --lr, --weight-decay, augmentation or val split was accepted: the optimizer kept
+    the old LR while args.json and preprocess.json described the new settings."""
+    out = tmp_path / "run"
+    args = _one_session(small_digits, out)
+    changed = {"crop_size": 48, "resize_size": 48, "lr": 0.5, "weight_decay": 0.9, "auto_augment": "randaugment",
+               "val_dir": str(small_digits[0]), "session_epochs": 0, "resume": str(out)}
+    resumed = argparse.Namespace(**{**vars(args), **changed})
+    with pytest.raises(ValueError) as refused:
+        train.main(resumed)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{out / LAST} was trained with other settings")
+    for expected in ("--lr 0.001 -> 0.5", "--weight-decay 0.05 -> 0.9", "--auto-augment trivialaugment -> randaugment",
+                     f"--val-dir {small_digits[1]} -> {small_digits[0]}", "preprocess crop 32 -> 48"):
+        assert expected in message
+    assert json.loads((out / "args.json").read_text())["lr"] == 0.001
+    assert json.loads((out / "preprocess.json").read_text())["crop"] == 32
+
+    # what a later session may change: how long it runs, early stopping, workers, threads, logging
+    args.resume, args.session_epochs, args.workers, args.threads = str(out), 0, 1, 1
+    args.early_stop_patience, args.tensorboard = 3, True
+    assert train.main(args)["finished"]
 
 
 def test_resume_refuses_pruned_qat_and_stateless_checkpoints(small_digits, tmp_path):
