@@ -55,6 +55,8 @@ class Schedule:
             raise ValueError(f"lr scheduler {self.kind!r} is not one of {SCHEDULERS}")
         if self.kind == "cosine-restarts" and self.restart_steps < 1:
             raise ValueError("cosine-restarts needs a first cycle of at least 1 step (--restart-epochs)")
+        if self.restart_mult < 1:  # a cycle that does not grow never ends
+            raise ValueError(f"cosine-restarts cycle growth must be at least 1 (--restart-mult), got {self.restart_mult}")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

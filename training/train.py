@@ -29,6 +29,18 @@ CLASS_BALANCE = ("none", "loss", "sampler")
 AMP = ("none", "bf16", "fp16")
 
 
+def _number(kind: type, low: float, high: float | None = None, below_high: bool = False):
+    """An argparse type: an int or float from `low` up to `high` (`below_high`: high itself excluded)."""
+    def parse(text: str):
+        value = kind(text)
+        if not (low <= value and (high is None or (value < high if below_high else value <= high))):  # NaN too
+            bound = f"at least {low}" if high is None else f"in [{low}, {high}{')' if below_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,68 +50,68 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "(default: a stratified --val-fraction split of --data-dir)")
     d.add_argument("--val-fraction", type=float, default=0.2, help="validation share without --val-dir (default: %(default)s)")
     d.add_argument("--split-seed", type=int, default=0, help="seed of that split (default: %(default)s)")
-    d.add_argument("--crop-size", type=int, default=224, help="model input side (default: %(default)s)")
-    d.add_argument("--resize-size", type=int, default=None, help="eval: shorter side before the centre crop (default: crop / 0.875)")
+    d.add_argument("--crop-size", type=_number(int, 1), default=224, help="model input side (default: %(default)s)")
+    d.add_argument("--resize-size", type=_number(int, 1), default=None, help="eval: shorter side before the centre crop (default: crop / 0.875)")
     d.add_argument("--interpolation", default="bilinear", choices=sorted(INTERPOLATIONS), help="(default: %(default)s)")
     d.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="(default: %(default)s)")
     d.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="(default: %(default)s)")
-    d.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
-    d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    d.add_argument("--batch-size", type=_number(int, 1), default=64, help="per process (default: %(default)s)")
+    d.add_argument("--workers", type=_number(int, 0), default=2, help="DataLoader worker processes (default: %(default)s)")
     d.add_argument("--class-balance", default="none", choices=CLASS_BALANCE,
                    help="imbalanced classes: inverse-frequency loss weights or a weighted sampler (default: %(default)s)")
     a = p.add_argument_group("augmentation")
-    a.add_argument("--scale-min", type=float, default=0.35, help="RandomResizedCrop minimum area (default: %(default)s)")
-    a.add_argument("--hflip-prob", type=float, default=0.5, help="(default: %(default)s)")
+    a.add_argument("--scale-min", type=_number(float, 0, 1), default=0.35, help="RandomResizedCrop minimum area (default: %(default)s)")
+    a.add_argument("--hflip-prob", type=_number(float, 0, 1), default=0.5, help="(default: %(default)s)")
     a.add_argument("--auto-augment", default="trivialaugment", choices=AUTO_AUGMENTS, help="(default: %(default)s)")
-    a.add_argument("--ra-magnitude", type=int, default=9, help="RandAugment magnitude (default: %(default)s)")
-    a.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (default: %(default)s)")
-    a.add_argument("--random-erase", type=float, default=0.1, help="RandomErasing probability (default: %(default)s)")
-    a.add_argument("--mixup-alpha", type=float, default=0.0, help="batch MixUp, 0 = off (default: %(default)s)")
-    a.add_argument("--cutmix-alpha", type=float, default=0.0, help="batch CutMix, 0 = off (default: %(default)s)")
+    a.add_argument("--ra-magnitude", type=_number(int, 0), default=9, help="RandAugment magnitude (default: %(default)s)")
+    a.add_argument("--color-jitter", type=_number(float, 0), default=0.2, help="brightness/contrast/saturation (default: %(default)s)")
+    a.add_argument("--random-erase", type=_number(float, 0, 1), default=0.1, help="RandomErasing probability (default: %(default)s)")
+    a.add_argument("--mixup-alpha", type=_number(float, 0), default=0.0, help="batch MixUp, 0 = off (default: %(default)s)")
+    a.add_argument("--cutmix-alpha", type=_number(float, 0), default=0.0, help="batch CutMix, 0 = off (default: %(default)s)")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=models.BUNDLED_EFFICIENTNET_LITE0,
                    help="bundled-efficientnet-lite0 (ImageNet weights), timm/<name> or torchvision/<name> "
                         "(random init: no hub downloads) (default: %(default)s)")
     m.add_argument("--weights", default=None, help="start from this local state dict or checkpoint (default: none)")
-    m.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for this many epochs (default: %(default)s)")
-    m.add_argument("--unfreeze-stages", type=int, default=0,
+    m.add_argument("--freeze-epochs", type=_number(int, 0), default=0, help="train only the head for this many epochs (default: %(default)s)")
+    m.add_argument("--unfreeze-stages", type=_number(int, 0), default=0,
                    help="then unfreeze the backbone in this many stages, one per epoch, top first; 0 = all at once (default: %(default)s)")
     m.add_argument("--teacher", default=None, help="distil from a checkpoint or bundled-efficientnet-lite0 (default: none)")
     m.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the teacher term (default: %(default)s)")
     m.add_argument("--distill-temperature", type=float, default=4.0, help="(default: %(default)s)")
     r = p.add_argument_group("recipe")
-    r.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    r.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, 0 = whole data (default: %(default)s)")
+    r.add_argument("--epochs", type=_number(int, 1), default=10, help="(default: %(default)s)")
+    r.add_argument("--steps-per-epoch", type=_number(int, 0), default=0, help="cap on steps per epoch, 0 = whole data (default: %(default)s)")
     r.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="(default: %(default)s)")
-    r.add_argument("--lr", type=float, default=1e-3, help="head learning rate (default: %(default)s)")
-    r.add_argument("--backbone-lr", type=float, default=None, help="backbone learning rate (default: --lr)")
-    r.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    r.add_argument("--weight-decay", type=float, default=0.05, help="(default: %(default)s)")
+    r.add_argument("--lr", type=_number(float, 0), default=1e-3, help="head learning rate (default: %(default)s)")
+    r.add_argument("--backbone-lr", type=_number(float, 0), default=None, help="backbone learning rate (default: --lr)")
+    r.add_argument("--momentum", type=_number(float, 0, 1, below_high=True), default=0.9, help="SGD momentum (default: %(default)s)")
+    r.add_argument("--weight-decay", type=_number(float, 0), default=0.05, help="(default: %(default)s)")
     r.add_argument("--lr-scheduler", default="cosine", choices=SCHEDULERS, help="(default: %(default)s)")
-    r.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup (default: %(default)s)")
-    r.add_argument("--lr-warmup-start", type=float, default=0.01, help="warmup starts at this x lr (default: %(default)s)")
-    r.add_argument("--lr-min-factor", type=float, default=0.0, help="cosine floor as a fraction of lr (default: %(default)s)")
-    r.add_argument("--restart-epochs", type=float, default=0, help="cosine-restarts: first cycle (default: %(default)s)")
-    r.add_argument("--restart-mult", type=int, default=1, help="cosine-restarts: cycle growth (default: %(default)s)")
-    r.add_argument("--label-smoothing", type=float, default=0.1, help="(default: %(default)s)")
+    r.add_argument("--lr-warmup-epochs", type=_number(float, 0), default=1.0, help="linear warmup (default: %(default)s)")
+    r.add_argument("--lr-warmup-start", type=_number(float, 0, 1), default=0.01, help="warmup starts at this x lr (default: %(default)s)")
+    r.add_argument("--lr-min-factor", type=_number(float, 0, 1), default=0.0, help="cosine floor as a fraction of lr (default: %(default)s)")
+    r.add_argument("--restart-epochs", type=_number(float, 0), default=0, help="cosine-restarts: first cycle (default: %(default)s)")
+    r.add_argument("--restart-mult", type=_number(int, 1), default=1, help="cosine-restarts: cycle growth (default: %(default)s)")
+    r.add_argument("--label-smoothing", type=_number(float, 0, 1, below_high=True), default=0.1, help="(default: %(default)s)")
     r.add_argument("--amp", default="none", choices=AMP, help="autocast: bf16 (CPU or GPU), fp16 (GPU) (default: %(default)s)")
-    r.add_argument("--clip-grad-norm", type=float, default=0.0, help="0 = off (default: %(default)s)")
+    r.add_argument("--clip-grad-norm", type=_number(float, 0), default=0.0, help="0 = off (default: %(default)s)")
     r.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights and deploy it")
     r.add_argument("--model-ema-decay", type=float, default=0.999, help="per step (default: %(default)s)")
     r.add_argument("--monitor", default="val_top1", choices=sorted(MONITORS), help="best.pt / early stopping (default: %(default)s)")
-    r.add_argument("--early-stop-patience", type=int, default=0, help="epochs without improvement, 0 = off (default: %(default)s)")
-    r.add_argument("--early-stop-min-delta", type=float, default=0.0, help="(default: %(default)s)")
+    r.add_argument("--early-stop-patience", type=_number(int, 0), default=0, help="epochs without improvement, 0 = off (default: %(default)s)")
+    r.add_argument("--early-stop-min-delta", type=_number(float, 0), default=0.0, help="(default: %(default)s)")
     o = p.add_argument_group("run")
     o.add_argument("--output-dir", default="runs/train", help="run directory (default: %(default)s)")
     o.add_argument("--resume", default=None, help="continue from a checkpoint.pt or run directory, with that run's "
                    "arguments (only --session-epochs, --early-stop-patience/-min-delta, output, workers, device, threads "
                    "and logging may change; an early-stopped run stays stopped) (default: none)")
-    o.add_argument("--session-epochs", type=int, default=0,
+    o.add_argument("--session-epochs", type=_number(int, 0), default=0,
                    help="stop after this many epochs in this invocation, to --resume later (time-sliced or "
                         "preemptible machines); 0 = run to --epochs (default: %(default)s)")
     o.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
-    o.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process, 0 = torch's choice (default: %(default)s)")
+    o.add_argument("--threads", type=_number(int, 0), default=0, help="torch intra-op threads per process, 0 = torch's choice (default: %(default)s)")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     o.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard event files")
     return p

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-from training import distill, networks, recipe
+from training import distill, networks, recipe, train
 
 
 def test_schedule_warmup_cosine_and_restarts():
@@ -20,6 +21,21 @@ def test_schedule_warmup_cosine_and_restarts():
         recipe.Schedule("cosine-restarts", total_steps=10, warmup_steps=0)
     with pytest.raises(ValueError, match="'linear' is not one of"):
         recipe.Schedule("linear", total_steps=10, warmup_steps=0)
+    with pytest.raises(ValueError, match=r"cycle growth must be at least 1 \(--restart-mult\), got 0"):
+        recipe.Schedule("cosine-restarts", total_steps=100, warmup_steps=0, restart_steps=10, restart_mult=0)  # looped forever
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--restart-mult", "0"], "argument --restart-mult: must be at least 1, got 0"),  # looped forever
+    (["--label-smoothing", "1.5"], r"argument --label-smoothing: must be in \[0, 1\), got 1.5"),  # a traceback at step 1
+    (["--steps-per-epoch", "-1"], "argument --steps-per-epoch: must be at least 0, got -1"),  # __len__() should return >= 0
+    (["--lr", "nan"], "argument --lr: must be at least 0, got nan"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+])
+def test_recipe_options_are_range_checked_at_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args(["--data-dir", "d", *argv])
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
 
 
 def test_loss_soft_targets_weights_and_smoothing():
