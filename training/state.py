@@ -122,7 +122,7 @@ def build_state(args: argparse.Namespace, ctx: distributed.Context, run_data: Ru
     stopper = recipe.EarlyStopping(args.monitor, args.early_stop_patience, args.early_stop_min_delta)
     distiller = None
     if args.teacher:
-        teacher, columns = load_teacher(args.teacher, run_data.classes)
+        teacher, columns = load_teacher(args.teacher, run_data.classes, run_data.preprocess)
         distiller = Distiller(teacher, criterion, args.distill_alpha, args.distill_temperature, columns).to(ctx.device)
     return TrainState(model, optimizer, schedule, scheduler, criterion, scaler, ema, mixer, stopper, distiller)
 

@@ -59,3 +59,10 @@ def test_distill_refuses_before_training_and_takes_another_crop_size(teacher, sm
                                                       "--crop-size", "48", "--resize-size", "48"))
     report = distill.main(args)
     assert report["finished"] and 0.0 <= report["teacher_val_top1"] <= 1.0
+
+
+def test_train_with_a_teacher_normalising_otherwise_is_refused(teacher, small_digits, tmp_path):
+    args = train.get_args_parser().parse_args(_argv(small_digits, tmp_path / "run", "--teacher", str(teacher),
+                                                    "--crop-size", "32", "--std", "0.5", "0.5", "0.5"))
+    with pytest.raises(ValueError, match="expects mean .*std \\(0.229, 0.224, 0.225\\).*the student's images"):
+        train.main(args)
