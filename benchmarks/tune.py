@@ -138,7 +138,7 @@ def classifier_model(spec: DeploymentSpec, backend: str, repository: Path) -> Pa
     variant passed the accuracy gate there). Raises ValueError, saying how to build it, when none does."""
     if spec.precision == "fp32" and backend != "tensorrt":
         return None
-    from build.repository.writer import MARKER, read_manifest
+    from build.repository.writer import MARKER, deployed_model_file, read_manifest
 
     manifest = repository / MARKER
     try:
@@ -147,8 +147,8 @@ def classifier_model(spec: DeploymentSpec, backend: str, repository: Path) -> Pa
         build = {}
     same = (bool(build) and Path(build["spec"]["artifacts"]).resolve() == Path(spec.artifacts).resolve()
             and build.get("backend") == backend and build.get("precision") == spec.precision)
-    if same and Path(build["classifier_model"]["source"]).is_file():
-        return Path(build["classifier_model"]["source"])
+    if same:
+        return deployed_model_file(build)
     found = (f"{manifest} was built with precision {build.get('precision')}, backend {build.get('backend')}, "
              f"artifacts {build.get('spec', {}).get('artifacts')}" if build else f"there is no {manifest}")
     raise ValueError(f"tuning a {spec.precision} classifier on the {backend} backend needs the file `make engines` "
@@ -357,7 +357,7 @@ def main(args: argparse.Namespace) -> DeploymentSpec:
 
     if args.confirm_pairs < 0:
         raise ValueError(f"--confirm-pairs {args.confirm_pairs}: give 0 (believe one run) or more pairs")
-    spec = DeploymentSpec.load(args.spec) if Path(args.spec).exists() else DeploymentSpec()
+    spec, _ = DeploymentSpec.load_or_default(args.spec)
     kept = {k: getattr(spec, k) for k in ("artifacts", "precision", "backend")}
     served_pipeline = spec.pipeline
     if args.artifacts:

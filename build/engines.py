@@ -56,9 +56,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    spec_path = Path(args.spec)
-    spec = DeploymentSpec.load(spec_path) if spec_path.exists() else DeploymentSpec()
-    source = str(spec_path) if spec_path.exists() else "the built-in default DeploymentSpec"
+    spec, source = DeploymentSpec.load_or_default(args.spec)
     overrides = {k: v for k, v in (("artifacts", args.artifacts), ("backend", args.backend),
                                    ("precision", args.precision)) if v is not None}
     target = {k: v for k, v in (("tensorrt", getattr(args, "target_tensorrt", None)),

@@ -20,6 +20,10 @@ class CpuCannotServe(RuntimeError):
     """The model's INT8 layout needs CPU flags this CPU lacks."""
 
 
+class CannotLoad(RuntimeError):
+    """ONNX Runtime refused the model (an IR version or opset it does not have, a broken graph)."""
+
+
 def cpu_session(model, intra_op_threads: int = 1, allow_spinning: bool = False,
                 optimize: bool = True) -> ort.InferenceSession:
     """A CPU session over `model` (a path, or serialized ONNX bytes): `intra_op_threads` threads for one
@@ -35,7 +39,13 @@ def cpu_session(model, intra_op_threads: int = 1, allow_spinning: bool = False,
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own errors derive from Exception alone
+        if isinstance(exc, OSError):
+            raise
+        name = "the model" if isinstance(model, bytes) else model
+        raise CannotLoad(f"{name}: ONNX Runtime {ort.__version__} cannot load it: {exc}") from None
     why = refusal(session.get_modelmeta().custom_metadata_map)
     if why:
         raise CpuCannotServe(f"{'the model' if isinstance(model, bytes) else model}: {why}")

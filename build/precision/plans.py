@@ -496,8 +496,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> tuple[DeploymentSpec, str, Path, Path, Path]:
     """(spec, precision, onnx, plan, timing cache) from the arguments and the spec."""
-    spec_path = Path(args.spec)
-    spec = DeploymentSpec.load(spec_path) if spec_path.exists() else DeploymentSpec()
+    spec, _ = DeploymentSpec.load_or_default(args.spec)
     artifacts = Path(args.artifacts or spec.artifacts)
     precision = args.precision or spec.precision
     onnx_default, plan_default = default_paths(artifacts, precision)

@@ -247,6 +247,17 @@ class DeploymentSpec:
             raise ValueError("; ".join(_explain(error) for error in exc.errors())) from None
 
     @classmethod
+    def load_or_default(cls, path: str | Path) -> tuple["DeploymentSpec", str]:
+        """(spec, where it came from): `path`'s; the built-in default only where `path` is the default
+        spec's and it does not exist (a clone without configs/). Any other missing path is an error: a
+        mistyped --spec would otherwise build (or tune) a spec nobody chose."""
+        if Path(path).exists():
+            return cls.load(path), str(path)
+        if Path(path) == DEFAULT_SPEC_PATH:
+            return cls(), "the built-in default DeploymentSpec"
+        raise FileNotFoundError(f"spec {path} not found (the committed specs are in {DEFAULT_SPEC_PATH.parent}/)")
+
+    @classmethod
     def load(cls, path: str | Path) -> "DeploymentSpec":
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))

@@ -58,12 +58,27 @@ def read_manifest(repository: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def deployed_model_file(build: dict) -> Path | None:
+    """The classifier file a repository (`build`, its read_manifest) was built from, unchanged since: a
+    benchmark that rebuilds the repository must serve the file that was gated and deployed. ValueError if
+    it is gone or has changed (a later `make engines` that failed its gate rewrites the variant in place);
+    None if the manifest records none."""
+    recorded = build.get("classifier_model") or {}
+    if not recorded.get("source"):
+        return None
+    source = Path(recorded["source"])
+    if not source.is_file() or (recorded.get("sha256") and file_sha256(source) != recorded["sha256"]):
+        state = "is gone" if not source.is_file() else "has changed"
+        raise ValueError(f"{source}, the classifier file the served repository was built from, {state} since: "
+                         "run `make engines` again (with the same PRECISION) to deploy and gate the file there now")
+    return source
+
+
 def write_variants(build: dict, variants: dict[str, DeploymentSpec], out: Path, generator: str) -> dict[str, Path]:
     """{name: out/<name>_repository}: each variant of a served repository's spec (`build`, its read_manifest)
-    written with that repository's backend and classifier file (the variant or plan `make engines` deployed,
-    where it still exists), so that the variants differ from what is served only in their spec."""
-    source = build.get("classifier_model", {}).get("source")
-    model_file = Path(source) if source and Path(source).exists() else None
+    written with that repository's backend and classifier file (deployed_model_file: the variant or plan
+    `make engines` deployed), so that the variants differ from what is served only in their spec."""
+    model_file = deployed_model_file(build)
     repos = {}
     for name, spec in variants.items():
         repos[name] = out / f"{name}_repository"
@@ -101,10 +116,14 @@ def model_shape(artifacts: Path, model_file: Path | None = None) -> configs.Mode
         if tensor.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             kind = onnx.TensorProto.DataType.Name(tensor.type.tensor_type.elem_type)
             raise ArtifactsError(f"{model_file}: {tensor.name} is {kind}; the served model takes and gives FLOAT")
-    dims = [d.dim_value or None for d in inputs[configs.MODEL_INPUT].type.tensor_type.shape.dim][1:]
+    batch, *dims = [d.dim_value or None for d in inputs[configs.MODEL_INPUT].type.tensor_type.shape.dim] or [None]
+    if batch is not None:  # Triton batches requests along it (max_batch_size), so it must be free
+        raise ArtifactsError(f"{model_file} takes batches of exactly {batch}: export it with a dynamic batch axis "
+                             "(training.export does)")
     if any(d is not None and d != want for d, want in zip(dims, pre.input_shape)) or len(dims) != len(pre.input_shape):
         raise ArtifactsError(f"{model_file} takes {dims} per image, {PREPROCESS_JSON} makes {list(pre.input_shape)}")
-    classes = outputs["probabilities"].type.tensor_type.shape.dim[-1].dim_value
+    out_dims = outputs["probabilities"].type.tensor_type.shape.dim
+    classes = out_dims[-1].dim_value if out_dims else 0  # no shape declared: nothing to cross-check
     if classes and classes != len(labels):
         raise ArtifactsError(f"{model_file} has {classes} classes but labels.txt has {len(labels)} lines")
     return configs.ModelShape(input_dims=pre.input_shape, num_classes=len(labels), layout=pre.layout)

@@ -141,15 +141,16 @@ def test_perf_analyzer_on_ensemble_with_real_photos(server, perf_tool, photos, t
 def test_tune_tries_candidates_and_writes_the_spec(perf_tool, perf_venv, tiny_artifacts, tmp_path):
     from benchmarks import tune
 
+    from build.repository.spec import DeploymentSpec
+
     spec_path = tmp_path / "deployment.json"
+    DeploymentSpec().save(spec_path)  # the built-in default, its artifacts overridden below
     args = tune.get_args_parser().parse_args([
         "--spec", str(spec_path), "--artifacts", str(tiny_artifacts), "--concurrency", "2",
         "--p99-budget-ms", "10000", "--measurement-ms", "500", "--max-candidates", "2",
         "--perf-venv", str(perf_venv), "--out", str(tmp_path / "tune"), "--quick"])
     best = tune.main(args)
     assert spec_path.exists() and (tmp_path / "tune" / "tune.csv").exists()
-    from build.repository.spec import DeploymentSpec
-
     assert DeploymentSpec.load(spec_path).to_dict() == best.to_dict()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from build.repository import capabilities
+from build.repository.spec import DeploymentSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 NGC_BACKENDS = ("onnxruntime", "python", "pytorch", "tensorrt")
@@ -61,7 +62,8 @@ def test_make_capabilities_reports_the_ngc_backends(tmp_path):
 def test_backend_auto_builds_for_the_ngc_server(tiny_artifacts, tmp_path):
     root = ngc_layout(tmp_path / "tritonserver")
     out = tmp_path / "model_repository"
-    done = run("build.engines", "--spec", str(tmp_path / "no-spec.json"), "--artifacts", str(tiny_artifacts),
+    DeploymentSpec().save(tmp_path / "spec.json")  # the built-in default
+    done = run("build.engines", "--spec", str(tmp_path / "spec.json"), "--artifacts", str(tiny_artifacts),
                "--out", str(out), server_root=root)
     assert done.returncode == 0, done.stderr
     config = (out / "classifier" / "config.pbtxt").read_text()

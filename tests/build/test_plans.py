@@ -251,8 +251,8 @@ def test_cli_arguments_resolve_paths_from_the_spec(tmp_path):
         ["--spec", str(spec_file), "--onnx", "q.onnx", "--precision", "int8", "--out", "out/m.plan",
          "--timing-cache", "tc.bin"]))
     assert (precision, onnx_path, plan, cache) == ("int8", Path("q.onnx"), Path("out/m.plan"), Path("tc.bin"))
-    _, precision, onnx_path, _, _ = plans.resolve(parse(["--spec", str(tmp_path / "absent.json"), "--precision", "int8"]))
-    assert onnx_path == Path("artifacts/efficientnet_lite0/model.int8.trt.onnx")  # built-in default spec
+    with pytest.raises(FileNotFoundError, match="absent.json not found"):  # not the built-in default, silently
+        plans.resolve(parse(["--spec", str(tmp_path / "absent.json"), "--precision", "int8"]))
     args = parse(["--workspace-mib", "256", "--optimization-level", "5", "--no-progress", "--verbose"])
     assert (args.workspace_mib, args.optimization_level, args.no_progress, args.verbose) == (256, 5, True, True)
     for bad in (["--precision", "int4"], ["--optimization-level", "9"], ["--workspace-mib", "lots"]):
