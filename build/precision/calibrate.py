@@ -63,15 +63,18 @@ def write_cache(path: Path, scales: dict[str, float], calibrator: str, trt_versi
 
 
 def read_cache(path: Path) -> tuple[str, dict[str, float]]:
-    header, *lines = Path(path).read_text().splitlines()
+    header, *lines = Path(path).read_text().splitlines() or [""]
     if not header.startswith("TRT-"):
         raise ValueError(f"{path}: not a TensorRT calibration cache (header {header!r})")
     scales = {}
-    for line in lines:
+    for number, line in enumerate(lines, start=2):
         name, _, value = line.rpartition(":")
-        if not name:
-            raise ValueError(f"{path}: malformed line {line!r}")
-        scales[name] = hex_to_scale(value)
+        try:
+            if not name:
+                raise ValueError("no 'tensor: scale'")
+            scales[name] = hex_to_scale(value)
+        except (ValueError, struct.error) as exc:
+            raise ValueError(f"{path}: malformed line {number} {line!r} ({exc})") from None
     return header, scales
 
 
@@ -234,9 +237,22 @@ class Calibration:
                 for name, s in self.scales.items()}
 
 
+def read_meta(cache: Path) -> dict:
+    meta_path = cache.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: not a JSON object")
+    return meta
+
+
 def load_calibration(cache: Path) -> Calibration:
-    meta = json.loads(cache.with_suffix(".json").read_text())
-    return Calibration(cache, meta, read_cache(cache)[1], True, f"loaded {cache}")
+    try:
+        return Calibration(cache, read_meta(cache), read_cache(cache)[1], True, f"loaded {cache}")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; run `make calibrate`") from None
 
 
 def _as_json(value):
@@ -250,7 +266,11 @@ def staleness(cache: Path, onnx_hash: str, config: PreprocessConfig, method: str
     meta_path = cache.with_suffix(".json")
     if not cache.exists() or not meta_path.exists():
         return "no cache yet"
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = read_meta(cache)
+        read_cache(cache)
+    except ValueError as exc:
+        return f"unreadable: {exc}"
     calibrator = cache.read_text().split("\n", 1)[0].rpartition("-")[2]
     if calibrator not in TENSORRT_CALIBRATORS:
         return f"its header names a calibrator TensorRT does not have ({calibrator!r})"

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from common.labels import read_labels
-from common.preprocessing import PreprocessConfig, decode_image, normalize, resize_and_crop
+from common.preprocessing import ImageError, PreprocessConfig, decode_image, normalize, resize_and_crop
 from common.samples import sample_photos
 
 CALIBRATION_PHOTOS = ("astronaut", "rocket", "motorcycle", "horse", "hubble", "camera", "moon", "china")
@@ -69,7 +69,7 @@ def augmented_photos(names: tuple[str, ...], views: int, seed: int, config: Prep
     rng = np.random.default_rng(seed)
     crops, labels = [], []
     for name, path in sample_photos(list(names)).items():
-        image = decode_image(path.read_bytes())
+        image = decode_file(path)
         for view in range(views):
             crops.append(resize_and_crop(image if view == 0 else augment(image, rng), config))
             labels.append(f"{name}#{view}")
@@ -78,12 +78,19 @@ def augmented_photos(names: tuple[str, ...], views: int, seed: int, config: Prep
     return ImageSet(np.stack(crops), labels, description)
 
 
+def decode_file(path: Path, draft_size: int | None = None) -> Image.Image:
+    try:
+        return decode_image(path.read_bytes(), draft_size=draft_size)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc} (remove it or give another folder)") from None
+
+
 def folder_images(folder: str | Path, config: PreprocessConfig, limit: int | None = None) -> ImageSet:
     """Every image under `folder` (recursively, sorted), no augmentation."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    crops = [resize_and_crop(decode_image(p.read_bytes(), draft_size=config.resize), config) for p in paths]
+    crops = [resize_and_crop(decode_file(p, draft_size=config.resize), config) for p in paths]
     return ImageSet(np.stack(crops), [str(p) for p in paths], f"{len(paths)} images from {folder}")
 
 
