@@ -1,10 +1,12 @@
 """What `make engines PRECISION=...` does with awkward inputs: damaged calibration files and a non-image
-among the images."""
+among the images, and the gate CLI's exit code."""
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from build.precision import calibrate
+from build.precision import calibrate, fp16
 from build.precision.imagesets import augmented_photos, calibration_set, folder_images, held_out_set
 from common.preprocessing import ImageError, PreprocessConfig
 from common.samples import sample_photos
@@ -68,3 +70,18 @@ def test_a_non_image_among_the_images_is_named(photos, artifacts):
     for load in (folder_images, calibration_set, held_out_set):
         with pytest.raises(ImageError, match=f"^{bad}: not a recognised image format"):
             load(photos, config) if load is folder_images else load(config, str(photos))
+
+
+def test_the_gate_cli_exits_2_on_a_failed_gate_and_1_on_an_error(artifacts, tmp_path):
+    fp16.convert(artifacts / "model.onnx", artifacts / fp16.OUTPUT_NAME)
+
+    def gate(folder, *flags):
+        return subprocess.run([sys.executable, "-m", "build.precision.validate", "--artifacts", str(folder),
+                               "--views", "2", "--variants", "fp16", *flags], capture_output=True, text=True,
+                              timeout=300)
+
+    assert gate(artifacts).returncode == 0
+    failed = gate(artifacts, "--min-agreement-fp16", "1.01")
+    assert failed.returncode == 2 and "FAIL" in failed.stdout, failed.stderr
+    error = gate(tmp_path / "missing")
+    assert error.returncode == 1 and error.stderr.startswith("build.precision.validate: ")

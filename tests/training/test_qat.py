@@ -260,7 +260,7 @@ def test_gate_reports_true_accuracy_before_and_after(qat_run, small_digits):
     held_out = str(small_digits[1])
     gated = _run("-m", "build.precision.validate", "--artifacts", str(work / "qat"), "--held-out", held_out,
                  "--variants", "int8-cpu", "int8-trt", "--report", str(work / "gate.json"))
-    assert gated.returncode in (0, 1), gated.stderr[-2000:]  # 1: a variant failed its gate, which it may
+    assert gated.returncode in (0, 2), gated.stderr[-2000:]  # 2: a variant failed its gate, which it may
     variants = {v["name"]: v for v in json.loads((work / "gate.json").read_text())["variants"]}
     assert {name: variants[name]["accuracy"] for name in ("fp32", "int8-cpu", "int8-trt")} == report["top1"]["qat"]
     assert all(validate.VARIANTS[name][0] == variants[name]["file"] for name in ("int8-cpu", "int8-trt"))
