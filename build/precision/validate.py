@@ -106,7 +106,16 @@ def runner_for(artifacts: Path, variant: str):
 
 
 def cannot_gate_here(path: Path) -> str | None:
-    """Why an ONNX file cannot be gated on this CPU (its INT8 layout needs flags this CPU lacks), or None."""
+    """Why a file cannot be gated here (an ONNX file whose INT8 layout needs flags this CPU lacks; a plan
+    where TensorRT or a GPU is missing), or None."""
+    if path.suffix == ".plan":
+        from build.precision.plans import TensorRTUnavailable, require_tensorrt
+
+        try:
+            require_tensorrt()
+        except TensorRTUnavailable as exc:
+            return str(exc)
+        return None
     return cpu.refusal(read_layout(path)) if path.suffix == ".onnx" else None
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 from build.precision import calibrate, fp16, mixed, quantize, validate
 from build.precision.imagesets import ImageSet, bundled_photos_warning, calibration_set, held_out_set
 from build.repository.spec import DeploymentSpec
+from build.repository.writer import model_shape
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.preprocessing import PreprocessConfig
@@ -94,6 +95,10 @@ def build_variants(artifacts: Path, precision: str, options: VariantOptions, con
     """Write the ONNX variants of `precision` (the INT8 CPU file in the layout for `backend`'s server)."""
     if precision == "int8":
         layout = quantize.default_layout(backend) if options.cpu_layout == "auto" else options.cpu_layout
+        if backend == "onnxruntime" and layout != "avx2":
+            raise ValueError(f"--int8-cpu-layout {layout} cannot be served by Triton's onnxruntime backend: it does "
+                             "not check the CPU's flags at load, so on a CPU without them the file answers wrongly; "
+                             "use --int8-cpu-layout avx2 (or auto), or --backend python-onnxruntime")
         images = calibration_set(config, options.calibration_images)
         log(f"calibration images: {images.description}")
         result = calibrate.calibrate(artifacts / MODEL_ONNX, artifacts / "calibration",
@@ -143,6 +148,7 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
             raise GateFailed(f"{why_not}; the tensorrt backend needs the {wanted} variant, so nothing is built or "
                              f"deployed (--backend onnxruntime or python-onnxruntime serves the {cpu_variant} "
                              "variant on CPU)")
+    model_shape(artifacts)  # a model the repository cannot serve fails here, before any variant is written
     config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     warning = bundled_photos_warning(artifacts / LABELS_TXT, {"--calibration-images": options.calibration_images,
                                                               "--held-out": options.held_out})
@@ -153,7 +159,8 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
     log(f"TensorRT plan: {plan}" if plan else why)
 
     checked = [v for v in validate.VARIANTS
-               if v != "fp32" and validate.VARIANTS[v][1] == precision and v not in validate.BENCH_ONLY]
+               if v != "fp32" and validate.VARIANTS[v][1] == precision and v not in validate.BENCH_ONLY
+               and (backend == "tensorrt" or not v.endswith("-plan"))]  # a leftover plan is no CPU backend's
     images = held_out_set(config, options.held_out)
     labels = validate.held_out_labels(images, options.held_out, artifacts)
     log(f"held-out images: {images.description}" + (" (labelled: true accuracy reported)" if labels is not None else ""))

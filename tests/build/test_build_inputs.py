@@ -1,13 +1,18 @@
-"""What `make engines PRECISION=...` does with awkward inputs: damaged calibration files and a non-image
+"""What `make engines PRECISION=...` does with awkward inputs: leftover plans on a CPU build, a layout the
+onnxruntime backend cannot check, a model with other output names, damaged calibration files, a non-image
 among the images, and the gate CLI's exit code."""
 import shutil
 import subprocess
 import sys
 
+import onnx
 import pytest
 
-from build.precision import calibrate, fp16
+from build.precision import calibrate, fp16, validate
 from build.precision.imagesets import augmented_photos, calibration_set, folder_images, held_out_set
+from build.precision.variants import VariantOptions, prepare, tensorrt_unavailable
+from build.repository.spec import DeploymentSpec
+from build.repository.writer import ArtifactsError
 from common.preprocessing import ImageError, PreprocessConfig
 from common.samples import sample_photos
 
@@ -27,6 +32,52 @@ def photos(tmp_path):
     for name, path in sorted(sample_photos().items())[:3]:
         shutil.copy(path, folder / f"{name}{path.suffix}")
     return folder
+
+
+def _written(artifacts):
+    return sorted(p.name for p in artifacts.iterdir() if p.name not in ("model.onnx", "labels.txt", "preprocess.json"))
+
+
+def test_a_leftover_plan_does_not_stop_a_cpu_build(artifacts, photos):
+    if tensorrt_unavailable() is None:
+        pytest.skip("TensorRT and a GPU are present here")
+    (artifacts / "model.fp16.plan").touch()
+    spec = DeploymentSpec(artifacts=str(artifacts), precision="fp16")
+    options = VariantOptions(held_out=str(photos), thresholds={"fp16": 0.0})
+    deployable = prepare(spec, "python-onnxruntime", "unused.json", options, lambda _: None)
+    assert deployable.variant == "fp16" and [r.name for r in deployable.reports] == ["fp32", "fp16"]
+
+
+def test_the_gate_reports_a_plan_it_cannot_run_here(artifacts):
+    why = tensorrt_unavailable()
+    if why is None:
+        pytest.skip("TensorRT and a GPU are present here")
+    config = PreprocessConfig.load(artifacts / "preprocess.json")
+    fp16.convert(artifacts / "model.onnx", artifacts / fp16.OUTPUT_NAME)
+    (artifacts / "model.fp16.plan").touch()
+    reports = validate.validate(artifacts, ["fp16", "fp16-plan"], held_out_set(config, views=2), config, {"fp16": 0.0})
+    assert [r.name for r in reports] == ["fp32", "fp16", "fp16-plan"]
+    assert reports[1].passed and not reports[2].passed and reports[2].reason == f"not gated: {why}"
+    assert "nan" not in validate.format_table(reports)
+
+
+def test_the_onnxruntime_backend_refuses_a_layout_it_cannot_check(artifacts):
+    spec = DeploymentSpec(artifacts=str(artifacts), precision="int8")
+    with pytest.raises(ValueError, match="^--int8-cpu-layout vnni cannot be served by Triton's onnxruntime backend"):
+        prepare(spec, "onnxruntime", "unused.json", VariantOptions(cpu_layout="vnni"), lambda _: None)
+    assert _written(artifacts) == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_model_with_other_output_names_fails_before_anything_is_written(artifacts, precision):
+    model = onnx.load(str(artifacts / "model.onnx"))
+    model.graph.node[-1].output[0] = "prob"
+    model.graph.output[1].name = "prob"
+    onnx.save(model, str(artifacts / "model.onnx"))
+    spec = DeploymentSpec(artifacts=str(artifacts), precision=precision)
+    with pytest.raises(ArtifactsError, match=r"outputs \['logits', 'prob'\]"):
+        prepare(spec, "python-onnxruntime", "unused.json", VariantOptions(), lambda _: None)
+    assert _written(artifacts) == []
 
 
 @pytest.fixture
