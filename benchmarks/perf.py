@@ -294,11 +294,7 @@ def main(args: argparse.Namespace) -> list[PerfResult]:
 def write_summary(results: list[PerfResult], out: Path, protocol: str) -> list[Path]:
     """perf_<protocol>.csv, one row per run, and perf_<protocol>.json: the same rows and the machine."""
     rows = [dataclasses.asdict(r) for r in results]
-    summary = out / f"perf_{protocol}.csv"
-    with open(summary, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(PerfResult)])
-        writer.writeheader()
-        writer.writerows(rows)
+    summary = report.write_csv(out / f"perf_{protocol}.csv", [x.name for x in dataclasses.fields(PerfResult)], rows)
     return [summary, report.write_json(out / f"perf_{protocol}.json", {"protocol": protocol, "results": rows})]
 
 

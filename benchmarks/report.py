@@ -90,6 +90,16 @@ def machine_line(machine: dict) -> str:
             f"{machine['cores']} cores, {machine['cores_usable']} usable by this run")
 
 
+def write_csv(path: str | Path, fieldnames: list[str], rows) -> Path:
+    """`rows` (dicts) as CSV with these columns; keys outside them are left out."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def write_json(path: str | Path, doc: dict) -> Path:
     """`doc` as JSON, with a "machine" object first."""
     path = Path(path)
@@ -235,10 +245,7 @@ def write(points: list[Point], folder: str | Path, extra: dict | None = None, na
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {k: folder / f"{name}.{k}" for k in ("csv", "json", "md", "png")}
-    with open(files["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Point)])
-        writer.writeheader()
-        writer.writerows(dataclasses.asdict(p) for p in points)
+    write_csv(files["csv"], [x.name for x in dataclasses.fields(Point)], (dataclasses.asdict(p) for p in points))
     rs = ratios(points, cores)
     write_json(files["json"], {"points": [dataclasses.asdict(p) for p in points],
                                "ratios": [dict(dataclasses.asdict(r), verdict=r.verdict) for r in rs], **(extra or {})})

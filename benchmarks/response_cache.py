@@ -17,7 +17,6 @@ response_cache.csv to --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import io
 import random
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.report import write_markdown
+from benchmarks.report import write_csv, write_markdown
 
 CONFIGS = ("uncached", "cached")
 
@@ -164,10 +163,8 @@ def main(args: argparse.Namespace) -> list[Row]:
 
 def write_report(rows: list[Row], lines: list[str], out: Path) -> Path:
     """response_cache.csv (one row per server) and response_cache.md (the machine, then `lines`)."""
-    with open(out / "response_cache.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Row)] + ["hit_rate"])
-        writer.writeheader()
-        writer.writerows({**dataclasses.asdict(r), "hit_rate": r.hit_rate} for r in rows)
+    write_csv(out / "response_cache.csv", [x.name for x in dataclasses.fields(Row)] + ["hit_rate"],
+              ({**dataclasses.asdict(r), "hit_rate": r.hit_rate} for r in rows))
     return write_markdown(out / "response_cache.md", "\n".join(lines) + "\n")
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import functools
 import json
@@ -306,11 +305,9 @@ def describe(t: Trial) -> str:
 
 def write_trials(trials: list[Trial], best: DeploymentSpec | None, args: argparse.Namespace, out: Path) -> None:
     """tune.csv (one row per trial) and tune.json (the machine, args, best spec, trials)."""
-    with open(out / "tune.csv", "w", newline="") as f:
-        columns = [x.name for x in dataclasses.fields(Trial) if x.name != "detail"]  # a failure's text: tune.json
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**dataclasses.asdict(t), "settings": json.dumps(t.settings)} for t in trials)
+    columns = [x.name for x in dataclasses.fields(Trial) if x.name != "detail"]  # a failure's text: tune.json
+    report.write_csv(out / "tune.csv", columns,
+                     ({**dataclasses.asdict(t), "settings": json.dumps(t.settings)} for t in trials))
     report.write_json(out / "tune.json", {"args": vars(args), "best": best.to_dict() if best else None,
                                           "trials": [dataclasses.asdict(t) for t in trials]})
 

@@ -1,13 +1,26 @@
 """A small but real ONNX classifier with the project's tensor names, for fast tests."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from common.preprocessing import PreprocessConfig
+
+
+def save_with_external_weights(source: Path, target: Path, location: str = "weights.bin", scale: float = 1.0) -> Path:
+    """`source` (artifacts) copied to `target` with model.onnx's initializers, times `scale`, in the file
+    `location` (relative to it), as ONNX saves models over 2 GB. -> target/model.onnx"""
+    shutil.copytree(source, target)
+    model = onnx.load(target / "model.onnx")
+    for tensor in model.graph.initializer:  # raw data: onnx moves only that out of the file
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(scale), tensor.name))
+    (target / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, target / "model.onnx", save_as_external_data=True, location=location, size_threshold=0)
+    return target / "model.onnx"
 
 
 def write_tiny_classifier(out: Path, num_classes: int = 3, crop: int = 32) -> Path:

@@ -18,13 +18,6 @@ from common.samples import sample_photos
 
 
 @pytest.fixture
-def artifacts(tiny_artifacts, tmp_path):
-    out = tmp_path / "tiny"
-    shutil.copytree(tiny_artifacts, out, ignore=shutil.ignore_patterns("calibration", "model.*.onnx"))
-    return out
-
-
-@pytest.fixture
 def photos(tmp_path):
     """A small held-out folder: 3 bundled photos."""
     folder = tmp_path / "photos"

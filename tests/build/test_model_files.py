@@ -8,25 +8,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from build.repository.spec import DeploymentSpec
 from build.repository.writer import (ArtifactsError, copy_model, deployed_model_file, model_shape, weight_files,
                                      write_repository)
 from common.hashing import file_sha256
 from common.onnxsession import CannotLoad, cpu_session
+from tests.tiny_model import save_with_external_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _with_external_weights(source, target, location="weights.bin"):
-    """`source`'s model.onnx in `target` with every initializer in the file `location` (relative to it)."""
-    shutil.copytree(source, target)
-    model = onnx.load(target / "model.onnx")
-    for tensor in model.graph.initializer:  # raw data: onnx moves only that out of the file
-        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-    (target / location).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, target / "model.onnx", save_as_external_data=True, location=location, size_threshold=0)
+    save_with_external_weights(source, target, location)
     return target
 
 

@@ -47,13 +47,6 @@ def test_the_fp32_plan_is_gated_and_not_called_the_reference():
     assert rows[4].endswith("PASS (agreement >= 99.5%)") and sum("reference" in r for r in rows) == 1
 
 
-@pytest.fixture
-def artifacts(tiny_artifacts, tmp_path):
-    out = tmp_path / "tiny"
-    shutil.copytree(tiny_artifacts, out, ignore=shutil.ignore_patterns("calibration", "model.*.onnx"))
-    return out
-
-
 def _image_folder(root, labels):
     """Bundled photos sorted into class folders named as in labels.txt (2 photos per class)."""
     photos = sorted(sample_photos().items())

@@ -21,6 +21,7 @@ from build.repository.writer import write_repository
 from clients.client import ClassificationError, ImageClassifierClient
 from serving import rollout
 from serving.server import TritonServer
+from tests.tiny_model import save_with_external_weights
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,13 +39,8 @@ def _candidate(source, target, scale):
 
 
 def _external_weights(source, target):
-    """The tiny model with its weights in a file beside it (as models over 2 GB must be saved)."""
-    shutil.copytree(source, target)
-    model = onnx.load(target / "model.onnx")
-    for tensor in model.graph.initializer:  # raw data: onnx moves only that out of the file
-        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(1.05), tensor.name))
-    onnx.save(model, target / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
-    return rollout.Candidate(target / "model.onnx", target)
+    """The tiny model, rescaled, with its weights in a file beside it (as models over 2 GB must be saved)."""
+    return rollout.Candidate(save_with_external_weights(source, target, scale=1.05), target)
 
 
 @contextlib.contextmanager
