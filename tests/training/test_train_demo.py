@@ -127,7 +127,10 @@ def test_int8_true_accuracy_on_held_out_digits(demo_run):
     fp32 = reports["fp32"].accuracy
     assert fp32 >= MIN_SERVED_TOP1
     # This one-epoch, 32 px model is barely trained, so INT8 is allowed a few points below FP32 here;
-    # `make bench-precision` reports the fully trained digits model (docs/precision.md).
+    # `make bench-precision` reports the fully trained digits model (docs/precision.md). Agreement is
+    # the gate's, on the digits FP32 is decided about: how many near-ties the rest holds depends on how
+    # far this one epoch got, which differs between CPUs (their float training sums differ).
     for name in ("int8-cpu", "int8-trt"):
         assert reports[name].accuracy >= fp32 - 0.05, (name, reports[name].accuracy, fp32)
-        assert reports[name].top1_agreement >= 0.85, (name, reports[name].top1_agreement)
+        assert reports[name].confident_images >= 100, (name, reports[name].confident_images)
+        assert reports[name].confident_agreement >= 0.90, (name, reports[name].confident_agreement)
