@@ -63,29 +63,6 @@ def locate_server() -> ServerInstall:
     return install
 
 
-def numpy_problem(version: str | None) -> str | None:
-    """Why this environment's numpy cannot run the python backend's models, or None.
-
-    Triton 2.51's python-backend stub (the nvidia-pytriton 0.7.0 build) was built for numpy 1: under numpy 2
-    the input tensors its models get are garbage and the stub dies (docs/serving.md)."""
-    if version is None:
-        return f"numpy is not installed in {sys.prefix}, and every python-backend model imports it: run `make setup`"
-    if int(version.split(".")[0]) >= 2:
-        return (f"the python backend of this server (Triton 2.51, nvidia-pytriton 0.7.0) needs numpy < 2 where its "
-                f"models run ({sys.prefix}), and numpy {version} is installed there: its models would read garbage "
-                "tensors. Install numpy 1.26.4 (requirements/main.txt), or run `make setup` in a fresh environment")
-    return None
-
-
-def installed_numpy() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("numpy")
-    except PackageNotFoundError:
-        return None
-
-
 def default_backend_directory() -> Path:
     return Path(sys.prefix) / "share" / "tritonserver" / "backends"
 
@@ -140,9 +117,6 @@ def main(argv: list[str] | None = None) -> None:
         install = locate_server()
     except ServerNotInstalled as exc:
         sys.exit(f"tritonserver: {exc}")
-    problem = numpy_problem(installed_numpy())
-    if problem:
-        sys.exit(f"tritonserver: {problem}")
     cmd, env = build_command(args, install)
     os.execve(cmd[0], cmd, env)
 
