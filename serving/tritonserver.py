@@ -63,6 +63,22 @@ def locate_server() -> ServerInstall:
     return install
 
 
+# Pythons whose python-backend stub in the nvidia-pytriton 0.7.0 wheel was seen to hand the models the input
+# they were sent (docs/serving.md): the 3.12 and 3.13 stubs give the ensemble's first model garbage bytes.
+STUB_PYTHONS = ((3, 10), (3, 11))
+
+
+def python_problem(version: tuple[int, int]) -> str | None:
+    """Why the python-backend models cannot run under this Python, or None."""
+    if tuple(version[:2]) in STUB_PYTHONS:
+        return None
+    seen = ", ".join(f"{major}.{minor}" for major, minor in STUB_PYTHONS)
+    return (f"the python backend of this server (Triton 2.51, nvidia-pytriton 0.7.0) answers correctly only under "
+            f"Python {seen}, and this environment ({sys.prefix}) is Python {version[0]}.{version[1]} (its stub hands "
+            "the models garbage input: docs/serving.md). Make the environment with Python 3.11: "
+            "`make setup PYTHON=python3.11`")
+
+
 def default_backend_directory() -> Path:
     return Path(sys.prefix) / "share" / "tritonserver" / "backends"
 
@@ -113,6 +129,9 @@ def build_command(args: list[str], install: ServerInstall) -> tuple[list[str], d
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    problem = python_problem(sys.version_info[:2])
+    if problem:
+        sys.exit(f"tritonserver: {problem}")
     try:
         install = locate_server()
     except ServerNotInstalled as exc:

@@ -1,13 +1,15 @@
 """The `tritonserver` launcher, capability detection, and `make serve` / `make stop`."""
+import glob
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from build.repository.capabilities import Capabilities, detect, resolve_backend
 from serving.server import Ports, ServerError, TritonServer
-from serving.tritonserver import build_command, locate_server, prepare_backend_directory
+from serving.tritonserver import STUB_PYTHONS, build_command, locate_server, prepare_backend_directory, python_problem
 
 
 def test_launcher_binds_loopback_and_finds_the_python_backend(tmp_path):
@@ -23,6 +25,40 @@ def test_launcher_binds_loopback_and_finds_the_python_backend(tmp_path):
     prepared = prepare_backend_directory(install, tmp_path / "backends")
     assert (prepared / "python" / "libtriton_python.so").is_file()
     assert (prepared / "python" / "triton_python_backend_stub").stat().st_mode & 0o111
+
+
+def _other_python() -> str | None:
+    """An interpreter of a Python whose stub garbles input (3.12, 3.13), where one is installed here."""
+    for pattern in ("/usr/bin/python3.1[23]", "/usr/local/bin/python3.1[23]", str(Path.home() / ".pyenv/versions/3.1[23]*/bin/python")):
+        for found in sorted(glob.glob(pattern)):
+            run = subprocess.run([found, "-c", "import sys; print(sys.version_info[:2] >= (3, 12))"],
+                                 capture_output=True, text=True)
+            if run.stdout.strip() == "True":
+                return found
+    return None
+
+
+def test_launcher_and_setup_refuse_a_python_whose_stub_garbles_input(tmp_path):
+    """The wheel's 3.12 and 3.13 stubs hand the ensemble's first model garbage: refused in one line, before a
+    venv is made or a server started."""
+    assert sys.version_info[:2] in STUB_PYTHONS  # this suite's own environment
+    for good in STUB_PYTHONS:
+        assert python_problem(good) is None
+    for bad in ((3, 12), (3, 13)):
+        assert f"is Python {bad[0]}.{bad[1]}" in python_problem(bad) and "PYTHON=python3.11" in python_problem(bad)
+    other = _other_python()
+    if other is None:
+        pytest.skip("no Python 3.12 or 3.13 interpreter here to start the launcher and `make setup` with")
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([other, "-m", "serving.tritonserver", f"--model-repository={tmp_path}"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and run.stderr.startswith("tritonserver: "), run.stderr
+    assert "garbage input" in run.stderr and "PYTHON=python3.11" in run.stderr, run.stderr
+    venv = tmp_path / "venv"
+    run = subprocess.run(["make", "--no-print-directory", "setup", f"PYTHON={other}", f"VENV={venv}",
+                          f"STAMP={venv}/.stamp"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "make setup: " in run.stderr and "PYTHON=python3.11" in run.stderr, run.stderr
+    assert not venv.exists()
 
 
 def test_capabilities_are_detected_and_reported_in_one_line():
