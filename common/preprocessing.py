@@ -135,17 +135,24 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
+    # tRNS (PNG, GIF): one grey, one RGB colour or some palette entries are transparent
+    transparency = image.info.get("transparency")
+    if mode == "RGB" and transparency is None:
         return image
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float grayscale
         # By the mode's depth, never by the image's own values: the same 16-bit value is the same grey in
         # every image (a 12-bit scan stays dark, as in any viewer). Integer modes hold 16-bit data (PNG and
         # TIFF); "F" is taken as 0-255.
         top = 255.0 if mode == "F" else 65535.0
-        array = np.clip(np.asarray(image, dtype=np.float64) * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(array).convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        values = np.asarray(image, dtype=np.float64)
+        gray = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).astype(np.uint8))
+        if transparency is None:
+            return gray.convert("RGB")
+        alpha = Image.fromarray(np.where(values == transparency, 0, 255).astype(np.uint8))
+        image = Image.merge("LA", (gray, alpha)).convert("RGBA")
+    elif mode in ("L", "P", "RGB"):
+        if transparency is not None:
+            image = image.convert("RGBA")
     elif mode in ("LA", "La", "PA", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
