@@ -119,9 +119,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
             f"image is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; the "
             f"limit is {limits.max_image_aspect_ratio:g}:1 (refused before decoding)"
         )
-    try:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
+    try:  # animated GIF/WebP/PNG, multi-page TIFF: the first frame, where open() left it (the others unread)
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()

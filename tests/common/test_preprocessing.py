@@ -49,6 +49,15 @@ def test_gif_first_frame_and_palette(photo):
     assert np.abs(decoded - np.asarray(photo, dtype=float)).mean() < 12  # the cat, not the red frame
 
 
+def test_only_the_first_frame_is_read(photo):
+    """A multi-page TIFF whose second page is cut off decodes to its first page: the pages after it are
+    not walked (counting a GIF's frames reads every one of them)."""
+    first = encode(photo, "TIFF")
+    pages = encode(photo, "TIFF", save_all=True, append_images=[photo.rotate(180)])
+    decoded = decode_image(pages[: len(first) + 40])
+    assert np.array_equal(np.asarray(decoded), np.asarray(photo))
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
 def test_colour_modes_become_rgb(photo, mode):
     if mode == "I;16":
