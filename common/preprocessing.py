@@ -120,7 +120,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
             f"limit is {limits.max_image_aspect_ratio:g}:1 (refused before decoding)"
         )
     try:  # animated GIF/WebP/PNG, multi-page TIFF: the first frame, where open() left it (the others unread)
-        if draft_size and image.format == "JPEG":
+        if draft_size and image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more images after it (phones)
             image.draft("RGB", (draft_size, draft_size))
         image.load()
         image = ImageOps.exif_transpose(image)

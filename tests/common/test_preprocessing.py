@@ -40,6 +40,16 @@ def test_jpeg_and_draft_mode(photo):
     assert np.abs(a - b).mean() < 4.0  # same picture, slightly different downsampling
 
 
+def test_a_jpeg_with_more_images_after_it_is_drafted_too(photo):
+    """Pillow names a JPEG carrying further images (MPF: a phone's gain map or preview) MPO; it is a JPEG
+    all the same, decoded at reduced size like any other."""
+    big = photo.resize((photo.width * 4, photo.height * 4))
+    data = encode(big, "MPO", save_all=True, append_images=[photo], quality=95)
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert decode_image(data, draft_size=256).size == (451, 300)
+    assert np.array_equal(image_to_uint8(data, CONFIG), image_to_uint8(encode(big, "JPEG", quality=95), CONFIG))
+
+
 def test_gif_first_frame_and_palette(photo):
     frames = [photo.quantize(64), Image.new("RGB", photo.size, (255, 0, 0)).quantize(8)]
     buffer = io.BytesIO()
