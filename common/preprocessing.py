@@ -106,29 +106,38 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
         raise ImageError(f"decompression bomb refused before decoding: {exc}") from None
     except Exception as exc:  # Pillow plugins raise a variety of errors on malformed headers
         raise ImageError(f"unreadable image header: {exc}") from None
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise ImageError(
-            f"image declares {width}x{height} = {width * height} pixels; the limit is "
-            f"{limits.max_image_pixels} (refused before decoding)"
-        )
-    if min(width, height) < limits.min_image_side:
-        raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_image_side} pixels")
-    if max(width, height) > limits.max_image_aspect_ratio * min(width, height):
-        raise ImageError(
-            f"image is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; the "
-            f"limit is {limits.max_image_aspect_ratio:g}:1 (refused before decoding)"
-        )
+    _check_size(image.size, limits)
     try:  # animated GIF/WebP/PNG, multi-page TIFF: the first frame, where open() left it (the others unread)
         if draft_size and image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more images after it (phones)
             image.draft("RGB", (draft_size, draft_size))
+        declared = image.size
         image.load()
+        if image.im.size != declared:  # an embedded image (IPTC, ICNS) that is not the size its container said
+            _check_size(image.im.size, limits, declared)
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"corrupt or truncated {image.format or 'image'} data: {exc}") from None
+
+
+def _check_size(size: tuple[int, int], limits: ImageLimits, declared: tuple[int, int] | None = None) -> None:
+    """The limits on the size the header declares or, given that, on the size the image decoded to."""
+    width, height = size
+    when = "refused before decoding" if declared is None else f"decoded; its header said {declared[0]}x{declared[1]}"
+    if width * height > limits.max_image_pixels:
+        raise ImageError(
+            f"image {'is' if declared else 'declares'} {width}x{height} = {width * height} pixels; the limit is "
+            f"{limits.max_image_pixels} ({when})"
+        )
+    if min(width, height) < limits.min_image_side:
+        raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_image_side} pixels")
+    if max(width, height) > limits.max_image_aspect_ratio * min(width, height):
+        raise ImageError(
+            f"image is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; the "
+            f"limit is {limits.max_image_aspect_ratio:g}:1 ({when})"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

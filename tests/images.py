@@ -14,6 +14,17 @@ def png_declaring(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
+def iptc_declaring(width: int, height: int, embedded: Image.Image) -> bytes:
+    """An IPTC/NAA file whose records declare a grey width x height image and carry `embedded` (mode L) as
+    its JPEG data: Pillow decodes the embedded image at its own size."""
+    def field(record, dataset, payload):
+        return bytes([0x1C, record, dataset]) + struct.pack(">H", len(payload)) + payload
+    jpeg = encode(embedded, "JPEG")
+    head = (field(3, 60, b"\x01\x00") + field(3, 20, struct.pack(">H", width))
+            + field(3, 30, struct.pack(">H", height)) + field(3, 120, b"\x05"))
+    return head + b"".join(field(8, 10, jpeg[i : i + 32_000]) for i in range(0, len(jpeg), 32_000)) + bytes(5)
+
+
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)

@@ -9,7 +9,7 @@ from common.contract import ImageLimits
 from common.preprocessing import (ImageError, PreprocessConfig, decode_image, image_to_uint8,
                                   load_batch, normalize, resize_and_crop)
 from common.samples import sample_photos
-from tests.images import encode, png_declaring
+from tests.images import encode, iptc_declaring, png_declaring
 
 CONFIG = PreprocessConfig()
 
@@ -166,6 +166,18 @@ def test_truncated_jpeg_and_size_limit(photo):
         decode_image(data[: len(data) // 2])
     with pytest.raises(ImageError, match="limit is 1000 bytes"):
         decode_image(data, ImageLimits(max_image_bytes=1000))
+
+
+def test_limits_hold_for_an_embedded_image_of_another_size_than_its_header_says():
+    """IPTC's records declare the size; the JPEG inside decodes at its own. The limits hold for what decodes."""
+    strip = iptc_declaring(16, 16, Image.new("L", (16, 2_000), 128))
+    assert Image.open(io.BytesIO(strip)).size == (16, 16)
+    with pytest.raises(ImageError, match=r"16x2000, an aspect ratio of 125:1; the limit is 100:1 \(decoded; its header"):
+        decode_image(strip)
+    big = iptc_declaring(64, 64, Image.new("L", (2_000, 2_000), 128))
+    with pytest.raises(ImageError, match="image is 2000x2000 = 4000000 pixels; the limit is 1000000"):
+        decode_image(big, ImageLimits(max_image_pixels=1_000_000))
+    assert decode_image(iptc_declaring(64, 64, Image.new("L", (64, 64), 128))).size == (64, 64)
 
 
 def test_load_batch_names_the_bad_item(photo):
