@@ -157,7 +157,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             return gray.convert("RGB")
         alpha = Image.fromarray(np.where(values == transparency, 0, 255).astype(np.uint8))
         image = Image.merge("LA", (gray, alpha)).convert("RGBA")
-    elif mode in ("L", "P", "RGB"):
+    elif mode in ("1", "L", "P", "RGB"):
         if transparency is not None:
             image = image.convert("RGBA")
     elif mode in ("LA", "La", "PA", "RGBa"):

@@ -99,17 +99,18 @@ def test_transparent_pixels_become_white():
     assert tuple(pixels[0, 0]) == (255, 0, 0) and tuple(pixels[0, 31]) == (255, 255, 255)
 
 
-@pytest.mark.parametrize("mode, background", [("L", 0), ("RGB", (0, 0, 0)), ("I;16", 0), ("P", 0)])
+@pytest.mark.parametrize("mode, background", [("1", 0), ("L", 0), ("RGB", (0, 0, 0)), ("I;16", 0), ("P", 0)])
 def test_a_transparent_colour_becomes_white(mode, background):
     """PNG's tRNS (one grey or RGB colour transparent, as optimisers write binary alpha) is alpha like any
     other: composited onto white, not decoded as the colour under it."""
-    ink = {"L": 200, "RGB": (200, 200, 200), "I;16": 200 * 257, "P": 1}[mode]
+    ink = {"1": 255, "L": 200, "RGB": (200, 200, 200), "I;16": 200 * 257, "P": 1}[mode]
+    seen = 255 if mode == "1" else 200
     image = Image.new(mode, (32, 32), background)
     if mode == "P":
         image.putpalette([0, 0, 0, 200, 200, 200])
     image.paste(ink, (0, 0, 16, 32))
     pixels = np.asarray(decode_image(encode(image, "PNG", transparency=background)))
-    assert tuple(pixels[0, 0]) == (200, 200, 200) and tuple(pixels[0, 31]) == (255, 255, 255)
+    assert tuple(pixels[0, 0]) == (seen, seen, seen) and tuple(pixels[0, 31]) == (255, 255, 255)
 
 
 def test_exif_orientation_is_applied(photo):
