@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
@@ -22,6 +23,17 @@ class Probe(Protocol):
     def live(self) -> bool: ...
 
     def status(self) -> dict: ...
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port (0-65535), refused in one line otherwise."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 0-65535")
+    return port
 
 
 def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:

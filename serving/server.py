@@ -22,6 +22,7 @@ from pathlib import Path
 
 from serving import access
 from serving.cache import cache_args, repository_cache_mb
+from serving.health import port_number
 from serving.tritonserver import LOOPBACK
 
 RUN_DIR = Path(".run")
@@ -381,11 +382,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
     p.add_argument("--address", default="127.0.0.1", type=_address_arg,
                    help="address to bind; 0.0.0.0 exposes the server to the network (default: %(default)s)")
-    p.add_argument("--http-port", type=int, default=8000, help="(default: %(default)s)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="(default: %(default)s)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="(default: %(default)s)")
+    p.add_argument("--http-port", type=port_number, default=8000, help="(default: %(default)s)")
+    p.add_argument("--grpc-port", type=port_number, default=8001, help="(default: %(default)s)")
+    p.add_argument("--metrics-port", type=port_number, default=8002, help="(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
-    p.add_argument("--watchdog-port", type=int, default=8003,
+    p.add_argument("--watchdog-port", type=port_number, default=8003,
                    help="port of the supervisor's /ready, /live, /status (serving.supervise: the stub watchdog, "
                         "server restarts); 0: a bare tritonserver (default: %(default)s)")
     p.add_argument("--restarts", type=int, default=3,

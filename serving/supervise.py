@@ -35,7 +35,7 @@ import psutil
 from serving.access import admin_headers, key_headers
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
-from serving.health import endpoint
+from serving.health import endpoint, port_number
 from serving.watchdog import Watchdog
 
 log = logging.getLogger("supervise")
@@ -204,7 +204,7 @@ class Supervisor:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
     p.add_argument("--restarts", type=int, default=0,
                    help="times to start tritonserver again after it exits by itself; 0: exit with it, for a "
                         "container runtime or Kubernetes to restart (default: %(default)s)")

@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 
 from serving.access import admin_headers
-from serving.health import endpoint
+from serving.health import endpoint, port_number
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
 from serving.triton_admin import LockTimeout, TritonAdmin, control_lock, drain, repository_of
 
@@ -249,7 +249,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, help="the tritonserver process to watch")
     p.add_argument("--http", required=True, help="its HTTP host:port")
     p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
     p.add_argument("--key-file", default=None, help="admin key file (default: serving.access's, .run/admin.key)")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between checks (default: %(default)s)")
     p.add_argument("--max-failed-reloads", type=int, default=3,

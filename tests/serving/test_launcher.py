@@ -141,3 +141,19 @@ def test_an_ipv6_address_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / ".run").exists()  # no key written, nothing started
     with pytest.raises(ServerError, match="IPv6 is not supported"):
         TritonServer(tmp_path, address="::")
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("serving.server", ["start", "--watchdog-port", "70000"]),
+    ("serving.server", ["start", "--http-port", "-1"]),
+    ("serving.supervise", ["--port", "70000", "--", "true"]),
+    ("serving.watchdog", ["--port", "70000", "--http", "127.0.0.1:8000", "--server-pid", "1"]),
+])
+def test_a_port_out_of_range_is_refused_in_one_line(tmp_path, tool, args):
+    """A port no socket can bind is refused by argparse before anything starts: no traceback, no admin key
+    left in .run/ (the watchdog port was checked after the key was written)."""
+    done = subprocess.run([sys.executable, "-m", tool, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "is not in 0-65535" in done.stderr.splitlines()[-1]
+    assert not (tmp_path / ".run").exists()
