@@ -350,8 +350,12 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
     state = _state_file()
     if not state.exists():
         return None
-    recorded = json.loads(state.read_text())
-    pid = recorded["pid"]
+    try:
+        recorded = json.loads(state.read_text())
+        pid = int(recorded["pid"])
+    except (ValueError, KeyError, TypeError):
+        raise ServerError(f"{state} names no server pid (not written by `make serve`?): remove it, and stop "
+                          "the server it was for by hand") from None
     running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
     if running and recorded.get("supervisor"):
         stop_tree(pid, 2 * timeout + 15)  # it drains (15 s at most), then waits out tritonserver's exit

@@ -157,3 +157,15 @@ def test_a_port_out_of_range_is_refused_in_one_line(tmp_path, tool, args):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "is not in 0-65535" in done.stderr.splitlines()[-1]
     assert not (tmp_path / ".run").exists()
+
+
+@pytest.mark.parametrize("state", ["{not json", "{}", '{"pid": "x"}', "[1]"])
+def test_make_stop_refuses_a_state_file_it_cannot_read_in_one_line(tmp_path, state):
+    """A .run/tritonserver.json that names no pid (truncated, edited by hand): one line saying so, no traceback."""
+    (tmp_path / ".run").mkdir()
+    (tmp_path / ".run" / "tritonserver.json").write_text(state)
+    stop = subprocess.run([sys.executable, "-m", "serving.server", "stop"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert stop.returncode == 1 and "Traceback" not in stop.stderr, stop.stderr
+    assert stop.stderr.strip().startswith("serving.server: ") and "names no server pid" in stop.stderr
+    assert len(stop.stderr.strip().splitlines()) == 1
