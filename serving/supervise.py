@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from serving.access import admin_headers, key_headers
+from serving.access import admin_headers, key_headers, read_key
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
 from serving.health import endpoint, port_number
@@ -225,6 +225,8 @@ def main(args: argparse.Namespace) -> int:
     if key:
         headers = lambda: key_headers(key, "http")  # noqa: E731
     elif args.key_file:
+        if read_key(Path(args.key_file)) is None:
+            raise ValueError(f"no admin key in {args.key_file}")
         headers = lambda: admin_headers(Path(args.key_file), "http")  # noqa: E731
     else:
         headers = dict

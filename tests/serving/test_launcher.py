@@ -169,3 +169,18 @@ def test_make_stop_refuses_a_state_file_it_cannot_read_in_one_line(tmp_path, sta
     assert stop.returncode == 1 and "Traceback" not in stop.stderr, stop.stderr
     assert stop.stderr.strip().startswith("serving.server: ") and "names no server pid" in stop.stderr
     assert len(stop.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("serving.supervise", ["--port", "0", "--key-file", "no-such.key", "--", "touch", "started"]),
+    ("serving.watchdog", ["--drain", "--http", "127.0.0.1:1", "--key-file", "no-such.key"]),
+    ("serving.watchdog", ["--http", "127.0.0.1:1", "--port", "0", "--server-pid", "1", "--key-file", "no-such.key"]),
+])
+def test_a_missing_key_file_is_refused_in_one_line(tmp_path, tool, args):
+    """A --key-file that holds no key would send no key: every reload and drain of a restricted server would then
+    fail with HTTP 403, first seen at the first crash. Refused in one line before anything starts."""
+    done = subprocess.run([sys.executable, "-m", tool, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"{tool}: no admin key in no-such.key"
+    assert not (tmp_path / "started").exists()
