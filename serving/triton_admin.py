@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,11 +27,12 @@ class LockTimeout(RuntimeError):
 
 
 @contextlib.contextmanager
-def control_lock(repository: Path | None, timeout_s: float = 600.0) -> Iterator[None]:
+def control_lock(repository: Path | None, timeout_s: float = 600.0,
+                 cancel: threading.Event | None = None) -> Iterator[None]:
     """Hold `<repository>/.model-control.lock` (flock) while changing the repository or loading models: a
     watchdog reload that overlaps a rollback's move of the version it reloads makes Triton 2.51's load
     wait for ever for stubs that cannot start. No lock where the repository is not a local, writable
-    folder (S3, a read-only image): nothing else changes it there."""
+    folder (S3, a read-only image): nothing else changes it there. LockTimeout also once `cancel` is set."""
     if repository is None or not Path(repository).is_dir():
         yield
         return
@@ -56,6 +58,8 @@ def control_lock(repository: Path | None, timeout_s: float = 600.0) -> Iterator[
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise LockTimeout(f"{path} held by another process for {timeout_s:.0f} s") from None
+                if cancel is not None and cancel.is_set():
+                    raise LockTimeout(f"{path} held by another process; stopped waiting for it") from None
                 time.sleep(0.1)
         _held[path] = 1
         try:

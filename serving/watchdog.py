@@ -166,7 +166,8 @@ class Watchdog:
         if not self._unrecovered():
             return
         try:
-            with control_lock(self.repository, self.lock_timeout_s):  # no rollout changes the repository meanwhile
+            # no rollout changes the repository meanwhile; a stop() does not wait for the lock
+            with control_lock(self.repository, self.lock_timeout_s, self._stop):
                 failed = not self._heal(stubs)
         except LockTimeout as exc:
             log.warning("not reloading yet: %s", exc)

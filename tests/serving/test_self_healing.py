@@ -291,6 +291,32 @@ def test_the_watchdog_waits_for_the_model_control_lock(repository, tmp_path):
         server.stop()
 
 
+def test_stopping_the_watchdog_does_not_wait_for_the_model_control_lock(repository, tmp_path):
+    """A stub dies while a rollout holds the lock: the watchdog waits for it (up to 10 minutes). A SIGTERM to
+    the supervisor stops the watchdog first, then drains: that stop must not wait for the lock, or the grace
+    period ends before the drain and the in-flight requests fail."""
+    from serving.watchdog import Watchdog
+
+    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log", extra_args=SERVE_EXTRA_ARGS).start()
+    try:
+        watchdog = Watchdog(server.process.pid, TritonAdmin(server.http_url, lambda: {}))
+        with lock_held_elsewhere(repository):
+            watchdog.start()
+            victim = serving_stubs(server.process.pid, "classifier", 1)[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not watchdog.degraded():
+                time.sleep(0.05)
+            assert watchdog.degraded() == ["classifier"]  # seen dead; now waiting for the lock
+            stopper = threading.Thread(target=watchdog.stop, daemon=True)
+            stopper.start()
+            stopper.join(60)
+            assert not stopper.is_alive(), "stop() waited for the model-control lock"
+            assert watchdog.reloads == 0
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_drain_then_sigterm_under_load_lets_accepted_requests_finish(repository, tmp_path, photos, protocol):
     """What `make stop` does: unload the ensembles (serving.watchdog.drain), then SIGTERM. No request the
