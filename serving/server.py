@@ -357,7 +357,11 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
         raise ServerError(f"{state} names no server pid (not written by `make serve`?): remove it, and stop "
                           "the server it was for by hand") from None
     running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
-    if running and recorded.get("supervisor"):
+    orphan = recorded.get("server_pid") if recorded.get("supervisor") else None
+    if not running and isinstance(orphan, int) and _pid_alive(orphan) and _is_tritonserver(orphan):
+        pid, running = orphan, True  # its supervisor was killed (kill -9, out of memory): the server still runs
+        stop_tree(pid, timeout)
+    elif running and recorded.get("supervisor"):
         stop_tree(pid, 2 * timeout + 15)  # it drains (15 s at most), then waits out tritonserver's exit
     elif running:
         from serving import watchdog

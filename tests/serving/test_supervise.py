@@ -2,6 +2,7 @@
 itself killed with SIGKILL, and SIGTERM under load."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -152,3 +153,33 @@ def test_a_server_that_fails_to_start_is_not_restarted(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode != 0
     assert "before it answered; not restarting" in done.stderr and "starting it again" not in done.stderr
+
+
+def test_make_stop_stops_the_server_of_a_supervisor_that_was_killed(repository, tmp_path):
+    """`make serve`'s supervisor killed with SIGKILL (the out-of-memory killer, a kill -9) leaves its tritonserver
+    serving on the ports: `make stop` stops that server and its stubs too, rather than forgetting them."""
+    from tests.serving.test_self_healing import wait_dead
+
+    ports, cli = Ports.free(), [sys.executable, "-m", "serving.server"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = subprocess.run([*cli, "start", "--model-repository", str(repository), "--http-port", str(ports.http),
+                            "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--watchdog-port",
+                            str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=200, env=env)
+    assert start.returncode == 0, start.stderr
+    state = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
+    server = psutil.Process(state["server_pid"])
+    family = [server, *server.children(recursive=True)]
+    try:
+        os.kill(state["pid"], signal.SIGKILL)
+        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+        assert stop.returncode == 0, stop.stderr
+        for process in family:
+            wait_dead(process)
+        assert f"stopped tritonserver (pid {server.pid})" in stop.stdout
+        assert not (tmp_path / ".run" / "tritonserver.json").exists()
+    finally:
+        for process in family:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
