@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class Probe(Protocol):
@@ -34,6 +34,21 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is not in 0-65535")
     return port
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: an int or float above 0, refused in one line otherwise."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    return parse
 
 
 def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:

@@ -35,7 +35,7 @@ import psutil
 from serving.access import admin_headers, key_headers, read_key
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
-from serving.health import endpoint, port_number
+from serving.health import endpoint, port_number, positive
 from serving.watchdog import Watchdog
 
 log = logging.getLogger("supervise")
@@ -211,7 +211,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", default=None, help=f"admin key file, when ${KEY_ENV} is not set")
     p.add_argument("--drain-timeout", type=float, default=15.0,
                    help="seconds to wait for the ensembles' in-flight requests on SIGTERM (default: %(default)s)")
-    p.add_argument("--interval", type=float, default=0.2, help="seconds between stub checks (default: %(default)s)")
+    p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between stub checks (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver and its flags")
     return p
 

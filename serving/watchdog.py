@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 
 from serving.access import admin_headers, read_key
-from serving.health import endpoint, port_number
+from serving.health import endpoint, port_number, positive
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
 from serving.triton_admin import LockTimeout, TritonAdmin, control_lock, drain, repository_of
 
@@ -252,8 +252,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
     p.add_argument("--key-file", default=None, help="admin key file (default: serving.access's, .run/admin.key)")
-    p.add_argument("--interval", type=float, default=0.2, help="seconds between checks (default: %(default)s)")
-    p.add_argument("--max-failed-reloads", type=int, default=3,
+    p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between checks (default: %(default)s)")
+    p.add_argument("--max-failed-reloads", type=positive(int), default=3,
                    help="failed reloads in a row after which /live answers 503 (default: %(default)s)")
     p.add_argument("--retire-after", type=float, default=10.0,
                    help="seconds after a reload before the replaced instances' surviving stubs are killed "

@@ -184,3 +184,18 @@ def test_a_missing_key_file_is_refused_in_one_line(tmp_path, tool, args):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"{tool}: no admin key in no-such.key"
     assert not (tmp_path / "started").exists()
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("serving.supervise", ["--port", "0", "--interval", "0", "--", "touch", "started"]),
+    ("serving.watchdog", ["--http", "127.0.0.1:1", "--port", "0", "--server-pid", "1", "--interval", "-1"]),
+    ("serving.watchdog", ["--http", "127.0.0.1:1", "--port", "0", "--server-pid", "1", "--max-failed-reloads", "0"]),
+])
+def test_a_check_interval_or_failure_count_of_zero_is_refused_in_one_line(tmp_path, tool, args):
+    """--interval 0 (or below) made the watchdog check without pause, taking a core from the server;
+    --max-failed-reloads 0 made /live 503 from the start, so that the kubelet would restart the pod for ever."""
+    done = subprocess.run([sys.executable, "-m", tool, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "is not above 0" in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "started").exists()
