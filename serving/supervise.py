@@ -239,9 +239,10 @@ def main(args: argparse.Namespace) -> int:
     threading.Thread(target=http.serve_forever, daemon=True).start()
     log.info("readiness on http://%s:%d/ready", args.address, args.port)
     try:
-        return supervisor.run()
+        code = supervisor.run()
     finally:
         http.shutdown()
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as shells say (not 256 - N)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,11 @@ def test_a_check_interval_or_failure_count_of_zero_is_refused_in_one_line(tmp_pa
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "is not above 0" in done.stderr.splitlines()[-1]
     assert not (tmp_path / "started").exists()
+
+
+def test_the_supervisor_exits_128_plus_the_signal_that_killed_the_server(tmp_path):
+    """A server killed by a signal (SIGKILL by the out-of-memory killer, SIGABRT from the python backend) makes
+    the supervisor exit with 128 + the signal, as shells and container runtimes report it: 137, not 247."""
+    done = subprocess.run([sys.executable, "-m", "serving.supervise", "--port", "0", "--", "sh", "-c", "kill -9 $$"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 137, done.stderr
