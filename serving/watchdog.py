@@ -57,6 +57,9 @@ class Crash:
     unloaded: bool = False  # its version was unloaded on purpose: not a crash after all
 
 
+FAILED_CHECKS_BLIND = 3  # passes in a row that raised, after which readiness stops vouching for the stubs
+
+
 class Watchdog:
     """Polls the stubs of one server; reloads a model whose stub died; keeps the state /ready reports."""
 
@@ -69,6 +72,7 @@ class Watchdog:
         self.reloads = 0
         self.failed_reloads = 0
         self.last_error = ""
+        self.failed_checks = 0  # passes in a row that raised
         self.retire_after_s = retire_after_s
         self.reload_timeout_s = 60.0
         self._reloading_since: float | None = None
@@ -97,6 +101,10 @@ class Watchdog:
                 and self.admin.live())
 
     def readiness(self) -> tuple[bool, str]:
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return False, "the stub watchdog has stopped: a dead stub would go unseen"
+        if self.failed_checks >= FAILED_CHECKS_BLIND:
+            return False, f"the stub watchdog cannot check the stubs ({self.failed_checks} passes): {self.last_error}"
         degraded = self.degraded()
         if degraded:
             return False, f"a python-backend stub died: {', '.join(degraded)} reloading"
@@ -110,6 +118,7 @@ class Watchdog:
             crashes = [dataclasses.asdict(c) for c in self.crashes]
         return {"ready": ready, "reason": reason, "live": self.live(), "server_pid": self.server_pid,
                 "crashes": crashes, "reloads": self.reloads, "failed_reloads": self.failed_reloads,
+                "failed_checks": self.failed_checks,
                 "last_error": self.last_error, "retired_stubs": list(self.retired),
                 # every crash leaves its model's old version loaded for good (see docs/operations.md)
                 "leaked_versions": sum(1 for c in crashes if c["recovered_at"] is not None and not c["unloaded"])}
@@ -222,9 +231,14 @@ class Watchdog:
         while not self._stop.is_set():
             try:
                 self.check()
+                self.failed_checks = 0
             except psutil.NoSuchProcess:
                 log.warning("tritonserver (pid %d) has exited", self.server_pid)
                 return
+            except Exception as exc:  # a torn answer, a process it may not read: the next pass tries again
+                self.failed_checks += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("stub check failed (%d in a row)", self.failed_checks)
             self._stop.wait(self.interval_s)
 
     def start(self) -> "Watchdog":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +13,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 
 from serving import access
@@ -414,3 +417,65 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+class _TornIndex(BaseHTTPRequestHandler):
+    """A Triton stand-in whose health answers 200 and whose repository index is cut off mid-answer."""
+
+    def _answer(self, body: bytes, length: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def do_GET(self):
+        self._answer(b"", 0)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer(b'[{"name": "m", "ver', 400)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_check_that_raises_does_not_end_the_watch_and_readiness_says_so(tmp_path):
+    """A pass that fails in an unforeseen way (here a torn repository index: http.client.IncompleteRead) is
+    logged and tried again; the watch goes on, and a watchdog that cannot check stops vouching for readiness."""
+    from serving.watchdog import FAILED_CHECKS_BLIND, Watchdog
+
+    stub = tmp_path / "triton_python_backend_stub"  # cat blocked on a FIFO, named and called as a stub
+    stub.write_bytes(Path(shutil.which("cat")).read_bytes())
+    stub.chmod(0o755)
+    model_py = tmp_path / "repo" / "m" / "1" / "model.py"
+    model_py.parent.mkdir(parents=True)
+    os.mkfifo(model_py)
+    server = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               f"subprocess.Popen([{str(stub)!r}, {str(model_py)!r}]); time.sleep(120)"])
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _TornIndex)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    watchdog = None
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(server.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watchdog = Watchdog(server.pid, TritonAdmin(f"127.0.0.1:{http.server_address[1]}", dict), interval_s=0.05)
+        watchdog.start()
+        assert watchdog.readiness() == (True, "ready")
+        psutil.Process(server.pid).children()[0].kill()
+        while watchdog.failed_checks < FAILED_CHECKS_BLIND + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watchdog._thread.is_alive(), "one failed pass ended the watch"
+        assert "IncompleteRead" in watchdog.last_error, watchdog.last_error
+        ready, reason = watchdog.readiness()
+        assert not ready and "cannot check the stubs" in reason, reason
+        assert watchdog.status()["failed_checks"] >= FAILED_CHECKS_BLIND
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        http.shutdown()
+        for child in psutil.Process(server.pid).children():
+            child.kill()
+        server.kill()
+        server.wait()
