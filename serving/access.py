@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Callable
 
 KEY_HEADER = "triton-admin-key"
 # Triton 2.51 looks for a gRPC restricted-protocol key under this prefix (its error message names it).
@@ -64,6 +65,15 @@ def key_headers(key: str | None, protocol: str | None = None) -> dict[str, str]:
 def admin_headers(path: Path = KEY_FILE, protocol: str | None = None) -> dict[str, str]:
     """The headers a restricted API call needs ({} when no key was made: an unrestricted server)."""
     return key_headers(read_key(path), protocol)
+
+
+def key_file_headers(key_file: str | Path) -> Callable[[], dict[str, str]]:
+    """HTTP headers with the admin key `key_file` holds, read again at each call (a re-generated key is
+    picked up); a file that holds no key is refused at once: on a restricted server every call would fail."""
+    path = Path(key_file)
+    if read_key(path) is None:
+        raise ValueError(f"no admin key in {key_file}")
+    return lambda: admin_headers(path, "http")
 
 
 def restricted_args(key: str) -> list[str]:

@@ -28,11 +28,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
-from serving.access import admin_headers, key_headers, read_key
+from serving.access import key_file_headers, key_headers
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
 from serving.health import endpoint, port_number, positive
@@ -225,9 +224,7 @@ def main(args: argparse.Namespace) -> int:
     if key:
         headers = lambda: key_headers(key, "http")  # noqa: E731
     elif args.key_file:
-        if read_key(Path(args.key_file)) is None:
-            raise ValueError(f"no admin key in {args.key_file}")
-        headers = lambda: admin_headers(Path(args.key_file), "http")  # noqa: E731
+        headers = key_file_headers(args.key_file)
     else:
         headers = dict
     supervisor = Supervisor(command, TritonAdmin(http_url(command), headers), args.restarts, args.drain_timeout,

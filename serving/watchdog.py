@@ -35,11 +35,10 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
-from serving.access import admin_headers, read_key
+from serving.access import admin_headers, key_file_headers
 from serving.health import endpoint, port_number, positive
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
 from serving.triton_admin import LockTimeout, TritonAdmin, control_lock, drain, repository_of
@@ -280,10 +279,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.key_file and read_key(Path(args.key_file)) is None:
-        raise ValueError(f"no admin key in {args.key_file}")
-    headers = (lambda: admin_headers(Path(args.key_file), "http")) if args.key_file else (
-        lambda: admin_headers(protocol="http"))
+    headers = key_file_headers(args.key_file) if args.key_file else (lambda: admin_headers(protocol="http"))
     if args.drain:
         log.info("drained %s", ", ".join(drain(TritonAdmin(args.http, headers))) or "nothing")
         return
