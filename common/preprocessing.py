@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import io
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 try:
@@ -30,6 +32,36 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUTS = ("NCHW", "NHWC")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+# The formats an image may be in, as Pillow's format IDs, each with the Pillow module that registers its
+# opener: what browsers, phones and cameras upload. `Image.open` tries these openers only, so a file in
+# any other format (EPS, whose decoder runs Ghostscript in a subprocess; IPTC, ICNS, ICO, JPEG 2000,
+# AVIF, PSD, Netpbm, TGA, ...) is refused from its first bytes, before a plugin of its own parses it.
+# The JPEG opener also returns MPO (a JPEG with more images after it, as phones write). docs/serving.md
+# (Bad input) says why.
+IMAGE_FORMATS = {
+    "JPEG": "JpegImagePlugin",
+    "PNG": "PngImagePlugin",
+    "WEBP": "WebPImagePlugin",
+    "GIF": "GifImagePlugin",
+    "BMP": "BmpImagePlugin",
+    "TIFF": "TiffImagePlugin",
+}
+
+
+def _register_plugins(formats: dict[str, str]) -> None:
+    """Register the Pillow plugins of `formats` now, at import, in the importing thread. Left to itself
+    Pillow imports and registers plugins on the first `Image.open` that needs them, which decoding threads
+    (the served models' pool) would race on. MpoImagePlugin: the JPEG opener imports it on the first MPO."""
+    Image.preinit()  # Pillow's common plugins; every later call (one per Image.open) returns at once
+    for module in (*formats.values(), "MpoImagePlugin"):
+        importlib.import_module(f"PIL.{module}")
+    missing = sorted(set(formats) - set(Image.OPEN))
+    if missing:
+        raise ImportError(f"Pillow {PIL.__version__} registers no opener for the image formats {missing}")
+
+
+_register_plugins(IMAGE_FORMATS)
 
 
 class ImageError(ValueError):
@@ -83,7 +115,7 @@ class PreprocessConfig:
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: int | None = None) -> Image.Image:
-    """Encoded bytes (JPEG, PNG, WebP, BMP, GIF, TIFF, ...) -> upright RGB image.
+    """Encoded bytes in one of IMAGE_FORMATS -> upright RGB image; any other format is refused unread.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha is
     composited onto white. With `draft_size`, JPEGs are decoded at the smallest DCT scale whose
@@ -99,9 +131,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
     if size > limits.max_image_bytes:
         raise ImageError(f"image is {size} bytes; the limit is {limits.max_image_bytes} bytes")
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))  # reads the header only
     except UnidentifiedImageError:
-        raise ImageError(f"not a recognised image format ({size} bytes; header {bytes(data[:8])!r})") from None
+        raise ImageError(f"not a recognised image format ({size} bytes; header {bytes(data[:8])!r}; accepted: "
+                         f"{', '.join(IMAGE_FORMATS)})") from None
     except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
         raise ImageError(f"decompression bomb refused before decoding: {exc}") from None
     except Exception as exc:  # Pillow plugins raise a variety of errors on malformed headers
@@ -112,7 +145,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
             image.draft("RGB", (draft_size, draft_size))
         declared = image.size
         image.load()
-        if image.im.size != declared:  # an embedded image (IPTC, ICNS) that is not the size its container said
+        if image.im.size != declared:  # an embedded image not the size its container said (IPTC, ICNS did)
             _check_size(image.im.size, limits, declared)
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from common.contract import ImageLimits
 from common.preprocessing import ImageError, decode_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# the files of the formats decode_image accepts (common.preprocessing.IMAGE_FORMATS)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclasses.dataclass

@@ -1,17 +1,25 @@
 """The one preprocessing definition: formats, colour modes, orientation, torchvision parity, bad input."""
 import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image, features
 
+from common import preprocessing
 from common.contract import ImageLimits
-from common.preprocessing import (ImageError, PreprocessConfig, decode_image, image_to_uint8,
-                                  load_batch, normalize, resize_and_crop)
+from common.preprocessing import (IMAGE_FORMATS, ImageError, PreprocessConfig, decode_image, image_to_uint8,
+                                  load_batch, normalize, preprocess_requests, resize_and_crop)
 from common.samples import sample_photos
 from tests.images import encode, iptc_declaring, png_declaring
 
 CONFIG = PreprocessConfig()
+ROOT = Path(__file__).resolve().parents[2]
+REFUSED = r"not a recognised image format \(.*; accepted: JPEG, PNG, WEBP, GIF, BMP, TIFF\)"
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +177,10 @@ def test_truncated_jpeg_and_size_limit(photo):
         decode_image(data, ImageLimits(max_image_bytes=1000))
 
 
-def test_limits_hold_for_an_embedded_image_of_another_size_than_its_header_says():
-    """IPTC's records declare the size; the JPEG inside decodes at its own. The limits hold for what decodes."""
+def test_limits_hold_for_an_embedded_image_of_another_size_than_its_header_says(monkeypatch):
+    """IPTC's records declare the size; the JPEG inside decodes at its own. The limits hold for what decodes,
+    should such a format be accepted (IPTC is not: test_other_formats_are_refused_unread)."""
+    monkeypatch.setattr(preprocessing, "IMAGE_FORMATS", {**IMAGE_FORMATS, "IPTC": "IptcImagePlugin"})
     strip = iptc_declaring(16, 16, Image.new("L", (16, 2_000), 128))
     assert Image.open(io.BytesIO(strip)).size == (16, 16)
     with pytest.raises(ImageError, match=r"16x2000, an aspect ratio of 125:1; the limit is 100:1 \(decoded; its header"):
@@ -179,6 +189,88 @@ def test_limits_hold_for_an_embedded_image_of_another_size_than_its_header_says(
     with pytest.raises(ImageError, match="image is 2000x2000 = 4000000 pixels; the limit is 1000000"):
         decode_image(big, ImageLimits(max_image_pixels=1_000_000))
     assert decode_image(iptc_declaring(64, 64, Image.new("L", (64, 64), 128))).size == (64, 64)
+
+
+def _icns(photo):
+    return encode(photo.resize((64, 64)), "ICNS")
+
+
+OTHER_FORMATS = {  # Pillow decodes each of these; the service accepts none
+    "ICNS": _icns,
+    "IPTC": lambda photo: iptc_declaring(64, 64, photo.convert("L").resize((64, 64))),
+    "ICO": lambda photo: encode(photo, "ICO"),
+    "TGA": lambda photo: encode(photo, "TGA"),  # no magic number: Pillow tries its opener on any bytes
+    "PPM": lambda photo: encode(photo, "PPM"),
+    "JPEG2000": lambda photo: encode(photo, "JPEG2000"),
+    "AVIF": lambda photo: encode(photo, "AVIF"),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(OTHER_FORMATS))
+def test_other_formats_are_refused_unread(photo, fmt):
+    """A real file in a format Pillow decodes but IMAGE_FORMATS does not list is a client error; in a
+    server's batch it fails its own request only."""
+    codec = {"JPEG2000": "jpg_2000", "AVIF": "avif"}.get(fmt)
+    if codec and not features.check(codec):
+        pytest.skip(f"this Pillow has no {codec} codec")
+    data = OTHER_FORMATS[fmt](photo)
+    assert Image.open(io.BytesIO(data)).format == fmt
+    with pytest.raises(ImageError, match=REFUSED):
+        decode_image(data)
+    good = encode(photo, "JPEG")
+    batch, outcomes = preprocess_requests([[good], [data], [good, data]], CONFIG, ImageLimits())
+    assert batch.shape == (1, *CONFIG.input_shape) and outcomes[0] == (0, 1)
+    assert str(outcomes[1]).startswith("bad input: image 0: not a recognised image format")
+    assert str(outcomes[2]).startswith("bad input: image 1: not a recognised image format")
+
+
+def test_eps_is_refused_without_starting_ghostscript(photo, monkeypatch):
+    """Pillow decodes EPS by running Ghostscript (`gs`) in a subprocess: an upload must never start one.
+    Here Ghostscript counts as installed and any process started is recorded (and fails)."""
+    started = []
+
+    def tripwire(args, *rest, **kwargs):
+        started.append(args)
+        raise OSError("tripwire: decoding an image started a process")
+
+    monkeypatch.setattr(subprocess, "Popen", tripwire)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")
+    data = encode(photo, "EPS")
+    assert Image.open(io.BytesIO(data)).format == "EPS"
+    with pytest.raises(ImageError) as refused:
+        decode_image(data)
+    assert started == []
+    assert re.match(REFUSED, str(refused.value))
+
+
+def test_decoding_imports_and_registers_no_plugin(photo, tmp_path):
+    """Pillow imports and registers its plugins on the first Image.open that needs them, which decoding
+    threads race on; common.preprocessing registers the ones it accepts at import. In a fresh interpreter,
+    decoding every accepted format (and MPO) at once on threads adds no Pillow plugin and no opener."""
+    images = {fmt: encode(photo, fmt) for fmt in IMAGE_FORMATS}
+    images["MPO"] = encode(photo, "MPO", save_all=True, append_images=[photo])
+    for fmt, data in images.items():
+        (tmp_path / fmt).write_bytes(data)
+    script = f"""
+import json, pathlib, sys
+from concurrent.futures import ThreadPoolExecutor
+from PIL import Image
+from common.preprocessing import decode_image
+
+def registered():
+    return sorted(m for m in sys.modules if m.endswith("ImagePlugin")), sorted(Image.OPEN)
+
+before = registered()
+files = sorted(pathlib.Path({str(tmp_path)!r}).iterdir())
+with ThreadPoolExecutor(len(files)) as pool:
+    sizes = list(pool.map(lambda f: decode_image(f.read_bytes()).size, files))
+print(json.dumps({{"sizes": dict(zip([f.name for f in files], sizes)), "before": before, "after": registered()}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["sizes"] == {fmt: list(photo.size) for fmt in images}
+    assert result["after"] == result["before"]
 
 
 def test_load_batch_names_the_bad_item(photo):
@@ -211,8 +303,6 @@ def test_a_servers_batch_keeps_no_traceback_of_its_bad_items(photo):
     cyclic collector frees: under a stream of bad images the preprocess stubs' memory swung by tens of MB."""
     import gc
     import types
-
-    from common.preprocessing import preprocess_requests
 
     good = encode(photo, "JPEG")
     requests = [[good], [good[: len(good) // 8]], [b"not an image", good], [b""]]
