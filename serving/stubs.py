@@ -39,6 +39,10 @@ class StubTracker:
         self.known: dict[int, tuple[str, str]] = {}
 
     def scan(self) -> list[Stub]:
+        """The stubs alive or dead now; psutil.NoSuchProcess once the server has exited (gone, or a zombie
+        that its parent has not reaped yet: a zombie has no children to scan)."""
+        if self.server.status() == psutil.STATUS_ZOMBIE:
+            raise psutil.ZombieProcess(self.server.pid)
         stubs = []
         for child in self.server.children():
             try:

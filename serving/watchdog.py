@@ -20,6 +20,10 @@ readiness to probe (Triton's cannot be made false from outside):
 A model version whose stub died inside a request is never freed by Triton 2.51; the watchdog kills its
 surviving stubs (`retire_after_s` after the reload, once the new instances run) to free their memory.
 
+Run alone, it exits once the server has, never with 0, so that a container runtime or systemd restarts
+both: as serving.supervise, 128 + N for a server killed by signal N, else the server's code (1 for 0) where
+the watchdog is the server's parent; 1 where it is not (only a parent can read a process's exit code).
+
 `--drain` unloads the ensembles and waits until they are gone: a SIGTERM straight into Triton 2.51 fails
 ensemble requests that are between two steps ("Server is stopping"); after a drain none is in flight.
 
@@ -83,6 +87,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.server_exited = False  # the watch ended because the server did
 
     # -- state ---------------------------------------------------------------------------------
     def _unrecovered(self) -> list[Crash]:
@@ -231,7 +236,8 @@ class Watchdog:
             try:
                 self.check()
                 self.failed_checks = 0
-            except psutil.NoSuchProcess:
+            except psutil.NoSuchProcess:  # a zombie too (serving.stubs)
+                self.server_exited = True
                 log.warning("tritonserver (pid %d) has exited", self.server_pid)
                 return
             except Exception as exc:  # a torn answer, a process it may not read: the next pass tries again
@@ -277,19 +283,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> None:
+def server_exit_code(pid: int) -> int:
+    """What the watchdog run alone exits with once its server has exited, as serving.supervise does: 128 + N
+    for a server killed by signal N, else the server's own code (1 for 0: it should not have stopped). Only
+    the server's parent can read that (`tritonserver ... & exec python -m serving.watchdog --server-pid $!`);
+    any other watchdog exits with 1."""
+    try:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child
+        return 1
+    if reaped != pid:
+        return 1
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code or 1
+
+
+def main(args: argparse.Namespace) -> int:
+    """0 once stopped (SIGTERM, Ctrl-C) or drained; non-zero once the server it watches has exited, so that
+    whatever runs the watchdog (a container runtime, systemd) restarts it and its server."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     headers = key_file_headers(args.key_file) if args.key_file else (lambda: admin_headers(protocol="http"))
     if args.drain:
         log.info("drained %s", ", ".join(drain(TritonAdmin(args.http, headers))) or "nothing")
-        return
+        return 0
     if args.server_pid is None:
         raise ValueError("--server-pid is needed to watch a server")
     watchdog = Watchdog(args.server_pid, TritonAdmin(args.http, headers), args.interval, args.max_failed_reloads,
                         args.retire_after)
     http = endpoint(watchdog, args.address, args.port)
-    log.info("watching tritonserver pid %d; readiness on http://%s:%d/ready", args.server_pid, args.address, args.port)
     watchdog.start()
+    log.info("watching tritonserver pid %d; readiness on http://%s:%d/ready", args.server_pid, args.address,
+             http.server_address[1])
     threading.Thread(target=http.serve_forever, daemon=True).start()
     try:
         while watchdog._thread.is_alive():
@@ -299,11 +323,16 @@ def main(args: argparse.Namespace) -> None:
     finally:
         watchdog.stop()
         http.shutdown()
+    if not watchdog.server_exited:
+        return 0
+    code = server_exit_code(args.server_pid)
+    log.error("tritonserver (pid %d) is gone: the watchdog exits with code %d", args.server_pid, code)
+    return code
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        main(get_args_parser().parse_args())
+        sys.exit(main(get_args_parser().parse_args()))
     except (OSError, RuntimeError, ValueError, psutil.Error) as exc:
         sys.exit(f"serving.watchdog: {exc}")
