@@ -51,10 +51,25 @@ def positive(kind: type) -> Callable[[str], int | float]:
     return parse
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """Answers in JSON (`_send`), logs nothing per request."""
+
+    def _send(self, code: int, body: dict | list) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
     """/ready, /live, /status of `watchdog` on host:port (serve_forever() it)."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path == "/ready":
                 ok, reason = watchdog.readiness()
@@ -66,16 +81,5 @@ def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
                 self._send(200, watchdog.status())
             else:
                 self._send(404, {"error": f"no {self.path}: /ready, /live, /status"})
-
-        def _send(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args) -> None:
-            pass
 
     return ThreadingHTTPServer((host, port), Handler)

@@ -141,7 +141,7 @@ class Supervisor:
         if self.watchdog is not None:
             self.watchdog.stop()  # first, so that it does not take the stopping server's stubs for crashed ones
             try:
-                log.info("drained %s", ", ".join(drain(self.admin, self.drain_timeout_s)) or "nothing")
+                drain(self.admin, self.drain_timeout_s).log(log)
             except (RuntimeError, OSError, ValueError) as exc:
                 log.warning("drain failed (%s); stopping anyway", exc)
         if self.process.returncode is None:

@@ -5,8 +5,10 @@ time changes what the server loads."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
@@ -179,13 +181,37 @@ class TritonAdmin:
             raise AdminError(f"load {model}", status, answer)
 
 
-def drain(admin: TritonAdmin, timeout_s: float = 30.0) -> list[str]:
+@dataclasses.dataclass
+class Drained:
+    """What a drain did: the ensembles it unloaded that are gone, and those still loaded at the timeout with
+    their state (UNLOADING: Triton waits for their in-flight requests), which a SIGTERM now would fail."""
+
+    drained: list[str]
+    busy: dict[str, str]
+    timeout_s: float
+
+    def log(self, logger: logging.Logger) -> None:
+        """One line: INFO when every ensemble is gone, WARNING naming the busy ones when the drain timed out."""
+        drained = ", ".join(self.drained) or "nothing"
+        if not self.busy:
+            logger.info("drained %s", drained)
+            return
+        busy = ", ".join(f"{model} ({state})" for model, state in self.busy.items())
+        logger.warning("drain timed out after %g s with requests in flight: %s still loaded; drained: %s",
+                       self.timeout_s, busy, drained)
+
+
+def drain(admin: TritonAdmin, timeout_s: float = 30.0) -> Drained:
     """Unload the ensembles (the models clients call) so that their in-flight requests finish while the
-    models they chain stay loaded; a SIGTERM after this finds nothing in flight. The ensembles unloaded."""
+    models they chain stay loaded, and wait up to `timeout_s` until they are gone; a SIGTERM after a drain
+    that left nothing busy finds nothing in flight."""
     ensembles = [m for m, state in admin.index().items() if state == "READY" and admin.platform(m) == "ensemble"]
     for model in ensembles:
         admin.unload(model)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(admin.index().get(m) in ("READY", "UNLOADING") for m in ensembles):
+    while True:
+        states = admin.index()
+        busy = {m: states[m] for m in ensembles if states.get(m) in ("READY", "UNLOADING")}
+        if not busy or time.monotonic() >= deadline:
+            return Drained([m for m in ensembles if m not in busy], busy, timeout_s)
         time.sleep(0.05)
-    return ensembles

@@ -25,7 +25,8 @@ both: as serving.supervise, 128 + N for a server killed by signal N, else the se
 the watchdog is the server's parent; 1 where it is not (only a parent can read a process's exit code).
 
 `--drain` unloads the ensembles and waits until they are gone: a SIGTERM straight into Triton 2.51 fails
-ensemble requests that are between two steps ("Server is stopping"); after a drain none is in flight.
+ensemble requests that are between two steps ("Server is stopping"); after a drain none is in flight. A
+drain that times out (`--drain-timeout`) says so as a warning, naming the ensembles still loaded.
 
 See docs/operations.md ("Self-healing, SIGTERM and soak").
 """
@@ -280,6 +281,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain", action="store_true",
                    help="instead of watching: unload the ensembles, wait for their in-flight requests, exit "
                         "(before a SIGTERM: `make stop` does it; a Kubernetes preStop hook can)")
+    p.add_argument("--drain-timeout", type=positive(float), default=30.0,
+                   help="--drain: seconds to wait for the in-flight requests; a drain that times out says which "
+                        "ensembles were still loaded, as a warning (default: %(default)s)")
     return p
 
 
@@ -304,7 +308,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     headers = key_file_headers(args.key_file) if args.key_file else (lambda: admin_headers(protocol="http"))
     if args.drain:
-        log.info("drained %s", ", ".join(drain(TritonAdmin(args.http, headers))) or "nothing")
+        drain(TritonAdmin(args.http, headers), args.drain_timeout).log(log)
         return 0
     if args.server_pid is None:
         raise ValueError("--server-pid is needed to watch a server")

@@ -333,7 +333,8 @@ def test_drain_then_sigterm_under_load_lets_accepted_requests_finish(repository,
         with Load(url, protocol, photos["coffee"], threads=8) as load:
             time.sleep(2.0)
             draining = time.monotonic()
-            assert drain(TritonAdmin(server.http_url, lambda: {})) == ["image_classifier"]
+            drained = drain(TritonAdmin(server.http_url, lambda: {}))
+            assert (drained.drained, drained.busy) == (["image_classifier"], {})
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             code = server.process.wait(60)

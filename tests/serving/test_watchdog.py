@@ -1,15 +1,19 @@
-"""`python -m serving.watchdog` run alone, as a real process: a sleeping process in tritonserver's place
-(it has no stubs; only its life matters)."""
+"""`python -m serving.watchdog` run alone, and the drain log of the watchdog and the supervisor, as real
+processes: a sleeping process in tritonserver's place where only its life matters (it has no stubs), and
+tests.serving.triton_standin where Triton's HTTP API is asked."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from serving.server import free_port
+from tests.serving.triton_standin import TritonStandIn
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -90,3 +94,44 @@ def test_as_the_servers_parent_it_exits_with_the_servers_code(how, expected):
                 os.kill(server_pid, signal.SIGKILL)
     assert code == expected, err
     assert f"tritonserver (pid {server_pid}) is gone: the watchdog exits with code {expected}" in err
+
+
+@pytest.mark.parametrize("unload_leaves", ["UNAVAILABLE", "UNLOADING"])
+def test_drain_says_which_ensembles_drained_and_which_were_still_busy(unload_leaves):
+    triton = TritonStandIn(unload_leaves=unload_leaves)
+    threading.Thread(target=triton.serve_forever, daemon=True).start()
+    try:
+        run = subprocess.run([sys.executable, "-m", "serving.watchdog", "--drain", "--http", triton.http_url,
+                              "--drain-timeout", "0.5"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        triton.shutdown()
+    assert run.returncode == 0, run.stderr
+    assert triton.states["image_classifier"] == unload_leaves and triton.states["classifier"] == "READY"
+    [line] = run.stderr.splitlines()
+    if unload_leaves == "UNAVAILABLE":
+        assert line.endswith("watchdog INFO drained image_classifier"), line
+    else:
+        assert line.endswith("watchdog WARNING drain timed out after 0.5 s with requests in flight: "
+                             "image_classifier (UNLOADING) still loaded; drained: nothing"), line
+
+
+def test_the_supervisor_says_when_its_drain_timed_out():
+    """SIGTERM to serving.supervise drains, then stops the server: a drain that timed out is a warning that
+    names the ensemble still loaded, not "drained"."""
+    port = free_port()
+    supervisor = subprocess.Popen([sys.executable, "-m", "serving.supervise", "--port", "0", "--drain-timeout", "0.5",
+                                   "--", sys.executable, "-m", "tests.serving.triton_standin", "--http-port", str(port),
+                                   "--unload-leaves", "UNLOADING"],
+                                  cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(supervisor, "watching tritonserver pid")
+        supervisor.send_signal(signal.SIGTERM)
+        code, err = finish(supervisor)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+    assert code == 0, err  # the stand-in exits 0 on the SIGTERM that follows the drain
+    assert "supervise WARNING drain timed out after 0.5 s with requests in flight: image_classifier (UNLOADING) " \
+           "still loaded; drained: nothing" in err, err
+    assert "drained image_classifier" not in err
