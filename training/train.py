@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,12 +30,19 @@ CLASS_BALANCE = ("none", "loss", "sampler")
 AMP = ("none", "bf16", "fp16")
 
 
-def _number(kind: type, low: float, high: float | None = None, below_high: bool = False):
-    """An argparse type: an int or float from `low` up to `high` (`below_high`: high itself excluded)."""
+def _number(kind: type, low: float, high: float | None = None, below_high: bool = False, above_low: bool = False):
+    """An argparse type: a finite int or float from `low` up to `high` (`above_low`, `below_high`: that bound
+    itself excluded)."""
     def parse(text: str):
         value = kind(text)
-        if not (low <= value and (high is None or (value < high if below_high else value <= high))):  # NaN too
-            bound = f"at least {low}" if high is None else f"in [{low}, {high}{')' if below_high else ']'}"
+        if math.isinf(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not ((low < value if above_low else low <= value)
+                and (high is None or (value < high if below_high else value <= high))):  # NaN too
+            if high is None:
+                bound = f"above {low}" if above_low else f"at least {low}"
+            else:
+                bound = f"in {'(' if above_low else '['}{low}, {high}{')' if below_high else ']'}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
@@ -48,13 +56,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--data-dir", required=True, help="training ImageFolder: <dir>/<class>/<image>")
     d.add_argument("--val-dir", default=None, help="validation ImageFolder with the same classes "
                    "(default: a stratified --val-fraction split of --data-dir)")
-    d.add_argument("--val-fraction", type=float, default=0.2, help="validation share without --val-dir (default: %(default)s)")
-    d.add_argument("--split-seed", type=int, default=0, help="seed of that split (default: %(default)s)")
+    d.add_argument("--val-fraction", type=_number(float, 0, 1, above_low=True, below_high=True), default=0.2,
+                   help="validation share without --val-dir (default: %(default)s)")
+    d.add_argument("--split-seed", type=_number(int, 0), default=0, help="seed of that split (default: %(default)s)")
     d.add_argument("--crop-size", type=_number(int, 1), default=224, help="model input side (default: %(default)s)")
     d.add_argument("--resize-size", type=_number(int, 1), default=None, help="eval: shorter side before the centre crop (default: crop / 0.875)")
     d.add_argument("--interpolation", default="bilinear", choices=sorted(INTERPOLATIONS), help="(default: %(default)s)")
     d.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="(default: %(default)s)")
-    d.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="(default: %(default)s)")
+    d.add_argument("--std", type=_number(float, 0, above_low=True), nargs=3, default=IMAGENET_STD, help="(default: %(default)s)")
     d.add_argument("--batch-size", type=_number(int, 1), default=64, help="per process (default: %(default)s)")
     d.add_argument("--workers", type=_number(int, 0), default=2, help="DataLoader worker processes (default: %(default)s)")
     d.add_argument("--class-balance", default="none", choices=CLASS_BALANCE,
@@ -77,8 +86,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--unfreeze-stages", type=_number(int, 0), default=0,
                    help="then unfreeze the backbone in this many stages, one per epoch, top first; 0 = all at once (default: %(default)s)")
     m.add_argument("--teacher", default=None, help="distil from a checkpoint or bundled-efficientnet-lite0 (default: none)")
-    m.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the teacher term (default: %(default)s)")
-    m.add_argument("--distill-temperature", type=float, default=4.0, help="(default: %(default)s)")
+    m.add_argument("--distill-alpha", type=_number(float, 0, 1), default=0.5,
+                   help="weight of the teacher term; the label term gets 1 - it (default: %(default)s)")
+    m.add_argument("--distill-temperature", type=_number(float, 0, above_low=True), default=4.0,
+                   help="softens both sides' logits (default: %(default)s)")
     r = p.add_argument_group("recipe")
     r.add_argument("--epochs", type=_number(int, 1), default=10, help="(default: %(default)s)")
     r.add_argument("--steps-per-epoch", type=_number(int, 0), default=0, help="cap on steps per epoch, 0 = whole data (default: %(default)s)")
@@ -97,7 +108,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--amp", default="none", choices=AMP, help="autocast: bf16 (CPU or GPU), fp16 (GPU) (default: %(default)s)")
     r.add_argument("--clip-grad-norm", type=_number(float, 0), default=0.0, help="0 = off (default: %(default)s)")
     r.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights and deploy it")
-    r.add_argument("--model-ema-decay", type=float, default=0.999, help="per step (default: %(default)s)")
+    r.add_argument("--model-ema-decay", type=_number(float, 0, 1, above_low=True, below_high=True), default=0.999,
+                   help="per step (default: %(default)s)")
     r.add_argument("--monitor", default="val_top1", choices=sorted(MONITORS), help="best.pt / early stopping (default: %(default)s)")
     r.add_argument("--early-stop-patience", type=_number(int, 0), default=0, help="epochs without improvement, 0 = off (default: %(default)s)")
     r.add_argument("--early-stop-min-delta", type=_number(float, 0), default=0.0, help="(default: %(default)s)")

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from training import distill, networks, recipe, train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_schedule_warmup_cosine_and_restarts():
@@ -36,6 +42,35 @@ def test_recipe_options_are_range_checked_at_parsing(argv, message, capsys):
     with pytest.raises(SystemExit):
         train.get_args_parser().parse_args(["--data-dir", "d", *argv])
     assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--distill-alpha", "1.5"], r"argument --distill-alpha: must be in \[0, 1\], got 1.5"),  # a negative CE weight
+    (["--distill-alpha", "-0.1"], r"argument --distill-alpha: must be in \[0, 1\], got -0.1"),
+    (["--distill-temperature", "0"], "argument --distill-temperature: must be above 0, got 0"),  # division by zero
+    (["--distill-temperature", "-2"], "argument --distill-temperature: must be above 0, got -2"),
+    (["--std", "0.2", "0", "0.2"], "argument --std: must be above 0, got 0"),
+    (["--val-fraction", "1"], r"argument --val-fraction: must be in \(0, 1\), got 1"),
+    (["--split-seed", "-1"], "argument --split-seed: must be at least 0, got -1"),  # numpy: 'expected non-negative'
+    (["--model-ema-decay", "1.5"], r"argument --model-ema-decay: must be in \(0, 1\), got 1.5"),
+    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    (["--early-stop-min-delta", "inf"], "argument --early-stop-min-delta: must be a finite number, got inf"),
+])
+def test_distillation_data_and_other_options_are_range_checked_at_parsing(argv, message, capsys):
+    """Before, --distill-alpha 1.5 trained with a negative label term and --distill-temperature 0 divided by
+    zero, each found only once data and teacher were loaded (or never, without --teacher)."""
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args(["--data-dir", "d", *argv])
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+
+
+def test_a_bad_distill_alpha_ends_the_command_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "training.train", "--data-dir", "d", "--distill-alpha", "1.5"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == "train.py: error: argument --distill-alpha: must be in [0, 1], got 1.5"
+    assert not list(tmp_path.iterdir())  # no runs/train/ begun
 
 
 def test_loss_soft_targets_weights_and_smoothing():
