@@ -36,7 +36,7 @@ from common.preprocessing import PreprocessConfig
 
 FLOAT_NODES_KEY = "int8_float_nodes"  # ONNX metadata: the layers this INT8 file leaves in float, comma-separated
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-RANKING_VERSION = 2
+RANKING_VERSION = 3
 
 
 @dataclasses.dataclass

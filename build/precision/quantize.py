@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
@@ -121,6 +122,55 @@ def _cpu_options(model_path: Path, layout: str) -> dict:
     return options
 
 
+def keep_float(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
+    """Make the layers left in float stay float when ONNX Runtime loads the file; the ones changed.
+
+    ONNX Runtime's graph optimisations (its `WeightBiasQuantization` rewrite) quantize the float
+    weights of a Conv or Gemm that reads a per-tensor DequantizeLinear and feeds a QuantizeLinear, to
+    8 bits per tensor, and then fuses it into QLinearConv: the layer the accuracy search left in float
+    ran in INT8, with weights that saturate the pairing kernels of a CPU without VNNI. Each such layer
+    now reads its own DequantizeLinear with the same scale repeated per channel: the same numbers, and
+    a form that rewrite (per-tensor input scales only) leaves alone, in every runtime that loads the
+    file (our sessions and Triton's onnxruntime backend alike)."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    changed, inserted = [], {}
+    for node in model.graph.node:
+        if node.name not in nodes or node.op_type not in ("Conv", "Gemm") or node.input[1] not in initializers:
+            continue
+        dequantize = producers.get(node.input[0])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        scale, zero_point = (initializers.get(name) for name in (list(dequantize.input) + [""])[1:3])
+        if scale is None or zero_point is None or len(scale.dims) != 0:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = initializers[node.input[1]]
+        if node.op_type == "Conv":
+            channels = weight.dims[1] * attrs.get("group", 1)
+        else:
+            channels = weight.dims[1] if attrs.get("transB", 0) else weight.dims[0]  # K of [N, K] or [K, N]
+        prefix = f"{node.name}_float_input"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(scale), np.float32), f"{prefix}_scale"),
+            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(zero_point)), f"{prefix}_zero_point")])
+        inserted[node.name] = onnx.helper.make_node(
+            "DequantizeLinear", [dequantize.input[0], f"{prefix}_scale", f"{prefix}_zero_point"], [prefix],
+            name=f"{prefix}_DequantizeLinear", axis=1)
+        node.input[0] = prefix
+        changed.append(node.name)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    unused = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not set(n.output) & used]
+    for node in unused:
+        model.graph.node.remove(node)
+    if changed:
+        ordered = [n for node in model.graph.node for n in ([inserted[node.name]] if node.name in inserted else []) + [node]]
+        del model.graph.node[:]
+        model.graph.node.extend(ordered)
+        onnx.checker.check_model(model)
+    return changed
+
+
 def stamp_layout(path: Path, layout: str, corrected: int | None = None) -> None:
     """Write the CPU layout and the flags it needs into the model's ONNX metadata, and how many layers'
     biases were corrected (None: no correction)."""
@@ -195,6 +245,10 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
     if symmetric:
         _apply_trt_rules(model_path, out)
         trt_qdq.set_cache_scales(out, calibration.scales)
+    elif exclude_nodes:
+        model = onnx.load(str(out))
+        if keep_float(model, exclude_nodes):
+            onnx.save(model, str(out))
     stamp_layout(out, "" if symmetric else cpu_layout, corrected)
     return out
 

@@ -363,6 +363,33 @@ def test_cpu_layouts_keep_paired_products_within_16_bits(lite0_int8, tmp_path):
                                                     "int8_requires_cpu": "avx512_vnni|avx_vnni|amx_int8"}
 
 
+@pytest.mark.slow
+def test_layers_left_in_float_stay_float_when_onnx_runtime_loads_them(lite0_int8, tmp_path):
+    """The mixed-precision search leaves layers in float; ONNX Runtime's optimiser used to quantize such a
+    layer back (8-bit per-tensor weights, fused into QLinearConv) when it sat between int8 neighbours, so it
+    ran in int8 with weights that saturate on a CPU without VNNI. Counted in the graph ONNX Runtime runs."""
+    artifacts, result, _ = lite0_int8
+    fp32 = onnx.load(str(artifacts / "model.onnx"), load_external_data=False)
+    convs = [n for n in fp32.graph.node if n.op_type == "Conv"]
+    grouped = [any(a.name == "group" and a.i > 1 for a in n.attribute) for n in convs]
+    at = grouped.index(True, 10)  # a depthwise layer, and a pointwise one two layers on: int8 on both sides of each
+    depthwise, pointwise = convs[at].name, next(n.name for n, g in zip(convs[at + 2:], grouped[at + 2:]) if not g)
+    path = quantize.quantize(artifacts / "model.onnx", result, "cpu", tmp_path / "mixed.onnx",
+                             exclude_nodes=[depthwise, pointwise], cpu_layout="avx2")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "as_run.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    as_run = onnx.load(str(tmp_path / "as_run.onnx"))
+    kinds = {}
+    for node in as_run.graph.node:
+        if node.op_type in ("Conv", "QLinearConv"):
+            kinds[node.op_type] = kinds.get(node.op_type, 0) + 1
+    assert kinds == {"QLinearConv": len(convs) - 2, "Conv": 2}
+    float_inputs = [n for n in onnx.load(str(path)).graph.node if n.name.endswith("_float_input_DequantizeLinear")]
+    assert len(float_inputs) == 2
+
+
 EMULATED_RUN = """
 import sys
 import numpy as np
