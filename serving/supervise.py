@@ -35,7 +35,7 @@ from serving.access import key_file_headers, key_headers
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
 from serving.health import endpoint, port_number, positive
-from serving.watchdog import Watchdog
+from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
 KEY_ENV = "TRITON_ADMIN_KEY"
@@ -239,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         code = supervisor.run()
     finally:
         http.shutdown()
-    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as shells say (not 256 - N)
+    return shell_exit_code(code)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def shell_exit_code(returncode: int) -> int:
+    """A child's returncode as shells and container runtimes report it: 128 + N for one killed by signal N
+    (Python's -N; sys.exit(-N) would give 256 - N), else its own code."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def server_exit_code(pid: int) -> int:
     """What the watchdog run alone exits with once its server has exited, as serving.supervise does: 128 + N
     for a server killed by signal N, else the server's own code (1 for 0: it should not have stopped). Only
@@ -298,8 +304,7 @@ def server_exit_code(pid: int) -> int:
         return 1
     if reaped != pid:
         return 1
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code or 1
+    return shell_exit_code(os.waitstatus_to_exitcode(status)) or 1
 
 
 def main(args: argparse.Namespace) -> int:

@@ -159,11 +159,10 @@ def keep_float(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
             name=f"{prefix}_DequantizeLinear", axis=1)
         node.input[0] = prefix
         changed.append(node.name)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    unused = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not set(n.output) & used]
-    for node in unused:
-        model.graph.node.remove(node)
-    if changed:
+    if changed:  # drop the DequantizeLinears nothing reads any more, then put each new one before its layer
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not set(n.output) & used]:
+            model.graph.node.remove(node)
         ordered = [n for node in model.graph.node for n in ([inserted[node.name]] if node.name in inserted else []) + [node]]
         del model.graph.node[:]
         model.graph.node.extend(ordered)
