@@ -30,6 +30,7 @@ from common.labels import read_labels
 from common.preprocessing import PreprocessConfig
 from training import data, presets
 from training.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from training.cli import number
 from training.engine import metrics_from_summary, summarize
 
 
@@ -178,10 +179,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="ImageFolder to evaluate (default: the run's validation images)")
     p.add_argument("--weights", default=None, choices=["model", "model_ema"], help="checkpoint weights (default: the deployed ones)")
     p.add_argument("--output-dir", default=None, help="(default: <run or artifacts>/eval)")
-    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default: %(default)s)")
-    p.add_argument("--top-misclassified", type=int, default=50, help="rows in misclassified.csv (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's choice (default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="(default: %(default)s)")
+    p.add_argument("--workers", type=number(int, 0), default=1, help="DataLoader workers (default: %(default)s)")
+    p.add_argument("--top-misclassified", type=number(int, 0), default=50,
+                   help="rows in misclassified.csv, 0 = none (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 0), default=0,
+                   help="torch threads, 0 = torch's choice (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     return p
 

@@ -31,6 +31,7 @@ from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Pr
 from training import models
 from training.artifacts import ExportResult, file_sha256
 from training.checkpoint import load_checkpoint, resolve_checkpoint_path
+from training.cli import number
 from training.onnx_export import (EXPORTERS, WithProbabilities, export_bundled, export_checkpoint, export_torch_to_onnx,
                                   export_with_parity, parity_images)
 from training.onnx_graph import (BATCH_AXIS, CHECK_BATCH_SIZES, INPUT_NAME, LOGITS, PROBABILITIES,
@@ -38,6 +39,10 @@ from training.onnx_graph import (BATCH_AXIS, CHECK_BATCH_SIZES, INPUT_NAME, LOGI
                                  onnxruntime_session, run_onnxruntime)
 from training.onnx_import import import_onnx
 from training.parity import Parity, ParityError, compare_logits
+
+# the opsets torch.onnx exports (torch.onnx._constants ONNX_MIN_OPSET, ONNX_MAX_OPSET; the dynamo exporter writes
+# at least 18 whatever is asked)
+OPSETS = (7, 23)
 
 __all__ = [  # the library names other packages and tests import from here
     "BATCH_AXIS", "CHECK_BATCH_SIZES", "EXPORTERS", "INPUT_NAME", "LOGITS", "PROBABILITIES",
@@ -65,18 +70,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="replace a non-empty --output-dir that holds something other than an export of this "
                              "same source")
-    parser.add_argument("--atol", type=float, default=1e-4, help="max |logits diff| PyTorch vs ONNX Runtime (default: %(default)s)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset for exports (default: %(default)s)")
+    parser.add_argument("--atol", type=number(float, 0, above_low=True), default=1e-4,
+                        help="max |logits diff| PyTorch vs ONNX Runtime (default: %(default)s)")
+    parser.add_argument("--opset", type=number(int, *OPSETS), default=17,
+                        help=f"ONNX opset for exports, {OPSETS[0]} to {OPSETS[1]} (default: %(default)s)")
     parser.add_argument("--exporter", default="auto", choices=EXPORTERS, help="torch ONNX exporter (default: %(default)s)")
-    parser.add_argument("--parity-images", type=int, default=16,
+    parser.add_argument("--parity-images", type=number(int, 1), default=16,
                         help="--checkpoint: validation images of the run used for the parity check (default: %(default)s)")
     imported = parser.add_argument_group("--onnx import options")
     imported.add_argument("--labels", type=Path, help="labels file, line i = class i")
     imported.add_argument("--outputs", default=LOGITS, choices=[LOGITS, PROBABILITIES], help="what the model outputs (default: %(default)s)")
-    imported.add_argument("--input-size", type=int, default=224, help="centre-crop size fed to the model (default: %(default)s)")
-    imported.add_argument("--resize-size", type=int, default=256, help="shorter side before cropping (default: %(default)s)")
-    imported.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="per-channel mean (default: %(default)s)")
-    imported.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="per-channel std (default: %(default)s)")
+    imported.add_argument("--input-size", type=number(int, 1), default=224,
+                          help="centre-crop size fed to the model (default: %(default)s)")
+    imported.add_argument("--resize-size", type=number(int, 1), default=256,
+                          help="shorter side before cropping (default: %(default)s)")
+    imported.add_argument("--mean", type=number(float, 0, 1), nargs=3, default=IMAGENET_MEAN,
+                          help="per-channel mean of pixels scaled to [0, 1] (default: %(default)s)")
+    imported.add_argument("--std", type=number(float, 0, above_low=True), nargs=3, default=IMAGENET_STD,
+                          help="per-channel std, above 0 (default: %(default)s)")
     imported.add_argument("--interpolation", default="bilinear", choices=sorted(INTERPOLATIONS), help="resize filter (default: %(default)s)")
     return parser
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from training import distributed, engine, presets, recipe, train
 from training.checkpoint import FORMAT, LAST, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.cli import number
 from training.loop import write_run_files
 from training.pruning import CRITERIA, MAX_RATIO, loss_gradients, model_size, prune_channels
 from training.state import RunData, load_data
@@ -43,49 +44,45 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training.train checkpoint, or run directory (its best.pt)")
     p.add_argument("--output-dir", type=Path, default=None, help="new run directory (default: <run directory>-pruned)")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--ratio", type=float, default=None,
+    amount.add_argument("--ratio", type=number(float, 0, MAX_RATIO, above_low=True), default=None,
                         help=f"fraction of the output channels removed from every prunable layer, in (0, {MAX_RATIO}]")
-    amount.add_argument("--target-flops-reduction", type=float, default=None,
+    amount.add_argument("--target-flops-reduction", type=number(float, 0, 0.99, above_low=True), default=None,
                         help="fraction of the MACs (= FLOPs) to remove, in (0, 0.99]; channels go step by step "
                              "until it is reached (default: 0.5 when --ratio is not given)")
-    p.add_argument("--ratio-step", type=float, default=0.02,
-                   help="with --target-flops-reduction: channel fraction removed per step (default: %(default)s)")
+    p.add_argument("--ratio-step", type=number(float, 0, MAX_RATIO, above_low=True), default=0.02,
+                   help=f"with --target-flops-reduction: channel fraction removed per step, in (0, {MAX_RATIO}] "
+                        "(default: %(default)s)")
     p.add_argument("--criterion", default="l1", choices=CRITERIA,
                    help="channel importance: L1 / L2 norm of the weights, first-order Taylor (|weight x gradient| "
                         "on --importance-batches training batches), random (a baseline) (default: %(default)s)")
-    p.add_argument("--importance-batches", type=int, default=4, help="taylor: batches per step (default: %(default)s)")
-    p.add_argument("--round-to", type=int, default=8,
+    p.add_argument("--importance-batches", type=number(int, 1), default=4,
+                   help="taylor: batches per step (default: %(default)s)")
+    p.add_argument("--round-to", type=number(int, 1), default=8,
                    help="keep channel counts multiples of this: ONNX Runtime's CPU convolutions ran a pruned Lite0 "
                         "slower than the original with other counts (docs/results/2026-12-02-pruning.md); "
                         "1 = the exact ratio (default: %(default)s)")
     f = p.add_argument_group("fine-tuning and evaluation (default: the source run's own data and recipe)")
-    f.add_argument("--fine-tune-epochs", type=int, default=2, help="0 = none (default: %(default)s)")
-    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the source run's --lr)")
+    f.add_argument("--fine-tune-epochs", type=number(int, 0), default=2, help="0 = none (default: %(default)s)")
+    f.add_argument("--lr", type=number(float, 0, above_low=True), default=None,
+                   help="peak learning rate, above 0 (default: the source run's --lr)")
     f.add_argument("--data-dir", default=None, help="training ImageFolder (default: the source run's)")
     f.add_argument("--val-dir", default=None, help="validation ImageFolder (default: the source run's validation images)")
-    f.add_argument("--batch-size", type=int, default=None, help="(default: the source run's)")
-    f.add_argument("--steps-per-epoch", type=int, default=None,
+    f.add_argument("--batch-size", type=number(int, 1), default=None, help="(default: the source run's)")
+    f.add_argument("--steps-per-epoch", type=number(int, 0), default=None,
                    help="cap on steps per epoch, 0 = whole data (default: the source run's)")
-    f.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    f.add_argument("--workers", type=number(int, 0), default=2,
+                   help="DataLoader worker processes (default: %(default)s)")
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
-    f.add_argument("--threads", type=int, default=0, help="torch intra-op threads, 0 = torch's choice (default: %(default)s)")
+    f.add_argument("--threads", type=number(int, 0), default=0,
+                   help="torch intra-op threads, 0 = torch's choice (default: %(default)s)")
     f.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """ValueError naming the first option out of range; no --ratio means --target-flops-reduction 0.5."""
+    """No --ratio means --target-flops-reduction 0.5 (the parser checked each option's range)."""
     if args.ratio is None and args.target_flops_reduction is None:
         args.target_flops_reduction = 0.5
-    ranges = {"--ratio": (args.ratio, MAX_RATIO), "--ratio-step": (args.ratio_step, MAX_RATIO),
-              "--target-flops-reduction": (args.target_flops_reduction, 0.99)}
-    for flag, (value, high) in ranges.items():
-        if value is not None and not 0.0 < value <= high:
-            raise ValueError(f"{flag} {value} is not in (0, {high:g}]")
-    for flag, value, low in (("--fine-tune-epochs", args.fine_tune_epochs, 0),
-                             ("--importance-batches", args.importance_batches, 1), ("--round-to", args.round_to, 1)):
-        if value < low:
-            raise ValueError(f"{flag} {value} is below {low}")
 
 
 def recipe_args(checkpoint: dict, args: argparse.Namespace) -> argparse.Namespace:

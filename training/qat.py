@@ -35,11 +35,13 @@ from common.hashing import file_sha256
 from training import distributed, engine, presets, qat_cache, qat_model, recipe
 from training.checkpoint import (FORMAT, LAST, load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint,
                                  save_checkpoint)
+from training.cli import number
 from training.loop import write_run_files
 from training.onnx_export import export_checkpoint
 from training.state import load_data
 
 VARIANTS = ("fp32", "int8-cpu", "int8-trt")
+SEEDS = (-2**63, 2**63 - 1)  # what torch.manual_seed takes, with room for the sampler's seed + epoch
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -56,23 +58,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--calibration-images", default=None, help="folder: initial ranges, and the ranges of tensors "
                    "QAT does not quantize (default: --data-dir)")
     d.add_argument("--held-out", default=None, help="labelled ImageFolder for the gate's true accuracy (default: --val-dir)")
-    d.add_argument("--batch-size", type=int, default=None, help="(default: the run's)")
-    d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    d.add_argument("--batch-size", type=number(int, 1), default=None, help="(default: the run's)")
+    d.add_argument("--workers", type=number(int, 0), default=2, help="DataLoader worker processes (default: %(default)s)")
     r = p.add_argument_group("recipe")
-    r.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
-    r.add_argument("--lr", type=float, default=1e-4, help="cosine from here to 0, no warmup (default: %(default)s)")
-    r.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, 0 = whole data (default: %(default)s)")
-    r.add_argument("--observer-epochs", type=int, default=1,
+    r.add_argument("--epochs", type=number(int, 1), default=2, help="(default: %(default)s)")
+    r.add_argument("--lr", type=number(float, 0, above_low=True), default=1e-4,
+                   help="cosine from here to 0, no warmup (default: %(default)s)")
+    r.add_argument("--steps-per-epoch", type=number(int, 0), default=0,
+                   help="cap on steps per epoch, 0 = whole data (default: %(default)s)")
+    r.add_argument("--observer-epochs", type=number(int, 0), default=1,
                    help="epochs in which the input ranges follow the batches; later ones train with them fixed "
-                        "(default: %(default)s)")
+                        "(0: fixed from the start, at the calibrated ranges) (default: %(default)s)")
     r.add_argument("--calibration-method", default="max", choices=calibrate.METHODS,
                    help="the run's cache: initial ranges and the PTQ comparison (default: %(default)s)")
     o = p.add_argument_group("run")
     o.add_argument("--cpu-layout", default="auto", choices=["auto", *quantize.CPU_LAYOUTS],
                    help="INT8 CPU files' layout (build.precision.quantize); auto: this CPU's (default: %(default)s)")
-    o.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    o.add_argument("--seed", type=number(int, *SEEDS), default=0, help="a 64-bit signed integer (default: %(default)s)")
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
-    o.add_argument("--threads", type=int, default=0, help="torch intra-op threads, 0 = torch's choice (default: %(default)s)")
+    o.add_argument("--threads", type=number(int, 0), default=0,
+                   help="torch intra-op threads, 0 = torch's choice (default: %(default)s)")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
 

@@ -38,10 +38,8 @@ def test_schedule_warmup_cosine_and_restarts():
     (["--lr", "nan"], "argument --lr: must be at least 0, got nan"),
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
 ])
-def test_recipe_options_are_range_checked_at_parsing(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        train.get_args_parser().parse_args(["--data-dir", "d", *argv])
-    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+def test_recipe_options_are_range_checked_at_parsing(argv, message, parse_error):
+    assert re.search(message, parse_error(train.get_args_parser(), ["--data-dir", "d", *argv]))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -56,12 +54,10 @@ def test_recipe_options_are_range_checked_at_parsing(argv, message, capsys):
     (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
     (["--early-stop-min-delta", "inf"], "argument --early-stop-min-delta: must be a finite number, got inf"),
 ])
-def test_distillation_data_and_other_options_are_range_checked_at_parsing(argv, message, capsys):
+def test_distillation_data_and_other_options_are_range_checked_at_parsing(argv, message, parse_error):
     """Before, --distill-alpha 1.5 trained with a negative label term and --distill-temperature 0 divided by
     zero, each found only once data and teacher were loaded (or never, without --teacher)."""
-    with pytest.raises(SystemExit):
-        train.get_args_parser().parse_args(["--data-dir", "d", *argv])
-    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+    assert re.search(message, parse_error(train.get_args_parser(), ["--data-dir", "d", *argv]))
 
 
 def test_a_bad_distill_alpha_ends_the_command_in_one_line(tmp_path):
