@@ -36,6 +36,10 @@ class Split:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.targets, minlength=len(self.classes))
 
+    def relative_paths(self, root: str | Path) -> list[str]:
+        """Each sample's path relative to `root` (the folder it was scanned from), `/`-separated, in order."""
+        return [Path(path).relative_to(root).as_posix() for path, _ in self.samples]
+
 
 def find_classes(root: str | Path) -> list[str]:
     root = Path(root)

@@ -131,6 +131,9 @@ def build_state(args: argparse.Namespace, ctx: distributed.Context, run_data: Ru
 # writes and runs, what it shows. --epochs too, but it spans the LR schedule, which must not change.
 MAY_CHANGE_ON_RESUME = ("epochs", "session_epochs", "early_stop_patience", "early_stop_min_delta", "output_dir",
                         "resume", "workers", "device", "threads", "progress", "tensorboard")
+# The data folders may move (another machine, another mount point) when they hold the run's very images: the
+# same files, by path within the folders, in the same train / val split (_data_folders).
+DATA_FOLDER_ARGS = ("data_dir", "val_dir")
 PREPROCESS_ARGS = ("crop_size", "resize_size", "mean", "std", "interpolation")  # compared as the preprocess they make
 
 
@@ -149,7 +152,8 @@ def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState
     if checkpoint["classes"] != classes or checkpoint["architecture"]["name"] != args.model:
         raise ValueError(f"{checkpoint['path']} is a {checkpoint['architecture']['name']} run on classes "
                          f"{checkpoint['classes'][:10]}; this run is {args.model} on {classes[:10]}")
-    changed = _changed_settings(checkpoint, args, run_data.preprocess)
+    moved, refused = _data_folders(checkpoint, args, run_data)
+    changed = _changed_settings(checkpoint, args, run_data.preprocess) + refused
     if changed:
         # the checkpoint's weights, optimizer and LR were made with its settings; args.json and
         # preprocess.json would describe the new ones
@@ -181,24 +185,73 @@ def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState
     else:
         torch.manual_seed(args.seed + ctx.rank + 1_000_003 * start_epoch)
     log(f"resumed {checkpoint['path']} at epoch {start_epoch}")
+    if moved:
+        log(f"data folders moved ({', '.join(moved)}): the run's {len(run_data.train_split.samples)} train / "
+            f"{len(run_data.val_split.samples)} val images are all there, by path within them")
     if state.stopper.should_stop:
         log(f"{checkpoint['path']} had stopped early ({args.monitor} did not improve for {state.stopper.bad_epochs} "
             f"epochs): nothing left to train; raise --early-stop-patience to continue it")
     return start_epoch, checkpoint.get("best_metrics")
 
 
-def _changed_settings(checkpoint: dict, args: argparse.Namespace, preprocess: PreprocessConfig) -> list[str]:
-    """'setting old -> new' for each recipe argument and preprocess field that differs from the checkpoint's."""
-    def plain(value):  # tuples and lists, paths and strings compare equal, as args.json writes them
-        return json.loads(json.dumps(value, default=str))
+def _plain(value):
+    """Tuples and lists, paths and strings compare equal, as args.json writes them."""
+    return json.loads(json.dumps(value, default=str))
 
+
+def _changed_settings(checkpoint: dict, args: argparse.Namespace, preprocess: PreprocessConfig) -> list[str]:
+    """'setting old -> new' for each recipe argument and preprocess field that differs from the checkpoint's
+    (the data folders: `_data_folders`)."""
     saved, now = checkpoint["args"], vars(args)
-    changed = [f"--{key.replace('_', '-')} {plain(saved[key])} -> {plain(value)}" for key, value in now.items()
-               if key in saved and key not in MAY_CHANGE_ON_RESUME + PREPROCESS_ARGS
-               and plain(saved[key]) != plain(value)]
+    changed = [f"--{key.replace('_', '-')} {_plain(saved[key])} -> {_plain(value)}" for key, value in now.items()
+               if key in saved and key not in MAY_CHANGE_ON_RESUME + PREPROCESS_ARGS + DATA_FOLDER_ARGS
+               and _plain(saved[key]) != _plain(value)]
     old = preprocess_from_checkpoint(checkpoint).to_dict()
-    return changed + [f"preprocess {key} {plain(old[key])} -> {plain(value)}"
-                      for key, value in preprocess.to_dict().items() if plain(old[key]) != plain(value)]
+    return changed + [f"preprocess {key} {_plain(old[key])} -> {_plain(value)}"
+                      for key, value in preprocess.to_dict().items() if _plain(old[key]) != _plain(value)]
+
+
+def relative_files(args: argparse.Namespace, run_data: RunData) -> dict[str, list[str]]:
+    """The run's train and val images by path within their folder (--data-dir; --val-dir, else --data-dir), in
+    the order the samplers index them: what tells, on --resume, that moved folders hold the same split."""
+    val_root = args.data_dir if args.val_dir is None else args.val_dir
+    return {"train": run_data.train_split.relative_paths(args.data_dir),
+            "val": run_data.val_split.relative_paths(val_root)}
+
+
+EXAMPLES = 3  # paths named per difference
+
+
+def _data_folders(checkpoint: dict, args: argparse.Namespace, run_data: RunData) -> tuple[list[str], list[str]]:
+    """(moved, refused): 'setting old -> new' for the data folder arguments that differ from the checkpoint's,
+    moved when the checkpoint's record of its images is this run's (the same files within the folders, the same
+    train / val split), else refused, saying why."""
+    saved = checkpoint["args"]
+    changed = [f"--{key.replace('_', '-')} {_plain(saved[key])} -> {_plain(getattr(args, key))}"
+               for key in DATA_FOLDER_ARGS if key in saved and _plain(saved[key]) != _plain(getattr(args, key))]
+    if not changed:
+        return [], []
+    recorded = (checkpoint.get("data") or {}).get("relative_files")
+    if recorded is None:
+        return [], [f"{', '.join(changed)} (the checkpoint predates the record of its images' paths, so whether "
+                    f"the new folders hold the same images cannot be told: make them reachable at the old paths, "
+                    f"e.g. by a symlink)"]
+    now = relative_files(args, run_data)
+    differences = [d for d in (_differences(name, recorded[name], now[name]) for name in ("train", "val")) if d]
+    if differences:
+        return [], [f"{', '.join(changed)} (other images than the run's: {'; '.join(differences)})"]
+    return changed, []
+
+
+def _differences(name: str, old: list[str], new: list[str]) -> str | None:
+    """How the `name` images `new` differ from the run's `old` ones, with a few paths; None if they do not."""
+    if old == new:
+        return None
+    old_set, new_set = set(old), set(new)
+    missing, added = [p for p in old if p not in new_set], [p for p in new if p not in old_set]
+    parts = [f"{len(paths)} {what} (e.g. {', '.join(paths[:EXAMPLES])})"
+             for what, paths in (("of the run's missing", missing), ("not in the run", added)) if paths]
+    return f"{name}: {', '.join(parts) or 'the same images in another order'}"
 
 
 def epoch_checkpoint(args: argparse.Namespace, ctx: distributed.Context, run_data: RunData, state: TrainState,
@@ -219,5 +272,6 @@ def epoch_checkpoint(args: argparse.Namespace, ctx: distributed.Context, run_dat
         "preprocess": run_data.preprocess.to_dict(), "metrics": metrics, "best_metrics": best_metrics,
         "data": {"train_dir": str(args.data_dir), "val_dir": args.val_dir,
                  "val_files": [p for p, _ in run_data.val_split.samples],
-                 "val_labels": [label for _, label in run_data.val_split.samples]},
+                 "val_labels": [label for _, label in run_data.val_split.samples],
+                 "relative_files": relative_files(args, run_data)},
     }

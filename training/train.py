@@ -98,7 +98,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     o.add_argument("--output-dir", default="runs/train", help="run directory (default: %(default)s)")
     o.add_argument("--resume", default=None, help="continue from a checkpoint.pt or run directory, with that run's "
                    "arguments (only --session-epochs, --early-stop-patience/-min-delta, output, workers, device, threads "
-                   "and logging may change; an early-stopped run stays stopped) (default: none)")
+                   "and logging may change, and the data folders' paths when they hold the run's images; an "
+                   "early-stopped run stays stopped) (default: none)")
     o.add_argument("--session-epochs", type=number(int, 0), default=0,
                    help="stop after this many epochs in this invocation, to --resume later (time-sliced or "
                         "preemptible machines); 0 = run to --epochs (default: %(default)s)")

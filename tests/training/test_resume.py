@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -152,3 +153,49 @@ def test_resume_refuses_pruned_qat_and_stateless_checkpoints(small_digits, tmp_p
         args.resume = str(source)
         with pytest.raises(ValueError, match=message):
             train.main(args)
+
+
+def test_resume_from_moved_data_folders_that_hold_the_run_s_images(small_digits, tmp_path, capsys):
+    """Data folders moved to another path (another machine, another mount point) were refused as a changed
+    --data-dir. The checkpoint now records its images by path within the folders: the run resumes from folders
+    holding the same images in the same split; other images, or a checkpoint from before that record, are
+    refused saying why."""
+    before, after = tmp_path / "disk1" / "digits", tmp_path / "disk2" / "digits"
+    shutil.copytree(small_digits[0].parent, before)
+    out = tmp_path / "run"
+    args = _one_session((before / "train", before / "val"), out)
+    recorded = load_checkpoint(out, prefer=LAST)["data"]["relative_files"]
+    assert len(recorded["train"]) == 120 and len(recorded["val"]) == 40 and recorded["val"][0].startswith("0/")
+    after.parent.mkdir()
+    before.rename(after)
+    args.data_dir, args.val_dir, args.resume, args.session_epochs = str(after / "train"), str(after / "val"), str(out), 0
+    moved = f"--data-dir {before / 'train'} -> {after / 'train'}, --val-dir {before / 'val'} -> {after / 'val'}"
+
+    old = load_checkpoint(out, prefer=LAST)  # as written before checkpoints recorded their images' paths
+    del old["data"]["relative_files"]
+    save_checkpoint(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError) as refused:
+        train.main(argparse.Namespace(**{**vars(args), "resume": str(tmp_path / "old.pt")}))
+    assert f"{moved} (the checkpoint predates the record of its images' paths" in str(refused.value)
+
+    # another split (a training image moved to val) and an image the run did not have
+    taken = sorted((after / "train" / "3").iterdir())[0]
+    taken.rename(after / "val" / "3" / taken.name)
+    shutil.copy(sorted((after / "train" / "4").iterdir())[0], after / "train" / "4" / "new.png")
+    with pytest.raises(ValueError) as refused:
+        train.main(args)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{out / LAST} was trained with other settings")
+    assert (f"{moved} (other images than the run's: train: 1 of the run's missing (e.g. 3/{taken.name}), 1 not in "
+            f"the run (e.g. 4/new.png); val: 1 not in the run (e.g. 3/{taken.name}))") in message
+    assert json.loads((out / "args.json").read_text())["data_dir"] == str(before / "train")
+
+    (after / "val" / "3" / taken.name).rename(taken)
+    (after / "train" / "4" / "new.png").unlink()
+    capsys.readouterr()
+    resumed = train.main(args)
+    assert resumed["finished"] and resumed["epochs_run"] == 1 and resumed["last_epoch"] == 1
+    assert f"data folders moved ({moved}): the run's 120 train / 40 val images are all there" in capsys.readouterr().out
+    last = load_checkpoint(out, prefer=LAST)
+    assert last["data"]["train_dir"] == str(after / "train") and last["data"]["relative_files"] == recorded
+    assert json.loads((out / "args.json").read_text())["data_dir"] == str(after / "train")
