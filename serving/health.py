@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Protocol
 
@@ -36,19 +37,29 @@ def port_number(text: str) -> int:
     return port
 
 
-def positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type: an int or float above 0, refused in one line otherwise."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+def number(kind: type, low: float, high: float | None = None, below_high: bool = False, above_low: bool = False):
+    """An argparse type: a finite int or float from `low` up to `high` (`above_low`, `below_high`: that bound
+    itself excluded), refused in one line otherwise (`argument --lr: must be above 0, got 0`). The serving,
+    training and benchmark commands' numbers all use it."""
+    def parse(text: str):
+        value = kind(text)
+        if math.isinf(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not ((low < value if above_low else low <= value)
+                and (high is None or (value < high if below_high else value <= high))):  # NaN too
+            if high is None:
+                bound = f"above {low}" if above_low else f"at least {low}"
+            else:
+                bound = f"in {'(' if above_low else '['}{low}, {high}{')' if below_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
-
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
     return parse
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a finite int or float above 0."""
+    return number(kind, 0, above_low=True)
 
 
 class JsonHandler(BaseHTTPRequestHandler):

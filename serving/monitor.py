@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from common.files import write_whole
+from serving.health import port_number, positive
 from serving.server import RUN_DIR, served, terminate, terminate_pid
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
@@ -170,9 +171,9 @@ def stop(timeout: float = 30.0) -> int | None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Start/stop a background Prometheus on loopback (make monitor).")
     p.add_argument("action", choices=("start", "stop", "status"))
-    p.add_argument("--port", type=int, default=9090,
+    p.add_argument("--port", type=port_number, default=9090,
                    help="loopback port of Prometheus' web UI and API (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default: %(default)s)")
+    p.add_argument("--timeout", type=positive(float), default=60.0, help="seconds to wait for readiness (default: %(default)s)")
     return p
 
 

@@ -47,6 +47,7 @@ from common.files import write_whole
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 from serving.access import admin_headers
+from serving.health import number, positive
 from serving.triton_admin import AdminError, LockTimeout, TritonAdmin, control_lock
 
 STATE = "ROLLOUT.json"
@@ -500,9 +501,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("add", help="gate a candidate against the version in service and roll it out")
     candidate_args(a)
-    a.add_argument("--min-agreement", type=float, default=validate.THRESHOLDS["int8"],
+    a.add_argument("--min-agreement", type=number(float, 0, 1), default=validate.THRESHOLDS["int8"],
                    help="top-1 agreement with the version in service on decided images, without labels (default: %(default)s)")
-    a.add_argument("--max-accuracy-drop", type=float, default=validate.ACCURACY_DROP,
+    a.add_argument("--max-accuracy-drop", type=number(float, 0, 1), default=validate.ACCURACY_DROP,
                    help="with labels: how far below the version in service its true top-1 may be (default: %(default)s)")
     a.add_argument("--force", action="store_true", help="roll out even when the gate fails")
     sub.add_parser("rollback", help="retire the version in service and serve the previous one")
@@ -510,8 +511,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ab_sub = ab.add_subparsers(dest="ab_action", required=True)
     candidate_args(ab_sub.add_parser("start", help="load the candidate as <classifier>_candidate and <ensemble>_candidate"))
     run = ab_sub.add_parser("run", help="send held-out photos with a traffic split; each arm's answers and latency")
-    run.add_argument("--split", type=float, default=0.2, help="share of requests to the candidate (default: %(default)s)")
-    run.add_argument("--duration", type=float, default=20.0, help="seconds (default: %(default)s)")
+    run.add_argument("--split", type=number(float, 0, 1), default=0.2, help="share of requests to the candidate (default: %(default)s)")
+    run.add_argument("--duration", type=positive(float), default=20.0, help="seconds (default: %(default)s)")
     run.add_argument("--report", default=None, help="write the report here as JSON")
     ab_sub.add_parser("stop", help="unload and remove the candidate")
     ab_sub.add_parser("promote", help="roll the candidate out (gated) and stop the A/B test")

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,10 +23,11 @@ from pathlib import Path
 
 from serving import access
 from serving.cache import cache_args, repository_cache_mb
-from serving.health import port_number
+from serving.health import number, port_number, positive
 from serving.tritonserver import LOOPBACK
 
 RUN_DIR = Path(".run")
+log = logging.getLogger("serving.server")
 
 
 class ServerError(RuntimeError):
@@ -296,6 +298,27 @@ def server_pid(info: dict) -> int:
     raise ServerError(f"the supervisor (pid {info['pid']}) runs no tritonserver now (restarting?)")
 
 
+# The flags that tell the server `make serve` started from any other: its repository, its HTTP port (and address).
+SERVER_IDENTITY = ("--model-repository=", "--http-port=", "--http-address=")
+
+
+def supervised_orphans(recorded: dict) -> list[int]:
+    """The tritonservers a killed supervisor left running: any process named tritonserver whose command line
+    holds the recorded `server_args` (the supervisor may have restarted it since `make serve` wrote its pid)."""
+    import psutil
+
+    wanted = recorded.get("server_args")
+    if not wanted:  # a state written before server_args: the first server's pid is all there is
+        pid = recorded.get("server_pid")
+        return [pid] if isinstance(pid, int) and _pid_alive(pid) and _is_tritonserver(pid) else []
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and Path(cmdline[0]).name == "tritonserver" and all(a in cmdline for a in wanted):
+            found.append(process.pid)
+    return found
+
+
 def _port_taken(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
@@ -340,7 +363,8 @@ def serve(args: argparse.Namespace) -> dict:
             "admin_key_file": str(access.KEY_FILE)}
     if supervisor:
         info["supervisor"] = {"ready": ready, "status": ready[: -len("ready")] + "status", "restarts": restarts}
-        info["server_pid"] = server_pid(info)
+        info["server_pid"] = server_pid(info)  # the first; a restarted server is found by server_args
+        info["server_args"] = [a for a in server.command() if a.startswith(SERVER_IDENTITY)]
     state.write_text(json.dumps(info, indent=2))
     return info
 
@@ -357,10 +381,11 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
         raise ServerError(f"{state} names no server pid (not written by `make serve`?): remove it, and stop "
                           "the server it was for by hand") from None
     running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
-    orphan = recorded.get("server_pid") if recorded.get("supervisor") else None
-    if not running and isinstance(orphan, int) and _pid_alive(orphan) and _is_tritonserver(orphan):
-        pid, running = orphan, True  # its supervisor was killed (kill -9, out of memory): the server still runs
-        stop_tree(pid, timeout)
+    orphans = supervised_orphans(recorded) if recorded.get("supervisor") and not running else []
+    if orphans:  # its supervisor was killed (kill -9, out of memory): the server still runs
+        for orphan in orphans:
+            stop_tree(orphan, timeout)
+        pid, running = orphans[0], True
     elif running and recorded.get("supervisor"):
         stop_tree(pid, 2 * timeout + 15)  # it drains (15 s at most), then waits out tritonserver's exit
     elif running:
@@ -368,9 +393,9 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
 
         try:  # unload the ensembles first: their in-flight requests finish (serving/watchdog.py)
             watchdog.drain(watchdog.TritonAdmin(recorded["http"], lambda: access.admin_headers(protocol="http"),
-                                                timeout=10), timeout_s=timeout)
-        except (OSError, RuntimeError, ValueError):
-            pass  # a server that cannot be drained is stopped all the same
+                                                timeout=10), timeout_s=timeout).log(log)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("drain failed (%s); stopping anyway", exc)  # a server that cannot be drained is stopped
         terminate_pid(pid, timeout)
     state.unlink()
     access.remove_key(access.KEY_FILE)
@@ -393,11 +418,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument("--grpc-port", type=port_number, default=8001, help="(default: %(default)s)")
     p.add_argument("--metrics-port", type=port_number, default=8002, help="(default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness (default: %(default)s)")
+    p.add_argument("--timeout", type=positive(float), default=180.0, help="seconds to wait for readiness (default: %(default)s)")
     p.add_argument("--watchdog-port", type=port_number, default=8003,
                    help="port of the supervisor's /ready, /live, /status (serving.supervise: the stub watchdog, "
                         "server restarts); 0: a bare tritonserver (default: %(default)s)")
-    p.add_argument("--restarts", type=int, default=3,
+    p.add_argument("--restarts", type=number(int, 0), default=3,
                    help="times the supervisor starts tritonserver again after it exits by itself "
                         "(default: %(default)s)")
     return p
@@ -429,6 +454,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main(get_args_parser().parse_args())
     except ServerError as exc:

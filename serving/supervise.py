@@ -34,7 +34,7 @@ import psutil
 from serving.access import key_file_headers, key_headers
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
-from serving.health import endpoint, port_number, positive
+from serving.health import endpoint, number, port_number, positive
 from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
@@ -204,11 +204,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
-    p.add_argument("--restarts", type=int, default=0,
+    p.add_argument("--restarts", type=number(int, 0), default=0,
                    help="times to start tritonserver again after it exits by itself; 0: exit with it, for a "
                         "container runtime or Kubernetes to restart (default: %(default)s)")
     p.add_argument("--key-file", default=None, help=f"admin key file, when ${KEY_ENV} is not set")
-    p.add_argument("--drain-timeout", type=float, default=15.0,
+    p.add_argument("--drain-timeout", type=positive(float), default=15.0,
                    help="seconds to wait for the ensembles' in-flight requests on SIGTERM (default: %(default)s)")
     p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between stub checks (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver and its flags")

@@ -44,7 +44,7 @@ import time
 import psutil
 
 from serving.access import admin_headers, key_file_headers
-from serving.health import endpoint, port_number, positive
+from serving.health import endpoint, number, port_number, positive
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
 from serving.triton_admin import LockTimeout, TritonAdmin, control_lock, drain, repository_of
 
@@ -267,7 +267,7 @@ class Watchdog:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--server-pid", type=int, help="the tritonserver process to watch")
+    p.add_argument("--server-pid", type=positive(int), help="the tritonserver process to watch")
     p.add_argument("--http", required=True, help="its HTTP host:port")
     p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
@@ -275,7 +275,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between checks (default: %(default)s)")
     p.add_argument("--max-failed-reloads", type=positive(int), default=3,
                    help="failed reloads in a row after which /live answers 503 (default: %(default)s)")
-    p.add_argument("--retire-after", type=float, default=10.0,
+    p.add_argument("--retire-after", type=number(float, 0), default=10.0,
                    help="seconds after a reload before the replaced instances' surviving stubs are killed "
                         "(default: %(default)s)")
     p.add_argument("--drain", action="store_true",
@@ -308,13 +308,14 @@ def server_exit_code(pid: int) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    """0 once stopped (SIGTERM, Ctrl-C) or drained; non-zero once the server it watches has exited, so that
+    """0 once stopped (SIGTERM, Ctrl-C) or drained (1 when the drain timed out); non-zero once the server it watches has exited, so that
     whatever runs the watchdog (a container runtime, systemd) restarts it and its server."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     headers = key_file_headers(args.key_file) if args.key_file else (lambda: admin_headers(protocol="http"))
-    if args.drain:
-        drain(TritonAdmin(args.http, headers), args.drain_timeout).log(log)
-        return 0
+    if args.drain:  # 1 when it timed out: a SIGTERM now would fail the requests still in flight
+        drained = drain(TritonAdmin(args.http, headers), args.drain_timeout)
+        drained.log(log)
+        return 1 if drained.busy else 0
     if args.server_pid is None:
         raise ValueError("--server-pid is needed to watch a server")
     watchdog = Watchdog(args.server_pid, TritonAdmin(args.http, headers), args.interval, args.max_failed_reloads,

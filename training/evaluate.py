@@ -30,7 +30,7 @@ from common.labels import read_labels
 from common.preprocessing import PreprocessConfig
 from training import data, presets
 from training.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from training.cli import number
+from serving.health import number
 from training.engine import metrics_from_summary, summarize
 
 

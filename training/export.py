@@ -31,7 +31,7 @@ from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Pr
 from training import models
 from training.artifacts import ExportResult, file_sha256
 from training.checkpoint import load_checkpoint, resolve_checkpoint_path
-from training.cli import number
+from serving.health import number
 from training.onnx_export import (EXPORTERS, WithProbabilities, export_bundled, export_checkpoint, export_torch_to_onnx,
                                   export_with_parity, parity_images)
 from training.onnx_graph import (BATCH_AXIS, CHECK_BATCH_SIZES, INPUT_NAME, LOGITS, PROBABILITIES,

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from training import distributed, engine, presets, recipe, train
 from training.checkpoint import FORMAT, LAST, load_checkpoint, model_from_checkpoint, save_checkpoint
-from training.cli import number
+from serving.health import number
 from training.loop import write_run_files
 from training.pruning import CRITERIA, MAX_RATIO, loss_gradients, model_size, prune_channels
 from training.state import RunData, load_data

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from training import models
-from training.cli import number
+from serving.health import number
 from training.loop import run
 from training.presets import AUTO_AUGMENTS
 from training.recipe import MONITORS, OPTIMIZERS, SCHEDULERS

@@ -87,11 +87,13 @@ def test_backend_resolution_prefers_the_fastest_available():
 
 @pytest.mark.slow
 def test_make_serve_and_stop(lite0_repository, tmp_path):
+    """A bare tritonserver (no supervisor: tests/serving/test_self_healing.py runs `make serve`'s default):
+    a second start is refused, and stop drains the ensembles first and says so."""
     ports = Ports.free()
     cli = [sys.executable, "-m", "serving.server"]
     start = subprocess.run([*cli, "start", "--model-repository", str(lite0_repository), "--http-port",
-                            str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=200)
+                            str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+                            "--watchdog-port", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=200)
     assert start.returncode == 0, start.stderr
     assert f"127.0.0.1:{ports.grpc}" in start.stdout
     state = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
@@ -111,6 +113,7 @@ def test_make_serve_and_stop(lite0_repository, tmp_path):
     finally:
         stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0 and f"pid {state['pid']}" in stop.stdout
+    assert "drained image_classifier" in stop.stderr.splitlines(), stop.stderr
     assert subprocess.run(["kill", "-0", str(state["pid"])], capture_output=True).returncode != 0
 
 
@@ -159,6 +162,33 @@ def test_a_port_out_of_range_is_refused_in_one_line(tmp_path, tool, args):
     assert not (tmp_path / ".run").exists()
 
 
+@pytest.mark.parametrize("tool, args, message", [
+    ("serving.server", ["start", "--restarts", "-1"], "argument --restarts: must be at least 0, got -1"),
+    ("serving.server", ["start", "--timeout", "inf"], "argument --timeout: must be a finite number, got inf"),
+    ("serving.supervise", ["--drain-timeout", "0", "--", "true"], "argument --drain-timeout: must be above 0, got 0"),
+    ("serving.supervise", ["--restarts", "-2", "--", "true"], "argument --restarts: must be at least 0, got -2"),
+    ("serving.watchdog", ["--http", "127.0.0.1:8000", "--retire-after", "nan"], "argument --retire-after: must be at least 0, got nan"),
+    ("serving.monitor", ["start", "--port", "70000"], "argument --port: port 70000 is not in 0-65535"),
+    ("serving.rollout", ["ab", "run", "--split", "1.5"], "argument --split: must be in [0, 1], got 1.5"),
+    ("serving.rollout", ["add", "--artifacts", "a", "--min-agreement", "-0.1"], "--min-agreement: must be in [0, 1], got -0.1"),
+    # --interval 0 made the watchdog check without pause, taking a core from the server; --max-failed-reloads 0
+    # made /live 503 from the start, so that the kubelet would restart the pod for ever
+    ("serving.supervise", ["--port", "0", "--interval", "0", "--", "touch", "started"], "--interval: must be above 0"),
+    ("serving.watchdog", ["--http", "127.0.0.1:1", "--port", "0", "--server-pid", "1", "--interval", "-1"],
+     "--interval: must be above 0, got -1"),
+    ("serving.watchdog", ["--http", "127.0.0.1:1", "--port", "0", "--server-pid", "1", "--max-failed-reloads", "0"],
+     "--max-failed-reloads: must be above 0, got 0"),
+])
+def test_a_number_out_of_range_is_refused_in_one_line(tmp_path, tool, args, message):
+    """Counts, timeouts and shares that make no sense (a negative restart count, an infinite or zero timeout, a
+    traffic split above 1) are refused by argparse before anything starts."""
+    done = subprocess.run([sys.executable, "-m", tool, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr.splitlines()[-1]
+    assert not (tmp_path / ".run").exists() and not (tmp_path / "started").exists()
+
+
 @pytest.mark.parametrize("state", ["{not json", "{}", '{"pid": "x"}', "[1]"])
 def test_make_stop_refuses_a_state_file_it_cannot_read_in_one_line(tmp_path, state):
     """A .run/tritonserver.json that names no pid (truncated, edited by hand): one line saying so, no traceback."""
@@ -183,21 +213,6 @@ def test_a_missing_key_file_is_refused_in_one_line(tmp_path, tool, args):
                           timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"{tool}: no admin key in no-such.key"
-    assert not (tmp_path / "started").exists()
-
-
-@pytest.mark.parametrize("tool, args", [
-    ("serving.supervise", ["--port", "0", "--interval", "0", "--", "touch", "started"]),
-    ("serving.watchdog", ["--http", "127.0.0.1:1", "--port", "0", "--server-pid", "1", "--interval", "-1"]),
-    ("serving.watchdog", ["--http", "127.0.0.1:1", "--port", "0", "--server-pid", "1", "--max-failed-reloads", "0"]),
-])
-def test_a_check_interval_or_failure_count_of_zero_is_refused_in_one_line(tmp_path, tool, args):
-    """--interval 0 (or below) made the watchdog check without pause, taking a core from the server;
-    --max-failed-reloads 0 made /live 503 from the start, so that the kubelet would restart the pod for ever."""
-    done = subprocess.run([sys.executable, "-m", tool, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "is not above 0" in done.stderr.splitlines()[-1]
     assert not (tmp_path / "started").exists()
 
 

@@ -157,7 +157,8 @@ def test_a_server_that_fails_to_start_is_not_restarted(tmp_path):
 
 def test_make_stop_stops_the_server_of_a_supervisor_that_was_killed(repository, tmp_path):
     """`make serve`'s supervisor killed with SIGKILL (the out-of-memory killer, a kill -9) leaves its tritonserver
-    serving on the ports: `make stop` stops that server and its stubs too, rather than forgetting them."""
+    serving on the ports: `make stop` stops that server and its stubs too, rather than forgetting them, also
+    when the supervisor had restarted the server since `make serve` recorded its pid."""
     from tests.serving.test_self_healing import wait_dead
 
     ports, cli = Ports.free(), [sys.executable, "-m", "serving.server"]
@@ -167,9 +168,19 @@ def test_make_stop_stops_the_server_of_a_supervisor_that_was_killed(repository, 
                             str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=200, env=env)
     assert start.returncode == 0, start.stderr
     state = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
-    server = psutil.Process(state["server_pid"])
-    family = [server, *server.children(recursive=True)]
+    first = psutil.Process(state["server_pid"])
+    family = [first, *first.children(recursive=True)]
     try:
+        first.kill()  # the supervisor starts another server, which the state file does not name
+        status: dict = {}
+        for _ in range(900):
+            status = get(state["supervisor"]["status"])[1]
+            if status.get("ready") and status.get("server_pid") not in (None, first.pid):
+                break
+            time.sleep(0.1)
+        assert status.get("ready") and status["server_pid"] != first.pid, status
+        server = psutil.Process(status["server_pid"])
+        family += [server, *server.children(recursive=True)]
         os.kill(state["pid"], signal.SIGKILL)
         stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
         assert stop.returncode == 0, stop.stderr

@@ -1,5 +1,5 @@
 """The numeric options of training.prune, training.qat, training.evaluate and training.export are range-checked
-when parsed (training.cli.number, as training.train's): a bad value ends the command with argparse's usage error
+when parsed (serving.health.number, as training.train's and the serving commands'): a bad value ends the command with argparse's usage error
 naming the option and the range, before any checkpoint, model or image is read."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import cli, evaluate, export, prune, qat
+from serving import health
+from training import evaluate, export, prune, qat
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,7 +104,7 @@ def test_one_number_type_for_every_training_command():
 
     assert not hasattr(train, "_number")
     for module in (train, prune, qat, evaluate, export):
-        assert module.number is cli.number
+        assert module.number is health.number
 
 
 @pytest.mark.parametrize("module, argv, message", [
