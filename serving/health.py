@@ -39,8 +39,8 @@ def port_number(text: str) -> int:
 
 def number(kind: type, low: float, high: float | None = None, below_high: bool = False, above_low: bool = False):
     """An argparse type: a finite int or float from `low` up to `high` (`above_low`, `below_high`: that bound
-    itself excluded), refused in one line otherwise (`argument --lr: must be above 0, got 0`). The serving,
-    training and benchmark commands' numbers all use it."""
+    itself excluded), refused in one line otherwise (`argument --lr: must be above 0, got 0`). The serving and
+    training commands share it (serving/ imports nothing of the project's other packages)."""
     def parse(text: str):
         value = kind(text)
         if math.isinf(value):

@@ -308,8 +308,9 @@ def server_exit_code(pid: int) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    """0 once stopped (SIGTERM, Ctrl-C) or drained (1 when the drain timed out); non-zero once the server it watches has exited, so that
-    whatever runs the watchdog (a container runtime, systemd) restarts it and its server."""
+    """0 once stopped (SIGTERM, Ctrl-C) or drained (1 when the drain timed out); non-zero once the server it
+    watches has exited, so that whatever runs the watchdog (a container runtime, systemd) restarts it and its
+    server."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     headers = key_file_headers(args.key_file) if args.key_file else (lambda: admin_headers(protocol="http"))
     if args.drain:  # 1 when it timed out: a SIGTERM now would fail the requests still in flight

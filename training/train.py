@@ -43,7 +43,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--crop-size", type=number(int, 1), default=224, help="model input side (default: %(default)s)")
     d.add_argument("--resize-size", type=number(int, 1), default=None, help="eval: shorter side before the centre crop (default: crop / 0.875)")
     d.add_argument("--interpolation", default="bilinear", choices=sorted(INTERPOLATIONS), help="(default: %(default)s)")
-    d.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="(default: %(default)s)")
+    d.add_argument("--mean", type=number(float, 0, 1), nargs=3, default=IMAGENET_MEAN,
+                   help="per-channel mean of pixels scaled to [0, 1] (default: %(default)s)")
     d.add_argument("--std", type=number(float, 0, above_low=True), nargs=3, default=IMAGENET_STD, help="(default: %(default)s)")
     d.add_argument("--batch-size", type=number(int, 1), default=64, help="per process (default: %(default)s)")
     d.add_argument("--workers", type=number(int, 0), default=2, help="DataLoader worker processes (default: %(default)s)")

@@ -48,6 +48,7 @@ def test_recipe_options_are_range_checked_at_parsing(argv, message, parse_error)
     (["--distill-temperature", "0"], "argument --distill-temperature: must be above 0, got 0"),  # division by zero
     (["--distill-temperature", "-2"], "argument --distill-temperature: must be above 0, got -2"),
     (["--std", "0.2", "0", "0.2"], "argument --std: must be above 0, got 0"),
+    (["--mean", "0.5", "nan", "0.5"], r"argument --mean: must be in \[0, 1\], got nan"),
     (["--val-fraction", "1"], r"argument --val-fraction: must be in \(0, 1\), got 1"),
     (["--split-seed", "-1"], "argument --split-seed: must be at least 0, got -1"),  # numpy: 'expected non-negative'
     (["--model-ema-decay", "1.5"], r"argument --model-ema-decay: must be in \(0, 1\), got 1.5"),
