@@ -8,8 +8,8 @@ A checkpoint (`runs/<run>/checkpoint.pt` = last epoch, `best.pt` = best monitore
     classes                   class names, index i = class i (labels.txt at export)
     preprocess                the eval PreprocessConfig (preprocess.json at export)
     data                      train/val folders, the validation files and their labels (evaluation, export parity),
-                              relative_files: every train and val image's path within its folder (--resume from
-                              moved folders; absent from checkpoints written before)
+                              relative_files: every train and val image's path within its folder, zlib-packed
+                              (state.pack_paths; --resume from moved folders; absent from checkpoints written before)
     metrics                   that epoch's metrics
     pruning                   (training.prune only) torch-pruning's history of removed channels and the input
                               shape it was traced with: `model_from_checkpoint` replays it on the rebuilt network

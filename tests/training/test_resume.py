@@ -13,6 +13,7 @@ import torch
 from training import train
 from training.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.distributed import state_digest
+from training.state import unpack_paths
 
 
 def _args(small_digits, out, epochs: int, *extra: str):
@@ -165,7 +166,8 @@ def test_resume_from_moved_data_folders_that_hold_the_run_s_images(small_digits,
     out = tmp_path / "run"
     args = _one_session((before / "train", before / "val"), out)
     recorded = load_checkpoint(out, prefer=LAST)["data"]["relative_files"]
-    assert len(recorded["train"]) == 120 and len(recorded["val"]) == 40 and recorded["val"][0].startswith("0/")
+    train_paths, val_paths = unpack_paths(recorded["train"]), unpack_paths(recorded["val"])
+    assert len(train_paths) == 120 and len(val_paths) == 40 and val_paths[0].startswith("0/")
     after.parent.mkdir()
     before.rename(after)
     args.data_dir, args.val_dir, args.resume, args.session_epochs = str(after / "train"), str(after / "val"), str(out), 0
