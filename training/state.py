@@ -237,22 +237,22 @@ EXAMPLES = 3  # paths named per difference
 def _data_folders(checkpoint: dict, args: argparse.Namespace, run_data: RunData) -> tuple[list[str], list[str]]:
     """(moved, refused): 'setting old -> new' for the data folder arguments that differ from the checkpoint's,
     moved when the checkpoint's record of its images is this run's (the same files within the folders, the same
-    train / val split), else refused, saying why."""
+    train / val split), else refused, saying why; folders that did not move but hold other images are refused
+    too."""
     saved = checkpoint["args"]
     changed = [f"--{key.replace('_', '-')} {_plain(saved[key])} -> {_plain(getattr(args, key))}"
                for key in DATA_FOLDER_ARGS if key in saved and _plain(saved[key]) != _plain(getattr(args, key))]
-    if not changed:
-        return [], []
     recorded = (checkpoint.get("data") or {}).get("relative_files")
-    if recorded is None:
+    if recorded is None:  # a checkpoint from before the record: the same folders are taken on trust, as then
         return [], [f"{', '.join(changed)} (the checkpoint predates the record of its images' paths, so whether "
                     f"the new folders hold the same images cannot be told: make them reachable at the old paths, "
-                    f"e.g. by a symlink)"]
+                    f"e.g. by a symlink)"] if changed else []
     now = relative_files(args, run_data)
     differences = [d for d in (_differences(name, unpack_paths(recorded[name]), now[name]) for name in ("train", "val"))
                    if d]
-    if differences:
-        return [], [f"{', '.join(changed)} (other images than the run's: {'; '.join(differences)})"]
+    if differences:  # moved or not: images added or removed would change the split and the schedule mid-run
+        return [], [f"{', '.join(changed) or 'the data folders'} (other images than the run's: "
+                    f"{'; '.join(differences)})"]
     return changed, []
 
 

@@ -159,8 +159,8 @@ def test_resume_refuses_pruned_qat_and_stateless_checkpoints(small_digits, tmp_p
 def test_resume_from_moved_data_folders_that_hold_the_run_s_images(small_digits, tmp_path, capsys):
     """Data folders moved to another path (another machine, another mount point) were refused as a changed
     --data-dir. The checkpoint now records its images by path within the folders: the run resumes from folders
-    holding the same images in the same split; other images, or a checkpoint from before that record, are
-    refused saying why."""
+    holding the same images in the same split; other images (in the moved folders or in the same ones), or a
+    checkpoint from before that record, are refused saying why."""
     before, after = tmp_path / "disk1" / "digits", tmp_path / "disk2" / "digits"
     shutil.copytree(small_digits[0].parent, before)
     out = tmp_path / "run"
@@ -201,3 +201,10 @@ def test_resume_from_moved_data_folders_that_hold_the_run_s_images(small_digits,
     last = load_checkpoint(out, prefer=LAST)
     assert last["data"]["train_dir"] == str(after / "train") and last["data"]["relative_files"] == recorded
     assert json.loads((out / "args.json").read_text())["data_dir"] == str(after / "train")
+
+    # the same folders with an image added since: refused as well, before anything is trained
+    shutil.copy(sorted((after / "train" / "4").iterdir())[0], after / "train" / "4" / "added.png")
+    with pytest.raises(ValueError) as refused:
+        train.main(args)
+    assert ("the data folders (other images than the run's: train: 1 not in the run (e.g. 4/added.png))"
+            in str(refused.value))
