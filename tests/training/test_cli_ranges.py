@@ -17,66 +17,53 @@ from training import evaluate, export, prune, qat
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--ratio", "0"], "--ratio: must be in (0, 0.9], got 0"),  # pruned nothing, then fine-tuned
-    (["--ratio", "1.5"], "--ratio: must be in (0, 0.9], got 1.5"),
-    (["--target-flops-reduction", "1"], "--target-flops-reduction: must be in (0, 0.99], got 1"),
-    (["--ratio-step", "0"], "--ratio-step: must be in (0, 0.9], got 0"),
-    (["--importance-batches", "0"], "--importance-batches: must be at least 1, got 0"),
-    (["--round-to", "0"], "--round-to: must be at least 1, got 0"),
-    (["--fine-tune-epochs", "-1"], "--fine-tune-epochs: must be at least 0, got -1"),
-    (["--lr", "0"], "--lr: must be above 0, got 0"),  # fine-tuned without learning
-    (["--lr", "nan"], "--lr: must be above 0, got nan"),
-    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
-    (["--steps-per-epoch", "-1"], "--steps-per-epoch: must be at least 0, got -1"),
-    (["--workers", "-1"], "--workers: must be at least 0, got -1"),
-    (["--threads", "-2"], "--threads: must be at least 0, got -2"),
-])
-def test_prune_options_are_range_checked_at_parsing(argv, message, parse_error):
-    assert parse_error(prune.get_args_parser(), ["--checkpoint", "x.pt", *argv]).endswith(f"error: argument {message}")
+# what each command needs besides the option under test
+REQUIRED = {prune: ["--checkpoint", "x.pt"], qat: ["--checkpoint", "x.pt"], evaluate: ["--checkpoint", "x.pt"],
+            export: []}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
-    (["--workers", "-1"], "--workers: must be at least 0, got -1"),
-    (["--epochs", "0"], "--epochs: must be at least 1, got 0"),  # an IndexError after the PTQ files were made
-    (["--lr", "0"], "--lr: must be above 0, got 0"),
-    (["--lr", "inf"], "--lr: must be a finite number, got inf"),
-    (["--steps-per-epoch", "-1"], "--steps-per-epoch: must be at least 0, got -1"),
-    (["--observer-epochs", "-1"], "--observer-epochs: must be at least 0, got -1"),
-    (["--seed", str(2**64)], f"--seed: must be in [{-2**63}, {2**63 - 1}], got {2**64}"),  # torch: 'Overflow'
-    (["--seed", "1.5"], "--seed: invalid int value: '1.5'"),
-    (["--threads", "-1"], "--threads: must be at least 0, got -1"),
-])
-def test_qat_options_are_range_checked_at_parsing(argv, message, parse_error):
-    assert parse_error(qat.get_args_parser(), ["--checkpoint", "x.pt", *argv]).endswith(f"error: argument {message}")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
-    (["--workers", "-1"], "--workers: must be at least 0, got -1"),
-    (["--top-misclassified", "-1"], "--top-misclassified: must be at least 0, got -1"),  # listed all but the last
-    (["--threads", "-1"], "--threads: must be at least 0, got -1"),
-])
-def test_evaluate_options_are_range_checked_at_parsing(argv, message, parse_error):
-    line = parse_error(evaluate.get_args_parser(), ["--checkpoint", "x.pt", *argv])
+@pytest.mark.parametrize("command, argv, message", [
+    (prune, ["--ratio", "0"], "--ratio: must be in (0, 0.9], got 0"),  # pruned nothing, then fine-tuned
+    (prune, ["--ratio", "1.5"], "--ratio: must be in (0, 0.9], got 1.5"),
+    (prune, ["--target-flops-reduction", "1"], "--target-flops-reduction: must be in (0, 0.99], got 1"),
+    (prune, ["--ratio-step", "0"], "--ratio-step: must be in (0, 0.9], got 0"),
+    (prune, ["--importance-batches", "0"], "--importance-batches: must be at least 1, got 0"),
+    (prune, ["--round-to", "0"], "--round-to: must be at least 1, got 0"),
+    (prune, ["--fine-tune-epochs", "-1"], "--fine-tune-epochs: must be at least 0, got -1"),
+    (prune, ["--lr", "0"], "--lr: must be above 0, got 0"),  # fine-tuned without learning
+    (prune, ["--lr", "nan"], "--lr: must be above 0, got nan"),
+    (prune, ["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (prune, ["--steps-per-epoch", "-1"], "--steps-per-epoch: must be at least 0, got -1"),
+    (prune, ["--workers", "-1"], "--workers: must be at least 0, got -1"),
+    (prune, ["--threads", "-2"], "--threads: must be at least 0, got -2"),
+    (qat, ["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (qat, ["--workers", "-1"], "--workers: must be at least 0, got -1"),
+    (qat, ["--epochs", "0"], "--epochs: must be at least 1, got 0"),  # an IndexError after the PTQ files were made
+    (qat, ["--lr", "0"], "--lr: must be above 0, got 0"),
+    (qat, ["--lr", "inf"], "--lr: must be a finite number, got inf"),
+    (qat, ["--steps-per-epoch", "-1"], "--steps-per-epoch: must be at least 0, got -1"),
+    (qat, ["--observer-epochs", "-1"], "--observer-epochs: must be at least 0, got -1"),
+    (qat, ["--seed", str(2**64)], f"--seed: must be in [{-2**63}, {2**63 - 1}], got {2**64}"),  # torch: 'Overflow'
+    (qat, ["--seed", "1.5"], "--seed: invalid int value: '1.5'"),
+    (qat, ["--threads", "-1"], "--threads: must be at least 0, got -1"),
+    (evaluate, ["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (evaluate, ["--workers", "-1"], "--workers: must be at least 0, got -1"),
+    (evaluate, ["--top-misclassified", "-1"], "--top-misclassified: must be at least 0, got -1"),  # listed all but the last
+    (evaluate, ["--threads", "-1"], "--threads: must be at least 0, got -1"),
+    (export, ["--atol", "0"], "--atol: must be above 0, got 0"),  # CPU kernels differ in the last bits: never met
+    (export, ["--atol", "-0.001"], "--atol: must be above 0, got -0.001"),
+    (export, ["--opset", "6"], "--opset: must be in [7, 23], got 6"),
+    (export, ["--opset", "24"], "--opset: must be in [7, 23], got 24"),  # torch: 'Unsupported onnx_opset_version'
+    (export, ["--parity-images", "0"], "--parity-images: must be at least 1, got 0"),  # silently the sample photos
+    (export, ["--input-size", "0"], "--input-size: must be at least 1, got 0"),
+    (export, ["--resize-size", "-256"], "--resize-size: must be at least 1, got -256"),
+    (export, ["--mean", "0.5", "1.5", "0.5"], "--mean: must be in [0, 1], got 1.5"),
+    (export, ["--mean", "nan", "0.5", "0.5"], "--mean: must be in [0, 1], got nan"),
+    (export, ["--std", "0.2", "0", "0.2"], "--std: must be above 0, got 0"),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_options_are_range_checked_at_parsing(command, argv, message, parse_error):
+    line = parse_error(command.get_args_parser(), [*REQUIRED[command], *argv])
     assert line.endswith(f"error: argument {message}")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--atol", "0"], "--atol: must be above 0, got 0"),  # CPU kernels differ in the last bits: never met
-    (["--atol", "-0.001"], "--atol: must be above 0, got -0.001"),
-    (["--opset", "6"], "--opset: must be in [7, 23], got 6"),
-    (["--opset", "24"], "--opset: must be in [7, 23], got 24"),  # torch: 'Unsupported onnx_opset_version'
-    (["--parity-images", "0"], "--parity-images: must be at least 1, got 0"),  # silently the sample photos
-    (["--input-size", "0"], "--input-size: must be at least 1, got 0"),
-    (["--resize-size", "-256"], "--resize-size: must be at least 1, got -256"),
-    (["--mean", "0.5", "1.5", "0.5"], "--mean: must be in [0, 1], got 1.5"),
-    (["--mean", "nan", "0.5", "0.5"], "--mean: must be in [0, 1], got nan"),
-    (["--std", "0.2", "0", "0.2"], "--std: must be above 0, got 0"),
-])
-def test_export_options_are_range_checked_at_parsing(argv, message, parse_error):
-    assert parse_error(export.get_args_parser(), argv).endswith(f"error: argument {message}")
 
 
 def test_the_bounds_themselves_parse_where_they_are_included():
