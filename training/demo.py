@@ -20,8 +20,10 @@ from pathlib import Path
 
 from clients.client import ImageClassifierClient
 from common.digits import write_digits_imagefolder
+from serving.health import number
 from serving.server import TritonServer
 from training import train
+from training.loop import SEEDS
 from training.onnx_export import export_checkpoint
 
 
@@ -67,17 +69,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path("runs/digits"), help="(default: %(default)s)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/digits"), help="(default: %(default)s)")
     p.add_argument("--repository", type=Path, default=Path("runs/digits/model_repository"), help="(default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=32, help="side of the written digit PNGs (default: %(default)s)")
-    p.add_argument("--crop-size", type=int, default=64, help="model input side (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--steps-per-epoch", type=int, default=0, help="0 = all (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--request-batch", type=int, default=32, help="images per request (default: %(default)s)")
-    p.add_argument("--target", type=float, default=0.95, help="minimum served top-1 accuracy (default: %(default)s)")
+    p.add_argument("--image-size", type=number(int, 16), default=32, help="side of the written digit PNGs, at least 16 (the serving preprocess refuses smaller) (default: %(default)s)")
+    p.add_argument("--crop-size", type=number(int, 1), default=64, help="model input side (default: %(default)s)")
+    p.add_argument("--epochs", type=number(int, 1), default=4, help="(default: %(default)s)")
+    p.add_argument("--steps-per-epoch", type=number(int, 0), default=0, help="0 = all (default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="(default: %(default)s)")
+    p.add_argument("--lr", type=number(float, 0, above_low=True), default=2e-3, help="(default: %(default)s)")
+    p.add_argument("--workers", type=number(int, 0), default=1, help="(default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 0), default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--seed", type=number(int, *SEEDS), default=0, help="a 64-bit signed integer (default: %(default)s)")
+    p.add_argument("--request-batch", type=number(int, 1), default=32, help="images per request (default: %(default)s)")
+    p.add_argument("--target", type=number(float, 0, 1), default=0.95, help="minimum served top-1 accuracy (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
 

@@ -36,12 +36,11 @@ from training import distributed, engine, presets, qat_cache, qat_model, recipe
 from training.checkpoint import (FORMAT, LAST, load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint,
                                  save_checkpoint)
 from serving.health import number
-from training.loop import write_run_files
+from training.loop import SEEDS, write_run_files
 from training.onnx_export import export_checkpoint
 from training.state import load_data
 
 VARIANTS = ("fp32", "int8-cpu", "int8-trt")
-SEEDS = (-2**63, 2**63 - 1)  # what torch.manual_seed takes, with room for the sampler's seed + epoch
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from pathlib import Path
 from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from training import models
 from serving.health import number
-from training.loop import run
+from training.loop import SEEDS, run
 from training.presets import AUTO_AUGMENTS
 from training.recipe import MONITORS, OPTIMIZERS, SCHEDULERS
 
@@ -104,7 +104,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     o.add_argument("--session-epochs", type=number(int, 0), default=0,
                    help="stop after this many epochs in this invocation, to --resume later (time-sliced or "
                         "preemptible machines); 0 = run to --epochs (default: %(default)s)")
-    o.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    o.add_argument("--seed", type=number(int, *SEEDS), default=0, help="a 64-bit signed integer (default: %(default)s)")
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     o.add_argument("--threads", type=number(int, 0), default=0, help="torch intra-op threads per process, 0 = torch's choice (default: %(default)s)")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")

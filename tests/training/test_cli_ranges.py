@@ -1,5 +1,6 @@
-"""The numeric options of training.prune, training.qat, training.evaluate and training.export are range-checked
-when parsed (serving.health.number, as training.train's and the serving commands'): a bad value ends the command with argparse's usage error
+"""The numeric options of training.prune, training.qat, training.evaluate, training.export and training.demo (and
+training.train's --seed; its other options: test_recipe.py) are range-checked when parsed (serving.health.number,
+as the serving commands'): a bad value ends the command with argparse's usage error
 naming the option and the range, before any checkpoint, model or image is read."""
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import pytest
 import torch
 
 from serving import health
-from training import evaluate, export, prune, qat
+from training import demo, evaluate, export, prune, qat, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 # what each command needs besides the option under test
 REQUIRED = {prune: ["--checkpoint", "x.pt"], qat: ["--checkpoint", "x.pt"], evaluate: ["--checkpoint", "x.pt"],
-            export: []}
+            export: [], demo: [], train: ["--data-dir", "x"]}
 
 
 @pytest.mark.parametrize("command, argv, message", [
@@ -60,6 +61,19 @@ REQUIRED = {prune: ["--checkpoint", "x.pt"], qat: ["--checkpoint", "x.pt"], eval
     (export, ["--mean", "0.5", "1.5", "0.5"], "--mean: must be in [0, 1], got 1.5"),
     (export, ["--mean", "nan", "0.5", "0.5"], "--mean: must be in [0, 1], got nan"),
     (export, ["--std", "0.2", "0", "0.2"], "--std: must be above 0, got 0"),
+    (train, ["--seed", str(2**64)], f"--seed: must be in [{-2**63}, {2**63 - 1}], got {2**64}"),  # torch: 'Overflow'
+    (train, ["--seed", "x"], "--seed: invalid int value: 'x'"),
+    (demo, ["--image-size", "8"], "--image-size: must be at least 16, got 8"),  # common.digits refuses it too, later
+    (demo, ["--crop-size", "0"], "--crop-size: must be at least 1, got 0"),
+    (demo, ["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    (demo, ["--steps-per-epoch", "-1"], "--steps-per-epoch: must be at least 0, got -1"),
+    (demo, ["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (demo, ["--lr", "0"], "--lr: must be above 0, got 0"),
+    (demo, ["--workers", "-1"], "--workers: must be at least 0, got -1"),
+    (demo, ["--threads", "-1"], "--threads: must be at least 0, got -1"),
+    (demo, ["--seed", str(-2**63 - 1)], f"--seed: must be in [{-2**63}, {2**63 - 1}], got {-2**63 - 1}"),
+    (demo, ["--request-batch", "0"], "--request-batch: must be at least 1, got 0"),  # range() step 0
+    (demo, ["--target", "95"], "--target: must be in [0, 1], got 95"),  # a percentage never met
 ], ids=lambda v: getattr(v, "__name__", None))
 def test_options_are_range_checked_at_parsing(command, argv, message, parse_error):
     line = parse_error(command.get_args_parser(), [*REQUIRED[command], *argv])
@@ -76,6 +90,10 @@ def test_the_bounds_themselves_parse_where_they_are_included():
     assert evaluate.get_args_parser().parse_args(["--checkpoint", "x", "--top-misclassified", "0"]).top_misclassified == 0
     for opset in ("7", "23"):
         assert export.get_args_parser().parse_args(["--opset", opset]).opset == int(opset)
+    for seed in (-2**63, 2**63 - 1):
+        assert train.get_args_parser().parse_args(["--data-dir", "x", "--seed", str(seed)]).seed == seed
+    d = demo.get_args_parser().parse_args(["--image-size", "16", "--target", "1", "--steps-per-epoch", "0"])
+    assert (d.image_size, d.target, d.steps_per_epoch) == (16, 1.0, 0)
     e = export.get_args_parser().parse_args(["--mean", "0", "0.5", "1", "--atol", "1e-6"])
     assert (e.mean, e.atol, e.opset) == ([0.0, 0.5, 1.0], 1e-6, 17)
 
@@ -87,11 +105,10 @@ def test_the_opsets_are_those_torch_onnx_exports():
 
 
 def test_one_number_type_for_every_training_command():
-    from training import train
-
     assert not hasattr(train, "_number")
-    for module in (train, prune, qat, evaluate, export):
+    for module in (train, prune, qat, evaluate, export, demo):
         assert module.number is health.number
+    assert train.SEEDS is qat.SEEDS is demo.SEEDS
 
 
 @pytest.mark.parametrize("module, argv, message", [
