@@ -23,6 +23,10 @@ import platform
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 PATHS = ("vnni", "avx2")
+# the same flags as Kubernetes nodes carry them: Node Feature Discovery's CPUID labels (deploy/k8s/components/int8-vnni)
+NODE_LABELS = {"avx512_vnni": "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI",
+               "avx_vnni": "feature.node.kubernetes.io/cpu-cpuid.AVXVNNI",
+               "amx_int8": "feature.node.kubernetes.io/cpu-cpuid.AMXINT8"}
 LAYOUT_KEY = "int8_cpu_layout"
 REQUIRES_KEY = "int8_requires_cpu"  # '|'-separated flags, any one of which is enough; '' = none
 CPUINFO = "/proc/cpuinfo"

@@ -36,9 +36,10 @@ publish: $(STAMP) ## upload REPOSITORY to S3_URL=s3://[host:port/]bucket/prefix 
 	@[ -n "$(S3_URL)" ] || { echo "publish: set S3_URL=s3://bucket/prefix or s3://host:port/bucket/prefix" >&2; exit 1; }
 	$(PY) -m serving.publish --model-repository $(REPOSITORY) --url $(S3_URL)
 
-k8s-render: ## kubectl kustomize every overlay (cpu, gpu, kserve, prometheus-adapter) into K8S_OUT/
+k8s-render: ## kubectl kustomize every overlay (cpu, cpu-vnni, gpu, kserve, prometheus-adapter) into K8S_OUT/
 	@mkdir -p $(K8S_OUT)
 	kubectl kustomize deploy/k8s/overlays/cpu > $(K8S_OUT)/cpu.yaml
+	kubectl kustomize deploy/k8s/overlays/cpu-vnni > $(K8S_OUT)/cpu-vnni.yaml
 	kubectl kustomize deploy/k8s/overlays/gpu > $(K8S_OUT)/gpu.yaml
 	kubectl kustomize deploy/kserve > $(K8S_OUT)/kserve.yaml
 	kubectl kustomize deploy/k8s/prometheus-adapter > $(K8S_OUT)/prometheus-adapter.yaml

@@ -16,6 +16,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from build.repository import placement
 from build.repository.writer import MARKER, read_manifest
 
 PLACEHOLDER = ".placeholder"
@@ -139,6 +140,7 @@ def main(args: argparse.Namespace) -> None:
           f"{done['deleted']} stale object(s) deleted)")
     print(f"serve it with: tritonserver --model-repository={done['url']}   (AWS_ACCESS_KEY_ID, "
           "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION set)")
+    print(placement.advice(args.model_repository))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,4 @@ say "podman build $IMAGE"
 "$PODMAN" "${PODMAN_ARGS[@]}" build "${BUILD_ARGS[@]}" --build-arg "BASE=$BASE_IMAGE" \
     -f deploy/images/Containerfile.cpu -t "$IMAGE" "$WORK/context"
 "$PODMAN" "${PODMAN_ARGS[@]}" image inspect --format '{{.Id}} {{.Size}}' "$IMAGE"
+say "$("$PY" -m build.repository.placement --model-repository "$REPOSITORY")"

@@ -129,6 +129,9 @@ def cpu_image(podman, lite0_repository):
         if not refused:  # anything else is a broken image definition or build script: a failure
             pytest.fail(f"`make image` failed:\n{done.stderr[-3000:]}")
         pytest.skip(f"`make image` refused by this machine ({', '.join(refused)}): {done.stderr[-1500:]}")
+    from build.repository import placement  # where the baked repository answers as gated, said last
+
+    assert done.stderr.splitlines()[-1] == f"make image: {placement.advice(lite0_repository)}", done.stderr[-2000:]
     yield TEST_IMAGE
     subprocess.run([*podman, "rmi", TEST_IMAGE], capture_output=True)
 

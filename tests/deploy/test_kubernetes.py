@@ -31,8 +31,8 @@ K8S = DEPLOY / "k8s"
 SCHEMAS = DEPLOY / "schemas"
 RECORDING = DEPLOY / "monitoring" / "rules" / "recording.yml"
 KUBERNETES_VERSION = "1.32"  # the kubectl on the project's machines; docs/deploy.md
-TARGETS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "kserve": DEPLOY / "kserve",
-           "prometheus-adapter": K8S / "prometheus-adapter"}
+TARGETS = {"cpu": K8S / "overlays" / "cpu", "cpu-vnni": K8S / "overlays" / "cpu-vnni", "gpu": K8S / "overlays" / "gpu",
+           "kserve": DEPLOY / "kserve", "prometheus-adapter": K8S / "prometheus-adapter"}
 # apiVersion/kind -> vendored schema file (deploy/schemas/README.md)
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring.coreos.com-v1.yaml",
@@ -104,7 +104,7 @@ def test_every_target_renders(rendered):
     kinds = {name: sorted(o["kind"] for o in objs) for name, objs in rendered.items()}
     server = sorted(["ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
                      "PodDisruptionBudget", "PodMonitor", "PrometheusRule"])
-    assert kinds["cpu"] == server and kinds["gpu"] == server
+    assert kinds["cpu"] == server and kinds["cpu-vnni"] == server and kinds["gpu"] == server
     assert kinds["kserve"] == ["InferenceService", "ServingRuntime"]
     assert kinds["prometheus-adapter"] == ["ConfigMap"]
 
@@ -140,6 +140,58 @@ def test_validation_refuses_broken_objects(rendered):
 
 
 # ---- what the objects say ---------------------------------------------------------------------------
+
+def test_vnni_overlay_is_the_cpu_overlay_on_nodes_with_a_flag_the_vnni_file_needs(rendered):
+    """overlays/cpu-vnni adds one thing to overlays/cpu: a required node affinity whose terms (ORed) are Node
+    Feature Discovery's labels of exactly the flags a `vnni`-layout INT8 file asks for (common/cpu.py)."""
+    from common import cpu
+
+    vnni = copy.deepcopy(rendered["cpu-vnni"])
+    pod = one(vnni, "Deployment")["spec"]["template"]["spec"]
+    terms = pod.pop("affinity")["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert vnni == rendered["cpu"]
+    flags = cpu.requirement("vnni").split("|")
+    assert terms == [{"matchExpressions": [{"key": cpu.NODE_LABELS[f], "operator": "In", "values": ["true"]}]}
+                     for f in flags]
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
+
+
+def test_placement_names_the_overlay_that_keeps_a_repository_where_it_answers_as_gated(kubectl, tiny_artifacts,
+                                                                                       tmp_path):
+    """A repository whose INT8 file is in the portable `avx2` layout runs anywhere; one whose file is in the
+    `vnni` layout (written by build.precision.quantize from the same cache) is placed on the overlay whose
+    node affinity names the flags that file's metadata asks for."""
+    from build import engines
+    from build.repository import placement
+    from common import cpu
+
+    artifacts, repo = tmp_path / "tiny", tmp_path / "repo"
+    shutil.copytree(tiny_artifacts, artifacts)
+    engines.main(engines.get_args_parser().parse_args([
+        "--artifacts", str(artifacts), "--out", str(repo), "--precision", "int8", "--int8-cpu-layout", "avx2",
+        "--min-agreement-int8", "0"]))
+    assert placement.requirements(repo) == {}
+    assert placement.advice(repo).endswith(f"any x86-64 CPU (Kubernetes: {placement.ANY_CPU_OVERLAY})")
+
+    done = subprocess.run([sys.executable, "-m", "build.precision.quantize", "--artifacts", str(artifacts),
+                           "--target", "cpu", "--cpu-layout", "vnni"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    shutil.copy(artifacts / "model.int8.cpu.onnx", repo / "classifier" / "1" / "model.onnx")
+    flags = tuple(cpu.requirement("vnni").split("|"))
+    assert placement.requirements(repo) == {"classifier/1/model.onnx": ("vnni", flags)}
+    printed = subprocess.run([sys.executable, "-m", "build.repository.placement", "--model-repository", str(repo)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    line = printed.stdout.strip()
+    assert "classifier/1/model.onnx (INT8 layout vnni)" in line and ", ".join(flags) in line
+    assert f"Kubernetes: {placement.VNNI_OVERLAY}," in line and "INT8_CPU_LAYOUT=avx2" in line
+    pod = one(render(kubectl, ROOT / placement.VNNI_OVERLAY), "Deployment")["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [t["matchExpressions"][0]["key"] for t in terms] == [cpu.NODE_LABELS[f] for f in flags]
+    assert all(label in line for label in map(cpu.NODE_LABELS.get, flags))
+    assert (ROOT / placement.ANY_CPU_OVERLAY / "kustomization.yaml").is_file()
+
 
 def server_container(objects: list[dict]) -> dict:
     (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]

@@ -2,6 +2,7 @@
 served from s3:// by a real tritonserver that classifies the bundled photos."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import pytest
 
 from build.repository.writer import MARKER
 from common.samples import CAT_CLASSES, ESPRESSO
-from serving.publish import PLACEHOLDER, PublishError, S3Location, publish, repository_objects
+from build.repository import placement
+from serving.publish import (PLACEHOLDER, PublishError, S3Location, get_args_parser, main, publish,
+                             repository_objects)
 from serving.server import TritonServer, free_port
 
 
@@ -93,7 +96,7 @@ class ServerOnS3(TritonServer):
 
 
 @pytest.mark.slow
-def test_published_repository_serves_from_s3(moto, lite0_repository, tmp_path, photos):
+def test_published_repository_serves_from_s3(moto, lite0_repository, tmp_path, photos, capsys):
     from clients.client import ImageClassifierClient
 
     repo = tmp_path / "repo"
@@ -111,10 +114,14 @@ def test_published_repository_serves_from_s3(moto, lite0_repository, tmp_path, p
     assert CAT_CLASSES & {p.index for p in chelsea}
     assert coffee[0].index == ESPRESSO
 
-    # publishing again mirrors the repository: a file gone from it is gone from the bucket
+    # publishing again (`make publish`) mirrors the repository: a file gone from it is gone from the bucket;
+    # the command says where the repository may run (build.repository.placement)
     (repo / "preprocess" / "1" / "preprocess.json").rename(repo / "preprocess" / "1" / "renamed.json")
-    again = publish(repo, location, progress=False)
-    assert again["deleted"] == 1 and again["objects"] == done["objects"]
+    main(get_args_parser().parse_args(["--model-repository", str(repo), "--url", location.url, "--no-progress"]))
+    printed = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"published {done['objects']} objects \(\d+ bytes; 1 placeholder\(s\), 1 stale object\(s\) deleted\)",
+                        printed[0]), printed
+    assert printed[-1] == placement.advice(repo) and "any x86-64 CPU" in printed[-1]
 
 
 @pytest.mark.slow
