@@ -21,6 +21,7 @@ from build.repository.writer import read_manifest
 from common import cpu
 
 ANY_CPU_OVERLAY = "deploy/k8s/overlays/cpu"
+GPU_OVERLAY = "deploy/k8s/overlays/gpu"  # TensorRT plans: the GPU they were built for decides (docs/gpu.md)
 VNNI_OVERLAY = "deploy/k8s/overlays/cpu-vnni"  # overlays/cpu + components/int8-vnni
 
 
@@ -40,6 +41,9 @@ def requirements(repository: str | Path) -> dict[str, tuple[str, tuple[str, ...]
 
 def advice(repository: str | Path) -> str:
     """One line: where the repository answers as gated, and the Kubernetes overlay that keeps it there."""
+    if read_manifest(repository).get("backend") == "tensorrt":
+        return (f"{repository}: TensorRT plans, built for one GPU model and TensorRT version "
+                f"(Kubernetes: {GPU_OVERLAY}, on nodes with that GPU)")
     needs = requirements(repository)
     if not needs:
         return (f"{repository}: no model file needs a particular CPU: it answers as gated on any x86-64 CPU "

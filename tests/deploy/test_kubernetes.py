@@ -190,7 +190,12 @@ def test_placement_names_the_overlay_that_keeps_a_repository_where_it_answers_as
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert [t["matchExpressions"][0]["key"] for t in terms] == [cpu.NODE_LABELS[f] for f in flags]
     assert all(label in line for label in map(cpu.NODE_LABELS.get, flags))
-    assert (ROOT / placement.ANY_CPU_OVERLAY / "kustomization.yaml").is_file()
+    # TensorRT plans go to the GPU overlay (no plan can be built here: the manifest is the only change)
+    manifest = json.loads((repo / "BUILD.json").read_text())
+    (repo / "BUILD.json").write_text(json.dumps({**manifest, "backend": "tensorrt"}))
+    assert f"(Kubernetes: {placement.GPU_OVERLAY}, on nodes with that GPU)" in placement.advice(repo)
+    for overlay in (placement.ANY_CPU_OVERLAY, placement.GPU_OVERLAY):
+        assert (ROOT / overlay / "kustomization.yaml").is_file()
 
 
 def server_container(objects: list[dict]) -> dict:
