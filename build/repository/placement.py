@@ -52,12 +52,13 @@ def advice(repository: str | Path) -> str:
     flag_sets = {flags for _, flags in needs.values()}
     if len(flag_sets) > 1 or any(f not in cpu.NODE_LABELS for f in next(iter(flag_sets))):
         wanted = "; ".join(f"{name}: one of {', '.join(flags)}" for name, (_, flags) in needs.items())
-        return f"{repository}: {files} answer as gated only on CPUs with {wanted} (no overlay of this project selects such nodes)"
+        return (f"{repository}: the INT8 file(s) {files} answer as gated only on CPUs with {wanted} "
+                "(no overlay of this project selects such nodes)")
     (flags,) = flag_sets
-    return (f"{repository}: {files} answers as gated only on CPUs with one of {', '.join(flags)}, and is refused "
-            f"elsewhere (Kubernetes: {VNNI_OVERLAY}, nodes labelled {' or '.join(cpu.NODE_LABELS[f] for f in flags)}"
-            f"=true by Node Feature Discovery); for a fleet of mixed CPUs rebuild it with "
-            "make engines PRECISION=int8 INT8_CPU_LAYOUT=avx2")
+    labels = " or ".join(f"{cpu.NODE_LABELS[f]}=true" for f in flags)
+    return (f"{repository}: the INT8 file(s) {files} answer as gated only on CPUs with one of {', '.join(flags)}, "
+            f"and are refused elsewhere (Kubernetes: {VNNI_OVERLAY}, nodes labelled {labels} by Node Feature "
+            "Discovery); for a fleet of mixed CPUs rebuild with make engines PRECISION=int8 INT8_CPU_LAYOUT=avx2")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

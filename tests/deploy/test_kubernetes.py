@@ -161,6 +161,8 @@ def test_placement_names_the_overlay_that_keeps_a_repository_where_it_answers_as
     """A repository whose INT8 file is in the portable `avx2` layout runs anywhere; one whose file is in the
     `vnni` layout (written by build.precision.quantize from the same cache) is placed on the overlay whose
     node affinity names the flags that file's metadata asks for."""
+    import onnx
+
     from build import engines
     from build.repository import placement
     from common import cpu
@@ -189,7 +191,13 @@ def test_placement_names_the_overlay_that_keeps_a_repository_where_it_answers_as
     pod = one(render(kubectl, ROOT / placement.VNNI_OVERLAY), "Deployment")["spec"]["template"]["spec"]
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert [t["matchExpressions"][0]["key"] for t in terms] == [cpu.NODE_LABELS[f] for f in flags]
-    assert all(label in line for label in map(cpu.NODE_LABELS.get, flags))
+    assert all(f"{label}=true" in line for label in map(cpu.NODE_LABELS.get, flags))
+    # a requirement no overlay here selects is named, not placed
+    model = onnx.load(str(repo / "classifier" / "1" / "model.onnx"))
+    onnx.helper.set_model_props(model, {cpu.LAYOUT_KEY: "vnni", cpu.REQUIRES_KEY: "no_cpu_has_this_flag"})
+    onnx.save(model, str(repo / "classifier" / "1" / "model.onnx"))
+    assert placement.advice(repo).endswith("classifier/1/model.onnx: one of no_cpu_has_this_flag "
+                                           "(no overlay of this project selects such nodes)")
     # TensorRT plans go to the GPU overlay (no plan can be built here: the manifest is the only change)
     manifest = json.loads((repo / "BUILD.json").read_text())
     (repo / "BUILD.json").write_text(json.dumps({**manifest, "backend": "tensorrt"}))
