@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from build.repository import placement
 from build.repository.writer import MARKER
 from common.samples import CAT_CLASSES, ESPRESSO
-from build.repository import placement
 from serving.publish import (PLACEHOLDER, PublishError, S3Location, get_args_parser, main, publish,
                              repository_objects)
 from serving.server import TritonServer, free_port
