@@ -1,4 +1,4 @@
-"""Shared fixtures: real artifacts, a real model repository and a real tritonserver on free ports."""
+"""Shared fixtures: real artifacts, a real model repository and a real tritonserver on free ports; a parser's refusal."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 from tests.tiny_model import write_tiny_classifier
+
+
+@pytest.fixture
+def parse_error(capsys):
+    """parse_error(parser, argv) -> the one line argparse ends with when it refuses `argv` (exit 2)."""
+    def refused(parser, argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(argv)
+        assert exited.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+    return refused
 
 
 @pytest.fixture(scope="session")

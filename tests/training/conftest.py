@@ -1,4 +1,4 @@
-"""Fixtures for the training tests: the real digits dataset, written once per session; a parser's refusal."""
+"""Fixtures for the training tests: the real digits dataset, written once per session."""
 from __future__ import annotations
 
 import shutil
@@ -26,14 +26,3 @@ def small_digits(digits, tmp_path_factory) -> tuple[Path, Path]:
             for image in sorted(class_dir.glob("*.png"))[:count]:
                 shutil.copy(image, target / image.name)
     return root / "train", root / "val"
-
-
-@pytest.fixture
-def parse_error(capsys):
-    """parse_error(parser, argv) -> the one line argparse ends with when it refuses `argv` (exit 2)."""
-    def refused(parser, argv: list[str]) -> str:
-        with pytest.raises(SystemExit) as exited:
-            parser.parse_args(argv)
-        assert exited.value.code == 2
-        return capsys.readouterr().err.splitlines()[-1]
-    return refused
