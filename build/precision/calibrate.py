@@ -30,6 +30,7 @@ from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
+from serving.health import number
 
 METHODS = ("max", "percentile", "entropy")  # what this stage computes from images
 LEARNED_METHODS = ("qat",)  # caches that training writes (python -m training.qat); read here, never recomputed
@@ -341,12 +342,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--method", default="max", choices=METHODS,
                    help="max suits ReLU6-bounded networks such as EfficientNet-Lite (docs/precision.md) "
                         "(default: %(default)s)")
-    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default: %(default)s)")
+    p.add_argument("--percentile", type=number(float, 0, 100, above_low=True), default=99.99,
+                   help="for --method percentile, in (0, 100] (default: %(default)s)")
     p.add_argument("--images", default=None,
                    help="folder of representative images (default: the bundled calibration photos, augmented)")
-    p.add_argument("--views", type=int, default=16,
+    p.add_argument("--views", type=number(int, 1), default=16,
                    help="augmented views per bundled photo (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, 1), default=16, help="(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the cache is current")
     return p
 

@@ -36,6 +36,7 @@ from common.contract import MODEL_ONNX
 from common.files import write_whole
 from common.hashing import file_sha256
 from build.precision.binding import HARDWARE_LEVELS
+from serving.health import number
 
 LOG = logging.getLogger("build.precision.plans")
 ONNX_FILES = {"fp32": MODEL_ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx"}
@@ -476,7 +477,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="ONNX to build (default: <artifacts>/" + " | ".join(ONNX_FILES.values()) + " by precision)")
     p.add_argument("--out", default=None, help="plan to write (default: <artifacts>/model.<precision>.plan)")
     p.add_argument("--timing-cache", default=None, help=f"timing cache (default: {TIMING_CACHE_NAME} beside the plan)")
-    p.add_argument("--workspace-mib", type=int, default=4096,
+    p.add_argument("--workspace-mib", type=number(int, 1), default=4096,
                    help="builder workspace memory limit in MiB (default: %(default)s)")
     p.add_argument("--optimization-level", type=int, default=None, choices=range(6),
                    help="builder optimization level 0-5 (default: TensorRT's, 3)")

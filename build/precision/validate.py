@@ -38,10 +38,12 @@ from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, ONNX_PROBABILITI
 from common.labels import read_labels
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
+from serving.health import number
 
 PROBABILITIES = ONNX_PROBABILITIES
 THRESHOLDS = {"fp16": 0.995, "int8": 0.99}
 ACCURACY_DROP = 0.01  # with labels: how far below FP32's true top-1 a variant may fall
+SHARE = number(float, 0, 1)  # the argparse type of an agreement or accuracy threshold: a share, not a percentage
 CONFIDENT_MARGIN = 0.1
 # variant name -> (file in the artifacts folder, precision, how it runs here)
 VARIANTS = {
@@ -280,13 +282,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--held-out", default=None,
                    help="folder of held-out images; an ImageFolder (class sub-folders named as in labels.txt) "
                         "adds true accuracy (default: the bundled held-out photos, augmented)")
-    p.add_argument("--views", type=int, default=40, help="augmented views per bundled photo (default: %(default)s)")
-    p.add_argument("--min-agreement-fp16", type=float, default=THRESHOLDS["fp16"],
-                   help="also the FP32 TensorRT plan's (default: %(default)s)")
-    p.add_argument("--min-agreement-int8", type=float, default=THRESHOLDS["int8"], help="(default: %(default)s)")
-    p.add_argument("--max-accuracy-drop", type=float, default=ACCURACY_DROP,
+    p.add_argument("--views", type=number(int, 1), default=40,
+                   help="augmented views per bundled photo (default: %(default)s)")
+    p.add_argument("--min-agreement-fp16", type=SHARE, default=THRESHOLDS["fp16"],
+                   help="a share in [0, 1]; also the FP32 TensorRT plan's (default: %(default)s)")
+    p.add_argument("--min-agreement-int8", type=SHARE, default=THRESHOLDS["int8"], help="(default: %(default)s)")
+    p.add_argument("--max-accuracy-drop", type=SHARE, default=ACCURACY_DROP,
                    help="with labels: how far below FP32's true top-1 a variant may fall (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, 1), default=16, help="(default: %(default)s)")
     p.add_argument("--report", default=None, help="JSON report path (default: <artifacts>/validation.json)")
     return p
 

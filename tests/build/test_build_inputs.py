@@ -15,6 +15,7 @@ from build.repository.spec import DeploymentSpec
 from build.repository.writer import ArtifactsError
 from common.preprocessing import ImageError, PreprocessConfig
 from common.samples import sample_photos
+from tests.tiny_model import write_near_tie_classifier
 
 
 @pytest.fixture
@@ -125,7 +126,9 @@ def test_the_gate_cli_exits_2_on_a_failed_gate_and_1_on_an_error(artifacts, tmp_
                               timeout=300)
 
     assert gate(artifacts).returncode == 0
-    failed = gate(artifacts, "--min-agreement-fp16", "1.01")
-    assert failed.returncode == 2 and "FAIL" in failed.stdout, failed.stderr
+    near_tie = write_near_tie_classifier(tmp_path / "near-tie")  # logits FP16 cannot tell apart
+    fp16.convert(near_tie / "model.onnx", near_tie / fp16.OUTPUT_NAME)
+    failed = gate(near_tie)
+    assert failed.returncode == 2 and "top-1 agreement 0.00% < 99.5%" in failed.stdout, failed.stderr
     error = gate(tmp_path / "missing")
     assert error.returncode == 1 and error.stderr.startswith("build.precision.validate: ")

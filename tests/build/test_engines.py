@@ -13,6 +13,7 @@ from clients.client import ImageClassifierClient
 from common.preprocessing import PreprocessConfig, load_batch
 from common.samples import ESPRESSO
 from serving.server import TritonServer
+from tests.tiny_model import write_near_tie_classifier
 
 
 def engines(*argv):
@@ -32,19 +33,22 @@ def test_int8_chain_on_a_small_model(tiny_artifacts, tmp_path, capsys):
     assert "reusing calibration cache" in capsys.readouterr().out
 
 
-def test_gate_failure_deploys_nothing_unless_fallback_is_asked(tiny_artifacts, tmp_path):
+def test_gate_failure_deploys_nothing_unless_fallback_is_asked(tmp_path):
+    """A model whose INT8 and FP16 files genuinely disagree with it (tests/tiny_model.py: two logits 0.5 apart
+    at 2048), gated at the default thresholds; the INT8 search for float layers turned off (it would keep the
+    one layer in float and pass)."""
+    artifacts = write_near_tie_classifier(tmp_path / "near-tie")
     out = tmp_path / "repo"
-    with pytest.raises(GateFailed, match="failed the accuracy gate and is not deployed"):
-        engines("--artifacts", str(tiny_artifacts), "--out", str(out), "--precision", "int8",
-                "--min-agreement-int8", "1.01")
+    with pytest.raises(GateFailed, match="int8-cpu failed the accuracy gate and is not deployed: top-1 agreement 0.00%"):
+        engines("--artifacts", str(artifacts), "--out", str(out), "--precision", "int8", "--int8-max-float-layers", "0")
     assert not out.exists()
-    manifest = engines("--artifacts", str(tiny_artifacts), "--out", str(out), "--precision", "int8",
-                       "--min-agreement-int8", "1.01", "--allow-fallback")
+    manifest = engines("--artifacts", str(artifacts), "--out", str(out), "--precision", "int8",
+                       "--int8-max-float-layers", "0", "--allow-fallback")
     assert manifest["variant"] == "fp32" and manifest["classifier_model"]["source"].endswith("model.onnx")
-    cli = subprocess.run([sys.executable, "-m", "build.engines", "--artifacts", str(tiny_artifacts), "--out",
-                          str(tmp_path / "other"), "--precision", "fp16", "--min-agreement-fp16", "1.01"],
-                         capture_output=True, text=True, timeout=300)
+    cli = subprocess.run([sys.executable, "-m", "build.engines", "--artifacts", str(artifacts), "--out",
+                          str(tmp_path / "other"), "--precision", "fp16"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 1 and "build.engines: fp16 failed the accuracy gate" in cli.stderr
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow
