@@ -24,17 +24,10 @@ from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageCl
                             ImageClassifierClient, Prediction, ServerUnavailable)
 from clients.endpoint import split_url
 from serving.access import read_key
+from serving.health import number
 from serving.server import served
 
 READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "else %s)" % DEFAULT_URLS)
     p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="(default: the --url scheme's, else http)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="(default: %(default)s)")
-    p.add_argument("--top-k", type=positive_int, default=5, help="(default: %(default)s)")
+    p.add_argument("--top-k", type=number(int, 1), default=5, help="(default: %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--batch", action="store_true",
                       help="send the images in as few requests as the model's max_batch_size allows")

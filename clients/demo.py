@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from clients.classify import positive_int
 from clients.client import ClassificationError, ImageClassifierClient, Prediction
 from common.samples import CAT_CLASSES, ESPRESSO, sample_photos
+from serving.health import number, port_number
 from serving.server import Ports, ServerError, TritonServer
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "motorcycle", "horse", "grace_hopper", "china", "flower"]
@@ -54,12 +54,12 @@ def run_demo(server: TritonServer, photos: dict[str, Path], top_k: int, check_an
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
-    p.add_argument("--top-k", type=positive_int, default=5, help="(default: %(default)s)")
+    p.add_argument("--top-k", type=number(int, 1), default=5, help="(default: %(default)s)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the ImageNet answer checks (for models trained on other classes)")
     p.add_argument("--log-file", default=".run/demo-tritonserver.log", help="(default: %(default)s)")
     for name in ("http", "grpc", "metrics"):
-        p.add_argument(f"--{name}-port", type=int, default=None, help="(default: a free port)")
+        p.add_argument(f"--{name}-port", type=port_number, default=None, help="(default or 0: a free port)")
     return p
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from serving.health import number
+
 MANIFEST = "digits.json"
 SPLITS = ("train", "val")
 
@@ -108,9 +110,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="output folder (gets train/ and val/)")
-    p.add_argument("--size", type=int, default=32, help="side of the written PNGs in pixels (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share per class (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    p.add_argument("--size", type=number(int, 16), default=32,
+                   help="side of the written PNGs in pixels, at least 16 (default: %(default)s)")
+    p.add_argument("--val-fraction", type=number(float, 0, 1, above_low=True, below_high=True), default=0.2,
+                   help="validation share per class (default: %(default)s)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="split seed, at least 0 (default: %(default)s)")
     return p
 
 

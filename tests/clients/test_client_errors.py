@@ -1,5 +1,5 @@
 """What the client library and its command lines say when a request cannot be answered: a host name that
-does not resolve, port 0, an unknown protocol, --top-k below 1, and (real server) a request past its timeout."""
+does not resolve, port 0, an unknown protocol, --top-k below 1, demo ports out of range, and (real server) a request past its timeout."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from clients import demo
 from clients.classify import _requested
 from clients.client import AsyncImageClassifierClient, ClassificationError, ImageClassifierClient, ServerUnavailable
 from clients.endpoint import split_url
@@ -52,6 +53,16 @@ def test_top_k_below_one_is_refused_by_the_command_line(tmp_path, module, top_k)
                           text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"argument --top-k: must be at least 1, got {top_k}" in done.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--http-port", "70000"], "--http-port: port 70000 is not in 0-65535"),
+    (["--grpc-port", "-1"], "--grpc-port: port -1 is not in 0-65535"),
+    (["--metrics-port", "x"], "--metrics-port: invalid port 'x'"),
+])
+def test_demo_ports_are_checked_at_parsing(argv, message, parse_error):
+    assert parse_error(demo.get_args_parser(), argv).endswith(f"error: argument {message}")
+    assert demo.demo_ports(demo.get_args_parser().parse_args(["--http-port", "0"])).http > 0  # 0: a free port
 
 
 @pytest.mark.slow

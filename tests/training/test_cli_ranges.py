@@ -1,5 +1,5 @@
-"""The numeric options of training.prune, training.qat, training.evaluate, training.export and training.demo (and
-training.train's --seed; its other options: test_recipe.py) are range-checked when parsed (serving.health.number,
+"""The numeric options of training.prune, training.qat, training.evaluate, training.export, training.demo and
+common.digits (and training.train's --seed; its other options: test_recipe.py) are range-checked when parsed (serving.health.number,
 as the serving commands'): a bad value ends the command with argparse's usage error
 naming the option and the range, before any checkpoint, model or image is read."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from serving import health
+from common import digits
 from training import demo, evaluate, export, prune, qat, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # what each command needs besides the option under test
 REQUIRED = {prune: ["--checkpoint", "x.pt"], qat: ["--checkpoint", "x.pt"], evaluate: ["--checkpoint", "x.pt"],
-            export: [], demo: [], train: ["--data-dir", "x"]}
+            export: [], demo: [], train: ["--data-dir", "x"], digits: ["out"]}
 
 
 @pytest.mark.parametrize("command, argv, message", [
@@ -74,6 +75,10 @@ REQUIRED = {prune: ["--checkpoint", "x.pt"], qat: ["--checkpoint", "x.pt"], eval
     (demo, ["--seed", str(-2**63 - 1)], f"--seed: must be in [{-2**63}, {2**63 - 1}], got {-2**63 - 1}"),
     (demo, ["--request-batch", "0"], "--request-batch: must be at least 1, got 0"),  # range() step 0
     (demo, ["--target", "95"], "--target: must be in [0, 1], got 95"),  # a percentage never met
+    (digits, ["--size", "15"], "--size: must be at least 16, got 15"),
+    (digits, ["--val-fraction", "1"], "--val-fraction: must be in (0, 1), got 1"),
+    (digits, ["--val-fraction", "0"], "--val-fraction: must be in (0, 1), got 0"),
+    (digits, ["--seed", "-1"], "--seed: must be at least 0, got -1"),  # numpy: 'expected non-negative integer'
 ], ids=lambda v: getattr(v, "__name__", None))
 def test_options_are_range_checked_at_parsing(command, argv, message, parse_error):
     line = parse_error(command.get_args_parser(), [*REQUIRED[command], *argv])
@@ -106,7 +111,7 @@ def test_the_opsets_are_those_torch_onnx_exports():
 
 def test_one_number_type_for_every_training_command():
     assert not hasattr(train, "_number")
-    for module in (train, prune, qat, evaluate, export, demo):
+    for module in (train, prune, qat, evaluate, export, demo, digits):
         assert module.number is health.number
     assert train.SEEDS is qat.SEEDS is demo.SEEDS
 
