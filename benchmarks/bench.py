@@ -44,6 +44,7 @@ from benchmarks.procstats import CORE, ProcessTreeMonitor
 from benchmarks.workload import ENCODINGS, load_photos
 from common import cpu
 from common.contract import ENSEMBLE, MODEL_ONNX, PREPROCESS_JSON
+from serving.health import number
 
 STEPS = ("inprocess", "perf", "locust", "fused", "fastapi", "rounds")
 WARM_UP_S = 3  # a Locust warm-up run, where no perf_analyzer run has warmed the service up
@@ -341,14 +342,14 @@ def bench_rounds(n: int, points: list[report.Point], repos: dict[str, Path], too
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"short run: {QUICK}")
-    p.add_argument("--concurrency", nargs="+", type=int, default=None,
+    p.add_argument("--concurrency", nargs="+", type=number(int, 1), default=None,
                    help=f"requests in flight / Locust users (default: {FULL['concurrency']})")
-    p.add_argument("--measurement-ms", type=int, default=None,
+    p.add_argument("--measurement-ms", type=number(int, 1), default=None,
                    help=f"perf_analyzer window (default: {FULL['measurement_ms']}, --quick {QUICK['measurement_ms']})")
-    p.add_argument("--locust-run-time", type=int, default=None,
+    p.add_argument("--locust-run-time", type=number(int, 1), default=None,
                    help=f"seconds per Locust run (default: {FULL['locust_run_time']}, "
                         f"--quick {QUICK['locust_run_time']})")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=number(int, 0), default=None,
                    help=f"paired rounds after the sweeps: the goal ratios measured again, every system once "
                         f"in each round (default: {FULL['rounds']}, --quick {QUICK['rounds']}; 0: none)")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out (default: none)")

@@ -39,6 +39,7 @@ from common import cpu
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, normalize
+from serving.health import number
 
 # row -> (folder suffix, precision, calibration method or None)
 ROWS = {
@@ -203,10 +204,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "bundled held-out views (agreement with FP32) (default: photos)")
     p.add_argument("--calibration-images", action="append", default=None,
                    help="per --artifacts, in order: a folder, or 'photos' (default: photos)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=5, help="(default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=2.0, help="per round and row (default: %(default)s)")
-    p.add_argument("--views", type=int, default=40, help="held-out views per bundled photo (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 0), default=2,
+                   help="ONNX Runtime intra-op threads, 0: its default (default: %(default)s)")
+    p.add_argument("--rounds", type=number(int, 1), default=5, help="(default: %(default)s)")
+    p.add_argument("--seconds", type=number(float, 0, above_low=True), default=2.0,
+                   help="per round and row (default: %(default)s)")
+    p.add_argument("--views", type=number(int, 1), default=40,
+                   help="held-out views per bundled photo (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")
     return p
 

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_PROBABILITIES, PREPROCESS_JSON
+from serving.health import number
 
 ENV_ARTIFACTS = "FASTAPI_SERVICE_ARTIFACTS"
 ENV_THREADS = "FASTAPI_SERVICE_THREADS"
@@ -126,9 +127,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="exported model (default: %(default)s)")
     p.add_argument("--model", default=None, help="ONNX file to serve (default: <artifacts>/model.onnx)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
-    p.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: %(default)s)")
+    p.add_argument("--port", type=number(int, 1, 65535), default=8080, help="(default: %(default)s)")
+    p.add_argument("--intra-op-threads", type=number(int, 0), default=2,
+                   help="ONNX Runtime threads, 0: its default (default: %(default)s)")
+    p.add_argument("--workers", type=number(int, 1), default=1, help="uvicorn worker processes (default: %(default)s)")
     return p
 
 

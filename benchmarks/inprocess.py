@@ -29,6 +29,7 @@ from benchmarks.workload import ENCODINGS, load_photos
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, image_to_uint8, normalize
+from serving.health import number
 
 STRATEGIES = ("pipelined", "parallel")
 
@@ -134,12 +135,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="exported model (default: %(default)s)")
     p.add_argument("--model", default=None, help="ONNX file (default: <artifacts>/model.onnx)")
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8, 16], help="batch sizes (default: %(default)s)")
-    p.add_argument("--images", type=int, default=400, help="images per batch size (default: %(default)s)")
+    p.add_argument("--batch", nargs="+", type=number(int, 1), default=[1, 4, 8, 16],
+                   help="batch sizes (default: %(default)s)")
+    p.add_argument("--images", type=number(int, 1), default=400,
+                   help="images per batch size, at least one batch (default: %(default)s)")
     p.add_argument("--strategy", default="pipelined", choices=STRATEGIES,
                    help="decode ahead of one inference, or parallel decode+infer workers (default: %(default)s)")
-    p.add_argument("--decode-threads", type=int, default=2, help="decode threads / workers (default: %(default)s)")
-    p.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
+    p.add_argument("--decode-threads", type=number(int, 1), default=2,
+                   help="decode threads / workers (default: %(default)s)")
+    p.add_argument("--intra-op-threads", type=number(int, 0), default=2,
+                   help="ONNX Runtime threads, 0: its default (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
     return p
 

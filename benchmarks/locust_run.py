@@ -25,6 +25,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.workload import ENCODINGS
 from clients.client import DEFAULT_MODEL
+from serving.health import number
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASSES = ("TritonGrpcUser", "TritonHttpUser", "FastAPIUser")
@@ -149,8 +150,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--user-class", nargs="+", default=["TritonGrpcUser", "TritonHttpUser"], choices=USER_CLASSES,
                    help="user classes to run, one after the other (default: %(default)s)")
-    p.add_argument("--users", nargs="+", type=int, default=[8], help="user counts (concurrency) (default: %(default)s)")
-    p.add_argument("--run-time", type=int, default=20, help="seconds per run (default: %(default)s)")
+    p.add_argument("--users", nargs="+", type=number(int, 1), default=[8],
+                   help="user counts (concurrency) (default: %(default)s)")
+    p.add_argument("--run-time", type=number(int, 1), default=20, help="seconds per run (default: %(default)s)")
     p.add_argument("--host", default=None,
                    help="target, for one user class (default: start a server; FastAPIUser starts the service)")
     p.add_argument("--triton-model", default=None,

@@ -21,8 +21,9 @@ import time
 import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 
-from benchmarks.workload import ENCODINGS, load_photos
+from benchmarks.workload import ENCODINGS, SEEDS, load_photos
 from clients.client import DEFAULT_MODEL, ImageClassifierClient
+from serving.health import number
 
 grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or the users run one at a time
 
@@ -30,8 +31,9 @@ grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or the 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     parser.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: jpeg)")
-    parser.add_argument("--top-k", type=int, default=5, help="predictions asked for (default: 5)")
-    parser.add_argument("--seed", type=int, default=0, help="random photo order seed (default: 0)")
+    parser.add_argument("--top-k", type=number(int, 1), default=5, help="predictions asked for (default: 5)")
+    parser.add_argument("--seed", type=number(int, *SEEDS), default=0,
+                        help="random photo order seed, a 64-bit signed integer (default: 0)")
     parser.add_argument("--triton-model", default=DEFAULT_MODEL,
                         help=f"the ensemble Triton users call (default: {DEFAULT_MODEL})")
 

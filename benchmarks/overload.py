@@ -53,6 +53,7 @@ import numpy as np
 
 from benchmarks.report import write_markdown
 from common import contract
+from serving.health import number
 
 CONFIGS = ("bounded", "unbounded", "same-priority", "flat-stubs", "budget-door")
 OUTCOMES = ("accepted", "busy", "error")
@@ -417,24 +418,25 @@ def write_report(rows: list[Row], header: list[str], out: Path) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from benchmarks.workload import ENCODINGS
+    from benchmarks.workload import ENCODINGS, SEEDS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default="model_repository",
                    help="the built repository whose spec and model are measured (default: %(default)s)")
-    p.add_argument("--loads", nargs="+", type=float, default=[1.0, 2.0, 4.0],
+    p.add_argument("--loads", nargs="+", type=number(float, 0, above_low=True), default=[1.0, 2.0, 4.0],
                    help="offered loads, multiples of the saturating rate (default: %(default)s)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS, help="(default: %(default)s)")
-    p.add_argument("--run-time", type=float, default=20.0, help="seconds per load (default: %(default)s)")
-    p.add_argument("--saturation-users", type=int, default=16,
+    p.add_argument("--run-time", type=number(float, 0, above_low=True), default=20.0,
+                   help="seconds per load (default: %(default)s)")
+    p.add_argument("--saturation-users", type=number(int, 1), default=16,
                    help="closed-loop users that saturate the server (default: %(default)s)")
-    p.add_argument("--p99-budget-ms", type=float, default=100.0,
+    p.add_argument("--p99-budget-ms", type=number(float, 0, above_low=True), default=100.0,
                    help="budget-door's door holds saturating rate x this (default: %(default)s, the alert's "
                         "and make tune's)")
-    p.add_argument("--pacing-s", type=float, default=2.0,
+    p.add_argument("--pacing-s", type=number(float, 0, above_low=True), default=2.0,
                    help="each open-loop user starts a request this often (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=number(int, *SEEDS), default=0, help="a 64-bit signed integer (default: %(default)s)")
     p.add_argument("--server-cpus", type=cpu_list, default=None,
                    help="CPUs the servers run on, e.g. 0 or 0-3 (default: all; with --client-cpus the load "
                         "generator does not take the server's cores, as if it ran on another machine)")
@@ -450,6 +452,8 @@ def cpu_list(text: str) -> set[int]:
         first, _, last = part.strip().partition("-")
         if not first.isdigit() or (last and not last.isdigit()):
             raise argparse.ArgumentTypeError(f"{text!r}: CPU numbers and ranges, e.g. 0 or 0-3 or 0,2")
+        if last and int(last) < int(first):  # an empty range would pin nothing, silently
+            raise argparse.ArgumentTypeError(f"{text!r}: the range {part.strip()} runs backwards")
         cpus.update(range(int(first), int(last or first) + 1))
     return cpus
 

@@ -31,6 +31,7 @@ from benchmarks import report
 from benchmarks.workload import ENCODINGS, load_photos
 from common import contract
 from serving.access import KEY_FILE, admin_headers
+from serving.health import number
 
 DEFAULT_VENV = ".venv-perf"
 IMAGE_INPUT = contract.IMAGE  # the encoded-photo input of the ensemble, preprocess and the fused classifier
@@ -246,7 +247,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=None,
                    help="models to measure (default: those the repository's BUILD.json names)")
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8],
+    p.add_argument("--concurrency", nargs="+", type=number(int, 1), default=[1, 2, 4, 8],
                    help="concurrency sweep (default: %(default)s)")
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="(default: %(default)s)")
     p.add_argument("--url", default=None, help="a running server (host:port for --protocol); default: start one")
@@ -255,7 +256,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--model-repository", default="model_repository", help="served when no --url (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
-    p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
+    p.add_argument("--measurement-ms", type=number(int, 1), default=2000,
+                   help="perf_analyzer window (default: %(default)s)")
     p.add_argument("--perf-venv", default=DEFAULT_VENV, help="tool environment (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results/perf", help="CSV and input JSON folder (default: %(default)s)")
     return p

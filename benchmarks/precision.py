@@ -37,6 +37,7 @@ from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, PREPROCESS_JSON
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig, normalize
+from serving.health import number
 
 CPU_VARIANTS = ["fp32", "fp16", "int8-cpu", "int8-cpu-mixed", "int8-cpu-avx2", "int8-trt"]
 SPEED_NOTES = {"int8-trt": "TensorRT's Q/DQ form, run by ONNX Runtime: its CPU speed says nothing about TensorRT",
@@ -209,14 +210,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a model trained on the digits (make train-demo); included with true accuracy when it "
                         "and --digits-data exist (default: %(default)s)")
     p.add_argument("--digits-data", default="data/digits", help="(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=5, help="(default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=2.0, help="per round and variant (default: %(default)s)")
-    p.add_argument("--views", type=int, default=40, help="held-out views per photo (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 0), default=2,
+                   help="ONNX Runtime intra-op threads, 0: its default (default: %(default)s)")
+    p.add_argument("--rounds", type=number(int, 1), default=5, help="(default: %(default)s)")
+    p.add_argument("--seconds", type=number(float, 0, above_low=True), default=2.0,
+                   help="per round and variant (default: %(default)s)")
+    p.add_argument("--views", type=number(int, 1), default=40, help="held-out views per photo (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 s, 10 views")
-    p.add_argument("--max-float-layers", type=int, default=8,
+    p.add_argument("--max-float-layers", type=number(int, 0), default=8,
                    help="mixed precision: an INT8 CPU file that fails the gate is measured again with up to this "
-                        "many layers in float, as few as pass, as `make engines` deploys it (default: %(default)s)")
+                        "many layers in float, as few as pass, as `make engines` deploys it; 0: no such "
+                        "file (default: %(default)s)")
     p.add_argument("--no-compression", dest="compression", action="store_false",
                    help="skip the compression table (benchmarks.compression: pruned, student, INT8 PTQ/QAT beside FP32)")
     p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")

@@ -21,6 +21,7 @@ from build.repository import dali
 from common.contract import PREPROCESS_JSON
 from common.preprocessing import PreprocessConfig, image_to_uint8, normalize
 from common.samples import sample_photos
+from serving.health import number
 
 
 def pillow_seconds(files: list[Path], config: PreprocessConfig, repeat: int) -> list[float]:
@@ -81,8 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="for preprocess.json (default: %(default)s)")
     p.add_argument("--dali-python", default=None, help="the DALI environment's python (default: .venv-dali/bin/python)")
-    p.add_argument("--batch-size", type=int, default=8, help="DALI batch (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs over all photos (default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="DALI batch (default: %(default)s)")
+    p.add_argument("--repeat", type=number(int, 1), default=5, help="timed runs over all photos (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results/preprocess_dali", help="results folder (default: %(default)s)")
     return p
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.procstats import tree_roles
+from serving.health import number
 
 # library group -> patterns of the shared-object path, first match wins (Triton's wheel lives under
 # site-packages, so it comes before anything that could match a python path); kernel samples are "[kernel...]"
@@ -188,8 +189,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
     p.add_argument("--pipelines", nargs="+", default=["ensemble", "fused"], choices=("ensemble", "fused"),
                    help="pipelines to profile, in this order (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=12.0, help="recording per pipeline (default: %(default)s)")
+    p.add_argument("--concurrency", type=number(int, 1), default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--seconds", type=number(float, 0, above_low=True), default=12.0,
+                   help="recording per pipeline (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", help="photo encoding (default: %(default)s)")
     p.add_argument("--perf", default="perf", help="Linux perf binary (default: %(default)s)")
     p.add_argument("--perf-venv", default=".venv-perf", help="perf_analyzer environment (default: %(default)s)")

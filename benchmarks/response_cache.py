@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.report import write_csv, write_markdown
+from serving.health import number
 
 CONFIGS = ("uncached", "cached")
 
@@ -102,16 +103,19 @@ def answers(url: str, images: list[bytes]) -> np.ndarray:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from benchmarks.workload import ENCODINGS
+    from benchmarks.workload import ENCODINGS, SEEDS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
-    p.add_argument("--distinct", type=int, default=50, help="different images in the workload (default: %(default)s)")
-    p.add_argument("--users", type=int, default=8, help="closed-loop Locust users (default: %(default)s)")
-    p.add_argument("--run-time", type=float, default=20.0, help="seconds per server (default: %(default)s)")
-    p.add_argument("--cache-mb", type=int, default=64, help="the cached server's cache (default: %(default)s)")
+    p.add_argument("--distinct", type=number(int, 1), default=50,
+                   help="different images in the workload (default: %(default)s)")
+    p.add_argument("--users", type=number(int, 1), default=8, help="closed-loop Locust users (default: %(default)s)")
+    p.add_argument("--run-time", type=number(float, 0, above_low=True), default=20.0,
+                   help="seconds per server (default: %(default)s)")
+    p.add_argument("--cache-mb", type=number(int, 1), default=64,
+                   help="the cached server's cache, in MiB (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=number(int, *SEEDS), default=0, help="a 64-bit signed integer (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results/response_cache", help="(default: %(default)s)")
     return p
 

@@ -30,6 +30,7 @@ from build.repository.writer import write_repository
 from common import cpu
 from common.contract import MODEL_ONNX
 from serving import rollout
+from serving.health import number
 from serving.server import TritonServer
 
 EXPLICIT = ["--model-control-mode=explicit", "--load-model=*"]
@@ -114,9 +115,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts/efficientnet_lite0", help="(default: %(default)s)")
     p.add_argument("--candidate", default=None, help="ONNX to roll out (default: <artifacts>/model.onnx)")
-    p.add_argument("--cycles", type=int, default=2, help="rollout + rollback pairs (default: %(default)s)")
-    p.add_argument("--users", type=int, default=2, help="Locust users (default: %(default)s)")
-    p.add_argument("--settle", type=float, default=5.0, help="seconds between switches (default: %(default)s)")
+    p.add_argument("--cycles", type=number(int, 1), default=2, help="rollout + rollback pairs (default: %(default)s)")
+    p.add_argument("--users", type=number(int, 1), default=2, help="Locust users (default: %(default)s)")
+    p.add_argument("--settle", type=number(float, 0, above_low=True), default=5.0,
+                   help="seconds between switches (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results", help="(default: %(default)s)")
     return p
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from serving.health import number
+
 USERS_FILE = Path(__file__).with_name("soak_users.py")
 
 
@@ -41,12 +43,19 @@ class SoakError(RuntimeError):
     pass
 
 
+class DurationError(ValueError, argparse.ArgumentTypeError):
+    """A duration parse_duration refuses: a ValueError, whose message argparse prints as it is."""
+
+
 def parse_duration(text: str) -> int:
-    """'600', '90s', '10m', '1h' -> seconds."""
+    """'600', '90s', '10m', '1h' -> seconds, at least 1 (Locust's `-t 0s` would run without end)."""
     match = re.fullmatch(r"(\d+)([smh]?)", str(text).strip())
     if not match:
-        raise ValueError(f"duration {text!r}: use seconds or a number with s, m or h (600, 10m, 1h)")
-    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+        raise DurationError(f"duration {text!r}: use seconds or a number with s, m or h (600, 10m, 1h)")
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if seconds < 1:
+        raise DurationError(f"duration {text!r}: must be at least 1 s")
+    return seconds
 
 
 @dataclasses.dataclass
@@ -342,14 +351,19 @@ def env_setting(text: str) -> tuple[str, str]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=parse_duration, default="600", help="600, 10m, 1h (default: 600 s)")
-    p.add_argument("--users", type=int, default=8, help="closed-loop users (default: %(default)s)")
+    p.add_argument("--duration", type=parse_duration, default="600",
+                   help="600, 10m, 1h; at least 1 s (default: 600 s)")
+    p.add_argument("--users", type=number(int, 1), default=8, help="closed-loop users (default: %(default)s)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="(default: %(default)s)")
-    p.add_argument("--bad-share", type=float, default=0.1, help="share of bad images (default: %(default)s)")
-    p.add_argument("--bucket", type=float, default=60.0, help="seconds per reported row (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="buckets left out of drift figures (default: %(default)s)")
+    p.add_argument("--bad-share", type=number(float, 0, 1), default=0.1,
+                   help="share of bad images, 0 to 1 (default: %(default)s)")
+    p.add_argument("--bucket", type=number(float, 0, above_low=True), default=60.0,
+                   help="seconds per reported row (default: %(default)s)")
+    p.add_argument("--warmup", type=number(int, 0), default=1,
+                   help="buckets left out of drift figures (default: %(default)s)")
     p.add_argument("--url", default=None, help="a running server's host:port for --protocol (default: start one)")
-    p.add_argument("--server-pid", type=int, default=None, help="that server's pid, for its RSS (with --url)")
+    p.add_argument("--server-pid", type=number(int, 1), default=None,
+                   help="that server's pid, for its RSS (with --url)")
     p.add_argument("--model-repository", default="model_repository", help="served without --url (default: %(default)s)")
     p.add_argument("--triton-model", default=None, help="ensemble to call (default: the repository's)")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE", type=env_setting,

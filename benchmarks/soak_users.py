@@ -17,8 +17,9 @@ import time
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, constant, events, task
 
-from benchmarks.workload import load_photos
+from benchmarks.workload import SEEDS, load_photos
 from clients.client import DEFAULT_MODEL, ClassificationError, ImageClassifierClient, ServerBusy, ServerUnavailable
+from serving.health import number
 
 grpc_gevent.init_gevent()
 
@@ -53,9 +54,11 @@ def outcome(exc: Exception | None) -> tuple[str, str]:
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     parser.add_argument("--soak-log", default="soak_requests.csv", help="one line per request (default: %(default)s)")
-    parser.add_argument("--bad-share", type=float, default=0.1, help="share of bad images (default: %(default)s)")
+    parser.add_argument("--bad-share", type=number(float, 0, 1), default=0.1,
+                        help="share of bad images, 0 to 1 (default: %(default)s)")
     parser.add_argument("--triton-model", default=DEFAULT_MODEL, help="ensemble to call (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=number(int, *SEEDS), default=0,
+                        help="random seed, a 64-bit signed integer (default: %(default)s)")
 
 
 @events.init.add_listener

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.health import number
+
 STALL_GROUP_S = 0.05
 # name: (instances, max_queue_size, queue timeout us) of the classifier
 VARIANTS = {"one-none": (1, 0, 0), "one-size": (1, 64, 0), "one-timeout": (1, 0, 1_000_000),
@@ -202,9 +204,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--out", default="benchmarks/results/stall")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--seconds", type=float, default=60.0, help="measured seconds per variant")
-    p.add_argument("--clients", type=int, default=2)
-    p.add_argument("--stall-ms", type=float, default=250.0)
+    p.add_argument("--seconds", type=number(float, 0, above_low=True), default=60.0,
+                   help="measured seconds per variant")
+    p.add_argument("--clients", type=number(int, 1), default=2)
+    p.add_argument("--stall-ms", type=number(float, 0, above_low=True), default=250.0)
     return p
 
 

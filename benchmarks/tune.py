@@ -34,6 +34,7 @@ from benchmarks import report
 from benchmarks.perf import DEFAULT_VENV, PerfAnalyzer, PerfAnalyzerError, photo_inputs
 from benchmarks.workload import ENCODINGS, load_photos
 from build.repository.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
+from serving.health import number
 
 # knob -> values tried. A knob is a top-level field of the spec ("pipeline") or "<stage>.<name>", where
 # <name> is a field of the stage or one of the COMPOUND knobs, which move fields that only pay off
@@ -323,16 +324,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=None, choices=("ensemble", "fused"),
                    help="tune this pipeline's stages; the spec keeps its own pipeline unless `pipeline` is "
                         "among the knobs searched (default: the spec's)")
-    p.add_argument("--concurrency", type=int, default=8, help="ensemble requests in flight (default: %(default)s)")
-    p.add_argument("--p99-budget-ms", type=float, default=100.0, help="p99 budget (default: %(default)s)")
-    p.add_argument("--min-gain", type=float, default=0.03, help="throughput gain to switch (default: %(default)s)")
-    p.add_argument("--max-candidates", type=int, default=30, help="configurations tried at most (default: %(default)s)")
-    p.add_argument("--confirm-pairs", type=int, default=3,
+    p.add_argument("--concurrency", type=number(int, 1), default=8,
+                   help="ensemble requests in flight (default: %(default)s)")
+    p.add_argument("--p99-budget-ms", type=number(float, 0, above_low=True), default=100.0,
+                   help="p99 budget (default: %(default)s)")
+    p.add_argument("--min-gain", type=number(float, 0), default=0.03,
+                   help="throughput gain to switch, 0.03 = 3%% (default: %(default)s)")
+    p.add_argument("--max-candidates", type=number(int, 1), default=30,
+                   help="configurations tried at most, the starting spec included (default: %(default)s)")
+    p.add_argument("--confirm-pairs", type=number(int, 0), default=3,
                    help="a would-be winner and the best are measured again in up to this many back-to-back "
-                        "pairs, the order alternating; it must win most of them (default: %(default)s)")
+                        "pairs, the order alternating; it must win most of them; 0: believe one run "
+                        "(default: %(default)s)")
     p.add_argument("--no-confirm", action="store_true", help="believe a single measurement (--confirm-pairs 0)")
-    p.add_argument("--passes", type=int, default=2, help="sweeps over the knobs at most (default: %(default)s)")
-    p.add_argument("--measurement-ms", type=int, default=2000, help="perf_analyzer window (default: %(default)s)")
+    p.add_argument("--passes", type=number(int, 1), default=2,
+                   help="sweeps over the knobs at most (default: %(default)s)")
+    p.add_argument("--measurement-ms", type=number(int, 1), default=2000,
+                   help="perf_analyzer window (default: %(default)s)")
     p.add_argument("--artifacts", default=None,
                    help="exported model to tune with; not written to the spec (default: the spec's)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
@@ -352,8 +360,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> DeploymentSpec:
     from build.repository import capabilities
 
-    if args.confirm_pairs < 0:
-        raise ValueError(f"--confirm-pairs {args.confirm_pairs}: give 0 (believe one run) or more pairs")
     spec, _ = DeploymentSpec.load_or_default(args.spec)
     kept = {k: getattr(spec, k) for k in ("artifacts", "precision", "backend")}
     served_pipeline = spec.pipeline
