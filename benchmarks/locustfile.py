@@ -21,9 +21,9 @@ import time
 import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 
-from benchmarks.workload import ENCODINGS, SEEDS, load_photos
+from benchmarks.workload import ENCODINGS, load_photos
 from clients.client import DEFAULT_MODEL, ImageClassifierClient
-from serving.health import number
+from serving.health import SEEDS, number
 
 grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or the users run one at a time
 

@@ -53,7 +53,7 @@ import numpy as np
 
 from benchmarks.report import write_markdown
 from common import contract
-from serving.health import number
+from serving.health import SEEDS, number
 
 CONFIGS = ("bounded", "unbounded", "same-priority", "flat-stubs", "budget-door")
 OUTCOMES = ("accepted", "busy", "error")
@@ -418,7 +418,7 @@ def write_report(rows: list[Row], header: list[str], out: Path) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from benchmarks.workload import ENCODINGS, SEEDS
+    from benchmarks.workload import ENCODINGS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default="model_repository",

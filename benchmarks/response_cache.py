@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.report import write_csv, write_markdown
-from serving.health import number
+from serving.health import SEEDS, number
 
 CONFIGS = ("uncached", "cached")
 
@@ -103,7 +103,7 @@ def answers(url: str, images: list[bytes]) -> np.ndarray:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from benchmarks.workload import ENCODINGS, SEEDS
+    from benchmarks.workload import ENCODINGS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")

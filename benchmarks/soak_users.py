@@ -17,9 +17,9 @@ import time
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, constant, events, task
 
-from benchmarks.workload import SEEDS, load_photos
+from benchmarks.workload import load_photos
 from clients.client import DEFAULT_MODEL, ClassificationError, ImageClassifierClient, ServerBusy, ServerUnavailable
-from serving.health import number
+from serving.health import SEEDS, number
 
 grpc_gevent.init_gevent()
 

@@ -16,9 +16,6 @@ from PIL import Image
 from common.samples import sample_photos
 
 ENCODINGS = ("jpeg", "original")
-# --seed of the Locust users and of the overload and cache benchmarks: a 64-bit signed integer, as the training
-# commands' (training.loop.SEEDS); random.Random, which each seeds, takes any integer
-SEEDS = (-2**63, 2**63 - 1)
 
 
 def load_photos(encoding: str = "jpeg", names: list[str] | None = None, quality: int = 90) -> dict[str, bytes]:

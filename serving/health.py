@@ -57,6 +57,11 @@ def number(kind: type, low: float, high: float | None = None, below_high: bool =
     return parse
 
 
+# a --seed, in every command that takes one: a 64-bit signed integer (what torch.manual_seed takes, with room
+# for training's + rank and + epoch; random.Random, which the benchmarks seed, takes any integer)
+SEEDS = (-2**63, 2**63 - 1)
+
+
 def positive(kind: type) -> Callable[[str], int | float]:
     """An argparse type: a finite int or float above 0."""
     return number(kind, 0, above_low=True)

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from clients.client import ImageClassifierClient
 from common.digits import write_digits_imagefolder
-from serving.health import number
+from serving.health import SEEDS, number
 from serving.server import TritonServer
 from training import train
-from training.loop import SEEDS
 from training.onnx_export import export_checkpoint
 
 

@@ -25,8 +25,6 @@ from training.checkpoint import BEST, LAST, save_checkpoint
 from training.logs import RunLog
 from training.state import Log, RunData, TrainState, build_state, epoch_checkpoint, load_data, resume
 
-SEEDS = (-2**63, 2**63 - 1)  # --seed: what torch.manual_seed takes, with room for + rank and the sampler's + epoch
-
 
 def run(args: argparse.Namespace) -> dict:
     ctx = distributed.init(args.device)

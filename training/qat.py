@@ -35,8 +35,8 @@ from common.hashing import file_sha256
 from training import distributed, engine, presets, qat_cache, qat_model, recipe
 from training.checkpoint import (FORMAT, LAST, load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint,
                                  save_checkpoint)
-from serving.health import number
-from training.loop import SEEDS, write_run_files
+from serving.health import SEEDS, number
+from training.loop import write_run_files
 from training.onnx_export import export_checkpoint
 from training.state import load_data
 

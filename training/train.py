@@ -21,8 +21,8 @@ from pathlib import Path
 
 from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from training import models
-from serving.health import number
-from training.loop import SEEDS, run
+from serving.health import SEEDS, number
+from training.loop import run
 from training.presets import AUTO_AUGMENTS
 from training.recipe import MONITORS, OPTIMIZERS, SCHEDULERS
 

@@ -143,11 +143,8 @@ def test_the_defaults_are_within_the_bounds(command):
 
 
 def test_one_number_type_for_every_benchmark_command():
-    from training.loop import SEEDS
-
     for module in NUMERIC:
         assert module.number is health.number, module.__name__
-    assert workload.SEEDS == SEEDS  # the training commands' --seed range
     # every option's type, read from the source (the Locust files too, which this process does not import):
     # number(...), or one of the types that are no number
     custom = {"str", "Path", "parse_duration", "env_setting", "cpu_list"}

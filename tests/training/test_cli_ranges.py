@@ -113,7 +113,7 @@ def test_one_number_type_for_every_training_command():
     assert not hasattr(train, "_number")
     for module in (train, prune, qat, evaluate, export, demo, digits):
         assert module.number is health.number
-    assert train.SEEDS is qat.SEEDS is demo.SEEDS
+    assert train.SEEDS is qat.SEEDS is demo.SEEDS is health.SEEDS
 
 
 @pytest.mark.parametrize("module, argv, message", [
