@@ -187,14 +187,6 @@ def test_a_candidate_with_a_new_caution_is_passed_over(capsys):
     assert best.preprocess.instances >= 2 and best.cautions() == []
 
 
-def test_a_negative_number_of_confirmation_pairs_is_refused_before_anything_runs(tmp_path):
-    args = tune.get_args_parser().parse_args(["--confirm-pairs", "-1", "--spec", str(tmp_path / "none.json"),
-                                              "--out", str(tmp_path / "tune")])
-    with pytest.raises(ValueError, match="--confirm-pairs -1"):
-        tune.main(args)
-    assert not (tmp_path / "tune").exists()
-
-
 def test_a_failed_candidate_keeps_what_perf_analyzer_said(capsys):
     """The table shows a failure's first line (perf_analyzer's exit code); its last lines are printed
     under the row and the text is kept for tune.json, so an intermittent failure can be diagnosed."""
