@@ -13,7 +13,7 @@ server's message; when no server of the client's protocol answers at the URL (th
 resolve, nothing listens, or it is the other protocol's or the metrics port), ServerUnavailable says
 what answers there instead. A server past its bounded queue answers at once with ServerBusy (HTTP 503
 / gRPC UNAVAILABLE): retry later. A request the server does not answer within `timeout_s` fails alone,
-with ClassificationError DEADLINE_EXCEEDED.
+with ClassificationError DEADLINE_EXCEEDED (`timeout_s`: seconds above 0, or None for no limit).
 `admin_key` (what `make serve` writes to .run/admin.key) is sent with the restricted calls (the model
 config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http.client
+import math
 from typing import Sequence
 
 import numpy as np
@@ -151,6 +152,15 @@ def _check_top_k(top_k: int) -> None:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
+def _check_timeout(timeout_s: float | None) -> None:
+    """tritonclient reads a timeout of 0, below 0, NaN or infinity each its own way (an immediate gRPC deadline,
+    HTTP's 'Timeout value out of range' reported as no server, no limit at all, an OverflowError): refused."""
+    if timeout_s is None:
+        return
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be seconds above 0 (finite) or None for no limit, got {timeout_s!r}")
+
+
 def _max_batch_size(config: dict) -> int:
     """The model config's max_batch_size (gRPC nests the config under "config")."""
     return int(config.get("config", config).get("max_batch_size", 0))
@@ -171,6 +181,7 @@ class _Client:
                  timeout_s: float = 60.0, admin_key: str | None = None):
         if protocol not in (None, *PROTOCOLS):
             raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+        _check_timeout(timeout_s)
         self.protocol, self.url = split_url(url or DEFAULT_URLS[protocol or "http"], protocol)
         self.model, self._timeout = model, timeout_s
         self._admin_headers = key_headers(admin_key, self.protocol) or None

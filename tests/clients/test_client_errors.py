@@ -1,8 +1,10 @@
 """What the client library and its command lines say when a request cannot be answered: a host name that
-does not resolve, port 0, an unknown protocol, --top-k below 1, demo ports out of range, and (real server) a request past its timeout."""
+does not resolve, port 0, an unknown protocol, a timeout of no seconds, --top-k below 1, demo ports out of range,
+and (real server) a request past its timeout."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,20 @@ def test_port_zero_is_refused():
     for url in ("127.0.0.1:0", "grpc://127.0.0.1:0"):
         with pytest.raises(ValueError, match=r"port 0 is no server's port"):
             split_url(url)
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("nan"), float("inf"), "5", True])
+def test_a_timeout_that_is_no_positive_number_is_a_value_error(timeout_s):
+    """Before, tritonclient took each its own way: gRPC timed out at once (0, -1, NaN, even infinity), HTTP said
+    the server was unavailable (0: 'Operation now in progress', -1: 'Timeout value out of range'), asyncio HTTP
+    raised OverflowError on infinity."""
+    for client in (ImageClassifierClient, AsyncImageClassifierClient):
+        for protocol in ("http", "grpc"):
+            with pytest.raises(ValueError, match=rf"timeout_s must be seconds above 0 \(finite\) or None for no "
+                                                 rf"limit, got {re.escape(repr(timeout_s))}$"):
+                client("127.0.0.1:8000", protocol, timeout_s=timeout_s)
+    for timeout_s in (None, 0.001, 60):  # None: no limit
+        ImageClassifierClient("127.0.0.1:8000", "grpc", timeout_s=timeout_s).close()
 
 
 def test_unknown_protocol_is_a_value_error():
