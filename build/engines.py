@@ -34,9 +34,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="for int8; qat: the cache python -m training.qat wrote (default: %(default)s)")
     p.add_argument("--calibration-images", default=None, help="folder (default: bundled calibration photos)")
     p.add_argument("--held-out", default=None, help="folder for the accuracy gate (default: bundled held-out photos)")
-    p.add_argument("--min-agreement-fp16", type=validate.SHARE, default=validate.THRESHOLDS["fp16"],
+    p.add_argument("--min-agreement-fp16", type=number(float, 0, 1), default=validate.THRESHOLDS["fp16"],
                    help="a share in [0, 1] (default: %(default)s)")
-    p.add_argument("--min-agreement-int8", type=validate.SHARE, default=validate.THRESHOLDS["int8"],
+    p.add_argument("--min-agreement-int8", type=number(float, 0, 1), default=validate.THRESHOLDS["int8"],
                    help="a share in [0, 1] (default: %(default)s)")
     p.add_argument("--int8-cpu-layout", default="auto", choices=["auto", *CPU_LAYOUTS],
                    help="integer layout of the INT8 CPU file: vnni (CPUs with VNNI only), avx2 (right on every x86 "
@@ -45,7 +45,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--int8-max-float-layers", type=number(int, 0), default=8,
                    help="an INT8 CPU file that fails the gate gets up to this many of its most costly layers back "
                         "in float, as few as pass (0: never) (default: %(default)s)")
-    p.add_argument("--max-accuracy-drop", type=validate.SHARE, default=validate.ACCURACY_DROP,
+    p.add_argument("--max-accuracy-drop", type=number(float, 0, 1), default=validate.ACCURACY_DROP,
                    help="with a labelled --held-out: how far below FP32's true top-1 a variant may fall "
                         "(default: %(default)s)")
     p.add_argument("--allow-fallback", action="store_true",

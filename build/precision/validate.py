@@ -43,7 +43,6 @@ from serving.health import number
 PROBABILITIES = ONNX_PROBABILITIES
 THRESHOLDS = {"fp16": 0.995, "int8": 0.99}
 ACCURACY_DROP = 0.01  # with labels: how far below FP32's true top-1 a variant may fall
-SHARE = number(float, 0, 1)  # the argparse type of an agreement or accuracy threshold: a share, not a percentage
 CONFIDENT_MARGIN = 0.1
 # variant name -> (file in the artifacts folder, precision, how it runs here)
 VARIANTS = {
@@ -284,10 +283,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "adds true accuracy (default: the bundled held-out photos, augmented)")
     p.add_argument("--views", type=number(int, 1), default=40,
                    help="augmented views per bundled photo (default: %(default)s)")
-    p.add_argument("--min-agreement-fp16", type=SHARE, default=THRESHOLDS["fp16"],
+    p.add_argument("--min-agreement-fp16", type=number(float, 0, 1), default=THRESHOLDS["fp16"],
                    help="a share in [0, 1]; also the FP32 TensorRT plan's (default: %(default)s)")
-    p.add_argument("--min-agreement-int8", type=SHARE, default=THRESHOLDS["int8"], help="(default: %(default)s)")
-    p.add_argument("--max-accuracy-drop", type=SHARE, default=ACCURACY_DROP,
+    p.add_argument("--min-agreement-int8", type=number(float, 0, 1), default=THRESHOLDS["int8"],
+                   help="a share in [0, 1] (default: %(default)s)")
+    p.add_argument("--max-accuracy-drop", type=number(float, 0, 1), default=ACCURACY_DROP,
                    help="with labels: how far below FP32's true top-1 a variant may fall (default: %(default)s)")
     p.add_argument("--batch-size", type=number(int, 1), default=16, help="(default: %(default)s)")
     p.add_argument("--report", default=None, help="JSON report path (default: <artifacts>/validation.json)")
