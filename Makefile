@@ -88,7 +88,8 @@ demo: engines ## end to end on CPU: serve the repository and classify the bundle
 PROTOCOL ?=
 URL ?=
 CLASSIFY_PORT = $(if $(filter grpc,$(PROTOCOL)),$(GRPC_PORT),$(HTTP_PORT))
-CLASSIFY_URL = $(or $(URL),$(if $(filter command line,$(origin ADDRESS) $(origin HTTP_PORT) $(origin GRPC_PORT)),$(ADDRESS):$(CLASSIFY_PORT)))
+ADDRESS_HOST = $(if $(findstring :,$(ADDRESS)),[$(ADDRESS)],$(ADDRESS))
+CLASSIFY_URL = $(or $(URL),$(if $(filter command line,$(origin ADDRESS) $(origin HTTP_PORT) $(origin GRPC_PORT)),$(ADDRESS_HOST):$(CLASSIFY_PORT)))
 
 classify: ## classify IMAGES="a.jpg b.png" (default: two photos) [PROTOCOL=grpc] [URL=host:port] with `make serve`'s server
 	$(PY) -m clients.classify $(or $(IMAGES),$$($(PY) -m common.samples --paths chelsea coffee)) \

@@ -10,7 +10,7 @@ soak: engines ## Locust with good and bad images for DURATION (10m): failures, s
 	$(PY) -m benchmarks.soak --model-repository $(REPOSITORY) --duration $(DURATION) --out $(BENCH_OUT)/soak $(SOAK_ARGS)
 
 watchdog-status: ## the stub watchdog of `make serve`'s server: readiness, crashes seen, models reloaded
-	@curl -s http://127.0.0.1:$(WATCHDOG_PORT)/status; echo
+	@curl -sg http://$(ADDRESS_HOST):$(WATCHDOG_PORT)/status; echo
 
 drain: ## unload the ensembles of `make serve`'s server so that in-flight requests finish (make stop does it first)
-	$(PY) -m serving.watchdog --drain --http $(ADDRESS):$(HTTP_PORT)
+	$(PY) -m serving.watchdog --drain --http $(ADDRESS_HOST):$(HTTP_PORT)

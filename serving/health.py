@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Protocol
 
@@ -35,6 +36,23 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is not in 0-65535")
     return port
+
+
+def host_port(host: str, port: int | str) -> str:
+    """host:port as URLs spell it: an IPv6 address in brackets ([::1]:8000)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bound_address(flag_value: str) -> str:
+    """The address one of tritonserver's address flags binds (`ipv6:::1`, `[::1]` -> `::1`; serving.tritonserver
+    writes them so)."""
+    value = flag_value.removeprefix("ipv6:")
+    return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+
+def reachable(host: str) -> str:
+    """The address that reaches a server bound to `host` on this machine: loopback for a wildcard."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def number(kind: type, low: float, high: float | None = None, below_high: bool = False, above_low: bool = False):
@@ -98,4 +116,7 @@ def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
             else:
                 self._send(404, {"error": f"no {self.path}: /ready, /live, /status"})
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    return Server((host, port), Handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from serving import access
 from serving.cache import cache_args, repository_cache_mb
-from serving.health import number, port_number, positive
-from serving.tritonserver import LOOPBACK
+from serving.health import host_port, number, port_number, positive, reachable
+from serving.tritonserver import LOOPBACK, address_flags
 
 RUN_DIR = Path(".run")
 log = logging.getLogger("serving.server")
@@ -105,18 +106,26 @@ def stop_tree(pid: int, timeout: float = 30.0) -> None:
             continue
 
 
-def ipv4_address(address: str) -> str:
-    """`address` if the stack can bind and reach it; else why not, as a ValueError."""
-    if ":" in address:
-        # Triton 2.51 binds IPv6 only as `ipv6:<address>` (HTTP, metrics) and `[<address>]` (gRPC), and takes a
-        # bare `::1` for a broken IPv4 address; the clients, watchdog and Makefile here join host:port for IPv4.
-        raise ValueError(f"address {address}: IPv6 is not supported here; bind an IPv4 address "
-                         "(127.0.0.1, or 0.0.0.0 for every interface)")
-    return address
+def bind_address(address: str) -> str:
+    """`address` (an IPv6 one as `::1` or `[::1]`, returned bare and compressed) if this machine can bind it;
+    else why not, as a ValueError."""
+    bare = address[1:-1] if address.startswith("[") and address.endswith("]") else address
+    if ":" not in bare:
+        return bare
+    try:
+        bare = str(ipaddress.IPv6Address(bare))
+    except ValueError:
+        raise ValueError(f"address {address}: neither an IPv4 address or host name nor an IPv6 address") from None
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind((bare, 0))
+    except OSError as exc:
+        raise ValueError(f"address {address}: this machine cannot bind it ({exc.strerror or exc})") from None
+    return bare
 
 
 class TritonServer:
-    """One tritonserver process on loopback (or `address`, IPv4). A context manager."""
+    """One tritonserver process on loopback (or `address`, IPv4 or IPv6). A context manager."""
 
     def __init__(self, model_repository: str | Path, ports: Ports | None = None, address: str = LOOPBACK,
                  log_file: str | Path | None = None, extra_args: list[str] | None = None,
@@ -126,7 +135,7 @@ class TritonServer:
         self.supervisor = supervisor or []  # a command that runs the server (after its `--`): serving.supervise
         self.ports = ports or Ports.free()
         try:
-            self.address = ipv4_address(address)
+            self.address = bind_address(address)
         except ValueError as exc:
             raise ServerError(str(exc)) from None
         self.log_file = Path(log_file) if log_file else None
@@ -136,23 +145,22 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"{self.address}:{self.ports.http}"
+        return host_port(self.address, self.ports.http)
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.address}:{self.ports.grpc}"
+        return host_port(self.address, self.ports.grpc)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.address}:{self.ports.metrics}/metrics"
+        return f"http://{host_port(self.address, self.ports.metrics)}/metrics"
 
     def command(self) -> list[str]:
         """The `tritonserver` launcher as a user types it (the console script in this environment)."""
         script = Path(sys.executable).parent / "tritonserver"
         launcher = [str(script)] if script.exists() else [sys.executable, "-m", "serving.tritonserver"]
         # The launcher binds to loopback by default; pass addresses only to bind elsewhere.
-        addresses = [] if self.address == LOOPBACK else [
-            f"--http-address={self.address}", f"--grpc-address={self.address}", f"--metrics-address={self.address}"]
+        addresses = [] if self.address == LOOPBACK else address_flags(self.address)
         return [
             *launcher,
             f"--model-repository={self.model_repository.resolve()}",
@@ -320,7 +328,7 @@ def supervised_orphans(recorded: dict) -> list[int]:
 
 
 def _port_taken(host: str, port: int) -> bool:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
         try:
             s.bind((host, port))
@@ -351,7 +359,7 @@ def serve(args: argparse.Namespace) -> dict:
                           extra_args=extra_args, supervisor=supervisor)
     try:
         server.start(timeout=args.timeout, detach=True)
-        ready = f"http://{args.address}:{watchdog_port}/ready"
+        ready = f"http://{host_port(reachable(args.address), watchdog_port)}/ready"
         if supervisor:  # its watchdog knows the stubs once this answers 200
             server.wait_ready(30, ready)
     except BaseException:
@@ -404,7 +412,7 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
 
 def _address_arg(text: str) -> str:
     try:
-        return ipv4_address(text)
+        return bind_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -414,7 +422,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
     p.add_argument("--address", default="127.0.0.1", type=_address_arg,
-                   help="address to bind; 0.0.0.0 exposes the server to the network (default: %(default)s)")
+                   help="address to bind, IPv4 or IPv6 (::1); 0.0.0.0 or :: exposes the server to the network "
+                        "(default: %(default)s)")
     p.add_argument("--http-port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument("--grpc-port", type=port_number, default=8001, help="(default: %(default)s)")
     p.add_argument("--metrics-port", type=port_number, default=8002, help="(default: %(default)s)")

@@ -34,7 +34,7 @@ import psutil
 from serving.access import key_file_headers, key_headers
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
-from serving.health import endpoint, number, port_number, positive
+from serving.health import bound_address, endpoint, host_port, number, port_number, positive, reachable
 from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
@@ -49,8 +49,7 @@ def http_url(command: list[str]) -> str:
             flags.update([arg[2:].split("=", 1)])
         elif arg.startswith("--") and i + 1 < len(command) and not command[i + 1].startswith("--"):
             flags[arg[2:]] = command[i + 1]
-    address = flags.get("http-address", "0.0.0.0")
-    return f"{'127.0.0.1' if address in ('0.0.0.0', '::', '') else address}:{flags.get('http-port', '8000')}"
+    return host_port(reachable(bound_address(flags.get("http-address", "0.0.0.0"))), flags.get("http-port", "8000"))
 
 
 class Supervisor:

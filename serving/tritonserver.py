@@ -22,6 +22,15 @@ LOOPBACK = "127.0.0.1"
 ADDRESS_FLAGS = ("--http-address", "--grpc-address", "--metrics-address")
 
 
+def address_flags(address: str) -> list[str]:
+    """tritonserver's three address flags for `address`. Triton 2.51 binds IPv6 only when HTTP's and metrics'
+    address is spelt `ipv6:<address>` and gRPC's `[<address>]` (a bare `::1` it takes for an IPv4 address)."""
+    if ":" not in address:
+        return [f"{flag}={address}" for flag in ADDRESS_FLAGS]
+    http, grpc, metrics = ADDRESS_FLAGS
+    return [f"{http}=ipv6:{address}", f"{grpc}=[{address}]", f"{metrics}=ipv6:{address}"]
+
+
 class ServerNotInstalled(RuntimeError):
     pass
 

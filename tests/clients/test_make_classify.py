@@ -2,15 +2,21 @@
 clients.demo takes ports and runs beside another server. Real `make`, real servers."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
+from clients.client import ImageClassifierClient, ServerUnavailable
 from common.samples import ESPRESSO, sample_photos
-from serving.server import Ports
+from serving.server import Ports, TritonServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +52,65 @@ def test_make_classify_finds_the_server_make_serve_started(lite0_repository, ser
     finally:
         stop = make(tmp_path, "stop")
     assert stop.returncode == 0, stop.stderr
+
+
+def _ipv6_loopback() -> str | None:
+    """Why this machine cannot bind ::1, or None."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        return f"no IPv6 loopback here ({exc})"
+    return None
+
+
+@pytest.mark.skipif(_ipv6_loopback() is not None, reason=str(_ipv6_loopback()))
+def test_make_serve_binds_ipv6_and_the_tools_reach_it(lite0_repository, tmp_path):
+    """`make serve ADDRESS=::1`: Triton's three endpoints and the supervisor's listen on ::1 only; `make classify`
+    (the recorded URLs, and ADDRESS on the command line) and `make stop` reach it; /ready and /metrics answer."""
+    ports, watchdog = Ports.free(), free_port()
+    address = [f"HTTP_PORT={ports.http}", f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}",
+               f"WATCHDOG_PORT={watchdog}", "ADDRESS=::1"]
+    serve = make(tmp_path, "serve", f"REPOSITORY={lite0_repository}", *address)
+    assert serve.returncode == 0, serve.stderr
+    try:
+        recorded = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
+        assert (recorded["http"], recorded["grpc"]) == (f"[::1]:{ports.http}", f"[::1]:{ports.grpc}")
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == "LISTEN"}
+        for port in (*dataclasses.astuple(ports), watchdog):
+            assert ("::1", port) in listening and ("127.0.0.1", port) not in listening, port
+        for protocol in ([], ["PROTOCOL=grpc"]):
+            done = make(tmp_path, "classify", *protocol)
+            assert done.returncode == 0 and "espresso" in done.stdout, done.stderr
+        named = make(tmp_path, "classify", "PROTOCOL=grpc", *address)
+        assert named.returncode == 0 and f"--url [::1]:{ports.grpc}" in named.stdout, named.stderr
+        with urllib.request.urlopen(f"http://[::1]:{watchdog}/ready", timeout=10) as answer:
+            assert json.loads(answer.read())["ready"] is True
+        with urllib.request.urlopen(f"http://[::1]:{ports.metrics}/metrics", timeout=10) as answer:
+            assert b"nv_inference_request_success" in answer.read()
+    finally:
+        stop = make(tmp_path, "stop")
+    assert stop.returncode == 0, stop.stderr
+    assert not (tmp_path / ".run" / "tritonserver.json").exists()
+
+
+@pytest.mark.skipif(_ipv6_loopback() is not None, reason=str(_ipv6_loopback()))
+def test_a_server_on_every_ipv6_interface_answers_as_docs_serving_md_says(lite0_repository, tmp_path):
+    """ADDRESS=:: (pins Triton 2.51's behaviour): HTTP and metrics over IPv6 only, gRPC over IPv4 too."""
+    with TritonServer(lite0_repository, address="::", log_file=tmp_path / "tritonserver.log") as server:
+        assert server.http_url == f"[::]:{server.ports.http}" and server.is_ready()
+        coffee = sample_photos(["coffee"])["coffee"].read_bytes()
+        for host in ("[::1]", "127.0.0.1"):
+            with ImageClassifierClient(f"{host}:{server.ports.grpc}", "grpc") as client:
+                assert client.classify([coffee])[0][0].index == ESPRESSO
+        with ImageClassifierClient(f"[::1]:{server.ports.http}", "http") as client:
+            assert client.classify([coffee])[0][0].index == ESPRESSO
+        with pytest.raises(ServerUnavailable, match=f"nothing listens at 127.0.0.1:{server.ports.http}"):
+            ImageClassifierClient(f"127.0.0.1:{server.ports.http}", "http").classify([coffee])
+        with urllib.request.urlopen(f"http://[::1]:{server.ports.metrics}/metrics", timeout=10) as answer:
+            assert answer.status == 200
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10)
 
 
 def demo(repository: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The `tritonserver` launcher, capability detection, and `make serve` / `make stop`."""
 import glob
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from build.repository.capabilities import Capabilities, detect, resolve_backend
-from serving.server import Ports, ServerError, TritonServer
-from serving.tritonserver import STUB_PYTHONS, build_command, locate_server, prepare_backend_directory, python_problem
+from serving.health import bound_address, host_port
+from serving.server import Ports, ServerError, TritonServer, bind_address
+from serving.tritonserver import STUB_PYTHONS, address_flags, build_command, locate_server, prepare_backend_directory, python_problem
 
 
 def test_launcher_binds_loopback_and_finds_the_python_backend(tmp_path):
@@ -133,17 +135,36 @@ def test_make_stop_leaves_a_process_that_is_not_tritonserver_alone(tmp_path):
         other.wait()
 
 
-def test_an_ipv6_address_is_refused_in_one_line(tmp_path):
-    """Triton 2.51 takes a bare `::1` for a broken IPv4 address (its HTTP port then answers nowhere) and the
-    tools here join IPv4 host:port: refused before anything starts, by the CLI and by TritonServer."""
-    done = subprocess.run([sys.executable, "-m", "serving.server", "start", "--address", "::1",
+def test_an_ipv6_address_is_spelt_for_triton_and_for_urls(tmp_path):
+    """Triton 2.51 binds IPv6 only as `ipv6:<address>` (HTTP, metrics) and `[<address>]` (gRPC); a bare `::1` it
+    took for a broken IPv4 address, whose HTTP port answered nowhere. URLs bracket the address."""
+    assert address_flags("10.0.0.1") == ["--http-address=10.0.0.1", "--grpc-address=10.0.0.1",
+                                         "--metrics-address=10.0.0.1"]
+    assert address_flags("::") == ["--http-address=ipv6:::", "--grpc-address=[::]", "--metrics-address=ipv6:::"]
+    assert [bound_address(a.partition("=")[2]) for a in address_flags("fd00::1")] == ["fd00::1"] * 3
+    server = TritonServer(tmp_path, Ports(18000, 18001, 18002), address="::")
+    assert (server.http_url, server.grpc_url, server.metrics_url) == ("[::]:18000", "[::]:18001",
+                                                                      "http://[::]:18002/metrics")
+    assert server.command()[-3:] == address_flags("::")
+    assert (host_port("127.0.0.1", 1), host_port("::1", 1)) == ("127.0.0.1:1", "[::1]:1")
+
+
+@pytest.mark.parametrize("address, message", [
+    ("::1x", "address ::1x: neither an IPv4 address or host name nor an IPv6 address"),
+    ("2001:db8::1", "address 2001:db8::1: this machine cannot bind it (Cannot assign requested address)"),
+])
+def test_an_ipv6_address_this_machine_cannot_bind_is_refused_in_one_line(tmp_path, address, message):
+    """Before anything starts (no admin key written), by the CLI and by TritonServer (2001:db8::/32 is the
+    documentation prefix: no machine has it)."""
+    done = subprocess.run([sys.executable, "-m", "serving.server", "start", "--address", address,
                            "--model-repository", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "argument --address: address ::1: IPv6 is not supported here" in done.stderr
-    assert not (tmp_path / ".run").exists()  # no key written, nothing started
-    with pytest.raises(ServerError, match="IPv6 is not supported"):
-        TritonServer(tmp_path, address="::")
+    assert done.stderr.splitlines()[-1].endswith(f"argument --address: {message}")
+    assert not (tmp_path / ".run").exists()
+    with pytest.raises(ServerError, match=f"^{re.escape(message)}$"):
+        TritonServer(tmp_path, address=address)
+    assert bind_address("[0:0:0:0:0:0:0:1]") == "::1" and bind_address("localhost") == "localhost"
 
 
 @pytest.mark.parametrize("tool, args", [

@@ -83,6 +83,10 @@ def test_http_url_follows_the_servers_flags():
     assert http_url(["tritonserver", "--model-repository=/models"]) == "127.0.0.1:8000"
     assert http_url(["tritonserver", "--http-port=8080", "--http-address=0.0.0.0"]) == "127.0.0.1:8080"
     assert http_url(["tritonserver", "--http-port", "9000", "--http-address", "10.1.2.3"]) == "10.1.2.3:9000"
+    # IPv6, as serving.tritonserver.address_flags spells it for Triton: bracketed, a wildcard reached on loopback
+    assert http_url(["tritonserver", "--http-port=8080", "--http-address=ipv6:::1"]) == "[::1]:8080"
+    assert http_url(["tritonserver", "--http-address=ipv6:::"]) == "[::1]:8000"
+    assert http_url(["tritonserver", "--http-address=ipv6:fd00::5"]) == "[fd00::5]:8000"
 
 
 def test_a_dead_stub_is_reloaded_a_dead_server_restarted_and_sigterm_drains(repository, tmp_path, photos):
