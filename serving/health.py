@@ -4,6 +4,9 @@
               starting, restarting or stopping)
     /live     200, or 503 when restarting the server is the way out
     /status   the whole state
+
+Also what the commands share and the image's copy of serving/ needs without the rest of the project: the
+argparse types of numbers, ports and seeds, and how an address (IPv4 or IPv6) is spelt in a URL.
 """
 from __future__ import annotations
 
