@@ -53,6 +53,11 @@ def bound_address(flag_value: str) -> str:
     return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    """The socket family that binds `host`: IPv6 for an address with a colon."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def reachable(host: str) -> str:
     """The address that reaches a server bound to `host` on this machine: loopback for a wildcard."""
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -119,7 +124,9 @@ def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
             else:
                 self._send(404, {"error": f"no {self.path}: /ready, /live, /status"})
 
+    family = address_family(host)
+
     class Server(ThreadingHTTPServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address_family = family
 
     return Server((host, port), Handler)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from serving import access
 from serving.cache import cache_args, repository_cache_mb
-from serving.health import host_port, number, port_number, positive, reachable
+from serving.health import address_family, bound_address, host_port, number, port_number, positive, reachable
 from serving.tritonserver import LOOPBACK, address_flags
 
 RUN_DIR = Path(".run")
@@ -107,9 +107,9 @@ def stop_tree(pid: int, timeout: float = 30.0) -> None:
 
 
 def bind_address(address: str) -> str:
-    """`address` (an IPv6 one as `::1` or `[::1]`, returned bare and compressed) if this machine can bind it;
-    else why not, as a ValueError."""
-    bare = address[1:-1] if address.startswith("[") and address.endswith("]") else address
+    """`address` (an IPv6 one as `::1`, `[::1]` or Triton's `ipv6:::1`, returned bare and compressed) if this
+    machine can bind it; else why not, as a ValueError."""
+    bare = bound_address(address)
     if ":" not in bare:
         return bare
     try:
@@ -328,7 +328,7 @@ def supervised_orphans(recorded: dict) -> list[int]:
 
 
 def _port_taken(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with socket.socket(address_family(host)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
         try:
             s.bind((host, port))
