@@ -36,6 +36,10 @@ TARGET_SERVER_KEYS = ("image", "tensorrt", "compute_capability", "version_compat
 PREPROCESSING = ("python", "dali")
 # pydantic's validation of a loaded spec (DeploymentSpec.from_dict): each value of its field's type exactly
 STRICT = {"strict": True, "extra": "forbid"}
+# The widest value each field's type in Triton's model config (protobuf) holds: a larger one fails the model's load.
+INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1
+TRITON_TYPES = {"instances": ("int32", INT32_MAX), "max_queue_size": ("int32", INT32_MAX),
+                "max_queue_delay_us": ("uint64", UINT64_MAX), "queue_timeout_us": ("uint64", UINT64_MAX)}
 TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "list_type": "a list",
               "dict_type": "an object", "bool_type": "true or false"}
 
@@ -69,6 +73,9 @@ class StageSpec:
         for key in ("max_queue_size", "queue_timeout_us"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{name}.{key} must be >= 0 (0: unbounded) or null (derived), got {getattr(self, key)}")
+        for key, (kind, top) in TRITON_TYPES.items():
+            if (getattr(self, key) or 0) > top:
+                raise ValueError(f"{name}.{key} must be at most {top} (Triton's field is {kind}), got {getattr(self, key)}")
         if self.nice is not None and not 0 <= self.nice <= MAX_NICE:
             raise ValueError(f"{name}.nice must be within 0..{MAX_NICE} (0: the server's priority) or null (derived), "
                              f"got {self.nice}")
@@ -142,6 +149,8 @@ class DeploymentSpec:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_batch_size > INT32_MAX:
+            raise ValueError(f"max_batch_size must be at most {INT32_MAX} (Triton's field is int32), got {self.max_batch_size}")
         names = [self.ensemble_name, self.preprocess_name, self.classifier_name]
         if len(set(names)) != 3:
             raise ValueError(f"model names must differ, got {names}")
@@ -170,6 +179,23 @@ class DeploymentSpec:
         self.preprocess.check("preprocess", self.max_batch_size)
         self.classifier.check("classifier", self.max_batch_size)
         self.fused.check("fused", self.max_batch_size)
+        for stage in ("preprocess", "classifier", "fused"):
+            self._check_queue(stage)
+
+    def _check_queue(self, stage: str) -> None:
+        """The resolved queue policy of `stage` is one Triton can hold and one a lone request gets through: a
+        batching delay as long as the queue timeout times out every request no batch fills in time (all of them
+        on an idle server)."""
+        this = getattr(self, stage)
+        size, timeout = self.queue_policy(stage)
+        if size > INT32_MAX:
+            raise ValueError(f"{stage}: the derived max_queue_size {size} exceeds {INT32_MAX} (Triton's field is "
+                             "int32): set max_queue_size, or fewer instances or a smaller max_batch_size")
+        if timeout and this.max_queue_delay_us >= timeout:
+            given = "queue_timeout_us" if this.queue_timeout_us is not None else "its derived queue timeout"
+            raise ValueError(f"{stage}.max_queue_delay_us {this.max_queue_delay_us} must be below {given} {timeout}: "
+                             "a request waiting that long for a batch times out (every one on an idle server); "
+                             "lower the delay, or raise the timeout (0: none)")
 
     def queue_policy(self, stage: str) -> tuple[int, int]:
         """(max_queue_size, timeout_us) of `stage` (preprocess, classifier or fused), defaults resolved. A model

@@ -81,10 +81,35 @@ def test_values_of_their_types_load_as_before():
     ({"classifier_name": 'a"b'}, r"model names are letters, digits.*'a\"b'"),
     ({"ensemble_name": ""}, "model names are letters"),
     ({"preprocess_name": ".."}, "model names are letters"),
+    # a batching delay as long as the queue timeout: every lone request timed out (HTTP 503 in 1 s on an idle server)
+    ({"preprocess": {"instances": 2, "max_queue_delay_us": 3_000_000}},
+     r"^preprocess.max_queue_delay_us 3000000 must be below its derived queue timeout 1000000: "),
+    ({"fused": {"instances": 2, "max_queue_delay_us": 1_000_000}}, "fused.max_queue_delay_us 1000000 must be below"),
+    ({"classifier": {"max_queue_delay_us": 500, "queue_timeout_us": 500}},
+     r"^classifier.max_queue_delay_us 500 must be below queue_timeout_us 500: "),
+    # beyond the types of Triton's model config fields: the model fails to load
+    ({"max_batch_size": 2**40}, r"^max_batch_size must be at most 2147483647 \(Triton's field is int32\), got 1099511627776$"),
+    ({"classifier": {"max_queue_delay_us": 2**70}}, r"^classifier.max_queue_delay_us must be at most 18446744073709551615 "),
+    ({"classifier": {"queue_timeout_us": 2**64}}, "classifier.queue_timeout_us must be at most 18446744073709551615"),
+    ({"preprocess": {"max_queue_size": 2**31}}, r"preprocess.max_queue_size must be at most 2147483647 \(Triton's field is int32"),
+    ({"preprocess": {"instances": 2**31}}, "preprocess.instances must be at most 2147483647"),
+    ({"max_batch_size": 2**20, "preprocess": {"instances": 2**12}},  # each within int32, their product not
+     r"^preprocess: the derived max_queue_size 4294967296 exceeds 2147483647"),
 ])
 def test_specs_that_cannot_be_served_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         DeploymentSpec.from_dict(changes)
+
+
+def test_a_delay_below_the_timeout_or_with_no_timeout_loads():
+    stage = {"instances": 2, "max_queue_delay_us": DEFAULT_QUEUE_TIMEOUT_US - 1}
+    assert DeploymentSpec.from_dict({"preprocess": stage}).queue_policy("preprocess") == (64, DEFAULT_QUEUE_TIMEOUT_US)
+    for unbounded in ({"instances": 2, "queue_timeout_us": 0}, {"instances": 1}):  # no timeout: any delay is served
+        spec = DeploymentSpec.from_dict({"preprocess": {**unbounded, "max_queue_delay_us": 2**64 - 1}})
+        assert spec.queue_policy("preprocess")[1] == 0
+    bounded = {"instances": 2, "max_queue_size": 2**31 - 1}
+    widest = {"max_batch_size": 2**31 - 1, "preprocess": bounded, "fused": bounded}
+    assert DeploymentSpec.from_dict(widest).queue_policy("preprocess") == (2**31 - 1, DEFAULT_QUEUE_TIMEOUT_US)
 
 
 def test_build_engines_reports_a_null_stage_in_one_line(tmp_path):
