@@ -81,6 +81,7 @@ def main(args: argparse.Namespace) -> dict:
                               "accuracy_drop": args.max_accuracy_drop}, args.allow_fallback,
                              args.int8_cpu_layout, args.int8_max_float_layers)
     deployable = prepare(spec, backend, args.spec, options)
+    spec = spec.replace(precision=deployable.precision)  # what is served: FP32 after --allow-fallback
     manifest = write_repository(spec, backend, Path(args.out), spec_source=source, model_file=deployable.model_file,
                                 extra={"variant": deployable.variant, "precision": deployable.precision,
                                        "validation": [vars(r) for r in deployable.reports]},

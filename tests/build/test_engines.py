@@ -6,6 +6,8 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from build.engines import get_args_parser, main
 from build.precision.variants import GateFailed
@@ -45,6 +47,9 @@ def test_gate_failure_deploys_nothing_unless_fallback_is_asked(tmp_path):
     manifest = engines("--artifacts", str(artifacts), "--out", str(out), "--precision", "int8",
                        "--int8-max-float-layers", "0", "--allow-fallback")
     assert manifest["variant"] == "fp32" and manifest["classifier_model"]["source"].endswith("model.onnx")
+    config = text_format.Parse((out / "classifier" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    built = json.loads((out / "BUILD.json").read_text())
+    assert config.parameters["precision"].string_value == built["precision"] == built["spec"]["precision"] == "fp32"
     cli = subprocess.run([sys.executable, "-m", "build.engines", "--artifacts", str(artifacts), "--out",
                           str(tmp_path / "other"), "--precision", "fp16"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 1 and "build.engines: fp16 failed the accuracy gate" in cli.stderr
