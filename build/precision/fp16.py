@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+from build.precision import provenance
 from common.contract import MODEL_ONNX
 
 KEEP_FP32 = ["Softmax", "GlobalAveragePool", "ReduceMean"]
@@ -72,12 +73,14 @@ def block_list(keep_fp32: list[str] | None = None) -> list[str]:
 
 
 def convert(model_path: Path, out: Path, keep_fp32: list[str] | None = None) -> Path:
-    """`keep_fp32`: op types kept FP32 in addition to KEEP_FP32 (Softmax and pooling always stay FP32)."""
+    """`keep_fp32`: op types kept FP32 in addition to KEEP_FP32 (Softmax and pooling always stay FP32). The
+    file records `model_path`'s sha256 (build/precision/provenance.py)."""
     model = onnx.load(str(model_path))
     block = block_list(keep_fp32)
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     drop_round_trip_casts(converted.graph)
     topological_sort(converted.graph)  # the converter appends its Cast nodes out of order
+    provenance.stamp(converted, model_path)
     onnx.checker.check_model(converted)
     onnx.save(converted, str(out))
     return out

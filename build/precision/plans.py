@@ -11,7 +11,8 @@ Every network is built STRONGLY TYPED. Like TensorRT's EfficientNet sample, the 
 first (every input/output and every parser error logged) and built second, with one optimization
 profile from the deployment spec (min 1, opt = the classifier's largest preferred batch, max =
 max_batch_size), a persisted timing cache and a progress display. `<plan>.json` records what was
-built from what. Without TensorRT or a GPU the stage raises `TensorRTUnavailable` (exit status 3)
+built from what; an ONNX variant not built from the model.onnx beside it is refused
+(build/precision/provenance.py). Without TensorRT or a GPU the stage raises `TensorRTUnavailable` (exit status 3)
 with one line naming what is missing; it never writes a plan it did not build.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from build.repository.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from common.contract import MODEL_ONNX
 from common.files import write_whole
 from common.hashing import file_sha256
+from build.precision import provenance
 from build.precision.binding import HARDWARE_LEVELS
 from serving.health import number
 
@@ -515,6 +517,9 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--workspace-mib must be >= 1, got {args.workspace_mib}")
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path} not found: produce the {precision} ONNX first")
+    stale = provenance.mismatch(onnx_path)
+    if stale:
+        raise ValueError(stale)
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     summary = precision_summary(model)

@@ -38,7 +38,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from build.precision import bias_correction, trt_qdq
+from build.precision import bias_correction, provenance, trt_qdq
 from build.precision.calibrate import CACHE_METHODS, LEARNED_METHODS, Calibration, load_calibration, staleness
 from common import cpu
 from common.contract import MODEL_ONNX, PREPROCESS_JSON
@@ -170,15 +170,17 @@ def keep_float(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
     return changed
 
 
-def stamp_layout(path: Path, layout: str, corrected: int | None = None) -> None:
-    """Write the CPU layout and the flags it needs into the model's ONNX metadata, and how many layers'
-    biases were corrected (None: no correction)."""
+def stamp_layout(path: Path, layout: str, corrected: int | None = None, source: Path | None = None) -> None:
+    """Write the CPU layout and the flags it needs into the model's ONNX metadata, how many layers'
+    biases were corrected (None: no correction) and the sha256 of the `source` model (build/precision/provenance.py)."""
     model = onnx.load(str(path))
     entries = {p.key: p.value for p in model.metadata_props}
     if layout:
         entries.update({cpu.LAYOUT_KEY: layout, cpu.REQUIRES_KEY: cpu.requirement(layout)})
     entries[BIAS_CORRECTION_KEY] = "none" if corrected is None else f"{corrected} layers"
     onnx.helper.set_model_props(model, entries)
+    if source is not None:
+        provenance.stamp(model, source)
     onnx.save(model, str(path))
 
 
@@ -248,7 +250,7 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
         model = onnx.load(str(out))
         if keep_float(model, exclude_nodes):
             onnx.save(model, str(out))
-    stamp_layout(out, "" if symmetric else cpu_layout, corrected)
+    stamp_layout(out, "" if symmetric else cpu_layout, corrected, source=model_path)
     return out
 
 

@@ -30,11 +30,13 @@ import numpy as np
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator
 
+from build.precision import provenance
 from build.precision.imagesets import ImageSet, bundled_photos_warning, held_out_set
 from build.precision.mixed import float_nodes
 from build.precision.quantize import read_layout
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, ONNX_PROBABILITIES, PREPROCESS_JSON
+from common.hashing import file_sha256
 from common.labels import read_labels
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
@@ -120,6 +122,11 @@ def cannot_gate_here(path: Path) -> str | None:
     return cpu.refusal(read_layout(path)) if path.suffix == ".onnx" else None
 
 
+def stale(path: Path, current: str | None) -> str | None:
+    """Why an ONNX variant was not built from the model.onnx beside it (sha256 `current`), or None."""
+    return provenance.mismatch(path, current) if path.suffix == ".onnx" else None
+
+
 def _quiet_polygraphy() -> None:
     from polygraphy.logger import G_LOGGER
 
@@ -172,7 +179,9 @@ def validate(artifacts: Path, variants: list[str], images: ImageSet, config: Pre
              thresholds: dict[str, float], labels: np.ndarray | None = None,
              batch_size: int = 16) -> list[VariantReport]:
     present = [v for v in variants if v != "fp32" and (artifacts / VARIANTS[v][0]).exists()]
-    refused = {v: why for v in present if (why := cannot_gate_here(artifacts / VARIANTS[v][0]))}
+    current = file_sha256(artifacts / MODEL_ONNX) if present and (artifacts / MODEL_ONNX).is_file() else None
+    refused = {v: why for v in present if (why := cannot_gate_here(artifacts / VARIANTS[v][0])
+                                           or stale(artifacts / VARIANTS[v][0], current))}
     runnable = [v for v in present if v not in refused]
     runners = [runner_for(artifacts, v) for v in ["fp32", *runnable]]
     outputs = run_all(runners, images, config, batch_size)

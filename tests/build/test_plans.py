@@ -393,6 +393,39 @@ def test_stage_logic_on_a_stand_in_for_tensorrt(tmp_path, tiny_artifacts, monkey
     assert (art / "timing.cache").read_bytes() == b"+timed"
 
 
+def test_a_variant_of_another_model_onnx_is_refused_before_anything_is_built(tmp_path, tiny_artifacts, monkeypatch):
+    """After a re-export into the same folder, the FP16 file of the old model is not built into a plan."""
+    from build.precision import fp16
+    from common.hashing import file_sha256
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt("10.13.0", calls))
+    monkeypatch.setattr(capabilities, "detect_tensorrt", lambda: ("10.13.0", "ok"))
+    monkeypatch.setattr(capabilities, "detect_gpus", lambda: (1, "ok"))
+    monkeypatch.setattr(plans, "gpu_info", lambda index=0: {"index": 0, "name": "Stand-in GPU", "compute_capability": "9.0"})
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.onnx").write_bytes((tiny_artifacts / "model.onnx").read_bytes())
+    fp16.convert(art / "model.onnx", art / fp16.OUTPUT_NAME)
+    spec_file = tmp_path / "deployment.json"
+    DeploymentSpec(artifacts=str(art), max_batch_size=8, classifier=StageSpec(preferred_batch_sizes=[2, 4])).save(spec_file)
+    argv = plans.get_args_parser().parse_args(["--spec", str(spec_file), "--precision", "fp16", "--no-progress"])
+    assert plans.main(argv)["onnx"]["path"] == str(art / fp16.OUTPUT_NAME)  # unchanged: built
+    plan = art / "model.fp16.plan"
+    plan.unlink()
+
+    old = file_sha256(art / "model.onnx")
+    model = onnx.load(str(art / "model.onnx"))
+    model.graph.initializer[0].float_data[0] += 1.0  # a re-export with other weights
+    onnx.save(model, str(art / "model.onnx"))
+    new = file_sha256(art / "model.onnx")
+    with pytest.raises(ValueError) as info:
+        plans.main(argv)
+    assert str(info.value) == (f"{art / fp16.OUTPUT_NAME} was built from another model.onnx (sha256 {old[:12]}, now "
+                               f"{new[:12]}): rebuild it with `make fp16 ARTIFACTS={art}`")
+    assert not plan.exists() and [c for c in calls if c[0] == "parse"] == [("parse", fp16.OUTPUT_NAME)]
+
+
 # ---------------------------------------------------------------- with TensorRT and a GPU
 
 @NEEDS_TRT
