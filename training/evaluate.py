@@ -6,7 +6,7 @@ the most confidently misclassified images (the first place to look for label err
 
 Writes to --output-dir (default: <run>/eval or <artifacts>/eval): metrics.json (top-1, top-5,
 macro-F1, per-class precision / recall / F1 / support), confusion_matrix.csv (rows: true class, columns:
-predicted, in the model's class order), confused_pairs.csv (label, predicted, count, share of the label's
+predicted, in the model's class order; the first row and column name them), confused_pairs.csv (label, predicted, count, share of the label's
 images; most frequent first), misclassified.csv (path, label, predicted, confidence, probability of the
 label; most confident first), and last confusion_matrix.png: the labelled matrix up to LABELLED_CLASSES
 classes, above that the matrix without names beside the most confused pairs.
@@ -170,6 +170,15 @@ def scan_for_classes(root: str | Path, classes: list[str]) -> data.Split:
     return data.Split(list(classes), [(path, index[found.classes[label]]) for path, label in found.samples])
 
 
+def write_confusion_csv(confusion: np.ndarray, classes: list[str], path: Path) -> None:
+    """Rows: true class, columns: predicted class; the first row and column name them (quoted where a name
+    holds a comma), so any CSV reader gets a square table with its labels."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *classes])
+        writer.writerows([name, *map(int, row)] for name, row in zip(classes, confusion))
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,7 +229,7 @@ def main(args: argparse.Namespace) -> dict:
     report = {"source": source, "data": args.data_dir or "validation images of the run", **summary,
               "per_class": per_class_report(confusion, classes), "unreadable": [split.samples[i][0] for i in bad]}
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    np.savetxt(out / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",", header=",".join(classes))
+    write_confusion_csv(confusion, classes, out / "confusion_matrix.csv")
     pairs = confused_pairs(confusion, classes)
     rows = misclassified(probabilities, labels, paths, classes, args.top_misclassified)
     for name, fields, table in (("confused_pairs.csv", ["label", "predicted", "count", "share"], pairs),

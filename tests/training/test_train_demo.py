@@ -70,7 +70,10 @@ def test_evaluate_checkpoint_and_onnx(demo_run, tmp_path):
     assert report["eval_images"] == 359 and len(report["per_class"]) == 10
     assert sum(row["support"] for row in report["per_class"]) == 359
     assert (tmp_path / "pt" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    confusion = np.loadtxt(tmp_path / "pt" / "confusion_matrix.csv", delimiter=",")
+    with open(tmp_path / "pt" / "confusion_matrix.csv", newline="") as f:
+        header, *rows = csv.reader(f)
+    assert header[1:] == [row[0] for row in rows] == [str(d) for d in range(10)]
+    confusion = np.array([row[1:] for row in rows], dtype=int)
     assert confusion.sum() == 359 and np.trace(confusion) / 359 == pytest.approx(report["eval_top1"])
     with open(tmp_path / "pt" / "misclassified.csv") as f:
         rows = list(csv.DictReader(f))
