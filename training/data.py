@@ -20,6 +20,8 @@ from common.preprocessing import ImageError, decode_image
 
 # the files of the formats decode_image accepts (common.preprocessing.IMAGE_FORMATS)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# folder names of a dataset's splits: an ImageFolder whose "classes" are these is the folder above the splits
+SPLIT_NAMES = ("train", "val", "validation", "test")
 
 
 @dataclasses.dataclass
@@ -49,6 +51,11 @@ def find_classes(root: str | Path) -> list[str]:
     if len(classes) < 2:
         raise ValueError(f"{root} has {len(classes)} class folder(s) {classes}: a classifier needs at least 2 "
                          f"({root}/<class>/<image>)")
+    if set(classes) <= set(SPLIT_NAMES) and all(any(p.is_dir() for p in (root / c).iterdir()) for c in classes):
+        train = "train" if "train" in classes else classes[0]
+        val = next((c for c in ("val", "validation") if c in classes and c != train), None)
+        raise ValueError(f"{root} holds the split folders {classes}, not class folders: point at one split, "
+                         f"e.g. --data-dir {root / train}" + (f" --val-dir {root / val}" if val else ""))
     return classes
 
 
