@@ -106,6 +106,12 @@ def output_dir(args: argparse.Namespace, source: Path) -> Path:
     return out
 
 
+def source_loss(rargs: argparse.Namespace, run_data: RunData) -> recipe.ClassificationLoss:
+    """The source run's loss: its label smoothing, and its class weights with --class-balance loss."""
+    weights = torch.tensor(run_data.weights, dtype=torch.float32) if rargs.class_balance == "loss" else None
+    return recipe.ClassificationLoss(rargs.label_smoothing, weights)
+
+
 def top1(model: torch.nn.Module, run_data: RunData, ctx: distributed.Context, progress: bool) -> float:
     return engine.evaluate(model, run_data.val_loader, ctx, len(run_data.classes), progress=progress)["val_top1"]
 
@@ -145,7 +151,7 @@ def main(args: argparse.Namespace) -> dict:
                          f"{checkpoint['classes'][:10]}, preprocess {run_data.preprocess.to_dict()} vs {checkpoint['preprocess']}")
     model = model_from_checkpoint(checkpoint).to(ctx.device)
     example = torch.zeros((1, *run_data.preprocess.input_shape), device=ctx.device)
-    loss = recipe.ClassificationLoss(rargs.label_smoothing).to(ctx.device)
+    loss = source_loss(rargs, run_data).to(ctx.device)
     before, top1_before = model_size(model, example), top1(model, run_data, ctx, args.progress)
     gradients = loss_gradients(model, run_data.train_loader, loss, args.importance_batches, ctx.device)
     ratio, history = prune_channels(model, example, args.criterion, args.ratio, args.target_flops_reduction,
