@@ -163,6 +163,22 @@ def create_model(name: str, num_classes: int, weights: str | Path | None = None,
     return model.train()
 
 
+def check_input_size(model: torch.nn.Module, name: str, input_shape: tuple[int, int, int],
+                     device: torch.device) -> None:
+    """One eval-mode forward of a zero image: a network that cannot take `input_shape` (a ViT built for 224 px,
+    a window that does not divide the feature map) fails here in one line, before a run writes anything."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *input_shape), device=device))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--model {name} cannot take {input_shape[1]}x{input_shape[2]} px inputs (--crop-size "
+                         f"{input_shape[1]}): {reason}; choose another --crop-size or model") from None
+    finally:
+        model.train(was_training)
+
+
 def backbone_and_head(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     head = head_name(model) + "."
     backbone = [p for n, p in model.named_parameters() if not n.startswith(head)]

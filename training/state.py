@@ -108,6 +108,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context, log: Log) -> R
 def build_state(args: argparse.Namespace, ctx: distributed.Context, run_data: RunData) -> TrainState:
     num_classes, steps = len(run_data.classes), run_data.steps
     model = networks.create_model(args.model, num_classes, args.weights, args.seed).to(ctx.device)
+    networks.check_input_size(model, args.model, run_data.preprocess.input_shape, ctx.device)
     backbone_lr = args.lr if args.backbone_lr is None else args.backbone_lr
     optimizer = recipe.make_optimizer(model, args.optimizer, args.lr, backbone_lr, args.weight_decay, args.momentum)
     schedule = recipe.Schedule(args.lr_scheduler, total_steps=args.epochs * steps,
