@@ -91,19 +91,54 @@ def data_arguments(checkpoint: dict, args: argparse.Namespace) -> argparse.Names
     return argparse.Namespace(**{**run, **overrides})
 
 
-def export_of(checkpoint_path: Path, out_dir: Path, log) -> Path:
-    """`out_dir/model.onnx` exported from `checkpoint_path` (training.onnx_export, as training.export does): reused
-    when out_dir's export.json names this very file (sha256); refused when out_dir holds anything else."""
-    sha = file_sha256(checkpoint_path)
+def held_export(out_dir: Path) -> dict:
+    """The source of the export in `out_dir` (its export.json), {} if none."""
     try:
         held = json.loads((out_dir / EXPORT_JSON).read_text())["source"]
     except (OSError, ValueError, KeyError, TypeError):
-        held = {}
-    if held.get("checkpoint_sha256") == sha and (out_dir / MODEL_ONNX).exists():
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+def holds_other(out_dir: Path, checkpoint_path: Path) -> bool:
+    """Whether `out_dir` holds files that are not an export of `checkpoint_path` (by path, or by hash when it exists)."""
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        return False
+    held = held_export(out_dir)
+    if held.get("kind") == "checkpoint" and Path(held.get("checkpoint", "")).resolve() == checkpoint_path.resolve():
+        return False
+    return not (checkpoint_path.is_file() and held.get("checkpoint_sha256") == file_sha256(checkpoint_path))
+
+
+def check_folders(source: Path, out: Path, artifacts: Path, baseline: Path) -> None:
+    """Before anything runs: the QAT run goes to a folder of its own (never the source run's, whose checkpoint it
+    would overwrite), its export to a folder that is not the baseline's and holds nothing else."""
+    if out.resolve() == source.parent.resolve():
+        raise ValueError(f"--output-dir {out} is the source run: choose a new directory")
+    if out.is_dir() and any(out.iterdir()) and not _is_qat_run(out):
+        raise ValueError(f"{out} holds files that training.qat did not write: choose another --output-dir")
+    if artifacts.resolve() == baseline.resolve():
+        raise ValueError(f"--artifacts {artifacts} is the source run's export (--baseline-artifacts): choose another")
+    for folder, option, checkpoint in ((baseline, "--baseline-artifacts", source), (artifacts, "--artifacts", out / LAST)):
+        if holds_other(folder, checkpoint):
+            raise ValueError(f"{option} {folder} holds something other than an export of {checkpoint}: "
+                             f"choose another folder")
+
+
+def _is_qat_run(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "args.json").read_text()).get("qat"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_of(checkpoint_path: Path, out_dir: Path, log) -> Path:
+    """`out_dir/model.onnx` exported from `checkpoint_path` (training.onnx_export, as training.export does): reused
+    when out_dir's export.json names this very file (sha256); refused when out_dir holds anything else."""
+    if held_export(out_dir).get("checkpoint_sha256") == file_sha256(checkpoint_path) and (out_dir / MODEL_ONNX).exists():
         log(f"reusing {out_dir}: the export of {checkpoint_path}")
         return out_dir / MODEL_ONNX
-    same_file = held.get("kind") == "checkpoint" and Path(held.get("checkpoint", "")).resolve() == checkpoint_path.resolve()
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not same_file:
+    if holds_other(out_dir, checkpoint_path):
         raise ValueError(f"{out_dir} holds something other than an export of {checkpoint_path}: choose another folder")
     result = export_checkpoint(checkpoint_path, out_dir)
     log(f"exported {checkpoint_path} to {out_dir} (PyTorch vs ONNX Runtime: max |logits diff| {result.parity.max_abs_diff:.1e})")
@@ -203,6 +238,7 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir or f"{source.parent}-qat")
     artifacts = Path(args.artifacts or Path("artifacts") / out.name)
     baseline = Path(args.baseline_artifacts or Path("artifacts") / source.parent.name)
+    check_folders(source, out, artifacts, baseline)
     config = preprocess_from_checkpoint(checkpoint)
     data_args = data_arguments(checkpoint, args)
     held_out = args.held_out or data_args.val_dir
