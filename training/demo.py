@@ -23,6 +23,7 @@ from common.digits import write_digits_imagefolder
 from serving.health import SEEDS, number
 from serving.server import TritonServer
 from training import train
+from training.loop import RUN_RECORDS
 from training.onnx_export import export_checkpoint
 
 
@@ -38,6 +39,20 @@ def train_arguments(args: argparse.Namespace, train_dir: Path, val_dir: Path) ->
         "--threads", str(args.threads), "--seed", str(args.seed),
     ]
     return train.get_args_parser().parse_args(argv + ([] if args.progress else ["--no-progress"]))
+
+
+def clear_previous_run(run_dir: Path, train_dir: Path) -> bool:
+    """The demo trains afresh each time: the records of an earlier run in `run_dir` on these very digits go
+    (training.train refuses a new run in a run's folder); a run on other data stays, and training refuses it."""
+    try:
+        trained_on = Path(json.loads((run_dir / "args.json").read_text())["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if trained_on.resolve() != Path(train_dir).resolve():
+        return False
+    for name in RUN_RECORDS:
+        (run_dir / name).unlink(missing_ok=True)
+    return True
 
 
 def classify_served(repository: Path, files: list[tuple[str, str]], batch: int, log_file: Path) -> tuple[float, list]:
@@ -89,6 +104,8 @@ def main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     train_dir, val_dir = write_digits_imagefolder(args.data_root, size=args.image_size)
     print(f"== 1. data: {train_dir} and {val_dir}")
+    if clear_previous_run(args.run_dir, train_dir):
+        print(f"   (cleared the earlier demo run's checkpoints and metrics in {args.run_dir})")
     print(f"== 2. training -> {args.run_dir}")
     summary = train.main(train_arguments(args, train_dir, val_dir))
     trained_s = time.perf_counter() - started

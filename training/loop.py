@@ -1,10 +1,12 @@
 """The body of `python -m training.train`, as the steps a run goes through:
 
     run
+      check_run             what can be refused before anything is read or written (--amp, --output-dir)
       state.load_data       splits, samplers, loaders, the class table
       state.build_state     model, optimizer, LR schedule, loss, EMA, early stopping, teacher
       state.resume          a checkpoint's state back (--resume)
       write_run_files       labels.txt, preprocess.json, args.json
+      carry_records         resumed into another folder: the run's best.pt and metrics come along
       train_epochs          per epoch: freeze/unfreeze, train_and_evaluate, log, save_epoch, stop?
       finish                summary.json, the check that every rank holds the same weights
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from training import data, distributed, engine, networks
-from training.checkpoint import BEST, LAST, save_checkpoint
+from training.checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from training.logs import RunLog
 from training.state import Log, RunData, TrainState, build_state, epoch_checkpoint, load_data, resume
 
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed + ctx.rank)  # MixUp/CutMix and dropout differ per rank; weights come from rank 0
     # (DDP); image augmentation has its own seed per sample and epoch (data.ShardedSampler item_seeds)
     out = Path(args.output_dir)
+    check_run(args, ctx, out)
     log = (lambda text: tqdm.write(text)) if ctx.is_main else (lambda text: None)
 
     run_data = load_data(args, ctx, log)
@@ -45,12 +49,50 @@ def run(args: argparse.Namespace) -> dict:
     start_epoch, best_metrics = resume(args, ctx, state, run_data, log) if args.resume else (0, None)
     if ctx.is_main:
         write_run_files(out, args, run_data)
+        if args.resume:
+            carry_records(resolve_checkpoint_path(args.resume, prefer=LAST), start_epoch - 1, best_metrics, out, log)
     runlog = RunLog(out, ctx.is_main, args.tensorboard, resume=bool(args.resume), first_epoch=start_epoch)
     skipped = SkippedImages(ctx)
     last_epoch, best_metrics = train_epochs(args, ctx, run_data, state, runlog, skipped, start_epoch, best_metrics,
                                             out, log)
     runlog.close()
     return finish(args, ctx, run_data, state, skipped, out, start_epoch, last_epoch, best_metrics, teacher_top1, log)
+
+
+# The files that make a folder a run's: a new run there would overwrite its checkpoints and wipe its history.
+RUN_RECORDS = (LAST, BEST, "metrics.csv", "metrics.jsonl", "summary.json")
+
+
+def check_run(args: argparse.Namespace, ctx: distributed.Context, out: Path) -> None:
+    """Refuse, before anything is written, --amp fp16 without a GPU and a new run (no --resume) in a folder
+    that already holds one."""
+    if args.amp == "fp16" and ctx.device.type != "cuda":
+        raise ValueError("--amp fp16 needs a GPU; on CPU use --amp bf16 or none")
+    held = [name for name in RUN_RECORDS if (out / name).exists()]
+    if held and not args.resume:
+        raise ValueError(f"{out} already holds a run ({', '.join(held)}): --resume {out} to continue it, or "
+                         f"choose another --output-dir")
+
+
+def carry_records(resumed: Path, epoch: int, best: dict | None, out: Path, log: Log) -> None:
+    """A run resumed (from checkpoint `resumed` of `epoch`) into another folder brings its best.pt (the checkpoint
+    of its best epoch so far) and per-epoch metrics along, so that export and evaluation there read the best
+    epoch, not the last."""
+    source = resumed.parent
+    if source.resolve() == out.resolve():
+        return
+    for name in ("metrics.csv", "metrics.jsonl"):
+        if (source / name).is_file() and not (out / name).exists():
+            shutil.copy2(source / name, out / name)
+    if best is None or (out / BEST).exists():
+        return
+    origin = resumed if best["epoch"] == epoch else source / BEST
+    if origin != resumed and not (origin.is_file() and load_checkpoint(origin)["epoch"] == best["epoch"]):
+        log(f"no {BEST} of epoch {best['epoch']} (the best so far) beside {resumed}: {out / BEST} will be the best "
+            f"of the epochs trained from here")
+        return
+    shutil.copy2(origin, out / BEST)
+    log(f"carried {origin} over as {out / BEST} (epoch {best['epoch']}, the best so far)")
 
 
 def write_run_files(out: Path, args: argparse.Namespace, run_data: RunData) -> None:

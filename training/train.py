@@ -96,7 +96,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--early-stop-patience", type=number(int, 0), default=0, help="epochs without improvement, 0 = off (default: %(default)s)")
     r.add_argument("--early-stop-min-delta", type=number(float, 0), default=0.0, help="(default: %(default)s)")
     o = p.add_argument_group("run")
-    o.add_argument("--output-dir", default="runs/train", help="run directory (default: %(default)s)")
+    o.add_argument("--output-dir", default="runs/train", help="run directory; one holding a run only with "
+                   "--resume (default: %(default)s)")
     o.add_argument("--resume", default=None, help="continue from a checkpoint.pt or run directory, with that run's "
                    "arguments (only --session-epochs, --early-stop-patience/-min-delta, output, workers, device, threads "
                    "and logging may change, and the data folders' paths when they hold the run's images; an "
