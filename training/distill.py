@@ -18,6 +18,7 @@ from pathlib import Path
 
 from training import train
 from training.checkpoint import LAST
+from training.loop import RUN_RECORDS
 # the library's names stay importable as `training.distill.<name>`
 from training.distillation import Distiller, distillation_loss, imagenet_columns, load_teacher  # noqa: F401
 from training.distillation import check_preprocess, teacher_preprocess
@@ -50,6 +51,9 @@ def main(args: argparse.Namespace) -> dict:
     # before the student that trains alone, which would otherwise train in vain
     check_preprocess(args.teacher, teacher_preprocess(args.teacher), preprocess_from_args(args))
     out = Path(args.output_dir)
+    if args.resume is None and any((out / name / record).exists() for name in RUNS for record in RUN_RECORDS):
+        raise ValueError(f"{out} holds an earlier training.distill run: --resume {out} to continue it, or choose "
+                         f"another --output-dir")
     resume = resume_points(args.resume)
     runs = {}
     for name, teacher in zip(RUNS, (None, args.teacher)):
