@@ -4,12 +4,12 @@ the most confidently misclassified images (the first place to look for label err
     python -m training.evaluate --checkpoint runs/digits                   # the run's own val images
     python -m training.evaluate --artifacts artifacts/digits --data-dir data/digits/val   # the ONNX model
 
-Writes to --output-dir (default: <run>/eval or <artifacts>/eval): metrics.json (top-1, top-5,
-macro-F1, per-class precision / recall / F1 / support), confusion_matrix.csv (rows: true class, columns:
-predicted, in the model's class order; the first row and column name them), confused_pairs.csv (label, predicted, count, share of the label's
-images; most frequent first), misclassified.csv (path, label, predicted, confidence, probability of the
-label; most confident first), and last confusion_matrix.png: the labelled matrix up to LABELLED_CLASSES
-classes, above that the matrix without names beside the most confused pairs.
+Writes to --output-dir (default: <run>/eval or <artifacts>/eval): metrics.json (top-1, top-5, macro-F1,
+per-class precision / recall / F1 / support), confusion_matrix.csv (rows: true class, columns: predicted,
+in the model's class order; the first row and column name them), confused_pairs.csv (label, predicted,
+count, share of the label's images; most frequent first), misclassified.csv (path, label, predicted,
+confidence, probability of the label; most confident first), and last confusion_matrix.png: the labelled
+matrix up to LABELLED_CLASSES classes, above that the matrix without names beside the most confused pairs.
 Images go through the serving preprocess (decode_image + resize_and_crop + normalize). The class folders
 of --data-dir must be the model's class names, in any order.
 """

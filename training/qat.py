@@ -101,7 +101,8 @@ def held_export(out_dir: Path) -> dict:
 
 
 def holds_other(out_dir: Path, checkpoint_path: Path) -> bool:
-    """Whether `out_dir` holds files that are not an export of `checkpoint_path` (by path, or by hash when it exists)."""
+    """Whether `out_dir` holds files that are not an export of `checkpoint_path` (by path, or by hash when it
+    exists)."""
     if not (out_dir.is_dir() and any(out_dir.iterdir())):
         return False
     held = held_export(out_dir)
@@ -119,7 +120,8 @@ def check_folders(source: Path, out: Path, artifacts: Path, baseline: Path) -> N
         raise ValueError(f"{out} holds files that training.qat did not write: choose another --output-dir")
     if artifacts.resolve() == baseline.resolve():
         raise ValueError(f"--artifacts {artifacts} is the source run's export (--baseline-artifacts): choose another")
-    for folder, option, checkpoint in ((baseline, "--baseline-artifacts", source), (artifacts, "--artifacts", out / LAST)):
+    for folder, option, checkpoint in ((baseline, "--baseline-artifacts", source),
+                                       (artifacts, "--artifacts", out / LAST)):
         if holds_other(folder, checkpoint):
             raise ValueError(f"{option} {folder} holds something other than an export of {checkpoint}: "
                              f"choose another folder")
@@ -135,7 +137,8 @@ def _is_qat_run(folder: Path) -> bool:
 def export_of(checkpoint_path: Path, out_dir: Path, log) -> Path:
     """`out_dir/model.onnx` exported from `checkpoint_path` (training.onnx_export, as training.export does): reused
     when out_dir's export.json names this very file (sha256); refused when out_dir holds anything else."""
-    if held_export(out_dir).get("checkpoint_sha256") == file_sha256(checkpoint_path) and (out_dir / MODEL_ONNX).exists():
+    held = held_export(out_dir)
+    if held.get("checkpoint_sha256") == file_sha256(checkpoint_path) and (out_dir / MODEL_ONNX).exists():
         log(f"reusing {out_dir}: the export of {checkpoint_path}")
         return out_dir / MODEL_ONNX
     if holds_other(out_dir, checkpoint_path):
