@@ -2,32 +2,49 @@
 
     python -m clients.classify cat.jpg dog.png --protocol grpc --top-k 5
     python -m clients.classify photos/*.jpg --batch          # requests of up to max_batch_size images
-    python -m clients.classify photos/*.jpg --async          # one request per image, concurrently
+    python -m clients.classify photos/*.jpg --async          # one request per image, up to --concurrency at once
     python -m clients.classify cat.jpg --url http://127.0.0.1:8200
 
 Without --url: the server `make serve` started (its ports are in .run/tritonserver.json) while it
 runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
-image; exits non-zero if any image failed, naming it. A wrong or missing server is one line that says
-what answers at the URL and what to use instead. `make serve`'s server restricts model configuration:
---batch reads max_batch_size with the admin key it wrote (.run/admin.key), sent to that server only.
+image as the answers come, in argument order; exits non-zero if any image failed, naming it. A file
+that is not a regular file or is over the contract's max_image_bytes fails alone, unread; files are
+read one request at a time. A busy answer (the server's bounded queue is full) is retried a few times.
+A wrong or missing server is one line that says what answers at the URL and what to use instead; a
+server that goes away mid-run leaves the answers already printed and fails the rest. `make serve`'s
+server restricts model configuration: --batch reads max_batch_size with an admin key (--admin-key-file,
+$TRITON_ADMIN_KEY, else the one `make serve` wrote, sent to that server only), and without one sends
+requests of the deployment spec's default max_batch_size.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import random
 import re
+import socket
+import stat
 import sys
+import time
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageClassifierClient, ClassificationError,
-                            ImageClassifierClient, Prediction, ServerUnavailable)
+                            ImageClassifierClient, Prediction, ServerBusy, ServerUnavailable)
 from clients.endpoint import split_url
+from common.contract import ImageLimits
 from serving.access import read_key
 from serving.health import number
 from serving.server import served
 
 READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
+KEY_ENV = "TRITON_ADMIN_KEY"  # as serving/supervise.py and the manifests name it
+BUSY_RETRIES = 5  # a busy answer is retried this many times, about 0.1 s, 0.2 s, 0.4 s ... apart
+DEFAULT_CONCURRENCY = 8  # --async requests in flight: well below the committed spec's derived queues
+FILE_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+              stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,12 +61,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="send the images in as few requests as the model's max_batch_size allows")
     mode.add_argument("--async", dest="use_async", action="store_true",
                       help="one request per image, sent concurrently with asyncio")
+    p.add_argument("--concurrency", type=number(int, 1), default=DEFAULT_CONCURRENCY,
+                   help="--async: requests in flight at once (default: %(default)s)")
+    p.add_argument("--admin-key-file", default=None,
+                   help=f"file holding the server's admin key, for --batch to read max_batch_size (default: "
+                        f"${KEY_ENV}, else the key `make serve` wrote, for its server)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return p
 
 
 Outcome = list[Prediction] | ClassificationError
-Outcomes = list[tuple[str, Outcome]]  # one per argument, in order: a path given twice is classified twice
+Emit = Callable[[str, Outcome], None]  # called once per argument, in order: a path given twice is classified twice
 
 
 def server_url(url: str | None, protocol: str | None, running: dict | None) -> tuple[str, str]:
@@ -60,52 +82,109 @@ def server_url(url: str | None, protocol: str | None, running: dict | None) -> t
     return split_url((running or DEFAULT_URLS)[protocol], protocol)
 
 
-def read_images(paths: list[str]) -> list[tuple[str, bytes | ClassificationError]]:
-    """(path, bytes) per argument; a file that cannot be read is that image's failure, not the run's."""
-    images = []
-    for name in paths:
-        try:
-            images.append((name, Path(name).read_bytes()))
-        except OSError as exc:
-            status = READ_STATUS.get(type(exc), "INVALID_ARGUMENT")
-            images.append((name, ClassificationError(f"cannot read the file: {exc.strerror or exc}", status)))
-    return images
+def read_image(name: str, limit: int = ImageLimits.max_image_bytes) -> bytes | ClassificationError:
+    """The file's bytes; a file that cannot be read, is not a regular file (a FIFO, /dev/zero) or holds more
+    than `limit` bytes (the server would refuse it) is that image's failure, not the run's, and is not read."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    except OSError as exc:
+        status = READ_STATUS.get(type(exc), "INVALID_ARGUMENT")
+        return ClassificationError(f"cannot read the file: {exc.strerror or exc}", status)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in FILE_KINDS.items() if test(mode)), "not a file")
+            return ClassificationError(f"not a regular file ({kind})", "INVALID_ARGUMENT")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        return ClassificationError(f"over the image size limit of {limit} bytes (max_image_bytes)", "INVALID_ARGUMENT")
+    return data
 
 
-def classify_files(args: argparse.Namespace) -> Outcomes:
-    images = read_images(args.images)
-    readable = [data for _, data in images if isinstance(data, bytes)]
-    results = iter(_classify(args, readable) if readable else [])
-    return [(name, next(results) if isinstance(data, bytes) else data) for name, data in images]
-
-
-def _classify(args: argparse.Namespace, images: list[bytes]) -> list[Outcome]:
-    """One outcome per image, in order, as the chosen mode (one by one, --batch or --async) sends them.
-    ServerUnavailable is no image's fault: it is raised, once."""
+def classify_files(args: argparse.Namespace, emit: Emit) -> None:
+    """Each argument's outcome, in order, as the chosen mode (one by one, --batch or --async) gets it. Once
+    no server answers, the remaining images each fail with that ServerUnavailable, unsent."""
     if args.use_async:
-        return asyncio.run(_classify_async(args, images))
+        asyncio.run(_classify_async(args, emit))
+        return
     admin_key = getattr(args, "admin_key", None)
     with ImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key) as client:
         if args.batch:
-            return _batched(client, images, args.top_k)
-        return [outcome for image in images for outcome in _requested(client, [image], args.top_k)]
+            _emit_until_gone(args.images, _batched(client, args.images, args.top_k), emit)
+        else:
+            _emit_until_gone(args.images, _one_by_one(client, args.images, args.top_k), emit)
+
+
+def _emit_until_gone(names: list[str], outcomes: Iterable[Outcome], emit: Emit) -> None:
+    """Emits `outcomes`; once they raise ServerUnavailable, that error for each name left."""
+    done = 0
+    try:
+        for outcome in outcomes:
+            emit(names[done], outcome)
+            done += 1
+    except ServerUnavailable as gone:
+        for name in names[done:]:
+            emit(name, gone)
+
+
+def _one_by_one(client: ImageClassifierClient, names: list[str], top_k: int) -> Iterator[Outcome]:
+    for name in names:
+        image = read_image(name)
+        yield image if isinstance(image, ClassificationError) else _requested(client, [image], top_k)[0]
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before retry `attempt` (0, 1, ...) of a busy answer: doubling, jittered so retries spread out."""
+    return 0.1 * 2 ** attempt * random.uniform(0.5, 1.5)
 
 
 def _requested(client: ImageClassifierClient, images: list[bytes], top_k: int) -> list[Outcome]:
-    """One request: its answers, or its error blamed on the images the server names."""
+    """One request (a busy answer retried): its answers, or its error blamed on the images the server names."""
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            return client.classify(images, top_k)
+        except ServerUnavailable:
+            raise
+        except ServerBusy as exc:
+            if attempt == BUSY_RETRIES:
+                return _blame(len(images), exc)
+            time.sleep(_backoff(attempt))
+        except ClassificationError as exc:
+            return _blame(len(images), exc)
+
+
+def batch_size(client: ImageClassifierClient) -> int:
+    """The served model's max_batch_size; the deployment spec's default when the server restricts its config
+    and no admin key was given."""
     try:
-        return client.classify(images, top_k)
-    except ServerUnavailable:
-        raise
+        return max(1, client.max_batch_size())
     except ClassificationError as exc:
-        return _blame(len(images), exc)
+        if exc.status != "PERMISSION_DENIED":
+            raise
+    from build.repository.spec import DeploymentSpec
+
+    return DeploymentSpec.max_batch_size
 
 
-def _batched(client: ImageClassifierClient, images: list[bytes], top_k: int) -> list[Outcome]:
-    """Requests of at most the served model's max_batch_size images each."""
-    size = max(1, client.max_batch_size())
-    return [outcome for start in range(0, len(images), size)
-            for outcome in _requested(client, images[start:start + size], top_k)]
+def _batched(client: ImageClassifierClient, names: list[str], top_k: int) -> Iterator[Outcome]:
+    """Requests of at most max_batch_size images each, read a request at a time; a server that says its limit
+    is lower ("batch-size must be <= N") gets the rest in requests of N."""
+    size, start = batch_size(client), 0
+    while start < len(names):
+        chunk = [read_image(name) for name in names[start:start + size]]
+        readable = [data for data in chunk if isinstance(data, bytes)]
+        answers = _requested(client, readable, top_k) if readable else []
+        refused = answers and isinstance(answers[0], ClassificationError)
+        lower = re.search(r"batch-size must be <= (\d+)", str(answers[0])) if refused else None
+        if lower and 0 < int(lower[1]) < size:
+            size = int(lower[1])
+            continue
+        answers = iter(answers)
+        yield from (next(answers) if isinstance(data, bytes) else data for data in chunk)
+        start += len(chunk)
 
 
 def _blame(count: int, exc: ClassificationError) -> list[Outcome]:
@@ -115,49 +194,127 @@ def _blame(count: int, exc: ClassificationError) -> list[Outcome]:
     return [exc if (i in bad or not bad) else innocent for i in range(count)]
 
 
-async def _classify_async(args: argparse.Namespace, images: list[bytes]) -> list[Outcome]:
+class Window:
+    """At most `size` requests in flight; each busy answer takes one place away for good (down to one), since
+    the server's queue holds fewer than that: the retries then find room."""
+
+    def __init__(self, size: int):
+        self.size, self.withheld, self._slots = size, 0, asyncio.Semaphore(size)
+
+    def shrink(self) -> None:
+        if self.size > 1:
+            self.size, self.withheld = self.size - 1, self.withheld + 1
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+
+    async def __aexit__(self, *exc) -> None:
+        if self.withheld:
+            self.withheld -= 1
+        else:
+            self._slots.release()
+
+
+async def _classify_async(args: argparse.Namespace, emit: Emit) -> None:
+    """One request per image, at most args.concurrency in flight (fewer after busy answers, which are
+    retried); outcomes emitted in argument order as they complete."""
     admin_key = getattr(args, "admin_key", None)
     async with AsyncImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key) as client:
-        async def one(image: bytes) -> Outcome:
-            try:
-                return (await client.classify([image], args.top_k))[0]
-            except ClassificationError as exc:
-                return exc
+        window = Window(args.concurrency)
 
-        outcomes = list(await asyncio.gather(*(one(image) for image in images)))
-    unavailable = next((o for o in outcomes if isinstance(o, ServerUnavailable)), None)
-    if unavailable is not None:
-        raise unavailable
-    return outcomes
+        async def one(name: str) -> Outcome:
+            async with window:
+                image = read_image(name)
+                if isinstance(image, ClassificationError):
+                    return image
+                for attempt in range(BUSY_RETRIES + 1):
+                    try:
+                        return (await client.classify([image], args.top_k))[0]
+                    except ServerBusy as exc:
+                        if attempt == BUSY_RETRIES:
+                            return exc
+                        window.shrink()
+                        await asyncio.sleep(_backoff(attempt))
+                    except ClassificationError as exc:  # ServerUnavailable too: the caller stops at it
+                        return exc
+
+        tasks = [asyncio.create_task(one(name)) for name in args.images]
+        try:
+            for i, (name, task) in enumerate(zip(args.images, tasks)):
+                outcome = await task
+                emit(name, outcome)
+                if isinstance(outcome, ServerUnavailable):
+                    for later in tasks[i + 1:]:
+                        later.cancel()
+                    for later_name in args.images[i + 1:]:
+                        emit(later_name, outcome)
+                    return
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
-def report(outcomes: Outcomes, as_json: bool) -> int:
-    failures = 0
-    for name, outcome in outcomes:
+class Report:
+    """Prints each outcome as it comes and counts the failures. A server gone before anything was printed
+    is raised instead: the run's one line, not one per image."""
+
+    def __init__(self, as_json: bool):
+        self.as_json, self.printed, self.failures = as_json, 0, 0
+
+    def __call__(self, name: str, outcome: Outcome) -> None:
+        if isinstance(outcome, ServerUnavailable) and not self.printed:
+            raise outcome
+        self.printed += 1
         if isinstance(outcome, ClassificationError):
-            failures += 1
-            if as_json:
-                print(json.dumps({"image": name, "error": str(outcome), "status": outcome.status}))
+            self.failures += 1
+            if self.as_json:
+                print(json.dumps({"image": name, "error": str(outcome), "status": outcome.status}), flush=True)
             else:
-                print(f"{name}: ERROR ({outcome.status}): {outcome}", file=sys.stderr)
-            continue
-        if as_json:
-            print(json.dumps({"image": name, "top": [vars(p) for p in outcome]}))
+                print(f"{name}: ERROR ({outcome.status}): {outcome}", file=sys.stderr, flush=True)
+            return
+        if self.as_json:
+            print(json.dumps({"image": name, "top": [vars(p) for p in outcome]}), flush=True)
         else:
             print(name)
             for p in outcome:
                 print(f"  {p.score:7.2%}  {p.index:5d}  {p.label}")
-    return failures
+            sys.stdout.flush()
 
 
-def admin_key_for(url: str, running: dict | None) -> str | None:
-    """`make serve`'s admin key when `url` is that server's; no other server is sent it."""
-    return read_key() if running and url in (running["http"], running["grpc"]) else None
+def _addresses(host_port: str) -> set[str]:
+    """The IP addresses `host:port`'s host resolves to (none if it does not)."""
+    host, _, port = host_port.rpartition(":")
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)}
+    except (OSError, ValueError):
+        return set()
+
+
+def is_served(url: str, running: dict | None) -> bool:
+    """Whether `url` reaches the server `make serve` started, however its host is spelt (localhost, 127.0.0.1)."""
+    if not running:
+        return False
+    for recorded in (running["http"], running["grpc"]):
+        if url == recorded or (url.rpartition(":")[2] == recorded.rpartition(":")[2]
+                               and _addresses(url) & _addresses(recorded)):
+            return True
+    return False
+
+
+def admin_key_for(url: str, running: dict | None, key_file: str | None = None) -> str | None:
+    """--admin-key-file's key, else $TRITON_ADMIN_KEY, else `make serve`'s when `url` is that server's (no
+    other server is sent it)."""
+    if key_file:
+        key = read_key(Path(key_file))
+        if key is None:
+            raise ValueError(f"--admin-key-file {key_file}: no admin key there")
+        return key
+    return os.environ.get(KEY_ENV) or (read_key() if is_served(url, running) else None)
 
 
 def _served_hint(running: dict | None, url: str) -> str:
     """Where the server `make serve` started answers, when the request went elsewhere."""
-    if not running or url in (running["http"], running["grpc"]):
+    if not running or is_served(url, running):
         return ""
     return f" (the server `make serve` started: HTTP {running['http']}, gRPC {running['grpc']})"
 
@@ -165,11 +322,13 @@ def _served_hint(running: dict | None, url: str) -> str:
 def main(args: argparse.Namespace) -> int:
     running = served()
     args.protocol, args.url = server_url(args.url, args.protocol, running)
-    args.admin_key = admin_key_for(args.url, running)
+    args.admin_key = admin_key_for(args.url, running, args.admin_key_file)
+    report = Report(args.json)
     try:
-        return report(classify_files(args), args.json)
+        classify_files(args, report)
     except ServerUnavailable as exc:
         raise ServerUnavailable(f"{exc}{_served_hint(running, args.url)}") from None
+    return report.failures
 
 
 if __name__ == "__main__":
