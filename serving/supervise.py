@@ -15,8 +15,11 @@ meanwhile; `/live` and `/status` as the watchdog's. The probes of deploy/k8s poi
   A first start that exits before the server answers (a repository or a flag that fails) is not retried.
 - As PID 1 it reaps the processes orphaned to it.
 
-The admin key for model control comes from the environment (TRITON_ADMIN_KEY, as the manifests pass it to
-tritonserver's restricted-API flags), else from `--key-file`; with neither, no key is sent.
+Model control is never left open: a tritonserver command without the restricted-API flags (either protocol)
+gets them, for the APIs `make serve` restricts (serving.access.RESTRICTED), else anyone who reaches the port
+could load a python model, i.e. run code. The key is TRITON_ADMIN_KEY's (as deploy/k8s passes it), else
+`--key-file`'s, else a new one written to `--new-key-file` (0600, named in the log, removed on exit). A command
+that has its own flags is left as it is; the supervisor then sends TRITON_ADMIN_KEY or `--key-file`'s key.
 """
 from __future__ import annotations
 
@@ -26,12 +29,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+from typing import Callable
 
 import psutil
 
-from serving.access import key_file_headers, key_headers
+from serving.access import key_file_headers, key_headers, read_key, restricted_args, write_key
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
 from serving.health import bound_address, endpoint, host_port, number, port_number, positive, reachable
@@ -39,6 +45,7 @@ from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
 KEY_ENV = "TRITON_ADMIN_KEY"
+RESTRICTED_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")  # restricted_args' order
 
 
 def http_url(command: list[str]) -> str:
@@ -50,6 +57,29 @@ def http_url(command: list[str]) -> str:
         elif arg.startswith("--") and i + 1 < len(command) and not command[i + 1].startswith("--"):
             flags[arg[2:]] = command[i + 1]
     return host_port(reachable(bound_address(flags.get("http-address", "0.0.0.0"))), flags.get("http-port", "8000"))
+
+
+def is_tritonserver(command: list[str]) -> bool:
+    """Whether `command` starts tritonserver: the binary (any path) or the launcher, python -m serving.tritonserver."""
+    return Path(command[0]).name == "tritonserver" or "serving.tritonserver" in command[1:3]
+
+
+def missing_restrictions(command: list[str]) -> list[str]:
+    """The restricted-API flags (HTTP's, gRPC's) that a tritonserver `command` lacks; [] for any other command."""
+    if not is_tritonserver(command):
+        return []
+    return [f for f in RESTRICTED_FLAGS if not any(a == f or a.startswith(f + "=") for a in command)]
+
+
+def restrict(command: list[str], key: str) -> list[str]:
+    """`command` with the restricted-API flags it lacks, all guarded by `key`."""
+    missing = missing_restrictions(command)
+    return [*command, *(a for a in restricted_args(key) if a.split("=", 1)[0] in missing)]
+
+
+def default_key_file(command: list[str]) -> Path:
+    """Where a generated key goes: the temporary folder (writable under a read-only root), one per HTTP port."""
+    return Path(tempfile.gettempdir()) / f"triton-admin-{http_url(command).rsplit(':', 1)[1]}.key"
 
 
 class Supervisor:
@@ -199,6 +229,17 @@ class Supervisor:
             backoff = min(30.0, backoff * 2)
 
 
+def admin_key(key_file: str | None) -> tuple[str | None, Callable[[], dict[str, str]]]:
+    """The admin key given (TRITON_ADMIN_KEY, else `key_file`'s; None) and the HTTP headers that send it."""
+    key = os.environ.get(KEY_ENV)
+    if key:
+        return key, lambda: key_headers(key, "http")
+    if key_file:
+        headers = key_file_headers(key_file)  # refuses a file without a key
+        return read_key(Path(key_file)), headers
+    return None, dict
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
@@ -207,6 +248,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="times to start tritonserver again after it exits by itself; 0: exit with it, for a "
                         "container runtime or Kubernetes to restart (default: %(default)s)")
     p.add_argument("--key-file", default=None, help=f"admin key file, when ${KEY_ENV} is not set")
+    p.add_argument("--new-key-file", default=None,
+                   help=f"where a generated admin key is written (0600) when the server's command lacks the "
+                        f"restricted-API flags and neither ${KEY_ENV} nor --key-file gives one "
+                        f"(default: {tempfile.gettempdir()}/triton-admin-<http port>.key)")
     p.add_argument("--drain-timeout", type=positive(float), default=15.0,
                    help="seconds to wait for the ensembles' in-flight requests on SIGTERM (default: %(default)s)")
     p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between stub checks (default: %(default)s)")
@@ -219,13 +264,25 @@ def main(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ValueError("no server command: python -m serving.supervise [options] -- tritonserver ...")
-    key = os.environ.get(KEY_ENV)
-    if key:
-        headers = lambda: key_headers(key, "http")  # noqa: E731
-    elif args.key_file:
-        headers = key_file_headers(args.key_file)
-    else:
-        headers = dict
+    key, headers = admin_key(args.key_file)
+    missing, generated = missing_restrictions(command), None
+    if missing and not key:
+        generated = Path(args.new_key_file) if args.new_key_file else default_key_file(command)
+        key = write_key(generated)
+        log.info("admin key for model control, config, statistics, trace, logging, shared memory: %s", generated)
+        if RESTRICTED_FLAGS[0] in missing:
+            headers = lambda: key_headers(key, "http")  # noqa: E731
+    if missing:
+        command = restrict(command, key)
+    try:
+        return supervise(command, headers, args)
+    finally:
+        if generated is not None:
+            generated.unlink(missing_ok=True)
+
+
+def supervise(command: list[str], headers: Callable[[], dict[str, str]], args: argparse.Namespace) -> int:
+    """Run `command` under a Supervisor whose model-control calls carry `headers()`, with its endpoint."""
     supervisor = Supervisor(command, TritonAdmin(http_url(command), headers), args.restarts, args.drain_timeout,
                             interval_s=args.interval)
     # Set from another thread: the main thread may be inside the Event's own lock when the signal lands.

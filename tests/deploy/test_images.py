@@ -90,6 +90,30 @@ def test_images_start_the_supervisor_with_every_module_it_imports():
     assert supervise in (IMAGES / "Containerfile.gpu").read_text()
 
 
+def exec_form(text: str, instruction: str) -> list[str]:
+    """An ENTRYPOINT or CMD in exec form (a JSON list, continued over lines); [] when there is none."""
+    found = re.search(rf"^{instruction} (\[.*?\])$", text.replace("\\\n", " "), re.M)
+    return json.loads(found.group(1)) if found else []
+
+
+def test_every_server_command_line_in_deploy_keeps_model_control_behind_a_key():
+    """An open model-control API runs code (a python model loaded with its files): each image starts tritonserver
+    under serving.supervise, which adds the restricted-API flags a command lacks; the manifests are checked in
+    tests/deploy/test_kubernetes.py. A new file that starts a server must join one of these checks."""
+    from serving.supervise import missing_restrictions, restrict
+
+    for name in ("Containerfile.cpu", "Containerfile.gpu"):
+        text = (IMAGES / name).read_text()
+        line = exec_form(text, "ENTRYPOINT") + exec_form(text, "CMD")
+        assert line[:3] == ["python3", "-m", "serving.supervise"], name
+        server = line[line.index("--") + 1:]
+        assert server[0] == "tritonserver" and missing_restrictions(restrict(server, "k")) == [], name
+    starting = {str(p.relative_to(ROOT)) for p in (ROOT / "deploy").rglob("*")
+                if p.is_file() and "--model-control-mode" in p.read_text(errors="replace")}
+    assert starting == {"deploy/images/Containerfile.cpu", "deploy/images/Containerfile.gpu",
+                        "deploy/k8s/base/deployment.yaml", "deploy/kserve/servingruntime.yaml"}
+
+
 def test_gpu_image_is_the_pinned_ngc_tag_plus_pillow():
     text = (IMAGES / "Containerfile.gpu").read_text()
     tag = re.search(r"^ARG TRITON_TAG=(\S+)$", text, re.M).group(1)

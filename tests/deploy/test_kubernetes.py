@@ -259,6 +259,30 @@ def test_repository_and_credentials_come_from_config_and_secrets(rendered, targe
     assert [a for a in container["args"] if "restricted" in a] == expected
 
 
+def test_every_server_keeps_model_control_behind_a_key(rendered):
+    """The Deployment passes the restricted-API flags with the Secret's key, so serving.supervise adds no second
+    pair; KServe's runtime passes none, and serving.supervise adds them (the Secret's key if there is one)."""
+    from serving.supervise import missing_restrictions
+
+    servers = {}
+    for target, objects in rendered.items():
+        for obj in objects:
+            spec = obj.get("spec", {}).get("template", {}).get("spec", obj.get("spec", {}))
+            for container in spec.get("containers", []):
+                line = container.get("command", []) + container.get("args", [])
+                if "tritonserver" in line:
+                    servers[target] = (line, {e["name"]: e for e in container.get("env", [])})
+    assert set(servers) == {"cpu", "cpu-vnni", "gpu", "kserve"}
+    for target, (line, env) in servers.items():
+        assert line[:3] == ["python3", "-m", "serving.supervise"], target
+        ref = env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("triton-admin-key", "key"), target
+        server = line[line.index("tritonserver"):]
+        assert missing_restrictions(server) == ([] if target != "kserve" else ["--http-restricted-api",
+                                                                              "--grpc-restricted-protocol"]), target
+    assert servers["kserve"][1]["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
 def test_selectors_pick_the_server_pods(rendered, target):
     objects = rendered[target]

@@ -2,13 +2,17 @@
 itself killed with SIGKILL, and SIGTERM under load."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -16,7 +20,8 @@ import pytest
 
 from serving.server import SERVE_EXTRA_ARGS, Ports, TritonServer, free_port
 from serving.stubs import STUB, serving_stubs
-from serving.supervise import http_url
+from serving import access
+from serving.supervise import http_url, missing_restrictions, restrict
 from tests.serving.test_self_healing import Load, get, repository  # noqa: F401 (repository: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -27,13 +32,13 @@ class Supervised:
     """`python -m serving.supervise ... -- tritonserver ...` as the container runs it, on free loopback ports,
     serving a copy of `repository` in the log's folder (so that its stubs are told apart by their path)."""
 
-    def __init__(self, repository: Path, log: Path, restarts: int):
+    def __init__(self, repository: Path, log: Path, restarts: int, options: tuple[str, ...] = ()):
         self.repository = log.parent / "repo"
         shutil.copytree(repository, self.repository)
         self.ports, self.port = Ports.free(), free_port()
         server = TritonServer(self.repository, self.ports, extra_args=[*SERVE_EXTRA_ARGS, "--exit-timeout-secs=10"])
         self.command = [sys.executable, "-m", "serving.supervise", "--port", str(self.port), "--restarts",
-                        str(restarts), "--", *server.command()]
+                        str(restarts), *options, "--", *server.command()]
         self.log = log
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -198,3 +203,60 @@ def test_make_stop_stops_the_server_of_a_supervisor_that_was_killed(repository, 
                 process.kill()
             except psutil.Error:
                 pass
+
+
+def test_restrictions_are_added_to_a_tritonserver_command_that_lacks_them():
+    key, apis = "k", ",".join(access.RESTRICTED)
+    http, grpc = access.restricted_args(key)
+    assert restrict(["tritonserver", "--model-repository=/models"], key) == ["tritonserver", "--model-repository=/models",
+                                                                          http, grpc]
+    launcher = [sys.executable, "-m", "serving.tritonserver"]
+    assert restrict(launcher, key) == [*launcher, http, grpc]
+    own = f"--grpc-restricted-protocol={apis}:triton-admin-key=$(TRITON_ADMIN_KEY)"
+    assert restrict(["/opt/tritonserver/bin/tritonserver", own], key) == ["/opt/tritonserver/bin/tritonserver", own,
+                                                                          http]
+    assert missing_restrictions(["tritonserver", "--http-restricted-api", "x:h=v", own]) == []
+    assert missing_restrictions(["sh", "-c", "tritonserver"]) == []  # not tritonserver itself: left alone
+
+
+def post(url: str, body: dict, headers: dict | None = None) -> int:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_server_started_without_restricted_flags_gets_them_under_a_generated_key(repository, tmp_path):
+    """The images' and KServe's command line has no restricted-API flags: the supervisor adds them with a key it
+    makes (0600, named in its log), so an unauthenticated load of a python model (its code would run in the
+    server) and an unload are refused, while its own reload of a killed stub's model still heals it."""
+    key_file, marker = tmp_path / "admin.key", tmp_path / "ran"
+    code = base64.b64encode(f"open({str(marker)!r}, 'w').close()\nclass TritonPythonModel:\n    pass\n".encode())
+    exploit = {"parameters": {"config": json.dumps({"backend": "python", "max_batch_size": 0}),
+                              "file:1/model.py": code.decode()}}
+    with Supervised(repository, tmp_path / "supervise.log", restarts=0,
+                    options=("--new-key-file", str(key_file))) as supervised:
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert f"admin key for model control, config, statistics, trace, logging, shared memory: {key_file}" \
+            in supervised.log.read_text(errors="replace")
+        models = f"http://127.0.0.1:{supervised.ports.http}/v2/repository/models"
+        assert post(f"{models}/x/load", exploit) == 403
+        assert post(f"{models}/image_classifier/unload", {}) == 403
+        assert post(f"{models}/x/load", exploit, {access.KEY_HEADER: "wrong"}) == 403
+        with urllib.request.urlopen(f"http://127.0.0.1:{supervised.ports.http}/v2/models/image_classifier/ready") as r:
+            assert r.status == 200  # still loaded
+        assert post(f"{models}/image_classifier/load", {}, access.admin_headers(key_file, "http")) == 200
+
+        os.kill(serving_stubs(supervised.server_pid(), "classifier", 1)[0].pid, signal.SIGKILL)
+        codes = []
+        for _ in range(1200):
+            codes.append(supervised.ready())
+            if 503 in codes and codes[-1] == 200:
+                break
+            time.sleep(0.05)
+        assert 503 in codes and codes[-1] == 200, supervised.log.read_text(errors="replace")[-3000:]
+        supervised.process.send_signal(signal.SIGTERM)
+        assert supervised.process.wait(90) == 0
+    assert not marker.exists() and not key_file.exists()  # the key is of no use once its server is gone
