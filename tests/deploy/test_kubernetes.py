@@ -330,6 +330,19 @@ def adapter_rule(rendered) -> dict:
     return rule
 
 
+def test_adapter_rule_merges_rather_than_replaces_the_adapters_config(rendered):
+    """kube-prometheus ships ConfigMap monitoring/adapter-config (the resourceRules behind metrics.k8s.io:
+    `kubectl top`, CPU/memory HPAs), the Helm chart <release>-prometheus-adapter: ours replaces neither and holds
+    only the rule; the Helm values carry the same rule under rules.custom, which the chart adds to its own."""
+    config_map = one(rendered["prometheus-adapter"], "ConfigMap")
+    assert config_map["metadata"]["name"] not in ("adapter-config", "prometheus-adapter")
+    assert "prometheus-adapter" not in config_map["metadata"]["name"]
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert list(config) == ["rules"]  # no resourceRules/externalRules of ours to replace the cluster's
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "helm-values.yaml").read_text())
+    assert values == {"rules": {"custom": config["rules"]}}
+
+
 def test_hpa_metric_comes_from_a_recording_rule(rendered):
     rule = adapter_rule(rendered)
     series = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{.*\}", rule["seriesQuery"]).group(1)
