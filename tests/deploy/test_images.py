@@ -84,7 +84,7 @@ def test_images_start_the_supervisor_with_every_module_it_imports():
     copied_cpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "build-cpu.sh").read_text()))
     copied_gpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "Containerfile.gpu").read_text()))
     assert copied_cpu == copied_gpu == needed | {"__init__"}
-    assert re.search(r"psutil==7\.2\.2", (IMAGES / "Containerfile.gpu").read_text())
+    assert f"psutil=={pins(ROOT / 'requirements' / 'image.txt')['psutil']}" in (IMAGES / "Containerfile.gpu").read_text()
     supervise = '"python3", "-m", "serving.supervise", "--address=0.0.0.0", "--port=8003", "--", "tritonserver"'
     assert supervise in (IMAGES / "Containerfile.cpu").read_text()
     assert supervise in (IMAGES / "Containerfile.gpu").read_text()
@@ -112,6 +112,22 @@ def test_every_server_command_line_in_deploy_keeps_model_control_behind_a_key():
                 if p.is_file() and "--model-control-mode" in p.read_text(errors="replace")}
     assert starting == {"deploy/images/Containerfile.cpu", "deploy/images/Containerfile.gpu",
                         "deploy/k8s/base/deployment.yaml", "deploy/kserve/servingruntime.yaml"}
+
+
+# (NGC tag, requirements/image.txt's Pillow) -> the GPU image's: Pillow 13 needs Python 3.11, NGC 24.10 has 3.10;
+# 12.3.0, the newest for 3.10, preprocesses the bundled photos to the same bytes as 13.0.0.
+GPU_PILLOW = {("24.10-py3", "13.0.0"): "12.3.0"}
+
+
+def test_gpu_image_pins_what_the_tests_run():
+    """The GPU image's Pillow (the preprocess model's) and psutil are requirements/image.txt's, bar a pair listed in
+    GPU_PILLOW: a change of either side fails here until someone checks the other."""
+    text = (IMAGES / "Containerfile.gpu").read_text()
+    (install,) = re.findall(r"^RUN python3 -m pip install (.*)$", text, re.M)
+    gpu, image = dict(re.findall(r"\b([a-z]+)==(\S+)", install)), pins(ROOT / "requirements" / "image.txt")
+    tag = re.search(r"^ARG TRITON_TAG=(\S+)$", text, re.M).group(1)
+    assert set(gpu) == {"pillow", "psutil"} and gpu["psutil"] == image["psutil"]
+    assert gpu["pillow"] == GPU_PILLOW.get((tag, image["pillow"]), image["pillow"])
 
 
 def test_gpu_image_is_the_pinned_ngc_tag_plus_pillow():
