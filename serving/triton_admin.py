@@ -120,6 +120,13 @@ class TritonAdmin:
         except OSError:
             return False
 
+    def model_ready(self, model: str) -> bool:
+        """Whether `model` is loaded and ready (no key needed); False when the server does not answer."""
+        try:
+            return self._call(f"/v2/models/{model}/ready", timeout=2)[0] == 200
+        except OSError:
+            return False
+
     def live(self) -> bool:
         try:
             return self._call("/v2/health/live", timeout=2)[0] == 200

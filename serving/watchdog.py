@@ -13,8 +13,10 @@ because 2.51 takes a load of an unchanged model as a no-op; and it loads again a
 ready before and is not after (an ensemble: Triton issue #4828). Its own HTTP endpoint is the
 readiness to probe (Triton's cannot be made false from outside):
 
-    GET /ready    200 when Triton is ready and no model has a dead stub; 503 with the reason otherwise
-    GET /live     200 unless a reload failed `--max-failed-reloads` times in a row (then restart the server)
+    GET /ready    200 when the ensemble BUILD.json names is ready (else Triton's own readiness) and no model
+                  has a dead stub; 503 with the reason otherwise (after a drain too)
+    GET /live     200 unless a reload (or the repository index before it: a wrong key) failed
+                  `--max-failed-reloads` times in a row (then restart the server)
     GET /status   the whole state as JSON: crashes, reloads, degraded models, leaked versions
 
 A model version whose stub died inside a request is never freed by Triton 2.51; the watchdog kills its
@@ -34,16 +36,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
 from serving.access import admin_headers, key_file_headers
+from serving.cache import MANIFEST
 from serving.health import endpoint, number, port_number, positive
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
 from serving.triton_admin import LockTimeout, TritonAdmin, control_lock, drain, repository_of
@@ -62,6 +67,15 @@ class Crash:
 
 
 FAILED_CHECKS_BLIND = 3  # passes in a row that raised, after which readiness stops vouching for the stubs
+
+
+def served_models(repository: Path | None) -> list[str]:
+    """The model clients call (the ensemble the repository's BUILD.json names); [] where that is unknown. /ready
+    asks for it by name: Triton's own readiness is 200 with it unloaded (a drain) and 503 while a rollout loads."""
+    try:
+        return [json.loads((Path(repository) / MANIFEST).read_text())["spec"]["ensemble_name"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 class Watchdog:
@@ -84,6 +98,7 @@ class Watchdog:
         self._retire: list[tuple[float, str, set[int]]] = []  # (when, model, stubs of its replaced instances)
         self._handled: set[int] = set()
         self.repository = repository_of(server_pid)  # whose model-control lock reloads take
+        self.served = served_models(self.repository)  # what /ready also requires to be loaded
         self.lock_timeout_s = 600.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -113,8 +128,12 @@ class Watchdog:
         degraded = self.degraded()
         if degraded:
             return False, f"a python-backend stub died: {', '.join(degraded)} reloading"
-        if not self.admin.ready():
-            return False, "tritonserver is not ready"
+        if not self.served:
+            return (True, "ready") if self.admin.ready() else (False, "tritonserver is not ready")
+        # not Triton's own readiness: it is false while any version loads, a rollout's too
+        missing = [m for m in self.served if not self.admin.model_ready(m)]
+        if missing:
+            return False, f"{', '.join(missing)} is not ready (unloaded, drained, or the server does not answer)"
         return True, "ready"
 
     def status(self) -> dict:
@@ -193,9 +212,11 @@ class Watchdog:
         """Reload the models of the unrecovered crashes whose version is still loaded; False if a reload failed."""
         try:
             ready = self.admin.ready_versions()
-        except (RuntimeError, OSError, ValueError) as exc:
-            log.error("repository index failed: %s", exc)
-            return True
+        except (RuntimeError, OSError, ValueError) as exc:  # a wrong key: no reload can happen, so it failed
+            self.failed_reloads += 1
+            self.last_error = f"repository index failed: {exc}"
+            log.error("reload failed (%d in a row): %s", self.failed_reloads, self.last_error)
+            return False
         self._forget_unloaded(self._unrecovered(), ready)
         unrecovered = self._unrecovered()
         pending = {c.model for c in unrecovered if c.model}

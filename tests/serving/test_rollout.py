@@ -250,3 +250,40 @@ def test_model_control_errors_say_what_to_do(served):
         api.load("no_such_model")
     with pytest.raises(rollout.RolloutError, match=r"no server answers at .*start one \(make serve\)"):
         rollout.Server(f"127.0.0.1:{free_port()}").ready_versions("classifier")
+
+
+def test_readiness_holds_through_a_rollout_and_says_when_the_ensemble_is_drained(served, tiny_artifacts, tmp_path):
+    """The watchdog's /ready asks for the ensemble BUILD.json names, not Triton's own readiness (200 with it
+    unloaded, 503 while any version loads): never 503 through a rollout, a rollback and an A/B test, which leave
+    it loaded; 503 with the reason once a drain unloaded it, 200 once it is loaded again."""
+    from serving.triton_admin import drain
+    from serving.watchdog import Watchdog
+
+    repo, api, server = served
+    watchdog = Watchdog(server.process.pid, api.admin)
+    assert watchdog.served == [repo.ensemble] and watchdog.readiness() == (True, "ready")
+    not_ready, stop = [], threading.Event()
+
+    def poll():
+        while not stop.wait(0.02):
+            ready, reason = watchdog.readiness()
+            if not ready:
+                not_ready.append(reason)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
+        assert rollout.add(repo, api, good, None, {"agreement": 0.99, "accuracy_drop": 0.01}) == 2
+        assert rollout.rollback(repo, api) == 1
+        rollout.ab_start(repo, api, _candidate(tiny_artifacts, tmp_path / "ab", 1.1), None)
+        rollout.ab_stop(repo, api)
+    finally:
+        stop.set()
+        poller.join()
+    assert not_ready == []
+    assert drain(api.admin).drained == [repo.ensemble]
+    assert watchdog.readiness() == (False, f"{repo.ensemble} is not ready (unloaded, drained, or the server does "
+                                           "not answer)")
+    api.load(repo.ensemble)
+    assert watchdog.readiness() == (True, "ready")

@@ -197,6 +197,35 @@ def test_the_watchdog_works_without_a_key_and_sees_the_server_exit(repository, t
     assert not watchdog._thread.is_alive() and not watchdog.live()  # the server is gone: not live
 
 
+def test_a_watchdog_with_the_wrong_key_counts_failed_reloads_and_backs_off(repository, tmp_path):
+    """A watchdog whose key the server refuses cannot even read the repository index: that is a failed reload
+    like any other (counted, backed off, the error kept), so /ready stays 503 and /live turns 503 after
+    `max_failed_reloads`, rather than the watchdog retrying every pass with nothing counted and /live 200."""
+    from serving.watchdog import Watchdog
+
+    key = access.write_key(tmp_path / "admin.key")
+    server = TritonServer(repository, log_file=tmp_path / "tritonserver.log",
+                          extra_args=[*SERVE_EXTRA_ARGS, *access.restricted_args(key)]).start()
+    watchdog = None
+    try:
+        admin = TritonAdmin(server.http_url, lambda: access.key_headers("not-" + key, "http"))
+        watchdog = Watchdog(server.process.pid, admin, interval_s=0.05).start()
+        os.kill(serving_stubs(server.process.pid, "preprocess", 1)[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while watchdog.live() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the next try is 8 s away: without a backoff the count would go on rising
+        status = watchdog.status()
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        server.stop()
+    assert not status["live"] and status["failed_reloads"] == watchdog.max_failed_reloads, status
+    assert "repository index failed" in status["last_error"] and "HTTP 403" in status["last_error"], status
+    assert not status["ready"] and status["reason"] == "a python-backend stub died: preprocess reloading"
+    assert status["reloads"] == 0
+
+
 HOLD_LOCK = """
 import sys
 from pathlib import Path
