@@ -28,6 +28,7 @@ from serving.health import address_family, bound_address, host_port, number, por
 from serving.tritonserver import LOOPBACK, address_flags
 
 RUN_DIR = Path(".run")
+START_LOCK = "serve.lock"  # held by `make serve` while it starts a server (start_lock)
 log = logging.getLogger("serving.server")
 
 
@@ -169,15 +170,19 @@ class TritonServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 120.0, detach: bool = False) -> "TritonServer":
+    def check(self) -> None:
+        """ServerError for what would stop the start: no repository, or a port taken (another server there
+        would answer the readiness probe for this one)."""
         if not self.model_repository.is_dir():
             raise ServerError(f"no model repository at {self.model_repository}: run `make engines` first")
-        # Another server on these ports would answer the readiness probe for this one.
         taken = self.ports.in_use(self.address)
         if taken:
             raise ServerError(f"{', '.join(taken)} on {self.address} already in use (another server?): stop it, or "
                               "choose other ports (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...; "
                               "python -m clients.demo --http-port ...)")
+
+    def start(self, timeout: float = 120.0, detach: bool = False) -> "TritonServer":
+        self.check()
         project_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
@@ -337,26 +342,53 @@ def _port_taken(host: str, port: int) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def start_lock(run_dir: Path):
+    """Hold `<run_dir>/serve.lock` (flock, with the holder's pid in it) for a whole `make serve` start: a second
+    start meanwhile is refused, naming the first, before it touches the log or the admin key."""
+    import fcntl
+
+    run_dir.mkdir(exist_ok=True)
+    path = run_dir / START_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ServerError(f"another `make serve` (pid {holder}) is starting a server in {run_dir}: wait for it, "
+                              "or `make stop` once it is up") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def serve(args: argparse.Namespace) -> dict:
+    with start_lock(RUN_DIR):
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> dict:
+    """Refusals first: a start refused touches none of the files of the server it found."""
     state = _state_file()
     if served() is not None:
         raise ServerError(f"a server started by `make serve` is already running ({state}); `make stop` first")
-    RUN_DIR.mkdir(exist_ok=True)
+    watchdog_port, restarts = getattr(args, "watchdog_port", 0), getattr(args, "restarts", 0)
+    supervisor = supervisor_command(args.address, watchdog_port, restarts, access.KEY_FILE) if watchdog_port else None
     log_file = RUN_DIR / "tritonserver.log"
+    server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
+                          address=args.address, log_file=log_file, supervisor=supervisor)
+    server.check()
+    if watchdog_port and _port_taken(args.address, watchdog_port):
+        raise ServerError(f"watchdog port {watchdog_port} on {args.address} already in use: make serve "
+                          "WATCHDOG_PORT=..., or --watchdog-port 0 for a bare tritonserver")
     log_file.write_bytes(b"")
     # A fresh admin key per start guards model control, config, statistics, ... (serving/access.py).
     key = access.write_key(access.KEY_FILE)
-    extra_args = [*SERVE_EXTRA_ARGS, *access.restricted_args(key),
-                  *cache_args(repository_cache_mb(args.model_repository))]
-    watchdog_port, restarts = getattr(args, "watchdog_port", 0), getattr(args, "restarts", 0)
-    supervisor = supervisor_command(args.address, watchdog_port, restarts, access.KEY_FILE) if watchdog_port else None
-    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
-    if watchdog_port and _port_taken(args.address, watchdog_port) and not ports.in_use(args.address):
-        access.remove_key(access.KEY_FILE)
-        raise ServerError(f"watchdog port {watchdog_port} on {args.address} already in use: make serve "
-                          "WATCHDOG_PORT=..., or --watchdog-port 0 for a bare tritonserver")
-    server = TritonServer(args.model_repository, ports, address=args.address, log_file=log_file,
-                          extra_args=extra_args, supervisor=supervisor)
+    server.extra_args = [*SERVE_EXTRA_ARGS, *access.restricted_args(key),
+                         *cache_args(repository_cache_mb(args.model_repository))]
     try:
         server.start(timeout=args.timeout, detach=True)
         ready = f"http://{host_port(reachable(args.address), watchdog_port)}/ready"

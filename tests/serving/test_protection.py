@@ -203,3 +203,42 @@ def test_make_serve_makes_a_key_its_clients_use_and_make_stop_removes_it(tiny_re
         stop = make(tmp_path, "stop")
     assert stop.returncode == 0, stop.stderr
     assert not key_file.exists()
+
+
+@pytest.mark.slow
+def test_a_second_start_while_the_first_is_starting_leaves_its_key_and_log_alone(tiny_repository, tmp_path):
+    """`make serve` twice at once: the second is refused in one line naming the first, before it writes
+    anything, so the first comes up with the key in .run/admin.key and its log whole."""
+    import time
+
+    from serving.server import free_port
+
+    ports = Ports.free()
+    cli = [sys.executable, "-m", "serving.server", "start", "--model-repository", str(tiny_repository),
+           "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+           "--watchdog-port", str(free_port())]
+    key_file, log_file = tmp_path / access.KEY_FILE, tmp_path / ".run" / "tritonserver.log"
+    first = subprocess.Popen(cli, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (log_file.exists() and log_file.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        key, logged = access.read_key(key_file), log_file.read_bytes()
+        assert key and logged and first.poll() is None
+        second = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert first.poll() is None, "the first start ended before the second was tried"
+        assert second.returncode == 1 and second.stderr.splitlines() == [
+            f"serving.server: another `make serve` (pid {first.pid}) is starting a server in .run: wait for it, "
+            "or `make stop` once it is up"], second.stderr
+        assert access.read_key(key_file) == key and log_file.read_bytes().startswith(logged)
+        out, err = first.communicate(timeout=200)
+        assert first.returncode == 0, err
+        config = f"http://127.0.0.1:{ports.http}/v2/models/{MODEL}/config"
+        assert http_status(config, headers=access.key_headers(access.read_key(key_file), "http")) == 200
+        assert access.read_key(key_file) == key
+    finally:
+        if first.poll() is None:  # let it finish, so that stop finds the server it started
+            first.communicate(timeout=200)
+        stop = subprocess.run([sys.executable, "-m", "serving.server", "stop"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
