@@ -171,12 +171,14 @@ class Server:
 
 
 def served_server(url: str | None) -> tuple[Server, Path | None]:
-    """The server to act on (--url, else the one `make serve` started) and its repository when known."""
+    """The server to act on (--url, else the one `make serve` started) and its repository when known: only
+    `make serve`'s own, so that another server's versions are never moved in the wrong repository."""
     from serving.server import served
 
     info = served()
     if url:
-        return Server(url.removeprefix("http://")), Path(info["model_repository"]) if info else None
+        http = url.removeprefix("http://")
+        return Server(http), Path(info["model_repository"]) if info and info["http"] == http else None
     if info is None:
         raise RolloutError("no server started by `make serve` is running: start one, or pass --url and --repository")
     return Server(info["http"]), Path(info["model_repository"])
@@ -528,7 +530,8 @@ def main(args: argparse.Namespace) -> object:
             pass
     path = args.repository or served_repo
     if path is None:
-        raise RolloutError("which repository? pass --repository (the server at --url was not started by make serve)")
+        raise RolloutError("which repository? pass --repository (the server at --url is not the one make serve "
+                           "started)")
     repo = Repository.open(path)
     if args.action == "status":
         result = status(repo, server)

@@ -287,3 +287,32 @@ def test_readiness_holds_through_a_rollout_and_says_when_the_ensemble_is_drained
                                            "not answer)")
     api.load(repo.ensemble)
     assert watchdog.readiness() == (True, "ready")
+
+
+def test_a_url_other_than_make_serves_needs_its_repository(repository, tmp_path):
+    """`--url` naming another server than the one `make serve` recorded does not borrow that one's repository
+    (a rollback would move versions in the wrong one): it asks for --repository, in one line."""
+    from serving.server import free_port
+
+    run = tmp_path / "cwd"
+    (run / ".run").mkdir(parents=True)
+    # the recorded server: a process that passes for tritonserver, serving `repository` on another port
+    recorded = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tritonserver"])
+    try:
+        (run / ".run" / "tritonserver.json").write_text(json.dumps(
+            {"pid": recorded.pid, "http": f"127.0.0.1:{free_port()}", "model_repository": str(repository.path)}))
+        other = f"127.0.0.1:{free_port()}"
+        cli = [sys.executable, "-m", "serving.rollout", "--url", other]
+        env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+        refused = subprocess.run([*cli, "status"], cwd=run, env=env, capture_output=True, text=True, timeout=60)
+        given = subprocess.run([*cli, "--repository", str(repository.path), "status"], cwd=run, env=env,
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        recorded.kill()
+        recorded.wait()
+    assert refused.returncode == 1 and refused.stdout == "" and refused.stderr.splitlines() == [
+        "serving.rollout: which repository? pass --repository (the server at --url is not the one make serve "
+        "started)"], (refused.stdout, refused.stderr)
+    assert given.returncode == 0, given.stderr
+    status = json.loads(given.stdout)
+    assert status["repository"] == str(repository.path) and status["server"].startswith(f"no server answers at {other}")
