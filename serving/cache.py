@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from serving.triton_admin import MANIFEST
 from serving.tritonserver import locate_server
 
-MANIFEST = "BUILD.json"  # what build.engines writes beside the models (build.repository.writer)
 
 
 def cache_directory() -> Path:

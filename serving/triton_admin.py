@@ -21,6 +21,7 @@ import psutil
 
 RELOAD_PARAMETER = "watchdog_reload"
 LOCK_FILE = ".model-control.lock"  # in the model repository's folder
+MANIFEST = "BUILD.json"  # what build.engines writes beside the models (build.repository.writer)
 _held: dict[Path, int] = {}  # locks this process holds, and how deep (the lock is re-entrant in a process)
 
 

@@ -48,10 +48,9 @@ from pathlib import Path
 import psutil
 
 from serving.access import admin_headers, key_file_headers
-from serving.cache import MANIFEST
 from serving.health import endpoint, number, port_number, positive
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
-from serving.triton_admin import LockTimeout, TritonAdmin, control_lock, drain, repository_of
+from serving.triton_admin import MANIFEST, LockTimeout, TritonAdmin, control_lock, drain, repository_of
 
 log = logging.getLogger("watchdog")
 
