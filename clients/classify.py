@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator
 from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageClassifierClient, ClassificationError,
                             ImageClassifierClient, Prediction, ServerBusy, ServerUnavailable)
 from clients.endpoint import split_url
-from common.contract import ImageLimits
+from common.contract import MAX_BATCH_SIZE, ImageLimits
 from serving.access import read_key
 from serving.health import number
 from serving.server import served
@@ -164,9 +164,7 @@ def batch_size(client: ImageClassifierClient) -> int:
     except ClassificationError as exc:
         if exc.status != "PERMISSION_DENIED":
             raise
-    from build.repository.spec import DeploymentSpec
-
-    return DeploymentSpec.max_batch_size
+    return MAX_BATCH_SIZE
 
 
 def _batched(client: ImageClassifierClient, names: list[str], top_k: int) -> Iterator[Outcome]:

@@ -19,6 +19,7 @@ BATCH_AXIS = "batch"
 IMAGE = "IMAGE"  # BYTES [batch, 1]: one encoded image per item
 PROBABILITIES = "PROBABILITIES"  # FP32 [batch, classes]
 PIXELS = "PIXELS"  # preprocess -> classifier: the normalised batch
+MAX_BATCH_SIZE = 32  # the served models' default max_batch_size (the spec can change it; README's API)
 
 # ---- models in the repository (the deployment spec's defaults) ----------------------------------
 ENSEMBLE = "image_classifier"

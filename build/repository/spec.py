@@ -97,7 +97,7 @@ class DeploymentSpec:
     # (python-onnxruntime only): no inter-process tensor hop per batch (docs/benchmarks.md).
     pipeline: str = "ensemble"
     precision: str = "fp32"
-    max_batch_size: int = 32
+    max_batch_size: int = contract.MAX_BATCH_SIZE
     preprocess: StageSpec = dataclasses.field(
         default_factory=lambda: StageSpec(instances=2, preferred_batch_sizes=[4, 8], threads=1)
     )
