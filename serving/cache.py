@@ -14,7 +14,6 @@ from serving.triton_admin import MANIFEST
 from serving.tritonserver import locate_server
 
 
-
 def cache_directory() -> Path:
     return locate_server().binary.parent.parent / "caches"
 
