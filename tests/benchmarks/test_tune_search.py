@@ -207,3 +207,38 @@ def test_a_failed_candidate_keeps_what_perf_analyzer_said(capsys):
     row = next(i for i, line in enumerate(lines) if "ERROR perf_analyzer failed (exit 3)" in line)
     assert lines[row + 1:row + 4] == ["    Batch size: 1", "    Thread [0] had error: failed to connect",
                                       "    request failed"]
+
+
+def scripted(runs: dict[int, list[tuple[float, float]]]):
+    """measure(spec) returning, per classifier instance count, its (throughput, p99 ms) runs in turn."""
+    def measure(s):
+        throughput, p99 = runs[s.classifier.instances].pop(0)
+        return Result(throughput, 40.0, p99)
+    return measure
+
+
+def test_one_slow_repeat_does_not_push_the_best_over_the_budget():
+    """The best's p99s 95, 99, 112, 96 (mean 100.5, median 97.5) against a 100 ms budget while a
+    candidate 5 % faster in its first run loses the repeats: the best is kept, not `nothing written`
+    (judged by the mean, the one slow window took it over and the search returned None)."""
+    spec = DeploymentSpec(classifier={"instances": 2, "threads": 1})
+    measure = scripted({2: [(120, 95), (118, 99), (121, 112), (120, 96)],
+                        3: [(126, 96), (119, 97), (118, 98), (119, 97)]})
+    best, trials = tune.search(spec, {"classifier.layout": [[3, 1]]}, measure, budget_ms=100, min_gain=0.03,
+                               max_candidates=10)
+    assert trials[0].p99_ms == pytest.approx(100.5) and trials[0].p99_median_ms == pytest.approx(97.5)
+    assert best is not None and best.classifier.instances == 2 and trials[0].chosen and trials[0].feasible
+
+
+def test_a_best_its_repeats_take_over_the_budget_gives_way_to_the_fastest_within_it():
+    """The baseline (2 instances) goes over the budget in its repeats against a candidate (1 instance)
+    that loses them; a slower configuration tried before (3 instances, within budget) is what is kept."""
+    spec = DeploymentSpec(classifier={"instances": 2, "threads": 1})
+    measure = scripted({2: [(120, 95), (120, 120), (120, 120)],
+                        3: [(110, 90)],
+                        1: [(130, 96), (128, 125), (128, 125)]})
+    best, trials = tune.search(spec, {"classifier.layout": [[3, 1], [1, 1]]}, measure, budget_ms=100,
+                               min_gain=0.03, max_candidates=10)
+    assert [t.runs for t in trials] == [3, 1, 3] and not trials[0].feasible and not trials[2].feasible
+    assert best is not None and best.classifier.instances == 3
+    assert [t.chosen for t in trials] == [False, True, False]
