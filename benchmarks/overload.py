@@ -22,7 +22,8 @@ arrive spread over time (users in step send one burst of every user per period, 
 mostly turns away while the server idles between bursts: Locust's constant_pacing counts its first
 period from the user's creation, so it brings randomly started users back into step after one period);
 a user whose request takes longer than a period skips the slots it missed, so the rate actually sent
-is reported beside the rate offered, and so is the largest burst (requests started in any 100 ms). Between loads, the server's
+(every request started, those still unanswered when Locust stops included) is reported beside the
+rate offered, and so is the largest burst (requests started in any 100 ms). Between loads, the server's
 queues drain (its pending-request gauge reaches 0). Writes overload.csv, overload.md (the machine,
 figures and ratios) and overload.png to --out.
 
@@ -81,6 +82,11 @@ class Outcomes:
 
     @property
     def sent(self) -> int:
+        """Every request started, answered or not (those still waiting when Locust quit have no latency)."""
+        return len(self.sends)
+
+    @property
+    def answered(self) -> int:
         return sum(len(v) for v in self.latencies.values())
 
     def largest_burst(self, window_s: float = BURST_WINDOW_S) -> int:
@@ -286,6 +292,7 @@ class Row:
     full_p99_ms: float  # busy answers for a full queue
     busy_after_preprocess: int = 0  # of busy: turned away by the classifier, after preprocessing
     largest_burst: int = 0  # requests started within any BURST_WINDOW_S: how spread the arrivals were
+    answered_rps: float = 0.0  # accepted + busy + errors; sent_rps less this: still waiting when Locust quit
 
     @classmethod
     def of(cls, config: str, load: float, users: int, offered: float, o: Outcomes,
@@ -295,7 +302,7 @@ class Row:
                    o.percentile_ms("accepted", 50), o.percentile_ms("accepted", 99),
                    o.percentile_ms("busy", 50), o.percentile_ms("busy", 99),
                    float(np.percentile(o.busy["queue full"], 99) * 1000) if o.busy["queue full"] else float("nan"),
-                   after_preprocess, o.largest_burst())
+                   after_preprocess, o.largest_burst(), o.answered / o.seconds)
 
 
 # the servers whose stubs' priorities differ from bounded's: what each comparison shows, and its extra figures
@@ -379,7 +386,7 @@ def plot(rows: list[Row], path: Path) -> None:
         mine = {r.load: r for r in rows if r.config == config}
         x = [loads.index(load) + (i - (len(shown) - 1) / 2) * width for load in mine]
         accepted = [r.accepted_rps for r in mine.values()]
-        turned = [r.sent_rps - r.accepted_rps for r in mine.values()]  # busy (+ error) req/s
+        turned = [r.answered_rps - r.accepted_rps for r in mine.values()]  # busy (+ error) req/s
         late = [t * r.busy_after_preprocess / r.busy if r.busy else 0.0 for t, r in zip(turned, mine.values())]
         first = i == 0  # one legend entry per kind
         right.bar(x, accepted, width, color="C0", edgecolor="white", label="accepted" if first else None)
