@@ -6,7 +6,10 @@
 
 One `locust --headless` process per (user class, user count): all users spawn at once, statistics
 are reset after spawning, the run stops after --run-time seconds. Its `_stats.csv` is parsed into a
-LocustResult (throughput, p50/p90/p99 in ms, failures); `<user class>_u<users>_stats.csv`,
+LocustResult (requests, failures and req/s as Locust counts them, failures included); p50/p90/p99 and
+the mean in ms are numpy's over the successful requests' latencies the locustfile writes
+(`_latencies.txt`), not Locust's, which are rounded to its buckets (two significant digits above
+100 ms) and count the failures' latencies too; `<user class>_u<users>_stats.csv`,
 `_failures.csv` and the `.html` report stay in --out, and locust.json lists every run's LocustResult
 with the machine they ran on. Triton users call the ensemble the repository's BUILD.json names (or
 --triton-model).
@@ -21,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks import report
 from benchmarks.workload import ENCODINGS
@@ -54,7 +59,17 @@ def locust_command(user_class: str, host: str, users: int, run_time_s: int, pref
     return [binary, "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users), "-r", str(users),
             "-t", f"{run_time_s}s", "--stop-timeout", "10", "--reset-stats", "--only-summary",
             "--csv", str(prefix), "--html", f"{prefix}.html", "--photos", photos, "--triton-model", triton_model,
-            "--loglevel", "WARNING", user_class]
+            "--latencies-file", f"{prefix}_latencies.txt", "--loglevel", "WARNING", user_class]
+
+
+def with_success_latencies(result: LocustResult, latencies_ms) -> LocustResult:
+    """`result` with p50/p90/p99 and the mean from the successful requests' latencies (ms) rather than
+    Locust's bucket-rounded figures over every request; 0 where no request succeeded."""
+    ms = np.asarray(latencies_ms, dtype=float)
+    if not ms.size:
+        return dataclasses.replace(result, p50_ms=0.0, p90_ms=0.0, p99_ms=0.0, avg_ms=0.0)
+    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+    return dataclasses.replace(result, p50_ms=p50, p90_ms=p90, p99_ms=p99, avg_ms=float(ms.mean()))
 
 
 def parse_stats(path: str | Path, user_class: str, users: int) -> LocustResult:
@@ -97,6 +112,7 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
     prefix = out / f"{tag}{user_class}_u{users}"
     history, log_path = Path(f"{prefix}_stats_history.csv"), Path(f"{prefix}.log")
     history.unlink(missing_ok=True)
+    Path(f"{prefix}_latencies.txt").unlink(missing_ok=True)
     cmd = locust_command(user_class, host, users, run_time_s, prefix, photos, triton_model)
     deadline = time.monotonic() + run_time_s + 90
     usage = Usage()
@@ -128,7 +144,10 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
     result = parse_stats(stats, user_class, users)
     if result.requests == 0:
         raise LocustError(f"locust recorded no requests (exit {process.returncode}):\n{output[-1500:]}")
-    return result, usage
+    latencies = Path(f"{prefix}_latencies.txt")
+    if not latencies.exists():
+        raise LocustError(f"locust wrote no {latencies.name} (exit {process.returncode}):\n{output[-1500:]}")
+    return with_success_latencies(result, [float(x) for x in latencies.read_text().split()]), usage
 
 
 def ensemble_name(repository: str | Path) -> str:

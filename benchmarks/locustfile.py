@@ -11,7 +11,9 @@ and asks for the top `--top-k`; a request whose answer does not hold k predictio
 Triton users call the ensemble `--triton-model` (the spec's `ensemble_name`). `--seed` makes the
 photo order repeatable: the n-th user started draws from its own stream, seeded by (seed, n).
 Triton requests are reported to Locust's statistics by hand (request_type grpc/http); the FastAPI
-user is Locust's own FastHttpUser.
+user is Locust's own FastHttpUser. `--latencies-file PATH` writes every successful request's latency
+(ms, one a line; those before a --reset-stats reset left out) at quit: Locust's own percentiles are
+rounded to its buckets and count failures too (benchmarks.locust_run computes them from this file).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def _add_arguments(parser) -> None:
                         help="random photo order seed, a 64-bit signed integer (default: 0)")
     parser.add_argument("--triton-model", default=DEFAULT_MODEL,
                         help=f"the ensemble Triton users call (default: {DEFAULT_MODEL})")
+    parser.add_argument("--latencies-file", default="",
+                        help="write each successful request's latency (ms) here at quit (default: none)")
 
 
 @events.init.add_listener
@@ -43,6 +47,31 @@ def _load_photos(environment, **_kwargs) -> None:
     options = environment.parsed_options
     environment.benchmark_photos = list(load_photos(options.photos if options else "jpeg").items())
     environment.benchmark_users_started = 0
+    _record_latencies(environment)
+
+
+def _record_latencies(environment) -> None:
+    """Keep each successful request's latency (ms) in environment.benchmark_latencies_ms, from Locust's
+    statistics reset on (--reset-stats, when spawning completes) and write them to --latencies-file at quit."""
+    kept = environment.benchmark_latencies_ms = []
+
+    def on_request(response_time, exception=None, **_kwargs) -> None:
+        if exception is None:  # a success; Triton's users and FastAPI's all report here
+            kept.append(response_time)
+
+    def on_spawning_complete(**_kwargs) -> None:
+        if environment.reset_stats:
+            kept.clear()
+
+    def on_quitting(**_kwargs) -> None:
+        path = environment.parsed_options.latencies_file if environment.parsed_options else ""
+        if path:
+            with open(path, "w") as f:
+                f.writelines(f"{ms:.3f}\n" for ms in kept)
+
+    environment.events.request.add_listener(on_request)
+    environment.events.spawning_complete.add_listener(on_spawning_complete)
+    environment.events.quitting.add_listener(on_quitting)
 
 
 class _Photos:
