@@ -6,8 +6,9 @@ Builds a repository for the model (python-onnxruntime, ensemble), starts its own
 explicit model control (as `make serve` does), runs Locust's HTTP users through the ensemble, and
 meanwhile rolls a candidate out and back `--cycles` times with serving.rollout (gate, next version,
 load, wait until it serves alone, check through the ensemble). Reports Locust's requests and
-failures over the whole run, each switch's time, and per classifier version the requests Triton
-counted while it served. The candidate is by default the model's own file (a re-deploy: the gate
+failures over the whole run, each switch's time and whether it ended within Locust's run time (a
+slow switch can outlast the load: it is then marked, not claimed as under load), and per classifier
+version the requests Triton counted while it served. The candidate is by default the model's own file (a re-deploy: the gate
 passes and the answers are the same); pass another ONNX with --candidate.
 Writes benchmarks/results/rollout.json and rollout.md.
 """
@@ -67,6 +68,7 @@ def _run(work: Path, artifacts: Path, candidate: rollout.Candidate, cycles: int,
         result = {}
 
         def load() -> None:
+            result["started"] = time.monotonic()
             result["locust"] = locust_run.run("TritonHttpUser", server.http_url, users, run_time, out / "rollout_locust",
                                               triton_model=repo.ensemble)[0]
 
@@ -80,7 +82,8 @@ def _run(work: Path, artifacts: Path, candidate: rollout.Candidate, cycles: int,
                     version = (rollout.add(repo, api, candidate, None, thresholds, log=log) if action == "rollout"
                                else rollout.rollback(repo, api, log=log))
                     seen.update({f"v{k}": v for k, v in classifier_requests(server.metrics_url, repo.classifier).items()})
-                    switches.append({"action": action, "version": version, "seconds": time.monotonic() - started})
+                    switches.append({"action": action, "version": version, "seconds": time.monotonic() - started,
+                                     "ended_s": time.monotonic() - result["started"]})
                     time.sleep(settle_s)
                     seen.update({f"v{k}": v for k, v in classifier_requests(server.metrics_url, repo.classifier).items()})
         finally:
@@ -93,19 +96,33 @@ def _run(work: Path, artifacts: Path, candidate: rollout.Candidate, cycles: int,
     report = {"cpu": cpu.describe(), "artifacts": str(artifacts), "candidate": str(candidate.model_file),
               "users": users, "locust_requests": locust.requests, "locust_failures": locust.failures,
               "failures_by_error": failures,
-              "p50_ms": locust.p50_ms, "p99_ms": locust.p99_ms, "switches": switches,
+              "p50_ms": locust.p50_ms, "p99_ms": locust.p99_ms, "load_s": run_time,
+              "switches": mark_under_load(switches, run_time),
               "classifier_requests_by_version": seen}
     return report
 
 
+def mark_under_load(switches: list[dict], load_s: float) -> list[dict]:
+    """Each switch with `under_load`: whether it ended (`ended_s`, seconds after Locust was started)
+    within Locust's run time `load_s`. Locust starts its clock after it is started, so a switch marked
+    under load ended before the load stopped; one not marked may have run, or ended, with no load."""
+    return [{**s, "under_load": s["ended_s"] <= load_s} for s in switches]
+
+
 def markdown(report: dict) -> str:
+    late = [i + 1 for i, s in enumerate(report["switches"]) if not s["under_load"]]
+    covered = ("switches included" if not late else
+               f"switch{'es' if len(late) > 1 else ''} {', '.join(map(str, late))} ended after Locust's "
+               f"{report['load_s']} s: not under load, their failures not counted")
     lines = [f"# Rollout under load ({report['cpu']})", "",
              f"Locust, {report['users']} HTTP users through the ensemble: **{report['locust_requests']} requests, "
              f"{report['locust_failures']} failed** (p50 {report['p50_ms']:.0f} ms, p99 {report['p99_ms']:.0f} ms over "
-             "the whole run, switches included)."]
+             f"the whole run, {covered})."]
     lines += [f"- {count} x {error}" for error, count in report["failures_by_error"].items()]
-    lines += ["", "| # | action | version now serving | seconds |", "|---|---|---|---:|"]
-    lines += [f"| {i + 1} | {s['action']} | {s['version']} | {s['seconds']:.1f} |" for i, s in enumerate(report["switches"])]
+    lines += ["", "| # | action | version now serving | seconds | ended (s after Locust started) |",
+              "|---|---|---|---:|---:|"]
+    lines += [f"| {i + 1} | {s['action']} | {s['version']} | {s['seconds']:.1f} | {s['ended_s']:.1f}"
+              f"{'' if s['under_load'] else ' (after the load)'} |" for i, s in enumerate(report["switches"])]
     lines += ["", "Classifier requests Triton counted per version while it was loaded: "
               + ", ".join(f"{k} {v:.0f}" for k, v in sorted(report["classifier_requests_by_version"].items()))]
     return "\n".join(lines) + "\n"
