@@ -180,8 +180,15 @@ def profile_pipeline(repo: Path, pipeline: str, ensemble: str, tool, inputs: Pat
         finally:
             load.terminate()
             load.wait(30)
-        images = stage_stats(ensemble, before, after, wall).requests  # one image per request
-        return attribute(samples(perf, out / f"perf-{pipeline}.data"), roles, images, pipeline, wall)
+        images = images_recorded(stage_stats(ensemble, before, after, wall).requests, wall, seconds)
+        return attribute(samples(perf, out / f"perf-{pipeline}.data"), roles, images, pipeline, seconds)
+
+
+def images_recorded(requests: int, wall_s: float, recorded_s: float) -> int:
+    """The images served while perf sampled: the snapshots around `perf record` span `wall_s`, its
+    start-up and write-out included, while it samples only `recorded_s`; under the steady load the
+    count scales with the time (one image per request)."""
+    return round(requests * min(1.0, recorded_s / wall_s)) if wall_s > 0 else requests
 
 
 def get_args_parser() -> argparse.ArgumentParser:

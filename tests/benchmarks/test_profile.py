@@ -67,3 +67,10 @@ def test_profile_of_both_served_pipelines(tiny_artifacts, perf_tool, perf_venv, 
     assert "| **all serving processes** |" in (out / "profile.md").read_text()
     doc = json.loads((out / "profile.json").read_text())
     assert [p["pipeline"] for p in doc["profiles"]] == ["ensemble", "fused"] and doc["machine"]["cpu"]
+
+
+def test_images_are_counted_over_the_recorded_seconds_only():
+    """The statistics snapshots span perf record's start-up and write-out too (15 s around a 12 s
+    recording): the CPU of 12 s is divided by the images of 12 s, not of 15 s."""
+    assert profile.images_recorded(1500, wall_s=15.0, recorded_s=12.0) == 1200
+    assert profile.images_recorded(1200, wall_s=12.0, recorded_s=12.0) == 1200
