@@ -302,7 +302,7 @@ def test_shifted_streams_fire_the_quality_alerts_and_the_held_out_mix_does_not(p
                 send(images)
                 if value(prometheus, "quality:predictions:increase30m") >= 100:
                     first = evaluations(prometheus.url) if first is None else first
-                    distances.append((value(prometheus, tvd), value(prometheus, f"{low} - on (job, instance, model, "
+                    distances.append((value(prometheus, tvd), value(prometheus, f"{low} - on (job, model, "
                                                                     "version) quality:reference_low_confidence_share")))
                 states = alert_states(prometheus.url)
                 seen |= {a for a in QUALITY_ALERTS if states.get(a)}
