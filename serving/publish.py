@@ -4,15 +4,21 @@
     tritonserver --model-repository=s3://host:port/bucket/prefix      (AWS_* variables: credentials)
 
 The URL is Triton's own form: `s3://bucket/prefix` on AWS, `s3://host:port/bucket/prefix` for another
-S3-compatible endpoint (plain HTTP, as Triton reads it). Every file is uploaded; S3 has no empty
-folders, so an empty folder (an ensemble's version folder) gets a placeholder object, or Triton finds
-no version there. BUILD.json goes last: a prefix with BUILD.json holds a whole repository. Objects under
-the prefix that the repository no longer has are deleted afterwards, so the prefix mirrors it.
+S3-compatible endpoint (plain HTTP, as Triton reads it); a bucket root is refused (the bucket's other
+objects are not the repository's). Every file is uploaded; S3 has no empty folders, so an empty folder
+(an ensemble's version folder) gets a placeholder object, or Triton finds no version there.
+A prefix with BUILD.json holds a whole repository: a publish first writes .publishing (the model folders
+it owns) and deletes the old BUILD.json, uploads, and writes BUILD.json last. Stale objects (the
+repository no longer has them) are deleted only where the prefix already held a published repository
+(BUILD.json or .publishing), only inside the model folders its old or new BUILD.json names, and never
+under a folder that holds a BUILD.json of its own (another repository nested there); nothing else under
+the prefix is touched.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from build.repository import placement
 from build.repository.writer import MARKER, read_manifest
 
 PLACEHOLDER = ".placeholder"
+PUBLISHING = ".publishing"  # at the prefix while a publish runs: {"models": [the model folders it owns]}
 SKIP = {"__pycache__", ".staging", ".model-control.lock"}  # the last: serving.triton_admin.LOCK_FILE
 
 
@@ -84,31 +91,45 @@ def s3_client(location: S3Location):
 def publish(repository: Path, location: S3Location, create_bucket: bool = False, progress: bool = True,
             client=None) -> dict:
     """Upload `repository` under `location`; returns what was done. Raises PublishError with the reason."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
     from tqdm import tqdm
 
+    if not location.prefix:
+        raise PublishError(f"{location.url} is a bucket root: publish under a prefix (s3://bucket/prefix), "
+                           "the bucket's other objects are not the repository's")
     objects = repository_objects(repository)
+    models = read_manifest(repository).get("models", [])
     client = client or s3_client(location)
     try:
         if create_bucket:
             existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
             if location.bucket not in existing:
                 client.create_bucket(Bucket=location.bucket)
-        before = set(_list_keys(client, location))
+        before = _list_keys(client, location)
+        owned = _owned_models(client, location, before)
+        publishing = json.dumps({"models": sorted(set(owned or ()) | set(models))}).encode()
+        client.put_object(Bucket=location.bucket, Key=location.key(PUBLISHING), Body=publishing)
+        client.delete_object(Bucket=location.bucket, Key=location.key(MARKER))
         total = sum(p.stat().st_size for p in objects.values() if p)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {location.url}", disable=not progress) as bar:
             for name, path in objects.items():
+                if name == MARKER:
+                    continue
                 if path is None:
                     client.put_object(Bucket=location.bucket, Key=location.key(name), Body=b"")
                 else:
                     client.upload_file(str(path), location.bucket, location.key(name), Callback=bar.update)
-        stale = sorted(before - {location.key(n) for n in objects})
-        for start in range(0, len(stale), 1000):
-            client.delete_objects(Bucket=location.bucket,
-                                  Delete={"Objects": [{"Key": k} for k in stale[start:start + 1000]]})
+            stale = stale_keys(before, objects, location, set(owned or ()) | set(models)) if owned is not None else []
+            for start in range(0, len(stale), 1000):
+                client.delete_objects(Bucket=location.bucket,
+                                      Delete={"Objects": [{"Key": k} for k in stale[start:start + 1000]]})
+            client.upload_file(str(objects[MARKER]), location.bucket, location.key(MARKER), Callback=bar.update)
+        client.delete_object(Bucket=location.bucket, Key=location.key(PUBLISHING))
         after = _list_keys(client, location)
-    except (BotoCoreError, ClientError) as exc:
-        raise PublishError(f"publishing to {location.url} failed: {exc}") from exc
+    except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
+        raise PublishError(f"publishing to {location.url} failed (it holds no {MARKER} until a publish "
+                           f"completes): {exc}") from exc
     missing = [n for n, p in objects.items() if after.get(location.key(n)) != (p.stat().st_size if p else 0)]
     if missing:
         raise PublishError(f"after upload, {len(missing)} object(s) are missing or of the wrong size: {missing[:5]}")
@@ -116,10 +137,34 @@ def publish(repository: Path, location: S3Location, create_bucket: bool = False,
             "placeholders": sorted(n for n, p in objects.items() if p is None)}
 
 
+def _owned_models(client, location: S3Location, keys: dict[str, int]) -> list[str] | None:
+    """The model folders of the repository published at `location` (its BUILD.json, or the .publishing of an
+    interrupted publish); None where the prefix holds no published repository."""
+    for name in (MARKER, PUBLISHING):
+        if location.key(name) in keys:
+            body = client.get_object(Bucket=location.bucket, Key=location.key(name))["Body"].read()
+            try:
+                models = json.loads(body).get("models", [])
+            except (ValueError, AttributeError):
+                raise PublishError(f"{location.url}/{name} is not a repository's JSON: move it aside, or publish "
+                                   "under another prefix") from None
+            return [m for m in models if isinstance(m, str) and m not in ("", ".", "..") and "/" not in m]
+    return None
+
+
+def stale_keys(before: dict[str, int], objects: dict, location: S3Location, models: set[str]) -> list[str]:
+    """Keys in `before` to delete: inside one of `models`' folders, not among `objects`, and not under a
+    folder holding a BUILD.json or .publishing of its own (another repository nested there)."""
+    relative = {k[len(location.key("")):] for k in before}
+    nested = {r.rpartition("/")[0] + "/" for r in relative if "/" in r and r.rpartition("/")[2] in (MARKER, PUBLISHING)}
+    return sorted(location.key(r) for r in relative
+                  if r not in objects and r.partition("/")[0] in models and "/" in r
+                  and not any(r.startswith(n) for n in nested))
+
+
 def _list_keys(client, location: S3Location) -> dict[str, int]:
-    prefix = location.key("") if location.prefix else ""
     keys: dict[str, int] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key("")):
         keys.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
     return keys
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from build.repository import placement
-from build.repository.writer import MARKER
+from build.repository.spec import DeploymentSpec
+from build.repository.writer import MARKER, write_repository
 from common.samples import CAT_CLASSES, ESPRESSO
-from serving.publish import (PLACEHOLDER, PublishError, S3Location, get_args_parser, main, publish,
-                             repository_objects)
+from serving.publish import (PLACEHOLDER, PUBLISHING, PublishError, S3Location, get_args_parser, main, publish,
+                             repository_objects, s3_client)
 from serving.server import TritonServer, free_port
 
 
@@ -128,3 +129,70 @@ def test_published_repository_serves_from_s3(moto, lite0_repository, tmp_path, p
 def test_publish_to_a_missing_bucket_says_so(moto, lite0_repository):
     with pytest.raises(PublishError, match="NoSuchBucket|does not exist"):
         publish(lite0_repository, S3Location.parse(f"s3://{moto}/no-such-bucket/x"), progress=False)
+
+
+def tiny_repository(tiny_artifacts, out: Path) -> Path:
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", out, "tests")
+    return out
+
+
+def bucket_objects(client, bucket: str) -> dict[str, bytes]:
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_publish_deletes_nothing_that_is_not_the_repositorys(moto, tiny_artifacts, tmp_path):
+    repo = tiny_repository(tiny_artifacts, tmp_path / "repo")
+    root = S3Location.parse(f"s3://{moto}/shared")
+    client = s3_client(root)
+    client.create_bucket(Bucket="shared")
+    theirs = {"other-team/model.onnx": b"theirs", "models/notes.txt": b"notes",
+              "loose/classifier/theirs.txt": b"no BUILD.json at loose/: not a published repository"}
+    for key, body in theirs.items():
+        client.put_object(Bucket="shared", Key=key, Body=body)
+
+    with pytest.raises(PublishError, match="is a bucket root: publish under a prefix"):
+        publish(repo, root, progress=False)
+    assert bucket_objects(client, "shared") == theirs
+
+    sibling = S3Location.parse(f"s3://{moto}/shared/models/gpu")  # a repository beside the one at models/
+    nested = S3Location.parse(f"s3://{moto}/shared/models/classifier/v2")  # and one nested inside its folder
+    for location in (S3Location.parse(f"s3://{moto}/shared/loose"), S3Location.parse(f"s3://{moto}/shared/models"),
+                     sibling, nested):
+        assert publish(repo, location, progress=False)["deleted"] == 0
+    kept = bucket_objects(client, "shared")
+
+    (repo / "preprocess" / "1" / "priority.py").unlink()
+    done = publish(repo, S3Location.parse(f"s3://{moto}/shared/models"), progress=False)
+    after = bucket_objects(client, "shared")
+    assert done["deleted"] == 1 and set(kept) - set(after) == {"models/preprocess/1/priority.py"}
+    assert theirs.items() <= after.items()
+    assert {sibling.key(MARKER), nested.key(MARKER), nested.key("classifier/1/model.onnx")} <= set(after)
+    assert "models/" + PUBLISHING not in after
+
+
+def test_an_interrupted_republish_leaves_no_build_json(moto, tiny_artifacts, tmp_path):
+    from botocore.exceptions import EndpointConnectionError
+
+    repo = tiny_repository(tiny_artifacts, tmp_path / "repo")
+    location = S3Location.parse(f"s3://{moto}/republish/models")
+    publish(repo, location, create_bucket=True, progress=False)
+
+    failing = s3_client(location)  # a real client whose connection drops at one upload
+
+    def drop(params, **_):
+        if params["Key"] == location.key("preprocess/1/model.py"):
+            raise EndpointConnectionError(endpoint_url=location.endpoint)
+    failing.meta.events.register("before-parameter-build.s3.PutObject", drop)
+    (repo / "classifier" / "1" / "model.onnx").write_bytes(b"a newer model")  # overwritten before the drop
+    with pytest.raises(PublishError, match="holds no BUILD.json until a publish completes.*Could not connect"):
+        publish(repo, location, progress=False, client=failing)
+    keys = bucket_objects(s3_client(location), "republish")
+    assert keys[location.key("classifier/1/model.onnx")] == b"a newer model"  # a mixed prefix...
+    assert location.key(MARKER) not in keys  # ...that does not claim to be whole
+
+    (repo / "preprocess" / "1" / "priority.py").unlink()
+    done = publish(repo, location, progress=False)  # the retry still knows the folders it owns
+    keys = bucket_objects(s3_client(location), "republish")
+    assert location.key(MARKER) in keys and location.key(PUBLISHING) not in keys and done["deleted"] == 1
