@@ -9,9 +9,11 @@
 
 `add` gates the candidate against the version in service on held-out images (the build's gate:
 agreement with it on decided images, or with labels true top-1 at most --max-accuracy-drop below
-it), writes it as the classifier's next version folder, loads the classifier (Triton loads the new
-version, then retires the old one: requests in flight finish on it), waits until it is ready and
-checks it through the ensemble on the bundled photos; it rolls back by itself when any of that fails.
+it; the build's --held-out folder, recorded in BUILD.json, unless --held-out is given), writes it as
+the classifier's next version folder with a quality reference from the same images, loads the
+classifier (Triton loads the new version, then retires the old one: requests in flight finish on it),
+waits until it is ready and checks it through the ensemble on the bundled photos; it rolls back by
+itself when any of that fails.
 `rollback` moves the version in service aside (`<classifier>/_retired/<n>`) and loads the classifier
 again, which brings the previous version back. The ensemble is never reloaded and each switch keeps
 one version of the classifier in the policy, the pattern that dropped no request in the tests; see
@@ -220,6 +222,28 @@ def check_held_out(held_out: str | None) -> None:
         raise RolloutError(f"--held-out {held_out} is not a folder: pass a folder of held-out images (an ImageFolder)")
 
 
+def build_held_out(repo: Repository, held_out: str | None, log=print) -> str | None:
+    """The held-out folder for the gate and the candidate's quality reference: `held_out` when given, else the
+    one the repository's build used (BUILD.json), so that every version's reference comes from the same
+    images; None (the bundled photos) where the build used those or its folder is gone. Logs which, in one line."""
+    if held_out:
+        return held_out
+    recorded = repo.manifest.get("held_out")
+    folder = (recorded or {}).get("folder")
+    if recorded is None:
+        log(f"held-out images: the bundled photos ({MARKER} records none the build used; --held-out DIR to choose)")
+    elif folder is None:
+        log("held-out images: the bundled photos, as the build used")
+    elif not Path(folder).is_dir():
+        log(f"held-out images: the bundled photos, since {folder}, the build's, is gone (--held-out DIR to choose)")
+        return None
+    elif quality.folder_digest(folder) != recorded.get("files_sha256"):
+        log(f"held-out images: {folder}, the build's, whose files have changed since the build")
+    else:
+        log(f"held-out images: {folder}, as the build used")
+    return folder
+
+
 def gate(repo: Repository, candidate: Candidate, held_out: str | None, thresholds: dict, log=print) -> validate.VariantReport:
     """The candidate against the version in service, on held-out images (build.precision.validate's gate)."""
     serving = repo.versions()[-1]
@@ -283,6 +307,7 @@ def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | 
     check_compatible(repo, candidate)
     check_held_out(held_out)
     repo.state()  # an unreadable history stops the rollout before anything changes
+    held_out = build_held_out(repo, held_out, log)
     versions = repo.versions()
     serving = versions[-1]
     if server.ready_versions(repo.classifier) != [serving]:
@@ -364,6 +389,7 @@ def _ab_start(repo: Repository, server: Server, candidate: Candidate, held_out: 
     check_compatible(repo, candidate)
     check_held_out(held_out)
     repo.state()
+    held_out = build_held_out(repo, held_out, log)
     model, ensemble = candidate_names(repo)
     for name in (model, ensemble):
         if (repo.path / name).exists():
@@ -498,8 +524,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     def candidate_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--artifacts", required=True, help="the candidate's artifacts folder (labels, preprocess.json)")
         q.add_argument("--model-file", default=None, help="the file to serve (default: <artifacts>/model.onnx)")
-        q.add_argument("--held-out", default=None, help="held-out images for the gate: an ImageFolder (true top-1) "
-                                                        "or default the bundled held-out photos")
+        q.add_argument("--held-out", default=None, help="held-out images for the gate and the quality reference: an "
+                       "ImageFolder (true top-1); default the build's (BUILD.json), else the bundled held-out photos")
 
     a = sub.add_parser("add", help="gate a candidate against the version in service and roll it out")
     candidate_args(a)

@@ -5,22 +5,26 @@
 The served python classifier exports it as gauges next to its live answers (templates/quality_metrics.py),
 and Prometheus compares the two (deploy/monitoring/rules/: prediction drift, confidence drop). The
 reference is only as representative as its images: the bundled photos by default, `--held-out DIR`
-(`make engines ENGINES_ARGS="--held-out DIR"`) for images of your own traffic (docs/operations.md).
+(`make engines ENGINES_ARGS="--held-out DIR"`) for images of your own traffic (docs/operations.md). The
+reference and BUILD.json record which (held_out_source), so that a rollout computes its candidate's
+reference from the same images (serving.rollout).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from build.precision.imagesets import ImageSet, held_out_set
+from build.precision.imagesets import IMAGE_SUFFIXES, ImageSet, held_out_set
 from build.repository.templates.quality_metrics import (CONFIDENCE_BUCKETS, LOW_CONFIDENCE_REFERENCE_SHARE,
                                                         MAX_TRACKED_CLASSES, OTHER, REFERENCE_JSON)
 from common.contract import ONNX_INPUT, ONNX_PROBABILITIES
 
-__all__ = ["REFERENCE_JSON", "reference_from_probabilities", "compute_reference", "write_reference"]
+__all__ = ["REFERENCE_JSON", "reference_from_probabilities", "compute_reference", "write_reference",
+           "held_out_source", "folder_digest"]
 
 
 def tracked_classes(top1: np.ndarray, num_classes: int, max_tracked: int = MAX_TRACKED_CLASSES) -> list[int]:
@@ -75,6 +79,22 @@ def reference_from_probabilities(probabilities: np.ndarray, labels: list[str], d
     }
 
 
+def folder_digest(folder: str | Path) -> str:
+    """sha256 of the image files under `folder` (the ones folder_images reads): each relative path and size."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    listing = "".join(f"{p.relative_to(folder).as_posix()}\t{p.stat().st_size}\n" for p in paths)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def held_out_source(held_out: str | None) -> dict:
+    """What the held-out images were: {"folder": absolute path, "files_sha256": folder_digest}, or
+    {"folder": None} for the bundled held-out photos."""
+    if not held_out:
+        return {"folder": None}
+    return {"folder": str(Path(held_out).resolve()), "files_sha256": folder_digest(held_out)}
+
+
 @functools.lru_cache(maxsize=4)
 def _held_out(config, held_out: str | None) -> ImageSet:
     """The held-out views, made once per process for each preprocessing and folder (repositories are
@@ -99,6 +119,7 @@ def compute_reference(model_file: str | Path, artifacts: str | Path, held_out: s
                                     for batch in images.batches(config, batch_size)])
     reference = reference_from_probabilities(probabilities, read_labels(artifacts / LABELS_TXT), images.description)
     reference["model_file"] = Path(model_file).name
+    reference["held_out"] = held_out_source(held_out)
     return reference
 
 

@@ -268,6 +268,7 @@ def write_repository(
         "classifier_model": {"source": str(model_file), "sha256": file_sha256(model_file)},
         "input_dims": list(shape.input_dims),
         "num_classes": shape.num_classes,
+        "held_out": quality.held_out_source(held_out),  # the quality reference's images (serving.rollout reuses them)
         **({"plan_binding": plan_binding} if plan_binding else {}),
         **(extra or {}),
     }
