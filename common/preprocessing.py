@@ -140,6 +140,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
     except Exception as exc:  # Pillow plugins raise a variety of errors on malformed headers
         raise ImageError(f"unreadable image header: {exc}") from None
     _check_size(image.size, limits)
+    if image.format == "TIFF":
+        _check_tiff_tiles(image)
     try:  # animated GIF/WebP/PNG, multi-page TIFF: the first frame, where open() left it (the others unread)
         if draft_size and image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more images after it (phones)
             image.draft("RGB", (draft_size, draft_size))
@@ -171,6 +173,26 @@ def _check_size(size: tuple[int, int], limits: ImageLimits, declared: tuple[int,
             f"image is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; the "
             f"limit is {limits.max_image_aspect_ratio:g}:1 ({when})"
         )
+
+
+# A TIFF tile may overhang its image (encoders use one tile size, 256 or 512, for every image), but by no more
+# than this on a side or the image's own side rounded up to whole 16-pixel units: libtiff inflates and
+# holds a whole tile whatever the image's size, so a 64x64 image in one 16384x16384 tile, 255 KB of
+# deflate, cost 256 MB and a second of CPU (docs/serving.md, Bad input). Strips need no such check:
+# libtiff reads no more rows of a strip than the image has, whatever RowsPerStrip says.
+MAX_TIFF_TILE_SIDE = 1024
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
+
+
+def _check_tiff_tiles(image: Image.Image) -> None:
+    width, height = image.size
+    tile = image.tag_v2.get(TIFF_TILE_WIDTH), image.tag_v2.get(TIFF_TILE_LENGTH)
+    if tile == (None, None):  # strips
+        return
+    allowed = tuple(max(MAX_TIFF_TILE_SIDE, -(-side // 16) * 16) for side in (width, height))
+    if not all(isinstance(t, int) for t in tile) or tile[0] > allowed[0] or tile[1] > allowed[1]:
+        raise ImageError(f"TIFF tiles of {tile[0]}x{tile[1]} for a {width}x{height} image; a tile may be at most "
+                         f"{allowed[0]}x{allowed[1]} for it (refused before decoding)")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

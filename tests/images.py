@@ -29,3 +29,25 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def tiff_grey(width: int, height: int, value: int, *, tile: tuple[int, int] | None = None,
+              rows_per_strip: int | None = None) -> bytes:
+    """A deflate 8-bit grey TIFF of `value`, in one tile of tile[0] x tile[1] pixels or one strip of
+    `rows_per_strip` rows, each as large as its tags say, whatever the image's own size."""
+    pixels = tile[0] * tile[1] if tile else width * rows_per_strip
+    deflate = zlib.compressobj(9)
+    data = b"".join(deflate.compress(bytes([value]) * min(1 << 20, pixels - i)) for i in range(0, pixels, 1 << 20))
+    data += deflate.flush()
+    LONG, SHORT = 4, 3
+    tags = {256: (LONG, width), 257: (LONG, height), 258: (SHORT, 8), 259: (SHORT, 8), 262: (SHORT, 1), 277: (SHORT, 1)}
+    if tile:  # TileWidth, TileLength, TileOffsets, TileByteCounts
+        tags.update({322: (LONG, tile[0]), 323: (LONG, tile[1]), 324: (LONG, None), 325: (LONG, len(data))})
+    else:  # StripOffsets, RowsPerStrip, StripByteCounts
+        tags.update({273: (LONG, None), 278: (LONG, rows_per_strip), 279: (LONG, len(data))})
+    offset = 8 + 2 + 12 * len(tags) + 4  # the data follows the one IFD
+    ifd = struct.pack("<H", len(tags))
+    for tag, (kind, value_) in sorted(tags.items()):
+        value_ = offset if value_ is None else value_
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value_, 0) if kind == SHORT else struct.pack("<I", value_))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00\x00\x00\x00" + data

@@ -15,7 +15,7 @@ from common.contract import ImageLimits
 from common.preprocessing import (IMAGE_FORMATS, ImageError, PreprocessConfig, decode_image, image_to_uint8,
                                   load_batch, normalize, preprocess_requests, resize_and_crop)
 from common.samples import sample_photos
-from tests.images import encode, iptc_declaring, png_declaring
+from tests.images import encode, iptc_declaring, png_declaring, tiff_grey
 
 CONFIG = PreprocessConfig()
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,6 +176,19 @@ def test_truncated_jpeg_and_size_limit(photo):
     with pytest.raises(ImageError, match="limit is 1000 bytes"):
         decode_image(data, ImageLimits(max_image_bytes=1000))
 
+
+
+def test_a_tiff_tile_far_larger_than_its_image_is_refused_before_decoding():
+    """libtiff inflates a whole tile whatever the image's size: a 64x64 image in one 16384x16384 tile (255 KB
+    of deflate) cost 256 MB and a second of CPU, inside every size limit. A tile overhanging a small image as
+    encoders write them (256x256) decodes, and so does a strip that says it has more rows than the image."""
+    bomb = tiff_grey(64, 64, 128, tile=(16384, 16384))
+    assert len(bomb) < 300_000 and Image.open(io.BytesIO(bomb)).size == (64, 64)
+    with pytest.raises(ImageError, match=r"^TIFF tiles of 16384x16384 for a 64x64 image; a tile may be at most "
+                                         r"1024x1024 for it \(refused before decoding\)$"):
+        decode_image(bomb)
+    for fine in (tiff_grey(64, 64, 128, tile=(256, 256)), tiff_grey(64, 64, 128, rows_per_strip=4_000_000)):
+        assert np.array_equal(np.asarray(decode_image(fine)), np.full((64, 64, 3), 128, np.uint8))
 
 def test_limits_hold_for_an_embedded_image_of_another_size_than_its_header_says(monkeypatch):
     """IPTC's records declare the size; the JPEG inside decodes at its own. The limits hold for what decodes,

@@ -6,7 +6,7 @@ from PIL import Image
 
 from clients.client import ClassificationError, ImageClassifierClient
 from common.samples import ESPRESSO
-from tests.images import encode, png_declaring
+from tests.images import encode, png_declaring, tiff_grey
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,7 @@ BAD = {
     "one-pixel": (lambda photos: tiny_png(), "1x1"),
     "decompression-bomb": (lambda photos: png_declaring(50_000, 50_000), "refused before decoding"),
     "extreme-aspect-ratio": (lambda photos: png_declaring(16, 3_000_000), "aspect ratio of 187500:1"),
+    "tiff-tile-bomb": (lambda photos: tiff_grey(64, 64, 128, tile=(16384, 16384)), "TIFF tiles of 16384x16384"),
 }
 
 
