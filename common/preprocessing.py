@@ -204,10 +204,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float grayscale
         # By the mode's depth, never by the image's own values: the same 16-bit value is the same grey in
         # every image (a 12-bit scan stays dark, as in any viewer). Integer modes hold 16-bit data (PNG and
-        # TIFF); "F" is taken as 0-255.
-        top = 255.0 if mode == "F" else 65535.0
-        values = np.asarray(image, dtype=np.float64)
-        gray = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).astype(np.uint8))
+        # TIFF), v -> v // 257 (what v * 255 / 65535 truncates to, exactly); "F" is taken as 0-255. In the
+        # image's own type: a float64 copy cost 8 bytes a pixel for each step.
+        values = np.asarray(image)
+        if mode == "F":
+            gray = np.clip(values, 0, 255).astype(np.uint8)
+        else:
+            gray = values.clip(0, 65535)
+            gray //= 257
+            gray = gray.astype(np.uint8)
+        gray = Image.fromarray(gray)
         if transparency is None:
             return gray.convert("RGB")
         alpha = Image.fromarray(np.where(values == transparency, 0, 255).astype(np.uint8))

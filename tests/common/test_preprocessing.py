@@ -100,6 +100,34 @@ def test_16_bit_grey_is_scaled_by_its_depth_not_by_the_image(value):
     assert np.abs(decoded.astype(int) - int(value * 255 / 65535)).max() <= 1
 
 
+
+DEEP_GREY = {  # mode -> (format, values): every 16-bit value; 32-bit and float ones outside the range, fractions
+    "I;16": ("PNG", np.arange(65536, dtype=np.uint16).reshape(256, 256)),
+    "I;16B": ("TIFF", np.arange(65536, dtype=">u2").reshape(256, 256)),
+    "I": ("TIFF", (np.arange(65536, dtype=np.int32).reshape(256, 256) - 20_000) * 3),
+    "F": ("TIFF", np.linspace(-10, 300, 65536, dtype=np.float32).reshape(256, 256)),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(DEEP_GREY))
+def test_16_bit_and_float_grey_decode_to_the_same_pixels_in_their_own_type(mode):
+    """The pixels of v * 255 / 65535 (or of v, for "F") in float64, truncated and clipped to 0-255, as ever;
+    computed in the image's own type, without the float64 copies that cost 24 bytes a pixel (8-bit grey: none)."""
+    import tracemalloc
+
+    fmt, values = DEEP_GREY[mode]
+    data = encode(Image.fromarray(values), fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    expected = np.clip(values.astype(np.float64) * (1.0 if mode == "F" else 255.0 / 65535.0), 0, 255).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        decoded = decode_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(np.asarray(decoded), np.repeat(expected[..., None], 3, axis=-1))
+    assert peak < 12 * values.size, f"{peak / values.size:.1f} bytes a pixel"
+
 def test_transparent_pixels_become_white():
     image = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     image.paste((255, 0, 0, 255), (0, 0, 16, 32))
