@@ -16,6 +16,8 @@ import functools
 import importlib
 import io
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -68,6 +70,11 @@ class ImageError(ValueError):
     """An input that is not a usable image. The message is meant for the user who sent it."""
 
 
+class PreprocessFault(RuntimeError):
+    """An item that failed for another reason than its being a bad image: a fault of the server's, which fails
+    that item's request (INTERNAL in the served models), never the others of its batch."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
     resize: int = 256  # shorter side after resizing
@@ -78,16 +85,27 @@ class PreprocessConfig:
     layout: str = "NCHW"
 
     def __post_init__(self):
+        """Each value of its type, as preprocess.json is read: a bad file fails its model's load, in one line
+        naming the key, not every batch it would have preprocessed."""
+        for key in ("resize", "crop"):
+            value = getattr(self, key)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"preprocess {key} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, key, int(value))
         if self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout {self.layout!r} is not one of {LAYOUTS}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values each, std > 0 (got {self.mean}, {self.std})")
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if (not isinstance(values, (list, tuple)) or len(values) != 3
+                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                    or (key == "std" and min(values) <= 0)):
+                need = "3 finite numbers" + (", each > 0" if key == "std" else "")
+                raise ValueError(f"preprocess {key} must be {need}, got {values!r}")
+            object.__setattr__(self, key, tuple(float(v) for v in values))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -292,22 +310,24 @@ def load_batch(
 
 def preprocess_requests(
     requests: Sequence[Sequence[bytes]], config: PreprocessConfig, limits: ImageLimits, pool=None
-) -> tuple[np.ndarray | None, list[tuple[int, int] | ImageError]]:
+) -> tuple[np.ndarray | None, list[tuple[int, int] | ImageError | PreprocessFault]]:
     """A server's dynamic batch: several requests of several images each -> one normalised batch.
 
     Returns the float32 batch of every image of every *good* request (None if there is none) and,
-    per request, either its (start, stop) rows in that batch or the ImageError that fails it (naming
-    each bad item). Decoding may run on `pool` (a concurrent.futures executor; Pillow releases the
+    per request, either its (start, stop) rows in that batch or the error that fails it, naming each
+    failed item: ImageError for bad input, PreprocessFault where any item failed otherwise (a bug). Decoding may run on `pool` (a concurrent.futures executor; Pillow releases the
     GIL); normalisation runs once, vectorised, for the whole batch.
     """
 
     def crop(data):
+        # Each error as its message only: the raised one's traceback holds the failed decode's frames (the image
+        # bytes, Pillow's objects) in reference cycles that only the cyclic collector frees, late.
         try:
             return image_to_uint8(data, config, limits)
         except ImageError as exc:
-            # Its message only: the raised one's traceback holds the failed decode's frames (the image bytes,
-            # Pillow's objects) in reference cycles that only the cyclic collector frees, late.
             return ImageError(str(exc))
+        except Exception as exc:  # not the image's fault: its request fails, the batch carries on
+            return PreprocessFault(f"{type(exc).__name__}: {exc}")
 
     flat = [data for items in requests for data in items]
     crops = list(pool.map(crop, flat)) if pool is not None else [crop(d) for d in flat]
@@ -315,8 +335,10 @@ def preprocess_requests(
     for items in requests:
         mine = crops[start : start + len(items)]
         start += len(items)
-        failed = [f"image {i}: {c}" for i, c in enumerate(mine) if isinstance(c, ImageError)]
-        if failed:
+        failed = [f"image {i}: {c}" for i, c in enumerate(mine) if isinstance(c, Exception)]
+        if any(isinstance(c, PreprocessFault) for c in mine):
+            outcomes.append(PreprocessFault("internal error preprocessing " + "; ".join(failed)))
+        elif failed:
             outcomes.append(ImageError("bad input: " + "; ".join(failed)))
         else:
             outcomes.append((len(good), len(good) + len(mine)))

@@ -183,6 +183,42 @@ def test_nhwc_layout_and_config_round_trip(tmp_path):
         PreprocessConfig.from_dict({"resize": 256, "colour": "blue"})
 
 
+
+BAD_PREPROCESS = [  # each loaded before, then failed every batch it preprocessed (or answered NaN)
+    ({"resize": 256.5}, "preprocess resize must be an integer >= 1, got 256.5"),
+    ({"resize": 256.0}, "preprocess resize must be an integer >= 1, got 256.0"),
+    ({"resize": 0, "crop": 0}, "preprocess resize must be an integer >= 1, got 0"),
+    ({"crop": -5}, "preprocess crop must be an integer >= 1, got -5"),
+    ({"resize": True, "crop": True}, "preprocess resize must be an integer >= 1, got True"),
+    ({"std": [float("nan")] * 3}, "preprocess std must be 3 finite numbers, each > 0, got [nan, nan, nan]"),
+    ({"std": [0.2, 0, 0.2]}, "preprocess std must be 3 finite numbers, each > 0, got [0.2, 0, 0.2]"),
+    ({"std": ["0.2", "0.2", "0.2"]}, "preprocess std must be 3 finite numbers, each > 0, got ['0.2', '0.2', '0.2']"),
+    ({"mean": [float("inf"), 0.4, 0.4]}, "preprocess mean must be 3 finite numbers, got [inf, 0.4, 0.4]"),
+    ({"mean": [0.5, 0.5]}, "preprocess mean must be 3 finite numbers, got [0.5, 0.5]"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_PREPROCESS, ids=[repr(c) for c, _ in BAD_PREPROCESS])
+def test_a_bad_preprocess_json_fails_its_load_in_one_line_naming_the_key(tmp_path, changes, message):
+    path = tmp_path / "preprocess.json"
+    path.write_text(json.dumps({**CONFIG.to_dict(), **changes}))  # NaN and Infinity as Python's json writes them
+    with pytest.raises(ValueError) as info:
+        PreprocessConfig.load(path)
+    assert str(info.value) == message
+
+
+def test_an_item_that_fails_otherwise_than_as_bad_input_fails_its_request_alone(photo):
+    """Anything but an ImageError raised for one item (here a 2-element array where a 0-d one is expected: its
+    .item() raises ValueError) fails that item's request as a fault of the server, never its batch."""
+    good = encode(photo, "JPEG")
+    odd = np.array([good, good], dtype=object)
+    batch, outcomes = preprocess_requests([[good], [good, odd], [b""]], CONFIG, ImageLimits())
+    assert batch.shape == (1, *CONFIG.input_shape) and outcomes[0] == (0, 1)
+    assert isinstance(outcomes[1], preprocessing.PreprocessFault) and not isinstance(outcomes[1], ImageError)
+    assert str(outcomes[1]) == "internal error preprocessing image 1: ValueError: can only convert an array of size 1 to a Python scalar"
+    assert outcomes[1].__traceback__ is None and outcomes[1].__context__ is None
+    assert isinstance(outcomes[2], ImageError) and "image 0: empty input" in str(outcomes[2])
+
 @pytest.mark.parametrize("data, message", [
     (b"", "empty input"),
     (b"this is not an image at all", "not a recognised image format"),

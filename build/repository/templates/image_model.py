@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import triton_python_backend_utils as pb_utils
 
 from contract import IMAGE as INPUT, ImageLimits
-from preprocessing import PreprocessConfig, preprocess_requests
+from preprocessing import ImageError, PreprocessConfig, preprocess_requests
 from priority import lower  # a copy of common/priority.py
 
 
@@ -38,13 +38,15 @@ class ImageModel:
 
     @staticmethod
     def respond(outcomes, tensors):
-        """One response per request: `tensors(start, stop)` for a good one, INVALID_ARG for a bad one."""
+        """One response per request: `tensors(start, stop)` for a good one, INVALID_ARG for bad input, INTERNAL
+        for an item that failed otherwise (preprocessing.PreprocessFault)."""
         responses = []
         for outcome in outcomes:
             if isinstance(outcome, tuple):
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors(*outcome)))
             else:
-                error = pb_utils.TritonError(str(outcome), pb_utils.TritonError.INVALID_ARG)
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(outcome, ImageError) else pb_utils.TritonError.INTERNAL
+                error = pb_utils.TritonError(str(outcome), code)
                 responses.append(pb_utils.InferenceResponse(error=error))
         return responses
 
