@@ -7,6 +7,7 @@ models' code, so the repository stays self-contained.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 # ---- tensors ------------------------------------------------------------------------------------
 # The exported ONNX classifier (training.export writes them; every runner feeds and reads them).
@@ -62,8 +63,15 @@ class ImageLimits:
         values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         return {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in values.items()}
 
-    def check(self) -> None:
+    def check(self, decoder_max_pixels: int | None = None) -> None:
+        """`decoder_max_pixels`: the decoder's own limit (Pillow's Image.MAX_IMAGE_PIXELS, which warns above it
+        and refuses above twice it): a larger max_image_pixels could never take effect as written."""
         if min(self.max_image_bytes, self.max_image_pixels, self.min_image_side) < 1:
             raise ValueError(f"image limits must be positive, got {self}")
+        if not math.isfinite(self.max_image_aspect_ratio):  # NaN compares false: it turned the guard off
+            raise ValueError(f"limits.max_image_aspect_ratio must be a finite number, got {self.max_image_aspect_ratio}")
         if self.max_image_aspect_ratio < 1:
             raise ValueError(f"limits.max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio}")
+        if decoder_max_pixels is not None and self.max_image_pixels > decoder_max_pixels:
+            raise ValueError(f"limits.max_image_pixels must be at most {decoder_max_pixels} (the image decoder's own "
+                             f"limit, Pillow's MAX_IMAGE_PIXELS), got {self.max_image_pixels}")

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pydantic
+from PIL import Image
 
 from common import contract
 from common.contract import ImageLimits
@@ -157,7 +158,7 @@ class DeploymentSpec:
         bad = [n for n in names if not isinstance(n, str) or not MODEL_NAME.fullmatch(n)]
         if bad:
             raise ValueError(f"model names are letters, digits, '_', '.' and '-' (not first), got {bad}")
-        self.limits.check()
+        self.limits.check(Image.MAX_IMAGE_PIXELS)
         unknown_target = set(self.target_server) - set(TARGET_SERVER_KEYS)
         if unknown_target:
             raise ValueError(f"unknown target_server keys {sorted(unknown_target)}; valid: {list(TARGET_SERVER_KEYS)}")

@@ -101,6 +101,23 @@ def test_specs_that_cannot_be_served_are_refused(changes, message):
         DeploymentSpec.from_dict(changes)
 
 
+
+@pytest.mark.parametrize("text, message", [
+    # NaN compared false with every image's aspect ratio: the guard was off
+    ('{"limits": {"max_image_aspect_ratio": NaN}}', "limits.max_image_aspect_ratio must be a finite number, got nan"),
+    ('{"limits": {"max_image_aspect_ratio": Infinity}}', "limits.max_image_aspect_ratio must be a finite number, got inf"),
+    # above Pillow's own limit, which warns above it and refuses above twice it whatever the spec says
+    ('{"limits": {"max_image_pixels": 300000000}}',
+     r"limits.max_image_pixels must be at most 89478485 \(the image decoder's own limit, Pillow's MAX_IMAGE_PIXELS\), "
+     "got 300000000"),
+])
+def test_image_limits_that_cannot_take_effect_are_refused(tmp_path, text, message):
+    path = tmp_path / "spec.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{path}: {message}$"):
+        DeploymentSpec.load(path)
+    assert DeploymentSpec.from_dict({"limits": {"max_image_pixels": 89_478_485}}).limits.max_image_pixels == 89_478_485
+
 def test_a_delay_below_the_timeout_or_with_no_timeout_loads():
     stage = {"instances": 2, "max_queue_delay_us": DEFAULT_QUEUE_TIMEOUT_US - 1}
     assert DeploymentSpec.from_dict({"preprocess": stage}).queue_policy("preprocess") == (64, DEFAULT_QUEUE_TIMEOUT_US)

@@ -14,6 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
+from PIL import Image
 
 from contract import IMAGE as INPUT, ImageLimits
 from preprocessing import ImageError, PreprocessConfig, preprocess_requests
@@ -28,6 +29,7 @@ class ImageModel:
         self.here = os.path.join(args["model_repository"], args["model_version"])
         self.config = PreprocessConfig.load(os.path.join(self.here, "preprocess.json"))
         self.limits = ImageLimits.from_parameters(self.params)
+        self.limits.check(Image.MAX_IMAGE_PIXELS)  # a repository whose config was edited by hand
         threads = int(self.params.get("threads", "1"))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
