@@ -336,7 +336,9 @@ def preprocess_requests(
         mine = crops[start : start + len(items)]
         start += len(items)
         failed = [f"image {i}: {c}" for i, c in enumerate(mine) if isinstance(c, Exception)]
-        if any(isinstance(c, PreprocessFault) for c in mine):
+        if len(items) == 0:  # no rows to answer with (the server passed an IMAGE of shape [0, 1] on)
+            outcomes.append(ImageError("bad input: the request holds no images (IMAGE of shape [0, 1]); send 1 or more"))
+        elif any(isinstance(c, PreprocessFault) for c in mine):
             outcomes.append(PreprocessFault("internal error preprocessing " + "; ".join(failed)))
         elif failed:
             outcomes.append(ImageError("bad input: " + "; ".join(failed)))

@@ -374,6 +374,18 @@ def test_normalize_table_is_bit_identical_to_the_formula(layout):
         normalize(batch.astype(np.float32), config)
 
 
+
+def test_a_request_of_no_images_is_its_own_bad_input(photo):
+    """Triton refuses an IMAGE of shape [0, 1] itself (tests/serving/test_bad_input.py); should one come, it fails
+    its own request: it had (0, 0) rows and, alone in its batch, no batch at all, which the models sliced."""
+    good = encode(photo, "PNG")
+    nothing = np.empty(0, dtype=np.object_)  # as the models pass each request's IMAGE on
+    for requests, rows in (([[]], 0), ([nothing], 0), ([nothing, np.array([good], dtype=np.object_)], 1)):
+        batch, outcomes = preprocess_requests(requests, CONFIG, ImageLimits())
+        assert (batch is None) if rows == 0 else batch.shape == (1, *CONFIG.input_shape)
+        assert isinstance(outcomes[0], ImageError) and "the request holds no images" in str(outcomes[0])
+        assert outcomes[1:] == ([(0, 1)] if rows else [])
+
 def test_a_servers_batch_keeps_no_traceback_of_its_bad_items(photo):
     """preprocess_requests, the stubs' path: each bad request's error is its message alone. A raised error
     keeps the failed decode's frames (the image bytes, Pillow's objects) in reference cycles that only the

@@ -57,6 +57,37 @@ def test_too_many_items_is_a_client_error(server, photos, protocol):
         assert len(client.classify([photos["coffee"]] * 32)) == 32
 
 
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_of_no_images_is_refused_by_triton_itself(server, photos, protocol):
+    """An IMAGE of shape [0, 1] never reaches the models: Triton 2.51 refuses it (HTTP 400 / INVALID_ARGUMENT).
+    The models refuse one anyway, as that request's own error (test_preprocessing's
+    test_a_request_of_no_images_is_its_own_bad_input)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from common.contract import ENSEMBLE, IMAGE
+
+    module = httpclient if protocol == "http" else grpcclient
+    client = module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    try:
+        for shape in ([0, 1], [1, 1]):
+            image = module.InferInput(IMAGE, shape, "BYTES")
+            image.set_data_from_numpy(np.full(shape, photos["coffee"], dtype=np.object_))
+            if shape[0]:
+                assert client.infer(ENSEMBLE, [image]).as_numpy("PROBABILITIES").shape[0] == 1
+                continue
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer(ENSEMBLE, [image])
+            assert refused.value.status() == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT")
+            assert f"expected 1 string elements for inference input '{IMAGE}'" in refused.value.message()
+            assert "got 0" in refused.value.message()
+    finally:
+        client.close()
+    assert server.is_ready()
+
 def test_good_requests_in_the_same_dynamic_batch_succeed(server, photos):
     """Good and bad requests sent at once (so they share dynamic batches): each gets its own answer."""
     cases = [("good", photos["coffee"])] * 12 + [(name, BAD[name][0](photos)) for name in sorted(BAD)] * 2
