@@ -3,6 +3,7 @@ are no images to read (a FIFO, /dev/zero, over the size limit), and --batch on a
 URL's spelling, with or without its key. Real servers, real files."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from build.repository.spec import DeploymentSpec, StageSpec
@@ -79,6 +81,7 @@ def test_a_server_killed_mid_run_keeps_the_answers_already_printed(tiny_artifact
             run = subprocess.Popen([sys.executable, "-m", "clients.classify", *[coffee()] * count, "--url",
                                     server.grpc_url, "--protocol", "grpc", "--json", *mode], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
+            stubs = psutil.Process(server.process.pid).children()  # a server killed -9 leaves its stubs running
             try:
                 printed = [json.loads(run.stdout.readline()) for _ in range(seen if mode == ["--batch"] else 5)]
                 server.process.kill()
@@ -86,6 +89,9 @@ def test_a_server_killed_mid_run_keeps_the_answers_already_printed(tiny_artifact
                 run.wait(timeout=120)
             finally:
                 run.kill()
+                for stub in stubs:
+                    with contextlib.suppress(psutil.Error):
+                        stub.kill()
             stderr.seek(0)
             err = stderr.read()
     assert run.returncode == 1 and len(printed) == count and "Traceback" not in err, err
