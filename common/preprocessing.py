@@ -315,8 +315,9 @@ def preprocess_requests(
 
     Returns the float32 batch of every image of every *good* request (None if there is none) and,
     per request, either its (start, stop) rows in that batch or the error that fails it, naming each
-    failed item: ImageError for bad input, PreprocessFault where any item failed otherwise (a bug). Decoding may run on `pool` (a concurrent.futures executor; Pillow releases the
-    GIL); normalisation runs once, vectorised, for the whole batch.
+    failed item: ImageError for bad input, PreprocessFault where any item failed otherwise (a bug).
+    Decoding may run on `pool` (a concurrent.futures executor; Pillow releases the GIL); normalisation
+    runs once, vectorised, for the whole batch.
     """
 
     def crop(data):
