@@ -38,8 +38,8 @@ help:
 setup: $(STAMP) ## create .venv with the pinned dependencies and the `tritonserver` launcher
 
 $(STAMP): requirements/main.txt pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.path.insert(0, "serving"); from tritonserver import python_problem; \
-	  problem = python_problem(sys.version_info[:2]); sys.exit(problem and "make setup: " + problem)'
+	@$(PYTHON) -c 'import sys; sys.path.insert(0, "serving"); from tritonserver import setup_problem; \
+	  problem = setup_problem(sys.version_info[:2]); sys.exit(problem and "make setup: " + problem)'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -r requirements/main.txt

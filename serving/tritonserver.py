@@ -88,6 +88,20 @@ def python_problem(version: tuple[int, int]) -> str | None:
             "`make setup PYTHON=python3.11`")
 
 
+# The Python requirements/main.txt was frozen under: some of its pins exist for no older one (pillow 13.0.0 and
+# annotated-doc 0.0.7 require Python >= 3.11), so `make setup` under 3.10 failed halfway through pip.
+PINNED_PYTHON = (3, 11)
+
+
+def setup_problem(version: tuple[int, int]) -> str | None:
+    """Why `make setup` cannot make the pinned environment under this Python, or None."""
+    problem = python_problem(version)
+    if problem or tuple(version[:2]) == PINNED_PYTHON:
+        return problem
+    return (f"requirements/main.txt is pinned for Python 3.11 (some pins, e.g. pillow 13.0.0, require it), and "
+            f"this is Python {version[0]}.{version[1]}. Make the environment with Python 3.11: "
+            "`make setup PYTHON=python3.11`")
+
 def default_backend_directory() -> Path:
     return Path(sys.prefix) / "share" / "tritonserver" / "backends"
 

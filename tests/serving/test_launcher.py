@@ -11,7 +11,8 @@ import pytest
 from build.repository.capabilities import Capabilities, detect, resolve_backend
 from serving.health import bound_address, host_port
 from serving.server import Ports, ServerError, TritonServer, bind_address
-from serving.tritonserver import STUB_PYTHONS, address_flags, build_command, locate_server, prepare_backend_directory, python_problem
+from serving.tritonserver import (STUB_PYTHONS, address_flags, build_command, locate_server, prepare_backend_directory,
+                                  python_problem, setup_problem)
 
 
 def test_launcher_binds_loopback_and_finds_the_python_backend(tmp_path):
@@ -62,6 +63,23 @@ def test_launcher_and_setup_refuse_a_python_whose_stub_garbles_input(tmp_path):
     assert run.returncode != 0 and "make setup: " in run.stderr and "PYTHON=python3.11" in run.stderr, run.stderr
     assert not venv.exists()
 
+
+
+def test_setup_refuses_a_python_the_pins_do_not_install_under(tmp_path):
+    """requirements/main.txt was frozen under 3.11 and some pins need it: `make setup` under 3.10 (whose stub is
+    fine) failed halfway through pip; now it is refused in one line, before a venv is made."""
+    assert setup_problem((3, 11)) is None
+    assert "pinned for Python 3.11" in setup_problem((3, 10)) and "PYTHON=python3.11" in setup_problem((3, 10))
+    assert setup_problem((3, 12)) == python_problem((3, 12))
+    found = sorted(glob.glob("/usr/bin/python3.10") + glob.glob(str(Path.home() / ".pyenv/versions/3.10*/bin/python")))
+    if not found:
+        pytest.skip("no Python 3.10 interpreter here to run `make setup` with")
+    venv = tmp_path / "venv"
+    run = subprocess.run(["make", "--no-print-directory", "setup", f"PYTHON={found[0]}", f"VENV={venv}",
+                          f"STAMP={venv}/.stamp"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0 and "make setup: requirements/main.txt is pinned for Python 3.11" in run.stderr, run.stderr
+    assert not venv.exists()
 
 def test_capabilities_are_detected_and_reported_in_one_line():
     caps = detect()
