@@ -50,10 +50,10 @@ def test_default_queues_are_derived_from_instances_and_batches():
 
 
 def test_explicit_queue_settings_and_zero_for_unbounded():
-    spec = DeploymentSpec(preprocess=StageSpec(instances=1, max_queue_size=5, queue_timeout_us=250),
+    spec = DeploymentSpec(preprocess=StageSpec(instances=1, max_queue_size=5, queue_timeout_us=250_000),
                           classifier=StageSpec(max_queue_size=0, queue_timeout_us=0))
     p = policy(configs.preprocess_config(spec, SHAPE, "test"))
-    assert (p.max_queue_size, p.default_timeout_microseconds) == (5, 250)
+    assert (p.max_queue_size, p.default_timeout_microseconds) == (5, 250_000)
     assert not parse(configs.classifier_config(spec, SHAPE, "onnxruntime", "test")).dynamic_batching.HasField(
         "default_queue_policy")  # 0 and 0: Triton's unbounded queue, no policy written
     open_door = DeploymentSpec(preprocess=StageSpec(instances=2, max_queue_size=0),  # behind an unbounded door,
