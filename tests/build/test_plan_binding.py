@@ -10,7 +10,7 @@ import sys
 import onnx
 import pytest
 
-from build.precision import binding, calibrate, plans, variants
+from build.precision import binding, calibrate, plans, provenance, variants
 from build.precision.imagesets import augmented_photos
 from build.repository import capabilities
 from build.repository.spec import DeploymentSpec, StageSpec
@@ -151,7 +151,9 @@ def test_the_tensorrt_backend_still_fails_when_its_plan_fails(tmp_path, tiny_art
     spec_path = tmp_path / "deployment.json"
     DeploymentSpec(artifacts=str(artifacts), precision="fp16", max_batch_size=8,
                    classifier=StageSpec(preferred_batch_sizes=[2, 4])).save(spec_path)
-    onnx.save(tiny_variant(tiny_artifacts / "model.onnx", "fp16"), artifacts / "model.fp16.onnx")
+    variant = tiny_variant(tiny_artifacts / "model.onnx", "fp16")
+    provenance.stamp(variant, artifacts / "model.onnx")  # built from the model beside it, as fp16.py records
+    onnx.save(variant, artifacts / "model.fp16.onnx")
     with pytest.raises(RuntimeError, match="TensorRT failed to build the plan"):
         variants.build_plan(artifacts, "fp16", str(spec_path), "tensorrt")
     assert ("build",) in with_stand_in_tensorrt
