@@ -81,10 +81,14 @@ def test_a_server_killed_mid_run_keeps_the_answers_already_printed(tiny_artifact
             run = subprocess.Popen([sys.executable, "-m", "clients.classify", *[coffee()] * count, "--url",
                                     server.grpc_url, "--protocol", "grpc", "--json", *mode], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
-            stubs = psutil.Process(server.process.pid).children()  # a server killed -9 leaves its stubs running
+            # Its stubs go with it: a server killed -9 leaves them running, holding its listening sockets open (a
+            # client then meets a port that accepts and never answers, not one where nothing listens).
+            stubs = psutil.Process(server.process.pid).children()
             try:
                 printed = [json.loads(run.stdout.readline()) for _ in range(seen if mode == ["--batch"] else 5)]
-                server.process.kill()
+                for process in (server.process, *stubs):
+                    with contextlib.suppress(psutil.Error, OSError):
+                        process.kill()
                 printed += lines(run.stdout.read())  # what the pipe's reader already holds too
                 run.wait(timeout=120)
             finally:
