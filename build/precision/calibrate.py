@@ -324,7 +324,7 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
         "algorithm_version": ALGORITHM_VERSION,
         "percentile": percentile if method == "percentile" else None,
         "preprocess": _as_json(config.to_dict()), "images": len(images), "images_description": images.description,
-        "images_sha256": images.fingerprint(), "tensors": len(scales),
+        "images_sha256": images.fingerprint(), "image_files": images.files, "tensors": len(scales),
         "trt_version_code": code, "trt_version_note": "0: written without TensorRT" if code == 0 else "",
         "observed_min": {n: s.minimum for n, s in stats.items()},
         "observed_max": {n: s.maximum for n, s in stats.items()},

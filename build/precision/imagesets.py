@@ -30,6 +30,7 @@ class ImageSet:
     crops: np.ndarray
     names: list[str]
     description: str
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # source file -> sha256 of its bytes
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -75,7 +76,7 @@ def augmented_photos(names: tuple[str, ...], views: int, seed: int, config: Prep
             labels.append(f"{name}#{view}")
     description = (f"{len(names)} bundled photos ({', '.join(names)}) x {views} views: the original + "
                    f"{AUGMENTATION}, seed {seed}")
-    return ImageSet(np.stack(crops), labels, description)
+    return ImageSet(np.stack(crops), labels, description, file_digests(bundled_paths(names)))
 
 
 def decode_file(path: Path, draft_size: int | None = None) -> Image.Image:
@@ -85,13 +86,28 @@ def decode_file(path: Path, draft_size: int | None = None) -> Image.Image:
         raise ImageError(f"{path}: {exc} (remove it or give another folder)") from None
 
 
-def folder_images(folder: str | Path, config: PreprocessConfig, limit: int | None = None) -> ImageSet:
-    """Every image under `folder` (recursively, sorted), no augmentation."""
+def folder_paths(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """The image files under `folder` (recursively, sorted) that folder_images reads."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def bundled_paths(names: tuple[str, ...]) -> list[Path]:
+    return list(sample_photos(list(names)).values())
+
+
+def file_digests(paths: list[Path]) -> dict[str, str]:
+    """{path: sha256 of the file's bytes}: a copy under another name has the same digest."""
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def folder_images(folder: str | Path, config: PreprocessConfig, limit: int | None = None) -> ImageSet:
+    """Every image under `folder` (recursively, sorted), no augmentation."""
+    paths = folder_paths(folder, limit)
     crops = [resize_and_crop(decode_file(p, draft_size=config.resize), config) for p in paths]
-    return ImageSet(np.stack(crops), [str(p) for p in paths], f"{len(paths)} images from {folder}")
+    return ImageSet(np.stack(crops), [str(p) for p in paths], f"{len(paths)} images from {folder}", file_digests(paths))
 
 
 IMAGENET_CLASSES = 1000
@@ -117,3 +133,35 @@ def calibration_set(config: PreprocessConfig, folder: str | None = None, views: 
 
 def held_out_set(config: PreprocessConfig, folder: str | None = None, views: int = 40, seed: int = 1) -> ImageSet:
     return folder_images(folder, config) if folder else augmented_photos(HELD_OUT_PHOTOS, views, seed, config)
+
+
+def calibration_files(folder: str | None = None) -> dict[str, str]:
+    """calibration_set's source files -> sha256, without decoding them."""
+    return file_digests(folder_paths(folder) if folder else bundled_paths(CALIBRATION_PHOTOS))
+
+
+def held_out_files(folder: str | None = None) -> dict[str, str]:
+    """held_out_set's source files -> sha256, without decoding them."""
+    return file_digests(folder_paths(folder) if folder else bundled_paths(HELD_OUT_PHOTOS))
+
+
+class OverlappingImages(ValueError):
+    """Held-out images that calibration saw: the gate would score them and overstate agreement."""
+
+
+def overlap(calibration: dict[str, str], held_out: dict[str, str]) -> list[str]:
+    """The held-out files whose bytes are those of a calibration file (whatever their names)."""
+    seen = set(calibration.values())
+    return [path for path, digest in held_out.items() if digest in seen]
+
+
+def overlap_refusal(calibration: dict[str, str], held_out: dict[str, str], calibration_source: str) -> str | None:
+    """One line when some held-out files are calibration images (`calibration_source` says where the
+    calibration images were named), else None."""
+    shared = overlap(calibration, held_out)
+    if not shared:
+        return None
+    few = ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else "")
+    return (f"{len(shared)} of the {len(held_out)} held-out images are calibration images ({calibration_source}), "
+            f"byte for byte: {few}; the gate would score images calibration saw and overstate agreement: give "
+            "--held-out and the calibration images disjoint folders")

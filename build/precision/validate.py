@@ -1,5 +1,7 @@
-"""`python -m build.precision.validate`: the accuracy gate. Every variant against the FP32 reference, on images
-that calibration never saw; a variant that fails is not deployed.
+"""`python -m build.precision.validate`: the accuracy gate. Every variant against the FP32 reference, on held-out
+images; a variant that fails is not deployed. Held-out images that are calibration images (the same bytes,
+whatever the name) are refused: by `make engines` before it builds, and here against the file hashes each
+calibration cache's <method>.json records (a cache that records none is warned about, not checked).
 
     python -m build.precision.validate --artifacts artifacts/efficientnet_lite0
     python -m build.precision.validate --held-out my_photos/ --min-agreement-int8 0.99
@@ -31,7 +33,8 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator
 
 from build.precision import provenance
-from build.precision.imagesets import ImageSet, bundled_photos_warning, held_out_set
+from build.precision.calibrate import read_meta
+from build.precision.imagesets import ImageSet, OverlappingImages, bundled_photos_warning, held_out_set, overlap_refusal
 from build.precision.mixed import float_nodes
 from build.precision.quantize import read_layout
 from common import cpu
@@ -322,15 +325,44 @@ def held_out_labels(images: ImageSet, held_out: str | None, artifacts: Path) -> 
     return folder_labels(images, Path(held_out), labels_file)
 
 
+def calibration_overlap(artifacts: Path, variants: list[str], held_out: ImageSet) -> list[str]:
+    """Refuse held-out images that a calibration cache of this model.onnx records as its own (by sha256);
+    the warnings for caches that record no files. Only when an INT8 variant of `variants` is present."""
+    if not any(VARIANTS[v][1] == "int8" and (artifacts / VARIANTS[v][0]).exists() for v in variants):
+        return []
+    model = artifacts / MODEL_ONNX
+    current = file_sha256(model) if model.is_file() else None
+    warnings = []
+    for meta_path in sorted((artifacts / "calibration").glob("*.json")):
+        try:
+            meta = read_meta(meta_path)
+        except ValueError as exc:
+            warnings.append(f"warning: {exc}: cannot check the held-out images against its calibration images")
+            continue
+        if meta.get("onnx_sha256") != current:
+            continue  # calibrated another model.onnx: no variant here was built from it
+        files = meta.get("image_files")
+        if not isinstance(files, dict) or not files:
+            warnings.append(f"warning: {meta_path} records no calibration image files, so whether the held-out "
+                            "images overlap them cannot be told; recalibrate (python -m build.precision.calibrate "
+                            "--force) to record them")
+            continue
+        refusal = overlap_refusal(files, held_out.files, f"{meta_path}")
+        if refusal:
+            raise OverlappingImages(refusal)
+    return warnings
+
+
 def main(args: argparse.Namespace) -> list[VariantReport]:
     artifacts = Path(args.artifacts)
     config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     images = held_out_set(config, args.held_out, args.views)
     labels = held_out_labels(images, args.held_out, artifacts)
     print(f"held-out images: {images.description}" + (" (labelled)" if labels is not None else ""))
+    warnings = calibration_overlap(artifacts, args.variants, images)
     warning = bundled_photos_warning(artifacts / LABELS_TXT, {"--held-out": args.held_out})
-    if warning:
-        print(warning)
+    for line in [*warnings, *([warning] if warning else [])]:
+        print(line)
     thresholds = {"fp16": args.min_agreement_fp16, "int8": args.min_agreement_int8,
                   "accuracy_drop": args.max_accuracy_drop}
     reports = validate(artifacts, args.variants, images, config, thresholds, labels, args.batch_size)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from build.precision import calibrate, fp16, mixed, quantize, validate
-from build.precision.imagesets import ImageSet, bundled_photos_warning, calibration_set, held_out_set
+from build.precision.imagesets import (ImageSet, OverlappingImages, bundled_photos_warning, calibration_files,
+                                      calibration_set, held_out_files, held_out_set, overlap_refusal)
 from build.repository.spec import DeploymentSpec
 from build.repository.writer import model_shape
 from common import cpu
@@ -134,6 +135,15 @@ def mixed_precision(artifacts: Path, built: Int8Build, options: VariantOptions, 
     return passed[-1] if kept is not None else None
 
 
+def require_disjoint(options: VariantOptions) -> None:
+    """Refuse calibration and held-out images that share a file's bytes, before anything is built."""
+    where = (f"--calibration-images {options.calibration_images}" if options.calibration_images
+             else "the bundled calibration photos")
+    refusal = overlap_refusal(calibration_files(options.calibration_images), held_out_files(options.held_out), where)
+    if refusal:
+        raise OverlappingImages(refusal)
+
+
 def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: VariantOptions,
             log: Callable[[str], None] = print) -> Deployable:
     artifacts = Path(spec.artifacts)
@@ -154,6 +164,8 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
                                                               "--held-out": options.held_out})
     if warning:
         log(warning)
+    if precision == "int8":  # only INT8 calibrates: FP16 and FP32 never see the calibration images
+        require_disjoint(options)
     built = build_variants(artifacts, precision, options, config, log, backend)
     plan, why = build_plan(artifacts, precision, spec_path, backend, plan_flags(spec.target_server))
     log(f"TensorRT plan: {plan}" if plan else why)
