@@ -5,9 +5,11 @@
     python -m benchmarks.locust_run --user-class FastAPIUser --host http://127.0.0.1:8080
 
 One `locust --headless` process per (user class, user count): all users spawn at once, statistics
-are reset after spawning, the run stops after --run-time seconds. Its `_stats.csv` is parsed into a
-LocustResult (requests, failures and req/s as Locust counts them, failures included); p50/p90/p99 and
-the mean in ms are numpy's over the successful requests' latencies the locustfile writes
+are reset after spawning, the run stops after --run-time seconds. The LocustResult comes from what the
+locustfile writes at quit, once the users have stopped: requests and failures as Locust counts them
+(failures included) and req/s over the same window, from the reset to the last request
+(`_totals.json`; Locust's `_stats.csv` is not rewritten at quit and misses the last second's
+requests); p50/p90/p99 and the mean in ms are numpy's over the successful requests' latencies
 (`_latencies.txt`), not Locust's, which are rounded to its buckets (two significant digits above
 100 ms) and count the failures' latencies too; `<user class>_u<users>_stats.csv`,
 `_failures.csv` and the `.html` report stay in --out, and locust.json lists every run's LocustResult
@@ -17,8 +19,8 @@ with the machine they ran on. Triton users call the ensemble the repository's BU
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -59,7 +61,8 @@ def locust_command(user_class: str, host: str, users: int, run_time_s: int, pref
     return [binary, "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users), "-r", str(users),
             "-t", f"{run_time_s}s", "--stop-timeout", "10", "--reset-stats", "--only-summary",
             "--csv", str(prefix), "--html", f"{prefix}.html", "--photos", photos, "--triton-model", triton_model,
-            "--latencies-file", f"{prefix}_latencies.txt", "--loglevel", "WARNING", user_class]
+            "--latencies-file", f"{prefix}_latencies.txt", "--totals-file", f"{prefix}_totals.json",
+            "--loglevel", "WARNING", user_class]
 
 
 def with_success_latencies(result: LocustResult, latencies_ms) -> LocustResult:
@@ -72,16 +75,13 @@ def with_success_latencies(result: LocustResult, latencies_ms) -> LocustResult:
     return dataclasses.replace(result, p50_ms=p50, p90_ms=p90, p99_ms=p99, avg_ms=float(ms.mean()))
 
 
-def parse_stats(path: str | Path, user_class: str, users: int) -> LocustResult:
-    """Locust's `<prefix>_stats.csv` -> the Aggregated row as a LocustResult."""
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("Name") == "Aggregated"]
-    if not rows:
-        raise LocustError(f"{path}: no Aggregated row")
-    r = rows[0]
-    num = lambda key: float(r.get(key) or 0) if r.get(key) not in ("N/A", None) else 0.0  # noqa: E731
-    return LocustResult(user_class, users, int(num("Request Count")), int(num("Failure Count")),
-                        num("Requests/s"), num("50%"), num("90%"), num("99%"), num("Average Response Time"))
+def parse_totals(path: str | Path, user_class: str, users: int) -> LocustResult:
+    """The locustfile's `<prefix>_totals.json` -> a LocustResult: requests, failures and req/s over the
+    window from the statistics' reset to the last request; the latencies are left 0 (with_success_latencies)."""
+    totals = json.loads(Path(path).read_text())
+    start, end = totals["start"], totals["end"]
+    throughput = totals["requests"] / (end - start) if end is not None and end > start else 0.0
+    return LocustResult(user_class, users, totals["requests"], totals["failures"], throughput, 0.0, 0.0, 0.0, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +113,7 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
     history, log_path = Path(f"{prefix}_stats_history.csv"), Path(f"{prefix}.log")
     history.unlink(missing_ok=True)
     Path(f"{prefix}_latencies.txt").unlink(missing_ok=True)
+    Path(f"{prefix}_totals.json").unlink(missing_ok=True)
     cmd = locust_command(user_class, host, users, run_time_s, prefix, photos, triton_model)
     deadline = time.monotonic() + run_time_s + 90
     usage = Usage()
@@ -138,15 +139,13 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
             process.wait()
             raise LocustError(f"locust ran past {run_time_s + 90} s: {' '.join(cmd)}") from None
     output = log_path.read_text(errors="replace")
-    stats = Path(f"{prefix}_stats.csv")
-    if not stats.exists():
-        raise LocustError(f"locust wrote no statistics (exit {process.returncode}):\n{output[-1500:]}")
-    result = parse_stats(stats, user_class, users)
+    totals, latencies = Path(f"{prefix}_totals.json"), Path(f"{prefix}_latencies.txt")
+    for written in (totals, latencies):
+        if not written.exists():
+            raise LocustError(f"locust wrote no {written.name} (exit {process.returncode}):\n{output[-1500:]}")
+    result = parse_totals(totals, user_class, users)
     if result.requests == 0:
         raise LocustError(f"locust recorded no requests (exit {process.returncode}):\n{output[-1500:]}")
-    latencies = Path(f"{prefix}_latencies.txt")
-    if not latencies.exists():
-        raise LocustError(f"locust wrote no {latencies.name} (exit {process.returncode}):\n{output[-1500:]}")
     return with_success_latencies(result, [float(x) for x in latencies.read_text().split()]), usage
 
 

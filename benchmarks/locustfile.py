@@ -14,9 +14,13 @@ Triton requests are reported to Locust's statistics by hand (request_type grpc/h
 user is Locust's own FastHttpUser. `--latencies-file PATH` writes every successful request's latency
 (ms, one a line; those before a --reset-stats reset left out) at quit: Locust's own percentiles are
 rounded to its buckets and count failures too (benchmarks.locust_run computes them from this file).
+`--totals-file PATH` writes, at the same moment, Locust's final totals as JSON: requests and failures
+since the reset, and the window they ran in (`start`: the reset, `end`: the last request, Unix s).
+Locust's `_stats.csv` is rewritten once a second and not at quit, so it misses the last second's requests.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -40,6 +44,9 @@ def _add_arguments(parser) -> None:
                         help=f"the ensemble Triton users call (default: {DEFAULT_MODEL})")
     parser.add_argument("--latencies-file", default="",
                         help="write each successful request's latency (ms) here at quit (default: none)")
+    parser.add_argument("--totals-file", default="",
+                        help="write the final request and failure counts and their window (JSON) here at quit "
+                             "(default: none)")
 
 
 @events.init.add_listener
@@ -52,7 +59,8 @@ def _load_photos(environment, **_kwargs) -> None:
 
 def _record_latencies(environment) -> None:
     """Keep each successful request's latency (ms) in environment.benchmark_latencies_ms, from Locust's
-    statistics reset on (--reset-stats, when spawning completes) and write them to --latencies-file at quit."""
+    statistics reset on (--reset-stats, when spawning completes); at quit, after the users stopped, write
+    them to --latencies-file and Locust's totals to --totals-file, both of the same final state."""
     kept = environment.benchmark_latencies_ms = []
 
     def on_request(response_time, exception=None, **_kwargs) -> None:
@@ -64,10 +72,15 @@ def _record_latencies(environment) -> None:
             kept.clear()
 
     def on_quitting(**_kwargs) -> None:
-        path = environment.parsed_options.latencies_file if environment.parsed_options else ""
-        if path:
-            with open(path, "w") as f:
+        options = environment.parsed_options
+        if options and options.latencies_file:
+            with open(options.latencies_file, "w") as f:
                 f.writelines(f"{ms:.3f}\n" for ms in kept)
+        if options and options.totals_file:
+            total = environment.stats.total
+            with open(options.totals_file, "w") as f:
+                json.dump({"requests": total.num_requests, "failures": total.num_failures,
+                           "start": total.start_time, "end": total.last_request_timestamp}, f)
 
     environment.events.request.add_listener(on_request)
     environment.events.spawning_complete.add_listener(on_spawning_complete)
