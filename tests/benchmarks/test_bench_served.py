@@ -28,7 +28,8 @@ def test_locust_users_against_triton(server, user_class, tmp_path):
     assert result.requests > 0 and result.failures == 0, result
     assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
     assert (tmp_path / f"{user_class}_u2.html").stat().st_size > 0
-    assert (tmp_path / f"{user_class}_u2_latencies.txt").read_text().split()  # the percentiles' source
+    latencies = (tmp_path / f"{user_class}_u2_latencies.txt").read_text().split()  # the percentiles' source
+    assert len(latencies) == result.requests  # both from Locust's final state, none missed at the end
     assert monitor.cpu_percent > 0 and monitor.peak_rss_mb > 0
 
 
