@@ -41,7 +41,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from build.precision import bias_correction, provenance, trt_qdq
 from build.precision.calibrate import CACHE_METHODS, LEARNED_METHODS, Calibration, load_calibration, staleness
 from common import cpu
-from common.contract import MODEL_ONNX, PREPROCESS_JSON
+from common.contract import MODEL_ONNX, ONNX_LOGITS, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 
@@ -55,7 +55,8 @@ BIAS_CORRECTION_KEY = "int8_bias_correction"  # ONNX metadata: "<n> layers" or "
 # default) loses most of the top-1 agreement on EfficientNet-Lite0 (docs/precision.md).
 TRT_OP_TYPES = ["Conv", "Gemm", "MatMul", "Add"]
 # ONNX Runtime CPU: also keep the activations between convolutions in int8 so kernels chain in U8S8.
-# ...but the classifier's logits stay float: quantised logits flip near-ties after the softmax.
+# ...but the classifier's logits stay float: quantised logits flip near-ties after the softmax. The
+# quantizer honours this option in the Q/DQ form only; in the QOperator form `float_logits` does it.
 CPU_FLOAT_OUTPUTS = ["Gemm", "MatMul"]
 CPU_OP_TYPES = ["Conv", "Gemm", "MatMul", "Add", "Mul", "Clip", "Relu", "Pad", "GlobalAveragePool",
                 "AveragePool", "MaxPool", "Flatten", "Reshape", "Concat"]
@@ -170,6 +171,50 @@ def keep_float(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
     return changed
 
 
+def head_adds(model: onnx.ModelProto) -> list[str]:
+    """The Add that produces the logits output (a MatMul + Add head), left out of quantization in both
+    files: quantized, its MatMul's output would get Q/DQ, its bias an int8 constant and the logits 8 bits."""
+    return [n.name for n in model.graph.node if n.op_type == "Add" and ONNX_LOGITS in n.output]
+
+
+def float_logits(model: onnx.ModelProto) -> list[str]:
+    """Make the QGemm or QLinearMatMul that computes the logits output (directly, or through a float Add)
+    emit float instead of 8 bits followed by a DequantizeLinear; the layers changed. QGemm (an ONNX Runtime
+    contrib op) outputs float when given no output scale; a QLinearMatMul becomes a MatMulIntegerToFloat
+    (contrib) on the same integer inputs. Every other layer stays as quantized."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    last = producers.get(ONNX_LOGITS)
+    if last is None:
+        return []
+    dequantizes = [last] if last.op_type == "DequantizeLinear" else (
+        [producers[i] for i in last.input if i in producers] if last.op_type == "Add" else [])
+    changed = []
+    for dequantize in [d for d in dequantizes if d.op_type == "DequantizeLinear"]:
+        layer = producers.get(dequantize.input[0])
+        if layer is None or readers[dequantize.input[0]] != 1 or layer.op_type not in ("QGemm", "QLinearMatMul"):
+            continue
+        if layer.op_type == "QGemm":  # A, a_scale, a_zp, B, b_scale, b_zp, C[, y_scale, y_zp]
+            del layer.input[7:]
+            layer.output[0] = dequantize.output[0]
+        else:  # a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp -> A, B, a_scale, b_scale, a_zp, b_zp
+            a, a_scale, a_zp, b, b_scale, b_zp = layer.input[:6]
+            layer.CopyFrom(onnx.helper.make_node("MatMulIntegerToFloat", [a, b, a_scale, b_scale, a_zp, b_zp],
+                                                 [dequantize.output[0]], name=layer.name, domain="com.microsoft"))
+        model.graph.node.remove(dequantize)
+        changed.append(layer.name)
+    if changed:
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        used = {i for n in model.graph.node for i in n.input}
+        for initializer in [i for i in model.graph.initializer if i.name not in used]:
+            model.graph.initializer.remove(initializer)
+    return changed
+
+
 def stamp_layout(path: Path, layout: str, corrected: int | None = None, source: Path | None = None) -> None:
     """Write the CPU layout and the flags it needs into the model's ONNX metadata, how many layers'
     biases were corrected (None: no correction) and the sha256 of the `source` model (build/precision/provenance.py)."""
@@ -222,6 +267,7 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
         raise ValueError(f"cpu format {cpu_format!r} is not one of {sorted(CPU_FORMATS)}")
     symmetric = target == "trt"
     cpu_layout = cpu_layout or default_layout()
+    float_nodes = (exclude_nodes or []) + head_adds(onnx.load(str(model_path), load_external_data=False))
     extra = ({"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
               "OpTypesToExcludeOutputQuantization": TRT_OP_TYPES} if symmetric
              else _cpu_options(model_path, cpu_layout))
@@ -238,7 +284,7 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
                 per_channel=True, reduce_range=False,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude_nodes or [],
+                nodes_to_exclude=float_nodes,
                 calibrate_method=CalibrationMethod.MinMax,
                 calibration_cache_path=str(ranges),
                 extra_options=extra,
@@ -246,9 +292,9 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
     if symmetric:
         _apply_trt_rules(model_path, out)
         trt_qdq.set_cache_scales(out, calibration.scales)
-    elif exclude_nodes:
+    else:
         model = onnx.load(str(out))
-        if keep_float(model, exclude_nodes):
+        if float_logits(model) + keep_float(model, exclude_nodes or []):
             onnx.save(model, str(out))
     stamp_layout(out, "" if symmetric else cpu_layout, corrected, source=model_path)
     return out
