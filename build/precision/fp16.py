@@ -4,9 +4,10 @@
 
 The precision lives in the graph (TensorRT 10/11 strongly typed networks take it from there; no
 builder flag). Converter: ONNX Runtime's `float16.convert_float_to_float16` with `keep_io_types`
-(FP32 IO, casts inserted at the boundaries); Softmax and the reductions always stay FP32
-(`--keep-fp32` adds op types to them), and an FP32 result on its way to an FP32 output is not rounded
-through FP16 (the converter's Cast FP16 -> Cast FP32 pairs are dropped). The result is checked by `build.precision.validate` before it is deployed.
+(FP32 IO, casts inserted at the boundaries); Softmax, average pooling and the summing reductions
+always stay FP32 (KEEP_FP32; `--keep-fp32` adds op types to them), and an FP32 result on its way to an
+FP32 output is not rounded through FP16 (the converter's Cast FP16 -> Cast FP32 pairs are dropped).
+MaxPool goes FP16: it picks one of its inputs, exact in any precision. The result is checked by `build.precision.validate` before it is deployed.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_floa
 from build.precision import provenance
 from common.contract import MODEL_ONNX
 
-KEEP_FP32 = ["Softmax", "GlobalAveragePool", "ReduceMean"]
+# Softmax, and the ops that sum many values: a sum can pass FP16's 65504 (and loses low bits on the way).
+KEEP_FP32 = ["Softmax", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceSum", "ReduceSumSquare",
+             "ReduceL1", "ReduceL2", "ReduceLogSumExp"]
 OUTPUT_NAME = "model.fp16.onnx"
 
 
@@ -67,17 +70,38 @@ def drop_round_trip_casts(graph: onnx.GraphProto) -> int:
     return dropped
 
 
+def drop_duplicate_casts(graph: onnx.GraphProto) -> int:
+    """Keep one of the identical Cast nodes the converter writes when one FP16 tensor feeds several ops
+    kept FP32 (each gets a Cast with the same output name, which ONNX refuses). Returns how many went."""
+    seen, dropped = set(), 0
+    for node in list(graph.node):
+        if node.op_type != "Cast":
+            continue
+        key = (node.input[0], node.output[0], onnx.helper.get_node_attr_value(node, "to"))
+        if key in seen:
+            graph.node.remove(node)
+            dropped += 1
+        seen.add(key)
+    names = set()
+    for info in list(graph.value_info):
+        if info.name in names:
+            graph.value_info.remove(info)
+        names.add(info.name)
+    return dropped
+
+
 def block_list(keep_fp32: list[str] | None = None) -> list[str]:
     """Op types kept FP32: the converter's defaults, KEEP_FP32, and `keep_fp32` on top (never instead)."""
     return sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32) | set(keep_fp32 or []))
 
 
 def convert(model_path: Path, out: Path, keep_fp32: list[str] | None = None) -> Path:
-    """`keep_fp32`: op types kept FP32 in addition to KEEP_FP32 (Softmax and pooling always stay FP32). The
+    """`keep_fp32`: op types kept FP32 in addition to KEEP_FP32 (Softmax, average pooling and summing reductions always stay FP32). The
     file records `model_path`'s sha256 (build/precision/provenance.py)."""
     model = onnx.load(str(model_path))
     block = block_list(keep_fp32)
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    drop_duplicate_casts(converted.graph)
     drop_round_trip_casts(converted.graph)
     topological_sort(converted.graph)  # the converter appends its Cast nodes out of order
     provenance.stamp(converted, model_path)

@@ -125,6 +125,39 @@ def test_fp16_keep_fp32_adds_to_softmax_and_pooling(tiny_artifacts, tmp_path):
     assert args.keep_fp32 == ["Gemm"] and fp16.get_args_parser().parse_args([]).keep_fp32 == []
 
 
+def test_fp16_keeps_average_pooling_and_summing_reductions_fp32(tmp_path):
+    """Average pooling and the reductions that sum run in FP32 in the converted file; MaxPool (exact) in FP16."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    summing = ["ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp"]
+    nodes = [helper.make_node("Conv", ["images", "CW"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("AveragePool", ["mp"], ["ap"], kernel_shape=[2, 2], strides=[2, 2])]
+    nodes += [helper.make_node(op, ["ap", "axes"], [op], keepdims=0) for op in summing]
+    nodes += [helper.make_node("Sum", summing, ["s"]), helper.make_node("MatMul", ["s", "W"], ["logits"]),
+              helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "reductions", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["b", 3])],
+        initializer=[numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "CW"),
+                     numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32) * 1e-3, "W"), axes])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), tmp_path / "model.onnx")
+    out = fp16.convert(tmp_path / "model.onnx", tmp_path / "model.fp16.onnx")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    ran = {n.op_type: (types[n.input[0]], types.get(n.output[0])) for n in model.graph.node if n.op_type != "Cast"}
+    for op in ["AveragePool", *summing]:
+        assert ran[op] == (TensorProto.FLOAT, TensorProto.FLOAT), op
+    assert ran["MaxPool"][0] == ran["Conv"][0] == TensorProto.FLOAT16
+    batch = rng.normal(size=(2, 3, 32, 32)).astype(np.float32) * 100  # sums past FP16's 65504
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["logits"], {"images": batch})[0]
+            for p in (tmp_path / "model.onnx", out)]
+    assert np.isfinite(runs[1]).all()
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0.02, atol=0.02)
+
+
 def test_methods_clip_no_more_than_max(tiny):
     artifacts, config, images = tiny
     stats = calibrate.collect_statistics(artifacts / "model.onnx", images, config, batch_size=4)
