@@ -54,9 +54,9 @@ def write_tiny_classifier(out: Path, num_classes: int = 3, crop: int = 32) -> Pa
 
 def write_near_tie_classifier(out: Path) -> Path:
     """The tiny classifier whose classes 0 and 1 always score 2048 and 2048.5 (identical weights, those biases):
-    FP32 picks class 1 with a probability margin of 0.24 on every image, while FP16 (its step at 2048 is 2) and
-    8-bit logits (a step of 8 here) round both to one value and pick class 0. A model every reduced-precision
-    file of which genuinely fails the accuracy gate, unless its one layer stays in float."""
+    FP32 picks class 1 with a probability margin of 0.24 on every image, while FP16 (its step at 2048 is 2) rounds
+    both to one value and picks class 0: an FP16 file that genuinely fails the accuracy gate. (The INT8 files
+    keep it: their logits are float and the int32 biases hold the 0.5.)"""
     write_tiny_classifier(out)
     model = onnx.load(out / "model.onnx")
     for tensor in model.graph.initializer:

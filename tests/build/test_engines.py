@@ -36,16 +36,16 @@ def test_int8_chain_on_a_small_model(tiny_artifacts, tmp_path, capsys):
 
 
 def test_gate_failure_deploys_nothing_unless_fallback_is_asked(tmp_path):
-    """A model whose INT8 and FP16 files genuinely disagree with it (tests/tiny_model.py: two logits 0.5 apart
-    at 2048), gated at the default thresholds; the INT8 search for float layers turned off (it would keep the
-    one layer in float and pass)."""
+    """A model whose FP16 file genuinely disagrees with it (tests/tiny_model.py: two logits 0.5 apart at 2048),
+    gated at the default thresholds: nothing deployed, or FP32 with --allow-fallback. Its INT8 CPU file, whose
+    logits stay float (int32 biases keep the 0.5), passes with every layer quantized: before, its 8-bit logits
+    tied the two classes and it failed at 0.00 %."""
     artifacts = write_near_tie_classifier(tmp_path / "near-tie")
     out = tmp_path / "repo"
-    with pytest.raises(GateFailed, match="int8-cpu failed the accuracy gate and is not deployed: top-1 agreement 0.00%"):
-        engines("--artifacts", str(artifacts), "--out", str(out), "--precision", "int8", "--int8-max-float-layers", "0")
+    with pytest.raises(GateFailed, match="fp16 failed the accuracy gate and is not deployed: top-1 agreement 0.00%"):
+        engines("--artifacts", str(artifacts), "--out", str(out), "--precision", "fp16")
     assert not out.exists()
-    manifest = engines("--artifacts", str(artifacts), "--out", str(out), "--precision", "int8",
-                       "--int8-max-float-layers", "0", "--allow-fallback")
+    manifest = engines("--artifacts", str(artifacts), "--out", str(out), "--precision", "fp16", "--allow-fallback")
     assert manifest["variant"] == "fp32" and manifest["classifier_model"]["source"].endswith("model.onnx")
     config = text_format.Parse((out / "classifier" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     built = json.loads((out / "BUILD.json").read_text())
@@ -54,6 +54,11 @@ def test_gate_failure_deploys_nothing_unless_fallback_is_asked(tmp_path):
                           str(tmp_path / "other"), "--precision", "fp16"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 1 and "build.engines: fp16 failed the accuracy gate" in cli.stderr
     assert not (tmp_path / "other").exists()
+    int8 = engines("--artifacts", str(artifacts), "--out", str(tmp_path / "int8"), "--precision", "int8",
+                   "--int8-max-float-layers", "0")
+    report = next(r for r in int8["validation"] if r["name"] == "int8-cpu")
+    assert int8["variant"] == "int8-cpu" and report["passed"] and report["top1_agreement"] == 1.0, report
+    assert not report["float_layers"]
 
 
 @pytest.mark.slow
