@@ -35,12 +35,11 @@ from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageCl
                             ImageClassifierClient, Prediction, ServerBusy, ServerUnavailable)
 from clients.endpoint import split_url
 from common.contract import MAX_BATCH_SIZE, ImageLimits
-from serving.access import read_key
+from serving.access import KEY_ENV, read_key
 from serving.health import number
 from serving.server import served
 
 READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
-KEY_ENV = "TRITON_ADMIN_KEY"  # as serving/supervise.py and the manifests name it
 BUSY_RETRIES = 5  # a busy answer is retried this many times, about 0.1 s, 0.2 s, 0.4 s ... apart
 DEFAULT_CONCURRENCY = 8  # --async requests in flight: well below the committed spec's derived queues
 FILE_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",

@@ -69,7 +69,8 @@ class ImageLimits:
         if min(self.max_image_bytes, self.max_image_pixels, self.min_image_side) < 1:
             raise ValueError(f"image limits must be positive, got {self}")
         if not math.isfinite(self.max_image_aspect_ratio):  # NaN compares false: it turned the guard off
-            raise ValueError(f"limits.max_image_aspect_ratio must be a finite number, got {self.max_image_aspect_ratio}")
+            raise ValueError("limits.max_image_aspect_ratio must be a finite number, "
+                             f"got {self.max_image_aspect_ratio}")
         if self.max_image_aspect_ratio < 1:
             raise ValueError(f"limits.max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio}")
         if decoder_max_pixels is not None and self.max_image_pixels > decoder_max_pixels:

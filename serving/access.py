@@ -16,6 +16,8 @@ KEY_HEADER = "triton-admin-key"
 # Triton 2.51 looks for a gRPC restricted-protocol key under this prefix (its error message names it).
 GRPC_KEY_PREFIX = "triton-grpc-protocol-"
 KEY_FILE = Path(".run") / "admin.key"
+# The environment variable that gives a key to the supervisor and the clients (deploy/k8s sets it from a Secret).
+KEY_ENV = "TRITON_ADMIN_KEY"
 # Everything but health, metadata and inference: model control, configuration, shared memory,
 # statistics, trace and logging.
 RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")

@@ -7,10 +7,9 @@ wheel's `tritonserver/caches` (the server looks in /opt/tritonserver/caches othe
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from serving.triton_admin import MANIFEST
+from serving.triton_admin import built_spec
 from serving.tritonserver import locate_server
 
 
@@ -29,8 +28,4 @@ def cache_args(size_mb: int) -> list[str]:
 
 def repository_cache_mb(repository: str | Path) -> int:
     """The response cache size the repository's spec asks for (0: none, or no BUILD.json)."""
-    try:
-        spec = json.loads((Path(repository) / MANIFEST).read_text())["spec"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return int(spec.get("response_cache_mb") or 0)
+    return int(built_spec(repository).get("response_cache_mb") or 0)

@@ -37,14 +37,13 @@ from typing import Callable
 
 import psutil
 
-from serving.access import key_file_headers, key_headers, read_key, restricted_args, write_key
+from serving.access import KEY_ENV, key_file_headers, key_headers, read_key, restricted_args, write_key
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
 from serving.health import bound_address, endpoint, host_port, number, port_number, positive, reachable
 from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
-KEY_ENV = "TRITON_ADMIN_KEY"
 RESTRICTED_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")  # restricted_args' order
 
 

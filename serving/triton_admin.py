@@ -25,6 +25,15 @@ MANIFEST = "BUILD.json"  # what build.engines writes beside the models (build.re
 _held: dict[Path, int] = {}  # locks this process holds, and how deep (the lock is re-entrant in a process)
 
 
+def built_spec(repository: str | Path | None) -> dict:
+    """The deployment spec the repository's BUILD.json records; {} where there is none or it cannot be read."""
+    try:
+        spec = json.loads((Path(repository) / MANIFEST).read_text())["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
 class LockTimeout(RuntimeError):
     pass
 

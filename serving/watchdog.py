@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -50,7 +49,7 @@ import psutil
 from serving.access import admin_headers, key_file_headers
 from serving.health import endpoint, number, port_number, positive
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
-from serving.triton_admin import MANIFEST, LockTimeout, TritonAdmin, control_lock, drain, repository_of
+from serving.triton_admin import LockTimeout, TritonAdmin, built_spec, control_lock, drain, repository_of
 
 log = logging.getLogger("watchdog")
 
@@ -71,10 +70,8 @@ FAILED_CHECKS_BLIND = 3  # passes in a row that raised, after which readiness st
 def served_models(repository: Path | None) -> list[str]:
     """The model clients call (the ensemble the repository's BUILD.json names); [] where that is unknown. /ready
     asks for it by name: Triton's own readiness is 200 with it unloaded (a drain) and 503 while a rollout loads."""
-    try:
-        return [json.loads((Path(repository) / MANIFEST).read_text())["spec"]["ensemble_name"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    name = built_spec(repository).get("ensemble_name")
+    return [name] if isinstance(name, str) and name else []
 
 
 class Watchdog:

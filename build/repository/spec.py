@@ -73,10 +73,12 @@ class StageSpec:
             raise ValueError(f"{name}.max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         for key in ("max_queue_size", "queue_timeout_us"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise ValueError(f"{name}.{key} must be >= 0 (0: unbounded) or null (derived), got {getattr(self, key)}")
+                raise ValueError(f"{name}.{key} must be >= 0 (0: unbounded) or null (derived), "
+                                 f"got {getattr(self, key)}")
         for key, (kind, top) in TRITON_TYPES.items():
             if (getattr(self, key) or 0) > top:
-                raise ValueError(f"{name}.{key} must be at most {top} (Triton's field is {kind}), got {getattr(self, key)}")
+                raise ValueError(f"{name}.{key} must be at most {top} (Triton's field is {kind}), "
+                                 f"got {getattr(self, key)}")
         if self.nice is not None and not 0 <= self.nice <= MAX_NICE:
             raise ValueError(f"{name}.nice must be within 0..{MAX_NICE} (0: the server's priority) or null (derived), "
                              f"got {self.nice}")
@@ -151,7 +153,8 @@ class DeploymentSpec:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_batch_size > INT32_MAX:
-            raise ValueError(f"max_batch_size must be at most {INT32_MAX} (Triton's field is int32), got {self.max_batch_size}")
+            raise ValueError(f"max_batch_size must be at most {INT32_MAX} (Triton's field is int32), "
+                             f"got {self.max_batch_size}")
         names = [self.ensemble_name, self.preprocess_name, self.classifier_name]
         if len(set(names)) != 3:
             raise ValueError(f"model names must differ, got {names}")

@@ -94,6 +94,17 @@ def test_http_url_follows_the_servers_flags():
     assert http_url(["tritonserver", "--http-address=ipv6:fd00::5"]) == "[fd00::5]:8000"
 
 
+def ready_codes_until_healed(supervised, polls: int = 1200) -> list[int]:
+    """/ready's answers every 50 ms until it has said 503 and then 200 again (a killed stub seen, then healed)."""
+    codes = []
+    for _ in range(polls):
+        codes.append(supervised.ready())
+        if 503 in codes and codes[-1] == 200:
+            break
+        time.sleep(0.05)
+    return codes
+
+
 def test_a_dead_stub_is_reloaded_a_dead_server_restarted_and_sigterm_drains(repository, tmp_path, photos):
     """--restarts 1: a killed stub makes /ready 503 until its model is reloaded; a killed tritonserver is
     started again (its old stubs gone) and serves; SIGTERM under load drains and exits 0."""
@@ -103,12 +114,7 @@ def test_a_dead_stub_is_reloaded_a_dead_server_restarted_and_sigterm_drains(repo
         first = supervised.server_pid()
         victim = serving_stubs(first, "classifier", 1)[0]
         os.kill(victim.pid, signal.SIGKILL)
-        codes = []
-        for _ in range(1200):
-            codes.append(supervised.ready())
-            if 503 in codes and codes[-1] == 200:
-                break
-            time.sleep(0.05)
+        codes = ready_codes_until_healed(supervised)
         assert 503 in codes and codes[-1] == 200, get(supervised.url + "/status")
 
         old_stubs = {p.pid for p in supervised.stubs()}
@@ -250,12 +256,7 @@ def test_a_server_started_without_restricted_flags_gets_them_under_a_generated_k
         assert post(f"{models}/image_classifier/load", {}, access.admin_headers(key_file, "http")) == 200
 
         os.kill(serving_stubs(supervised.server_pid(), "classifier", 1)[0].pid, signal.SIGKILL)
-        codes = []
-        for _ in range(1200):
-            codes.append(supervised.ready())
-            if 503 in codes and codes[-1] == 200:
-                break
-            time.sleep(0.05)
+        codes = ready_codes_until_healed(supervised)
         assert 503 in codes and codes[-1] == 200, supervised.log.read_text(errors="replace")[-3000:]
         supervised.process.send_signal(signal.SIGTERM)
         assert supervised.process.wait(90) == 0

@@ -47,7 +47,8 @@ class ImageModel:
             if isinstance(outcome, tuple):
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors(*outcome)))
             else:
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(outcome, ImageError) else pb_utils.TritonError.INTERNAL
+                bad_input = isinstance(outcome, ImageError)
+                code = pb_utils.TritonError.INVALID_ARG if bad_input else pb_utils.TritonError.INTERNAL
                 error = pb_utils.TritonError(str(outcome), code)
                 responses.append(pb_utils.InferenceResponse(error=error))
         return responses
