@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -70,6 +71,13 @@ def test_async_stays_within_a_small_queue(small_queue, protocol):
     assert over.returncode == 0 and len(lines(over.stdout)) == count, (over.stdout[-2000:], over.stderr)
 
 
+def exited(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.mark.parametrize("mode", [[], ["--batch"], ["--async"]], ids=["sync", "batch", "async"])
 def test_a_server_killed_mid_run_keeps_the_answers_already_printed(tiny_artifacts, tmp_path, mode):
     """Before, every answer was held until the end and a server gone mid-run threw them all away (one line, no
@@ -81,14 +89,22 @@ def test_a_server_killed_mid_run_keeps_the_answers_already_printed(tiny_artifact
             run = subprocess.Popen([sys.executable, "-m", "clients.classify", *[coffee()] * count, "--url",
                                     server.grpc_url, "--protocol", "grpc", "--json", *mode], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
-            # Its stubs go with it: a server killed -9 leaves them running, holding its listening sockets open (a
-            # client then meets a port that accepts and never answers, not one where nothing listens).
-            stubs = psutil.Process(server.process.pid).children()
+            # Its stubs go first: a server killed -9 leaves them running, holding its listening sockets open (a
+            # client then meets a port that accepts and never answers, not one where nothing listens). Everything
+            # is stopped, the stubs killed and waited for, and only then the server, which closes the connections.
+            triton = psutil.Process(server.process.pid)
+            stubs = triton.children(recursive=True)
             try:
                 printed = [json.loads(run.stdout.readline()) for _ in range(seen if mode == ["--batch"] else 5)]
-                for process in (server.process, *stubs):
-                    with contextlib.suppress(psutil.Error, OSError):
-                        process.kill()
+                for process in (triton, *stubs):
+                    process.suspend()
+                for stub in stubs:
+                    stub.kill()
+                for _ in range(600):  # their stopped parent cannot reap them: a zombie has closed its sockets
+                    if all(exited(stub) for stub in stubs):
+                        break
+                    time.sleep(0.05)
+                triton.kill()
                 printed += lines(run.stdout.read())  # what the pipe's reader already holds too
                 run.wait(timeout=120)
             finally:
