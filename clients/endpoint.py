@@ -2,8 +2,8 @@
 
 `split_url` accepts what people paste: `127.0.0.1:8000`, `http://127.0.0.1:8000`,
 `grpc://127.0.0.1:8001` or the model URL `make serve` prints. `what_answers` tells a Triton HTTP
-port, a gRPC port, Triton's metrics port, another server, nothing at all and a host name that does
-not resolve apart (one or two plain requests), and `wrong_endpoint` turns that into one line that
+port, a gRPC port, Triton's metrics port, another server, a port that accepts and answers nothing,
+nothing at all and a host name that does not resolve apart (one or two plain requests), and `wrong_endpoint` turns that into one line that
 names what answered and what to use instead. Triton's own defaults: HTTP 8000, gRPC 8001, metrics 8002.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 NAMES = {"http": "HTTP", "grpc": "gRPC"}
 
-UNRESOLVED, NOTHING, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP, OTHER = (
-    "unresolved", "nothing", "Triton HTTP", "gRPC", "Triton metrics", "other HTTP", "other")
+UNRESOLVED, NOTHING, SILENT, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP, OTHER = (
+    "unresolved", "nothing", "silent", "Triton HTTP", "gRPC", "Triton metrics", "other HTTP", "other")
 
 
 def split_url(url: str, protocol: str | None = None) -> tuple[str, str]:
@@ -70,13 +70,15 @@ def _is_http2(reply: bytes) -> bool:
 
 
 def what_answers(address: str, timeout: float = 3.0) -> str:
-    """UNRESOLVED, NOTHING, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP or OTHER, from what `address` answers."""
+    """UNRESOLVED, NOTHING, SILENT, TRITON_HTTP, GRPC, METRICS, OTHER_HTTP or OTHER, from what `address` answers."""
     try:
         reply = _get(address, "/metrics", timeout)
     except socket.gaierror:
         return UNRESOLVED
     if reply is None:
         return NOTHING
+    if not reply:  # accepted, then closed, reset or timed out without a byte
+        return SILENT
     if _is_http2(reply):
         return GRPC
     if not reply.startswith(b"HTTP/"):
@@ -96,6 +98,10 @@ def wrong_endpoint(address: str, protocol: str, answer: str) -> str | None:
     if answer == NOTHING:
         return (f"nothing listens at {address} ({NAMES[protocol]}): start the server (make serve) "
                 "or pass --url host:port of a running one")
+    if answer == SILENT:
+        return (f"{address} accepts connections but answers nothing: a server that is stopping or hung, or the "
+                "python stubs of a killed tritonserver still holding its port (look for triton_python_backend_stub "
+                "processes)")
     if answer == (GRPC if protocol == "grpc" else TRITON_HTTP):
         return None
     if answer in (GRPC, TRITON_HTTP):

@@ -4,9 +4,12 @@ and (real server) a request past its timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,29 @@ def test_unresolvable_host_is_named(protocol):
                      lambda url: asyncio.run(_classify_async(url, protocol))):
         with pytest.raises(ServerUnavailable, match=r"the host name of nosuchhost\.invalid:\d+ does not resolve"):
             classify("nosuchhost.invalid")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_port_that_accepts_and_answers_nothing_is_named(protocol):
+    """Before, it was 'something that speaks neither HTTP nor gRPC': what a killed tritonserver's stubs look like
+    while they still hold its port, or a server that is stopping."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def hang_up():
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                listener.accept()[0].close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        for classify in (lambda url: ImageClassifierClient(url, protocol, timeout_s=10).classify([b"x"]),
+                         lambda url: asyncio.run(_classify_async(url, protocol))):
+            with pytest.raises(ServerUnavailable, match=rf"{address} accepts connections but answers nothing"):
+                classify(address)
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        listener.close()
 
 
 def test_port_zero_is_refused():
