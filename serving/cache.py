@@ -1,20 +1,16 @@
-"""Triton's response cache on a server the project starts (`make serve`, benchmarks, tests).
+"""Triton's response cache on a server the project starts (`make serve`, serving.supervise, benchmarks, tests).
 
 A repository built with `"response_cache_mb": N` in the deployment spec marks its ensemble
 `response_cache { enable: true }`; the server caches only when it is also started with a cache:
-`--cache-config=local,size=<bytes>` and, for the pip wheel, `--cache-directory` pointing at the
-wheel's `tritonserver/caches` (the server looks in /opt/tritonserver/caches otherwise).
+`--cache-config=local,size=<bytes>`. The launcher (serving.tritonserver) adds `--cache-directory` at the
+pip wheel's `tritonserver/caches` (the server looks in /opt/tritonserver/caches otherwise, where the
+container images have it).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from serving.triton_admin import built_spec
-from serving.tritonserver import locate_server
-
-
-def cache_directory() -> Path:
-    return locate_server().binary.parent.parent / "caches"
 
 
 def cache_args(size_mb: int) -> list[str]:
@@ -23,7 +19,7 @@ def cache_args(size_mb: int) -> list[str]:
         raise ValueError(f"cache size must be >= 0 MiB, got {size_mb}")
     if not size_mb:
         return []
-    return [f"--cache-config=local,size={size_mb << 20}", f"--cache-directory={cache_directory()}"]
+    return [f"--cache-config=local,size={size_mb << 20}"]
 
 
 def repository_cache_mb(repository: str | Path) -> int:

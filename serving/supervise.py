@@ -20,6 +20,9 @@ gets them, for the APIs `make serve` restricts (serving.access.RESTRICTED), else
 could load a python model, i.e. run code. The key is TRITON_ADMIN_KEY's (as deploy/k8s passes it), else
 `--key-file`'s, else a new one written to `--new-key-file` (0600, named in the log, removed on exit). A command
 that has its own flags is left as it is; the supervisor then sends TRITON_ADMIN_KEY or `--key-file`'s key.
+
+A repository built with `response_cache_mb` (BUILD.json) gets Triton's response cache of that size, unless
+the command names its own `--cache-config`; a repository it cannot read (s3://) gets none unless given one.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from typing import Callable
 import psutil
 
 from serving.access import KEY_ENV, key_file_headers, key_headers, read_key, restricted_args, write_key
+from serving.cache import cache_args, repository_cache_mb
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
 from serving.health import bound_address, endpoint, host_port, number, port_number, positive, reachable
@@ -47,15 +51,32 @@ log = logging.getLogger("supervise")
 RESTRICTED_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")  # restricted_args' order
 
 
-def http_url(command: list[str]) -> str:
-    """Where tritonserver's HTTP endpoint answers on this host, from its flags (Triton's default port 8000)."""
-    flags: dict[str, str] = {}
+def flag_values(command: list[str]) -> dict[str, list[str]]:
+    """Each `--flag=value` or `--flag value` of `command`, by flag name (no dashes), in order."""
+    flags: dict[str, list[str]] = {}
     for i, arg in enumerate(command):
         if arg.startswith("--") and "=" in arg:
-            flags.update([arg[2:].split("=", 1)])
+            name, value = arg[2:].split("=", 1)
+            flags.setdefault(name, []).append(value)
         elif arg.startswith("--") and i + 1 < len(command) and not command[i + 1].startswith("--"):
-            flags[arg[2:]] = command[i + 1]
+            flags.setdefault(arg[2:], []).append(command[i + 1])
+    return flags
+
+
+def http_url(command: list[str]) -> str:
+    """Where tritonserver's HTTP endpoint answers on this host, from its flags (Triton's default port 8000)."""
+    flags = {name: values[-1] for name, values in flag_values(command).items()}
     return host_port(reachable(bound_address(flags.get("http-address", "0.0.0.0"))), flags.get("http-port", "8000"))
+
+
+def with_cache(command: list[str]) -> tuple[list[str], int]:
+    """`command` with the response cache its model repositories ask for (BUILD.json's response_cache_mb, the
+    largest where several do) and that size in MiB; as it is where it names its own `--cache-config`, is no
+    tritonserver, or serves a repository this process cannot read (s3://: pass --cache-config yourself)."""
+    if not is_tritonserver(command) or any(a == "--cache-config" or a.startswith("--cache-config=") for a in command):
+        return command, 0
+    size_mb = max((repository_cache_mb(r) for r in flag_values(command).get("model-repository", [])), default=0)
+    return [*command, *cache_args(size_mb)], size_mb
 
 
 def is_tritonserver(command: list[str]) -> bool:
@@ -273,6 +294,9 @@ def main(args: argparse.Namespace) -> int:
             headers = lambda: key_headers(key, "http")  # noqa: E731
     if missing:
         command = restrict(command, key)
+    command, cache_mb = with_cache(command)
+    if cache_mb:
+        log.info("response cache: %d MiB, as the repository's BUILD.json asks (response_cache_mb)", cache_mb)
     try:
         return supervise(command, headers, args)
     finally:

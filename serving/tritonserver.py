@@ -43,6 +43,11 @@ class ServerInstall:
     stub: Path  # triton_python_backend_stub for this Python
 
     @property
+    def cache_directory(self) -> Path:
+        """The wheel's response cache libraries (Triton looks in /opt/tritonserver/caches otherwise)."""
+        return self.binary.parent.parent / "caches"
+
+    @property
     def version(self) -> str:
         from importlib.metadata import version
 
@@ -140,6 +145,8 @@ def build_command(args: list[str], install: ServerInstall) -> tuple[list[str], d
     for flag in ADDRESS_FLAGS:
         if not _has_flag(args, flag):
             args.append(f"{flag}={LOOPBACK}")
+    if _has_flag(args, "--cache-config") and not _has_flag(args, "--cache-directory"):
+        args.append(f"--cache-directory={install.cache_directory}")
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(install.library_dir), env.get("LD_LIBRARY_PATH", "")) if p

@@ -45,8 +45,8 @@ cp -r "$WORK/wheels" "$WORK/context/wheels"
 cp -r "$REPOSITORY" "$WORK/context/repository"
 # serving.supervise (the entrypoint) and the modules it imports: standard library and psutil only
 mkdir -p "$WORK/context/serving"
-cp serving/__init__.py serving/access.py serving/health.py serving/stubs.py serving/triton_admin.py serving/watchdog.py \
-    serving/supervise.py "$WORK/context/serving/"
+cp serving/__init__.py serving/access.py serving/cache.py serving/health.py serving/stubs.py serving/triton_admin.py \
+    serving/watchdog.py serving/supervise.py "$WORK/context/serving/"
 
 say "podman build $IMAGE"
 "$PODMAN" "${PODMAN_ARGS[@]}" build "${BUILD_ARGS[@]}" --build-arg "BASE=$BASE_IMAGE" \

@@ -1,6 +1,7 @@
 """The response cache as a spec option: a repository built with `response_cache_mb` served with a cache
 answers repeated images from it (Triton's hit counters say so) with the same answers; without the
-server's cache nothing is cached; `make serve` turns the cache on from the repository. Real servers."""
+server's cache nothing is cached; `make serve` and serving.supervise (the images' entrypoint) turn the cache on
+from the repository. Real servers."""
 from __future__ import annotations
 
 import subprocess
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from benchmarks.response_cache import cache_counts, distinct_images, metrics_text
-from serving.cache import cache_args, cache_directory, repository_cache_mb
+from serving.cache import cache_args, repository_cache_mb
 from serving.server import Ports, TritonServer
+from serving.supervise import with_cache
+from serving.tritonserver import build_command, locate_server
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "image_classifier"
@@ -20,12 +23,17 @@ MODEL = "image_classifier"
 
 def test_cache_flags():
     assert cache_args(0) == []
-    config, directory = cache_args(16)
-    assert config == f"--cache-config=local,size={16 << 20}"
-    assert directory == f"--cache-directory={cache_directory()}"
-    assert (cache_directory() / "local" / "libtritoncache_local.so").is_file()
+    assert cache_args(16) == [f"--cache-config=local,size={16 << 20}"]
     with pytest.raises(ValueError, match=">= 0"):
         cache_args(-1)
+    # the launcher points a cache at the wheel's libraries (Triton looks in /opt/tritonserver/caches otherwise)
+    install = locate_server()
+    assert (install.cache_directory / "local" / "libtritoncache_local.so").is_file()
+    given = ["--backend-directory=/b", "--cache-config=local,size=1"]
+    assert f"--cache-directory={install.cache_directory}" in build_command(given, install)[0]
+    ours = [a for a in build_command([*given, "--cache-directory=/c"], install)[0] if a.startswith("--cache-dir")]
+    assert ours == ["--cache-directory=/c"]
+    assert not [a for a in build_command(given[:1], install)[0] if a.startswith("--cache-directory")]
 
 
 def test_distinct_images_differ(photos):
@@ -90,3 +98,28 @@ def test_make_serve_starts_the_cache_the_repository_asks_for(cached_repository, 
     finally:
         stop = subprocess.run([*make, "stop"], capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
+
+
+def test_the_supervisor_asks_for_the_cache_its_repository_wants(cached_repository):
+    command = ["tritonserver", f"--model-repository={cached_repository}", "--http-port=8000"]
+    assert with_cache(command) == ([*command, f"--cache-config=local,size={16 << 20}"], 16)
+    for unchanged in ([*command, "--cache-config=local,size=1"], ["tritonserver", "--model-repository=s3://b/r"],
+                      ["tritonserver", f"--model-repository={cached_repository.parent}"],
+                      ["sleep", f"--model-repository={cached_repository}"]):
+        assert with_cache(unchanged) == (unchanged, 0)
+
+
+@pytest.mark.slow
+def test_the_supervisor_starts_the_cache_the_repository_asks_for(cached_repository, tmp_path, photos):
+    """Before, only `make serve` did: the images and manifests (serving.supervise) served it uncached."""
+    import signal
+
+    from tests.serving.test_supervise import Supervised
+
+    with Supervised(cached_repository, tmp_path / "supervise.log", restarts=0) as supervised:
+        send_each(f"127.0.0.1:{supervised.ports.grpc}", "grpc", [photos["coffee"]], 3)
+        metrics = metrics_text(f"http://127.0.0.1:{supervised.ports.metrics}/metrics")
+        supervised.process.send_signal(signal.SIGTERM)
+        assert supervised.process.wait(90) == 0
+    assert cache_counts(metrics, MODEL) == (2, 1)
+    assert "response cache: 16 MiB, as the repository's BUILD.json asks" in supervised.log.read_text()
