@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks import report
 from benchmarks.workload import ENCODINGS
 from clients.client import DEFAULT_MODEL
-from serving.health import number
+from serving.health import SEEDS, number
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASSES = ("TritonGrpcUser", "TritonHttpUser", "FastAPIUser")
@@ -56,13 +56,13 @@ class LocustResult:
 
 
 def locust_command(user_class: str, host: str, users: int, run_time_s: int, prefix: Path, photos: str,
-                   triton_model: str = DEFAULT_MODEL) -> list[str]:
+                   triton_model: str = DEFAULT_MODEL, seed: int = 0) -> list[str]:
     binary = shutil.which("locust", path=str(Path(sys.executable).parent)) or "locust"
     return [binary, "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users), "-r", str(users),
             "-t", f"{run_time_s}s", "--stop-timeout", "10", "--reset-stats", "--only-summary",
             "--csv", str(prefix), "--html", f"{prefix}.html", "--photos", photos, "--triton-model", triton_model,
             "--latencies-file", f"{prefix}_latencies.txt", "--totals-file", f"{prefix}_totals.json",
-            "--loglevel", "WARNING", user_class]
+            "--seed", str(seed), "--loglevel", "WARNING", user_class]
 
 
 def with_success_latencies(result: LocustResult, latencies_ms) -> LocustResult:
@@ -97,7 +97,8 @@ SPAWN_ALLOWANCE_S = 2.0  # from Locust opening its CSV files to all users runnin
 
 
 def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path, photos: str = "jpeg",
-        server_pid: int | None = None, triton_model: str = DEFAULT_MODEL, tag: str = "") -> tuple[LocustResult, Usage]:
+        server_pid: int | None = None, triton_model: str = DEFAULT_MODEL, tag: str = "",
+        seed: int = 0) -> tuple[LocustResult, Usage]:
     """One bounded headless run; its files are `out`/`tag``user_class`_u`users`*. With `server_pid`,
     the serving process tree and Locust itself are watched while the users run: from
     SPAWN_ALLOWANCE_S after Locust opens its CSV files (before it loads the photos and starts the
@@ -114,7 +115,7 @@ def run(user_class: str, host: str, users: int, run_time_s: int, out: str | Path
     history.unlink(missing_ok=True)
     Path(f"{prefix}_latencies.txt").unlink(missing_ok=True)
     Path(f"{prefix}_totals.json").unlink(missing_ok=True)
-    cmd = locust_command(user_class, host, users, run_time_s, prefix, photos, triton_model)
+    cmd = locust_command(user_class, host, users, run_time_s, prefix, photos, triton_model, seed)
     deadline = time.monotonic() + run_time_s + 90
     usage = Usage()
     with open(log_path, "w") as log:
@@ -184,6 +185,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="ONNX file the FastAPI service runs, e.g. the repository's INT8 variant "
                         "(default: <artifacts>/model.onnx)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
+    p.add_argument("--seed", type=number(int, *SEEDS), default=0,
+                   help="seed of each user's random photo order: the same seed, the same order (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results/locust", help="reports folder (default: %(default)s)")
     return p
 
@@ -214,7 +217,7 @@ def main(args: argparse.Namespace) -> list[LocustResult]:
         for user_class in args.user_class:
             for users in args.users:
                 result, _ = run(user_class, args.host or hosts[user_class], users, args.run_time, out, args.photos,
-                                triton_model=triton_model)
+                                triton_model=triton_model, seed=args.seed)
                 results.append(result)
                 print(describe(result), flush=True)
     print(f"reports in {out}/ (*.html, *_stats.csv, {write_summary(results, out).name})")

@@ -47,6 +47,7 @@ REQUIRED = {compression: ["--artifacts", "x"]}
     (inprocess, ["--intra-op-threads", "-2"], "--intra-op-threads: must be at least 0, got -2"),
     (locust_run, ["--users", "8", "0"], "--users: must be at least 1, got 0"),  # 'recorded no requests'
     (locust_run, ["--run-time", "0"], "--run-time: must be at least 1, got 0"),  # ran past the 90 s deadline
+    (locust_run, ["--seed", str(2**63)], f"--seed: must be in {SEED_RANGE}, got {2**63}"),  # locust's own refusal
     (overload, ["--loads", "1", "0"], "--loads: must be above 0, got 0"),  # a ZeroDivisionError after the servers
     (overload, ["--loads", "nan"], "--loads: must be above 0, got nan"),
     (overload, ["--run-time", "-5"], "--run-time: must be above 0, got -5"),
@@ -116,6 +117,9 @@ def test_the_bounds_themselves_parse_where_they_are_included():
     for seed in (-2**63, 2**63 - 1):
         assert overload.get_args_parser().parse_args(["--seed", str(seed)]).seed == seed
         assert response_cache.get_args_parser().parse_args(["--seed", str(seed)]).seed == seed
+        assert locust_run.get_args_parser().parse_args(["--seed", str(seed)]).seed == seed
+        command = locust_run.locust_command("TritonHttpUser", "h:1", 1, 1, Path("p"), "jpeg", seed=seed)
+        assert command[command.index("--seed") + 1] == str(seed)  # passed on to the locustfile
     o = overload.get_args_parser().parse_args(["--loads", "0.5", "1", "--server-cpus", "0", "--client-cpus", "1-1"])
     assert (o.loads, o.server_cpus, o.client_cpus) == ([0.5, 1.0], {0}, {1})
     assert precision.get_args_parser().parse_args(["--max-float-layers", "0", "--threads", "0"]).max_float_layers == 0
