@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -50,9 +51,19 @@ def test_soak_refuses_a_server_pid_that_is_gone(tmp_path):
 
 def test_soak_stops_locust_when_the_server_goes(tmp_path):
     """The measured server exits mid-soak: the soak says so, and its Locust does not run on unwatched."""
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(8)"])
-    threading.Thread(target=server.wait).start()  # reaped when it exits, as a server's supervisor would
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     out = tmp_path / "out"
+
+    def exit_once_locust_runs():  # mid-soak whatever the machine's speed; reaped, as a supervisor would
+        for _ in range(1200):
+            if any(any(Path(a).name == "locust" for a in cmdline[:2]) and str(out) in " ".join(cmdline)
+                   for cmdline in (p.info["cmdline"] or [] for p in psutil.process_iter(["cmdline"]))):
+                break
+            time.sleep(0.1)
+        server.kill()
+        server.wait()
+
+    threading.Thread(target=exit_once_locust_runs).start()
     done = bench("soak", "--url", "127.0.0.1:9", "--server-pid", str(server.pid), "--duration", "60",
                  "--out", str(out), cwd=tmp_path)
     server.wait()
