@@ -2,10 +2,12 @@
 
 quantize and fp16 stamp every file they write; validate and plans refuse a variant whose stamp is not the
 sha256 of the model.onnx beside it, so that after a re-export into the same folder the old model's files
-are rebuilt rather than gated, timed or built into plans (docs/precision.md).
+are rebuilt rather than gated, timed or built into plans (docs/precision.md). A TensorRT plan names the ONNX
+file it was built from and its sha256 in `<plan>.json`; `plan_mismatch` follows that record to model.onnx.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -50,3 +52,26 @@ def mismatch(variant: Path, current: str | None = None) -> str | None:
                 f"rebuild it from {model} (sha256 {current[:12]}) with {rebuild}")
     return (f"{variant} was built from another {MODEL_ONNX} (sha256 {source[:12]}, now {current[:12]}): "
             f"rebuild it with {rebuild}")
+
+
+def plan_mismatch(plan: Path, current: str | None = None) -> str | None:
+    """Why the TensorRT `plan` cannot stand for the model.onnx beside it (one line), or None: the ONNX file its
+    `<plan>.json` names must lie beside it with the sha256 recorded there, and be that model.onnx or a variant
+    built from it. None where no model.onnx is beside the plan (nothing to compare)."""
+    model = plan.parent / MODEL_ONNX
+    if not model.is_file():
+        return None
+    precision = plan.name.removeprefix("model.").removesuffix(".plan")
+    rebuild = f"`make plans PRECISION={precision} ARTIFACTS={plan.parent}`"
+    try:
+        record = json.loads(plan.with_name(plan.name + ".json").read_text())["onnx"]
+        name, built_from = Path(record["path"]).name, str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{plan} records no source ONNX (no readable {plan.name}.json beside it): rebuild it with {rebuild}"
+    source = plan.parent / name
+    now = file_sha256(source) if source.is_file() else None
+    if now != built_from:
+        where = f"now {now[:12]}" if now else "no longer beside it"
+        return f"{plan} was built from {name} (sha256 {built_from[:12]}, {where}): rebuild it with {rebuild}"
+    stale = mismatch(source, current)
+    return f"{plan} was built from a stale {name} ({stale})" if stale else None

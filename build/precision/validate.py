@@ -126,7 +126,9 @@ def cannot_gate_here(path: Path) -> str | None:
 
 
 def stale(path: Path, current: str | None) -> str | None:
-    """Why an ONNX variant was not built from the model.onnx beside it (sha256 `current`), or None."""
+    """Why an ONNX variant or a plan was not built from the model.onnx beside it (sha256 `current`), or None."""
+    if path.suffix == ".plan":
+        return provenance.plan_mismatch(path, current)
     return provenance.mismatch(path, current) if path.suffix == ".onnx" else None
 
 

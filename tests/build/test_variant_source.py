@@ -1,5 +1,6 @@
 """Every precision variant records the model.onnx it was built from; the gate and the plan builder refuse one
 built from another (a re-export into the same folder leaves the old model's variants behind)."""
+import json
 import subprocess
 import sys
 
@@ -79,3 +80,50 @@ def test_a_variant_without_the_record_is_refused_beside_a_model_and_built_alone(
     alone.parent.mkdir()
     onnx.save(model, str(alone))
     assert provenance.mismatch(alone) is None and provenance.mismatch(artifacts / "model.onnx") is None
+
+
+def write_plan(artifacts, precision: str, onnx_name: str):
+    """A plan's file and the record build.precision.plans writes beside it (the bytes are never read here)."""
+    from build.precision import plans
+
+    plan, onnx_path = artifacts / f"model.{precision}.plan", artifacts / onnx_name
+    plan.write_bytes(b"serialized engine")
+    metadata = plans.plan_metadata(
+        tensorrt_version="10.0", gpu={}, onnx_path=onnx_path, onnx_sha256=file_sha256(onnx_path),
+        precision=precision, summary={}, profile={}, workspace_bytes=1, timing_cache=artifacts / "timing.cache",
+        timing_cache_status="new", build_seconds=1.0, plan=plan, plan_sha256="0" * 64, network_io=[], options={})
+    plans.metadata_path(plan).write_text(json.dumps(metadata))
+    return plan
+
+
+def test_a_plan_is_traced_through_its_onnx_to_the_model_beside_it(built):
+    """Before, the gate checked ONNX variants only: a plan built from the old model's files was gated and
+    deployed after a re-export. Now its <plan>.json leads to the ONNX file and that file to model.onnx."""
+    artifacts, config, images = built
+    fp32, fp16_plan = write_plan(artifacts, "fp32", "model.onnx"), write_plan(artifacts, "fp16", fp16.OUTPUT_NAME)
+    assert provenance.plan_mismatch(fp32) is None and provenance.plan_mismatch(fp16_plan) is None
+    assert validate.stale(fp16_plan, file_sha256(artifacts / "model.onnx")) is None
+
+    old, new = file_sha256(artifacts / "model.onnx"), re_export(artifacts)
+    assert provenance.plan_mismatch(fp32) == (
+        f"{fp32} was built from model.onnx (sha256 {old[:12]}, now {new[:12]}): "
+        f"rebuild it with `make plans PRECISION=fp32 ARTIFACTS={artifacts}`")
+    assert provenance.plan_mismatch(fp16_plan) == (
+        f"{fp16_plan} was built from a stale {fp16.OUTPUT_NAME} ({artifacts / fp16.OUTPUT_NAME} was built from "
+        f"another model.onnx (sha256 {old[:12]}, now {new[:12]}): rebuild it with `make fp16 ARTIFACTS={artifacts}`)")
+    assert validate.stale(fp16_plan, new) == provenance.plan_mismatch(fp16_plan)
+
+    fp16.convert(artifacts / "model.onnx", artifacts / fp16.OUTPUT_NAME)  # the variant rebuilt, the plan not
+    was = json.loads((artifacts / "model.fp16.plan.json").read_text())["onnx"]["sha256"]
+    assert provenance.plan_mismatch(fp16_plan) == (
+        f"{fp16_plan} was built from {fp16.OUTPUT_NAME} (sha256 {was[:12]}, "
+        f"now {file_sha256(artifacts / fp16.OUTPUT_NAME)[:12]}): rebuild it with "
+        f"`make plans PRECISION=fp16 ARTIFACTS={artifacts}`")
+    assert provenance.plan_mismatch(write_plan(artifacts, "fp16", fp16.OUTPUT_NAME)) is None  # rebuilt: current
+
+    (artifacts / "model.fp16.plan.json").unlink()
+    assert provenance.plan_mismatch(fp16_plan) == (
+        f"{fp16_plan} records no source ONNX (no readable model.fp16.plan.json beside it): "
+        f"rebuild it with `make plans PRECISION=fp16 ARTIFACTS={artifacts}`")
+    (artifacts / "model.onnx").unlink()
+    assert provenance.plan_mismatch(fp16_plan) is None  # no model beside it: nothing to compare
