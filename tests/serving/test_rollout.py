@@ -2,6 +2,7 @@
 classifier's next version, a failing one is refused, rollback brings the previous one back, A/B serves
 a candidate beside it; no request through the ensemble fails at any switch."""
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -97,8 +98,13 @@ def _classifier_successes(server, version):
 
 @pytest.fixture
 def repository(tiny_artifacts, tmp_path):
+    """No queue timeout: a loaded machine starving the server past the derived 1 s while a version loads failed a
+    request for its slowness, not the switch's (queue timeouts: test_overload.py)."""
     path = tmp_path / "model_repository"
-    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", path, "tests")
+    spec = DeploymentSpec(artifacts=str(tiny_artifacts))
+    spec = dataclasses.replace(spec, preprocess=dataclasses.replace(spec.preprocess, queue_timeout_us=0),
+                               classifier=dataclasses.replace(spec.classifier, queue_timeout_us=0))
+    write_repository(spec, "python-onnxruntime", path, "tests")
     return rollout.Repository.open(path)
 
 
