@@ -3,8 +3,9 @@
 `split_url` accepts what people paste: `127.0.0.1:8000`, `http://127.0.0.1:8000`,
 `grpc://127.0.0.1:8001` or the model URL `make serve` prints. `what_answers` tells a Triton HTTP
 port, a gRPC port, Triton's metrics port, another server, a port that accepts and answers nothing,
-nothing at all and a host name that does not resolve apart (one or two plain requests), and `wrong_endpoint` turns that into one line that
-names what answered and what to use instead. Triton's own defaults: HTTP 8000, gRPC 8001, metrics 8002.
+nothing at all and a host name that does not resolve apart (one or two plain requests), and
+`wrong_endpoint` turns that into one line that names what answered and what to use instead. Triton's own
+defaults: HTTP 8000, gRPC 8001, metrics 8002.
 """
 from __future__ import annotations
 

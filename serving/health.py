@@ -30,6 +30,11 @@ class Probe(Protocol):
     def status(self) -> dict: ...
 
 
+def has_flag(args: list[str], flag: str) -> bool:
+    """Whether a command line gives `flag`, as `--flag value` or `--flag=value`."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
 def port_number(text: str) -> int:
     """An argparse type: a TCP port (0-65535), refused in one line otherwise."""
     try:

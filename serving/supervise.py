@@ -44,7 +44,7 @@ from serving.access import KEY_ENV, key_file_headers, key_headers, read_key, res
 from serving.cache import cache_args, repository_cache_mb
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
-from serving.health import bound_address, endpoint, host_port, number, port_number, positive, reachable
+from serving.health import bound_address, endpoint, has_flag, host_port, number, port_number, positive, reachable
 from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
@@ -73,7 +73,7 @@ def with_cache(command: list[str]) -> tuple[list[str], int]:
     """`command` with the response cache its model repositories ask for (BUILD.json's response_cache_mb, the
     largest where several do) and that size in MiB; as it is where it names its own `--cache-config`, is no
     tritonserver, or serves a repository this process cannot read (s3://: pass --cache-config yourself)."""
-    if not is_tritonserver(command) or any(a == "--cache-config" or a.startswith("--cache-config=") for a in command):
+    if not is_tritonserver(command) or has_flag(command, "--cache-config"):
         return command, 0
     size_mb = max((repository_cache_mb(r) for r in flag_values(command).get("model-repository", [])), default=0)
     return [*command, *cache_args(size_mb)], size_mb
@@ -88,7 +88,7 @@ def missing_restrictions(command: list[str]) -> list[str]:
     """The restricted-API flags (HTTP's, gRPC's) that a tritonserver `command` lacks; [] for any other command."""
     if not is_tritonserver(command):
         return []
-    return [f for f in RESTRICTED_FLAGS if not any(a == f or a.startswith(f + "=") for a in command)]
+    return [f for f in RESTRICTED_FLAGS if not has_flag(command, f)]
 
 
 def restrict(command: list[str], key: str) -> list[str]:

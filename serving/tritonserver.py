@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from serving.health import has_flag
+
 LOOPBACK = "127.0.0.1"
 # Options whose default we change: Triton binds to all interfaces, we bind to loopback.
 ADDRESS_FLAGS = ("--http-address", "--grpc-address", "--metrics-address")
@@ -133,19 +135,15 @@ def backend_names(backend_directory: Path) -> list[str]:
     return sorted(p.name for p in backend_directory.iterdir() if p.is_dir())
 
 
-def _has_flag(args: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in args)
-
-
 def build_command(args: list[str], install: ServerInstall) -> tuple[list[str], dict[str, str]]:
     args = list(args)
-    if not _has_flag(args, "--backend-directory"):
+    if not has_flag(args, "--backend-directory"):
         backends = prepare_backend_directory(install, default_backend_directory())
         args.append(f"--backend-directory={backends}")
     for flag in ADDRESS_FLAGS:
-        if not _has_flag(args, flag):
+        if not has_flag(args, flag):
             args.append(f"{flag}={LOOPBACK}")
-    if _has_flag(args, "--cache-config") and not _has_flag(args, "--cache-directory"):
+    if has_flag(args, "--cache-config") and not has_flag(args, "--cache-directory"):
         args.append(f"--cache-directory={install.cache_directory}")
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
