@@ -1,7 +1,7 @@
 """Data-parallel training under `torchrun`: process group, device, reductions, weight digests.
 
     torchrun --nproc-per-node 2 -m training.train --data-dir ... --device cpu    # gloo
-    torchrun --nproc-per-node 8 -m training.train --data-dir ... --device cuda   # nccl
+    torchrun --nproc-per-node 8 -m training.train --data-dir ... --device cuda   # nccl, gloo for CPU tensors
 
 Without torchrun's RANK/WORLD_SIZE variables everything here is a single-process no-op.
 """
@@ -42,6 +42,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def backend_for(device: torch.device) -> str:
+    """The process group's backend: on CUDA nccl for CUDA tensors and gloo for the CPU tensors the epoch
+    totals and confusion matrices are reduced in (nccl alone has no CPU collectives)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init(device_name: str, environ: dict | None = None) -> Context:
     """Join the torchrun process group if one is described in `environ` (default: os.environ)."""
     env = os.environ if environ is None else environ
@@ -52,9 +58,8 @@ def init(device_name: str, environ: dict | None = None) -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend_for(device), rank=rank, world_size=world_size)
     return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

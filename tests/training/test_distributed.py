@@ -1,6 +1,6 @@
 """torchrun data parallel on CPU (gloo): two real processes train a few steps and end with identical
 weights (gradients all-reduced by DDP, BatchNorm statistics averaged after each epoch), and summary.json
-lists the unreadable images that either rank met."""
+lists the unreadable images that either rank met; on CUDA the process group reduces CPU tensors too."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from training import distributed
 from training.checkpoint import LAST, load_checkpoint, model_from_checkpoint
 from training.distributed import state_digest
 
@@ -47,3 +50,25 @@ def test_two_cpu_processes_end_with_identical_weights(small_digits, tmp_path):
     assert "1 processes" not in done.stderr and "x 2 process(es)" in done.stdout + done.stderr
     # unreadable images of every rank's shard are reported, not only rank 0's
     assert [Path(p).relative_to(val_dir).as_posix() for p in summary["skipped_images"]] == ["0/-broken.png", "1/-broken.png"]
+
+
+def test_the_cuda_process_group_has_a_backend_for_cpu_tensors():
+    """With "nccl" alone, the first all_reduce of the epoch's CPU totals failed under torchrun on GPUs ("No
+    backend type associated with device type cpu"); torch's own parser reads the backend string here."""
+    on_cuda = dist.BackendConfig(distributed.backend_for(torch.device("cuda"))).get_device_backend_map()
+    assert on_cuda == {"cpu": "gloo", "cuda": "nccl"}
+    assert dist.BackendConfig(distributed.backend_for(torch.device("cpu"))).get_device_backend_map()["cpu"] == "gloo"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: an nccl process group")
+def test_a_cuda_process_group_reduces_cpu_and_cuda_tensors(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group(distributed.backend_for(torch.device("cuda", 0)), store=store, rank=0, world_size=1)
+    try:
+        for device in ("cpu", "cuda"):
+            tensor = torch.ones(3, dtype=torch.float64, device=device)
+            dist.all_reduce(tensor)
+            assert tensor.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        dist.destroy_process_group()
