@@ -37,9 +37,10 @@ class StepConfig:
     input_shape: tuple[int, int, int] = (3, 224, 224)
 
 
-def _empty_step(model, shape, device) -> torch.Tensor:
+def _empty_loss(model, shape, device) -> torch.Tensor:
     """A batch whose images all failed to decode: a zero-weighted loss on a dummy image (eval mode:
-    BatchNorm statistics untouched), so that every DDP rank still runs forward, backward and step."""
+    BatchNorm statistics untouched), so that every DDP rank still runs the same forward, backward, step,
+    GradScaler update and EMA update."""
     model.eval()
     loss = model(torch.zeros((1, *shape), device=device)).float().sum() * 0.0
     model.train()
@@ -59,19 +60,16 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, ctx: distrib
         if len(bad):
             on_bad(bad.tolist())
         if images is None:
-            optimizer.zero_grad(set_to_none=True)
-            _empty_step(model, step.input_shape, device).backward()
-            optimizer.step()
-            scheduler.step()
-            continue
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        targets = labels
-        if mixer is not None:
-            images, targets = mixer(images, labels)
-        with autocast(device, step.amp):
-            logits = model(images)
-            loss = criterion(logits, targets) if distiller is None else distiller.loss(logits, targets, images)
+            loss = _empty_loss(model, step.input_shape, device)
+        else:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            targets = labels
+            if mixer is not None:
+                images, targets = mixer(images, labels)
+            with autocast(device, step.amp):
+                logits = model(images)
+                loss = criterion(logits, targets) if distiller is None else distiller.loss(logits, targets, images)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -88,6 +86,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, ctx: distrib
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
+        if images is None:
+            continue
         n = images.shape[0]
         hard = targets.argmax(1) if targets.ndim == 2 else targets
         totals += torch.tensor([loss.item() * n, (logits.argmax(1) == hard).sum().item(), n], dtype=torch.float64)

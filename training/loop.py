@@ -180,20 +180,25 @@ def save_epoch(out: Path, checkpoint: dict, improved: bool) -> None:
 def finish(args: argparse.Namespace, ctx: distributed.Context, run_data: RunData, state: TrainState,
            skipped: SkippedImages, out: Path, start_epoch: int, last_epoch: int, best_metrics: dict | None,
            teacher_top1: float | None, log: Log) -> dict:
-    """Gather every rank's weight digest and skipped files, write summary.json; RuntimeError if the
-    ranks ended with different weights."""
+    """Gather every rank's weight digests (model, EMA) and skipped files, write summary.json; RuntimeError if
+    the ranks ended with different weights."""
     digests = distributed.gather_strings(distributed.state_digest(state.model), ctx)
+    ema = None if state.ema is None else distributed.state_digest(state.ema.module)
+    ema_digests = None if ema is None else distributed.gather_strings(ema, ctx)
     skipped_all = skipped.of_all_ranks()
     summary = {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out), "classes": run_data.classes,
                "epochs_run": last_epoch + 1 - start_epoch, "last_epoch": last_epoch, "best": best_metrics,
                "finished": state.stopper.should_stop or last_epoch + 1 >= args.epochs,
-               "teacher_val_top1": teacher_top1, "skipped_images": skipped_all, "rank_weight_digests": digests}
+               "teacher_val_top1": teacher_top1, "skipped_images": skipped_all, "rank_weight_digests": digests,
+               "rank_ema_weight_digests": ema_digests}
     if ctx.is_main:
         if best_metrics is not None:
             log(run_data.class_table(best_metrics["val_per_class_recall"]))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if len(set(digests)) > 1:
         raise RuntimeError(f"ranks ended with different weights: {digests}")
+    if ema_digests is not None and len(set(ema_digests)) > 1:
+        raise RuntimeError(f"ranks ended with different EMA weights: {ema_digests}")
     distributed.shutdown(ctx)
     return summary
 

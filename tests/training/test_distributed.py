@@ -1,6 +1,7 @@
 """torchrun data parallel on CPU (gloo): two real processes train a few steps and end with identical
 weights (gradients all-reduced by DDP, BatchNorm statistics averaged after each epoch), and summary.json
-lists the unreadable images that either rank met; on CUDA the process group reduces CPU tensors too."""
+lists the unreadable images that either rank met; a rank whose batch is all unreadable steps like the others
+(EMA, GradScaler); on CUDA the process group reduces CPU tensors too."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from training import distributed
+from training import data, distributed, engine, recipe
 from training.checkpoint import LAST, load_checkpoint, model_from_checkpoint
 from training.distributed import state_digest
 
@@ -45,6 +47,8 @@ def test_two_cpu_processes_end_with_identical_weights(small_digits, tmp_path):
     assert summary["world_size"] == 2 and summary["epochs_run"] == 2
     digests = summary["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    ema_digests = summary["rank_ema_weight_digests"]
+    assert len(ema_digests) == 2 and ema_digests[0] == ema_digests[1]
     checkpoint = load_checkpoint(out, prefer=LAST)
     assert state_digest(model_from_checkpoint(checkpoint, "model")) == digests[0]
     assert "1 processes" not in done.stderr and "x 2 process(es)" in done.stdout + done.stderr
@@ -72,3 +76,36 @@ def test_a_cuda_process_group_reduces_cpu_and_cuda_tensors(tmp_path):
             assert tensor.tolist() == [1.0, 1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def _step_with_an_unreadable_batch(rank: int, store: str, out: str) -> None:
+    """One rank of two: rank 1's first batch is all unreadable files, rank 0's is not."""
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    ema, scaler = recipe.make_ema(model, 0.5), torch.amp.GradScaler("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    images = torch.rand((2, 3, 8, 8), generator=torch.Generator().manual_seed(rank))
+    readable = data.collate_skipping([(images[0], 0, 0), (images[1], 1, 1)])
+    unreadable = data.collate_skipping([(None, 0, 2), (None, 1, 3)])
+    loader = [unreadable if rank else readable, readable]
+    step = engine.StepConfig(clip_grad_norm=1.0, progress=False, input_shape=(3, 8, 8))
+    ctx = distributed.Context(rank=rank, world_size=2)
+    engine.train_one_epoch(torch.nn.parallel.DistributedDataParallel(model), loader, torch.nn.CrossEntropyLoss(),
+                           optimizer, scheduler, ctx, step, 0, ema=ema, scaler=scaler)
+    for module in (model, ema.module):  # as training.loop does after each epoch: BatchNorm statistics are per rank
+        distributed.average_buffers(module, ctx)
+    Path(out, f"{rank}.json").write_text(json.dumps(
+        {"model": state_digest(model), "ema": state_digest(ema.module), "scaler": scaler.state_dict()}))
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_batch_is_all_unreadable_steps_like_the_others(tmp_path):
+    """Its dummy step skipped the EMA update and stepped the optimizer past the GradScaler (scaled gradients,
+    no scaler.update): the ranks' weights, EMA and scaler drifted apart without a word."""
+    mp.spawn(_step_with_an_unreadable_batch, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["scaler"]["_growth_tracker"] == 2  # both steps went through the scaler
