@@ -1,6 +1,7 @@
 """Training checkpoints: everything to resume a run, rebuild its model, and export it.
 
 A checkpoint (`runs/<run>/checkpoint.pt` = last epoch, `best.pt` = best monitored epoch) is a dict:
+    run_id                    the run's, minted when it starts, kept by --resume (absent from checkpoints written before)
     model, model_ema          state dicts (unwrapped); `deploy` names the one to serve
     optimizer, lr_scheduler, scaler, early_stopping, epoch
     args                      the resolved command-line arguments (torchvision reference style)

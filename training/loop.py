@@ -1,7 +1,7 @@
 """The body of `python -m training.train`, as the steps a run goes through:
 
     run
-      check_run             what can be refused before anything is read or written (--amp, --output-dir)
+      check_run             what can be refused before anything is written (--amp, --output-dir)
       state.load_data       splits, samplers, loaders, the class table
       state.build_state     model, optimizer, LR schedule, loss, EMA, early stopping, teacher
       state.resume          a checkpoint's state back (--resume)
@@ -64,14 +64,27 @@ RUN_RECORDS = (LAST, BEST, "metrics.csv", "metrics.jsonl", "summary.json")
 
 
 def check_run(args: argparse.Namespace, ctx: distributed.Context, out: Path) -> None:
-    """Refuse, before anything is written, --amp fp16 without a GPU and a new run (no --resume) in a folder
-    that already holds one."""
+    """Refuse, before anything is written, --amp fp16 without a GPU, a new run (no --resume) in a folder
+    that already holds one, and a run resumed into a folder that holds another."""
     if args.amp == "fp16" and ctx.device.type != "cuda":
         raise ValueError("--amp fp16 needs a GPU; on CPU use --amp bf16 or none")
     held = [name for name in RUN_RECORDS if (out / name).exists()]
-    if held and not args.resume:
+    if not held:
+        return
+    if not args.resume:
         raise ValueError(f"{out} already holds a run ({', '.join(held)}): --resume {out} to continue it, or "
                          f"choose another --output-dir")
+    resumed = resolve_checkpoint_path(args.resume, prefer=LAST)
+    if resumed.parent.resolve() != out.resolve() and not _holds_run_of(out, resumed):
+        raise ValueError(f"{out} holds another run's files ({', '.join(held)}), not those of the run in "
+                         f"{resumed.parent}: choose another --output-dir, or --resume {out} to continue the run there")
+
+
+def _holds_run_of(out: Path, resumed: Path) -> bool:
+    """Whether every checkpoint in `out` is of the run of checkpoint `resumed` (the same run id)."""
+    run_id = load_checkpoint(resumed).get("run_id")
+    theirs = {load_checkpoint(out / name).get("run_id") for name in (LAST, BEST) if (out / name).is_file()}
+    return run_id is not None and theirs == {run_id}
 
 
 def carry_records(resumed: Path, epoch: int, best: dict | None, out: Path, log: Log) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import uuid
 import zlib
 from typing import Callable
 
@@ -75,6 +76,7 @@ class TrainState:
     mixer: presets.BatchMixer | None
     stopper: recipe.EarlyStopping
     distiller: Distiller | None
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # kept by every --resume
 
 
 def load_data(args: argparse.Namespace, ctx: distributed.Context, log: Log) -> RunData:
@@ -179,6 +181,7 @@ def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState
         state.scaler.load_state_dict(checkpoint["scaler"])
     state.stopper = recipe.EarlyStopping(args.monitor, args.early_stop_patience, args.early_stop_min_delta,
                                          **checkpoint["early_stopping"])
+    state.run_id = checkpoint.get("run_id") or state.run_id
     start_epoch = checkpoint["epoch"] + 1
     if ctx.world_size == 1 and checkpoint.get("rng_state") is not None:
         torch.set_rng_state(checkpoint["rng_state"])  # same MixUp/CutMix and dropout as an uninterrupted run
@@ -273,7 +276,7 @@ def epoch_checkpoint(args: argparse.Namespace, ctx: distributed.Context, run_dat
     """What training.checkpoint saves: enough to resume, rebuild, evaluate and export the run."""
     ema = state.ema
     return {
-        "format": FORMAT, "model": state.model.state_dict(),
+        "format": FORMAT, "run_id": state.run_id, "model": state.model.state_dict(),
         "model_ema": None if ema is None else ema.module.state_dict(),
         "model_ema_full": None if ema is None else ema.state_dict(),
         "deploy": "model" if ema is None else "model_ema",

@@ -1,7 +1,8 @@
-"""What a run's folder holds and who may write it: a resumed run carries its best.pt into a new folder, a new
-run refuses a folder that holds one (and --amp fp16 on CPU, a model that cannot take the crop) before writing
-anything, training.qat refuses to write into its source run, evaluation's confusion matrix reads back as CSV,
-a folder of splits is no folder of classes, and training.prune fine-tunes with the run's class weights (fast)."""
+"""What a run's folder holds and who may write it: a resumed run carries its best.pt into a new folder and
+refuses a folder of another run, a new run refuses a folder that holds one (and --amp fp16 on CPU, a model
+that cannot take the crop) before writing anything, training.qat refuses to write into its source run,
+evaluation's confusion matrix reads back as CSV, a folder of splits is no folder of classes, and
+training.prune fine-tunes with the run's class weights (fast)."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +79,24 @@ def test_resume_into_another_folder_carries_the_best_checkpoint(images, tmp_path
     assert (tmp_path / "b" / BEST).read_bytes() == (source / BEST).read_bytes()
     with open(tmp_path / "b" / "metrics.csv", newline="") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+
+
+def test_a_run_resumed_into_a_folder_of_another_run_is_refused_and_writes_nothing(images, tmp_path):
+    """--resume A --output-dir B, B holding another run, trained on with A's checkpoint beside B's best.pt and
+    metrics (carry_records keeps what B has): export of B shipped the other run's model."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train.main(_args(*images, a, "--session-epochs", "1"))
+    train.main(_args(*images, b, "--session-epochs", "1", "--seed", "1"))
+    before = {path.name: path.read_bytes() for path in b.iterdir() if path.is_file()}
+    with pytest.raises(ValueError) as refused:
+        train.main(_args(*images, b, "--resume", str(a)))
+    assert str(refused.value) == (f"{b} holds another run's files (checkpoint.pt, best.pt, metrics.csv, "
+                                  f"metrics.jsonl, summary.json), not those of the run in {a}: choose another "
+                                  f"--output-dir, or --resume {b} to continue the run there")
+    assert before == {path.name: path.read_bytes() for path in b.iterdir() if path.is_file()}
+    # a folder holding the same run (an earlier resume of A into it) is still resumed into
+    train.main(_args(*images, c, "--resume", str(a), "--session-epochs", "1"))
+    assert train.main(_args(*images, c, "--resume", str(a), "--session-epochs", "1"))["last_epoch"] == 1
 
 
 def test_a_new_run_refuses_a_folder_that_holds_one_and_writes_nothing(run, images, tmp_path):
