@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common.files import write_whole
 from serving.health import port_number, positive
-from serving.server import RUN_DIR, served, terminate, terminate_pid
+from serving.server import EXITED, RUN_DIR, left_alone, not_ours, served, start_time, terminate, terminate_pid
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"
@@ -132,14 +132,20 @@ def _state_file() -> Path:
     return RUN_DIR / "prometheus.json"
 
 
+def _recorded() -> tuple[dict | None, str | None]:
+    """What `make monitor` recorded, and None while that Prometheus runs, else EXITED or who has its pid now."""
+    state = _state_file()
+    try:
+        info = json.loads(state.read_text())
+        return info, not_ours(info, "prometheus", state)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, EXITED
+
+
 def running() -> dict | None:
     """What `make monitor` recorded while that Prometheus runs; None if there is none."""
-    try:
-        info = json.loads(_state_file().read_text())
-        cmdline = Path(f"/proc/{int(info['pid'])}/cmdline").read_bytes()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info if b"prometheus" in cmdline else None  # not a process that has since taken its pid
+    info, gone = _recorded()
+    return info if gone is None else None
 
 
 def start(port: int, timeout: float) -> tuple[dict, str, bool]:
@@ -151,21 +157,24 @@ def start(port: int, timeout: float) -> tuple[dict, str, bool]:
         return info, target, False
     prometheus = Prometheus(CONFIG, RUN_DIR / "prometheus", port, RUN_DIR / "prometheus.log")
     prometheus.start(timeout, detach=True)
-    info = {"pid": prometheus.process.pid, "url": prometheus.url, "config": str(CONFIG),
-            "log": str(prometheus.log_file)}
-    _state_file().write_text(json.dumps(info, indent=2))
+    info = {"pid": prometheus.process.pid, "started": start_time(prometheus.process.pid), "url": prometheus.url,
+            "config": str(CONFIG), "log": str(prometheus.log_file)}
+    write_whole(_state_file(), json.dumps(info, indent=2))
     return info, target, True
 
 
-def stop(timeout: float = 30.0) -> int | None:
-    """Stop the Prometheus `make monitor` started: its pid, or None if none runs."""
-    info = running()
+def stop(timeout: float = 30.0) -> str:
+    """Stop the Prometheus `make monitor` started (a process that has taken its pid since is left alone): what
+    was done, in a line."""
+    info, gone = _recorded()
     _state_file().unlink(missing_ok=True)
-    if info is None:
-        return None
+    if gone == EXITED:
+        return "no prometheus started by `make monitor` runs"
     pid = int(info["pid"])
+    if gone is not None:
+        return left_alone(pid, "prometheus", "monitor", gone)
     terminate_pid(pid, timeout)
-    return pid
+    return f"stopped prometheus (pid {pid})"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -184,8 +193,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"  UI and API  {info['url']}  (alerts: {info['url']}/alerts)")
         print(f"  scraping    {target}{'' if served() else ' (no server from `make serve` runs: Triton default)'}")
     elif args.action == "stop":
-        pid = stop()
-        print(f"stopped prometheus (pid {pid})" if pid else "no prometheus started by `make monitor` runs")
+        print(stop())
     else:
         info = running()
         print(json.dumps(info, indent=2) if info else "not running")

@@ -88,6 +88,8 @@ def terminate_pid(pid: int, timeout: float = 30.0) -> None:
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:  # it exited between the check and the signal
         pass
+    except PermissionError:
+        log.warning("pid %d belongs to another user now: not ours, left it alone", pid)
 
 
 def stop_tree(pid: int, timeout: float = 30.0) -> None:
@@ -260,25 +262,65 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_tritonserver(pid: int) -> bool:
-    """Whether `pid` still runs tritonserver (where /proc tells; elsewhere, assume so)."""
+EXITED = "exited"
+START_SLACK_S = 1.0  # psutil adds the kernel's boot time, whole seconds that can move by one
+
+
+def recorded_pid(info: dict) -> int:
+    """The pid a state file records; ValueError, KeyError or TypeError if it records none."""
+    pid = int(info["pid"])
+    if pid <= 0:
+        raise ValueError(f"pid {pid}")
+    return pid
+
+
+def start_time(pid: int) -> float:
+    """When `pid` started (seconds since the epoch), as recorded beside it in a state file."""
+    import psutil
+
+    return psutil.Process(pid).create_time()
+
+
+def not_ours(info: dict, program: str, state: Path) -> str | None:
+    """None while the pid in `info` (read from `state`) is still the process that was recorded: its start time
+    is `info["started"]`, or, in a state from before start times were recorded, `program` is in its command
+    line and it is older than `state`. Otherwise EXITED, or who has the pid now."""
+    import psutil
+
+    pid = recorded_pid(info)
     try:
-        return b"tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()
-    except OSError:
-        return True
+        process = psutil.Process(pid)
+        started = process.create_time()
+        os.kill(pid, 0)
+        if process.status() == psutil.STATUS_ZOMBIE:  # killed, its parent has not reaped it yet
+            return EXITED
+        recorded = info.get("started")
+        if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+            if abs(started - recorded) <= START_SLACK_S:
+                return None
+        elif program in " ".join(process.cmdline()) and started <= state.stat().st_mtime + START_SLACK_S:
+            return None
+    except (psutil.NoSuchProcess, ProcessLookupError, FileNotFoundError):
+        return EXITED
+    except (psutil.AccessDenied, PermissionError):
+        return "another user's process has it now"
+    return f"another process has it now, started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
+
+
+def left_alone(pid: int, program: str, make_target: str, gone: str) -> str:
+    """What `make stop` and `make monitor-stop` say of a recorded pid that another process has now."""
+    return f"pid {pid} is not the {program} `make {make_target}` started ({gone}): not ours, left it alone; forgot it"
 
 
 def served() -> dict | None:
     """What `make serve` recorded (pid, http and grpc host:port, metrics URL, log) while that server
     runs; None if there is none. The clients default to its ports."""
+    state = _state_file()
     try:
-        info = json.loads(_state_file().read_text())
-        pid = int(info["pid"])
+        info = json.loads(state.read_text())
+        return info if not_ours(info, "tritonserver", state) is None else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return info if _pid_alive(pid) and _is_tritonserver(pid) else None
 
 
 # `make serve` exports p50/p99 latency summaries, which `make monitor`'s rules and dashboard read
@@ -315,7 +357,7 @@ def server_pid(info: dict) -> int:
 SERVER_IDENTITY = ("--model-repository=", "--http-port=", "--http-address=")
 
 
-def supervised_orphans(recorded: dict) -> list[int]:
+def supervised_orphans(recorded: dict, state: Path) -> list[int]:
     """The tritonservers a killed supervisor left running: any process named tritonserver whose command line
     holds the recorded `server_args` (the supervisor may have restarted it since `make serve` wrote its pid)."""
     import psutil
@@ -323,7 +365,8 @@ def supervised_orphans(recorded: dict) -> list[int]:
     wanted = recorded.get("server_args")
     if not wanted:  # a state written before server_args: the first server's pid is all there is
         pid = recorded.get("server_pid")
-        return [pid] if isinstance(pid, int) and _pid_alive(pid) and _is_tritonserver(pid) else []
+        alive = isinstance(pid, int) and pid > 0 and not_ours({"pid": pid}, "tritonserver", state) is None
+        return [pid] if alive else []
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
@@ -398,9 +441,9 @@ def _serve(args: argparse.Namespace) -> dict:
         server.stop()
         access.remove_key(access.KEY_FILE)
         raise
-    info = {"pid": server.process.pid, "http": server.http_url, "grpc": server.grpc_url,
-            "metrics": server.metrics_url, "log": str(log_file), "model_repository": str(args.model_repository),
-            "admin_key_file": str(access.KEY_FILE)}
+    info = {"pid": server.process.pid, "started": start_time(server.process.pid), "http": server.http_url,
+            "grpc": server.grpc_url, "metrics": server.metrics_url, "log": str(log_file),
+            "model_repository": str(args.model_repository), "admin_key_file": str(access.KEY_FILE)}
     if supervisor:
         info["supervisor"] = {"ready": ready, "status": ready[: -len("ready")] + "status", "restarts": restarts}
         info["server_pid"] = server_pid(info)  # the first; a restarted server is found by server_args
@@ -409,23 +452,25 @@ def _serve(args: argparse.Namespace) -> dict:
     return info
 
 
-def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
-    """Stop the server `make serve` started: (its pid, whether it was still running), None if none is known."""
+def stop_served(timeout: float = 30.0) -> tuple[int, str | None] | None:
+    """Stop the server `make serve` started: (its pid, None), or (the pid, EXITED or who has it now) when that
+    server no longer runs; None if none is known."""
     state = _state_file()
     if not state.exists():
         return None
     try:
         recorded = json.loads(state.read_text())
-        pid = int(recorded["pid"])
+        pid = recorded_pid(recorded)
     except (ValueError, KeyError, TypeError):
         raise ServerError(f"{state} names no server pid (not written by `make serve`?): remove it, and stop "
                           "the server it was for by hand") from None
-    running = _pid_alive(pid) and _is_tritonserver(pid)  # not a process that has since taken over the pid
-    orphans = supervised_orphans(recorded) if recorded.get("supervisor") and not running else []
+    gone = not_ours(recorded, "tritonserver", state)
+    running = gone is None
+    orphans = supervised_orphans(recorded, state) if recorded.get("supervisor") and not running else []
     if orphans:  # its supervisor was killed (kill -9, out of memory): the server still runs
         for orphan in orphans:
             stop_tree(orphan, timeout)
-        pid, running = orphans[0], True
+        pid, running, gone = orphans[0], True, None
     elif running and recorded.get("supervisor"):
         stop_tree(pid, 2 * timeout + 15)  # it drains (15 s at most), then waits out tritonserver's exit
     elif running:
@@ -439,7 +484,7 @@ def stop_served(timeout: float = 30.0) -> tuple[int, bool] | None:
         terminate_pid(pid, timeout)
     state.unlink()
     access.remove_key(access.KEY_FILE)
-    return pid, running
+    return pid, gone
 
 
 def _address_arg(text: str) -> str:
@@ -486,9 +531,13 @@ def main(args: argparse.Namespace) -> None:
         if stopped is None:
             print("no server started by `make serve` is known")
         else:
-            pid, running = stopped
-            print(f"stopped tritonserver (pid {pid})" if running else
-                  f"tritonserver (pid {pid}) had already exited; forgot it")
+            pid, gone = stopped
+            if gone is None:
+                print(f"stopped tritonserver (pid {pid})")
+            elif gone == EXITED:
+                print(f"tritonserver (pid {pid}) had already exited; forgot it")
+            else:
+                print(left_alone(pid, "tritonserver", "serve", gone))
     else:
         info = served()
         print(json.dumps(info, indent=2) if info else "not running")

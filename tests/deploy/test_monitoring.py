@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -108,6 +109,30 @@ def test_the_scrape_target_follows_make_serve(tmp_path):
     assert [(CONFIG.parent / f).resolve() for f in files] == [(ROOT / TARGETS).resolve()]
     write_targets(tmp_path / "targets.json", ["127.0.0.1:1"])
     assert json.loads((tmp_path / "targets.json").read_text()) == [{"targets": ["127.0.0.1:1"], "labels": {}}]
+
+
+def test_make_monitor_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path):
+    """A .run/prometheus.json whose pid another process has now, even one whose command line names prometheus (a
+    system Prometheus after a reboot): status says not running, stop signals nothing, says so, forgets the file."""
+    import psutil
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "prometheus"])
+    cli = [sys.executable, "-m", "serving.monitor"]
+    try:
+        state = tmp_path / ".run" / "prometheus.json"
+        state.parent.mkdir()
+        state.write_text(json.dumps({"pid": other.pid, "started": psutil.Process(other.pid).create_time() - 3600}))
+        status = subprocess.run([*cli, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert status.stdout == "not running\n", status.stdout
+        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0 and stop.stdout.startswith(
+            f"pid {other.pid} is not the prometheus `make monitor` started (another process has it now, started "
+        ), (stop.stdout, stop.stderr)
+        assert stop.stdout.endswith("): not ours, left it alone; forgot it\n") and other.poll() is None
+        assert not state.exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 # ---- a real Prometheus scraping a real server ------------------------------------------------------

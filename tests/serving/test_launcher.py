@@ -1,9 +1,11 @@
 """The `tritonserver` launcher, capability detection, and `make serve` / `make stop`."""
 import glob
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,17 +139,37 @@ def test_make_serve_and_stop(lite0_repository, tmp_path):
     assert subprocess.run(["kill", "-0", str(state["pid"])], capture_output=True).returncode != 0
 
 
-def test_make_stop_leaves_a_process_that_is_not_tritonserver_alone(tmp_path):
-    """A state file whose pid now belongs to another program (pids are reused): stop forgets it and
-    signals nothing."""
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+@pytest.mark.parametrize("case", ["another start time", "no start time, started after the state", "not tritonserver"])
+def test_make_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path, case):
+    """A state file whose pid another process has now (pids are reused after a reboot or a wrap), even one whose
+    command line names tritonserver (`tail -f .run/tritonserver.log`, another checkout's server): status says not
+    running, stop signals nothing, says so and forgets the file. A state from before start times were recorded
+    is judged by the command line and by the process being older than the file."""
+    import psutil
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              "sleeper" if case == "not tritonserver" else "tritonserver"])
+    cli = [sys.executable, "-m", "serving.server"]
     try:
-        (tmp_path / ".run").mkdir()
-        (tmp_path / ".run" / "tritonserver.json").write_text(json.dumps({"pid": other.pid}))
-        stop = subprocess.run([sys.executable, "-m", "serving.server", "stop"], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=60)
-        assert stop.returncode == 0 and "already exited" in stop.stdout, stop.stderr
-        assert other.poll() is None and not (tmp_path / ".run" / "tritonserver.json").exists()
+        started = psutil.Process(other.pid).create_time()
+        state = tmp_path / ".run" / "tritonserver.json"
+        state.parent.mkdir()
+        state.write_text(json.dumps({"pid": other.pid, "started": started - 3600} if case == "another start time"
+                                    else {"pid": other.pid}))
+        if case.startswith("no start time"):
+            os.utime(state, (started - 3600, started - 3600))
+        status = subprocess.run([*cli, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert status.stdout == "not running\n", status.stdout
+        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0 and stop.stdout.startswith(
+            f"pid {other.pid} is not the tritonserver `make serve` started (another process has it now, started "
+        ), (stop.stdout, stop.stderr)
+        assert stop.stdout.endswith("): not ours, left it alone; forgot it\n") and other.poll() is None
+        assert not state.exists()
+        if case == "another start time":  # the start time it has is recognised
+            state.write_text(json.dumps({"pid": other.pid, "started": started}))
+            status = subprocess.run([*cli, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            assert json.loads(status.stdout)["pid"] == other.pid, status.stdout
     finally:
         other.kill()
         other.wait()
@@ -228,9 +250,10 @@ def test_a_number_out_of_range_is_refused_in_one_line(tmp_path, tool, args, mess
     assert not (tmp_path / ".run").exists() and not (tmp_path / "started").exists()
 
 
-@pytest.mark.parametrize("state", ["{not json", "{}", '{"pid": "x"}', "[1]"])
+@pytest.mark.parametrize("state", ["{not json", "{}", '{"pid": "x"}', "[1]", '{"pid": -1}'])
 def test_make_stop_refuses_a_state_file_it_cannot_read_in_one_line(tmp_path, state):
-    """A .run/tritonserver.json that names no pid (truncated, edited by hand): one line saying so, no traceback."""
+    """A .run/tritonserver.json that names no pid (truncated, edited by hand, a pid no process has): one line saying
+    so, no traceback."""
     (tmp_path / ".run").mkdir()
     (tmp_path / ".run" / "tritonserver.json").write_text(state)
     stop = subprocess.run([sys.executable, "-m", "serving.server", "stop"], cwd=tmp_path, capture_output=True,
