@@ -17,11 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from common.files import write_whole
 from serving import access
 from serving.cache import cache_args, repository_cache_mb
 from serving.health import address_family, bound_address, host_port, number, port_number, positive, reachable
@@ -183,7 +185,8 @@ class TritonServer:
                               "choose other ports (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...; "
                               "python -m clients.demo --http-port ...)")
 
-    def start(self, timeout: float = 120.0, detach: bool = False) -> "TritonServer":
+    def launch(self, detach: bool = False) -> subprocess.Popen:
+        """check(), then start the process without waiting for it (start() waits until it is ready)."""
         self.check()
         project_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, **self.env}
@@ -196,6 +199,10 @@ class TritonServer:
                 output = stack.enter_context(open(self.log_file, "ab"))  # the child keeps its own descriptor
             self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=detach)
+        return self.process
+
+    def start(self, timeout: float = 120.0, detach: bool = False) -> "TritonServer":
+        self.launch(detach)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -314,7 +321,7 @@ def left_alone(pid: int, program: str, make_target: str, gone: str) -> str:
 
 def served() -> dict | None:
     """What `make serve` recorded (pid, http and grpc host:port, metrics URL, log) while that server
-    runs; None if there is none. The clients default to its ports."""
+    runs or starts; None if there is none. The clients default to its ports."""
     state = _state_file()
     try:
         info = json.loads(state.read_text())
@@ -408,6 +415,31 @@ def start_lock(run_dir: Path):
         os.close(fd)  # releases the lock
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # `timeout`, a cancelled CI job, a closed terminal
+
+
+@contextlib.contextmanager
+def stop_signals(handler):
+    """Within: `handler` for those STOP_SIGNALS that would end the process (one ignored already, as under
+    nohup, stays ignored); nothing outside the main thread, where Python cannot handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for s, action in previous.items():
+            signal.signal(s, action)
+
+
+def _interrupted(signum, frame):
+    """A stop signal while `make serve` starts a server: raised, so that the start's cleanup stops that server."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise ServerError(f"{signal.Signals(signum).name} while starting: stopped the server it had started")
+
+
 def serve(args: argparse.Namespace) -> dict:
     with start_lock(RUN_DIR):
         return _serve(args)
@@ -432,23 +464,32 @@ def _serve(args: argparse.Namespace) -> dict:
     key = access.write_key(access.KEY_FILE)
     server.extra_args = [*SERVE_EXTRA_ARGS, *access.restricted_args(key),
                          *cache_args(repository_cache_mb(args.model_repository))]
+    ready = f"http://{host_port(reachable(args.address), watchdog_port)}/ready"
     try:
-        server.start(timeout=args.timeout, detach=True)
-        ready = f"http://{host_port(reachable(args.address), watchdog_port)}/ready"
-        if supervisor:  # its watchdog knows the stubs once this answers 200
-            server.wait_ready(30, ready)
+        with stop_signals(_interrupted):
+            server.launch(detach=True)
+            # Recorded at once, so that `make stop` finds a server whose start was killed before it was ready.
+            info = {"pid": server.process.pid, "started": start_time(server.process.pid), "starting": True,
+                    "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
+                    "log": str(log_file), "model_repository": str(args.model_repository),
+                    "admin_key_file": str(access.KEY_FILE)}
+            if supervisor:
+                info["supervisor"] = {"ready": ready, "status": ready[: -len("ready")] + "status",
+                                      "restarts": restarts}
+                info["server_args"] = [a for a in server.command() if a.startswith(SERVER_IDENTITY)]
+            write_whole(state, json.dumps(info, indent=2))
+            server.wait_ready(args.timeout)
+            if supervisor:  # its watchdog knows the stubs once this answers 200
+                server.wait_ready(30, ready)
+                info["server_pid"] = server_pid(info)  # the first; a restarted server is found by server_args
+            del info["starting"]
+            write_whole(state, json.dumps(info, indent=2))
     except BaseException:
-        server.stop()
-        access.remove_key(access.KEY_FILE)
+        with stop_signals(signal.SIG_IGN):  # a second signal does not cut the cleanup short
+            server.stop()
+            state.unlink(missing_ok=True)
+            access.remove_key(access.KEY_FILE)
         raise
-    info = {"pid": server.process.pid, "started": start_time(server.process.pid), "http": server.http_url,
-            "grpc": server.grpc_url, "metrics": server.metrics_url, "log": str(log_file),
-            "model_repository": str(args.model_repository), "admin_key_file": str(access.KEY_FILE)}
-    if supervisor:
-        info["supervisor"] = {"ready": ready, "status": ready[: -len("ready")] + "status", "restarts": restarts}
-        info["server_pid"] = server_pid(info)  # the first; a restarted server is found by server_args
-        info["server_args"] = [a for a in server.command() if a.startswith(SERVER_IDENTITY)]
-    state.write_text(json.dumps(info, indent=2))
     return info
 
 

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from build.repository.capabilities import Capabilities, detect, resolve_backend
 from serving.health import bound_address, host_port
-from serving.server import Ports, ServerError, TritonServer, bind_address
+from serving.server import Ports, ServerError, TritonServer, bind_address, free_port
 from serving.tritonserver import (STUB_PYTHONS, address_flags, build_command, locate_server, prepare_backend_directory,
                                   python_problem, setup_problem)
 
@@ -173,6 +174,91 @@ def test_make_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path, case):
     finally:
         other.kill()
         other.wait()
+
+
+HELD_MODEL = """import os
+import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):  # loading lasts until the test releases it (10 minutes at most)
+        deadline = time.monotonic() + 600
+        while not os.path.exists(RELEASE) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def execute(self, requests):
+        return []
+"""
+
+
+def held_repository(root: Path) -> tuple[Path, Path]:
+    """A repository whose one python model does not finish loading until the file returned second exists."""
+    repo, release = root / "held_repository", root / "release"
+    (repo / "held" / "1").mkdir(parents=True)
+    (repo / "held" / "1" / "model.py").write_text(f"RELEASE = {str(release)!r}\n{HELD_MODEL}")
+    (repo / "held" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\n'
+        'input [{ name: "IN", data_type: TYPE_FP32, dims: [1] }]\n'
+        'output [{ name: "OUT", data_type: TYPE_FP32, dims: [1] }]\n')
+    return repo, release
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_a_start_killed_while_it_waits_leaves_no_server_behind(tmp_path, signum):
+    """`make serve` signalled while its server loads (a cancelled CI job, `timeout`, a closed terminal): SIGTERM
+    and SIGHUP stop what it started, in one line; after SIGKILL, which nothing catches, `make stop` finds the
+    server in the state written at the start. No process of that server is left, and its ports are free."""
+    import psutil
+
+    repo, release = held_repository(tmp_path)
+    ports, watchdog_port = Ports.free(), free_port()
+    cli = [sys.executable, "-m", "serving.server"]
+    start = subprocess.Popen([*cli, "start", "--model-repository", str(repo), "--http-port", str(ports.http),
+                              "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--watchdog-port",
+                              str(watchdog_port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+
+    def server_processes() -> list[psutil.Process]:
+        """The supervisor, tritonserver and the model's stub: the processes besides `start` naming `repo`."""
+        return [p for p in psutil.process_iter(["cmdline"])
+                if p.pid != start.pid and str(repo) in " ".join(p.info["cmdline"] or [])]
+
+    try:
+        for _ in range(3000):  # until the model's stub loads it (then the start waits for it)
+            assert start.poll() is None, start.communicate()
+            if any("triton_python_backend_stub" in " ".join(p.info["cmdline"]) for p in server_processes()):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the held model's stub never started")
+        os.kill(start.pid, signum)
+        out, err = start.communicate(timeout=300)
+        state = tmp_path / ".run" / "tritonserver.json"
+        if signum == signal.SIGKILL:
+            assert state.exists() and json.loads(state.read_text())["starting"] is True
+            stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert stop.returncode == 0 and "stopped tritonserver" in stop.stdout, (stop.stdout, stop.stderr)
+        for _ in range(1200):
+            if not server_processes():
+                break
+            time.sleep(0.1)
+        assert not server_processes(), [p.info["cmdline"][:3] for p in server_processes()]
+        assert not ports.in_use("127.0.0.1")
+        if signum != signal.SIGKILL:
+            assert start.returncode == 1 and err.splitlines()[-1] == (
+                f"serving.server: {signal.Signals(signum).name} while starting: stopped the server it had started"
+            ), err
+            assert "Traceback" not in err and not state.exists() and not (tmp_path / ".run" / "admin.key").exists()
+        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert stop.stdout == "no server started by `make serve` is known\n", stop.stdout
+    finally:
+        release.touch()
+        if start.poll() is None:
+            start.kill()
+            start.wait()
+        for process in server_processes():
+            process.kill()
 
 
 def test_an_ipv6_address_is_spelt_for_triton_and_for_urls(tmp_path):
