@@ -94,16 +94,20 @@ def terminate_pid(pid: int, timeout: float = 30.0) -> None:
         log.warning("pid %d belongs to another user now: not ours, left it alone", pid)
 
 
-def stop_tree(pid: int, timeout: float = 30.0) -> None:
+def stop_tree(pid: int, timeout: float = 30.0, child: subprocess.Popen | None = None) -> None:
     """SIGTERM `pid` (a supervisor drains and stops its server), wait, SIGKILL it; then SIGKILL whatever it
-    started that is left (a supervisor killed in the middle would leave tritonserver and its stubs)."""
+    started that is left (a supervisor killed in the middle would leave tritonserver and its stubs). `child`:
+    its Popen where this process started it, waited on (a polled child stays a zombie, alive to kill -0)."""
     import psutil
 
     try:
         family = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         family = []
-    terminate_pid(pid, timeout)
+    if child is not None:
+        terminate(child, timeout)
+    else:
+        terminate_pid(pid, timeout)
     for process in family:
         try:
             process.kill()
@@ -241,8 +245,7 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.supervisor and self.process is not None:
-            stop_tree(self.process.pid, timeout)
-            self.process.poll()
+            stop_tree(self.process.pid, timeout, self.process)
         else:
             terminate(self.process, timeout)
 
