@@ -116,20 +116,16 @@ def test_make_monitor_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path):
     system Prometheus after a reboot): status says not running, stop signals nothing, says so, forgets the file."""
     import psutil
 
+    from tests.serving.test_launcher import assert_stop_leaves_it_alone
+
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "prometheus"])
     cli = [sys.executable, "-m", "serving.monitor"]
     try:
         state = tmp_path / ".run" / "prometheus.json"
         state.parent.mkdir()
         state.write_text(json.dumps({"pid": other.pid, "started": psutil.Process(other.pid).create_time() - 3600}))
-        status = subprocess.run([*cli, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert status.stdout == "not running\n", status.stdout
-        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert stop.returncode == 0 and stop.stdout.startswith(
-            f"pid {other.pid} is not the prometheus `make monitor` started (another process has it now, started "
-        ), (stop.stdout, stop.stderr)
-        assert stop.stdout.endswith("): not ours, left it alone; forgot it\n") and other.poll() is None
-        assert not state.exists()
+        assert_stop_leaves_it_alone(cli, tmp_path, other.pid, "prometheus", "monitor")
+        assert other.poll() is None and not state.exists()
     finally:
         other.kill()
         other.wait()

@@ -140,6 +140,17 @@ def test_make_serve_and_stop(lite0_repository, tmp_path):
     assert subprocess.run(["kill", "-0", str(state["pid"])], capture_output=True).returncode != 0
 
 
+def assert_stop_leaves_it_alone(cli: list[str], cwd: Path, pid: int, program: str, make_target: str) -> None:
+    """`status` says not running; `stop` says in one line that `pid` is not ours (the caller checks it runs)."""
+    status = subprocess.run([*cli, "status"], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert status.stdout == "not running\n", status.stdout
+    stop = subprocess.run([*cli, "stop"], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0 and stop.stdout.startswith(
+        f"pid {pid} is not the {program} `make {make_target}` started (another process has it now, started "
+    ), (stop.stdout, stop.stderr)
+    assert stop.stdout.endswith("): not ours, left it alone; forgot it\n"), stop.stdout
+
+
 @pytest.mark.parametrize("case", ["another start time", "no start time, started after the state", "not tritonserver"])
 def test_make_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path, case):
     """A state file whose pid another process has now (pids are reused after a reboot or a wrap), even one whose
@@ -159,14 +170,8 @@ def test_make_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path, case):
                                     else {"pid": other.pid}))
         if case.startswith("no start time"):
             os.utime(state, (started - 3600, started - 3600))
-        status = subprocess.run([*cli, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert status.stdout == "not running\n", status.stdout
-        stop = subprocess.run([*cli, "stop"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert stop.returncode == 0 and stop.stdout.startswith(
-            f"pid {other.pid} is not the tritonserver `make serve` started (another process has it now, started "
-        ), (stop.stdout, stop.stderr)
-        assert stop.stdout.endswith("): not ours, left it alone; forgot it\n") and other.poll() is None
-        assert not state.exists()
+        assert_stop_leaves_it_alone(cli, tmp_path, other.pid, "tritonserver", "serve")
+        assert other.poll() is None and not state.exists()
         if case == "another start time":  # the start time it has is recognised
             state.write_text(json.dumps({"pid": other.pid, "started": started}))
             status = subprocess.run([*cli, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
