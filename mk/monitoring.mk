@@ -2,7 +2,7 @@
 # Included by the main Makefile (PY, STAMP come from there).
 PROMETHEUS_PORT ?= 9090
 
-.PHONY: prometheus-setup monitor monitor-stop monitor-status monitor-check
+.PHONY: prometheus-setup monitor monitor-stop monitor-status monitor-check k8s-rule
 
 prometheus-setup: ## Debian prometheus + promtool (as root), without the node exporter it recommends
 	@{ command -v prometheus && command -v promtool; } >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
@@ -21,3 +21,6 @@ monitor-status:
 monitor-check: prometheus-setup ## promtool: check the config and rules, run the rules' unit tests
 	promtool check config deploy/monitoring/prometheus.yml
 	promtool test rules deploy/monitoring/rules/tests/*.yml
+
+k8s-rule: $(STAMP) ## write deploy/k8s/base/prometheusrule.yaml from deploy/monitoring/rules/ (after editing them)
+	$(PY) -m serving.monitor k8s-rule

@@ -3,6 +3,7 @@
     python -m serving.monitor start [--port 9090]
     python -m serving.monitor stop
     python -m serving.monitor status
+    python -m serving.monitor k8s-rule     # make k8s-rule: deploy/k8s/base/prometheusrule.yaml from the rule files
 
 The scrape config, rules and dashboard are committed in deploy/monitoring/ and used as they are. This
 writes only the scrape target, .run/monitoring/targets.json, from the metrics URL `make serve` recorded
@@ -23,12 +24,16 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from common.files import write_whole
 from serving.health import port_number, positive
 from serving.server import EXITED, RUN_DIR, left_alone, not_ours, served, start_time, terminate, terminate_pid
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"
+RULE_FILES = (MONITORING / "rules" / "recording.yml", MONITORING / "rules" / "alerts.yml")
+K8S_RULE = MONITORING.parent / "k8s" / "base" / "prometheusrule.yaml"
 TARGETS = RUN_DIR / "monitoring" / "targets.json"  # the path CONFIG's file_sd_configs names
 DEFAULT_TARGET = "127.0.0.1:8002"  # Triton's default metrics port
 
@@ -48,6 +53,24 @@ def write_targets(path: Path, targets: list[str]) -> None:
     """A Prometheus file_sd file for the `triton` job (written whole, then renamed: Prometheus watches it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_whole(path, json.dumps([{"targets": targets, "labels": {}}], indent=2))
+
+
+class _RuleDumper(yaml.SafeDumper):
+    pass
+
+
+_RuleDumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def k8s_rule() -> str:
+    """The PrometheusRule deploy/k8s/base ships: the groups of RULE_FILES, in order, as they are."""
+    groups = [g for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
+    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "triton"},
+            "spec": {"groups": groups}}
+    return ("# Written by `make k8s-rule` from deploy/monitoring/rules/recording.yml and alerts.yml (promtool\n"
+            "# unit-tested there): edit those and run it again; tests/deploy/test_kubernetes.py checks it is current.\n"
+            + yaml.dump(rule, Dumper=_RuleDumper, sort_keys=False, width=4096, allow_unicode=True))
 
 
 class Prometheus:
@@ -179,7 +202,7 @@ def stop(timeout: float = 30.0) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Start/stop a background Prometheus on loopback (make monitor).")
-    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("action", choices=("start", "stop", "status", "k8s-rule"))
     p.add_argument("--port", type=port_number, default=9090,
                    help="loopback port of Prometheus' web UI and API (default: %(default)s)")
     p.add_argument("--timeout", type=positive(float), default=60.0, help="seconds to wait for readiness (default: %(default)s)")
@@ -192,6 +215,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"prometheus {'ready' if started else 'already running'} (pid {info['pid']}, log {info['log']})")
         print(f"  UI and API  {info['url']}  (alerts: {info['url']}/alerts)")
         print(f"  scraping    {target}{'' if served() else ' (no server from `make serve` runs: Triton default)'}")
+    elif args.action == "k8s-rule":
+        K8S_RULE.write_text(k8s_rule())
+        print(f"wrote {K8S_RULE.relative_to(MONITORING.parent.parent)}")
     elif args.action == "stop":
         print(stop())
     else:

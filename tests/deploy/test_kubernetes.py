@@ -352,12 +352,26 @@ def test_hpa_metric_comes_from_a_recording_rule(rendered):
     for target in ("cpu", "gpu"):
         (metric,) = one(rendered[target], "HorizontalPodAutoscaler")["spec"]["metrics"]
         assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
-        # the cluster's Prometheus records the same rule (PrometheusRule), the job the rules select
-        (group,) = one(rendered[target], "PrometheusRule")["spec"]["groups"]
-        assert {r["record"]: r["expr"] for r in group["rules"]} == {series: recording_rules()[series]}
+        # the cluster's Prometheus records the same rule (PrometheusRule)
+        groups = one(rendered[target], "PrometheusRule")["spec"]["groups"]
+        assert [r["expr"] for g in groups for r in g["rules"] if r.get("record") == series] == [recording_rules()[series]]
+    assert f'model="{ENSEMBLE}"' in recording_rules()[series]
+
+
+def test_prometheus_rule_ships_every_rule_of_deploy_monitoring(rendered):
+    """The server overlays' PrometheusRule holds the groups of recording.yml and alerts.yml exactly (the
+    committed file is what `make k8s-rule` writes now), and every job they select is the PodMonitor's."""
+    from serving.monitor import K8S_RULE, k8s_rule
+
+    groups = [g for name in ("recording.yml", "alerts.yml") for g in yaml.safe_load(
+        (RECORDING.parent / name).read_text())["groups"]]
+    assert K8S_RULE.read_text() == k8s_rule(), f"{K8S_RULE} is stale: make k8s-rule"
+    exprs = " ".join(r["expr"] for g in groups for r in g["rules"])
+    assert set(re.findall(r'\bjob\s*=~?\s*"([^"]*)"', exprs)) == {"triton"}
+    for target in ("cpu", "cpu-vnni", "gpu"):
+        assert one(rendered[target], "PrometheusRule")["spec"]["groups"] == groups
         relabel = one(rendered[target], "PodMonitor")["spec"]["podMetricsEndpoints"][0]["relabelings"]
         assert {"action": "replace", "targetLabel": "job", "replacement": "triton"} in relabel
-    assert f'model="{ENSEMBLE}"' in recording_rules()[series]
 
 
 def adapter_query(rule: dict, namespace: str, pod: str) -> str:
