@@ -8,7 +8,9 @@
 The scrape config, rules and dashboard are committed in deploy/monitoring/ and used as they are. This
 writes only the scrape target, .run/monitoring/targets.json, from the metrics URL `make serve` recorded
 (Prometheus re-reads that file, so `make monitor` after a new `make serve` follows the new ports), and
-keeps the Prometheus process in .run/prometheus.json. See docs/operations.md.
+keeps the Prometheus process in .run/prometheus.json. The rules and the dashboard name the default
+ensemble (common.contract.ENSEMBLE): `start` warns when the served repository's spec names another.
+See docs/operations.md.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from common.contract import ENSEMBLE
 from common.files import write_whole
 from serving.health import port_number, positive
 from serving.server import EXITED, RUN_DIR, left_alone, not_ours, served, start_time, terminate, terminate_pid
+from serving.triton_admin import built_spec
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"
@@ -53,6 +57,16 @@ def write_targets(path: Path, targets: list[str]) -> None:
     """A Prometheus file_sd file for the `triton` job (written whole, then renamed: Prometheus watches it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_whole(path, json.dumps([{"targets": targets, "labels": {}}], indent=2))
+
+
+def renamed_ensemble_warning(info: dict | None) -> str | None:
+    """One line when the repository `make serve` serves names an ensemble other than the one the rules and the
+    dashboard select (its BUILD.json spec's ensemble_name); None otherwise."""
+    name = built_spec(info.get("model_repository")).get("ensemble_name") if info else None
+    if not isinstance(name, str) or name in ("", ENSEMBLE):
+        return None
+    return (f"warning: the served ensemble is {name!r}, but deploy/monitoring's rules and dashboard select "
+            f"model=\"{ENSEMBLE}\": edit them (docs/operations.md, other model names)")
 
 
 class _RuleDumper(yaml.SafeDumper):
@@ -215,6 +229,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"prometheus {'ready' if started else 'already running'} (pid {info['pid']}, log {info['log']})")
         print(f"  UI and API  {info['url']}  (alerts: {info['url']}/alerts)")
         print(f"  scraping    {target}{'' if served() else ' (no server from `make serve` runs: Triton default)'}")
+        warning = renamed_ensemble_warning(served())
+        if warning:
+            print(warning)
     elif args.action == "k8s-rule":
         K8S_RULE.write_text(k8s_rule())
         print(f"wrote {K8S_RULE.relative_to(MONITORING.parent.parent)}")

@@ -131,6 +131,26 @@ def test_make_monitor_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path):
         other.wait()
 
 
+def test_make_monitor_warns_when_the_served_ensemble_is_not_the_one_the_rules_select(tiny_artifacts, tmp_path):
+    """The rules and the dashboard select model="image_classifier": `make monitor` says so in one line when the
+    repository `make serve` serves was built from a spec that names its ensemble otherwise."""
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import write_repository
+    from serving.monitor import renamed_ensemble_warning
+
+    assert renamed_ensemble_warning(None) is None  # no server from `make serve`
+    assert renamed_ensemble_warning({"model_repository": str(tmp_path / "none")}) is None  # no BUILD.json
+    for name in (ENSEMBLE, "flowers"):
+        repo = tmp_path / name
+        write_repository(DeploymentSpec(artifacts=str(tiny_artifacts), ensemble_name=name), "onnxruntime", repo, "tests")
+        warning = renamed_ensemble_warning({"model_repository": str(repo)})
+        if name == ENSEMBLE:
+            assert warning is None
+        else:
+            assert warning.startswith("warning: the served ensemble is 'flowers'") and "\n" not in warning
+            assert f'model="{ENSEMBLE}"' in warning and "docs/operations.md" in warning
+
+
 # ---- a real Prometheus scraping a real server ------------------------------------------------------
 
 def loopback_config(tmp_path: Path, target: str) -> Path:
