@@ -6,8 +6,10 @@ It starts the command after `--` (tritonserver and its flags) as its child and, 
 watches it with serving.watchdog: a python-backend stub that dies is reloaded, and its `/ready` says 503
 meanwhile; `/live` and `/status` as the watchdog's. The probes of deploy/k8s point at this endpoint.
 
-- SIGTERM or SIGINT: drain (unload the ensembles, so that their in-flight requests finish), then SIGTERM to
-  tritonserver; it exits with the server's exit code. No preStop hook is needed.
+- SIGTERM or SIGINT: `/ready` answers 503 at once; after `--unready-wait` seconds (the server still serving,
+  for the load balancers to drop it) it drains (unload the ensembles, so that their in-flight requests
+  finish), then SIGTERM to tritonserver; it exits with the server's exit code. No preStop hook is needed.
+  Each step is bounded (the watchdog's thread: WATCHDOG_STOP_S; the drain and its calls: --drain-timeout).
 - tritonserver exits by itself (Triton 2.51's python backend aborts the server on about 1 in 50 stub
   kills, docs/operations.md): the stubs it left are killed; with `--restarts N` the server is started
   again (at most N times, 1 s, 2 s, 4 s ... apart; `/ready` 503 meanwhile), else the supervisor exits with
@@ -49,6 +51,8 @@ from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
 RESTRICTED_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")  # restricted_args' order
+DRAIN_TIMEOUT_S = 15.0  # --drain-timeout's default
+WATCHDOG_STOP_S = 5.0  # on SIGTERM, the longest wait for the watchdog's thread (it may be inside a reload)
 
 
 def flag_values(command: list[str]) -> dict[str, list[str]]:
@@ -105,10 +109,12 @@ def default_key_file(command: list[str]) -> Path:
 class Supervisor:
     """One tritonserver at a time, its watchdog, and what the endpoint reports for both."""
 
-    def __init__(self, command: list[str], admin: TritonAdmin, restarts: int = 0, drain_timeout_s: float = 15.0,
-                 start_timeout_s: float = 600.0, **watchdog_args):
+    def __init__(self, command: list[str], admin: TritonAdmin, restarts: int = 0,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, start_timeout_s: float = 600.0, unready_wait_s: float = 0.0,
+                 **watchdog_args):
         self.command, self.admin, self.restarts = command, admin, restarts
         self.drain_timeout_s, self.start_timeout_s = drain_timeout_s, start_timeout_s
+        self.unready_wait_s = unready_wait_s
         self.watchdog_args = watchdog_args
         self.process: subprocess.Popen | None = None
         self.watchdog: Watchdog | None = None
@@ -188,7 +194,13 @@ class Supervisor:
 
     def _stop_server(self) -> int:
         if self.watchdog is not None:
-            self.watchdog.stop()  # first, so that it does not take the stopping server's stubs for crashed ones
+            if self.unready_wait_s:
+                log.info("stopping: /ready answers 503, draining in %g s", self.unready_wait_s)
+                time.sleep(self.unready_wait_s)
+            # first, so that it does not take the stopping server's stubs for crashed ones
+            if not self.watchdog.stop(WATCHDOG_STOP_S):
+                log.warning("the stub watchdog is still inside a model-control call after %g s; draining anyway",
+                            WATCHDOG_STOP_S)
             try:
                 drain(self.admin, self.drain_timeout_s).log(log)
             except (RuntimeError, OSError, ValueError) as exc:
@@ -272,8 +284,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"where a generated admin key is written (0600) when the server's command lacks the "
                         f"restricted-API flags and neither ${KEY_ENV} nor --key-file gives one "
                         f"(default: {tempfile.gettempdir()}/triton-admin-<http port>.key)")
-    p.add_argument("--drain-timeout", type=positive(float), default=15.0,
+    p.add_argument("--drain-timeout", type=positive(float), default=DRAIN_TIMEOUT_S,
                    help="seconds to wait for the ensembles' in-flight requests on SIGTERM (default: %(default)s)")
+    p.add_argument("--unready-wait", type=number(float, 0), default=0.0,
+                   help="seconds between SIGTERM and the drain, /ready answering 503 and the server still serving, "
+                        "for endpoints and load balancers to drop it (default: %(default)s; deploy/k8s: 5)")
     p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between stub checks (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver and its flags")
     return p
@@ -307,7 +322,7 @@ def main(args: argparse.Namespace) -> int:
 def supervise(command: list[str], headers: Callable[[], dict[str, str]], args: argparse.Namespace) -> int:
     """Run `command` under a Supervisor whose model-control calls carry `headers()`, with its endpoint."""
     supervisor = Supervisor(command, TritonAdmin(http_url(command), headers), args.restarts, args.drain_timeout,
-                            interval_s=args.interval)
+                            unready_wait_s=args.unready_wait, interval_s=args.interval)
     # Set from another thread: the main thread may be inside the Event's own lock when the signal lands.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: threading.Thread(target=supervisor.stopping.set).start())

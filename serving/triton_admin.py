@@ -5,6 +5,7 @@ time changes what the server loads."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import json
@@ -22,6 +23,7 @@ import psutil
 RELOAD_PARAMETER = "watchdog_reload"
 LOCK_FILE = ".model-control.lock"  # in the model repository's folder
 MANIFEST = "BUILD.json"  # what build.engines writes beside the models (build.repository.writer)
+DEADLINE_FLOOR_S = 1.0  # what a call made at or past a deadline may still wait (TritonAdmin.until)
 _held: dict[Path, int] = {}  # locks this process holds, and how deep (the lock is re-entrant in a process)
 
 
@@ -112,14 +114,24 @@ class TritonAdmin:
     def __init__(self, http_url: str, headers: Callable[[], dict[str, str]], timeout: float = 120.0):
         self.base = http_url if "://" in http_url else f"http://{http_url}"
         self.headers, self.timeout = headers, timeout
+        self.deadline: float | None = None  # time.monotonic() after which each call waits DEADLINE_FLOOR_S at most
+
+    def until(self, deadline: float) -> "TritonAdmin":
+        """A copy whose calls end by `deadline` (time.monotonic()), or DEADLINE_FLOOR_S after it."""
+        bounded = copy.copy(self)
+        bounded.deadline = deadline
+        return bounded
 
     def _call(self, path: str, body: dict | None = None, method: str | None = None,
               timeout: float | None = None) -> tuple[int, bytes]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method or ("POST" if data else "GET"),
                                          headers={"Content-Type": "application/json", **self.headers()})
+        timeout = timeout or self.timeout
+        if self.deadline is not None:
+            timeout = min(timeout, max(DEADLINE_FLOOR_S, self.deadline - time.monotonic()))
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as r:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -221,11 +233,13 @@ class Drained:
 def drain(admin: TritonAdmin, timeout_s: float = 30.0) -> Drained:
     """Unload the ensembles (the models clients call) so that their in-flight requests finish while the
     models they chain stay loaded, and wait up to `timeout_s` until they are gone; a SIGTERM after a drain
-    that left nothing busy finds nothing in flight."""
+    that left nothing busy finds nothing in flight. Its calls share that budget: a server that does not
+    answer raises OSError by then (DEADLINE_FLOOR_S for a call begun at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    admin = admin.until(deadline)
     ensembles = [m for m, state in admin.index().items() if state == "READY" and admin.platform(m) == "ensemble"]
     for model in ensembles:
         admin.unload(model)
-    deadline = time.monotonic() + timeout_s
     while True:
         states = admin.index()
         busy = {m: states[m] for m in ensembles if states.get(m) in ("READY", "UNLOADING")}

@@ -270,10 +270,13 @@ class Watchdog:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = None) -> bool:
+        """End the checks; False if the thread is still inside a call `timeout_s` later (it is a daemon)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout_s)
+            return not self._thread.is_alive()
+        return True
 
     def __enter__(self) -> "Watchdog":
         return self.start()

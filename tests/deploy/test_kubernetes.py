@@ -235,6 +235,23 @@ def test_pod_runs_locked_down_with_probes_and_resources(rendered, target):
     assert [int(flags[f"--{name}-port"]) for name in ("http", "grpc", "metrics")] == [8000, 8001, 8002]
 
 
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_grace_period_outlasts_the_supervisors_bounded_shutdown(rendered, target):
+    """On SIGTERM the supervisor answers /ready 503 for --unready-wait (the server still serving while the
+    endpoints drop the pod), waits at most WATCHDOG_STOP_S for the watchdog and --drain-timeout for the drain,
+    then Triton takes up to --exit-timeout-secs: the kubelet's SIGKILL must come later, with a margin."""
+    from serving.supervise import WATCHDOG_STOP_S, get_args_parser
+
+    margin_s = 10
+    pod = one(rendered[target], "Deployment")["spec"]["template"]["spec"]
+    container = server_container(rendered[target])
+    supervisor = get_args_parser().parse_args(container["command"][3:])
+    exit_timeout_s = int(dict(a.split("=", 1) for a in container["args"])["--exit-timeout-secs"])
+    assert supervisor.unready_wait >= 3
+    steps = supervisor.unready_wait + WATCHDOG_STOP_S + supervisor.drain_timeout + exit_timeout_s
+    assert pod["terminationGracePeriodSeconds"] >= steps + margin_s, (pod["terminationGracePeriodSeconds"], steps)
+
+
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):
     gpu = server_container(rendered["gpu"])["resources"]
     cpu = server_container(rendered["cpu"])["resources"]

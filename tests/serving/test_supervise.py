@@ -146,6 +146,67 @@ def test_a_dead_stub_is_reloaded_a_dead_server_restarted_and_sigterm_drains(repo
         assert supervised.stubs() == []
 
 
+def test_sigterm_turns_ready_503_and_keeps_serving_for_the_unready_wait(repository, tmp_path, photos):
+    """--unready-wait 3: from the SIGTERM on /ready answers 503 while the ensemble still classifies (time for the
+    endpoints to drop the pod), then the supervisor drains and exits 0."""
+    from clients.client import ImageClassifierClient
+
+    with Supervised(repository, tmp_path / "supervise.log", restarts=0, options=("--unready-wait", "3")) as supervised:
+        with ImageClassifierClient(f"127.0.0.1:{supervised.ports.http}", protocol="http") as client:
+            signalled = time.monotonic()
+            supervised.process.send_signal(signal.SIGTERM)
+            while supervised.ready() != 503 and time.monotonic() - signalled < 1:
+                time.sleep(0.02)
+            codes, answers = [], []
+            while time.monotonic() - signalled < 2:
+                codes.append(supervised.ready())
+                answers.append(len(client.classify([photos["coffee"]], top_k=1)))
+        code = supervised.process.wait(60)
+    log = supervised.log.read_text(errors="replace")
+    assert codes and set(codes) == {503} and set(answers) == {1}, (codes, answers)
+    assert code == 0 and "drained image_classifier" in log, log[-3000:]
+
+
+def test_sigterm_to_a_hung_server_is_passed_on_within_the_bounds(repository, tmp_path):
+    """tritonserver stopped (SIGSTOP) while the watchdog reloads a killed stub's model, every admin call hanging:
+    the supervisor waits WATCHDOG_STOP_S for the watchdog and --drain-timeout for the drain, not their 120 s
+    HTTP timeouts, so that a pod's grace period is not spent before tritonserver gets its SIGTERM."""
+    from serving.supervise import WATCHDOG_STOP_S
+    from serving.triton_admin import DEADLINE_FLOOR_S
+
+    with Supervised(repository, tmp_path / "supervise.log", restarts=0, options=("--drain-timeout", "1")) as supervised:
+        server = supervised.server_pid()
+        victim = serving_stubs(server, "classifier", 1)[0]
+        os.kill(server, signal.SIGSTOP)
+        try:
+            os.kill(victim.pid, signal.SIGKILL)
+            reason = ""
+            for _ in range(100):
+                reason = get(supervised.url + "/ready")[1]["reason"]
+                if "stub died" in reason:
+                    break
+                time.sleep(0.1)
+            assert "stub died" in reason, reason
+            time.sleep(0.5)  # the watchdog is inside its first call to the stopped server
+            signalled = time.monotonic()
+            supervised.process.send_signal(signal.SIGTERM)
+            log = ""
+            while time.monotonic() - signalled < 30 and "drain failed" not in log:
+                time.sleep(0.1)
+                log = supervised.log.read_text(errors="replace")
+            took = time.monotonic() - signalled
+        finally:
+            os.kill(server, signal.SIGCONT)
+            supervised.process.send_signal(signal.SIGTERM)
+            try:
+                supervised.process.wait(150)
+            except subprocess.TimeoutExpired:
+                os.kill(server, signal.SIGKILL)
+                raise
+    assert "drain failed" in log and took < WATCHDOG_STOP_S + 1 + DEADLINE_FLOOR_S + 3, (took, log[-3000:])
+    assert "the stub watchdog is still inside a model-control call after" in log, log[-3000:]
+
+
 def test_without_restarts_it_exits_with_the_server_and_leaves_no_stub(repository, tmp_path):
     with Supervised(repository, tmp_path / "supervise.log", restarts=0) as supervised:
         os.kill(supervised.server_pid(), signal.SIGKILL)
