@@ -1,12 +1,16 @@
-"""labels.txt: one class name per line, line i = class i. The one reader for every stage."""
+"""labels.txt: one class name per line, line i = class i, UTF-8. The one reader for every stage."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def read_labels(path: str | Path) -> list[str]:
-    """Class names from `path`; trailing blank lines are ignored, any other blank line is an error."""
-    labels = Path(path).read_text().splitlines()
+    """Class names from `path` (UTF-8, a byte-order mark dropped); trailing blank lines are ignored, any other
+    blank line is an error."""
+    try:
+        labels = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     while labels and not labels[-1].strip():
         labels.pop()
     blank = [i for i, label in enumerate(labels) if not label.strip()]

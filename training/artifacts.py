@@ -51,7 +51,7 @@ def write_artifacts(
 ) -> ExportResult:
     """Write the side files, then move the checked model into place (last, so it implies the rest)."""
     model_path = out_dir / "model.onnx"
-    (out_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    (out_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     preprocess.save(out_dir / "preprocess.json")
     np.savez(out_dir / "reference.npz", **reference)
     model = onnx.load(str(tmp_model), load_external_data=False)
