@@ -326,9 +326,12 @@ def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | 
             server.load(repo.classifier)
             server.wait_serving(repo.classifier, version)
             problem = smoke_check(server, repo, candidate, repo.ensemble)
-        except Exception as exc:
-            log(f"version {version} did not come up ({exc}): rolling back")
-            _rollback(repo, server, log, reason=f"rollout failed: {exc}")
+        except BaseException as exc:  # Ctrl-C too: an unchecked version is never left serving unrecorded
+            why = str(exc) or type(exc).__name__
+            log(f"version {version} did not come up ({why}): rolling back")
+            _rollback(repo, server, log, reason=f"rollout failed: {why}")
+            if not isinstance(exc, Exception):
+                raise
             raise RolloutError(f"version {version} was rolled back: {exc}") from exc
         if problem:
             log(f"version {version} answers wrongly through {repo.ensemble} ({problem}): rolling back")
@@ -350,6 +353,7 @@ def retired_versions(repo: Repository) -> list[int]:
 
 def rollback(repo: Repository, server: Server, log=print, reason: str = "") -> int:
     with control_lock(repo.path):  # a watchdog reload of the version moved away here would never finish
+        server.ready_versions(repo.classifier)  # no server answering: refused before a file moves
         return _rollback(repo, server, log, reason)
 
 
@@ -365,11 +369,16 @@ def _rollback(repo: Repository, server: Server, log, reason: str) -> int:
     while target.exists():
         target, suffix = retired / f"{current}.{suffix}", suffix + 1
     shutil.move(str(repo.version_dir(current)), str(target))
+    repo.record(action="rollback", model=repo.classifier, version=previous, retired=current, reason=reason)
     log(f"moved version {current} to {target}; loading {repo.classifier} (version {previous} back)")
     started = time.monotonic()
-    server.load(repo.classifier)
-    server.wait_serving(repo.classifier, previous)
-    repo.record(action="rollback", model=repo.classifier, version=previous, retired=current, reason=reason)
+    try:
+        server.load(repo.classifier)
+        server.wait_serving(repo.classifier, previous)
+    except RolloutError as exc:
+        raise RolloutError(f"version {current} is retired and {previous} is the newest on disk, but the server did not "
+                           f"load it ({exc}); a server that starts now serves {previous}, `make rollout-status` shows "
+                           f"what is served: do not roll back again (that would retire {previous} too)") from exc
     log(f"{repo.classifier} version {previous} serving again ({time.monotonic() - started:.1f} s)")
     return previous
 

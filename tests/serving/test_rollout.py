@@ -230,6 +230,18 @@ def test_history_is_replaced_whole_and_never_reset(repository):
     assert path.read_text() == '{"history": [{"action": "rollout"'
 
 
+def test_a_rollback_with_no_server_answering_moves_nothing(repository):
+    """A rollback while the server restarts would retire the version in service and load nothing: the one
+    left on disk is not the one the operator asked for back once the rollback is run again."""
+    from serving.server import free_port
+
+    shutil.copytree(repository.version_dir(1), repository.path / repository.classifier / "2")
+    with pytest.raises(rollout.RolloutError, match=r"no server answers at .*start one \(make serve\)"):
+        rollout.rollback(repository, rollout.Server(f"127.0.0.1:{free_port()}"))
+    assert repository.versions() == [1, 2] and rollout.retired_versions(repository) == []
+    assert repository.state()["history"] == []
+
+
 @pytest.mark.parametrize("breakage, says", [
     (lambda a: (a / "labels.txt").unlink(), "No such file or directory: '.*labels.txt'"),
     (lambda a: (a / "labels.txt").write_text("a\n\nb\n"), "labels.txt: expected one non-empty label per line"),
