@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -71,11 +72,14 @@ def test_async_stays_within_a_small_queue(small_queue, protocol):
     assert over.returncode == 0 and len(lines(over.stdout)) == count, (over.stdout[-2000:], over.stderr)
 
 
-def exited(process: psutil.Process) -> bool:
+def listening(address: str) -> bool:
+    """Whether something accepts connections at host:port."""
+    host, _, port = address.rpartition(":")
     try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("mode", [[], ["--batch"], ["--async"]], ids=["sync", "batch", "async"])
@@ -89,22 +93,24 @@ def test_a_server_killed_mid_run_keeps_the_answers_already_printed(tiny_artifact
             run = subprocess.Popen([sys.executable, "-m", "clients.classify", *[coffee()] * count, "--url",
                                     server.grpc_url, "--protocol", "grpc", "--json", *mode], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
-            # Its stubs go first: a server killed -9 leaves them running, holding its listening sockets open (a
-            # client then meets a port that accepts and never answers, not one where nothing listens). Everything
-            # is stopped, the stubs killed and waited for, and only then the server, which closes the connections.
-            triton = psutil.Process(server.process.pid)
+            # The client may see the server gone only once nothing listens on its port (else its probe meets a port
+            # that accepts and never answers, not one where nothing listens): a server killed -9 leaves its stubs
+            # holding its listening sockets, and a killed process whose main thread is a zombie may still hold them
+            # while its other threads exit. So the client is stopped first, then the server and its stubs are
+            # killed, and the client goes on once the port refuses connections.
+            client, triton = psutil.Process(run.pid), psutil.Process(server.process.pid)
             stubs = triton.children(recursive=True)
             try:
                 printed = [json.loads(run.stdout.readline()) for _ in range(seen if mode == ["--batch"] else 5)]
-                for process in (triton, *stubs):
+                for process in (client, triton, *stubs):
                     process.suspend()
-                for stub in stubs:
-                    stub.kill()
-                for _ in range(600):  # their stopped parent cannot reap them: a zombie has closed its sockets
-                    if all(exited(stub) for stub in stubs):
+                for process in (*stubs, triton):
+                    process.kill()
+                for _ in range(1200):
+                    if not listening(server.grpc_url):
                         break
                     time.sleep(0.05)
-                triton.kill()
+                client.resume()
                 printed += lines(run.stdout.read())  # what the pipe's reader already holds too
                 run.wait(timeout=120)
             finally:
