@@ -5,13 +5,13 @@
         --output-dir artifacts/other                           # import any ONNX classifier
 
 The artifact directory holds:
-    model.onnx       input `images` float32 [batch, 3, H, W]; outputs `logits` [batch, C] (when the
-                     source model has logits) and `probabilities` [batch, C] (always; a Softmax in
-                     the graph); `batch` is a dynamic axis. One self-contained file.
+    model.onnx       input `images` float32 [batch, 3, H, W] (or NHWC); outputs `logits` [batch, C]
+                     (an import of a probabilities model: their log) and `probabilities` [batch, C]
+                     (a Softmax in the graph); `batch` is a dynamic axis. One self-contained file.
     labels.txt       line i = label of class i
     preprocess.json  common.preprocessing.PreprocessConfig for this model
     reference.npz    `images` (the preprocessed sample photos), `names`, `probabilities` and
-                     `logits` (when present) from the source model (PyTorch for an export)
+                     `logits` from the source model (PyTorch for an export)
     export.json      source, sha256 of model.onnx, opset, versions, IO, parity, date
 
 model.onnx is written last, after its checks pass: a failed check leaves no new model.onnx
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common.contract import EXPORT_JSON
 from common.labels import read_labels
-from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, PreprocessConfig
+from common.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, LAYOUTS, PreprocessConfig
 from training import models
 from training.artifacts import ExportResult, file_sha256
 from training.checkpoint import load_checkpoint, resolve_checkpoint_path
@@ -79,7 +79,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="--checkpoint: validation images of the run used for the parity check (default: %(default)s)")
     imported = parser.add_argument_group("--onnx import options")
     imported.add_argument("--labels", type=Path, help="labels file, line i = class i")
-    imported.add_argument("--outputs", default=LOGITS, choices=[LOGITS, PROBABILITIES], help="what the model outputs (default: %(default)s)")
+    imported.add_argument("--outputs", default=LOGITS, choices=[LOGITS, PROBABILITIES],
+                          help="what the model outputs: logits (a Softmax is added) or probabilities (a model that "
+                               "ends in Softmax; its logits become their log) (default: %(default)s)")
+    imported.add_argument("--layout", default="NCHW", choices=LAYOUTS,
+                          help="the model's input layout, channels RGB (default: %(default)s)")
     imported.add_argument("--input-size", type=number(int, 1), default=224,
                           help="centre-crop size fed to the model (default: %(default)s)")
     imported.add_argument("--resize-size", type=number(int, 1), default=256,
@@ -149,7 +153,7 @@ def _main_onnx(args: argparse.Namespace) -> ExportResult:
     check_output_dir(args.output_dir, "onnx", args.onnx, args.force)
     preprocess = PreprocessConfig(
         resize=args.resize_size, crop=args.input_size, mean=tuple(args.mean), std=tuple(args.std),
-        interpolation=args.interpolation,
+        interpolation=args.interpolation, layout=args.layout,
     )
     labels = read_labels(args.labels)
     result = import_onnx(args.onnx, args.output_dir, labels, preprocess, args.outputs, labels_name=str(args.labels))

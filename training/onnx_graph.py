@@ -1,9 +1,9 @@
 """The canonical ONNX classifier and the graph work that makes one: IO names, checks, ONNX Runtime.
 
-A canonical classifier has one input `images` float32 [batch, 3, H, W] and the outputs `logits`
-[batch, C] (when the source model has logits) and `probabilities` [batch, C]; `batch` is a dynamic
-axis. `canonicalize_classifier` renames a foreign model's IO to these names, adds the Softmax and
-names the batch axis; `check_onnx_file` verifies all of it with onnx.checker and ONNX Runtime;
+A canonical classifier has one input `images` float32 [batch, 3, H, W] (or NHWC) and the outputs
+`logits` [batch, C] and `probabilities` [batch, C]; `batch` is a dynamic axis.
+`canonicalize_classifier` renames a foreign model's IO to these names, adds the output it lacks
+(Softmax, or the log of probabilities) and declares the input's shape; `check_onnx_file` verifies all of it with onnx.checker and ONNX Runtime;
 `fold_constants` cleans up what the TorchScript exporter leaves behind.
 """
 from __future__ import annotations
@@ -151,19 +151,45 @@ def _tensor_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _set_batch_axis(value: onnx.ValueInfoProto) -> None:
-    dims = value.type.tensor_type.shape.dim
-    if not dims:
-        raise ValueError(f"{value.name!r} has no shape: cannot name its batch axis")
-    dims[0].Clear()
-    dims[0].dim_param = BATCH_AXIS
+def _set_dims(value: onnx.ValueInfoProto, dims: list) -> None:
+    """Declare `value`'s shape: ints are fixed sizes, strings named (dynamic) axes."""
+    shape = value.type.tensor_type.shape
+    shape.Clear()
+    for size in dims:
+        dim = shape.dim.add()
+        if isinstance(size, str):
+            dim.dim_param = size
+        else:
+            dim.dim_value = size
 
 
-def canonicalize_classifier(model: onnx.ModelProto, outputs: str, input_size: int) -> onnx.ModelProto:
+# Nodes that pass a tensor's values through unchanged: a Softmax behind them still makes probabilities.
+PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast"}
+CLASSES_AXIS = "classes"  # the class axis of an output whose width the source model does not declare
+TINY_PROBABILITY = 1e-30  # floor of probabilities before their log (logits of a probabilities-only model)
+
+
+def _producer_op(graph: onnx.GraphProto, name: str) -> str | None:
+    """The op type that computes `name`, looking through PASS_THROUGH nodes; None for an input or initializer."""
+    producers = {output: node for node in graph.node for output in node.output}
+    while name in producers:
+        node = producers[name]
+        if node.op_type not in PASS_THROUGH or not node.input:
+            return node.op_type
+        name = node.input[0]
+    return None
+
+
+def canonicalize_classifier(model: onnx.ModelProto, outputs: str, input_shape: tuple[int, int, int],
+                            layout: str = "NCHW") -> onnx.ModelProto:
     """Rename the single input to `images` and the single output to `logits` (adding a Softmax
-    `probabilities`) or, for `outputs="probabilities"`, to `probabilities` (no logits exist then).
-    The batch axis of the input and outputs becomes the dynamic `batch`; stale intermediate shapes
-    are dropped. Whether the graph really runs at other batch sizes is checked later (ONNX Runtime).
+    `probabilities`) or, for `outputs="probabilities"`, to `probabilities` (adding `logits` as their log,
+    so that every canonical model has both: softmax(log p) = p). The input's per-image axes become
+    `input_shape` (C, H, W or H, W, C per `layout`), the batch axis of the input and outputs the dynamic
+    `batch`; an output without a declared shape gets [batch, classes]; a one-column output (a sigmoid
+    binary classifier) becomes two classes (x -> [0, x] for logits, p -> [1 - p, p] for probabilities);
+    initializers listed as graph inputs (IR < 4) become plain initializers; stale intermediate shapes are
+    dropped. Whether the graph really runs at other batch sizes is checked later (ONNX Runtime).
     """
     if outputs not in (LOGITS, PROBABILITIES):
         raise ValueError(f"outputs {outputs!r} is not one of {(LOGITS, PROBABILITIES)}")
@@ -177,31 +203,69 @@ def canonicalize_classifier(model: onnx.ModelProto, outputs: str, input_size: in
             f"and outputs {[v.name for v in graph.output]}"
         )
     image, output = inputs[0], graph.output[0]
-    shape = _dims(image)
-    if image.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(shape) != 4:
-        raise ValueError(f"input {image.name!r} must be float32 [N, 3, H, W], got shape {shape}")
-    if isinstance(shape[1], int) and shape[1] != 3:
-        raise ValueError(f"input {image.name!r} must be NCHW with 3 channels, got shape {shape}")
-    for axis in (2, 3):
-        if isinstance(shape[axis], int) and shape[axis] != input_size:
-            raise ValueError(f"input {image.name!r} has shape {shape}; --input-size is {input_size}")
-    out_shape = _dims(output)
+    image_name, output_name, shape = image.name, output.name, _dims(image)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type).name
+    wanted = f"float32 [N, {', '.join(map(str, input_shape))}] ({layout}, normalised pixels)"
+    if dtype != "float32" or len(shape) != 4:
+        raise ValueError(f"input {image.name!r} is {dtype} {shape}; the model must take {wanted}")
+    if any(isinstance(got, int) and got != want for got, want in zip(shape[1:], input_shape)):
+        hint = "--input-size" if shape[1 if layout == "NCHW" else 3] == 3 else "--layout"
+        raise ValueError(f"input {image.name!r} has shape {shape}; with --input-size and --layout the model must "
+                         f"take {wanted}: check {hint}")
+    out_shape, out_type = _dims(output), output.type.tensor_type.elem_type
+    if out_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.FLOAT):
+        kind = onnx.helper.tensor_dtype_to_np_dtype(out_type).name
+        raise ValueError(f"output {output.name!r} is {kind}; the model must give float32 scores [N, num_classes]")
+    output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT  # declared, where the source left it out
     if out_shape and len(out_shape) != 2:
         raise ValueError(f"output {output.name!r} must be [N, num_classes], got shape {out_shape}")
-    new_output = outputs
-    taken = _tensor_names(graph) - {image.name, output.name}
+    if outputs == LOGITS and _producer_op(graph, output.name) == "Softmax":
+        raise ValueError(f"output {output.name!r} comes from a Softmax: the model gives probabilities; "
+                         "import it with --outputs probabilities")
+    taken = _tensor_names(graph) - {image_name, output_name}
     for new in (INPUT_NAME, LOGITS, PROBABILITIES):
         if new in taken:
             raise ValueError(f"the model already uses the tensor name {new!r} internally")
-    _rename_tensor(graph, image.name, INPUT_NAME)
-    _rename_tensor(graph, output.name, new_output)
+    for listed in [v for v in graph.input if v.name in initializers]:  # IR < 4 lists them: constants from IR 4 on
+        graph.input.remove(listed)
+    model.ir_version = max(model.ir_version, 4)
+    width = out_shape[-1] if out_shape and out_shape[-1] != "?" else CLASSES_AXIS
+    one_column = width == 1
+    source = f"{outputs}_source" if one_column else outputs
+    _rename_tensor(graph, image_name, INPUT_NAME)
+    _rename_tensor(graph, output_name, source)
     del graph.value_info[:]
-    _set_batch_axis(graph.input[[v.name for v in graph.input].index(INPUT_NAME)])
-    if out_shape:
-        _set_batch_axis(graph.output[0])
+    _set_dims(graph.input[0], [BATCH_AXIS, *input_shape])
+    _set_dims(graph.output[0], [BATCH_AXIS, 2 if one_column else width])
+    graph.output[0].name = outputs
+    if one_column:
+        _two_classes(graph, source, outputs)
     if outputs == LOGITS:
         graph.node.append(onnx.helper.make_node("Softmax", [LOGITS], [PROBABILITIES], axis=1, name="probabilities_softmax"))
-        probabilities = graph.output.add()
-        probabilities.CopyFrom(graph.output[0])
-        probabilities.name = PROBABILITIES
+        added = PROBABILITIES
+    else:
+        floor = onnx.numpy_helper.from_array(np.array(TINY_PROBABILITY, np.float32), "probabilities_floor")
+        graph.initializer.append(floor)
+        graph.node.extend([
+            onnx.helper.make_node("Max", [PROBABILITIES, floor.name], ["probabilities_floored"], name="logits_floor"),
+            onnx.helper.make_node("Log", ["probabilities_floored"], [LOGITS], name="logits_log"),
+        ])
+        added = LOGITS
+    second = graph.output.add()
+    second.CopyFrom(graph.output[0])
+    second.name = added
+    if outputs == PROBABILITIES:  # the project's order: logits first
+        graph.output[0].name, second.name = LOGITS, PROBABILITIES
     return model
+
+
+def _two_classes(graph: onnx.GraphProto, source: str, outputs: str) -> None:
+    """One column x (a sigmoid classifier's logit or probability of class 1) -> two classes [0, x] / [1 - p, p]."""
+    one = onnx.numpy_helper.from_array(np.array(1, np.float32), f"{outputs}_one")
+    graph.initializer.append(one)
+    if outputs == LOGITS:
+        other = onnx.helper.make_node("Sub", [source, source], [f"{outputs}_other"], name=f"{outputs}_zero")
+    else:
+        other = onnx.helper.make_node("Sub", [one.name, source], [f"{outputs}_other"], name=f"{outputs}_complement")
+    graph.node.extend([other, onnx.helper.make_node("Concat", [other.output[0], source], [outputs], axis=1,
+                                                    name=f"{outputs}_two_classes")])

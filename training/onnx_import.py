@@ -44,9 +44,10 @@ def import_onnx(
     naming the problem; a folder this call created is removed again.
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    if not labels:
-        raise ValueError("labels must not be empty")
-    model = canonicalize_classifier(onnx.load(str(onnx_path)), outputs, preprocess.crop)
+    if len(labels) < 2:
+        raise ValueError(f"{labels_name} names {len(labels)} class(es): a classifier needs 2 or more (a one-column "
+                         "sigmoid model: 2 lines, the negative class first)")
+    model = canonicalize_classifier(onnx.load(str(onnx_path)), outputs, preprocess.input_shape, preprocess.layout)
     with _new_folder(out_dir):
         tmp_model = temp_model(out_dir)
         try:
@@ -59,6 +60,10 @@ def import_onnx(
             return _write(tmp_model, onnx_path, out_dir, labels, preprocess, outputs)
         finally:
             tmp_model.unlink(missing_ok=True)
+
+
+def _look_like_probabilities(rows: np.ndarray) -> bool:
+    return bool(((rows >= 0) & (rows <= 1)).all() and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
 
 
 @contextlib.contextmanager
@@ -91,7 +96,9 @@ def check_classes_and_batch(model_path: Path, onnx_path: Path, input_shape: tupl
             raise ValueError(f"{onnx_path} answers {first.shape[0]} rows for a batch of {batch}: it was exported "
                              f"with a fixed batch size; {DYNAMIC_BATCH_HINT}")
         if first.shape[-1] != num_classes:
-            raise ValueError(f"the model has {first.shape[-1]} classes but {labels_name} has {num_classes} lines")
+            one = ("; a one-column (sigmoid) output is made two classes when the graph declares it [N, 1]"
+                   if first.shape[-1] == 1 else "")
+            raise ValueError(f"the model has {first.shape[-1]} classes but {labels_name} has {num_classes} lines{one}")
 
 
 def _batch_failure(onnx_path: Path, batch: int, input_shape: tuple[int, int, int], exc: Exception) -> str:
@@ -115,6 +122,9 @@ def _write(tmp_model: Path, onnx_path: Path, out_dir: Path, labels: list[str], p
     sums = results[PROBABILITIES].sum(axis=1)
     if not np.allclose(sums, 1.0, atol=1e-3):
         raise ValueError(f"probabilities do not sum to 1 (sums {sums.min():.4f}..{sums.max():.4f})")
+    if outputs == LOGITS and _look_like_probabilities(results[LOGITS]):
+        raise ValueError(f"{onnx_path}'s outputs on the sample photos are all in [0, 1] and sum to 1: the model gives "
+                         "probabilities; import it with --outputs probabilities")
     metadata = {
         "source": {"kind": "onnx", "path": str(onnx_path), "sha256": file_sha256(onnx_path), "outputs": outputs},
         "onnx": {"exporter": "import"},

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 
 from common.preprocessing import PreprocessConfig, load_files
 from common.samples import CAT_CLASSES, ESPRESSO, sample_photos
+from tests.training.tiny_torch import TinyNet, export_fixed_batch as _export_fixed_batch
 from training import export, models
 
 ARTIFACT_FILES = {"model.onnx", "labels.txt", "preprocess.json", "reference.npz", "export.json"}
@@ -166,31 +166,6 @@ def test_checkpoint_export_names_a_missing_checkpoint(tmp_path):
 # --- importing an ONNX classifier (fast: a tiny random conv net) ---------------------------------
 
 
-class TinyNet(torch.nn.Module):
-    def __init__(self, num_classes: int = 7, head: str = "logits"):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
-        self.fc = torch.nn.Linear(8, num_classes)
-        self.head = head
-
-    def forward(self, x):
-        x = torch.relu(self.conv(x)).mean((2, 3), keepdim=True)
-        x = x.reshape(1, -1) if self.head == "fixed-reshape" else torch.flatten(x, 1)
-        x = self.fc(x)
-        return torch.softmax(x, 1) if self.head == "probabilities" else x
-
-
-def _export_fixed_batch(net: torch.nn.Module, path: Path, size: int = 64) -> Path:
-    with warnings.catch_warnings():  # the legacy exporter warns that it is deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            net.eval(), (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
-            input_names=["input.1"], output_names=["output_0"],  # arbitrary names, fixed batch 1
-        )
-    return path
-
-
 TINY = PreprocessConfig(resize=72, crop=64)
 
 
@@ -215,15 +190,6 @@ def test_import_onnx_renames_and_adds_softmax(tmp_path):
     np.testing.assert_allclose(probabilities, torch.softmax(expected, 1).numpy(), atol=1e-6)
     assert (result.out_dir / "labels.txt").read_text().splitlines() == labels
     assert PreprocessConfig.load(result.out_dir / "preprocess.json") == TINY
-
-
-def test_import_onnx_probabilities_model_gets_no_second_softmax(tmp_path):
-    source = _export_fixed_batch(TinyNet(head="probabilities"), tmp_path / "tiny.onnx")
-    result = export.import_onnx(source, tmp_path / "out", [str(i) for i in range(7)], TINY, outputs="probabilities")
-    model = onnx.load(str(result.model_path))
-    assert [v.name for v in model.graph.output] == ["probabilities"]
-    assert sum(n.op_type == "Softmax" for n in model.graph.node) == 1
-    assert "logits" not in np.load(result.out_dir / "reference.npz")
 
 
 def test_import_onnx_refuses_fixed_batch_graph_and_wrong_labels(tmp_path):

@@ -1,0 +1,129 @@
+"""training.export --onnx on the classifiers other tools leave: a Softmax at the end, NHWC, named spatial axes,
+IR 3 weights listed as inputs, an undeclared output shape, a one-column sigmoid head. Each import is canonical
+(model_shape, which `make engines` reads first, accepts it) and answers as the source model does."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from build.repository.writer import model_shape
+from common.preprocessing import PreprocessConfig, load_files
+from common.samples import sample_photos
+from tests.training.tiny_torch import TinyNet, export_fixed_batch
+from training import export
+
+TINY = PreprocessConfig(resize=72, crop=64)
+SEVEN = [f"class {i}" for i in range(7)]
+
+
+def _photos(config: PreprocessConfig = TINY) -> np.ndarray:
+    return load_files(sample_photos(["chelsea", "coffee", "rocket"]).values(), config)
+
+
+def _run(result: export.ExportResult, images: np.ndarray) -> dict[str, np.ndarray]:
+    return export.run_onnxruntime(result.model_path, images)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _canonical(result: export.ExportResult, classes: int, per_image=(3, 64, 64)) -> onnx.ModelProto:
+    model = onnx.load(str(result.model_path))
+    assert [v.name for v in model.graph.input] == ["images"] and _dims(model.graph.input[0]) == ["batch", *per_image]
+    assert [v.name for v in model.graph.output] == ["logits", "probabilities"]
+    assert model_shape(result.out_dir).num_classes == classes  # what make engines checks first
+    return model
+
+
+def test_a_model_ending_in_softmax_imports_with_its_log_as_logits(tmp_path):
+    net = TinyNet(head="probabilities")
+    result = export.import_onnx(export_fixed_batch(net, tmp_path / "p.onnx"), tmp_path / "out", SEVEN, TINY,
+                                outputs="probabilities")
+    model = _canonical(result, 7)
+    assert sum(n.op_type == "Softmax" for n in model.graph.node) == 1  # the model's own, no second one
+    images = _photos()
+    answers = _run(result, images)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(answers["probabilities"], expected, atol=1e-6)
+    np.testing.assert_allclose(answers["logits"], np.log(expected), atol=1e-4)
+    assert set(np.load(result.out_dir / "reference.npz")) >= {"logits", "probabilities"}
+
+
+@pytest.mark.parametrize("head", ["probabilities", "manual-softmax"])
+def test_a_model_giving_probabilities_is_refused_as_logits(tmp_path, head):
+    """Imported as logits, a model that already ends in a softmax would be softmaxed twice: every answer
+    near 1/C with the same top-1. A Softmax node is seen in the graph; a hand-made one in its outputs."""
+    source = export_fixed_batch(TinyNet(head=head), tmp_path / "p.onnx")
+    with pytest.raises(ValueError, match="gives probabilities; import it with --outputs probabilities"):
+        export.import_onnx(source, tmp_path / "out", SEVEN, TINY, outputs="logits")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nhwc_and_named_spatial_axes_become_the_declared_shape(tmp_path):
+    nhwc = PreprocessConfig(resize=72, crop=64, layout="NHWC")
+    net = TinyNet(nhwc=True)
+    source = export_fixed_batch(net, tmp_path / "nhwc.onnx", dynamic_size=True)
+    result = export.import_onnx(source, tmp_path / "out", SEVEN, nhwc)
+    _canonical(result, 7, per_image=(64, 64, 3))
+    images = _photos(nhwc)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(result, images)["logits"], net(torch.from_numpy(images)).numpy(), atol=1e-5)
+
+    plain = export_fixed_batch(TinyNet(), tmp_path / "nchw.onnx", dynamic_size=True)
+    _canonical(export.import_onnx(plain, tmp_path / "nchw", SEVEN, TINY), 7)  # NCHW with named H, W
+    with pytest.raises(ValueError, match="check --layout"):
+        export.import_onnx(source, tmp_path / "wrong", SEVEN, TINY)  # an NHWC model imported as NCHW
+    assert not (tmp_path / "wrong").exists()
+
+
+def _gemm_model(path, ir_version: int, opset: int, output_shape: list | None, dtype=TensorProto.FLOAT, width=4):
+    """images -> GlobalAveragePool -> Flatten -> Gemm: `width` outputs, written the way old exporters did."""
+    rng = np.random.default_rng(1)
+    weights = [numpy_helper.from_array(rng.normal(size=(3, width)).astype(np.float32), "W"),
+               numpy_helper.from_array(rng.normal(size=width).astype(np.float32), "B")]
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "W", "B"], ["scores"])]
+    inputs = [helper.make_tensor_value_info("x", dtype, [1, 3, 64, 64])]
+    if ir_version < 4:  # IR 3: every initializer is listed as a graph input too
+        inputs += [helper.make_tensor_value_info(w.name, TensorProto.FLOAT, list(w.dims)) for w in weights]
+    output = (helper.make_tensor_value_info("scores", TensorProto.FLOAT, output_shape) if output_shape is not None
+              else helper.make_empty_tensor_value_info("scores"))
+    graph = helper.make_graph(nodes, "old", inputs, [output], initializer=weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version), path)
+    return path
+
+
+def test_ir3_weights_as_inputs_and_an_undeclared_output_shape_import(tmp_path):
+    four = [f"c{i}" for i in range(4)]
+    old = export.import_onnx(_gemm_model(tmp_path / "ir3.onnx", 3, 9, [1, 4]), tmp_path / "ir3", four, TINY)
+    model = _canonical(old, 4)
+    assert model.ir_version >= 4 and {i.name for i in model.graph.initializer} >= {"W", "B"}
+    bare = export.import_onnx(_gemm_model(tmp_path / "bare.onnx", 8, 13, None), tmp_path / "bare", four, TINY)
+    assert _dims(_canonical(bare, 4).graph.output[0]) == ["batch", "classes"]
+    np.testing.assert_allclose(_run(old, _photos())["logits"], _run(bare, _photos())["logits"], atol=1e-6)
+
+
+def test_the_input_type_is_named_when_it_is_not_float(tmp_path):
+    source = _gemm_model(tmp_path / "u8.onnx", 8, 13, [1, 4], dtype=TensorProto.UINT8)
+    with pytest.raises(ValueError, match=r"input 'x' is uint8 \[1, 3, 64, 64\]; the model must take float32"):
+        export.import_onnx(source, tmp_path / "out", ["a", "b", "c", "d"], TINY)
+
+
+@pytest.mark.parametrize("head,outputs", [("logits", "logits"), ("sigmoid", "probabilities")])
+def test_a_one_column_sigmoid_classifier_becomes_two_classes(tmp_path, head, outputs):
+    net = TinyNet(num_classes=1, head=head)
+    result = export.import_onnx(export_fixed_batch(net, tmp_path / "one.onnx"), tmp_path / "out", ["no", "yes"], TINY,
+                                outputs=outputs)
+    _canonical(result, 2)
+    images = _photos()
+    with torch.no_grad():
+        column = net(torch.from_numpy(images)).numpy()[:, 0]
+    yes = column if head == "sigmoid" else 1 / (1 + np.exp(-column))
+    np.testing.assert_allclose(_run(result, images)["probabilities"], np.stack([1 - yes, yes], 1), atol=1e-6)
+    with pytest.raises(ValueError, match="names 1 class"):
+        export.import_onnx(tmp_path / "one.onnx", tmp_path / "single", ["yes"], TINY, outputs=outputs)
