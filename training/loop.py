@@ -110,7 +110,7 @@ def carry_records(resumed: Path, epoch: int, best: dict | None, out: Path, log: 
 
 def write_run_files(out: Path, args: argparse.Namespace, run_data: RunData) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "labels.txt").write_text("".join(f"{c}\n" for c in run_data.classes))
+    (out / "labels.txt").write_text("".join(f"{c}\n" for c in run_data.classes), encoding="utf-8")
     run_data.preprocess.save(out / "preprocess.json")
     (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
 
