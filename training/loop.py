@@ -26,7 +26,8 @@ from tqdm import tqdm
 from training import data, distributed, engine, networks
 from training.checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from training.logs import RunLog
-from training.state import Log, RunData, TrainState, build_state, epoch_checkpoint, load_data, resume
+from training.state import (Log, RunData, TrainState, build_state, check_resumable, epoch_checkpoint, load_data,
+                            resume)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -74,15 +75,16 @@ def check_run(args: argparse.Namespace, ctx: distributed.Context, out: Path) -> 
     if not args.resume:
         raise ValueError(f"{out} already holds a run ({', '.join(held)}): --resume {out} to continue it, or "
                          f"choose another --output-dir")
-    resumed = resolve_checkpoint_path(args.resume, prefer=LAST)
-    if resumed.parent.resolve() != out.resolve() and not _holds_run_of(out, resumed):
+    resumed = load_checkpoint(args.resume, prefer=LAST)
+    check_resumable(resumed)  # the plainer refusal first
+    if Path(resumed["path"]).parent.resolve() != out.resolve() and not _holds_run_of(out, resumed.get("run_id")):
         raise ValueError(f"{out} holds another run's files ({', '.join(held)}), not those of the run in "
-                         f"{resumed.parent}: choose another --output-dir, or --resume {out} to continue the run there")
+                         f"{Path(resumed['path']).parent}: choose another --output-dir, or --resume {out} to continue "
+                         "the run there")
 
 
-def _holds_run_of(out: Path, resumed: Path) -> bool:
-    """Whether every checkpoint in `out` is of the run of checkpoint `resumed` (the same run id)."""
-    run_id = load_checkpoint(resumed).get("run_id")
+def _holds_run_of(out: Path, run_id: str | None) -> bool:
+    """Whether every checkpoint in `out` is of the run `run_id` (a checkpoint's)."""
     theirs = {load_checkpoint(out / name).get("run_id") for name in (LAST, BEST) if (out / name).is_file()}
     return run_id is not None and theirs == {run_id}
 

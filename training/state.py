@@ -141,10 +141,8 @@ DATA_FOLDER_ARGS = ("data_dir", "val_dir")
 PREPROCESS_ARGS = ("crop_size", "resize_size", "mean", "std", "interpolation")  # compared as the preprocess they make
 
 
-def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState, run_data: RunData,
-           log: Log) -> tuple[int, dict | None]:
-    """Load --resume's checkpoint into `state`; -> (first epoch to train, best metrics so far)."""
-    checkpoint = load_checkpoint(args.resume, prefer=LAST)
+def check_resumable(checkpoint: dict) -> None:
+    """ValueError unless `checkpoint` (load_checkpoint's) holds what a resume needs: an optimizer and LR schedule."""
     made_by = "training.qat" if checkpoint.get("qat") else "training.prune" if checkpoint.get("pruning") else None
     if made_by:
         raise ValueError(f"{checkpoint['path']} is a {made_by} run: it holds no optimizer or LR-schedule state, so "
@@ -152,6 +150,13 @@ def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState
     if not (checkpoint.get("optimizer") and checkpoint.get("lr_scheduler")):
         raise ValueError(f"{checkpoint['path']} holds no optimizer or LR-schedule state, so it cannot be resumed; "
                          f"start a new run from it with --weights")
+
+
+def resume(args: argparse.Namespace, ctx: distributed.Context, state: TrainState, run_data: RunData,
+           log: Log) -> tuple[int, dict | None]:
+    """Load --resume's checkpoint into `state`; -> (first epoch to train, best metrics so far)."""
+    checkpoint = load_checkpoint(args.resume, prefer=LAST)
+    check_resumable(checkpoint)
     classes = run_data.classes
     if checkpoint["classes"] != classes or checkpoint["architecture"]["name"] != args.model:
         raise ValueError(f"{checkpoint['path']} is a {checkpoint['architecture']['name']} run on classes "
