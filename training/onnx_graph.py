@@ -3,7 +3,8 @@
 A canonical classifier has one input `images` float32 [batch, 3, H, W] (or NHWC) and the outputs
 `logits` [batch, C] and `probabilities` [batch, C]; `batch` is a dynamic axis.
 `canonicalize_classifier` renames a foreign model's IO to these names, adds the output it lacks
-(Softmax, or the log of probabilities) and declares the input's shape; `check_onnx_file` verifies all of it with onnx.checker and ONNX Runtime;
+(Softmax, or the log of probabilities) and declares the input's shape; `check_onnx_file` verifies all
+of it with onnx.checker and ONNX Runtime;
 `fold_constants` cleans up what the TorchScript exporter leaves behind.
 """
 from __future__ import annotations
@@ -222,15 +223,20 @@ def canonicalize_classifier(model: onnx.ModelProto, outputs: str, input_shape: t
     if outputs == LOGITS and _producer_op(graph, output.name) == "Softmax":
         raise ValueError(f"output {output.name!r} comes from a Softmax: the model gives probabilities; "
                          "import it with --outputs probabilities")
+    width = out_shape[-1] if out_shape and out_shape[-1] != "?" else CLASSES_AXIS
+    one_column = width == 1
+    added_names = [INPUT_NAME, LOGITS, PROBABILITIES]
+    if outputs == PROBABILITIES:
+        added_names += ["probabilities_floor", "probabilities_floored"]
+    if one_column:
+        added_names += [f"{outputs}_source", f"{outputs}_one", f"{outputs}_other"]
     taken = _tensor_names(graph) - {image_name, output_name}
-    for new in (INPUT_NAME, LOGITS, PROBABILITIES):
+    for new in added_names:
         if new in taken:
             raise ValueError(f"the model already uses the tensor name {new!r} internally")
     for listed in [v for v in graph.input if v.name in initializers]:  # IR < 4 lists them: constants from IR 4 on
         graph.input.remove(listed)
     model.ir_version = max(model.ir_version, 4)
-    width = out_shape[-1] if out_shape and out_shape[-1] != "?" else CLASSES_AXIS
-    one_column = width == 1
     source = f"{outputs}_source" if one_column else outputs
     _rename_tensor(graph, image_name, INPUT_NAME)
     _rename_tensor(graph, output_name, source)

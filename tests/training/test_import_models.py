@@ -127,3 +127,20 @@ def test_a_one_column_sigmoid_classifier_becomes_two_classes(tmp_path, head, out
     np.testing.assert_allclose(_run(result, images)["probabilities"], np.stack([1 - yes, yes], 1), atol=1e-6)
     with pytest.raises(ValueError, match="names 1 class"):
         export.import_onnx(tmp_path / "one.onnx", tmp_path / "single", ["yes"], TINY, outputs=outputs)
+
+
+@pytest.mark.parametrize("inner,width,outputs", [("logits", 4, "logits"),
+                                                 ("probabilities_floored", 4, "probabilities"),
+                                                 ("logits_other", 1, "logits")])
+def test_a_tensor_name_the_import_would_add_is_refused(tmp_path, inner, width, outputs):
+    """The import adds tensors (the missing output, the log's floor, the second class's column): a model that
+    already uses one of those names inside is refused in one line, not rewired into a wrong graph."""
+    source = _gemm_model(tmp_path / "m.onnx", 8, 13, [1, width], width=width)
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        node.input[:] = [inner if name == "flat" else name for name in node.input]
+        node.output[:] = [inner if name == "flat" else name for name in node.output]
+    onnx.save(model, str(source))
+    labels = [f"c{i}" for i in range(max(width, 2))]
+    with pytest.raises(ValueError, match=f"already uses the tensor name '{inner}' internally"):
+        export.import_onnx(source, tmp_path / "out", labels, TINY, outputs=outputs)
