@@ -15,6 +15,10 @@ meanwhile; `/live` and `/status` as the watchdog's. The probes of deploy/k8s poi
   again (at most N times, 1 s, 2 s, 4 s ... apart; `/ready` 503 meanwhile), else the supervisor exits with
   the server's code (1 if it was 0), and the container runtime or Kubernetes restarts the container.
   A first start that exits before the server answers (a repository or a flag that fails) is not retried.
+- A running tritonserver that stays not live (`/live` 503: it stopped answering, a reload hung or kept
+  failing) for `--unlive-restart` seconds is stopped (SIGTERM, SIGKILL 10 s later) and then counts as
+  exited by itself: started again with a restart left, else the supervisor exits, for the container
+  runtime to restart it (the kubelet's liveness probe, on the same 30 s, would restart the container too).
 - As PID 1 it reaps the processes orphaned to it.
 
 Model control is never left open: a tritonserver command without the restricted-API flags (either protocol)
@@ -53,6 +57,9 @@ log = logging.getLogger("supervise")
 RESTRICTED_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")  # restricted_args' order
 DRAIN_TIMEOUT_S = 15.0  # --drain-timeout's default
 WATCHDOG_STOP_S = 5.0  # on SIGTERM, the longest wait for the watchdog's thread (it may be inside a reload)
+UNLIVE_RESTART_S = 30.0  # --unlive-restart's default: the Deployment's liveness probe (3 failures 10 s apart)
+UNLIVE_CHECK_S = 1.0  # seconds between the liveness checks of the running server
+UNLIVE_KILL_S = 10.0  # a server ended for not being live gets SIGKILL this long after its SIGTERM
 
 
 def flag_values(command: list[str]) -> dict[str, list[str]]:
@@ -111,10 +118,10 @@ class Supervisor:
 
     def __init__(self, command: list[str], admin: TritonAdmin, restarts: int = 0,
                  drain_timeout_s: float = DRAIN_TIMEOUT_S, start_timeout_s: float = 600.0, unready_wait_s: float = 0.0,
-                 **watchdog_args):
+                 unlive_restart_s: float = UNLIVE_RESTART_S, **watchdog_args):
         self.command, self.admin, self.restarts = command, admin, restarts
         self.drain_timeout_s, self.start_timeout_s = drain_timeout_s, start_timeout_s
-        self.unready_wait_s = unready_wait_s
+        self.unready_wait_s, self.unlive_restart_s = unready_wait_s, unlive_restart_s
         self.watchdog_args = watchdog_args
         self.process: subprocess.Popen | None = None
         self.watchdog: Watchdog | None = None
@@ -122,6 +129,7 @@ class Supervisor:
         self.starts = 0
         self.stopping = threading.Event()
         self._exit_error = ""
+        self._not_live = ""  # why the running server is being restarted, when it did not exit by itself
 
     @property
     def last_error(self) -> str:
@@ -178,12 +186,40 @@ class Supervisor:
         return None
 
     def _wait_exit(self) -> int:
+        """tritonserver's exit code once it ends or is stopped; a server that has not been live for
+        `unlive_restart_s` is ended (what the kubelet's liveness probe does, where no kubelet watches)."""
+        unlive_since, checked = None, 0.0
         while True:
             code = self._reap()
             if code is not None:
                 return code
             if self.stopping.wait(0.2):
                 return self._stop_server()
+            if not self.unlive_restart_s or time.monotonic() - checked < UNLIVE_CHECK_S:
+                continue
+            why, checked = self.watchdog.not_live(), time.monotonic()
+            if not why:
+                unlive_since = None
+            elif unlive_since is None:
+                unlive_since = checked
+                log.warning("tritonserver is not live (%s); ending it if it stays so for %g s", why,
+                            self.unlive_restart_s)
+            elif checked - unlive_since >= self.unlive_restart_s and not self.stopping.is_set():
+                self._not_live = f"tritonserver was not live for {checked - unlive_since:.0f} s ({why})"
+                return self._end_not_live()
+
+    def _end_not_live(self) -> int:
+        """SIGTERM to a server that is no longer live, SIGKILL if it has not ended UNLIVE_KILL_S later (a hung
+        server may never act on SIGTERM); its exit code."""
+        log.error("%s; stopping it", self._not_live)
+        self.watchdog.stop(WATCHDOG_STOP_S)
+        self.process.send_signal(signal.SIGTERM)
+        code = self._reaped_within(UNLIVE_KILL_S)
+        if code is None:
+            log.warning("tritonserver did not end %g s after SIGTERM; killing it", UNLIVE_KILL_S)
+            self.process.kill()
+            code = self._reaped_within(float("inf"))
+        return code
 
     def _reaped_within(self, timeout_s: float) -> int | None:
         """tritonserver's exit code once it has ended, reaping meanwhile; None if it runs `timeout_s` later."""
@@ -248,7 +284,8 @@ class Supervisor:
                 self.watchdog.stop()
             self.watchdog = None
             self.exits.append(code)
-            self._exit_error = f"tritonserver exited by itself with code {code}"
+            self._exit_error = self._not_live or f"tritonserver exited by itself with code {code}"
+            self._not_live = ""
             self._kill_leftover_stubs(known)
             if self.restarts <= 0:
                 log.error("%s; no restart left", self._exit_error)
@@ -279,6 +316,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=number(int, 0), default=0,
                    help="times to start tritonserver again after it exits by itself; 0: exit with it, for a "
                         "container runtime or Kubernetes to restart (default: %(default)s)")
+    p.add_argument("--unlive-restart", type=number(float, 0), default=UNLIVE_RESTART_S,
+                   help="seconds a running tritonserver may stay not live (/live's 503: it does not answer, a reload "
+                        "hung or kept failing) before it is stopped, then started again (--restarts) or the "
+                        "supervisor exits; 0: never, /live is left to Kubernetes (default: %(default)s)")
     p.add_argument("--key-file", default=None, help=f"admin key file, when ${KEY_ENV} is not set")
     p.add_argument("--new-key-file", default=None,
                    help=f"where a generated admin key is written (0600) when the server's command lacks the "
@@ -322,7 +363,8 @@ def main(args: argparse.Namespace) -> int:
 def supervise(command: list[str], headers: Callable[[], dict[str, str]], args: argparse.Namespace) -> int:
     """Run `command` under a Supervisor whose model-control calls carry `headers()`, with its endpoint."""
     supervisor = Supervisor(command, TritonAdmin(http_url(command), headers), args.restarts, args.drain_timeout,
-                            unready_wait_s=args.unready_wait, interval_s=args.interval)
+                            unready_wait_s=args.unready_wait, unlive_restart_s=args.unlive_restart,
+                            interval_s=args.interval)
     # Set from another thread: the main thread may be inside the Event's own lock when the signal lands.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: threading.Thread(target=supervisor.stopping.set).start())

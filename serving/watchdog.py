@@ -112,9 +112,20 @@ class Watchdog:
     def live(self) -> bool:
         """False once restarting the server is the way out: it exited or does not answer, a reload has hung
         for `reload_timeout_s`, or `max_failed_reloads` reloads failed in a row."""
+        return not self.not_live()
+
+    def not_live(self) -> str:
+        """Why the server should be restarted (see `live`); empty while it need not be."""
         hung = self._reloading_since is not None and time.monotonic() - self._reloading_since > self.reload_timeout_s
-        return (self.failed_reloads < self.max_failed_reloads and not hung and psutil.pid_exists(self.server_pid)
-                and self.admin.live())
+        if self.failed_reloads >= self.max_failed_reloads:
+            return f"{self.failed_reloads} reloads failed in a row: {self.last_error}"
+        if hung:
+            return f"a reload has hung for more than {self.reload_timeout_s:g} s"
+        if not psutil.pid_exists(self.server_pid):
+            return "tritonserver has exited"
+        if not self.admin.live():
+            return "tritonserver does not answer /v2/health/live"
+        return ""
 
     def readiness(self) -> tuple[bool, str]:
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():

@@ -208,6 +208,53 @@ def test_sigterm_to_a_hung_server_is_passed_on_within_the_bounds(repository, tmp
     assert f"the stub watchdog is still inside a model-control call after {WATCHDOG_STOP_S:g} s" in log, log[-3000:]
 
 
+def test_a_server_that_stops_answering_is_restarted_then_exited_with(repository, tmp_path, photos):
+    """tritonserver frozen (SIGSTOP: to its clients a deadlock looks the same): the supervisor ends it once it has
+    not been live for --unlive-restart seconds (SIGTERM cannot reach it: SIGKILL) and starts it again, which
+    serves; the frozen server's stubs are gone. Frozen again with no restart left, the supervisor exits with it,
+    for the container runtime to restart."""
+    from clients.client import ImageClassifierClient
+
+    with Supervised(repository, tmp_path / "supervise.log", restarts=1, options=("--unlive-restart", "3")) as supervised:
+        first = supervised.server_pid()
+        old_stubs = {p.pid for p in supervised.stubs()}
+        os.kill(first, signal.SIGSTOP)
+        try:
+            status = {}
+            for _ in range(900):
+                try:
+                    status = get(supervised.url + "/status")[1]
+                except OSError:
+                    continue
+                if status.get("starts") == 2 and status["ready"]:
+                    break
+                time.sleep(0.1)
+        finally:
+            if psutil.pid_exists(first):
+                os.kill(first, signal.SIGKILL)
+        log = supervised.log.read_text(errors="replace")
+        assert status.get("starts") == 2 and status["ready"], (status, log[-3000:])
+        assert status["server_exits"] == [-signal.SIGKILL] and status["server_pid"] != first, status
+        assert "tritonserver was not live for" in log and "does not answer /v2/health/live" in log, log[-3000:]
+        assert not old_stubs & {p.pid for p in supervised.stubs()}
+        with ImageClassifierClient(f"127.0.0.1:{supervised.ports.http}", protocol="http") as client:
+            assert len(client.classify([photos["coffee"]] * 2, top_k=1)) == 2
+
+        second = status["server_pid"]
+        os.kill(second, signal.SIGSTOP)
+        try:
+            code = supervised.process.wait(120)
+        finally:
+            if psutil.pid_exists(second):
+                os.kill(second, signal.SIGKILL)
+        log = supervised.log.read_text(errors="replace")
+        assert code == 128 + signal.SIGKILL and "no restart left" in log, log[-3000:]
+        deadline = time.monotonic() + 10
+        while supervised.stubs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert supervised.stubs() == []
+
+
 def test_without_restarts_it_exits_with_the_server_and_leaves_no_stub(repository, tmp_path):
     with Supervised(repository, tmp_path / "supervise.log", restarts=0) as supervised:
         os.kill(supervised.server_pid(), signal.SIGKILL)
