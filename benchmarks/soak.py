@@ -414,7 +414,10 @@ def main(args: argparse.Namespace) -> dict:
             if killer:
                 killer.stop()
                 status = watchdog.status()
-                stubs = [s for s in watchdog.tracker.scan() if not s.dead]
+                try:
+                    stubs = [s for s in watchdog.tracker.scan() if not s.dead]
+                except psutil.Error:  # the server has exited: Triton 2.51 aborts on some stub kills
+                    stubs = None
     rows = read_log(log)
     if not rows:
         raise SoakError(f"no requests were made; see {log.with_suffix('.locust.log')}")
@@ -422,7 +425,8 @@ def main(args: argparse.Namespace) -> dict:
     summary = summarize(rows, per_bucket, args.warmup)
     if killer:
         summary["stub_kills"] = fault_figures(rows, killer.faults, time.time())
-        summary["stubs_alive_at_end"] = len(stubs)
+        summary["server_exited"] = stubs is None
+        summary["stubs_alive_at_end"] = len(stubs or [])
         summary["stubs_retired"] = len(status["retired_stubs"])
         windows = [(f.killed_at, f.ready_at or float("inf")) for f in killer.faults]
         summary["server_errors_outside_kills"] = sum(  # not in flight between a kill and readiness back

@@ -84,10 +84,11 @@ def test_a_soak_that_kills_each_stub_reports_each_recovery(tiny_artifacts, tmp_p
                                               "--users", "4", "--kill-stubs", "--out", str(out)])
     summary = soak.main(args)
     kills = summary["stub_kills"]
-    if any(k["seconds_until_ready"] is None for k in kills):
+    if summary["server_exited"] or any(k["seconds_until_ready"] is None for k in kills):
         from tests.serving.test_self_healing import xfail_if_triton_aborted
 
         xfail_if_triton_aborted(out / "tritonserver.log")
+    assert not summary["server_exited"], (out / "tritonserver.log").read_text(errors="replace")[-3000:]
     assert sorted((k["model"], k["instance"]) for k in kills) == [("classifier", 0), ("preprocess", 0),
                                                                   ("preprocess", 1)]
     for kill in kills:
