@@ -16,7 +16,7 @@ from build.precision import validate
 from build.repository import capabilities
 from build.precision.calibrate import CACHE_METHODS
 from build.precision.quantize import CPU_LAYOUTS
-from build.repository.writer import write_repository
+from build.repository.writer import check_replaceable, write_repository
 from build.repository.spec import BACKENDS, DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from build.precision.variants import GateFailed, VariantOptions, prepare
 from serving.health import number
@@ -50,6 +50,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="deploy FP32 when the requested precision fails the accuracy gate (default: fail)")
+    p.add_argument("--discard-rollouts", action="store_true",
+                   help="rebuild --out even though versions, A/B candidates or other files were added to it since "
+                        "it was written (serving.rollout's), deleting them (default: refuse)")
     p.add_argument("--target-tensorrt", default=None,
                    help="TensorRT version of the server that will load the plan, e.g. 10.13.2.6 (default: the spec's "
                         "target_server, else this machine's; docs/gpu.md)")
@@ -70,6 +73,7 @@ def main(args: argparse.Namespace) -> dict:
     if overrides:
         source += " with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
 
+    check_replaceable(Path(args.out), getattr(args, "discard_rollouts", False))  # before minutes of calibration and gating
     caps = capabilities.detect()
     backend, why = capabilities.resolve_backend(spec.backend, caps, spec.pipeline)
     print(f"capabilities: {caps.line()}")
@@ -85,7 +89,7 @@ def main(args: argparse.Namespace) -> dict:
     manifest = write_repository(spec, backend, Path(args.out), spec_source=source, model_file=deployable.model_file,
                                 extra={"variant": deployable.variant, "precision": deployable.precision,
                                        "validation": [vars(r) for r in deployable.reports]},
-                                held_out=args.held_out)
+                                held_out=args.held_out, discard_additions=getattr(args, "discard_rollouts", False))
     print(f"classifier: {deployable.variant} ({deployable.model_file})")
     print(f"wrote {args.out}/: {', '.join(manifest['models'])} "
           f"(input {manifest['input_dims']}, {manifest['num_classes']} classes, max batch {spec.max_batch_size})")

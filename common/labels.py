@@ -18,3 +18,8 @@ def read_labels(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: expected one non-empty label per line"
                          + (f" (line {blank[0] + 1} is blank)" if blank else " (the file is empty)"))
     return labels
+
+
+def write_labels(path: str | Path, labels: list[str]) -> None:
+    """`labels` one per line, UTF-8, '\\n' line ends (Triton's label files are split on '\\n' alone)."""
+    Path(path).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8", newline="")

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import torch
 
 from common.hashing import file_sha256
+from common.labels import write_labels
 from common.preprocessing import PreprocessConfig
 from training.onnx_graph import default_opset, io_summary
 from training.parity import Parity
@@ -51,7 +52,7 @@ def write_artifacts(
 ) -> ExportResult:
     """Write the side files, then move the checked model into place (last, so it implies the rest)."""
     model_path = out_dir / "model.onnx"
-    (out_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    write_labels(out_dir / "labels.txt", labels)
     preprocess.save(out_dir / "preprocess.json")
     np.savez(out_dir / "reference.npz", **reference)
     model = onnx.load(str(tmp_model), load_external_data=False)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.labels import write_labels
 from training import data, distributed, engine, networks
 from training.checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from training.logs import RunLog
@@ -112,7 +113,7 @@ def carry_records(resumed: Path, epoch: int, best: dict | None, out: Path, log: 
 
 def write_run_files(out: Path, args: argparse.Namespace, run_data: RunData) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "labels.txt").write_text("".join(f"{c}\n" for c in run_data.classes), encoding="utf-8")
+    write_labels(out / "labels.txt", run_data.classes)
     run_data.preprocess.save(out / "preprocess.json")
     (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
 

@@ -152,6 +152,10 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
         return Deployable(artifacts / MODEL_ONNX, "fp32", "fp32")
     cpu_variant = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-cpu"}[precision]
     wanted = f"{precision}-plan" if backend == "tensorrt" else cpu_variant
+    if backend == "tensorrt" and options.allow_fallback and precision != "fp32":
+        raise GateFailed(f"--allow-fallback deploys the FP32 ONNX model, which a tensorrt classifier cannot serve: "
+                         f"build without it, and if {wanted} fails the gate, build PRECISION=fp32 (an FP32 plan) "
+                         "or use --backend onnxruntime")
     if backend == "tensorrt":  # a tensorrt classifier serves nothing but a plan: fail before building anything
         why_not = tensorrt_unavailable()
         if why_not:

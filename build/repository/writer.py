@@ -6,7 +6,8 @@
 
 Everything a server needs is copied in (the preprocessing module too), so the folder can be moved
 to another Triton server as it is. The folder is rebuilt whole each time (written beside, then
-swapped in); a folder that this module did not write is never deleted.
+swapped in); a folder that this module did not write is never deleted, nor one to which something was
+added since (serving.rollout's versions, candidates and ROLLOUT.json) unless `discard_additions` says so.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 import common.contract as contract_module
 import common.cpu as cpu_module
 import common.labels as labels_file
+from serving.triton_admin import LOCK_FILE
 import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
 import common.priority as priority_module
@@ -35,6 +37,36 @@ TEMPLATES = Path(__file__).parent / "templates"
 MARKER = "BUILD.json"
 STAGING = ".staging"  # first file of a repository being written (left behind if the write is interrupted)
 README, README_TEMPLATE = "README.md", "repository_README.md"  # the one committed file of model_repository/
+
+
+def added_since(out: Path) -> list[str]:
+    """What a repository this writer wrote holds beside what it wrote: the versions, retired versions and
+    A/B candidates serving.rollout adds, its ROLLOUT.json, anyone's files (the model-control lock aside)."""
+    models = set(read_manifest(out).get("models", []))
+    found = []
+    for entry in sorted(out.iterdir(), key=lambda e: e.name):
+        if entry.name in models and entry.is_dir():
+            found += [f"{entry.name}/{v.name}" for v in sorted(entry.iterdir())
+                      if v.is_dir() and v.name not in ("1", "__pycache__")]
+        elif entry.name not in (README, MARKER, LOCK_FILE):
+            found.append(entry.name)
+    return found
+
+
+def check_replaceable(out: Path, discard_additions: bool = False) -> None:
+    """Raise FileExistsError unless `out` is absent, or a repository this writer wrote (with nothing added
+    since, or `discard_additions`), or holds nothing but the README it writes. Called before any build step."""
+    if not out.exists():
+        return
+    if not _written_here(out):
+        raise FileExistsError(f"{out} exists and was not written by build.engines; refusing to replace it")
+    added = added_since(out) if (out / MARKER).exists() else []
+    if added and not discard_additions:
+        shown = ", ".join(added[:6]) + (f" and {len(added) - 6} more" if len(added) > 6 else "")
+        raise FileExistsError(
+            f"{out} holds what was added after build.engines wrote it ({shown}): a rebuild would serve version 1 "
+            "again and lose the rollout history. Roll a new model out with `make rollout`, build into another "
+            "--out, or rebuild from scratch with --discard-rollouts (ENGINES_ARGS=--discard-rollouts)")
 
 
 def _written_here(out: Path) -> bool:
@@ -190,18 +222,19 @@ def write_repository(
     model_file: Path | None = None,
     extra: dict | None = None,
     held_out: str | None = None,
+    discard_additions: bool = False,
 ) -> dict:
     """Render and copy everything into `out`. `model_file` overrides the classifier's model
     (e.g. a TensorRT plan or a quantized ONNX); default: the artifacts' model.onnx. A python classifier
-    also gets its quality reference, from `held_out` (a folder; default: the bundled held-out photos)."""
+    also gets its quality reference, from `held_out` (a folder; default: the bundled held-out photos).
+    An existing `out` is replaced as `check_replaceable` allows."""
     artifacts = Path(spec.artifacts)
     model_file = Path(model_file) if model_file else artifacts / MODEL_ONNX
     shape = model_shape(artifacts, model_file if model_file.suffix == ".onnx" else None)
     # A plan loads only on the TensorRT and GPU it was built for: refuse one the target server cannot load.
     plan_binding = (binding.check_plan(model_file, binding.local_target(spec.target_server))
                     if backend == "tensorrt" else None)
-    if out.exists() and not _written_here(out):
-        raise FileExistsError(f"{out} exists and was not written by build.engines; refusing to replace it")
+    check_replaceable(out, discard_additions)
 
     if spec.pipeline == "fused" and backend != "python-onnxruntime":
         raise ValueError(f"the fused pipeline needs the python-onnxruntime backend, not {backend!r}")
@@ -253,7 +286,8 @@ def write_repository(
                keep={p.name for p in (cls_dir / "1").iterdir()})
 
     (ens_dir / "config.pbtxt").write_text(configs.ensemble_config(spec, shape, spec_source))
-    shutil.copy2(artifacts / LABELS_TXT, ens_dir / configs.LABELS_FILE)
+    # Triton splits the label file on '\n' alone: a hand-edited labels.txt (CRLF, BOM) is written out plain
+    labels_file.write_labels(ens_dir / configs.LABELS_FILE, labels_file.read_labels(artifacts / LABELS_TXT))
     # An ensemble's version folder is empty; object stores (S3, GCS) drop empty folders.
     (ens_dir / "1" / "README").write_text("Ensembles have no model file; this keeps the version folder.\n")
 
@@ -276,7 +310,17 @@ def write_repository(
     (staging / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
     (staging / STAGING).unlink()
 
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    _swap_in(staging, out)
     return manifest
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """`staging` becomes `out`; the old `out` (if any) is deleted only once the new one is in its place, so
+    that an interruption leaves one complete repository at `out` or at `<out>.old` (the next write deletes it)."""
+    old = out.with_name(out.name + ".old")
+    if old.exists() and (old / MARKER).exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

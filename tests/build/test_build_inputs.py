@@ -10,7 +10,7 @@ import pytest
 
 from build.precision import calibrate, fp16, validate
 from build.precision.imagesets import augmented_photos, calibration_set, folder_images, held_out_set
-from build.precision.variants import VariantOptions, prepare, tensorrt_unavailable
+from build.precision.variants import GateFailed, VariantOptions, prepare, tensorrt_unavailable
 from build.repository.spec import DeploymentSpec
 from build.repository.writer import ArtifactsError
 from common.preprocessing import ImageError, PreprocessConfig
@@ -71,6 +71,16 @@ def test_a_model_with_other_output_names_fails_before_anything_is_written(artifa
     spec = DeploymentSpec(artifacts=str(artifacts), precision=precision)
     with pytest.raises(ArtifactsError, match=r"outputs \['logits', 'prob'\]"):
         prepare(spec, "python-onnxruntime", "unused.json", VariantOptions(), lambda _: None)
+    assert _written(artifacts) == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_allow_fallback_is_refused_for_a_tensorrt_classifier_before_anything_is_built(artifacts, precision):
+    """The fallback deploys model.onnx, which a tensorrt classifier cannot serve: said before the build, not
+    after minutes of it, whether TensorRT is here or not."""
+    spec = DeploymentSpec(artifacts=str(artifacts), precision=precision)
+    with pytest.raises(GateFailed, match="^--allow-fallback deploys the FP32 ONNX model, which a tensorrt classifier"):
+        prepare(spec, "tensorrt", "unused.json", VariantOptions(allow_fallback=True), lambda _: None)
     assert _written(artifacts) == []
 
 

@@ -164,6 +164,40 @@ def test_repository_refuses_foreign_folder_and_bad_artifacts(tmp_path, tiny_arti
         model_shape(tmp_path / "nothing")
 
 
+def test_a_repository_with_rollout_versions_is_not_rebuilt_unless_asked(tmp_path, tiny_artifacts):
+    """What serving.rollout added (a version 2, a retired version, an A/B candidate, ROLLOUT.json) would be lost by
+    a rebuild, and version 1 served again: refused, the repository left as it was, unless discard_additions."""
+    spec = DeploymentSpec(artifacts=str(tiny_artifacts))
+    out = tmp_path / "model_repository"
+    write_repository(spec, "onnxruntime", out, "test")
+    (out / ".model-control.lock").touch()  # the watchdog's and rollout's lock: not an addition
+    write_repository(spec, "onnxruntime", out, "test")
+    added = [out / "classifier" / "2", out / "classifier" / "_retired" / "3", out / "classifier_candidate" / "4"]
+    for folder in added:
+        folder.mkdir(parents=True)
+    (out / "ROLLOUT.json").write_text("{}")
+    before = (out / "BUILD.json").read_text()
+    with pytest.raises(FileExistsError, match=r"\(ROLLOUT.json, classifier/2, classifier/_retired, classifier_candidate\)"
+                                              r".*--discard-rollouts"):
+        write_repository(spec, "onnxruntime", out, "test")
+    assert all(f.is_dir() for f in added) and (out / "BUILD.json").read_text() == before
+    write_repository(spec, "onnxruntime", out, "test", discard_additions=True)
+    assert not any(f.exists() for f in added) and not (out / "ROLLOUT.json").exists()
+    assert not out.with_name("model_repository.old").exists()
+
+
+def test_a_hand_edited_labels_file_reaches_triton_with_plain_line_ends(tmp_path, tiny_artifacts):
+    """Triton splits an ensemble's label file on '\\n' alone: a CRLF file with a byte-order mark would serve
+    'cat\\r' and a first label behind the mark."""
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, artifacts)
+    names = (artifacts / "labels.txt").read_text(encoding="utf-8").splitlines()
+    (artifacts / "labels.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(names).encode() + b"\r\n")
+    out = tmp_path / "repo"
+    write_repository(DeploymentSpec(artifacts=str(artifacts)), "onnxruntime", out, "test")
+    assert (out / "image_classifier" / "labels.txt").read_bytes() == "".join(f"{n}\n" for n in names).encode()
+
+
 def test_fused_pipeline_is_one_step_with_preprocessing_inside(tmp_path, tiny_artifacts):
     spec = DeploymentSpec(artifacts=str(tiny_artifacts), pipeline="fused")
     ens = parse(configs.ensemble_config(spec, SHAPE, "test"))
