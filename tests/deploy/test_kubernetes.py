@@ -251,6 +251,16 @@ def test_grace_period_outlasts_the_supervisors_bounded_shutdown(rendered, target
     assert pod["terminationGracePeriodSeconds"] >= steps + margin_s, (pod["terminationGracePeriodSeconds"], steps)
 
 
+@pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
+def test_the_hpa_alone_sets_the_deployments_scale(rendered, target):
+    """An HPA scales the Deployment in every server overlay: a spec.replicas there would put the scale back
+    to that number on each `kubectl apply -k`, under load too, until the HPA raised it again."""
+    deployment = one(rendered[target], "Deployment")
+    target_ref = one(rendered[target], "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target_ref["kind"], target_ref["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert "replicas" not in deployment["spec"], deployment["spec"]["replicas"]
+
+
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):
     gpu = server_container(rendered["gpu"])["resources"]
     cpu = server_container(rendered["cpu"])["resources"]
