@@ -251,6 +251,20 @@ def test_grace_period_outlasts_the_supervisors_bounded_shutdown(rendered, target
     assert pod["terminationGracePeriodSeconds"] >= steps + margin_s, (pod["terminationGracePeriodSeconds"], steps)
 
 
+def probe_window_s(probe: dict) -> int:
+    """Seconds a probe lets the container go unanswered before the kubelet acts (Kubernetes' defaults
+    where a field is unset)."""
+    return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def duration_s(text: str) -> float:
+    """A Go duration as Knative reads one ("900s", "15m", "1h30m")."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    assert parts and text, f"{text!r} is not a duration"
+    hours, minutes, seconds = (int(p or 0) for p in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 @pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
 def test_the_hpa_alone_sets_the_deployments_scale(rendered, target):
     """An HPA scales the Deployment in every server overlay: a spec.replicas there would put the scale back
@@ -259,6 +273,19 @@ def test_the_hpa_alone_sets_the_deployments_scale(rendered, target):
     target_ref = one(rendered[target], "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target_ref["kind"], target_ref["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert "replicas" not in deployment["spec"], deployment["spec"]["replicas"]
+
+
+def test_kserve_runtime_waits_for_model_loading_as_the_deployment_does(rendered):
+    """Triton opens its HTTP port only once every model has loaded, so KServe's liveness probe on 8080 would
+    restart a container still loading: a startup probe holds it off at least as long as the Deployment's
+    does, and Knative's progress deadline for the revision outlasts that window."""
+    (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    assert "startupProbe" in container, "no startup probe: liveness restarts a server still loading its models"
+    window = probe_window_s(container["startupProbe"])
+    assert window >= probe_window_s(server_container(rendered["cpu"])["startupProbe"]), window
+    assert container["startupProbe"]["httpGet"]["port"] == container["livenessProbe"]["httpGet"]["port"]
+    annotations = one(rendered["kserve"], "ServingRuntime")["spec"].get("annotations", {})
+    assert duration_s(annotations.get("serving.knative.dev/progress-deadline", "600s")) > window
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):
