@@ -275,6 +275,16 @@ def test_the_hpa_alone_sets_the_deployments_scale(rendered, target):
     assert "replicas" not in deployment["spec"], deployment["spec"]["replicas"]
 
 
+@pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
+def test_rollout_deadline_outlasts_the_startup_window(rendered, target):
+    """A new pod may spend the startup probe's whole window loading models, after scheduling and the image
+    pull: a progress deadline no longer than that window (Kubernetes' default, 600 s, is) reports a rollout
+    of pods that are still loading as failed."""
+    deployment = one(rendered[target], "Deployment")
+    window = probe_window_s(server_container(rendered[target])["startupProbe"])
+    assert deployment["spec"].get("progressDeadlineSeconds", 600) > window, window
+
+
 def test_kserve_runtime_waits_for_model_loading_as_the_deployment_does(rendered):
     """Triton opens its HTTP port only once every model has loaded, so KServe's liveness probe on 8080 would
     restart a container still loading: a startup probe holds it off at least as long as the Deployment's
