@@ -5,8 +5,9 @@
 
 The URL is Triton's own form: `s3://bucket/prefix` on AWS, `s3://host:port/bucket/prefix` for another
 S3-compatible endpoint (plain HTTP, as Triton reads it); a bucket root is refused (the bucket's other
-objects are not the repository's). Every file is uploaded; S3 has no empty folders, so an empty folder
-(an ensemble's version folder) gets a placeholder object, or Triton finds no version there.
+objects are not the repository's). Every file is uploaded but what serving.rollout keeps for one server
+(an A/B test's `*_candidate` models, `<classifier>/_retired/`); S3 has no empty folders, so an empty
+folder (an ensemble's version folder) gets a placeholder object, or Triton finds no version there.
 A prefix with BUILD.json holds a whole repository: a publish first writes .publishing (the model folders
 it owns) and deletes the old BUILD.json, uploads, and writes BUILD.json last. Stale objects (the
 repository no longer has them) are deleted only where the prefix already held a published repository
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from build.repository import placement
 from build.repository.writer import MARKER, read_manifest
+from serving.rollout import CANDIDATE, RETIRED
 
 PLACEHOLDER = ".placeholder"
 PUBLISHING = ".publishing"  # at the prefix while a publish runs: {"models": [the model folders it owns]}
@@ -65,14 +67,22 @@ class S3Location:
         return f"s3://{host}{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
 
 
+def rollout_only(relative: Path, models: list[str]) -> bool:
+    """A path serving.rollout keeps beside the served models on one server: an A/B test's
+    `<model>_candidate` folders (`--load-model=*` would load them on every pod serving the prefix) and the
+    versions a rollback moved to `<model>/_retired/`."""
+    parts = relative.parts
+    return (parts[0].endswith(CANDIDATE) and parts[0] not in models) or (len(parts) > 1 and parts[1] == RETIRED)
+
+
 def repository_objects(repository: Path) -> dict[str, Path | None]:
     """Object name (relative, '/'-separated) -> file to upload, None for an empty placeholder.
     BUILD.json last."""
-    read_manifest(repository)  # a repository build.engines wrote, or FileNotFoundError saying so
+    models = read_manifest(repository).get("models", [])  # FileNotFoundError unless build.engines wrote it
     objects: dict[str, Path | None] = {}
     for path in sorted(repository.rglob("*")):
         relative = path.relative_to(repository)
-        if SKIP & set(relative.parts) or relative.as_posix() == MARKER:
+        if SKIP & set(relative.parts) or relative.as_posix() == MARKER or rollout_only(relative, models):
             continue
         if path.is_file():
             objects[relative.as_posix()] = path
@@ -153,8 +163,10 @@ def _owned_models(client, location: S3Location, keys: dict[str, int]) -> list[st
 
 
 def stale_keys(before: dict[str, int], objects: dict, location: S3Location, models: set[str]) -> list[str]:
-    """Keys in `before` to delete: inside one of `models`' folders, not among `objects`, and not under a
-    folder holding a BUILD.json or .publishing of its own (another repository nested there)."""
+    """Keys in `before` to delete: inside one of `models`' folders or their A/B candidates' (an earlier
+    publish shipped them), not among `objects`, and not under a folder holding a BUILD.json or .publishing
+    of its own (another repository nested there)."""
+    models = models | {m + CANDIDATE for m in models}
     relative = {k[len(location.key("")):] for k in before}
     nested = {r.rpartition("/")[0] + "/" for r in relative if "/" in r and r.rpartition("/")[2] in (MARKER, PUBLISHING)}
     return sorted(location.key(r) for r in relative

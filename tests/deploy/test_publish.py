@@ -196,3 +196,31 @@ def test_an_interrupted_republish_leaves_no_build_json(moto, tiny_artifacts, tmp
     done = publish(repo, location, progress=False)  # the retry still knows the folders it owns
     keys = bucket_objects(s3_client(location), "republish")
     assert location.key(MARKER) in keys and location.key(PUBLISHING) not in keys and done["deleted"] == 1
+
+
+def test_publish_leaves_out_what_rollout_keeps_for_one_server(moto, tiny_artifacts, tmp_path):
+    """An A/B test's `*_candidate` models (every pod serving the prefix would load them: `--load-model=*`) and
+    the versions a rollback retired stay on the server that made them; an earlier publish's copies go."""
+    from serving.rollout import RETIRED, Repository, candidate_names
+
+    repo = tiny_repository(tiny_artifacts, tmp_path / "repo")
+    location = S3Location.parse(f"s3://{moto}/rollout/models")
+    publish(repo, location, create_bucket=True, progress=False)
+    served = Repository.open(repo)
+    candidate, candidate_ensemble = candidate_names(served)
+    shutil.copytree(repo / served.classifier, repo / candidate)
+    shutil.copytree(repo / served.ensemble, repo / candidate_ensemble)
+    shutil.copytree(repo / served.classifier / "1", repo / served.classifier / RETIRED / "2")
+    left_out = {p.relative_to(repo).as_posix() for name in (candidate, candidate_ensemble)
+                for p in (repo / name).rglob("*") if p.is_file()}
+    left_out |= {p.relative_to(repo).as_posix() for p in (repo / served.classifier / RETIRED).rglob("*")
+                 if p.is_file()}
+    client = s3_client(location)
+    for name in left_out:  # as a publish before this rule shipped them
+        client.put_object(Bucket="rollout", Key=location.key(name), Body=b"earlier")
+
+    done = publish(repo, location, progress=False)
+    keys = set(bucket_objects(client, "rollout"))
+    assert not [k for k in keys if k.removeprefix(location.key("")) in left_out]
+    assert done["deleted"] == len(left_out)
+    assert location.key(f"{served.classifier}/1/model.onnx") in keys and location.key(MARKER) in keys
