@@ -4,10 +4,11 @@
     tritonserver --model-repository=s3://host:port/bucket/prefix      (AWS_* variables: credentials)
 
 The URL is Triton's own form: `s3://bucket/prefix` on AWS, `s3://host:port/bucket/prefix` for another
-S3-compatible endpoint (plain HTTP, as Triton reads it); a bucket root is refused (the bucket's other
-objects are not the repository's). Every file is uploaded but what serving.rollout keeps for one server
-(an A/B test's `*_candidate` models, `<classifier>/_retired/`); S3 has no empty folders, so an empty
-folder (an ensemble's version folder) gets a placeholder object, or Triton finds no version there.
+S3-compatible endpoint over plain HTTP, `s3://https://host:port/bucket/prefix` over TLS; a bucket root is
+refused (the bucket's other objects are not the repository's). Every file is uploaded but what
+serving.rollout keeps for one server (an A/B test's `*_candidate` models, `<classifier>/_retired/`); S3
+has no empty folders, so an empty folder (an ensemble's version folder) gets a placeholder object, or
+Triton finds no version there.
 A prefix with BUILD.json holds a whole repository: a publish first writes .publishing (the model folders
 it owns) and deletes the old BUILD.json, uploads, and writes BUILD.json last. Stale objects (the
 repository no longer has them) are deleted only where the prefix already held a published repository
@@ -40,19 +41,21 @@ class PublishError(RuntimeError):
 class S3Location:
     bucket: str
     prefix: str  # no leading or trailing slash; may be ""
-    endpoint: str | None  # http://host:port, or None for AWS
+    endpoint: str | None  # http://host:port or https://host:port, or None for AWS
 
     @classmethod
     def parse(cls, url: str) -> "S3Location":
         if not url.startswith("s3://"):
             raise ValueError(f"{url!r} is not an s3:// URL (s3://bucket/prefix or s3://host:port/bucket/prefix)")
-        parts = [p for p in url[len("s3://"):].split("/") if p]
+        rest = url[len("s3://"):]
+        scheme = next((s for s in ("http", "https") if rest.startswith(f"{s}://")), None)
+        parts = [p for p in rest.removeprefix(f"{scheme}://").split("/") if p]
         endpoint = None
-        if parts and ":" in parts[0]:  # host:port first, as Triton reads it
-            host, _, port = parts[0].rpartition(":")
+        if scheme or (parts and ":" in parts[0]):  # [http(s)://]host:port first, as Triton reads it
+            host, _, port = parts[0].rpartition(":") if parts else ("", "", "")
             if not host or not port.isdigit():
-                raise ValueError(f"{url!r}: {parts[0]!r} is not host:port")
-            endpoint = f"http://{parts.pop(0)}"
+                raise ValueError(f"{url!r}: {parts[0] if parts else ''!r} is not host:port")
+            endpoint = f"{scheme or 'http'}://{parts.pop(0)}"
         if not parts:
             raise ValueError(f"{url!r} names no bucket")
         return cls(parts[0], "/".join(parts[1:]), endpoint)
@@ -62,7 +65,7 @@ class S3Location:
 
     @property
     def url(self) -> str:
-        """The URL to give tritonserver --model-repository."""
+        """The URL to give tritonserver --model-repository (Triton's `s3://https://host:port/...` for TLS)."""
         host = self.endpoint.removeprefix("http://") + "/" if self.endpoint else ""
         return f"s3://{host}{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
 
@@ -185,7 +188,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Upload a built model repository to S3-compatible storage.")
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"), help="(default: %(default)s)")
     p.add_argument("--url", required=True,
-                   help="s3://bucket/prefix (AWS) or s3://host:port/bucket/prefix (other S3 endpoints, HTTP)")
+                   help="s3://bucket/prefix (AWS), s3://host:port/bucket/prefix (other S3 endpoints, HTTP) or "
+                        "s3://https://host:port/bucket/prefix (TLS)")
     p.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p

@@ -32,6 +32,19 @@ def test_urls_read_as_triton_reads_them():
             S3Location.parse(bad)
 
 
+def test_tls_urls_read_as_triton_reads_them():
+    """Triton reads `s3://https://host:port/bucket/path` as an endpoint over TLS (and `s3://http://...` as
+    plain HTTP, the same as no scheme); its port is required there, as in Triton's own pattern."""
+    tls = S3Location.parse("s3://https://s3.example.internal:443/models/lite0/cpu")
+    assert (tls.endpoint, tls.bucket, tls.prefix) == ("https://s3.example.internal:443", "models", "lite0/cpu")
+    assert tls.url == "s3://https://s3.example.internal:443/models/lite0/cpu"
+    plain = S3Location.parse("s3://http://127.0.0.1:9000/models/lite0")
+    assert (plain.endpoint, plain.url) == ("http://127.0.0.1:9000", "s3://127.0.0.1:9000/models/lite0")
+    for bad in ("s3://https://host/b/p", "s3://https://", "s3://https://host:443/"):
+        with pytest.raises(ValueError):
+            S3Location.parse(bad)
+
+
 def test_only_a_built_repository_is_published(tmp_path):
     (tmp_path / "model" / "1").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="make engines"):
