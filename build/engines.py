@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from build.precision import validate
-from build.repository import capabilities
+from build.repository import capabilities, configs
 from build.precision.calibrate import CACHE_METHODS
 from build.precision.quantize import CPU_LAYOUTS
 from build.repository.writer import check_replaceable, write_repository
@@ -78,6 +78,10 @@ def main(args: argparse.Namespace) -> dict:
     backend, why = capabilities.resolve_backend(spec.backend, caps, spec.pipeline)
     print(f"capabilities: {caps.line()}")
     print(f"classifier backend: {backend} ({why})")
+    kind = configs.classifier_kind(spec, backend)  # a kind the backend cannot run fails before any build step
+    if caps.gpus and backend == "onnxruntime" and kind == "KIND_CPU":
+        print('note: the onnxruntime classifier runs on CPU; "classifier_kind": "KIND_GPU" in the spec puts it '
+              "on the GPU")
     if backend != "python-onnxruntime" and backend not in caps.server_backends:
         print(f"note: the local tritonserver has no {backend!r} backend; this repository is for a server that has it")
     options = VariantOptions(args.calibration_method, args.calibration_images, args.held_out,

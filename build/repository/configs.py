@@ -120,10 +120,26 @@ def fused_config(spec: DeploymentSpec, shape: ModelShape, source: str) -> str:
     )
 
 
-def classifier_config(spec: DeploymentSpec, shape: ModelShape, backend: str, source: str) -> str:
+def classifier_kind(spec: DeploymentSpec, backend: str) -> str:
+    """The classifier's instance kind: the spec's `classifier_kind`, else the backend's own. Only Triton's
+    onnxruntime backend runs on either; INT8 on a GPU is TensorRT's (the INT8 CPU file's integer kernels
+    are ONNX Runtime's CPU ones)."""
     if backend not in CLASSIFIER_BACKENDS:
         raise ValueError(f"classifier backend {backend!r} is not one of {sorted(CLASSIFIER_BACKENDS)}")
-    selector, kind, filename = CLASSIFIER_BACKENDS[backend]
+    own = CLASSIFIER_BACKENDS[backend][1]
+    kind = spec.classifier_kind or own
+    if kind != own and backend != "onnxruntime":
+        raise ValueError(f"classifier_kind {kind}: the {backend} classifier runs as {own} only "
+                         "(the onnxruntime backend runs on either)")
+    if kind == "KIND_GPU" and backend == "onnxruntime" and spec.precision == "int8":
+        raise ValueError("classifier_kind KIND_GPU with precision int8: the INT8 ONNX file is built for ONNX "
+                         "Runtime's CPU kernels; INT8 on a GPU is the tensorrt backend's (BACKEND=tensorrt)")
+    return kind
+
+
+def classifier_config(spec: DeploymentSpec, shape: ModelShape, backend: str, source: str) -> str:
+    kind = classifier_kind(spec, backend)
+    selector, _, filename = CLASSIFIER_BACKENDS[backend]
     # the ONNX model's order; spec.classifier_outputs picks which (one output for single-output clients)
     outputs = [_tensor(name, "TYPE_FP32", [shape.num_classes]) for name in MODEL_OUTPUTS if name in spec.classifier_outputs]
     text = (

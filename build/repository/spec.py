@@ -132,6 +132,9 @@ class DeploymentSpec:
     # ensemble reads it). ["probabilities"] gives one output, what single-output clients such as
     # Triton's image_client.py require (docs/deploy.md).
     classifier_outputs: list[str] = dataclasses.field(default_factory=lambda: list(contract.ONNX_OUTPUTS))
+    # Where the classifier's instances run: null, its backend's own (KIND_CPU for the ONNX Runtime backends,
+    # KIND_GPU for tensorrt); "KIND_GPU" puts Triton's onnxruntime backend on the GPU (its CUDA provider).
+    classifier_kind: str | None = None
 
     def __post_init__(self):
         for key, kind in (("preprocess", StageSpec), ("classifier", StageSpec), ("fused", StageSpec),
@@ -178,6 +181,9 @@ class DeploymentSpec:
                 or not set(outputs) <= set(contract.ONNX_OUTPUTS) or len(set(outputs)) != len(outputs)):
             raise ValueError(f"classifier_outputs must be distinct names from {list(contract.ONNX_OUTPUTS)} including "
                              f"{contract.ONNX_PROBABILITIES!r}, got {outputs!r}")
+        if self.classifier_kind is not None and self.classifier_kind not in INSTANCE_KINDS:
+            raise ValueError(f"classifier_kind {self.classifier_kind!r} is not one of {INSTANCE_KINDS} or null "
+                             "(the backend's own)")
         if self.response_cache_mb < 0:
             raise ValueError(f"response_cache_mb must be >= 0 (0: off), got {self.response_cache_mb}")
         self.preprocess.check("preprocess", self.max_batch_size)

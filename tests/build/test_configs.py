@@ -114,6 +114,22 @@ def test_python_models_are_told_to_run_below_the_server(spec):
             spec.replace(classifier=dataclasses.replace(spec.classifier, nice=bad))
 
 
+def test_the_onnxruntime_classifier_runs_on_a_gpu_when_the_spec_says_so(spec):
+    """classifier_kind: Triton's onnxruntime backend on either kind; the python classifier (CPU sessions) and a
+    TensorRT plan (GPU only) on their own, and INT8 (CPU integer kernels) not on a GPU: refused in one line."""
+    gpu = spec.replace(classifier_kind="KIND_GPU")
+    cfg = parse(configs.classifier_config(gpu, SHAPE, "onnxruntime", "test"))
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    with pytest.raises(ValueError, match="the python-onnxruntime classifier runs as KIND_CPU only"):
+        configs.classifier_config(gpu, SHAPE, "python-onnxruntime", "test")
+    with pytest.raises(ValueError, match="the tensorrt classifier runs as KIND_GPU only"):
+        configs.classifier_config(spec.replace(classifier_kind="KIND_CPU"), SHAPE, "tensorrt", "test")
+    with pytest.raises(ValueError, match="INT8 on a GPU is the tensorrt backend's"):
+        configs.classifier_config(gpu.replace(precision="int8"), SHAPE, "onnxruntime", "test")
+    with pytest.raises(ValueError, match="classifier_kind 'GPU' is not one of"):
+        spec.replace(classifier_kind="GPU")
+
+
 def test_spec_round_trip(tmp_path, spec):
     spec.save(tmp_path / "spec.json")
     assert DeploymentSpec.load(tmp_path / "spec.json") == spec
