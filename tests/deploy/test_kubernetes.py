@@ -205,9 +205,25 @@ def test_placement_names_the_overlay_that_keeps_a_repository_where_it_answers_as
         assert (ROOT / overlay / "kustomization.yaml").is_file()
 
 
+NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"  # the GPU image's ENTRYPOINT (CUDA compatibility set-up)
+
+
 def server_container(objects: list[dict]) -> dict:
     (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     return container
+
+
+def supervisor_command(container: dict) -> list[str]:
+    """The container's command after the NGC entrypoint the GPU overlay puts first."""
+    command = container.get("command", [])
+    return command[1:] if command[:1] == [NGC_ENTRYPOINT] else command
+
+
+def test_the_gpu_pod_runs_ngc_s_entrypoint_first_as_the_image_does(rendered):
+    """A pod's `command` replaces the image's ENTRYPOINT: NGC's, which sets up CUDA forward compatibility on older
+    drivers, runs only where the command names it. The rest is the CPU pods' command."""
+    gpu, cpu = server_container(rendered["gpu"])["command"], server_container(rendered["cpu"])["command"]
+    assert gpu[0] == NGC_ENTRYPOINT and gpu[1:] == cpu and NGC_ENTRYPOINT not in cpu
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
@@ -221,8 +237,9 @@ def test_pod_runs_locked_down_with_probes_and_resources(rendered, target):
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/tmp", "/dev/shm"} <= mounts  # writable places Triton and the python backend need
     # the supervisor's endpoint (serving.supervise): /ready is 503 while a dead stub's model is reloaded
-    assert container["command"][:3] == ["python3", "-m", "serving.supervise"]
-    assert container["command"][-2:] == ["--", "tritonserver"] and "--port=8003" in container["command"]
+    command = supervisor_command(container)
+    assert command[:3] == ["python3", "-m", "serving.supervise"]
+    assert command[-2:] == ["--", "tritonserver"] and "--port=8003" in command
     assert {probe: (container[probe]["httpGet"]["path"], container[probe]["httpGet"]["port"])
             for probe in ("livenessProbe", "readinessProbe", "startupProbe")} == {
         "livenessProbe": ("/live", "health"), "readinessProbe": ("/ready", "health"),
@@ -244,7 +261,7 @@ def test_grace_period_outlasts_the_supervisors_bounded_shutdown(rendered, target
     margin_s = 10
     pod = one(rendered[target], "Deployment")["spec"]["template"]["spec"]
     container = server_container(rendered[target])
-    supervisor = get_args_parser().parse_args(container["command"][3:])
+    supervisor = get_args_parser().parse_args(supervisor_command(container)[3:])
     exit_timeout_s = int(dict(a.split("=", 1) for a in container["args"])["--exit-timeout-secs"])
     assert supervisor.unready_wait >= 3
     steps = supervisor.unready_wait + WATCHDOG_STOP_S + supervisor.drain_timeout + exit_timeout_s
@@ -332,7 +349,7 @@ def test_every_server_keeps_model_control_behind_a_key(rendered):
         for obj in objects:
             spec = obj.get("spec", {}).get("template", {}).get("spec", obj.get("spec", {}))
             for container in spec.get("containers", []):
-                line = container.get("command", []) + container.get("args", [])
+                line = supervisor_command(container) + container.get("args", [])
                 if "tritonserver" in line:
                     servers[target] = (line, {e["name"]: e for e in container.get("env", [])})
     assert set(servers) == {"cpu", "cpu-vnni", "gpu", "kserve"}
