@@ -24,6 +24,8 @@ from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.preprocessing import PreprocessConfig
 
+FEW_GATE_IMAGES = 50  # a pass judged on fewer images is printed with a caution: one flip moves it 2 points
+
 
 class GateFailed(ValueError):
     """The variant to deploy failed the accuracy gate."""
@@ -194,6 +196,11 @@ def prepare(spec: DeploymentSpec, backend: str, spec_path: str, options: Variant
             chosen = mixed_reports[1]
             log(validate.format_table(reports))
     if chosen.passed:
+        judged = chosen.confident_images if labels is None and chosen.confident_images else chosen.images
+        if judged < FEW_GATE_IMAGES:
+            log(f"caution: {wanted} passed the gate on {judged} {'decided ' if labels is None else ''}images, too few "
+                f"for the figure to say much (a flip is {1 / max(judged, 1):.0%}): give a larger --held-out set "
+                f"({FEW_GATE_IMAGES} or more)")
         return Deployable(artifacts / chosen.file, wanted, precision, reports)
     if not chosen.passed and wanted == "int8-cpu" and built is not None and options.max_float_layers > 0:
         chosen.reason += f" (and with up to {options.max_float_layers} layers in float)"

@@ -42,6 +42,16 @@ def test_a_leftover_plan_does_not_stop_a_cpu_build(artifacts, photos):
     assert deployable.variant == "fp16" and [r.name for r in deployable.reports] == ["fp32", "fp16"]
 
 
+def test_a_pass_judged_on_few_images_is_printed_with_a_caution(artifacts, photos):
+    """Three held-out photos: FP16 passes, but one flip would move the figure by a third; the build says so."""
+    spec = DeploymentSpec(artifacts=str(artifacts), precision="fp16")
+    lines = []
+    deployable = prepare(spec, "python-onnxruntime", "unused.json", VariantOptions(held_out=str(photos)), lines.append)
+    assert deployable.variant == "fp16"
+    (caution,) = [line for line in lines if line.startswith("caution:")]
+    assert "images, too few for the figure to say much" in caution and "--held-out" in caution, caution
+
+
 def test_the_gate_reports_a_plan_it_cannot_run_here(artifacts):
     why = tensorrt_unavailable()
     if why is None:
