@@ -104,7 +104,7 @@ def test_every_target_renders(rendered):
     server = sorted(["ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
                      "PodDisruptionBudget", "PodMonitor", "PrometheusRule"])
     assert kinds["cpu"] == server and kinds["cpu-vnni"] == server and kinds["gpu"] == server
-    assert kinds["kserve"] == ["InferenceService", "ServingRuntime"]
+    assert kinds["kserve"] == ["InferenceService", "ServiceAccount", "ServingRuntime"]
     assert kinds["prometheus-adapter"] == ["ConfigMap"]
 
 
@@ -395,6 +395,27 @@ def test_kserve_canary_and_v2_protocol(rendered):
     assert "--http-port=8080" in container["args"] and "ports" not in container  # KServe's default HTTP port
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["command"][:3] == ["python3", "-m", "serving.supervise"]
+
+
+def test_kserve_downloads_from_the_overlays_s3_endpoint_with_their_secret(rendered):
+    """KServe's storage initializer takes the endpoint from the service account's annotations (else AWS over
+    HTTPS) and the credentials from the Secret it lists: the endpoint and Secret of the Kubernetes overlays.
+    The container meets the restricted Pod Security profile (seccomp included)."""
+    from serving.publish import S3Location
+
+    isvc = one(rendered["kserve"], "InferenceService")
+    account = one(rendered["kserve"], "ServiceAccount")
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == account["metadata"]["name"]
+    notes = account["metadata"]["annotations"]
+    overlay = S3Location.parse(one(rendered["cpu"], "ConfigMap")["data"]["MODEL_REPOSITORY"])
+    scheme, _, host = overlay.endpoint.partition("://")
+    assert notes["serving.kserve.io/s3-endpoint"] == host
+    assert notes["serving.kserve.io/s3-usehttps"] == ("1" if scheme == "https" else "0")
+    secrets = {e["secretRef"]["name"] for e in server_container(rendered["cpu"])["envFrom"] if "secretRef" in e}
+    assert [s["name"] for s in account["secrets"]] == sorted(secrets)
+    (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    assert container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["runAsNonRoot"] is True
 
 
 # ---- the autoscaler's metric: HPA <- prometheus-adapter <- recording rule <- Triton -----------------
