@@ -13,7 +13,8 @@ server's message; when no server of the client's protocol answers at the URL (th
 resolve, nothing listens, or it is the other protocol's or the metrics port), ServerUnavailable says
 what answers there instead. A server past its bounded queue answers at once with ServerBusy (HTTP 503
 / gRPC UNAVAILABLE): retry later. A request the server does not answer within `timeout_s` fails alone,
-with ClassificationError DEADLINE_EXCEEDED (`timeout_s`: seconds above 0, or None for no limit).
+with ClassificationError DEADLINE_EXCEEDED (`timeout_s`: seconds above 0, or None for no limit; every call,
+readiness and model config too).
 `admin_key` (what `make serve` writes to .run/admin.key) is sent with the restricted calls (the model
 config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED.
 """
@@ -214,18 +215,23 @@ class _Client:
                                            "(`make serve` writes .run/admin.key)", "PERMISSION_DENIED")
             status = status_name(exc.status() if hasattr(exc, "status") else None)
             if status == DEADLINE_EXCEEDED and self.protocol == "grpc":
-                return self._timed_out()
+                return self._timed_out(message)
             return ClassificationError(message, status)
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-            return self._timed_out()
+            return self._timed_out(str(exc))
         if isinstance(exc, self._transport):
             reason = str(exc) or type(exc).__name__
             return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {reason}", UNAVAILABLE)
         return None
 
-    def _timed_out(self) -> ClassificationError:
-        return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: timed out after "
-                                   f"{self._timeout:g} s", DEADLINE_EXCEEDED)
+    def _timed_out(self, reason: str = "") -> ClassificationError:
+        """DEADLINE_EXCEEDED. With no limit of the client's (timeout_s None) the system or the far end timed out
+        (a proxy in front of the server, the kernel giving up on a connection): its own reason is what there is."""
+        if self._timeout is None:
+            why = f"timed out ({reason or 'no limit set by the client'})"
+        else:
+            why = f"timed out after {self._timeout:g} s"
+        return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {why}", DEADLINE_EXCEEDED)
 
     def _explain(self, error: ClassificationError, answer: str) -> ClassificationError:
         """`error`, or what answers at the URL when that is no server of this protocol."""
@@ -240,7 +246,7 @@ class ImageClassifierClient(_Client):
 
     def _call(self, method, *args, **kwargs):
         try:
-            return method(*args, **kwargs)
+            return method(*args, **kwargs, **self._call_options())
         except Exception as exc:  # noqa: BLE001 - _failure picks what is ours to translate
             error = self._failure(exc)
             if error is None:
@@ -256,7 +262,7 @@ class ImageClassifierClient(_Client):
 
     def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        return self._call(self._client.infer, self.model, inputs, outputs=outputs, **self._call_options())
+        return self._call(self._client.infer, self.model, inputs, outputs=outputs)
 
     def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         """One request; the top `top_k` predictions of each image, best first."""
@@ -284,7 +290,7 @@ class AsyncImageClassifierClient(_Client):
 
     async def _call(self, method, *args, **kwargs):
         try:
-            return await method(*args, **kwargs)
+            return await method(*args, **kwargs, **self._call_options())
         except Exception as exc:  # noqa: BLE001 - _failure picks what is ours to translate
             error = self._failure(exc)
             if error is None:
@@ -302,7 +308,7 @@ class AsyncImageClassifierClient(_Client):
 
     async def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        return await self._call(self._client.infer, self.model, inputs, outputs=outputs, **self._call_options())
+        return await self._call(self._client.infer, self.model, inputs, outputs=outputs)
 
     async def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         _check_top_k(top_k)

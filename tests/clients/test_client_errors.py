@@ -1,9 +1,10 @@
 """What the client library and its command lines say when a request cannot be answered: a host name that
 does not resolve, port 0, an unknown protocol, a timeout of no seconds, --top-k below 1, demo ports out of range,
-and (real server) a request past its timeout."""
+a gRPC server that holds or times out its calls, and (real server) a request past its timeout."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import re
 import socket
@@ -12,7 +13,9 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from clients import demo
 from clients.classify import _requested
@@ -126,3 +129,98 @@ def test_a_request_past_its_timeout_is_that_requests_failure(server, photos, pro
     with pytest.raises(ClassificationError, match=expected) as raised:
         asyncio.run(classify_async())
     assert not isinstance(raised.value, ServerUnavailable) and raised.value.status == "DEADLINE_EXCEEDED"
+
+
+class GrpcStandin(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Triton's gRPC service, served by grpcio: ready at once, except the calls named in `held` (answered only once
+    `release` is set) and those in `expired` (answered DEADLINE_EXCEEDED, as a proxy whose upstream did not answer
+    in time says)."""
+
+    def __init__(self, held: frozenset[str] = frozenset(), expired: frozenset[str] = frozenset()):
+        self.held, self.expired, self.release = held, expired, threading.Event()
+
+    def _answer(self, name: str, context, answer):
+        if name in self.expired:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "upstream request timeout")
+        if name in self.held:
+            self.release.wait(120)
+        return answer
+
+    def ServerReady(self, request, context):
+        return self._answer("ServerReady", context, service_pb2.ServerReadyResponse(ready=True))
+
+    def ModelReady(self, request, context):
+        return self._answer("ModelReady", context, service_pb2.ModelReadyResponse(ready=True))
+
+    def ModelConfig(self, request, context):
+        return self._answer("ModelConfig", context, service_pb2.ModelConfigResponse())
+
+
+@contextlib.contextmanager
+def grpc_standin(servicer: GrpcStandin):
+    """host:port of a real grpc.server on loopback serving `servicer`."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        servicer.release.set()
+        server.stop(grace=None)
+
+
+def raised_within(seconds: float, call) -> BaseException | None:
+    """What call() raised (None if nothing), run in a thread given `seconds`: far more than the client's timeout,
+    only so that a call that never returns fails the test instead of hanging it."""
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"no answer and no error after {seconds} s"
+    return outcome[0]
+
+
+def sync_and_async(url: str, method: str, **options):
+    """Calls of `method` on a new sync and a new async gRPC client."""
+    def sync():
+        with ImageClassifierClient(url, "grpc", **options) as client:
+            getattr(client, method)()
+
+    async def async_():
+        async with AsyncImageClassifierClient(url, "grpc", **options) as client:
+            await getattr(client, method)()
+
+    return {"sync": sync, "async": lambda: asyncio.run(async_())}
+
+
+@pytest.mark.parametrize("held, method", [("ServerReady", "is_ready"), ("ModelReady", "is_ready"),
+                                          ("ModelConfig", "max_batch_size")])
+def test_a_grpc_call_the_server_holds_times_out(held, method):
+    """Before, only inference had the client's timeout over gRPC: readiness and the model config (--batch's
+    max_batch_size) waited for as long as the server held them."""
+    with grpc_standin(GrpcStandin(held=frozenset({held}))) as url:
+        for kind, call in sync_and_async(url, method, timeout_s=1).items():
+            raised = raised_within(60, call)
+            assert isinstance(raised, ClassificationError) and not isinstance(raised, ServerUnavailable), (kind, raised)
+            assert raised.status == "DEADLINE_EXCEEDED", (kind, raised)
+            assert str(raised) == f"no gRPC answer from {url}: timed out after 1 s", (kind, raised)
+
+
+def test_a_deadline_exceeded_without_a_client_timeout_is_a_classification_error():
+    """timeout_s=None sets no limit, so a DEADLINE_EXCEEDED is the far end's own. Before, its message formatted
+    None as seconds and raised TypeError instead."""
+    with grpc_standin(GrpcStandin(expired=frozenset({"ServerReady"}))) as url:
+        for kind, call in sync_and_async(url, "is_ready", timeout_s=None).items():
+            raised = raised_within(60, call)
+            assert isinstance(raised, ClassificationError) and raised.status == "DEADLINE_EXCEEDED", (kind, raised)
+            assert str(raised) == f"no gRPC answer from {url}: timed out (upstream request timeout)", (kind, raised)
