@@ -9,11 +9,13 @@
 server); `probabilities` returns the full probability vectors. Several images go in one request.
 The URL may carry a scheme (`http://`, `grpc://`, which then sets the protocol). Server-side errors
 raise ClassificationError carrying a gRPC status name (HTTP 400 is INVALID_ARGUMENT too) and the
-server's message; when no server of the client's protocol answers at the URL (the host name does not
+server's message. When no server of the client's protocol answers at the URL (the host name does not
 resolve, nothing listens, or it is the other protocol's or the metrics port), ServerUnavailable says
-what answers there instead. A server past its bounded queue answers at once with ServerBusy (HTTP 503
-/ gRPC UNAVAILABLE): retry later. A request the server does not answer within `timeout_s` fails alone,
-with ClassificationError DEADLINE_EXCEEDED (`timeout_s`: seconds above 0, or None for no limit; every call,
+what answers there instead; a request whose connection fails while the server answers a fresh one (a
+kept-alive connection the server, restarted, or a load balancer closed) is sent once more on a fresh
+one. A server past its bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE):
+retry later. A request the server does not answer within `timeout_s` fails alone, with
+ClassificationError DEADLINE_EXCEEDED (`timeout_s`: seconds above 0, or None for no limit; every call,
 readiness and model config too).
 `admin_key` (what `make serve` writes to .run/admin.key) is sent with the restricted calls (the model
 config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED.
@@ -188,7 +190,10 @@ class _Client:
         self._admin_headers = key_headers(admin_key, self.protocol) or None
         self._module = _module(self.protocol, self.asynchronous)
         self._transport = _transport_errors(self.protocol, self.asynchronous)
-        self._client = self._module.InferenceServerClient(self.url, **self._client_options())
+        self._client = self._new_client()
+
+    def _new_client(self):
+        return self._module.InferenceServerClient(self.url, **self._client_options())
 
     def _client_options(self) -> dict:
         if self.protocol == "grpc":
@@ -224,6 +229,15 @@ class _Client:
             return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {reason}", UNAVAILABLE)
         return None
 
+    def _probed_failure(self, exc: Exception) -> ClassificationError:
+        """_failure(exc) when it calls for a look at what answers at the URL; else it, or `exc` itself, raised."""
+        error = self._failure(exc)
+        if error is None:
+            raise exc
+        if not _probed(error):
+            raise error from None
+        return error
+
     def _timed_out(self, reason: str = "") -> ClassificationError:
         """DEADLINE_EXCEEDED. With no limit of the client's (timeout_s None) the system or the far end timed out
         (a proxy in front of the server, the kernel giving up on a connection): its own reason is what there is."""
@@ -232,6 +246,12 @@ class _Client:
         else:
             why = f"timed out after {self._timeout:g} s"
         return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {why}", DEADLINE_EXCEEDED)
+
+    def _stale(self, error: ClassificationError, answer: str) -> bool:
+        """Whether the right server answers a fresh connection although the request's connection failed: one
+        the server (restarted) or a load balancer (idle timeout) closed while the client kept it alive, which
+        geventhttpclient does not retry for a POST. Classifying twice does no harm, so it is worth one retry."""
+        return error.status == UNAVAILABLE and wrong_endpoint(self.url, self.protocol, answer) is None
 
     def _explain(self, error: ClassificationError, answer: str) -> ClassificationError:
         """`error`, or what answers at the URL when that is no server of this protocol."""
@@ -244,25 +264,29 @@ class _Client:
 class ImageClassifierClient(_Client):
     """Blocking client. `url` is [http:// | grpc://]host:port (HTTP 8000, gRPC 8001 by default)."""
 
-    def _call(self, method, *args, **kwargs):
-        try:
-            return method(*args, **kwargs, **self._call_options())
-        except Exception as exc:  # noqa: BLE001 - _failure picks what is ours to translate
-            error = self._failure(exc)
-            if error is None:
-                raise
-        raise self._explain(error, what_answers(self.url)) if _probed(error) else error
+    def _call(self, name: str, *args, **kwargs):
+        """The tritonclient client's method `name`, its failure translated; once on a fresh client if stale."""
+        for retried in (False, True):
+            try:
+                return getattr(self._client, name)(*args, **kwargs, **self._call_options())
+            except Exception as exc:  # noqa: BLE001 - _probed_failure picks what is ours to translate
+                error = self._probed_failure(exc)
+            answer = what_answers(self.url)
+            if retried or not self._stale(error, answer):
+                raise self._explain(error, answer)
+            self._client.close()
+            self._client = self._new_client()
 
     def is_ready(self) -> bool:
-        return bool(self._call(self._client.is_server_ready) and self._call(self._client.is_model_ready, self.model))
+        return bool(self._call("is_server_ready") and self._call("is_model_ready", self.model))
 
     def max_batch_size(self) -> int:
         """The served model's max_batch_size (images per request), from its config."""
-        return _max_batch_size(self._call(self._client.get_model_config, self.model, **self._config_options()))
+        return _max_batch_size(self._call("get_model_config", self.model, **self._config_options()))
 
     def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        return self._call(self._client.infer, self.model, inputs, outputs=outputs)
+        return self._call("infer", self.model, inputs, outputs=outputs)
 
     def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         """One request; the top `top_k` predictions of each image, best first."""
@@ -288,27 +312,32 @@ class AsyncImageClassifierClient(_Client):
 
     asynchronous = True
 
-    async def _call(self, method, *args, **kwargs):
-        try:
-            return await method(*args, **kwargs, **self._call_options())
-        except Exception as exc:  # noqa: BLE001 - _failure picks what is ours to translate
-            error = self._failure(exc)
-            if error is None:
-                raise
-        if _probed(error):
-            error = self._explain(error, await asyncio.to_thread(what_answers, self.url))
-        raise error
+    async def _call(self, name: str, *args, **kwargs):
+        """As ImageClassifierClient._call, awaited. The client is shared by concurrent requests: the first to find
+        it stale replaces it, the others retry on its replacement; the requests still in flight on the one closed
+        fail as stale in turn and are retried too."""
+        for retried in (False, True):
+            client = self._client
+            try:
+                return await getattr(client, name)(*args, **kwargs, **self._call_options())
+            except Exception as exc:  # noqa: BLE001 - _probed_failure picks what is ours to translate
+                error = self._probed_failure(exc)
+            answer = await asyncio.to_thread(what_answers, self.url)
+            if retried or not self._stale(error, answer):
+                raise self._explain(error, answer)
+            if client is self._client:
+                self._client = self._new_client()
+                await client.close()
 
     async def is_ready(self) -> bool:
-        return bool(await self._call(self._client.is_server_ready)
-                    and await self._call(self._client.is_model_ready, self.model))
+        return bool(await self._call("is_server_ready") and await self._call("is_model_ready", self.model))
 
     async def max_batch_size(self) -> int:
-        return _max_batch_size(await self._call(self._client.get_model_config, self.model, **self._config_options()))
+        return _max_batch_size(await self._call("get_model_config", self.model, **self._config_options()))
 
     async def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        return await self._call(self._client.infer, self.model, inputs, outputs=outputs)
+        return await self._call("infer", self.model, inputs, outputs=outputs)
 
     async def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         _check_top_k(top_k)

@@ -1,6 +1,7 @@
 """What the client library and its command lines say when a request cannot be answered: a host name that
 does not resolve, port 0, an unknown protocol, a timeout of no seconds, --top-k below 1, demo ports out of range,
-a gRPC server that holds or times out its calls, and (real server) a request past its timeout."""
+a gRPC server that holds or times out its calls, and (real server) a request past its timeout and a server
+restarted between two requests."""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,7 @@ from clients import demo
 from clients.classify import _requested
 from clients.client import AsyncImageClassifierClient, ClassificationError, ImageClassifierClient, ServerUnavailable
 from clients.endpoint import split_url
-from serving.server import free_port
+from serving.server import Ports, TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -224,3 +225,41 @@ def test_a_deadline_exceeded_without_a_client_timeout_is_a_classification_error(
             raised = raised_within(60, call)
             assert isinstance(raised, ClassificationError) and raised.status == "DEADLINE_EXCEEDED", (kind, raised)
             assert str(raised) == f"no gRPC answer from {url}: timed out (upstream request timeout)", (kind, raised)
+
+
+@pytest.mark.slow
+def test_a_server_restarted_between_two_requests_answers_the_second(tiny_artifacts, photos, tmp_path):
+    """A server restarted on the same ports (or a load balancer's idle timeout) closes the connections the clients
+    keep alive. Before, the sync HTTP client sent its next request on the closed one (geventhttpclient retries no
+    POST), found Triton answering a fresh one, and still said no server answers: clients.classify failed every
+    image left."""
+    from build.repository.spec import DeploymentSpec, StageSpec
+    from build.repository.writer import write_repository
+
+    one = StageSpec(instances=1, preferred_batch_sizes=[1], threads=1)
+    spec = DeploymentSpec(artifacts=str(tiny_artifacts), preprocess=one, classifier=one, fused=one)
+    repo = tmp_path / "model_repository"
+    write_repository(spec, "python-onnxruntime", repo, "tests")
+    ports, log = Ports.free(), tmp_path / "tritonserver.log"
+    coffee = photos["coffee"]
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(TritonServer(repo, ports, log_file=log))
+        clients = {protocol: stack.enter_context(ImageClassifierClient(url, protocol))
+                   for protocol, url in (("http", first.http_url), ("grpc", first.grpc_url))}
+        runner = stack.enter_context(asyncio.Runner())  # one event loop: the async clients keep their connections
+        async_clients = {protocol: runner.run(_open_async(url, protocol))
+                         for protocol, url in (("http", first.http_url), ("grpc", first.grpc_url))}
+        for client in async_clients.values():
+            stack.callback(lambda c=client: runner.run(c.close()))
+        top = {f"sync {p}": c.classify([coffee], 1)[0][0].index for p, c in clients.items()}
+        top |= {f"async {p}": runner.run(c.classify([coffee], 1))[0][0].index for p, c in async_clients.items()}
+        first.stop()
+        with TritonServer(repo, ports, log_file=log):
+            for protocol, client in clients.items():
+                assert client.classify([coffee], 1)[0][0].index == top[f"sync {protocol}"], protocol
+            for protocol, client in async_clients.items():
+                assert runner.run(client.classify([coffee], 1))[0][0].index == top[f"async {protocol}"], protocol
+
+
+async def _open_async(url: str, protocol: str) -> AsyncImageClassifierClient:
+    return AsyncImageClassifierClient(url, protocol)
