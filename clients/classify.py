@@ -10,8 +10,9 @@ runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and
 image as the answers come, in argument order; exits non-zero if any image failed, naming it. A file
 that is not a regular file or is over the contract's max_image_bytes fails alone, unread; files are
 read one request at a time. A busy answer (the server's bounded queue is full) is retried a few times.
-A wrong or missing server is one line that says what answers at the URL and what to use instead; a
-server that goes away mid-run leaves the answers already printed and fails the rest. `make serve`'s
+A wrong or missing server is one line that says what answers at the URL and what to use instead, and so
+is a model the server does not serve (--model); a server that goes away mid-run leaves the answers
+already printed and fails the rest. `make serve`'s
 server restricts model configuration: --batch reads max_batch_size with an admin key (--admin-key-file,
 $TRITON_ADMIN_KEY, else the one `make serve` wrote, sent to that server only), and without one sends
 requests of the deployment spec's default max_batch_size.
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageClassifierClient, ClassificationError,
-                            ImageClassifierClient, Prediction, ServerBusy, ServerUnavailable)
+                            ImageClassifierClient, Prediction, ServerBusy, ServerUnavailable, UnknownModel)
 from clients.endpoint import split_url
 from common.contract import MAX_BATCH_SIZE, ImageLimits
 from serving.access import KEY_ENV, read_key
@@ -42,6 +43,7 @@ from serving.server import served
 READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
 BUSY_RETRIES = 5  # a busy answer is retried this many times, about 0.1 s, 0.2 s, 0.4 s ... apart
 DEFAULT_CONCURRENCY = 8  # --async requests in flight: well below the committed spec's derived queues
+RUN_ERRORS = (ServerUnavailable, UnknownModel)  # every image would fail alike: the run stops at the first
 FILE_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
               stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
 
@@ -105,7 +107,8 @@ def read_image(name: str, limit: int = ImageLimits.max_image_bytes) -> bytes | C
 
 def classify_files(args: argparse.Namespace, emit: Emit) -> None:
     """Each argument's outcome, in order, as the chosen mode (one by one, --batch or --async) gets it. Once
-    no server answers, the remaining images each fail with that ServerUnavailable, unsent."""
+    no server answers (ServerUnavailable) or the server has no such model (UnknownModel), the remaining images
+    each fail with that error, unsent."""
     if args.use_async:
         asyncio.run(_classify_async(args, emit))
         return
@@ -118,13 +121,13 @@ def classify_files(args: argparse.Namespace, emit: Emit) -> None:
 
 
 def _emit_until_gone(names: list[str], outcomes: Iterable[Outcome], emit: Emit) -> None:
-    """Emits `outcomes`; once they raise ServerUnavailable, that error for each name left."""
+    """Emits `outcomes`; once they raise one of RUN_ERRORS, that error for each name left."""
     done = 0
     try:
         for outcome in outcomes:
             emit(names[done], outcome)
             done += 1
-    except ServerUnavailable as gone:
+    except RUN_ERRORS as gone:
         for name in names[done:]:
             emit(name, gone)
 
@@ -145,7 +148,7 @@ def _requested(client: ImageClassifierClient, images: list[bytes], top_k: int) -
     for attempt in range(BUSY_RETRIES + 1):
         try:
             return client.classify(images, top_k)
-        except ServerUnavailable:
+        except RUN_ERRORS:
             raise
         except ServerBusy as exc:
             if attempt == BUSY_RETRIES:
@@ -232,7 +235,7 @@ async def _classify_async(args: argparse.Namespace, emit: Emit) -> None:
                             return exc
                         window.shrink()
                         await asyncio.sleep(_backoff(attempt))
-                    except ClassificationError as exc:  # ServerUnavailable too: the caller stops at it
+                    except ClassificationError as exc:  # RUN_ERRORS too: the caller stops at them
                         return exc
 
         tasks = [asyncio.create_task(one(name)) for name in args.images]
@@ -240,7 +243,7 @@ async def _classify_async(args: argparse.Namespace, emit: Emit) -> None:
             for i, (name, task) in enumerate(zip(args.images, tasks)):
                 outcome = await task
                 emit(name, outcome)
-                if isinstance(outcome, ServerUnavailable):
+                if isinstance(outcome, RUN_ERRORS):
                     for later in tasks[i + 1:]:
                         later.cancel()
                     for later_name in args.images[i + 1:]:
@@ -252,14 +255,14 @@ async def _classify_async(args: argparse.Namespace, emit: Emit) -> None:
 
 
 class Report:
-    """Prints each outcome as it comes and counts the failures. A server gone before anything was printed
-    is raised instead: the run's one line, not one per image."""
+    """Prints each outcome as it comes and counts the failures. A server gone (or without the model) before
+    anything was printed is raised instead: the run's one line, not one per image."""
 
     def __init__(self, as_json: bool):
         self.as_json, self.printed, self.failures = as_json, 0, 0
 
     def __call__(self, name: str, outcome: Outcome) -> None:
-        if isinstance(outcome, ServerUnavailable) and not self.printed:
+        if isinstance(outcome, RUN_ERRORS) and not self.printed:
             raise outcome
         self.printed += 1
         if isinstance(outcome, ClassificationError):
@@ -323,8 +326,8 @@ def main(args: argparse.Namespace) -> int:
     report = Report(args.json)
     try:
         classify_files(args, report)
-    except ServerUnavailable as exc:
-        raise ServerUnavailable(f"{exc}{_served_hint(running, args.url)}") from None
+    except RUN_ERRORS as exc:
+        raise type(exc)(f"{exc}{_served_hint(running, args.url)}") from None
     return report.failures
 
 

@@ -9,14 +9,14 @@
 server); `probabilities` returns the full probability vectors. Several images go in one request.
 The URL may carry a scheme (`http://`, `grpc://`, which then sets the protocol). Server-side errors
 raise ClassificationError carrying a gRPC status name (HTTP 400 is INVALID_ARGUMENT too) and the
-server's message. When no server of the client's protocol answers at the URL (the host name does not
-resolve, nothing listens, or it is the other protocol's or the metrics port), ServerUnavailable says
-what answers there instead; a request whose connection fails while the server answers a fresh one (a
-kept-alive connection the server, restarted, or a load balancer closed) is sent once more on a fresh
-one. A server past its bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE):
-retry later. A request the server does not answer within `timeout_s` fails alone, with
-ClassificationError DEADLINE_EXCEEDED (`timeout_s`: seconds above 0, or None for no limit; every call,
-readiness and model config too).
+server's message; UnknownModel (NOT_FOUND) when the server serves no model of the client's name. When
+no server of the client's protocol answers at the URL (the host name does not resolve, nothing
+listens, or it is the other protocol's or the metrics port), ServerUnavailable says what answers there
+instead; a request whose connection fails while the server answers a fresh one (a kept-alive connection
+the server, restarted, or a load balancer closed) is sent once more on a fresh one. A server past its
+bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE): retry later. A request
+the server does not answer within `timeout_s` fails alone, with ClassificationError DEADLINE_EXCEEDED
+(`timeout_s`: seconds above 0, or None for no limit; every call, readiness and model config too).
 `admin_key` (what `make serve` writes to .run/admin.key) is sent with the restricted calls (the model
 config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED.
 """
@@ -34,7 +34,8 @@ from clients.endpoint import DEFAULT_URLS, NAMES, PROTOCOLS, split_url, what_ans
 from serving.access import is_restricted_error, key_headers
 
 __all__ = ["AsyncImageClassifierClient", "ClassificationError", "DEFAULT_MODEL", "DEFAULT_URLS",
-           "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerBusy", "ServerUnavailable", "status_name"]
+           "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerBusy", "ServerUnavailable", "UnknownModel",
+           "status_name"]
 
 IMAGE_INPUT = "IMAGE"
 PROBABILITIES = "PROBABILITIES"
@@ -61,6 +62,7 @@ CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "F
 PROBED = frozenset({UNAVAILABLE, DEADLINE_EXCEEDED, "NOT_FOUND", "UNIMPLEMENTED", "UNKNOWN"})
 # Triton's messages for a request turned away by a model's bounded queue: full, or waited past its timeout.
 BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+UNKNOWN_MODEL = "Request for unknown model"  # Triton's NOT_FOUND for a model it does not serve, over both protocols
 
 
 def status_name(status) -> str:
@@ -88,6 +90,13 @@ class ServerBusy(ClassificationError):
 
     def __init__(self, message: str):
         super().__init__(f"server busy: {message}", UNAVAILABLE)
+
+
+class UnknownModel(ClassificationError):
+    """The server answers but serves no model of the client's name (a mistyped model): every request fails alike."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "NOT_FOUND")
 
 
 class ServerUnavailable(ClassificationError):
@@ -170,8 +179,9 @@ def _max_batch_size(config: dict) -> int:
 
 
 def _probed(error: ClassificationError) -> bool:
-    """Whether the error may mean no server of this protocol at the URL (a busy server is one)."""
-    return error.status in PROBED and not isinstance(error, ServerBusy)
+    """Whether the error may mean no server of this protocol at the URL (a busy server is one, and so is Triton
+    naming the model it does not serve)."""
+    return error.status in PROBED and not isinstance(error, (ServerBusy, UnknownModel))
 
 
 class _Client:
@@ -219,6 +229,8 @@ class _Client:
                 return ClassificationError(f"{message}: this server restricts the call; pass its admin key "
                                            "(`make serve` writes .run/admin.key)", "PERMISSION_DENIED")
             status = status_name(exc.status() if hasattr(exc, "status") else None)
+            if status == "NOT_FOUND" and UNKNOWN_MODEL in message:
+                return UnknownModel(f"{message} at {self.url}: check the model name (default: {DEFAULT_MODEL})")
             if status == DEADLINE_EXCEEDED and self.protocol == "grpc":
                 return self._timed_out(message)
             return ClassificationError(message, status)

@@ -1,5 +1,5 @@
-"""clients.classify as people type it: URLs with or without a scheme, wrong ports named in one line,
---batch beyond max_batch_size, one status vocabulary, and the README's curl request. Real server."""
+"""clients.classify as people type it: URLs with or without a scheme, wrong ports and a mistyped model named in
+one line, --batch beyond max_batch_size, one status vocabulary, and the README's curl request. Real server."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import ImageClassifierClient
+from clients.client import ImageClassifierClient, UnknownModel
 from common.samples import ESPRESSO, sample_photos
 from serving.server import free_port
 
@@ -98,8 +98,22 @@ def test_json_status_has_one_vocabulary(server, tmp_path, protocol):
     url = server.http_url if protocol == "http" else server.grpc_url
     done = classify(str(bad), str(tmp_path / "missing.jpg"), "--url", url, "--protocol", protocol, "--json")
     assert [json.loads(line)["status"] for line in done.stdout.splitlines()] == ["INVALID_ARGUMENT", "NOT_FOUND"]
-    unknown = classify(coffee(), "--url", url, "--protocol", protocol, "--json", "--model", "no_such_model")
-    assert [json.loads(line)["status"] for line in unknown.stdout.splitlines()] == ["NOT_FOUND"]
+
+
+@pytest.mark.parametrize("mode", [[], ["--batch"], ["--async"]], ids=["sync", "batch", "async"])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_mistyped_model_is_one_line(server, protocol, mode):
+    """Before, every image failed alone with the same NOT_FOUND, each request probing the URL first."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    done = classify(coffee(), coffee(), coffee(), "--url", url, "--protocol", protocol, "--json",
+                    "--model", "no_such_model", *mode)
+    assert done.returncode == 1 and done.stdout == "" and done.stderr.count("\n") == 1, (done.stdout, done.stderr)
+    assert done.stderr.startswith("clients.classify: ") and "'no_such_model'" in done.stderr, done.stderr
+    assert f"at {url}: check the model name (default: image_classifier)" in done.stderr, done.stderr
+    with ImageClassifierClient(url, protocol, model="no_such_model") as client:
+        with pytest.raises(UnknownModel, match="no_such_model") as raised:
+            client.classify([b"x"])
+    assert raised.value.status == "NOT_FOUND"
 
 
 def readme_curl() -> str:
