@@ -12,7 +12,8 @@ that is not a regular file or is over the contract's max_image_bytes fails alone
 read one request at a time. A busy answer (the server's bounded queue is full) is retried a few times.
 A wrong or missing server is one line that says what answers at the URL and what to use instead, and so
 is a model the server does not serve (--model); a server that goes away mid-run leaves the answers
-already printed and fails the rest. `make serve`'s
+already printed and fails the rest. Output piped into a reader that stops early (`| head -1`) ends the
+run quietly, exit 141 (128 + SIGPIPE, as a shell reports for other commands). `make serve`'s
 server restricts model configuration: --batch reads max_batch_size with an admin key (--admin-key-file,
 $TRITON_ADMIN_KEY, else the one `make serve` wrote, sent to that server only), and without one sends
 requests of the deployment spec's default max_batch_size.
@@ -25,6 +26,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import stat
 import sys
@@ -44,6 +46,7 @@ READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENI
 BUSY_RETRIES = 5  # a busy answer is retried this many times, about 0.1 s, 0.2 s, 0.4 s ... apart
 DEFAULT_CONCURRENCY = 8  # --async requests in flight: well below the committed spec's derived queues
 RUN_ERRORS = (ServerUnavailable, UnknownModel)  # every image would fail alike: the run stops at the first
+SIGPIPE_EXIT = 128 + signal.SIGPIPE  # what a shell reports for a command whose reader went away (`yes | head -1`)
 FILE_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
               stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
 
@@ -331,9 +334,19 @@ def main(args: argparse.Namespace) -> int:
     return report.failures
 
 
+def stdout_closed() -> int:
+    """The reader of the output went away (`... | head -1`): nothing more to say, and nothing to say it to. Output
+    still buffered goes to /dev/null, or its flush at exit would print 'Exception ignored ... BrokenPipeError'
+    (what the Python docs recommend, for SIGPIPE)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return SIGPIPE_EXIT
+
+
 if __name__ == "__main__":
     try:
         failed = main(get_args_parser().parse_args())
+    except BrokenPipeError:
+        sys.exit(stdout_closed())
     except (OSError, ClassificationError, ValueError) as exc:
         sys.exit(f"clients.classify: {exc}")
     sys.exit(1 if failed else 0)

@@ -1,5 +1,6 @@
 """clients.classify as people type it: URLs with or without a scheme, wrong ports and a mistyped model named in
-one line, --batch beyond max_batch_size, one status vocabulary, and the README's curl request. Real server."""
+one line, --batch beyond max_batch_size, one status vocabulary, output piped into `head -1`, and the README's curl
+request. Real server."""
 from __future__ import annotations
 
 import json
@@ -114,6 +115,27 @@ def test_a_mistyped_model_is_one_line(server, protocol, mode):
         with pytest.raises(UnknownModel, match="no_such_model") as raised:
             client.classify([b"x"])
     assert raised.value.status == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(server, tmp_path, mode):
+    """`python -m clients.classify *.jpg | head -1`. Before, the closed pipe was the run's error ('[Errno 32]
+    Broken pipe') followed by Python's 'Exception ignored ... BrokenPipeError'. Lines of 1000 predictions each
+    fill the pipe within two images: the run is still writing when its reader goes."""
+    with open(tmp_path / "stderr", "w+") as stderr:
+        run = subprocess.Popen([sys.executable, "-m", "clients.classify", *[coffee()] * 5, "--url", server.http_url,
+                                "--json", "--top-k", "1000", *mode], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                               text=True)
+        try:
+            first = json.loads(run.stdout.readline())
+            run.stdout.close()
+            run.wait(timeout=120)
+        finally:
+            run.kill()
+        stderr.seek(0)
+        err = stderr.read()
+    assert first["top"][0]["index"] == ESPRESSO and len(first["top"]) == 1000
+    assert err == "" and run.returncode == 141, (run.returncode, err)
 
 
 def readme_curl() -> str:
