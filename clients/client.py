@@ -13,7 +13,7 @@ server's message; UnknownModel (NOT_FOUND) when the server serves no model of th
 no server of the client's protocol answers at the URL (the host name does not resolve, nothing
 listens, or it is the other protocol's or the metrics port), ServerUnavailable says what answers there
 instead; a request whose connection fails while the server answers a fresh one (a kept-alive connection
-the server, restarted, or a load balancer closed) is sent once more on a fresh one. A server past its
+a load balancer forgot, reset under the request) is sent once more on a fresh one. A server past its
 bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE): retry later. A request
 the server does not answer within `timeout_s` fails alone, with ClassificationError DEADLINE_EXCEEDED
 (`timeout_s`: seconds above 0, or None for no limit; every call, readiness and model config too).
@@ -260,9 +260,10 @@ class _Client:
         return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {why}", DEADLINE_EXCEEDED)
 
     def _stale(self, error: ClassificationError, answer: str) -> bool:
-        """Whether the right server answers a fresh connection although the request's connection failed: one
-        the server (restarted) or a load balancer (idle timeout) closed while the client kept it alive, which
-        geventhttpclient does not retry for a POST. Classifying twice does no harm, so it is worth one retry."""
+        """Whether the right server answers a fresh connection although the request's connection failed: one the
+        client kept alive and a load balancer forgot (idle timeout: a reset under the next request), or closed
+        as the request went; geventhttpclient checks a kept connection before reuse but retries no POST.
+        Classifying twice does no harm, so it is worth one retry."""
         return error.status == UNAVAILABLE and wrong_endpoint(self.url, self.protocol, answer) is None
 
     def _explain(self, error: ClassificationError, answer: str) -> ClassificationError:

@@ -1,7 +1,7 @@
 """What the client library and its command lines say when a request cannot be answered: a host name that
 does not resolve, port 0, an unknown protocol, a timeout of no seconds, --top-k below 1, demo ports out of range,
-a gRPC server that holds or times out its calls, and (real server) a request past its timeout and a server
-restarted between two requests."""
+a gRPC server that holds or times out its calls, and (real server) a request past its timeout and a kept-alive
+connection a load balancer forgot."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from clients import demo
 from clients.classify import _requested
 from clients.client import AsyncImageClassifierClient, ClassificationError, ImageClassifierClient, ServerUnavailable
 from clients.endpoint import split_url
-from serving.server import Ports, TritonServer, free_port
+from serving.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,39 +228,73 @@ def test_a_deadline_exceeded_without_a_client_timeout_is_a_classification_error(
             assert str(raised) == f"no gRPC answer from {url}: timed out (upstream request timeout)", (kind, raised)
 
 
+class ForgetfulBalancer:
+    """A real TCP proxy on loopback that forgets a connection once it has relayed an answer on it, as a load
+    balancer past its idle timeout does (AWS NLB, conntrack): the connection's next request gets a reset, while
+    every new connection is relayed."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):  # the listener closed at the end of the test
+            while True:
+                client = self.listener.accept()[0]
+                threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket):
+        host, _, port = self.upstream.rpartition(":")
+        upstream = socket.create_connection((host, int(port)))
+        self.sockets += [client, upstream]
+        answered = threading.Event()
+
+        def back():
+            with contextlib.suppress(OSError):
+                while data := upstream.recv(65536):
+                    client.sendall(data)
+                    answered.set()
+                client.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=back, daemon=True).start()
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if answered.is_set():
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    break
+                upstream.sendall(data)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_RDWR)  # a close alone would wait for the thread blocked in its recv
+        client.close()
+
+    def close(self):
+        """The listener and every relayed connection (the server waits for its open connections when it stops)."""
+        for s in (self.listener, *self.sockets):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
 @pytest.mark.slow
-def test_a_server_restarted_between_two_requests_answers_the_second(tiny_artifacts, photos, tmp_path):
-    """A server restarted on the same ports (or a load balancer's idle timeout) closes the connections the clients
-    keep alive. Before, the sync HTTP client sent its next request on the closed one (geventhttpclient retries no
-    POST), found Triton answering a fresh one, and still said no server answers: clients.classify failed every
-    image left."""
-    from build.repository.spec import DeploymentSpec, StageSpec
-    from build.repository.writer import write_repository
+def test_a_connection_a_load_balancer_forgot_is_retried_on_a_fresh_one(server, photos):
+    """Before, a kept-alive HTTP connection reset under the next request (geventhttpclient sends no POST twice)
+    was reported as no server answering, although the probe found Triton answering a fresh connection:
+    clients.classify then failed every image left. (A proxy that tells HTTP/2's exchanges apart is more than this
+    one: gRPC takes the same path in the client.)"""
+    protocol = "http"
+    balancer = ForgetfulBalancer(server.http_url)
+    try:
+        with ImageClassifierClient(balancer.url, protocol) as client:
+            first = client.classify([photos["coffee"]], 1)[0][0].index
+            assert client.classify([photos["coffee"]], 1)[0][0].index == first
 
-    one = StageSpec(instances=1, preferred_batch_sizes=[1], threads=1)
-    spec = DeploymentSpec(artifacts=str(tiny_artifacts), preprocess=one, classifier=one, fused=one)
-    repo = tmp_path / "model_repository"
-    write_repository(spec, "python-onnxruntime", repo, "tests")
-    ports, log = Ports.free(), tmp_path / "tritonserver.log"
-    coffee = photos["coffee"]
-    with contextlib.ExitStack() as stack:
-        first = stack.enter_context(TritonServer(repo, ports, log_file=log))
-        clients = {protocol: stack.enter_context(ImageClassifierClient(url, protocol))
-                   for protocol, url in (("http", first.http_url), ("grpc", first.grpc_url))}
-        runner = stack.enter_context(asyncio.Runner())  # one event loop: the async clients keep their connections
-        async_clients = {protocol: runner.run(_open_async(url, protocol))
-                         for protocol, url in (("http", first.http_url), ("grpc", first.grpc_url))}
-        for client in async_clients.values():
-            stack.callback(lambda c=client: runner.run(c.close()))
-        top = {f"sync {p}": c.classify([coffee], 1)[0][0].index for p, c in clients.items()}
-        top |= {f"async {p}": runner.run(c.classify([coffee], 1))[0][0].index for p, c in async_clients.items()}
-        first.stop()
-        with TritonServer(repo, ports, log_file=log):
-            for protocol, client in clients.items():
-                assert client.classify([coffee], 1)[0][0].index == top[f"sync {protocol}"], protocol
-            for protocol, client in async_clients.items():
-                assert runner.run(client.classify([coffee], 1))[0][0].index == top[f"async {protocol}"], protocol
+        async def twice():
+            async with AsyncImageClassifierClient(balancer.url, protocol) as client:
+                return [(await client.classify([photos["coffee"]], 1))[0][0].index for _ in range(2)]
 
-
-async def _open_async(url: str, protocol: str) -> AsyncImageClassifierClient:
-    return AsyncImageClassifierClient(url, protocol)
+        assert asyncio.run(twice()) == [first, first]
+    finally:
+        balancer.close()
