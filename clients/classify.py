@@ -9,7 +9,8 @@ Without --url: the server `make serve` started (its ports are in .run/tritonserv
 runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
 image as the answers come, in argument order; exits non-zero if any image failed, naming it. A file
 that is not a regular file or is over the contract's max_image_bytes fails alone, unread; files are
-read one request at a time. A busy answer (the server's bounded queue is full) is retried a few times.
+read one request at a time. A --batch request that fails because of the images the server's message names
+is sent once more without them. A busy answer (the server's bounded queue is full) is retried a few times.
 A wrong or missing server is one line that says what answers at the URL and what to use instead, and so
 is a model the server does not serve (--model); a server that goes away mid-run leaves the answers
 already printed and fails the rest. Output piped into a reader that stops early (`| head -1`) ends the
@@ -161,6 +162,20 @@ def _requested(client: ImageClassifierClient, images: list[bytes], top_k: int) -
             return _blame(len(images), exc)
 
 
+def _requested_apart(client: ImageClassifierClient, images: list[bytes], top_k: int) -> list[Outcome]:
+    """A request that failed because of the items its message names is sent once more without them, so that one
+    bad image fails alone and not the good ones of its request; a message that names none (which failed cannot be
+    told) leaves every image failed."""
+    answers = _requested(client, images, top_k)
+    bad = set().union(*map(_named, answers)) & set(range(len(images)))
+    rest = [i for i in range(len(images)) if i not in bad]
+    if not bad or not rest:
+        return answers
+    for i, answer in zip(rest, _requested(client, [images[i] for i in rest], top_k)):
+        answers[i] = answer
+    return answers
+
+
 def batch_size(client: ImageClassifierClient) -> int:
     """The served model's max_batch_size; the deployment spec's default when the server restricts its config
     and no admin key was given."""
@@ -179,7 +194,7 @@ def _batched(client: ImageClassifierClient, names: list[str], top_k: int) -> Ite
     while start < len(names):
         chunk = [read_image(name) for name in names[start:start + size]]
         readable = [data for data in chunk if isinstance(data, bytes)]
-        answers = _requested(client, readable, top_k) if readable else []
+        answers = _requested_apart(client, readable, top_k) if readable else []
         refused = answers and isinstance(answers[0], ClassificationError)
         lower = re.search(r"batch-size must be <= (\d+)", str(answers[0])) if refused else None
         if lower and 0 < int(lower[1]) < size:
@@ -190,9 +205,16 @@ def _batched(client: ImageClassifierClient, names: list[str], top_k: int) -> Ite
         start += len(chunk)
 
 
+def _named(outcome: Outcome) -> set[int]:
+    """The items of a failed request that the server's message names as bad ("image 2: ..."), by their place in it."""
+    if not isinstance(outcome, ClassificationError):
+        return set()
+    return {int(i) for i in re.findall(r"image (\d+):", str(outcome))}
+
+
 def _blame(count: int, exc: ClassificationError) -> list[Outcome]:
     """A request failed: the server's message names the bad items of a batch ("image 2: ...")."""
-    bad = {int(i) for i in re.findall(r"image (\d+):", str(exc))}
+    bad = _named(exc)
     innocent = ClassificationError("not classified: another image in the same request failed", exc.status)
     return [exc if (i in bad or not bad) else innocent for i in range(count)]
 

@@ -89,7 +89,21 @@ def test_batch_splits_at_max_batch_size(server, tmp_path):
         assert done.returncode == 1 and len(lines) == size + 2, done.stderr
         assert all(line["top"][0]["index"] == ESPRESSO for line in lines[:size])  # the first request: all answered
         assert lines[-1]["image"] == str(bad) and lines[-1]["status"] == "INVALID_ARGUMENT"
-        assert "another image in the same request" in lines[-2]["error"]
+        assert lines[-2]["top"][0]["index"] == ESPRESSO  # the bad one's request partner, resent without it
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_batch_one_bad_image_fails_alone(server, tmp_path, protocol):
+    """Before, the good images of a request that one bad image failed were 'not classified' and never resent,
+    though the server's message names the bad one ("image 1: ...")."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"not an image at all")
+    url = server.http_url if protocol == "http" else server.grpc_url
+    done = classify(coffee(), str(bad), coffee(), "--url", url, "--protocol", protocol, "--batch", "--json")
+    out = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1 and [line.get("status", "ok") for line in out] == ["ok", "INVALID_ARGUMENT", "ok"]
+    assert out[1]["image"] == str(bad) and "image 1:" in out[1]["error"], out[1]
+    assert out[0]["top"][0]["index"] == ESPRESSO and out[2]["top"][0]["index"] == ESPRESSO
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
