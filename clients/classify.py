@@ -8,7 +8,8 @@
 Without --url: the server `make serve` started (its ports are in .run/tritonserver.json) while it
 runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
 image as the answers come, in argument order; exits non-zero if any image failed, naming it. A file
-that is not a regular file or is over the contract's max_image_bytes fails alone, unread; files are
+that is not a regular file or is over --max-image-bytes (default: the contract's max_image_bytes; a
+deployment spec that raised `limits.max_image_bytes` wants it raised too) fails alone, unread; files are
 read one request at a time. A --batch request that fails because of the images the server's message names
 is sent once more without them. A busy answer (the server's bounded queue is full) is retried a few times.
 A wrong or missing server is one line that says what answers at the URL and what to use instead, and so
@@ -71,6 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-key-file", default=None,
                    help=f"file holding the server's admin key, for --batch to read max_batch_size (default: "
                         f"${KEY_ENV}, else the key `make serve` wrote, for its server)")
+    p.add_argument("--max-image-bytes", type=number(int, 1), default=ImageLimits.max_image_bytes,
+                   help="larger files fail here, unsent: the served deployment spec's limits.max_image_bytes "
+                        "(default: %(default)s, the built-in limit)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return p
 
@@ -105,7 +109,8 @@ def read_image(name: str, limit: int = ImageLimits.max_image_bytes) -> bytes | C
     finally:
         os.close(fd)
     if len(data) > limit:
-        return ClassificationError(f"over the image size limit of {limit} bytes (max_image_bytes)", "INVALID_ARGUMENT")
+        return ClassificationError(f"over the image size limit of {limit} bytes (--max-image-bytes)",
+                                   "INVALID_ARGUMENT")
     return data
 
 
@@ -119,9 +124,9 @@ def classify_files(args: argparse.Namespace, emit: Emit) -> None:
     admin_key = getattr(args, "admin_key", None)
     with ImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key) as client:
         if args.batch:
-            _emit_until_gone(args.images, _batched(client, args.images, args.top_k), emit)
+            _emit_until_gone(args.images, _batched(client, args.images, args.top_k, args.max_image_bytes), emit)
         else:
-            _emit_until_gone(args.images, _one_by_one(client, args.images, args.top_k), emit)
+            _emit_until_gone(args.images, _one_by_one(client, args.images, args.top_k, args.max_image_bytes), emit)
 
 
 def _emit_until_gone(names: list[str], outcomes: Iterable[Outcome], emit: Emit) -> None:
@@ -136,9 +141,9 @@ def _emit_until_gone(names: list[str], outcomes: Iterable[Outcome], emit: Emit) 
             emit(name, gone)
 
 
-def _one_by_one(client: ImageClassifierClient, names: list[str], top_k: int) -> Iterator[Outcome]:
+def _one_by_one(client: ImageClassifierClient, names: list[str], top_k: int, limit: int) -> Iterator[Outcome]:
     for name in names:
-        image = read_image(name)
+        image = read_image(name, limit)
         yield image if isinstance(image, ClassificationError) else _requested(client, [image], top_k)[0]
 
 
@@ -187,12 +192,12 @@ def batch_size(client: ImageClassifierClient) -> int:
     return MAX_BATCH_SIZE
 
 
-def _batched(client: ImageClassifierClient, names: list[str], top_k: int) -> Iterator[Outcome]:
+def _batched(client: ImageClassifierClient, names: list[str], top_k: int, limit: int) -> Iterator[Outcome]:
     """Requests of at most max_batch_size images each, read a request at a time; a server that says its limit
     is lower ("batch-size must be <= N") gets the rest in requests of N."""
     size, start = batch_size(client), 0
     while start < len(names):
-        chunk = [read_image(name) for name in names[start:start + size]]
+        chunk = [read_image(name, limit) for name in names[start:start + size]]
         readable = [data for data in chunk if isinstance(data, bytes)]
         answers = _requested_apart(client, readable, top_k) if readable else []
         refused = answers and isinstance(answers[0], ClassificationError)
@@ -249,7 +254,7 @@ async def _classify_async(args: argparse.Namespace, emit: Emit) -> None:
 
         async def one(name: str) -> Outcome:
             async with window:
-                image = read_image(name)
+                image = read_image(name, args.max_image_bytes)
                 if isinstance(image, ClassificationError):
                     return image
                 for attempt in range(BUSY_RETRIES + 1):

@@ -1,20 +1,25 @@
 """clients.classify over whole runs: --async within a small bounded queue, a server killed mid-run, files that
-are no images to read (a FIFO, /dev/zero, over the size limit), and --batch on a restricted server whatever the
-URL's spelling, with or without its key. Real servers, real files."""
+are no images to read (a FIFO, /dev/zero, over the size limit), --max-image-bytes for a server whose limit was
+raised, and --batch on a restricted server whatever the URL's spelling, with or without its key. Real servers,
+real files."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import psutil
 import pytest
+from PIL import Image
 
 from build.repository.spec import DeploymentSpec, StageSpec
 from common.contract import ImageLimits
@@ -141,10 +146,40 @@ def test_files_that_are_no_images_fail_alone_unread(server, tmp_path, mode):
     assert done.returncode == 1 and done.stderr == "" and len(out) == 5, (done.stdout, done.stderr)
     assert [line.get("error") for line in out[:4]] == [
         "not a regular file (a FIFO)", "not a regular file (a character device)",
-        f"over the image size limit of {ImageLimits.max_image_bytes} bytes (max_image_bytes)",
+        f"over the image size limit of {ImageLimits.max_image_bytes} bytes (--max-image-bytes)",
         "not a regular file (a directory)"]
     assert {line["status"] for line in out[:4]} == {"INVALID_ARGUMENT"}
     assert out[4]["top"][0]["index"] == ESPRESSO
+
+
+def padded_png(size: int) -> bytes:
+    """A 64 x 64 PNG of exactly `size` bytes: an ancillary chunk that decoders skip holds the padding."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(buf, "PNG")
+    png = buf.getvalue()
+    pad = b"\0" * (size - len(png) - 12)
+    chunk = struct.pack(">I", len(pad)) + b"prVt" + pad + struct.pack(">I", zlib.crc32(b"prVt" + pad))
+    return png[:-12] + chunk + png[-12:]  # before IEND, the last 12 bytes
+
+
+def test_max_image_bytes_follows_a_raised_server_limit(tiny_artifacts, tmp_path):
+    """A deployment spec may raise limits.max_image_bytes. Before, the CLI still refused locally, unsent, a file
+    over the built-in 20 MiB that such a server takes: no option raised its own check."""
+    one = StageSpec(instances=1, preferred_batch_sizes=[1], threads=1)
+    raised = ImageLimits(max_image_bytes=2 * ImageLimits.max_image_bytes)
+    spec = DeploymentSpec(limits=raised, preprocess=one, classifier=one, fused=one)
+    big = tmp_path / "big.png"
+    big.write_bytes(padded_png(ImageLimits.max_image_bytes + 1))
+    with tiny_server(tiny_artifacts, tmp_path, spec) as server:
+        for mode in ([], ["--batch"], ["--async"]):
+            refused = classify(str(big), "--url", server.http_url, "--json", *mode)
+            assert [line.get("error") for line in lines(refused.stdout)] == [
+                f"over the image size limit of {ImageLimits.max_image_bytes} bytes (--max-image-bytes)"], refused
+            sent = classify(str(big), "--url", server.http_url, "--json", "--max-image-bytes",
+                            str(raised.max_image_bytes), *mode)
+            assert sent.returncode == 0 and len(lines(sent.stdout)[0]["top"]) > 0, (sent.stdout, sent.stderr)
+    bad = classify(str(big), "--max-image-bytes", "0")
+    assert bad.returncode == 2 and "argument --max-image-bytes: must be at least 1, got 0" in bad.stderr, bad.stderr
 
 
 def test_batch_on_the_recorded_server_however_its_address_is_spelt(lite0_repository, tmp_path):
