@@ -22,7 +22,6 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 import common.contract as contract_module
 import common.cpu as cpu_module
 import common.labels as labels_file
-from serving.triton_admin import LOCK_FILE
 import common.onnxsession as onnxsession_module
 import common.preprocessing as preprocessing_module
 import common.priority as priority_module
@@ -32,6 +31,7 @@ from build.repository.spec import DeploymentSpec
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
+from serving.triton_admin import LOCK_FILE
 
 TEMPLATES = Path(__file__).parent / "templates"
 MARKER = "BUILD.json"
@@ -238,7 +238,9 @@ def write_repository(
 
     if spec.pipeline == "fused" and backend != "python-onnxruntime":
         raise ValueError(f"the fused pipeline needs the python-onnxruntime backend, not {backend!r}")
-    staging = out.with_name(out.name + ".tmp")
+    staging, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    if old.exists() and not (old / MARKER).exists():
+        raise FileExistsError(f"{old} exists and was not written by build.engines; refusing to replace it")
     if staging.exists() and any(staging.iterdir()) and not any((staging / m).exists() for m in (MARKER, STAGING)):
         raise FileExistsError(f"{staging} exists and was not written by build.engines; refusing to replace it")
     shutil.rmtree(staging, ignore_errors=True)

@@ -176,6 +176,13 @@ def test_repository_refuses_foreign_folder_and_bad_artifacts(tmp_path, tiny_arti
     (staging / "half").mkdir()
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "onnxruntime", out)
     assert not staging.exists() and (out / "BUILD.json").is_file() and not (out / ".staging").exists()
+    # nor the folder the old repository is moved to while the new one takes its place
+    old = tmp_path / "model_repository.old"
+    old.mkdir()
+    (old / "notes.txt").write_text("keep me as well")
+    with pytest.raises(FileExistsError, match="model_repository.old exists and was not written by build.engines"):
+        write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "onnxruntime", out)
+    assert (old / "notes.txt").exists() and (out / "BUILD.json").is_file()
     with pytest.raises(ArtifactsError, match="make export"):
         model_shape(tmp_path / "nothing")
 
