@@ -25,12 +25,13 @@ import sys
 from pathlib import Path
 
 from build.repository import placement
-from build.repository.writer import MARKER, read_manifest
+from build.repository.writer import MARKER, STAGING, read_manifest
 from serving.rollout import CANDIDATE, RETIRED
+from serving.triton_admin import LOCK_FILE
 
 PLACEHOLDER = ".placeholder"
 PUBLISHING = ".publishing"  # at the prefix while a publish runs: {"models": [the model folders it owns]}
-SKIP = {"__pycache__", ".staging", ".model-control.lock"}  # the last: serving.triton_admin.LOCK_FILE
+SKIP = {"__pycache__", STAGING, LOCK_FILE}
 
 
 class PublishError(RuntimeError):

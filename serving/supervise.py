@@ -213,13 +213,7 @@ class Supervisor:
         server may never act on SIGTERM); its exit code."""
         log.error("%s; stopping it", self._not_live)
         self.watchdog.stop(WATCHDOG_STOP_S)
-        self.process.send_signal(signal.SIGTERM)
-        code = self._reaped_within(UNLIVE_KILL_S)
-        if code is None:
-            log.warning("tritonserver did not end %g s after SIGTERM; killing it", UNLIVE_KILL_S)
-            self.process.kill()
-            code = self._reaped_within(float("inf"))
-        return code
+        return self._terminate(UNLIVE_KILL_S)
 
     def _reaped_within(self, timeout_s: float) -> int | None:
         """tritonserver's exit code once it has ended, reaping meanwhile; None if it runs `timeout_s` later."""
@@ -241,10 +235,15 @@ class Supervisor:
                 drain(self.admin, self.drain_timeout_s).log(log)
             except (RuntimeError, OSError, ValueError) as exc:
                 log.warning("drain failed (%s); stopping anyway", exc)
+        return self._terminate(120)
+
+    def _terminate(self, kill_after_s: float) -> int:
+        """SIGTERM to tritonserver (unless it has ended), SIGKILL if it runs `kill_after_s` later; its exit code."""
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-        code = self._reaped_within(120)
+        code = self._reaped_within(kill_after_s)
         if code is None:
+            log.warning("tritonserver did not end %g s after SIGTERM; killing it", kill_after_s)
             self.process.kill()
             code = self._reaped_within(float("inf"))
         return code

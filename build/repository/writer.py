@@ -312,14 +312,14 @@ def write_repository(
     (staging / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
     (staging / STAGING).unlink()
 
-    _swap_in(staging, out)
+    _swap_in(staging, out, old)
     return manifest
 
 
-def _swap_in(staging: Path, out: Path) -> None:
-    """`staging` becomes `out`; the old `out` (if any) is deleted only once the new one is in its place, so
-    that an interruption leaves one complete repository at `out` or at `<out>.old` (the next write deletes it)."""
-    old = out.with_name(out.name + ".old")
+def _swap_in(staging: Path, out: Path, old: Path) -> None:
+    """`staging` becomes `out`; the old `out` (if any) is moved to `old` and deleted only once the new one is in
+    its place, so that an interruption leaves one complete repository at `out` or at `old` (the next write
+    deletes it)."""
     if old.exists() and (old / MARKER).exists():
         shutil.rmtree(old)
     if out.exists():
