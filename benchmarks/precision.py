@@ -186,16 +186,19 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    widths = [max(4, sum(r["model"] == m for r in rows)) for m in models]  # each variant its own room
+    fig, axes = plt.subplots(1, len(models), figsize=(1.5 * sum(widths), 4.4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
         x = np.arange(len(mine))
         ax.bar(x - 0.2, [r["img_s_b1"] for r in mine], 0.4, label="batch 1")
         ax.bar(x + 0.2, [r["img_s_b8"] for r in mine], 0.4, label="batch 8")
-        ax.set_xticks(x, [f"{r['variant']}\n{r['top1_agreement']:.1%} agr" for r in mine])
+        ax.set_xticks(x, [f"{r['variant']}\n{r['top1_agreement']:.1%} agr" for r in mine], fontsize=8)
         ax.set_ylabel("images/s (ONNX Runtime, in process)")
         ax.set_title(model)
         ax.legend()
+    fig.suptitle(f"CPU: {rows[0]['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
