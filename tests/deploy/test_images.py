@@ -191,6 +191,18 @@ def wait_ready(url: str, container: list[str], timeout: float = 180) -> None:
 
 
 @pytest.mark.slow
+def test_cpu_image_keeps_no_layer_of_build_only_files(podman, cpu_image, lite0_repository):
+    """The wheelhouse pip installs from is mounted for that step, not copied: a COPY layer keeps its files
+    (~100 MB) in the image even after a later step deletes them. No COPY layer is larger than the biggest
+    thing the image is meant to carry, the baked repository."""
+    history = json.loads(subprocess.run([*podman, "history", "--format", "json", cpu_image], capture_output=True,
+                                        text=True, check=True).stdout)
+    copies = {h["CreatedBy"][:80]: h["size"] for h in history if "COPY" in h["CreatedBy"]}
+    repository = sum(f.stat().st_size for f in lite0_repository.rglob("*") if f.is_file())
+    assert copies and all(size <= repository + 2**20 for size in copies.values()), (repository, copies)
+
+
+@pytest.mark.slow
 def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
     from clients.client import ImageClassifierClient
     from common.samples import CAT_CLASSES, ESPRESSO
