@@ -10,10 +10,11 @@ PODMAN_ARGS ?= $(if $(shell command -v runc),--runtime runc)
 NOFILE := $(shell n=$$(ulimit -Hn); [ "$$n" = unlimited ] && n=1048576; echo $$n)
 PODMAN_BUILD_ARGS ?= --ulimit nofile=$(NOFILE):$(NOFILE) --ulimit nproc=4096:4096
 S3_URL ?=
+PULL_TO ?= .run/pulled
 K8S_OUT ?= .run/k8s
 GPU_CONTEXT ?= .run/image-gpu
 
-.PHONY: image-setup image image-gpu-context image-gpu publish k8s-render k8s-validate
+.PHONY: image-setup image image-gpu-context image-gpu publish pull k8s-render k8s-validate
 
 image-setup: ## Debian podman, buildah, runc, debootstrap (as root) for `make image`
 	@{ command -v podman && command -v debootstrap && command -v runc; } >/dev/null || { [ "$$(id -u)" = 0 ] \
@@ -33,8 +34,12 @@ image-gpu: image-gpu-context ## GPU image: NGC tritonserver (NGC_TAG=24.10-py3) 
 	    -f deploy/images/Containerfile.gpu -t $(GPU_IMAGE) $(GPU_CONTEXT)
 
 publish: $(STAMP) ## upload REPOSITORY to S3_URL=s3://[host:port/]bucket/prefix (AWS_* credentials), for tritonserver and the k8s overlays
-	@[ -n "$(S3_URL)" ] || { echo "publish: set S3_URL=s3://bucket/prefix or s3://host:port/bucket/prefix" >&2; exit 1; }
+	@[ -n "$(S3_URL)" ] || { echo "$@: set S3_URL=s3://bucket/prefix or s3://host:port/bucket/prefix" >&2; exit 1; }
 	$(PY) -m serving.publish --model-repository $(REPOSITORY) --url $(S3_URL)
+
+pull: $(STAMP) ## download the publication at S3_URL into PULL_TO, checked against its PUBLISHED.json (the k8s pods' initContainer)
+	@[ -n "$(S3_URL)" ] || { echo "$@: set S3_URL=s3://bucket/prefix or s3://host:port/bucket/prefix" >&2; exit 1; }
+	$(PY) -m serving.pull --url $(S3_URL) --to $(PULL_TO)
 
 k8s-render: ## kubectl kustomize every overlay (cpu, cpu-vnni, gpu, kserve, prometheus-adapter) into K8S_OUT/
 	@mkdir -p $(K8S_OUT)

@@ -9,8 +9,9 @@ refused (the bucket's other objects are not the repository's). Every file is upl
 serving.rollout keeps for one server (an A/B test's `*_candidate` models, `<classifier>/_retired/`); S3
 has no empty folders, so an empty folder (an ensemble's version folder) gets a placeholder object, or
 Triton finds no version there.
-A prefix with BUILD.json holds a whole repository: a publish first writes .publishing (the model folders
-it owns) and deletes the old BUILD.json, uploads, and writes BUILD.json last. Stale objects (the
+A prefix with BUILD.json holds a whole repository: a publish first deletes PUBLISHED.json, writes
+.publishing (the model folders it owns) and deletes the old BUILD.json, uploads, writes BUILD.json, and
+PUBLISHED.json last (every object's size and sha256, serving.publication: what serving.pull checks). Stale objects (the
 repository no longer has them) are deleted only where the prefix already held a published repository
 (BUILD.json or .publishing), only inside the model folders its old or new BUILD.json names, and never
 under a folder that holds a BUILD.json of its own (another repository nested there); nothing else under
@@ -19,56 +20,25 @@ the prefix is touched.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import datetime
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 from build.repository import placement
 from build.repository.writer import MARKER, STAGING, read_manifest
+from common.hashing import file_sha256
+from serving.publication import PLACEHOLDER, PUBLISHED, S3Location, manifest
 from serving.rollout import CANDIDATE, RETIRED
 from serving.triton_admin import LOCK_FILE
 
-PLACEHOLDER = ".placeholder"
 PUBLISHING = ".publishing"  # at the prefix while a publish runs: {"models": [the model folders it owns]}
 SKIP = {"__pycache__", STAGING, LOCK_FILE}
 
 
 class PublishError(RuntimeError):
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    prefix: str  # no leading or trailing slash; may be ""
-    endpoint: str | None  # http://host:port or https://host:port, or None for AWS
-
-    @classmethod
-    def parse(cls, url: str) -> "S3Location":
-        if not url.startswith("s3://"):
-            raise ValueError(f"{url!r} is not an s3:// URL (s3://bucket/prefix or s3://host:port/bucket/prefix)")
-        rest = url[len("s3://"):]
-        scheme = next((s for s in ("http", "https") if rest.startswith(f"{s}://")), None)
-        parts = [p for p in rest.removeprefix(f"{scheme}://").split("/") if p]
-        endpoint = None
-        if scheme or (parts and ":" in parts[0]):  # [http(s)://]host:port first, as Triton reads it
-            host, _, port = parts[0].rpartition(":") if parts else ("", "", "")
-            if not host or not port.isdigit():
-                raise ValueError(f"{url!r}: {parts[0] if parts else ''!r} is not host:port")
-            endpoint = f"{scheme or 'http'}://{parts.pop(0)}"
-        if not parts:
-            raise ValueError(f"{url!r} names no bucket")
-        return cls(parts[0], "/".join(parts[1:]), endpoint)
-
-    def key(self, relative: str) -> str:
-        return f"{self.prefix}/{relative}" if self.prefix else relative
-
-    @property
-    def url(self) -> str:
-        """The URL to give tritonserver --model-repository (Triton's `s3://https://host:port/...` for TLS)."""
-        host = self.endpoint.removeprefix("http://") + "/" if self.endpoint else ""
-        return f"s3://{host}{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
 
 
 def rollout_only(relative: Path, models: list[str]) -> bool:
@@ -81,12 +51,12 @@ def rollout_only(relative: Path, models: list[str]) -> bool:
 
 def repository_objects(repository: Path) -> dict[str, Path | None]:
     """Object name (relative, '/'-separated) -> file to upload, None for an empty placeholder.
-    BUILD.json last."""
+    BUILD.json last; no PUBLISHED.json (a folder serving.pull wrote has one: publish writes its own)."""
     models = read_manifest(repository).get("models", [])  # FileNotFoundError unless build.engines wrote it
     objects: dict[str, Path | None] = {}
     for path in sorted(repository.rglob("*")):
         relative = path.relative_to(repository)
-        if SKIP & set(relative.parts) or relative.as_posix() == MARKER or rollout_only(relative, models):
+        if SKIP & set(relative.parts) or relative.as_posix() in (MARKER, PUBLISHED) or rollout_only(relative, models):
             continue
         if path.is_file():
             objects[relative.as_posix()] = path
@@ -123,9 +93,11 @@ def publish(repository: Path, location: S3Location, create_bucket: bool = False,
         before = _list_keys(client, location)
         owned = _owned_models(client, location, before)
         publishing = json.dumps({"models": sorted(set(owned or ()) | set(models))}).encode()
+        client.delete_object(Bucket=location.bucket, Key=location.key(PUBLISHED))  # first: readers wait from now
         client.put_object(Bucket=location.bucket, Key=location.key(PUBLISHING), Body=publishing)
         client.delete_object(Bucket=location.bucket, Key=location.key(MARKER))
         total = sum(p.stat().st_size for p in objects.values() if p)
+        published = published_manifest(repository, location, objects)  # the files as this publish found them
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {location.url}", disable=not progress) as bar:
             for name, path in objects.items():
                 if name == MARKER:
@@ -139,16 +111,26 @@ def publish(repository: Path, location: S3Location, create_bucket: bool = False,
                 client.delete_objects(Bucket=location.bucket,
                                       Delete={"Objects": [{"Key": k} for k in stale[start:start + 1000]]})
             client.upload_file(str(objects[MARKER]), location.bucket, location.key(MARKER), Callback=bar.update)
+        client.put_object(Bucket=location.bucket, Key=location.key(PUBLISHED), Body=published)  # last
         client.delete_object(Bucket=location.bucket, Key=location.key(PUBLISHING))
         after = _list_keys(client, location)
     except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
         raise PublishError(f"publishing to {location.url} failed (it holds no {MARKER} until a publish "
                            f"completes): {exc}") from exc
     missing = [n for n, p in objects.items() if after.get(location.key(n)) != (p.stat().st_size if p else 0)]
+    missing += [PUBLISHED] if after.get(location.key(PUBLISHED)) != len(published) else []
     if missing:
         raise PublishError(f"after upload, {len(missing)} object(s) are missing or of the wrong size: {missing[:5]}")
     return {"url": location.url, "objects": len(objects), "bytes": total, "deleted": len(stale),
             "placeholders": sorted(n for n, p in objects.items() if p is None)}
+
+
+def published_manifest(repository: Path, location: S3Location, objects: dict[str, Path | None]) -> bytes:
+    """PUBLISHED.json for `objects` as uploaded: each one's size and sha256 (placeholders: empty)."""
+    empty = hashlib.sha256(b"").hexdigest()
+    listed = {name: (path.stat().st_size, file_sha256(path)) if path else (0, empty) for name, path in objects.items()}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return manifest(location.url, str(repository.resolve()), now, listed)
 
 
 def _owned_models(client, location: S3Location, keys: dict[str, int]) -> list[str] | None:
@@ -202,6 +184,7 @@ def main(args: argparse.Namespace) -> None:
           f"{done['deleted']} stale object(s) deleted)")
     print(f"serve it with: tritonserver --model-repository={done['url']}   (AWS_ACCESS_KEY_ID, "
           "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION set)")
+    print(f"or a checked local copy (the k8s pods' initContainer): python -m serving.pull --url {done['url']} --to DIR")
     print(placement.advice(args.model_repository))
 
 

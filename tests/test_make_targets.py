@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_WORDS = {"&&", "||", ";", "|", ">", ">>", "2>&1", "<", "}"}
-REQUIRED = {"publish": ["S3_URL=s3://bucket/prefix"]}  # variables a target refuses to run without
+REQUIRED = {"publish": ["S3_URL=s3://bucket/prefix"], "pull": ["S3_URL=s3://bucket/prefix"]}  # variables a
+# target refuses to run without
 
 
 def make(*args: str) -> str:

@@ -43,10 +43,11 @@ cp requirements/image.txt "$WORK/context/requirements/"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: -r requirements/image.txt -d "$WORK/wheels"
 cp -r "$WORK/wheels" "$WORK/context/wheels"
 cp -r "$REPOSITORY" "$WORK/context/repository"
-# serving.supervise (the entrypoint) and the modules it imports: standard library and psutil only
+# serving.supervise (the entrypoint) and the modules it imports: standard library and psutil only; serving.pull
+# (the Deployment's initContainer) and its one import: standard library only
 mkdir -p "$WORK/context/serving"
 cp serving/__init__.py serving/access.py serving/cache.py serving/health.py serving/stubs.py serving/triton_admin.py \
-    serving/watchdog.py serving/supervise.py "$WORK/context/serving/"
+    serving/watchdog.py serving/supervise.py serving/publication.py serving/pull.py "$WORK/context/serving/"
 
 say "podman build $IMAGE"
 "$PODMAN" "${PODMAN_ARGS[@]}" build "${BUILD_ARGS[@]}" --build-arg "BASE=$BASE_IMAGE" \

@@ -63,8 +63,9 @@ def test_images_run_as_non_root_and_expose_the_four_ports():
 
 
 def test_images_start_the_supervisor_with_every_module_it_imports():
-    """Both images run `python3 -m serving.supervise ... -- tritonserver`; the serving modules copied into
-    them are exactly what it imports, transitively, and its one third-party import is pinned in the image."""
+    """Both images run `python3 -m serving.supervise ... -- tritonserver`, and the Deployment's initContainer
+    `python3 -m serving.pull`; the serving modules copied into them are exactly what those two import,
+    transitively, and their one third-party import is pinned in the image."""
     import ast
 
     def imports(module: str) -> tuple[set[str], set[str]]:
@@ -73,7 +74,7 @@ def test_images_start_the_supervisor_with_every_module_it_imports():
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         return {n.split(".")[1] for n in names if n.startswith("serving.")}, {n.split(".")[0] for n in names}
 
-    needed, todo, third_party = set(), ["supervise"], set()
+    needed, todo, third_party = set(), ["supervise", "pull"], set()
     while todo:
         module = todo.pop()
         needed.add(module)

@@ -1,0 +1,170 @@
+"""serving.pull and PUBLISHED.json: a repository published to a real S3 endpoint (moto's server on loopback) is
+pulled back whole and checked, a publication in progress is waited for or refused, a changed object refused,
+and the requests are signed as botocore signs them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from build.repository.writer import MARKER
+from common.hashing import file_sha256
+from serving.publication import PLACEHOLDER, PUBLISHED, S3Location
+from serving.publish import SKIP, publish, s3_client
+from serving.pull import PullError, get_args_parser, main, pull, signed_headers
+from tests.deploy.test_publish import bucket_objects, moto, tiny_repository  # noqa: F401  (moto: fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every empty folder (None) under `folder`, by relative path."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if SKIP & set(path.relative_to(folder).parts):
+            continue
+        if path.is_file():
+            found[path.relative_to(folder).as_posix()] = path.read_bytes()
+        elif not any(path.iterdir()):
+            found[path.relative_to(folder).as_posix()] = None
+    return found
+
+
+@pytest.fixture
+def published(moto, tiny_artifacts, tmp_path, request):
+    """A built repository whose ensemble version folder is empty (as S3 holds it: a placeholder), published
+    to its own bucket; (repository, location)."""
+    repo = tiny_repository(tiny_artifacts, tmp_path / "repo")
+    for f in (repo / "image_classifier" / "1").iterdir():
+        f.unlink()
+    bucket = request.node.name.replace("_", "-")[:40].strip("-").lower()
+    location = S3Location.parse(f"s3://{moto}/{bucket}/models/cpu")
+    publish(repo, location, create_bucket=True, progress=False)
+    return repo, location
+
+
+def test_publish_writes_a_manifest_of_every_object_last(published):
+    repo, location = published
+    objects = bucket_objects(s3_client(location), location.bucket)
+    manifest = json.loads(objects.pop(location.key(PUBLISHED)))
+    assert manifest["url"] == location.url and manifest["source"] == str(repo.resolve()) and manifest["published_at"]
+    assert {location.key(k) for k in manifest["objects"]} == set(objects)
+    for key, entry in manifest["objects"].items():
+        body = objects[location.key(key)]
+        assert entry["size"] == len(body) and entry["sha256"] == hashlib.sha256(body).hexdigest()
+    assert manifest["objects"][MARKER]["sha256"] == file_sha256(repo / MARKER)
+    assert f"image_classifier/1/{PLACEHOLDER}" in manifest["objects"]
+
+    # a republish removes the manifest before it changes anything and writes it after everything else
+    order = []
+    client = s3_client(location)
+    for event in ("PutObject", "DeleteObject", "DeleteObjects"):
+        client.meta.events.register(f"before-parameter-build.s3.{event}",
+                                    lambda params, event_name, **_: order.append(
+                                        (event_name.rsplit(".", 1)[1], params.get("Key"))))
+    (repo / "preprocess" / "1" / "priority.py").unlink()
+    publish(repo, location, progress=False, client=client)
+    assert order[0] == ("DeleteObject", location.key(PUBLISHED))
+    last_put = [key for event, key in order if event == "PutObject"][-1]
+    assert last_put == location.key(PUBLISHED)
+    assert order.index(("PutObject", location.key(PUBLISHED))) > order.index(("DeleteObjects", None))
+
+
+def test_pull_copies_the_publication_whole(published, tmp_path):
+    repo, location = published
+    done = pull(location, tmp_path / "pulled", wait_s=0)
+    pulled = tree(tmp_path / "pulled")
+    assert json.loads(pulled.pop(PUBLISHED))["url"] == location.url
+    assert pulled == tree(repo)  # every file, and the ensemble's empty version folder, as built
+    assert done["objects"] == len(json.loads((tmp_path / "pulled" / PUBLISHED).read_text())["objects"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pulled", "repo"]  # no staging left
+
+    # a new publication replaces an earlier pull whole
+    (repo / "preprocess" / "1" / "priority.py").unlink()
+    publish(repo, location, progress=False)
+    pull(location, tmp_path / "pulled", wait_s=0)
+    pulled = tree(tmp_path / "pulled")
+    pulled.pop(PUBLISHED)
+    assert pulled == tree(repo) and sorted(p.name for p in tmp_path.iterdir()) == ["pulled", "repo"]
+
+    # a folder pull did not write is never replaced
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(PullError, match="theirs exists and was not written by serving.pull"):
+        pull(location, tmp_path / "theirs", wait_s=0)
+    assert tree(tmp_path / "theirs") == {"notes.txt": b"mine"}
+
+
+def test_a_publication_in_progress_is_refused_in_one_line(published, tmp_path):
+    """A publish deletes PUBLISHED.json first: until it writes the new one the prefix is a publication in
+    progress, which pull waits for (--wait) and then refuses, leaving the folder as it was."""
+    repo, location = published
+    pull(location, tmp_path / "pulled", wait_s=0)
+    before = tree(tmp_path / "pulled")
+    s3_client(location).delete_object(Bucket=location.bucket, Key=location.key(PUBLISHED))
+    refused = rf"holds no {PUBLISHED}: a publish is in progress there.*gave up after 1 attempt\(s\)"
+    with pytest.raises(PullError, match=refused):
+        pull(location, tmp_path / "pulled", wait_s=0)
+    assert tree(tmp_path / "pulled") == before
+
+    done = subprocess.run([sys.executable, "-m", "serving.pull", "--url", location.url, "--to",
+                           str(tmp_path / "fresh"), "--wait", "0"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and not (tmp_path / "fresh").exists()
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"serving.pull: {location.url} holds no {PUBLISHED}")
+
+
+def test_pull_waits_for_a_publish_in_progress_to_complete(published, tmp_path):
+    repo, location = published
+    s3_client(location).delete_object(Bucket=location.bucket, Key=location.key(PUBLISHED))
+    waits = []
+
+    def publish_meanwhile(seconds: float) -> None:  # the publish in progress completes while pull waits
+        waits.append(seconds)
+        publish(repo, location, progress=False)
+
+    done = pull(location, tmp_path / "pulled", wait_s=3600, interval_s=7, sleep=publish_meanwhile)
+    assert done["tries"] == 2 and waits == [7]
+    pulled = tree(tmp_path / "pulled")
+    pulled.pop(PUBLISHED)
+    assert pulled == tree(repo)
+
+
+def test_an_object_changed_after_publication_is_refused(published, tmp_path, capsys):
+    repo, location = published
+    s3_client(location).put_object(Bucket=location.bucket, Key=location.key("classifier/1/model.onnx"),
+                                   Body=b"not the published model")
+    with pytest.raises(PullError, match=r"1 object\(s\) differ from its PUBLISHED.json, e.g. classifier/1/model.onnx "
+                                        r"\(23 bytes.*changed after publication"):
+        main(get_args_parser().parse_args(["--url", location.url, "--to", str(tmp_path / "pulled"), "--wait", "3600",
+                                           "--interval", "0"]))
+    assert not (tmp_path / "pulled").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+    s3_client(location).delete_object(Bucket=location.bucket, Key=location.key("preprocess/1/model.py"))
+    with pytest.raises(PullError, match=r"2 object\(s\) differ.*"):
+        pull(location, tmp_path / "pulled", wait_s=0)
+
+
+def test_requests_are_signed_as_botocore_signs_them():
+    """serving.pull signs its GETs itself (the server images have no boto3): the same Authorization header as
+    botocore's S3 SigV4 signer for the same request and time, a session token and an odd key included."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    for token in (None, "session-token"):
+        env = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret/key+x",
+               "AWS_DEFAULT_REGION": "eu-west-3", **({"AWS_SESSION_TOKEN": token} if token else {})}
+        url = "http://127.0.0.1:9000/models/lite0/cpu/classifier/1/model%20v2~%2B.onnx?versionId=a%2Fb&x="
+        request = AWSRequest(method="GET", url=url, headers={})
+        S3SigV4Auth(Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], token), "s3",
+                    env["AWS_DEFAULT_REGION"]).add_auth(request)
+        ours = signed_headers("GET", url, env, request.headers["X-Amz-Date"])
+        assert ours["authorization"] == request.headers["Authorization"]
+        assert ours.get("x-amz-security-token") == request.headers.get("X-Amz-Security-Token")
+    assert set(signed_headers("GET", url, {}, "20261205T000000Z")) == {"x-amz-content-sha256"}  # no key: unsigned
