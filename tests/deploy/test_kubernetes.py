@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from serving import access
+from tests.deploy.test_publish import moto  # noqa: F401  (fixture: moto's S3 server on loopback)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -213,6 +214,11 @@ def server_container(objects: list[dict]) -> dict:
     return container
 
 
+def pull_container(objects: list[dict]) -> dict:
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    return container
+
+
 def supervisor_command(container: dict) -> list[str]:
     """The container's command after the NGC entrypoint the GPU overlay puts first."""
     command = container.get("command", [])
@@ -294,11 +300,14 @@ def test_the_hpa_alone_sets_the_deployments_scale(rendered, target):
 
 @pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
 def test_rollout_deadline_outlasts_the_startup_window(rendered, target):
-    """A new pod may spend the startup probe's whole window loading models, after scheduling and the image
-    pull: a progress deadline no longer than that window (Kubernetes' default, 600 s, is) reports a rollout
-    of pods that are still loading as failed."""
+    """A new pod may spend the startup probe's whole window loading models, after scheduling, the image
+    pull, and its initContainer's wait for a publish in progress: a progress deadline no longer than those
+    (Kubernetes' default, 600 s, is the window alone) reports a rollout of pods that are still loading as failed."""
+    from serving.pull import get_args_parser
+
     deployment = one(rendered[target], "Deployment")
     window = probe_window_s(server_container(rendered[target])["startupProbe"])
+    window += get_args_parser().parse_args(pull_container(rendered[target])["command"][3:]).wait
     assert deployment["spec"].get("progressDeadlineSeconds", 600) > window, window
 
 
@@ -327,16 +336,42 @@ def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
 def test_repository_and_credentials_come_from_config_and_secrets(rendered, target):
+    """The initContainer reads the repository's URL and the S3 credentials; the server, which reads no S3 any
+    more, gets neither, and keeps the admin key."""
     container = server_container(rendered[target])
     config = one(rendered[target], "ConfigMap")
-    refs = {next(iter(r)): r[next(iter(r))]["name"] for r in container["envFrom"]}
+    refs = {next(iter(r)): r[next(iter(r))]["name"] for r in pull_container(rendered[target])["envFrom"]}
     assert refs == {"configMapRef": config["metadata"]["name"], "secretRef": "triton-s3"}
-    assert "--model-repository=$(MODEL_REPOSITORY)" in container["args"]
+    assert "--url=$(MODEL_REPOSITORY)" in pull_container(rendered[target])["command"]
+    assert "envFrom" not in container and "$(MODEL_REPOSITORY)" not in json.dumps(container)
     env = {e["name"]: e for e in container["env"]}
     assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "triton-admin-key"
     # the same restricted APIs and header as `make serve` (serving/access.py)
     expected = access.restricted_args("$(TRITON_ADMIN_KEY)")
     assert [a for a in container["args"] if "restricted" in a] == expected
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
+def test_pods_serve_a_local_copy_pulled_by_an_init_container(rendered, target):
+    """An initContainer of the server's image runs serving.pull (the published repository, checked against its
+    PUBLISHED.json, renamed into place whole) into an emptyDir; tritonserver serves that folder, read-only,
+    and reads nothing from S3 itself. Its flags are serving.pull's own."""
+    from serving.pull import get_args_parser
+
+    pod = one(rendered[target], "Deployment")["spec"]["template"]["spec"]
+    init, server = pull_container(rendered[target]), server_container(rendered[target])
+    assert init["image"] == server["image"] and init["command"][:3] == ["python3", "-m", "serving.pull"]
+    pulled = get_args_parser().parse_args(init["command"][3:])
+    assert pulled.url == "$(MODEL_REPOSITORY)" and pulled.wait > 0
+    assert init["securityContext"] == server["securityContext"]  # non-root from the pod's, read-only root
+    (mount,) = init["volumeMounts"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(volumes[mount["name"]]) == {"name", "emptyDir"}  # on the node's disk, lives as long as the pod
+    assert pulled.to.parent == Path(mount["mountPath"])
+    (served,) = [m for m in server["volumeMounts"] if m["name"] == mount["name"]]
+    assert served.get("subPath") == pulled.to.name and served.get("readOnly") is True
+    assert f"--model-repository={served['mountPath']}" in server["args"]
+    assert [a for a in server["args"] if a.startswith("--model-repository")] == ["--model-repository=/models"]
 
 
 def test_every_server_keeps_model_control_behind_a_key(rendered):
@@ -411,7 +446,7 @@ def test_kserve_downloads_from_the_overlays_s3_endpoint_with_their_secret(render
     scheme, _, host = overlay.endpoint.partition("://")
     assert notes["serving.kserve.io/s3-endpoint"] == host
     assert notes["serving.kserve.io/s3-usehttps"] == ("1" if scheme == "https" else "0")
-    secrets = {e["secretRef"]["name"] for e in server_container(rendered["cpu"])["envFrom"] if "secretRef" in e}
+    secrets = {e["secretRef"]["name"] for e in pull_container(rendered["cpu"])["envFrom"] if "secretRef" in e}
     assert [s["name"] for s in account["secrets"]] == sorted(secrets)
     (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
     assert container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -484,9 +519,10 @@ def adapter_query(rule: dict, namespace: str, pod: str) -> str:
 
 
 @pytest.mark.slow
-def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifacts, tmp_path, photos):
-    """The Deployment's command line (serving.supervise over tritonserver, the admin key from the
-    environment), run here on loopback: its probes answer 200 on the ports their names point to, and a
+def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifacts, tmp_path, photos, moto):
+    """The Deployment's command lines, run here on loopback: the initContainer's pulls a repository published
+    to S3 (moto's server) into the pod's volume, and the server's (serving.supervise over tritonserver, the admin
+    key from the environment) serves that folder: its probes answer 200 on the ports their names point to, and a
     stub killed with SIGKILL turns readiness to 503 until the supervisor has reloaded its model through
     the key-guarded API. A real Prometheus scraping it (with the namespace/pod labels a PodMonitor adds)
     records the rule, and the adapter's query for that pod returns a number."""
@@ -499,6 +535,7 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
 
     repo = tmp_path / "model_repository"
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
+    served = pulled_volume(rendered["cpu"], repo, f"s3://{moto}/k8s/image_classifier/cpu", tmp_path / "volume")
     container = server_container(rendered["cpu"])
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     ports, key = Ports.free(), "k8s-test-key"
@@ -507,7 +544,7 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
     launcher = launcher[:next(i for i, a in enumerate(launcher) if a.startswith("--"))]
     command = []
     for arg in container["command"] + container["args"]:
-        arg = arg.replace("$(MODEL_REPOSITORY)", str(repo)).replace("$(TRITON_ADMIN_KEY)", key)
+        arg = served.get(arg, arg).replace("$(TRITON_ADMIN_KEY)", key)
         arg = arg.replace("=0.0.0.0", "=127.0.0.1")
         name, _, value = arg.partition("=")
         if name.endswith("-port") and value.isdigit():
@@ -550,6 +587,26 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
         pod.send_signal(signal.SIGTERM)
         code = pod.wait(120)
     assert code == 0, (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
+
+
+def pulled_volume(objects: list[dict], repo: Path, url: str, volume: Path) -> dict[str, str]:
+    """Publish `repo` to `url` and run the initContainer's command with the pod's volume at `volume`; the
+    server's --model-repository argument with the folder it mounts from that volume in place of the mount."""
+    from serving.publication import S3Location
+    from serving.publish import publish
+
+    publish(repo, S3Location.parse(url), create_bucket=True, progress=False)
+    init, server = pull_container(objects), server_container(objects)
+    (mount,) = init["volumeMounts"]
+    command = [sys.executable if a == "python3" else a.replace("$(MODEL_REPOSITORY)", url)
+               .replace(mount["mountPath"], str(volume)) for a in init["command"]]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    (served,) = [m for m in server["volumeMounts"] if m["name"] == mount["name"]]
+    folder = volume / served["subPath"]
+    assert (folder / "BUILD.json").read_bytes() == (repo / "BUILD.json").read_bytes()
+    return {f"--model-repository={served['mountPath']}": f"--model-repository={folder}"}
 
 
 def _hpa_metric_from_prometheus(rendered, local: dict[int, int], photos, tmp_path: Path) -> None:
