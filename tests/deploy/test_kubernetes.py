@@ -61,8 +61,8 @@ def rendered(kubectl) -> dict[str, list[dict]]:
     return {name: render(kubectl, folder) for name, folder in TARGETS.items()}
 
 
-def one(objects: list[dict], kind: str) -> dict:
-    (found,) = [o for o in objects if o["kind"] == kind]
+def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    (found,) = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
     return found
 
 
@@ -102,7 +102,7 @@ def validation_errors(obj: dict) -> list[str]:
 
 def test_every_target_renders(rendered):
     kinds = {name: sorted(o["kind"] for o in objs) for name, objs in rendered.items()}
-    server = sorted(["ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
+    server = sorted(["ServiceAccount", "ConfigMap", "Service", "Service", "Deployment", "HorizontalPodAutoscaler",
                      "PodDisruptionBudget", "PodMonitor", "PrometheusRule"])
     assert kinds["cpu"] == server and kinds["cpu-vnni"] == server and kinds["gpu"] == server
     assert kinds["kserve"] == ["InferenceService", "ServiceAccount", "ServingRuntime"]
@@ -374,6 +374,23 @@ def test_pods_serve_a_local_copy_pulled_by_an_init_container(rendered, target):
     assert [a for a in server["args"] if a.startswith("--model-repository")] == ["--model-repository=/models"]
 
 
+@pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
+def test_headless_service_lets_grpc_clients_balance_per_request(rendered, target):
+    """A ClusterIP Service balances connections, and a gRPC client holds one: triton-grpc-headless (no cluster
+    IP) resolves to every ready pod, for clients with `dns:///` and round_robin. They reach the pods directly,
+    so its one port is the container's gRPC port, and it selects the pods the ClusterIP Service selects."""
+    headless = one(rendered[target], "Service", "triton-grpc-headless")["spec"]
+    pod_labels = one(rendered[target], "Deployment")["spec"]["template"]["metadata"]["labels"]
+    container_ports = {p["name"]: p["containerPort"] for p in server_container(rendered[target])["ports"]}
+    assert headless["clusterIP"] == "None" and "type" not in headless
+    assert headless["selector"] == one(rendered[target], "Service", "triton")["spec"]["selector"]
+    assert headless["selector"].items() <= pod_labels.items()
+    (port,) = headless["ports"]
+    assert (port["name"], port["targetPort"], port["appProtocol"]) == ("grpc", "grpc", "grpc")
+    assert port["port"] == container_ports["grpc"]
+    assert not headless.get("publishNotReadyAddresses")  # only ready pods: the supervisor's /ready decides
+
+
 def test_every_server_keeps_model_control_behind_a_key(rendered):
     """The Deployment passes the restricted-API flags with the Secret's key, so serving.supervise adds no second
     pair; KServe's runtime passes none, and serving.supervise adds them (the Secret's key if there is one)."""
@@ -403,12 +420,12 @@ def test_selectors_pick_the_server_pods(rendered, target):
     objects = rendered[target]
     deployment = one(objects, "Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    selectors = [deployment["spec"]["selector"]["matchLabels"], one(objects, "Service")["spec"]["selector"],
+    selectors = [deployment["spec"]["selector"]["matchLabels"], one(objects, "Service", "triton")["spec"]["selector"],
                  one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
                  one(objects, "PodMonitor")["spec"]["selector"]["matchLabels"]]
     for selector in selectors:
         assert selector and selector.items() <= labels.items()
-    service_ports = {p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]}
+    service_ports = {p["targetPort"] for p in one(objects, "Service", "triton")["spec"]["ports"]}
     # every port clients and Prometheus use; the supervisor's health port is the kubelet's only
     assert service_ports == {p["name"] for p in server_container(objects)["ports"]} - {"health"}
     assert one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
