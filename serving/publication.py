@@ -7,7 +7,7 @@ folder, and PUBLISHED.json, the manifest a publish writes last.
 A prefix holding PUBLISHED.json holds a complete publication: a publish deletes it before it changes
 anything and writes it after every object (BUILD.json included), so a reader that finds it and finds every
 object it lists with that size and sha256 has read one whole publication, never a mix of two.
-Standard library only: serving.pull runs in the server images (deploy/images/), which have no boto3.
+boto3 is imported only where a client is made (s3_client), so the URL and manifest parts load without it.
 """
 from __future__ import annotations
 
@@ -80,3 +80,10 @@ def read_manifest(body: bytes, url: str) -> dict[str, tuple[int, str]]:
         if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or name == PUBLISHED:
             raise ManifestError(f"{url}/{PUBLISHED} lists {name!r}, which is not a path inside the repository")
     return objects
+
+
+def s3_client(location: S3Location):
+    """A boto3 S3 client for `location`'s endpoint (AWS where it names none); credentials from boto3's chain."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=location.endpoint)

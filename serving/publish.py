@@ -29,7 +29,7 @@ from pathlib import Path
 from build.repository import placement
 from build.repository.writer import MARKER, STAGING, read_manifest
 from common.hashing import file_sha256
-from serving.publication import PLACEHOLDER, PUBLISHED, S3Location, manifest
+from serving.publication import PLACEHOLDER, PUBLISHED, S3Location, manifest, s3_client
 from serving.rollout import CANDIDATE, RETIRED
 from serving.triton_admin import LOCK_FILE
 
@@ -64,12 +64,6 @@ def repository_objects(repository: Path) -> dict[str, Path | None]:
             objects[f"{relative.as_posix()}/{PLACEHOLDER}"] = None
     objects[MARKER] = repository / MARKER
     return objects
-
-
-def s3_client(location: S3Location):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=location.endpoint)
 
 
 def publish(repository: Path, location: S3Location, create_bucket: bool = False, progress: bool = True,

@@ -10,27 +10,22 @@ once. The files go into a staging folder beside --to and are renamed into place 
 absent, the previous pull, or this one, never a part. The Kubernetes Deployment runs it as its
 initContainer (deploy/k8s/base/deployment.yaml), so tritonserver serves a complete local copy.
 
-Standard library only (it runs in the server images, deploy/images/, which have no boto3): S3 GETs signed
-with AWS Signature Version 4 from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and
-AWS_DEFAULT_REGION (unsigned where no key is set), the URL in Triton's form as for serving.publish.
+boto3, as serving.publish (the server images carry it: requirements/image.txt), so credentials come from
+boto3's own chain: AWS_* variables, a web identity token (EKS IRSA), an instance or pod role; the URL in
+Triton's form as for serving.publish.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import hmac
 import os
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from serving.publication import PLACEHOLDER, PUBLISHED, ManifestError, S3Location, read_manifest
+from serving.publication import PLACEHOLDER, PUBLISHED, ManifestError, S3Location, read_manifest, s3_client
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
@@ -43,92 +38,60 @@ class InProgress(RuntimeError):
     """A publish is running over the prefix: worth trying again."""
 
 
-def aws_region(env: dict[str, str]) -> str:
-    return env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"
+def open_object(client, location: S3Location, relative: str):
+    """The body of the object (a stream to read and close); None where it does not exist."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
-
-def signed_headers(method: str, url: str, env: dict[str, str], amz_date: str) -> dict[str, str]:
-    """The headers of an S3 request signed with AWS Signature Version 4 (empty payload), as botocore signs
-    one; only x-amz-content-sha256 where `env` holds no AWS_ACCESS_KEY_ID."""
-    parts = urllib.parse.urlsplit(url)
-    headers = {"host": parts.netloc, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": amz_date}
-    if env.get("AWS_SESSION_TOKEN"):
-        headers["x-amz-security-token"] = env["AWS_SESSION_TOKEN"]
-    if not env.get("AWS_ACCESS_KEY_ID"):
-        return {k: v for k, v in headers.items() if k == "x-amz-content-sha256"}
-    # the URL comes encoded (object_url): its path and query are canonical as they are, as botocore has it for S3
-    canonical_query = "&".join(f"{k}={v}" for k, _, v in sorted(p.partition("=") for p in parts.query.split("&") if p))
-    names = sorted(headers)
-    canonical = "\n".join([method, parts.path or "/", canonical_query,
-                           "".join(f"{n}:{headers[n].strip()}\n" for n in names), ";".join(names), EMPTY_SHA256])
-    region = aws_region(env)
-    scope = f"{amz_date[:8]}/{region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = ("AWS4" + env.get("AWS_SECRET_ACCESS_KEY", "")).encode()
-    for part in (amz_date[:8], region, "s3", "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={env['AWS_ACCESS_KEY_ID']}/{scope}, "
-                                f"SignedHeaders={';'.join(names)}, Signature={signature}")
-    return headers
-
-
-def object_url(location: S3Location, relative: str, env: dict[str, str]) -> str:
-    """Path-style on an endpoint of its own (as Triton and MinIO address it), virtual-hosted on AWS."""
-    key = urllib.parse.quote(location.key(relative), safe="/-_.~")
-    if location.endpoint:
-        return f"{location.endpoint}/{location.bucket}/{key}"
-    region = aws_region(env)
-    return f"https://{location.bucket}.s3.{region}.amazonaws.com/{key}"
-
-
-def open_object(location: S3Location, relative: str, env: dict[str, str], timeout_s: float = 60.0):
-    """The response of a signed GET (a file-like object); None where the object does not exist."""
-    url = object_url(location, relative, env)
-    amz_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    headers = {k: v for k, v in signed_headers("GET", url, env, amz_date).items() if k != "host"}
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
+        return client.get_object(Bucket=location.bucket, Key=location.key(relative))["Body"]
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if error.get("Code") in ("NoSuchKey", "404"):
             return None
-        if exc.code >= 500:  # the endpoint's trouble, perhaps passing
-            raise InProgress(f"GET {location.url}/{relative}: HTTP {exc.code} {exc.reason}") from None
-        raise PullError(f"GET {location.url}/{relative}: HTTP {exc.code} {exc.reason}") from None
-    except OSError as exc:
+        if status >= 500 or error.get("Code") in ("SlowDown", "RequestTimeout"):  # the endpoint's trouble, perhaps passing
+            raise InProgress(f"GET {location.url}/{relative}: {error.get('Code')} {error.get('Message', '')}") from None
+        raise PullError(f"GET {location.url}/{relative}: {error.get('Code')} {error.get('Message', '')}".strip()) from None
+    except BotoCoreError as exc:  # no connection, a timeout: try again while --wait lasts
         raise InProgress(f"GET {location.url}/{relative}: {exc}") from None
 
 
-def read_published(location: S3Location, env: dict[str, str]) -> bytes:
-    answer = open_object(location, PUBLISHED, env)
+def read_published(client, location: S3Location) -> bytes:
+    answer = open_object(client, location, PUBLISHED)
     if answer is None:
         raise InProgress(f"{location.url} holds no {PUBLISHED}: a publish is in progress there, or none completed")
-    with answer:
+    try:
         return answer.read()
+    finally:
+        answer.close()
 
 
-def download(location: S3Location, relative: str, target: Path, env: dict[str, str]) -> tuple[int, str] | None:
+def download(client, location: S3Location, relative: str, target: Path) -> tuple[int, str] | None:
     """Write one object to `target`; its (size, sha256), None where it is missing."""
-    answer = open_object(location, relative, env)
+    from botocore.exceptions import BotoCoreError
+
+    answer = open_object(client, location, relative)
     if answer is None:
         return None
     digest, size = hashlib.sha256(), 0
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with answer, open(target, "wb") as out:
-            for block in iter(lambda: answer.read(1 << 20), b""):
+        with open(target, "wb") as out:
+            for block in answer.iter_chunks(1 << 20):
                 digest.update(block)
                 size += len(block)
                 out.write(block)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+    except (BotoCoreError, ConnectionError, TimeoutError) as exc:
         raise InProgress(f"GET {location.url}/{relative}: {exc}") from None
+    finally:
+        answer.close()
     return size, digest.hexdigest()
 
 
-def pull_once(location: S3Location, staging: Path, env: dict[str, str]) -> int:
+def pull_once(client, location: S3Location, staging: Path) -> int:
     """One complete, checked copy of the publication into `staging`; the number of objects. InProgress where a
     publish runs meanwhile, PullError where an object differs from a manifest that did not change."""
-    body = read_published(location, env)
+    body = read_published(client, location)
     try:
         objects = read_manifest(body, location.url)
     except ManifestError as exc:
@@ -138,12 +101,12 @@ def pull_once(location: S3Location, staging: Path, env: dict[str, str]) -> int:
         if relative.endswith(f"/{PLACEHOLDER}") and expected == (0, EMPTY_SHA256):
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)  # an empty folder, as built
             continue
-        found = download(location, relative, staging / relative, env)
+        found = download(client, location, relative, staging / relative)
         if found != expected:
             wrong.append(f"{relative} ({'missing' if found is None else f'{found[0]} bytes, sha256 {found[1][:12]}'}; "
                          f"{PUBLISHED} says {expected[0]} bytes, sha256 {expected[1][:12]})")
     if wrong:
-        if read_published(location, env) != body:
+        if read_published(client, location) != body:
             raise InProgress(f"{location.url} was republished while it was read")
         raise PullError(f"{location.url}: {len(wrong)} object(s) differ from its {PUBLISHED}, e.g. {wrong[0]}: "
                         "changed after publication; publish again (make publish)")
@@ -171,11 +134,11 @@ def swap_in(staging: Path, dest: Path) -> None:
     staging.rename(dest)
 
 
-def pull(location: S3Location, dest: Path, wait_s: float, interval_s: float = 10.0, env: dict[str, str] | None = None,
+def pull(location: S3Location, dest: Path, wait_s: float, interval_s: float = 10.0, client=None,
          sleep: Callable[[float], None] = time.sleep) -> dict:
     """Pull the publication at `location` into `dest`, trying again every `interval_s` for `wait_s` while a
     publish is in progress there. Raises PullError with the reason."""
-    env = dict(os.environ) if env is None else env
+    client = s3_client(location) if client is None else client
     dest = dest.absolute()
     check_replaceable(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +149,7 @@ def pull(location: S3Location, dest: Path, wait_s: float, interval_s: float = 10
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            count = pull_once(location, staging, env)
+            count = pull_once(client, location, staging)
             swap_in(staging, dest)
             return {"url": location.url, "to": str(dest), "objects": count, "tries": tries}
         except InProgress as exc:

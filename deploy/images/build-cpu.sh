@@ -44,7 +44,7 @@ cp requirements/image.txt "$WORK/context/requirements/"
 cp -r "$WORK/wheels" "$WORK/context/wheels"
 cp -r "$REPOSITORY" "$WORK/context/repository"
 # serving.supervise (the entrypoint) and the modules it imports: standard library and psutil only; serving.pull
-# (the Deployment's initContainer) and its one import: standard library only
+# (the Deployment's initContainer) and its one import: standard library and boto3
 mkdir -p "$WORK/context/serving"
 cp serving/__init__.py serving/access.py serving/cache.py serving/health.py serving/stubs.py serving/triton_admin.py \
     serving/watchdog.py serving/supervise.py serving/publication.py serving/pull.py "$WORK/context/serving/"

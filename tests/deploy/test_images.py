@@ -121,13 +121,15 @@ GPU_PILLOW = {("24.10-py3", "13.0.0"): "12.3.0"}
 
 
 def test_gpu_image_pins_what_the_tests_run():
-    """The GPU image's Pillow (the preprocess model's) and psutil are requirements/image.txt's, bar a pair listed in
-    GPU_PILLOW: a change of either side fails here until someone checks the other."""
+    """The GPU image's Pillow (the preprocess model's), psutil and boto3 with its dependencies are
+    requirements/image.txt's, bar a Pillow pair listed in GPU_PILLOW: a change of either side fails here until
+    someone checks the other."""
     text = (IMAGES / "Containerfile.gpu").read_text()
     (install,) = re.findall(r"^RUN python3 -m pip install (.*)$", text, re.M)
-    gpu, image = dict(re.findall(r"\b([a-z]+)==(\S+)", install)), pins(ROOT / "requirements" / "image.txt")
+    gpu, image = dict(re.findall(r"(?<!\S)([a-z][a-z0-9._-]*)==(\S+)", install)), pins(ROOT / "requirements" / "image.txt")
     tag = re.search(r"^ARG TRITON_TAG=(\S+)$", text, re.M).group(1)
-    assert set(gpu) == {"pillow", "psutil"} and gpu["psutil"] == image["psutil"]
+    s3 = {"boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3"}
+    assert set(gpu) == {"pillow", "psutil"} | s3 and all(gpu[n] == image[n] for n in {"psutil"} | s3)
     assert gpu["pillow"] == GPU_PILLOW.get((tag, image["pillow"]), image["pillow"])
 
 

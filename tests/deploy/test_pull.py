@@ -1,10 +1,11 @@
 """serving.pull and PUBLISHED.json: a repository published to a real S3 endpoint (moto's server on loopback) is
 pulled back whole and checked, a publication in progress is waited for or refused, a changed object refused,
-and the requests are signed as botocore signs them."""
+and an endpoint that does not answer is one line after --wait."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from build.repository.writer import MARKER
 from common.hashing import file_sha256
 from serving.publication import PLACEHOLDER, PUBLISHED, S3Location
 from serving.publish import SKIP, publish, s3_client
-from serving.pull import PullError, get_args_parser, main, pull, signed_headers
+from serving.pull import PullError, get_args_parser, main, pull
 from tests.deploy.test_publish import bucket_objects, moto, tiny_repository  # noqa: F401  (moto: fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,21 +151,16 @@ def test_an_object_changed_after_publication_is_refused(published, tmp_path, cap
         pull(location, tmp_path / "pulled", wait_s=0)
 
 
-def test_requests_are_signed_as_botocore_signs_them():
-    """serving.pull signs its GETs itself (the server images have no boto3): the same Authorization header as
-    botocore's S3 SigV4 signer for the same request and time, a session token and an odd key included."""
-    from botocore.auth import S3SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+def test_an_endpoint_that_does_not_answer_is_one_line_after_the_wait(tmp_path):
+    """No S3 listening at the URL's host:port (a wrong endpoint, storage down): each try fails to connect, pull
+    tries again while --wait lasts and then says so in one line, exit 1, nothing written."""
+    from serving.server import free_port
 
-    for token in (None, "session-token"):
-        env = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret/key+x",
-               "AWS_DEFAULT_REGION": "eu-west-3", **({"AWS_SESSION_TOKEN": token} if token else {})}
-        url = "http://127.0.0.1:9000/models/lite0/cpu/classifier/1/model%20v2~%2B.onnx?versionId=a%2Fb&x="
-        request = AWSRequest(method="GET", url=url, headers={})
-        S3SigV4Auth(Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], token), "s3",
-                    env["AWS_DEFAULT_REGION"]).add_auth(request)
-        ours = signed_headers("GET", url, env, request.headers["X-Amz-Date"])
-        assert ours["authorization"] == request.headers["Authorization"]
-        assert ours.get("x-amz-security-token") == request.headers.get("X-Amz-Security-Token")
-    assert set(signed_headers("GET", url, {}, "20261205T000000Z")) == {"x-amz-content-sha256"}  # no key: unsigned
+    url = f"s3://127.0.0.1:{free_port()}/models/cpu"
+    done = subprocess.run([sys.executable, "-m", "serving.pull", "--url", url, "--to", str(tmp_path / "pulled"),
+                           "--wait", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                               "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"})
+    assert done.returncode == 1 and not (tmp_path / "pulled").exists()
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"serving.pull: GET {url}/{PUBLISHED}: Could not connect") and "gave up after 1" in line
