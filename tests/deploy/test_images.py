@@ -65,7 +65,7 @@ def test_images_run_as_non_root_and_expose_the_four_ports():
 def test_images_start_the_supervisor_with_every_module_it_imports():
     """Both images run `python3 -m serving.supervise ... -- tritonserver`, and the Deployment's initContainer
     `python3 -m serving.pull`; the serving modules copied into them are exactly what those two import,
-    transitively, and their one third-party import is pinned in the image."""
+    transitively, and their third-party imports (psutil, boto3) are pinned in the image."""
     import ast
 
     def imports(module: str) -> tuple[set[str], set[str]]:
@@ -81,11 +81,12 @@ def test_images_start_the_supervisor_with_every_module_it_imports():
         own, top = imports(module)
         todo += sorted(own - needed)
         third_party |= {t for t in top if t not in sys.stdlib_module_names and t not in ("serving", "__future__")}
-    assert third_party == {"psutil"} and "psutil" in pins(ROOT / "requirements" / "image.txt")
+    image = pins(ROOT / "requirements" / "image.txt")
+    assert third_party == {"psutil", "boto3", "botocore"} and third_party <= set(image)
     copied_cpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "build-cpu.sh").read_text()))
     copied_gpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "Containerfile.gpu").read_text()))
     assert copied_cpu == copied_gpu == needed | {"__init__"}
-    assert f"psutil=={pins(ROOT / 'requirements' / 'image.txt')['psutil']}" in (IMAGES / "Containerfile.gpu").read_text()
+    assert all(f"{name}=={image[name]}" in (IMAGES / "Containerfile.gpu").read_text() for name in third_party)
     supervise = '"python3", "-m", "serving.supervise", "--address=0.0.0.0", "--port=8003", "--", "tritonserver"'
     assert supervise in (IMAGES / "Containerfile.cpu").read_text()
     assert supervise in (IMAGES / "Containerfile.gpu").read_text()
@@ -290,6 +291,34 @@ def test_cpu_image_serves_a_repository_from_s3_with_a_read_only_root(podman, cpu
         assert CAT_CLASSES & {p.index for p in chelsea} and coffee[0].index == ESPRESSO
     finally:
         subprocess.run([*podman, "rm", "-f", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_cpu_image_pulls_a_publication_as_the_deployments_init_container(podman, cpu_image, moto, lite0_repository,
+                                                                          tmp_path):
+    """The Deployment's initContainer command run in the image (boto3 and serving.pull are in it), root file
+    system read-only: the publication lands whole in the mounted folder, checked against its PUBLISHED.json."""
+    from serving.publish import S3Location, publish
+    from tests.deploy.test_pull import tree
+
+    url = publish(lite0_repository, S3Location.parse(f"s3://{moto}/models/image-pull"), create_bucket=True,
+                  progress=False)["url"]
+    volume = tmp_path / "pull"
+    volume.mkdir()
+    volume.chmod(0o777)  # the image runs as uid 1000
+    env = [arg for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+           for arg in ("-e", f"{key}={os.environ[key]}")]
+    done = subprocess.run([*podman, "run", "--rm", *hard_limits(), "--read-only", "--tmpfs", "/tmp", "--network",
+                           "host", *env, "-v", f"{volume}:/pull", "--entrypoint", "python3", cpu_image, "-m",
+                           "serving.pull", "--url", url, "--to", "/pull/repository", "--wait", "0"],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "cannot" in done.stderr and "serving.pull" not in done.stderr:
+        pytest.skip(f"podman cannot run containers here: {done.stderr.strip()[-800:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("pulled ") and f"of {url} into /pull/repository" in done.stdout
+    pulled = tree(volume / "repository")
+    assert json.loads(pulled.pop("PUBLISHED.json"))["url"] == url
+    assert pulled == tree(lite0_repository)
 
 
 def test_the_gpu_image_context_holds_every_file_its_containerfile_copies(tmp_path):
