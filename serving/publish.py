@@ -23,6 +23,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -161,18 +162,42 @@ def _list_keys(client, location: S3Location) -> dict[str, int]:
     return keys
 
 
+def copy_to_folder(repository: Path, folder: Path) -> int:
+    """What publish would upload, copied into `folder` (a new one) instead: the repository for an image
+    (`make image`), without an A/B test's candidates, retired versions or a model-control lock. The number
+    of files."""
+    if folder.exists():
+        raise PublishError(f"{folder} exists: give a new folder")
+    objects = repository_objects(repository)
+    for name, path in objects.items():
+        target = folder / name
+        if path is None:  # an empty folder, kept as one
+            target.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return sum(path is not None for path in objects.values())
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Upload a built model repository to S3-compatible storage.")
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"), help="(default: %(default)s)")
-    p.add_argument("--url", required=True,
-                   help="s3://bucket/prefix (AWS), s3://host:port/bucket/prefix (other S3 endpoints, HTTP) or "
-                        "s3://https://host:port/bucket/prefix (TLS)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url",
+                       help="s3://bucket/prefix (AWS), s3://host:port/bucket/prefix (other S3 endpoints, HTTP) or "
+                            "s3://https://host:port/bucket/prefix (TLS)")
+    where.add_argument("--folder", type=Path,
+                       help="copy what would be uploaded into this new folder instead (make image's build context)")
     p.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.folder:
+        files = copy_to_folder(args.model_repository, args.folder)
+        print(f"copied {files} files of {args.model_repository} into {args.folder} (what a publish would upload)")
+        return
     done = publish(args.model_repository, S3Location.parse(args.url), args.create_bucket, args.progress)
     print(f"published {done['objects']} objects ({done['bytes']} bytes; {len(done['placeholders'])} placeholder(s), "
           f"{done['deleted']} stale object(s) deleted)")

@@ -42,7 +42,8 @@ cp requirements/image.txt "$WORK/context/requirements/"
 # The image is Debian 12 with Python 3.11, like the machines this runs on: wheels for this interpreter.
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: -r requirements/image.txt -d "$WORK/wheels"
 cp -r "$WORK/wheels" "$WORK/context/wheels"
-cp -r "$REPOSITORY" "$WORK/context/repository"
+# what `make publish` would upload: no A/B candidates, retired versions or model-control lock
+"$PY" -m serving.publish --model-repository "$REPOSITORY" --folder "$WORK/context/repository" >/dev/null
 # serving.supervise (the entrypoint) and the modules it imports: standard library and psutil only; serving.pull
 # (the Deployment's initContainer) and its one import: standard library and boto3
 mkdir -p "$WORK/context/serving"

@@ -18,7 +18,10 @@ from build.repository.writer import MARKER, write_repository
 from common.samples import CAT_CLASSES, ESPRESSO
 from serving.publish import (PLACEHOLDER, PUBLISHING, PublishError, S3Location, get_args_parser, main, publish,
                              repository_objects, s3_client)
+from serving.publication import PUBLISHED
 from serving.server import TritonServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_urls_read_as_triton_reads_them():
@@ -237,3 +240,12 @@ def test_publish_leaves_out_what_rollout_keeps_for_one_server(moto, tiny_artifac
     assert not [k for k in keys if k.removeprefix(location.key("")) in left_out]
     assert done["deleted"] == len(left_out)
     assert location.key(f"{served.classifier}/1/model.onnx") in keys and location.key(MARKER) in keys
+
+    # make image's build context is the same selection, copied into a folder (empty folders kept)
+    copied = subprocess.run([sys.executable, "-m", "serving.publish", "--model-repository", str(repo), "--folder",
+                             str(tmp_path / "context")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert copied.returncode == 0, copied.stderr
+    files = {p.relative_to(tmp_path / "context").as_posix() for p in (tmp_path / "context").rglob("*") if p.is_file()}
+    assert files == {k.removeprefix(location.key("")) for k in keys if not k.endswith((PLACEHOLDER, PUBLISHED))}
+    assert not files & left_out and (tmp_path / "context" / served.ensemble / "1").is_dir()
+    assert "serving.publish --model-repository \"$REPOSITORY\" --folder" in (ROOT / "deploy/images/build-cpu.sh").read_text()
