@@ -9,7 +9,6 @@ import concurrent.futures
 import contextlib
 import re
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from clients.classify import _requested
 from clients.client import AsyncImageClassifierClient, ClassificationError, ImageClassifierClient, ServerUnavailable
 from clients.endpoint import split_url
 from serving.server import free_port
+from tests.clients.proxies import ForgetfulBalancer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -226,56 +226,6 @@ def test_a_deadline_exceeded_without_a_client_timeout_is_a_classification_error(
             raised = raised_within(60, call)
             assert isinstance(raised, ClassificationError) and raised.status == "DEADLINE_EXCEEDED", (kind, raised)
             assert str(raised) == f"no gRPC answer from {url}: timed out (upstream request timeout)", (kind, raised)
-
-
-class ForgetfulBalancer:
-    """A real TCP proxy on loopback that forgets a connection once it has relayed an answer on it, as a load
-    balancer past its idle timeout does (AWS NLB, conntrack): the connection's next request gets a reset, while
-    every new connection is relayed."""
-
-    def __init__(self, upstream: str):
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        with contextlib.suppress(OSError):  # the listener closed at the end of the test
-            while True:
-                client = self.listener.accept()[0]
-                threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket):
-        host, _, port = self.upstream.rpartition(":")
-        upstream = socket.create_connection((host, int(port)))
-        self.sockets += [client, upstream]
-        answered = threading.Event()
-
-        def back():
-            with contextlib.suppress(OSError):
-                while data := upstream.recv(65536):
-                    client.sendall(data)
-                    answered.set()
-                client.shutdown(socket.SHUT_WR)
-
-        threading.Thread(target=back, daemon=True).start()
-        with contextlib.suppress(OSError):
-            while data := client.recv(65536):
-                if answered.is_set():
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    break
-                upstream.sendall(data)
-        with contextlib.suppress(OSError):
-            upstream.shutdown(socket.SHUT_RDWR)  # a close alone would wait for the thread blocked in its recv
-        client.close()
-
-    def close(self):
-        """The listener and every relayed connection (the server waits for its open connections when it stops)."""
-        for s in (self.listener, *self.sockets):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
 
 
 @pytest.mark.slow
