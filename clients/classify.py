@@ -4,6 +4,7 @@
     python -m clients.classify photos/*.jpg --batch          # requests of up to max_batch_size images
     python -m clients.classify photos/*.jpg --async          # one request per image, up to --concurrency at once
     python -m clients.classify cat.jpg --url http://127.0.0.1:8200
+    python -m clients.classify cat.jpg --url grpcs://triton.example:8001 --tls-ca ca.pem   # TLS (--tls-cert/-key: mTLS)
 
 Without --url: the server `make serve` started (its ports are in .run/tritonserver.json) while it
 runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
@@ -18,7 +19,10 @@ already printed and fails the rest. Output piped into a reader that stops early 
 run quietly, exit 141 (128 + SIGPIPE, as a shell reports for other commands). `make serve`'s
 server restricts model configuration: --batch reads max_batch_size with an admin key (--admin-key-file,
 $TRITON_ADMIN_KEY, else the one `make serve` wrote, sent to that server only), and without one sends
-requests of the deployment spec's default max_batch_size.
+requests of the deployment spec's default max_batch_size. TLS: an https:// or grpcs:// URL, --tls, or any
+of --tls-ca (the CA to verify the server against; else the system's), --tls-cert and --tls-key (a client
+certificate); the server's certificate is always verified. A file that cannot be read, a certificate that does
+not verify, a client certificate asked for or refused, and TLS on one side only are each one line, exit 1.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from typing import Callable, Iterable, Iterator
 from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageClassifierClient, ClassificationError,
                             ImageClassifierClient, Prediction, ServerBusy, ServerUnavailable, UnknownModel)
 from clients.endpoint import split_url
+from clients.tls import TLS, tls_for
 from common.contract import MAX_BATCH_SIZE, ImageLimits
 from serving.access import KEY_ENV, read_key
 from serving.health import number
@@ -57,8 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Classify images with the Triton image_classifier ensemble.")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     p.add_argument("--url", default=None,
-                   help="[http:// | grpc://]host:port (default: the server `make serve` started, while it runs; "
-                        "else %s)" % DEFAULT_URLS)
+                   help="[http:// | https:// | grpc:// | grpcs://]host:port (default: the server `make serve` "
+                        "started, while it runs; else %s; the TLS schemes: port 443)" % DEFAULT_URLS)
     p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="(default: the --url scheme's, else http)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="(default: %(default)s)")
     p.add_argument("--top-k", type=number(int, 1), default=5, help="(default: %(default)s)")
@@ -76,6 +81,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="larger files fail here, unsent: the served deployment spec's limits.max_image_bytes "
                         "(default: %(default)s, the built-in limit)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    tls = p.add_argument_group("TLS (the server's certificate is always verified)")
+    tls.add_argument("--tls", action="store_true", help="speak TLS (as an https:// or grpcs:// URL does)")
+    tls.add_argument("--tls-ca", metavar="FILE", default=None,
+                     help="PEM CA certificates to verify the server against (default: the system's)")
+    tls.add_argument("--tls-cert", metavar="FILE", default=None, help="PEM client certificate, for mutual TLS")
+    tls.add_argument("--tls-key", metavar="FILE", default=None, help="the client certificate's PEM private key")
     return p
 
 
@@ -89,6 +100,12 @@ def server_url(url: str | None, protocol: str | None, running: dict | None) -> t
         return split_url(url, protocol)
     protocol = protocol or "http"
     return split_url((running or DEFAULT_URLS)[protocol], protocol)
+
+
+def tls_settings(args: argparse.Namespace) -> TLS | None:
+    """The TLS that --url's scheme, --tls and the --tls-* files ask for (any of them turns it on); None: plain."""
+    files = (args.tls_ca, args.tls_cert, args.tls_key)
+    return tls_for(args.url, TLS(*files) if args.tls or any(files) else None)
 
 
 def read_image(name: str, limit: int = ImageLimits.max_image_bytes) -> bytes | ClassificationError:
@@ -121,8 +138,8 @@ def classify_files(args: argparse.Namespace, emit: Emit) -> None:
     if args.use_async:
         asyncio.run(_classify_async(args, emit))
         return
-    admin_key = getattr(args, "admin_key", None)
-    with ImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key) as client:
+    admin_key, tls = getattr(args, "admin_key", None), getattr(args, "tls_settings", None)
+    with ImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key, tls=tls) as client:
         if args.batch:
             _emit_until_gone(args.images, _batched(client, args.images, args.top_k, args.max_image_bytes), emit)
         else:
@@ -248,8 +265,8 @@ class Window:
 async def _classify_async(args: argparse.Namespace, emit: Emit) -> None:
     """One request per image, at most args.concurrency in flight (fewer after busy answers, which are
     retried); outcomes emitted in argument order as they complete."""
-    admin_key = getattr(args, "admin_key", None)
-    async with AsyncImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key) as client:
+    admin_key, tls = getattr(args, "admin_key", None), getattr(args, "tls_settings", None)
+    async with AsyncImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key, tls=tls) as client:
         window = Window(args.concurrency)
 
         async def one(name: str) -> Outcome:
@@ -351,6 +368,7 @@ def _served_hint(running: dict | None, url: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     running = served()
+    args.tls_settings = tls_settings(args)  # before server_url drops the URL's scheme
     args.protocol, args.url = server_url(args.url, args.protocol, running)
     args.admin_key = admin_key_for(args.url, running, args.admin_key_file)
     report = Report(args.json)
@@ -370,6 +388,7 @@ def stdout_closed() -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # else gRPC logs a failed TLS handshake itself: a second line
     try:
         failed = main(get_args_parser().parse_args())
     except BrokenPipeError:

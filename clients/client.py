@@ -7,12 +7,15 @@
 
 `classify` asks Triton's classification extension for the top k (scores and labels computed on the
 server); `probabilities` returns the full probability vectors. Several images go in one request.
-The URL may carry a scheme (`http://`, `grpc://`, which then sets the protocol). Server-side errors
+The URL may carry a scheme (`http://`, `grpc://`, which then sets the protocol; `https://`, `grpcs://` turn TLS
+on). `tls=TLS(ca_file, cert_file, key_file)` (clients.tls) speaks TLS, the server's certificate always verified,
+with a client certificate for mutual TLS. Server-side errors
 raise ClassificationError carrying a gRPC status name (HTTP 400 is INVALID_ARGUMENT too) and the
 server's message; UnknownModel (NOT_FOUND) when the server serves no model of the client's name. When
 no server of the client's protocol answers at the URL (the host name does not resolve, nothing
-listens, or it is the other protocol's or the metrics port), ServerUnavailable says what answers there
-instead; a request whose connection fails while the server answers a fresh one (a kept-alive connection
+listens, or it is the other protocol's or the metrics port, TLS where the client speaks plain or the reverse, a
+certificate that does not verify, a client certificate asked for or refused), ServerUnavailable says what
+answers there instead; a request whose connection fails while the server answers a fresh one (a kept-alive connection
 a load balancer forgot, reset under the request) is sent once more on a fresh one. A server past its
 bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE): retry later. A request
 the server does not answer within `timeout_s` fails alone, with ClassificationError DEADLINE_EXCEEDED
@@ -30,11 +33,12 @@ from typing import Sequence
 
 import numpy as np
 
-from clients.endpoint import DEFAULT_URLS, NAMES, PROTOCOLS, split_url, what_answers, wrong_endpoint
+from clients.endpoint import DEFAULT_URLS, NAMES, PROTOCOLS, diagnose, split_url
+from clients.tls import TLS, tls_for
 from serving.access import is_restricted_error, key_headers
 
 __all__ = ["AsyncImageClassifierClient", "ClassificationError", "DEFAULT_MODEL", "DEFAULT_URLS",
-           "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerBusy", "ServerUnavailable", "UnknownModel",
+           "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerBusy", "ServerUnavailable", "TLS", "UnknownModel",
            "status_name"]
 
 IMAGE_INPUT = "IMAGE"
@@ -185,17 +189,19 @@ def _probed(error: ClassificationError) -> bool:
 
 
 class _Client:
-    """What the sync and async clients share: the URL, the tritonclient module, and turning its
+    """What the sync and async clients share: the URL and its TLS, the tritonclient module, and turning its
     errors into ClassificationError / ServerUnavailable."""
 
     asynchronous = False
 
     def __init__(self, url: str | None = None, protocol: str | None = None, model: str = DEFAULT_MODEL,
-                 timeout_s: float = 60.0, admin_key: str | None = None):
+                 timeout_s: float = 60.0, admin_key: str | None = None, tls: TLS | None = None):
         if protocol not in (None, *PROTOCOLS):
             raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
         _check_timeout(timeout_s)
         self.protocol, self.url = split_url(url or DEFAULT_URLS[protocol or "http"], protocol)
+        self.tls = tls_for(url, tls)
+        self._tls_context = self.tls.context(self.protocol) if self.tls else None  # its files checked here
         self.model, self._timeout = model, timeout_s
         self._admin_headers = key_headers(admin_key, self.protocol) or None
         self._module = _module(self.protocol, self.asynchronous)
@@ -206,11 +212,12 @@ class _Client:
         return self._module.InferenceServerClient(self.url, **self._client_options())
 
     def _client_options(self) -> dict:
+        tls = self.tls.client_options(self.protocol, self.asynchronous) if self.tls else {}
         if self.protocol == "grpc":
-            return {}
+            return tls
         if self.asynchronous:
-            return {"conn_timeout": self._timeout}
-        return {"connection_timeout": self._timeout, "network_timeout": self._timeout}
+            return {"conn_timeout": self._timeout, **tls}
+        return {"connection_timeout": self._timeout, "network_timeout": self._timeout, **tls}
 
     def _call_options(self) -> dict:
         return {"client_timeout": self._timeout} if self.protocol == "grpc" else {}
@@ -259,23 +266,27 @@ class _Client:
             why = f"timed out after {self._timeout:g} s"
         return ClassificationError(f"no {NAMES[self.protocol]} answer from {self.url}: {why}", DEADLINE_EXCEEDED)
 
-    def _stale(self, error: ClassificationError, answer: str) -> bool:
+    def _diagnose(self) -> str | None:
+        """What is wrong with the URL as this client's endpoint (over its TLS), None if the right server answers."""
+        return diagnose(self.url, self.protocol, self._tls_context)
+
+    def _stale(self, error: ClassificationError, problem: str | None) -> bool:
         """Whether the right server answers a fresh connection although the request's connection failed: one the
         client kept alive and a load balancer forgot (idle timeout: a reset under the next request), or closed
         as the request went; geventhttpclient checks a kept connection before reuse but retries no POST.
         Classifying twice does no harm, so it is worth one retry."""
-        return error.status == UNAVAILABLE and wrong_endpoint(self.url, self.protocol, answer) is None
+        return error.status == UNAVAILABLE and problem is None
 
-    def _explain(self, error: ClassificationError, answer: str) -> ClassificationError:
-        """`error`, or what answers at the URL when that is no server of this protocol."""
-        message = wrong_endpoint(self.url, self.protocol, answer)
-        if message:
-            return ServerUnavailable(message)
+    def _explain(self, error: ClassificationError, problem: str | None) -> ClassificationError:
+        """`error`, or what is wrong with the URL (_diagnose) when that is no server of this protocol."""
+        if problem:
+            return ServerUnavailable(problem)
         return ServerUnavailable(str(error)) if error.status == UNAVAILABLE else error
 
 
 class ImageClassifierClient(_Client):
-    """Blocking client. `url` is [http:// | grpc://]host:port (HTTP 8000, gRPC 8001 by default)."""
+    """Blocking client. `url` is [http:// | https:// | grpc:// | grpcs://]host:port (HTTP 8000, gRPC 8001 by
+    default; 443 with the TLS schemes)."""
 
     def _call(self, name: str, *args, **kwargs):
         """The tritonclient client's method `name`, its failure translated; once on a fresh client if stale."""
@@ -284,9 +295,9 @@ class ImageClassifierClient(_Client):
                 return getattr(self._client, name)(*args, **kwargs, **self._call_options())
             except Exception as exc:  # noqa: BLE001 - _probed_failure picks what is ours to translate
                 error = self._probed_failure(exc)
-            answer = what_answers(self.url)
-            if retried or not self._stale(error, answer):
-                raise self._explain(error, answer)
+            problem = self._diagnose()
+            if retried or not self._stale(error, problem):
+                raise self._explain(error, problem)
             self._client.close()
             self._client = self._new_client()
 
@@ -335,9 +346,9 @@ class AsyncImageClassifierClient(_Client):
                 return await getattr(client, name)(*args, **kwargs, **self._call_options())
             except Exception as exc:  # noqa: BLE001 - _probed_failure picks what is ours to translate
                 error = self._probed_failure(exc)
-            answer = await asyncio.to_thread(what_answers, self.url)
-            if retried or not self._stale(error, answer):
-                raise self._explain(error, answer)
+            problem = await asyncio.to_thread(self._diagnose)
+            if retried or not self._stale(error, problem):
+                raise self._explain(error, problem)
             if client is self._client:
                 self._client = self._new_client()
                 await client.close()

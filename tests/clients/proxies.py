@@ -1,9 +1,11 @@
 """Real TCP proxies on loopback for the client tests, each relaying to `upstream` its own way: one that forgets a
-connection as a load balancer past its idle timeout does."""
+connection as a load balancer past its idle timeout does, and one that terminates TLS as an ingress does."""
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import ssl
 import struct
 import threading
 
@@ -66,3 +68,30 @@ class ForgetfulBalancer(LoopbackProxy):
         with contextlib.suppress(OSError):
             upstream.shutdown(socket.SHUT_RDWR)  # a close alone would wait for the thread blocked in its recv
         client.close()
+
+
+class TlsTerminator(LoopbackProxy):
+    """A real TLS-terminating TCP proxy on loopback, as an ingress is: TLS with `context` towards its clients, plain
+    TCP to `upstream` (a real server's HTTP port). A connection whose handshake fails is closed."""
+
+    def __init__(self, upstream: str, context: ssl.SSLContext):
+        self.context = context
+        super().__init__(upstream)
+
+    def _relay(self, connection: socket.socket):
+        self.sockets.append(connection)
+        try:
+            outside = self.context.wrap_socket(connection, server_side=True)
+        except OSError:  # a plain client, or one that refused the certificate
+            connection.close()
+            return
+        inside = self._connect_upstream()
+        self.sockets += [outside, inside]
+        with contextlib.suppress(OSError), outside, inside:
+            while True:  # one thread both ways: an SSL socket is not read and written from two threads at once
+                ready = [outside] if outside.pending() else select.select([outside, inside], [], [])[0]
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (inside if source is outside else outside).sendall(data)
