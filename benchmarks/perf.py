@@ -251,9 +251,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="concurrency sweep (default: %(default)s)")
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="(default: %(default)s)")
     p.add_argument("--url", default=None, help="a running server (host:port for --protocol); default: start one")
-    p.add_argument("--admin-key-file", default=str(KEY_FILE),
-                   help="with --url: the server's admin key, if it restricts config and statistics "
-                        "(default: %(default)s)")
+    p.add_argument("--admin-key-file", default=None,
+                   help="with --url: the server's admin key, if it restricts config and statistics (default: the "
+                        f"one `make serve` wrote for the server at --url, else {KEY_FILE})")
     p.add_argument("--model-repository", default="model_repository", help="served when no --url (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="photo encoding (default: %(default)s)")
     p.add_argument("--measurement-ms", type=number(int, 1), default=2000,
@@ -266,11 +266,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[PerfResult]:
     from contextlib import nullcontext
 
-    from serving.server import TritonServer
+    from serving.server import TritonServer, key_file_for
 
     tool = PerfAnalyzer.locate(args.perf_venv)
     if args.url:
-        key_headers = admin_headers(Path(args.admin_key_file), args.protocol)
+        key_headers = admin_headers(Path(args.admin_key_file or key_file_for(args.url)), args.protocol)
         tool = dataclasses.replace(tool, headers=tuple(key_headers.items()))
     out = Path(args.out)
     models = args.models or repository_models(args.model_repository)

@@ -6,8 +6,9 @@
     python -m clients.classify cat.jpg --url http://127.0.0.1:8200
     python -m clients.classify cat.jpg --url grpcs://triton.example:8001 --tls-ca ca.pem   # TLS (--tls-cert/-key: mTLS)
 
-Without --url: the server `make serve` started (its ports are in .run/tritonserver.json) while it
-runs, else Triton's defaults (127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
+Without --url: the server `make serve` started (its ports are in .run/tritonserver.json: the current
+folder's, else the checkout's; $TRITON_RUN_DIR names another) while it runs, else Triton's defaults
+(127.0.0.1:8000 HTTP, :8001 gRPC). Prints label and probability per
 image as the answers come, in argument order; exits non-zero if any image failed, naming it. A file
 that is not a regular file or is over --max-image-bytes (default: the contract's max_image_bytes; a
 deployment spec that raised `limits.max_image_bytes` wants it raised too) fails alone, unread; files are
@@ -33,7 +34,6 @@ import os
 import random
 import re
 import signal
-import socket
 import stat
 import sys
 import time
@@ -47,7 +47,7 @@ from clients.tls import TLS, tls_for
 from common.contract import MAX_BATCH_SIZE, ImageLimits
 from serving.access import KEY_ENV, read_key
 from serving.health import number
-from serving.server import served
+from serving.server import is_served, recorded_for, servers_found
 
 READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
 BUSY_RETRIES = 5  # a busy answer is retried this many times, about 0.1 s, 0.2 s, 0.4 s ... apart
@@ -328,35 +328,16 @@ class Report:
             sys.stdout.flush()
 
 
-def _addresses(host_port: str) -> set[str]:
-    """The IP addresses `host:port`'s host resolves to (none if it does not)."""
-    host, _, port = host_port.rpartition(":")
-    try:
-        return {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)}
-    except (OSError, ValueError):
-        return set()
-
-
-def is_served(url: str, running: dict | None) -> bool:
-    """Whether `url` reaches the server `make serve` started, however its host is spelt (localhost, 127.0.0.1)."""
-    if not running:
-        return False
-    for recorded in (running["http"], running["grpc"]):
-        if url == recorded or (url.rpartition(":")[2] == recorded.rpartition(":")[2]
-                               and _addresses(url) & _addresses(recorded)):
-            return True
-    return False
-
-
-def admin_key_for(url: str, running: dict | None, key_file: str | None = None) -> str | None:
-    """--admin-key-file's key, else $TRITON_ADMIN_KEY, else `make serve`'s when `url` is that server's (no
-    other server is sent it)."""
+def admin_key_for(url: str, found: list[dict], key_file: str | None = None) -> str | None:
+    """--admin-key-file's key, else $TRITON_ADMIN_KEY, else the key `make serve` wrote beside the state of the
+    server `url` reaches (`found`: serving.server.servers_found()); no other server is sent one."""
     if key_file:
         key = read_key(Path(key_file))
         if key is None:
             raise ValueError(f"--admin-key-file {key_file}: no admin key there")
         return key
-    return os.environ.get(KEY_ENV) or (read_key() if is_served(url, running) else None)
+    recorded = recorded_for(url, found)
+    return os.environ.get(KEY_ENV) or (read_key(Path(recorded["admin_key_file"])) if recorded else None)
 
 
 def _served_hint(running: dict | None, url: str) -> str:
@@ -367,10 +348,11 @@ def _served_hint(running: dict | None, url: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    running = served()
+    found = servers_found()
+    running = found[0] if found else None
     args.tls_settings = tls_settings(args)  # before server_url drops the URL's scheme
     args.protocol, args.url = server_url(args.url, args.protocol, running)
-    args.admin_key = admin_key_for(args.url, running, args.admin_key_file)
+    args.admin_key = admin_key_for(args.url, found, args.admin_key_file)
     report = Report(args.json)
     try:
         classify_files(args, report)

@@ -31,7 +31,7 @@ import yaml
 from common.contract import ENSEMBLE
 from common.files import write_whole
 from serving.health import port_number, positive
-from serving.server import EXITED, RUN_DIR, left_alone, not_ours, served, start_time, terminate, terminate_pid
+from serving.server import EXITED, RUN_DIR, find_served, left_alone, not_ours, start_time, terminate, terminate_pid
 from serving.triton_admin import built_spec
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
@@ -187,7 +187,7 @@ def running() -> dict | None:
 
 def start(port: int, timeout: float) -> tuple[dict, str, bool]:
     """Write the scrape target and start Prometheus unless it runs: (its state, the target, whether started)."""
-    target = scrape_target(served())
+    target = scrape_target(find_served())
     write_targets(TARGETS, [target])
     info = running()
     if info is not None:
@@ -228,8 +228,9 @@ def main(args: argparse.Namespace) -> None:
         info, target, started = start(args.port, args.timeout)
         print(f"prometheus {'ready' if started else 'already running'} (pid {info['pid']}, log {info['log']})")
         print(f"  UI and API  {info['url']}  (alerts: {info['url']}/alerts)")
-        print(f"  scraping    {target}{'' if served() else ' (no server from `make serve` runs: Triton default)'}")
-        warning = renamed_ensemble_warning(served())
+        recorded = find_served()
+        print(f"  scraping    {target}{'' if recorded else ' (no server from `make serve` runs: Triton default)'}")
+        warning = renamed_ensemble_warning(recorded)
         if warning:
             print(warning)
     elif args.action == "k8s-rule":

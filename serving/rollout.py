@@ -48,7 +48,7 @@ from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.files import write_whole
 from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
-from serving.access import admin_headers
+from serving.access import KEY_FILE, admin_headers
 from serving.health import number, positive
 from serving.triton_admin import AdminError, LockTimeout, TritonAdmin, control_lock
 
@@ -135,9 +135,10 @@ class Server:
     """Model control of the served repository (serving.triton_admin.TritonAdmin, the admin key sent); what the
     server refuses becomes a RolloutError that says what to do."""
 
-    def __init__(self, http: str):  # host:port
+    def __init__(self, http: str, key_file: Path = KEY_FILE):  # host:port, and the admin key for it
         self.http = http
-        self.admin = TritonAdmin(http, admin_headers, timeout=300)
+        self.key_file = key_file
+        self.admin = TritonAdmin(http, lambda: admin_headers(key_file), timeout=300)
 
     def _ask(self, call: Callable, *args):
         try:
@@ -145,7 +146,7 @@ class Server:
         except AdminError as exc:
             hint = ""
             if exc.status in (401, 403):
-                hint = " (the admin key in .run/admin.key does not match this server's)"
+                hint = f" (the admin key in {self.key_file} does not match this server's)"
             elif any(word in exc.answer for word in ("explicit", "polling", "not allowed")):
                 hint = " (the server must run with --model-control-mode=explicit, as make serve starts it)"
             raise RolloutError(f"{exc}{hint}") from None
@@ -173,17 +174,21 @@ class Server:
 
 
 def served_server(url: str | None) -> tuple[Server, Path | None]:
-    """The server to act on (--url, else the one `make serve` started) and its repository when known: only
-    `make serve`'s own, so that another server's versions are never moved in the wrong repository."""
-    from serving.server import served
+    """The server to act on (--url, else the one `make serve` started, found from any folder) and its repository
+    when known: only `make serve`'s own, so that another server's versions are never moved in the wrong
+    repository; the admin key sent is the one recorded beside that server's state."""
+    from serving.server import find_served, recorded_for, servers_found
 
-    info = served()
     if url:
         http = url.removeprefix("http://")
-        return Server(http), Path(info["model_repository"]) if info and info["http"] == http else None
+        info = recorded_for(http, servers_found())
+        if info is None:  # not make serve's: its repository is not known here
+            return Server(http), None
+        return Server(http, Path(info["admin_key_file"])), Path(info["model_repository"])
+    info = find_served()
     if info is None:
         raise RolloutError("no server started by `make serve` is running: start one, or pass --url and --repository")
-    return Server(info["http"]), Path(info["model_repository"])
+    return Server(info["http"], Path(info["admin_key_file"])), Path(info["model_repository"])
 
 
 # ---- the gate ----------------------------------------------------------------------------------------

@@ -29,7 +29,12 @@ from serving.cache import cache_args, repository_cache_mb
 from serving.health import address_family, bound_address, host_port, number, port_number, positive, reachable
 from serving.tritonserver import LOOPBACK, address_flags
 
-RUN_DIR = Path(".run")
+RUN_DIR = Path(".run")  # where `make serve` keeps its state: the folder it runs in (the checkout, for make)
+# The .run/ of the checkout this code was imported from: where the tools look when the current folder has none.
+CHECKOUT_RUN_DIR = Path(__file__).resolve().parent.parent / RUN_DIR
+# A .run/ folder the tools read `make serve`'s server and key from instead (its state, not ./.run's or the checkout's).
+RUN_DIR_ENV = "TRITON_RUN_DIR"
+STATE_FILE = "tritonserver.json"
 START_LOCK = "serve.lock"  # held by `make serve` while it starts a server (start_lock)
 log = logging.getLogger("serving.server")
 
@@ -258,8 +263,8 @@ class TritonServer:
 
 # ---- `make serve` / `make stop`: a detached server remembered in .run/ -------------------------
 
-def _state_file() -> Path:
-    return RUN_DIR / "tritonserver.json"
+def _state_file(run_dir: Path = RUN_DIR) -> Path:
+    return run_dir / STATE_FILE
 
 
 def _pid_alive(pid: int) -> bool:
@@ -322,15 +327,79 @@ def left_alone(pid: int, program: str, make_target: str, gone: str) -> str:
     return f"pid {pid} is not the {program} `make {make_target}` started ({gone}): not ours, left it alone; forgot it"
 
 
-def served() -> dict | None:
-    """What `make serve` recorded (pid, http and grpc host:port, metrics URL, log) while that server
-    runs or starts; None if there is none. The clients default to its ports."""
-    state = _state_file()
+RECORDED_PATHS = ("log", "model_repository", "admin_key_file")  # relative to where `make serve` ran
+
+
+def served(run_dir: Path = RUN_DIR) -> dict | None:
+    """What `make serve` recorded in `run_dir` (pid, http and grpc host:port, metrics URL, log, admin key file)
+    while that server runs or starts, its paths made absolute (they were recorded relative to the folder
+    `make serve` ran in); None if there is none. The clients default to its ports."""
+    state = _state_file(run_dir)
     try:
         info = json.loads(state.read_text())
-        return info if not_ours(info, "tritonserver", state) is None else None
+        if not_ours(info, "tritonserver", state) is not None:
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    base = run_dir.resolve().parent
+    info.setdefault("admin_key_file", str(run_dir.resolve() / access.KEY_FILE.name))  # where make serve writes it
+    for key in RECORDED_PATHS:
+        if isinstance(info.get(key), str):
+            info[key] = str(base / info[key])  # an absolute path stays as it is
+    return info
+
+
+def run_dirs(environ: dict | None = None) -> list[Path]:
+    """Where the tools look for `make serve`'s state, in order: $TRITON_RUN_DIR alone when set; else ./.run,
+    then the .run/ of the checkout this code was imported from (a tool run from another folder)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(RUN_DIR_ENV):
+        return [Path(environ[RUN_DIR_ENV])]
+    here = RUN_DIR.resolve()
+    return [RUN_DIR] if here == CHECKOUT_RUN_DIR else [RUN_DIR, CHECKOUT_RUN_DIR]
+
+
+def servers_found(environ: dict | None = None) -> list[dict]:
+    """served() of each of run_dirs() that records a running server, in that order: the first is the tools'
+    default; each carries its own admin key file, for that server's URLs only."""
+    return [info for info in map(served, run_dirs(environ)) if info is not None]
+
+
+def find_served(environ: dict | None = None) -> dict | None:
+    """The server the tools use by default: the first of servers_found(); None if none runs."""
+    return next(iter(servers_found(environ)), None)
+
+
+def _addresses(host_port: str) -> set[str]:
+    """The IP addresses `host:port`'s host resolves to (none if it does not)."""
+    host, _, port = host_port.rpartition(":")
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)}
+    except (OSError, ValueError):
+        return set()
+
+
+def is_served(url: str, running: dict | None) -> bool:
+    """Whether `url` reaches the server `make serve` started, however its host is spelt (localhost, 127.0.0.1)."""
+    if not running:
+        return False
+    for recorded in filter(None, (running.get("http"), running.get("grpc"))):  # (a hand-written state may lack one)
+        if url == recorded or (url.rpartition(":")[2] == recorded.rpartition(":")[2]
+                               and _addresses(url) & _addresses(recorded)):
+            return True
+    return False
+
+
+def recorded_for(url: str, found: list[dict]) -> dict | None:
+    """The first of `found` (servers_found()) that `url` reaches: whose admin key may be sent to `url`."""
+    return next((info for info in found if is_served(url, info)), None)
+
+
+def key_file_for(url: str) -> Path:
+    """The admin key file `make serve` wrote for the server `url` reaches, found from any folder; else
+    access.KEY_FILE (./.run/admin.key)."""
+    recorded = recorded_for(url, servers_found())
+    return Path(recorded["admin_key_file"]) if recorded else access.KEY_FILE
 
 
 # `make serve` exports p50/p99 latency summaries, which `make monitor`'s rules and dashboard read
