@@ -159,6 +159,8 @@ def _main_onnx(args: argparse.Namespace) -> ExportResult:
     result = import_onnx(args.onnx, args.output_dir, labels, preprocess, args.outputs, labels_name=str(args.labels))
     for name, index in result.metadata["sample_top1"].items():
         print(f"{name:14s} top-1 {labels[index]}")
+    if result.metadata["source"]["input_channels"] == 1:
+        print("grayscale model: model.onnx takes R, G, B and gives it their luma (ITU-R 601-2)")
     return _wrote(result)
 
 

@@ -5,7 +5,8 @@ A canonical classifier has one input `images` float32 [batch, 3, H, W] (or NHWC)
 `canonicalize_classifier` renames a foreign model's IO to these names, adds the output it lacks
 (Softmax, or the log of probabilities) and declares the input's shape; `check_onnx_file` verifies all
 of it with onnx.checker and ONNX Runtime;
-`fold_constants` cleans up what the TorchScript exporter leaves behind.
+`fold_constants` cleans up what the TorchScript exporter leaves behind; `with_luma_input` gives a
+grayscale (1-channel) classifier the RGB input the serving pipeline feeds every model.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ LOGITS = contract.ONNX_LOGITS
 PROBABILITIES = contract.ONNX_PROBABILITIES
 BATCH_AXIS = contract.BATCH_AXIS
 CHECK_BATCH_SIZES = (1, 5)
+CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
+# ITU-R 601-2 luma, the grayscale of Pillow's convert("L") and torchvision's Grayscale; the weights sum to 1.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list:
@@ -275,3 +279,42 @@ def _two_classes(graph: onnx.GraphProto, source: str, outputs: str) -> None:
         other = onnx.helper.make_node("Sub", [one.name, source], [f"{outputs}_other"], name=f"{outputs}_complement")
     graph.node.extend([other, onnx.helper.make_node("Concat", [other.output[0], source], [outputs], axis=1,
                                                     name=f"{outputs}_two_classes")])
+
+
+def input_channels(model: onnx.ModelProto, layout: str) -> int | str | None:
+    """The channel count the single image input declares on `layout`'s channel axis (a name or "?" when it is
+    dynamic); None when the input is not 4-d or there is not exactly one (canonicalize_classifier says so)."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    shape = _dims(inputs[0]) if len(inputs) == 1 else []
+    return shape[CHANNEL_AXIS[layout]] if len(shape) == 4 else None
+
+
+def with_luma_input(model: onnx.ModelProto, layout: str) -> onnx.ModelProto:
+    """A 1-channel classifier -> the same, taking 3 channels (R, G, B) under the same input name: a 1x1
+    convolution (a MatMul for NHWC) with LUMA_WEIGHTS makes the channel it took. With one mean and one std for
+    all three channels, the luma of the normalised R, G, B is the normalised luma, the input the model knew."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    (image,) = [v for v in graph.input if v.name not in initializers]
+    taken = _tensor_names(graph)
+    gray, weights = f"{image.name}_luma", f"{image.name}_luma_weights"
+    for added in (gray, weights):
+        if added in taken:
+            raise ValueError(f"the model already uses the tensor name {added!r} internally")
+    name = image.name
+    _rename_tensor(graph, name, gray)  # the model's nodes read the luma now...
+    image.name = name  # ...and the input, renamed with them, keeps its name
+    luma = np.asarray(LUMA_WEIGHTS, np.float32)
+    if layout == "NCHW":
+        graph.initializer.append(onnx.numpy_helper.from_array(luma.reshape(1, 3, 1, 1), weights))
+        node = onnx.helper.make_node("Conv", [image.name, weights], [gray], name=f"{image.name}_luma")
+    else:
+        graph.initializer.append(onnx.numpy_helper.from_array(luma.reshape(3, 1), weights))
+        node = onnx.helper.make_node("MatMul", [image.name, weights], [gray], name=f"{image.name}_luma")
+    graph.node.insert(0, node)
+    dims = _dims(image)
+    dims[CHANNEL_AXIS[layout]] = 3
+    _set_dims(image, [d if d != "?" else f"axis{i}" for i, d in enumerate(dims)])
+    return model

@@ -22,7 +22,8 @@ from common.preprocessing import PreprocessConfig, load_files
 from common.samples import sample_photos
 from training.artifacts import ExportResult, file_sha256, temp_model, write_artifacts
 from training.onnx_graph import (CHECK_BATCH_SIZES, INPUT_NAME, LOGITS, PROBABILITIES, canonicalize_classifier,
-                                 check_onnx_file, onnxruntime_session, run_onnxruntime)
+                                 check_onnx_file, input_channels, onnxruntime_session, run_onnxruntime,
+                                 with_luma_input)
 
 DYNAMIC_BATCH_HINT = ("export it again with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'<input>': "
                       "{0: 'batch'}, '<output>': {0: 'batch'}}), or dynamic_shapes with dynamo=True)")
@@ -47,7 +48,11 @@ def import_onnx(
     if len(labels) < 2:
         raise ValueError(f"{labels_name} names {len(labels)} class(es): a classifier needs 2 or more (a one-column "
                          "sigmoid model: 2 lines, the negative class first)")
-    model = canonicalize_classifier(onnx.load(str(onnx_path)), outputs, preprocess.input_shape, preprocess.layout)
+    source = onnx.load(str(onnx_path))
+    channels = _served_channels(source, onnx_path, preprocess)
+    if channels == 1:
+        source = with_luma_input(source, preprocess.layout)
+    model = canonicalize_classifier(source, outputs, preprocess.input_shape, preprocess.layout)
     with _new_folder(out_dir):
         tmp_model = temp_model(out_dir)
         try:
@@ -57,9 +62,27 @@ def import_onnx(
                 check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
             except ValueError as exc:
                 raise ValueError(f"{onnx_path} cannot be made canonical: {exc}") from exc
-            return _write(tmp_model, onnx_path, out_dir, labels, preprocess, outputs)
+            return _write(tmp_model, onnx_path, out_dir, labels, preprocess, outputs, channels == 1)
         finally:
             tmp_model.unlink(missing_ok=True)
+
+
+def _served_channels(model: onnx.ModelProto, onnx_path: Path, preprocess: PreprocessConfig) -> int | str | None:
+    """The channels the model's input declares: 3 (R, G, B, as served), 1 (grayscale: the import puts the luma of
+    R, G, B in front, for which the three channels must share one mean and one std), else a ValueError that says
+    what is supported. A dynamic or odd count is left to the shape checks (a layout mistake is named there)."""
+    channels = input_channels(model, preprocess.layout)
+    other = input_channels(model, "NHWC" if preprocess.layout == "NCHW" else "NCHW")
+    if channels == 1:
+        if len(set(preprocess.mean)) > 1 or len(set(preprocess.std)) > 1:
+            raise ValueError(f"{onnx_path} takes 1 channel (grayscale): it is given the luma of R, G and B, which "
+                             "needs one mean and one std for all three; give its own normalisation three times "
+                             "(e.g. --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5), not "
+                             f"--mean {' '.join(map(str, preprocess.mean))} --std {' '.join(map(str, preprocess.std))}")
+    elif isinstance(channels, int) and channels != 3 and other not in (1, 3):
+        raise ValueError(f"{onnx_path} takes {channels} channels ({preprocess.layout}): the serving pipeline feeds "
+                         "3 (R, G, B), or 1 (grayscale, the luma of R, G, B added at import); export it for either")
+    return channels
 
 
 def _look_like_probabilities(rows: np.ndarray) -> bool:
@@ -110,7 +133,7 @@ def _batch_failure(onnx_path: Path, batch: int, input_shape: tuple[int, int, int
 
 
 def _write(tmp_model: Path, onnx_path: Path, out_dir: Path, labels: list[str], preprocess: PreprocessConfig,
-           outputs: str) -> ExportResult:
+           outputs: str, grayscale: bool) -> ExportResult:
     """Sane outputs on the sample photos, then the artifact files (model.onnx last)."""
     photos = sample_photos()
     names = list(photos)
@@ -126,7 +149,8 @@ def _write(tmp_model: Path, onnx_path: Path, out_dir: Path, labels: list[str], p
         raise ValueError(f"{onnx_path}'s outputs on the sample photos are all in [0, 1] and sum to 1: the model gives "
                          "probabilities; import it with --outputs probabilities")
     metadata = {
-        "source": {"kind": "onnx", "path": str(onnx_path), "sha256": file_sha256(onnx_path), "outputs": outputs},
+        "source": {"kind": "onnx", "path": str(onnx_path), "sha256": file_sha256(onnx_path), "outputs": outputs,
+                   "input_channels": 1 if grayscale else 3},
         "onnx": {"exporter": "import"},
         "parity": None,
         "sample_top1": dict(zip(names, results[PROBABILITIES].argmax(1).tolist())),

@@ -144,3 +144,59 @@ def test_a_tensor_name_the_import_would_add_is_refused(tmp_path, inner, width, o
     labels = [f"c{i}" for i in range(max(width, 2))]
     with pytest.raises(ValueError, match=f"already uses the tensor name '{inner}' internally"):
         export.import_onnx(source, tmp_path / "out", labels, TINY, outputs=outputs)
+
+
+GRAY = PreprocessConfig(resize=72, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def gray_model(path, layout: str = "NCHW", channels: int = 1, width: int = 4):
+    """A 1-channel (MNIST-like) conv classifier at batch 1: x -> Conv 3x3 -> Relu -> GlobalAveragePool -> Gemm."""
+    rng = np.random.default_rng(2)
+    weights = [numpy_helper.from_array(rng.normal(size=(8, channels, 3, 3)).astype(np.float32), "K"),
+               numpy_helper.from_array(rng.normal(size=(8, width)).astype(np.float32), "W")]
+    nchw = "x" if layout == "NCHW" else "x_nchw"
+    nodes = [] if layout == "NCHW" else [helper.make_node("Transpose", ["x"], [nchw], perm=[0, 3, 1, 2])]
+    nodes += [helper.make_node("Conv", [nchw, "K"], ["conv"], strides=[4, 4]),
+              helper.make_node("Relu", ["conv"], ["relu"]), helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("Gemm", ["flat", "W"], ["scores"])]
+    shape = [1, channels, 64, 64] if layout == "NCHW" else [1, 64, 64, channels]
+    graph = helper.make_graph(nodes, "gray", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, width])],
+                              initializer=weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def luma(images: np.ndarray, layout: str) -> np.ndarray:
+    """The normalised R, G, B -> their ITU-R 601-2 luma, the 1-channel input a grayscale model knows."""
+    weights = np.array([0.299, 0.587, 0.114], np.float32)
+    if layout == "NCHW":
+        return np.einsum("nchw,c->nhw", images, weights)[:, None]
+    return np.einsum("nhwc,c->nhw", images, weights)[..., None]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_grayscale_model_takes_rgb_and_answers_on_its_luma(tmp_path, layout):
+    """Before, a 1-channel model was refused by the shape check ('check --layout'), which was not the mistake."""
+    config = PreprocessConfig(resize=72, crop=64, mean=GRAY.mean, std=GRAY.std, layout=layout)
+    source = gray_model(tmp_path / "gray.onnx", layout)
+    result = export.import_onnx(source, tmp_path / "out", ["a", "b", "c", "d"], config)
+    _canonical(result, 4, per_image=(3, 64, 64) if layout == "NCHW" else (64, 64, 3))
+    assert result.metadata["source"]["input_channels"] == 1
+    images = _photos(config)
+    session = export.onnxruntime_session(source)  # the source takes a batch of 1
+    expected = np.concatenate([session.run(None, {"x": luma(image[None], layout)})[0] for image in images])
+    np.testing.assert_allclose(_run(result, images)["logits"], expected, atol=1e-5)
+
+
+def test_a_grayscale_model_needs_one_mean_and_std_for_all_channels(tmp_path):
+    with pytest.raises(ValueError, match=r"takes 1 channel \(grayscale\).* --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5"):
+        export.import_onnx(gray_model(tmp_path / "gray.onnx"), tmp_path / "out", ["a", "b", "c", "d"], TINY)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_channel_count_the_pipeline_cannot_feed_is_named(tmp_path):
+    rgba = gray_model(tmp_path / "rgba.onnx", channels=4)
+    with pytest.raises(ValueError, match=r"takes 4 channels \(NCHW\): the serving pipeline feeds 3 \(R, G, B\), or 1"):
+        export.import_onnx(rgba, tmp_path / "out", ["a", "b", "c", "d"], GRAY)
+    assert not (tmp_path / "out").exists()
