@@ -12,10 +12,12 @@ boto3 is imported only where a client is made (s3_client), so the URL and manife
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 PUBLISHED = "PUBLISHED.json"
 PLACEHOLDER = ".placeholder"  # an empty folder's object (S3 has no empty folders)
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # a placeholder's, as PUBLISHED.json lists it
 FORMAT = 1
 
 

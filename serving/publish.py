@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import shutil
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from build.repository import placement
 from build.repository.writer import MARKER, STAGING, read_manifest
 from common.hashing import file_sha256
-from serving.publication import PLACEHOLDER, PUBLISHED, S3Location, manifest, s3_client
+from serving.publication import EMPTY_SHA256, PLACEHOLDER, PUBLISHED, S3Location, manifest, s3_client
 from serving.rollout import CANDIDATE, RETIRED
 from serving.triton_admin import LOCK_FILE
 
@@ -122,8 +121,8 @@ def publish(repository: Path, location: S3Location, create_bucket: bool = False,
 
 def published_manifest(repository: Path, location: S3Location, objects: dict[str, Path | None]) -> bytes:
     """PUBLISHED.json for `objects` as uploaded: each one's size and sha256 (placeholders: empty)."""
-    empty = hashlib.sha256(b"").hexdigest()
-    listed = {name: (path.stat().st_size, file_sha256(path)) if path else (0, empty) for name, path in objects.items()}
+    listed = {name: (path.stat().st_size, file_sha256(path)) if path else (0, EMPTY_SHA256)
+              for name, path in objects.items()}
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return manifest(location.url, str(repository.resolve()), now, listed)
 
@@ -171,11 +170,9 @@ def copy_to_folder(repository: Path, folder: Path) -> int:
     objects = repository_objects(repository)
     for name, path in objects.items():
         target = folder / name
-        if path is None:  # an empty folder, kept as one
-            target.parent.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+        target.parent.mkdir(parents=True, exist_ok=True)  # for a placeholder (path None): the empty folder itself
+        if path is not None:
+            shutil.copy2(path, target)
     return sum(path is not None for path in objects.values())
 
 

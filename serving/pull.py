@@ -25,10 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from serving.publication import PLACEHOLDER, PUBLISHED, ManifestError, S3Location, read_manifest, s3_client
-
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
+from serving.publication import EMPTY_SHA256, PLACEHOLDER, PUBLISHED, ManifestError, S3Location, read_manifest, s3_client
 
 class PullError(RuntimeError):
     """The publication cannot be pulled (refused, or still in progress when the wait ran out)."""

@@ -29,20 +29,24 @@ CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
+def _data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs fed at run time: not its initializers (IR < 4 lists weights as inputs too)."""
+    initializers = {i.name for i in graph.initializer}
+    return [v for v in graph.input if v.name not in initializers]
+
+
 def _dims(value_info: onnx.ValueInfoProto) -> list:
     return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in value_info.type.tensor_type.shape.dim]
 
 
 def io_summary(model: onnx.ModelProto) -> dict:
     """{'inputs': [...], 'outputs': [...]} with name, dtype and shape (dim names for dynamic axes)."""
-    initializers = {i.name for i in model.graph.initializer}
-
     def describe(v):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
         return {"name": v.name, "dtype": dtype, "shape": _dims(v)}
 
     return {
-        "inputs": [describe(v) for v in model.graph.input if v.name not in initializers],
+        "inputs": [describe(v) for v in _data_inputs(model.graph)],
         "outputs": [describe(v) for v in model.graph.output],
     }
 
@@ -201,7 +205,7 @@ def canonicalize_classifier(model: onnx.ModelProto, outputs: str, input_shape: t
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers]
+    inputs = _data_inputs(graph)
     if len(inputs) != 1 or len(graph.output) != 1:
         raise ValueError(
             f"expected one input and one output, got inputs {[v.name for v in inputs]} "
@@ -284,8 +288,7 @@ def _two_classes(graph: onnx.GraphProto, source: str, outputs: str) -> None:
 def input_channels(model: onnx.ModelProto, layout: str) -> int | str | None:
     """The channel count the single image input declares on `layout`'s channel axis (a name or "?" when it is
     dynamic); None when the input is not 4-d or there is not exactly one (canonicalize_classifier says so)."""
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in initializers]
+    inputs = _data_inputs(model.graph)
     shape = _dims(inputs[0]) if len(inputs) == 1 else []
     return shape[CHANNEL_AXIS[layout]] if len(shape) == 4 else None
 
@@ -296,8 +299,7 @@ def with_luma_input(model: onnx.ModelProto, layout: str) -> onnx.ModelProto:
     all three channels, the luma of the normalised R, G, B is the normalised luma, the input the model knew."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    initializers = {i.name for i in graph.initializer}
-    (image,) = [v for v in graph.input if v.name not in initializers]
+    (image,) = _data_inputs(graph)
     taken = _tensor_names(graph)
     gray, weights = f"{image.name}_luma", f"{image.name}_luma_weights"
     for added in (gray, weights):
