@@ -46,10 +46,10 @@ from pathlib import Path
 
 import psutil
 
-from serving.access import admin_headers, key_file_headers
+from serving.access import KEY_FILE, admin_headers, key_file_headers
 from serving.health import endpoint, number, port_number, positive
 from serving.stubs import Stub, StubTracker, serving_stubs  # noqa: F401 (serving_stubs: the tests' and soak's)
-from serving.triton_admin import LockTimeout, TritonAdmin, built_spec, control_lock, drain, repository_of
+from serving.triton_admin import AdminError, LockTimeout, TritonAdmin, built_spec, control_lock, drain, repository_of
 
 log = logging.getLogger("watchdog")
 
@@ -345,7 +345,14 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     headers = key_file_headers(args.key_file) if args.key_file else (lambda: admin_headers(protocol="http"))
     if args.drain:  # 1 when it timed out: a SIGTERM now would fail the requests still in flight
-        drained = drain(TritonAdmin(args.http, headers), args.drain_timeout)
+        try:
+            drained = drain(TritonAdmin(args.http, headers), args.drain_timeout)
+        except AdminError as exc:
+            if exc.status not in (401, 403):
+                raise
+            key_file = args.key_file or KEY_FILE
+            raise ValueError(f"{exc} (the admin key in {key_file} is not this server's: give --key-file the "
+                             "admin.key in the .run/ folder where `make serve` ran)") from None
         drained.log(log)
         return 1 if drained.busy else 0
     if args.server_pid is None:

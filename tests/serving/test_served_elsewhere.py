@@ -73,6 +73,14 @@ def test_classify_and_rollout_find_the_checkouts_server_and_key_from_another_fol
                     env={launcher.RUN_DIR_ENV: str(checkout / ".run")})
         assert named.returncode == 0 and json.loads(named.stdout)["top"], named.stderr
         assert not (elsewhere / ".run").exists()
+        # the drain is told its server; without the key beside that server's state it says where the key is
+        http = f"127.0.0.1:{ports.http}"
+        keyless = run("serving.watchdog", "--drain", "--http", http, cwd=elsewhere, code=checkout)
+        assert keyless.returncode != 0 and len(keyless.stderr.strip().splitlines()) == 1, keyless.stderr
+        assert "HTTP 403" in keyless.stderr and "--key-file" in keyless.stderr and "make serve" in keyless.stderr
+        drained = run("serving.watchdog", "--drain", "--http", http, "--key-file", str(checkout / ".run" / "admin.key"),
+                      cwd=elsewhere, code=checkout)
+        assert drained.returncode == 0, drained.stderr
     finally:
         stop = run("serving.server", "stop", cwd=checkout, code=checkout)
     assert stop.returncode == 0, stop.stderr
