@@ -91,9 +91,10 @@ CLASSIFY_PORT = $(if $(filter grpc,$(PROTOCOL)),$(GRPC_PORT),$(HTTP_PORT))
 ADDRESS_HOST = $(if $(findstring :,$(ADDRESS)),[$(ADDRESS)],$(ADDRESS))
 CLASSIFY_URL = $(or $(URL),$(if $(filter command line,$(origin ADDRESS) $(origin HTTP_PORT) $(origin GRPC_PORT)),$(ADDRESS_HOST):$(CLASSIFY_PORT)))
 
-classify: ## classify IMAGES="a.jpg b.png" (default: two photos) [PROTOCOL=grpc] [URL=host:port] with `make serve`'s server
+classify: ## classify IMAGES="a.jpg b.png" (default: two photos) [PROTOCOL=grpc] [URL=host:port] [TLS_CA=ca.pem [TLS_CERT=c.pem TLS_KEY=k.pem]] with `make serve`'s server
 	$(PY) -m clients.classify $(or $(IMAGES),$$($(PY) -m common.samples --paths chelsea coffee)) \
-	    $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(CLASSIFY_URL),--url $(CLASSIFY_URL))
+	    $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(CLASSIFY_URL),--url $(CLASSIFY_URL)) \
+	    $(if $(TLS_CA),--tls-ca $(TLS_CA)) $(if $(TLS_CERT),--tls-cert $(TLS_CERT)) $(if $(TLS_KEY),--tls-key $(TLS_KEY))
 
 test: $(STAMP) ## run the test suite (sets up perf_analyzer's and DALI's tool envs, valgrind, Prometheus first, best effort)
 	@$(MAKE) --no-print-directory perf-setup || echo "make test: perf_analyzer could not be set up; its tests will skip and say why"

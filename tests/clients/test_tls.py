@@ -41,6 +41,13 @@ def classify(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def make_classify(*variables: str) -> subprocess.CompletedProcess:
+    """`make classify` with this environment's Python and no setup step."""
+    command = ["make", "--no-print-directory", "-C", str(ROOT), f"VENV={Path(sys.executable).parent.parent}", "STAMP=",
+               "classify", *variables]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def answered(done: subprocess.CompletedProcess) -> bool:
     """Both photos classified as espresso, exit 0."""
     tops = [json.loads(line).get("top", [{}])[0].get("index") for line in done.stdout.splitlines()]
@@ -210,6 +217,13 @@ def test_grpc_over_mutual_tls(grpc_mutual_tls, pki):
         assert one_line(classify("--url", f"grpcs://{address}", "--tls-ca", pki.ca, *mode)) == expected, mode
         stranger = ["--tls-cert", pki.stranger_cert, "--tls-key", pki.stranger_key]
         assert one_line(classify("--url", f"grpcs://{address}", "--tls-ca", pki.ca, *stranger, *mode)) == expected
+    # make classify passes the same files on
+    coffee = str(sample_photos(["coffee"])["coffee"])
+    files = [f"TLS_CA={pki.ca}", f"TLS_CERT={pki.client_cert}", f"TLS_KEY={pki.client_key}"]
+    done = make_classify(f"IMAGES={coffee}", f"URL=grpcs://{address}", *files)
+    assert done.returncode == 0 and "espresso" in done.stdout, done.stderr
+    done = make_classify(f"IMAGES={coffee}", f"URL=grpcs://{address}", *files[:1])
+    assert done.returncode != 0 and "--tls-cert" in done.stderr, done.stderr
 
 
 @pytest.mark.slow
