@@ -21,8 +21,8 @@ image-setup: ## Debian podman, buildah, runc, debootstrap (as root) for `make im
 	    && apt-get update -qq && apt-get install -y -qq podman buildah runc debootstrap; } \
 	    || { echo "image-setup: needs root to apt-get install podman buildah runc debootstrap" >&2; exit 1; }
 
-image: $(STAMP) image-setup ## CPU image (Debian 12 + pip Triton, non-root, :8000-8002) with REPOSITORY baked in [IMAGE=...]
-	IMAGE=$(IMAGE) REPOSITORY=$(REPOSITORY) PY=$(PY) PODMAN=$(PODMAN) PODMAN_ARGS="$(PODMAN_ARGS)" \
+image: $(STAMP) image-setup ## CPU image (Debian 12 with its security updates + pip Triton, non-root, :8000-8002) with REPOSITORY baked in [IMAGE=...] [REFRESH_BASE=1]
+	IMAGE=$(IMAGE) REPOSITORY=$(REPOSITORY) PY=$(PY) PODMAN=$(PODMAN) PODMAN_ARGS="$(PODMAN_ARGS)" REFRESH_BASE=$(REFRESH_BASE) \
 	    PODMAN_BUILD_ARGS="$(PODMAN_BUILD_ARGS)" bash deploy/images/build-cpu.sh
 
 image-gpu-context: ## the GPU image's build context (what Containerfile.gpu copies) in GPU_CONTEXT

@@ -9,6 +9,7 @@ set -euo pipefail
 IMAGE=${IMAGE:-localhost/triton-image-classifier:cpu}
 BASE_IMAGE=${BASE_IMAGE:-localhost/triton-ic-base:bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 REPOSITORY=${REPOSITORY:-model_repository}
 WORK=${WORK:-.run/image-build}
 PY=${PY:-.venv/bin/python}
@@ -24,17 +25,47 @@ command -v "$PODMAN" >/dev/null || { say "no podman (apt-get install podman buil
 [ -f "$REPOSITORY/BUILD.json" ] || { say "no built repository at $REPOSITORY (make engines first)"; exit 2; }
 mkdir -p "$WORK"
 
-if ! "$PODMAN" "${PODMAN_ARGS[@]}" image exists "$BASE_IMAGE"; then
+# When the base's packages were brought up to date with bookworm-security and bookworm-updates (a label); a base
+# without it (made before these were applied) is made again, as is any with REFRESH_BASE=1.
+UPGRADED_LABEL=io.triton-ic.base.upgraded
+upgraded=$("$PODMAN" "${PODMAN_ARGS[@]}" image inspect --format "{{index .Labels \"$UPGRADED_LABEL\"}}" "$BASE_IMAGE" \
+           2>/dev/null || true)
+[ "$upgraded" = "<no value>" ] && upgraded=
+if [ -z "$upgraded" ] || [ -n "${REFRESH_BASE:-}" ]; then
     command -v debootstrap >/dev/null || { say "no debootstrap (apt-get install debootstrap)"; exit 2; }
     [ "$(id -u)" = 0 ] || { say "debootstrap needs root"; exit 2; }
-    say "base: debootstrap Debian 12 (bookworm, minbase + python3) from $MIRROR"
+    say "base: debootstrap Debian 12 (bookworm, minbase + python3) from $MIRROR, then bookworm-security and -updates"
     rm -rf "$WORK/rootfs"
     debootstrap --variant=minbase --include=python3,python3-venv,libpython3.11 bookworm "$WORK/rootfs" "$MIRROR" \
         > "$WORK/debootstrap.log"
+    # debootstrap installs from bookworm alone: the point release, without the security fixes since
+    rm -f "$WORK/rootfs/etc/apt/sources.list"
+    cat > "$WORK/rootfs/etc/apt/sources.list.d/debian.sources" <<SOURCES
+Types: deb
+URIs: $MIRROR
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: $SECURITY_MIRROR
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    mount -t proc proc "$WORK/rootfs/proc"
+    trap 'umount "$WORK/rootfs/proc" 2>/dev/null || true' EXIT
+    chroot "$WORK/rootfs" env DEBIAN_FRONTEND=noninteractive sh -c \
+        'apt-get update -q && apt-get upgrade -y -q --no-install-recommends && apt-get clean' >> "$WORK/debootstrap.log"
+    umount "$WORK/rootfs/proc"
+    trap - EXIT
     rm -rf "$WORK/rootfs/var/lib/apt/lists/"* "$WORK/rootfs/var/cache/apt/"*.bin
-    tar -C "$WORK/rootfs" -c . | "$PODMAN" "${PODMAN_ARGS[@]}" import --message "debootstrap bookworm minbase" - "$BASE_IMAGE"
+    upgraded=$(date -u +%Y-%m-%dT%H:%MZ)
+    tar -C "$WORK/rootfs" -c . | "$PODMAN" "${PODMAN_ARGS[@]}" import --message "debootstrap bookworm minbase" \
+        --change "LABEL $UPGRADED_LABEL=$upgraded" - "$BASE_IMAGE"
     rm -rf "$WORK/rootfs"
 fi
+say "base: $BASE_IMAGE, Debian updates as of $upgraded (make image REFRESH_BASE=1 applies newer ones)"
 
 say "wheelhouse: requirements/image.txt"
 rm -rf "$WORK/context" && mkdir -p "$WORK/context/requirements"

@@ -207,6 +207,22 @@ def test_cpu_image_keeps_no_layer_of_build_only_files(podman, cpu_image, lite0_r
 
 
 @pytest.mark.slow
+def test_cpu_image_has_debians_security_updates(podman, cpu_image):
+    """debootstrap installs bookworm's point release alone; the base then takes bookworm-security and
+    bookworm-updates, and its label says when (a base made before that is made again)."""
+    upgraded = subprocess.run([*podman, "image", "inspect", "--format",
+                               '{{index .Labels "io.triton-ic.base.upgraded"}}', cpu_image],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\dZ", upgraded), upgraded
+    sources = subprocess.run([*podman, "run", "--rm", *hard_limits(), "--entrypoint", "cat", cpu_image,
+                              "/etc/apt/sources.list.d/debian.sources"], capture_output=True, text=True)
+    if sources.returncode != 0 and "debian.sources" not in sources.stderr:
+        pytest.skip(f"podman cannot run containers here: {sources.stderr.strip()[-800:]}")
+    suites = {s for line in sources.stdout.splitlines() if line.startswith("Suites:") for s in line.split()[1:]}
+    assert suites == {"bookworm", "bookworm-updates", "bookworm-security"}, sources.stdout
+
+
+@pytest.mark.slow
 def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
     from clients.client import ImageClassifierClient
     from common.samples import CAT_CLASSES, ESPRESSO
@@ -295,9 +311,13 @@ def test_cpu_image_serves_a_repository_from_s3_with_a_read_only_root(podman, cpu
 
 @pytest.mark.slow
 def test_cpu_image_pulls_a_publication_as_the_deployments_init_container(podman, cpu_image, moto, lite0_repository,
-                                                                          tmp_path):
+                                                                          tmp_path, photos):
     """The Deployment's initContainer command run in the image (boto3 and serving.pull are in it), root file
-    system read-only: the publication lands whole in the mounted folder, checked against its PUBLISHED.json."""
+    system read-only: the publication lands whole in the mounted folder, checked against its PUBLISHED.json.
+    Then the server container as the Deployment runs it: uid 1000, the pulled folder mounted read-only at
+    /models, the root read-only, /tmp the only writable place; it classifies the bundled photos."""
+    from clients.client import ImageClassifierClient
+    from common.samples import CAT_CLASSES, ESPRESSO
     from serving.publish import S3Location, publish
     from tests.deploy.test_pull import tree
 
@@ -319,6 +339,29 @@ def test_cpu_image_pulls_a_publication_as_the_deployments_init_container(podman,
     pulled = tree(volume / "repository")
     assert json.loads(pulled.pop("PUBLISHED.json"))["url"] == url
     assert pulled == tree(lite0_repository)
+
+    ports = Ports.free()
+    name = f"triton-image-pulled-{ports.http}"
+    entrypoint = json.dumps(["python3", "-m", "serving.supervise", f"--port={free_port()}", "--", "tritonserver",
+                             "--model-control-mode=explicit", "--load-model=*"])
+    run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp", "--shm-size", "256m",
+           "--network", "host", "-v", f"{volume / 'repository'}:/models:ro", "--entrypoint", entrypoint, cpu_image,
+           "--model-repository=/models", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
+           f"--metrics-port={ports.metrics}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+           "--metrics-address=127.0.0.1"]
+    started = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        wait_ready(f"http://127.0.0.1:{ports.http}/v2/health/ready", [*podman, name])
+        probe = subprocess.run([*podman, "exec", name, "sh", "-c", "id -u; touch /models/x"], capture_output=True,
+                               text=True)
+        assert probe.stdout.strip() == "1000" and probe.returncode != 0, (probe.stdout, probe.stderr)
+        for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
+            with ImageClassifierClient(f"127.0.0.1:{port}", protocol) as client:
+                chelsea, coffee = client.classify([photos["chelsea"], photos["coffee"]], top_k=3)
+            assert CAT_CLASSES & {p.index for p in chelsea} and coffee[0].index == ESPRESSO, protocol
+    finally:
+        subprocess.run([*podman, "rm", "-f", name], capture_output=True)
 
 
 def test_the_gpu_image_context_holds_every_file_its_containerfile_copies(tmp_path):
