@@ -1,6 +1,10 @@
 """What serving.publish writes to S3 and serving.pull reads back: the URL form, the placeholder of an empty
 folder, and PUBLISHED.json, the manifest a publish writes last.
 
+    s3://[http(s)://host:port/]bucket/prefix     Triton's form, the one make publish prints
+    published-s3://[host:port/]bucket/prefix     the same location as a KServe storageUri: the scheme that
+                                                 deploy/kserve/storage-container claims for serving.pull
+
     PUBLISHED.json  {"format": 1, "url": ..., "source": ..., "published_at": ...,
                      "objects": {"<key under the prefix>": {"size": <bytes>, "sha256": "<hex>"}, ...}}
 
@@ -19,6 +23,7 @@ PUBLISHED = "PUBLISHED.json"
 PLACEHOLDER = ".placeholder"  # an empty folder's object (S3 has no empty folders)
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # a placeholder's, as PUBLISHED.json lists it
 FORMAT = 1
+STORAGE_URI_SCHEME = "published-s3://"  # KServe's default storage initializer claims s3://, so ours is its own
 
 
 class ManifestError(ValueError):
@@ -33,6 +38,8 @@ class S3Location:
 
     @classmethod
     def parse(cls, url: str) -> "S3Location":
+        if url.startswith(STORAGE_URI_SCHEME):  # a KServe storageUri naming the same location
+            url = "s3://" + url[len(STORAGE_URI_SCHEME):]
         if not url.startswith("s3://"):
             raise ValueError(f"{url!r} is not an s3:// URL (s3://bucket/prefix or s3://host:port/bucket/prefix)")
         rest = url[len("s3://"):]

@@ -1,6 +1,7 @@
 """Download a published model repository into a local folder, every file checked against PUBLISHED.json.
 
     python -m serving.pull --url s3://host:port/bucket/prefix --to /models/repository [--wait 300]
+    python -m serving.pull [--wait 300] published-s3://bucket/prefix /mnt/models      # as KServe calls it
 
 What `make publish` uploaded (serving.publish) is read back only once the prefix holds PUBLISHED.json, the
 manifest a publish writes last; every object it lists must have its size and sha256. While a publish is in
@@ -10,9 +11,15 @@ once. The files go into a staging folder beside --to and are renamed into place 
 absent, the previous pull, or this one, never a part. The Kubernetes Deployment runs it as its
 initContainer (deploy/k8s/base/deployment.yaml), so tritonserver serves a complete local copy.
 
+KServe runs it as the storage container of deploy/kserve/storage-container (a ClusterStorageContainer), which
+passes two arguments after the command: the InferenceService's storageUri and the volume it mounts at
+/mnt/models. A mount point cannot be renamed, so the repository goes into its folder `repository`
+(KSERVE_FOLDER), the ServingRuntime's --model-repository.
+
 boto3, as serving.publish (the server images carry it: requirements/image.txt), so credentials come from
 boto3's own chain: AWS_* variables, a web identity token (EKS IRSA), an instance or pod role; the URL in
-Triton's form as for serving.publish.
+Triton's form as for serving.publish. A URL that names no host:port goes to AWS_ENDPOINT_URL where that is set
+(boto3 reads it; KServe sets it from the service account's s3-endpoint annotation), else to AWS.
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ from pathlib import Path
 from typing import Callable
 
 from serving.publication import EMPTY_SHA256, PLACEHOLDER, PUBLISHED, ManifestError, S3Location, read_manifest, s3_client
+
+KSERVE_FOLDER = "repository"  # in the volume KServe mounts: the ServingRuntime's --model-repository
+
 
 class PullError(RuntimeError):
     """The publication cannot be pulled (refused, or still in progress when the wait ran out)."""
@@ -160,18 +170,33 @@ def pull(location: S3Location, dest: Path, wait_s: float, interval_s: float = 10
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Download a published model repository, checked against its "
                                             f"{PUBLISHED}, into a local folder.")
-    p.add_argument("--url", required=True, help="what make publish printed: s3://bucket/prefix, "
-                                                "s3://host:port/bucket/prefix or s3://https://host:port/bucket/prefix")
-    p.add_argument("--to", type=Path, required=True,
+    p.add_argument("--url", help="what make publish printed: s3://bucket/prefix, "
+                                 "s3://host:port/bucket/prefix or s3://https://host:port/bucket/prefix")
+    p.add_argument("--to", type=Path,
                    help="the folder to write, replaced whole by a rename: not a mount point (a volume's subfolder)")
+    p.add_argument("storage_uri", nargs="?", metavar="STORAGE_URI",
+                   help="instead of --url and --to, as KServe calls a storage container: the storageUri "
+                        "(published-s3://bucket/prefix or any --url form) ...")
+    p.add_argument("volume", nargs="?", type=Path, metavar="VOLUME",
+                   help=f"... and the volume it mounts (/mnt/models); the repository goes into VOLUME/{KSERVE_FOLDER}")
     p.add_argument("--wait", type=float, default=300.0,
                    help="seconds to keep trying while a publish is in progress there (default: %(default)s)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between tries (default: %(default)s)")
     return p
 
 
+def source_and_destination(args: argparse.Namespace) -> tuple[S3Location, Path]:
+    """--url and --to, or KServe's STORAGE_URI VOLUME (into VOLUME/KSERVE_FOLDER); ValueError for anything else."""
+    if args.url and args.to and args.storage_uri is None:
+        return S3Location.parse(args.url), args.to
+    if args.storage_uri and args.volume and args.url is None and args.to is None:
+        return S3Location.parse(args.storage_uri), args.volume / KSERVE_FOLDER
+    raise ValueError("give --url and --to, or the two arguments KServe passes: STORAGE_URI VOLUME")
+
+
 def main(args: argparse.Namespace) -> None:
-    done = pull(S3Location.parse(args.url), args.to, args.wait, args.interval)
+    location, dest = source_and_destination(args)
+    done = pull(location, dest, args.wait, args.interval)
     print(f"pulled {done['objects']} objects of {done['url']} into {done['to']} (checked against {PUBLISHED})")
 
 

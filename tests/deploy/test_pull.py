@@ -164,3 +164,55 @@ def test_an_endpoint_that_does_not_answer_is_one_line_after_the_wait(tmp_path):
     assert done.returncode == 1 and not (tmp_path / "pulled").exists()
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"serving.pull: GET {url}/{PUBLISHED}: Could not connect") and "gave up after 1" in line
+
+
+def run_as_kserve(storage_uri: str, volume: Path, endpoint: str) -> subprocess.CompletedProcess:
+    """serving.pull as KServe runs a storage container: the ClusterStorageContainer's command, then the storageUri
+    and the volume; the endpoint in AWS_ENDPOINT_URL, as KServe sets it from the service account's annotation."""
+    return subprocess.run([sys.executable, "-m", "serving.pull", "--wait=0", "--interval=0", storage_uri, str(volume)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AWS_ENDPOINT_URL": f"http://{endpoint}"})
+
+
+def test_kserve_s_call_pulls_the_publication_whole_into_its_volume(published, moto, tmp_path):
+    """KServe passes `<storageUri> /mnt/models`, a mount point that cannot be renamed: the checked publication is
+    renamed into place whole as its folder `repository`, where the ServingRuntime's --model-repository points.
+    published-s3:// names the location s3:// does (a scheme KServe's default storage initializer leaves alone)."""
+    from serving.pull import KSERVE_FOLDER
+
+    repo, location = published
+    storage_uri = f"published-s3://{location.bucket}/{location.prefix}"
+    assert S3Location.parse(f"published-s3://{moto}/b/p") == S3Location.parse(f"s3://{moto}/b/p")
+    volume = tmp_path / "mnt-models"
+    volume.mkdir()  # KServe's emptyDir, there before its storage container starts
+    done = run_as_kserve(storage_uri, volume, moto)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("pulled ") and f"into {volume / KSERVE_FOLDER} (checked against" in done.stdout
+    assert [p.name for p in volume.iterdir()] == [KSERVE_FOLDER]  # no staging left
+    pulled = tree(volume / KSERVE_FOLDER)
+    assert json.loads(pulled.pop(PUBLISHED))["url"] == location.url
+    assert pulled == tree(repo)
+
+
+def test_kserve_s_call_refuses_a_changed_object_and_a_publish_in_progress_in_one_line(published, moto, tmp_path):
+    repo, location = published
+    storage_uri = f"published-s3://{location.bucket}/{location.prefix}"
+    volume = tmp_path / "mnt-models"
+    volume.mkdir()
+    client = s3_client(location)
+    client.put_object(Bucket=location.bucket, Key=location.key("classifier/1/model.onnx"), Body=b"not published")
+    done = run_as_kserve(storage_uri, volume, moto)
+    (line,) = done.stderr.splitlines()
+    assert done.returncode == 1 and "1 object(s) differ from its PUBLISHED.json" in line
+    assert "changed after publication" in line and not any(volume.iterdir())
+
+    client.delete_object(Bucket=location.bucket, Key=location.key(PUBLISHED))
+    done = run_as_kserve(storage_uri, volume, moto)
+    (line,) = done.stderr.splitlines()
+    assert done.returncode == 1 and not any(volume.iterdir())
+    assert line.startswith(f"serving.pull: s3://{location.bucket}/{location.prefix} holds no {PUBLISHED}")
+
+    # one form or the other: --url with --to, or KServe's two arguments
+    for argv in (["--url", location.url], [storage_uri], ["--url", location.url, "--to", "x", storage_uri, "y"]):
+        with pytest.raises(ValueError, match="give --url and --to, or the two arguments KServe passes"):
+            main(get_args_parser().parse_args(argv))
