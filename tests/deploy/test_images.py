@@ -315,27 +315,38 @@ def test_cpu_image_pulls_a_publication_as_the_deployments_init_container(podman,
     """The Deployment's initContainer command run in the image (boto3 and serving.pull are in it), root file
     system read-only: the publication lands whole in the mounted folder, checked against its PUBLISHED.json.
     Then the server container as the Deployment runs it: uid 1000, the pulled folder mounted read-only at
-    /models, the root read-only, /tmp the only writable place; it classifies the bundled photos."""
+    /models, the root read-only, /tmp the only writable place; it classifies the bundled photos. Then KServe's
+    storage container (deploy/kserve/storage-container): its command, the storageUri and the volume, the
+    endpoint in AWS_ENDPOINT_URL as KServe sets it; the repository lands in the volume's folder the
+    ServingRuntime serves."""
+    import yaml
+
     from clients.client import ImageClassifierClient
     from common.samples import CAT_CLASSES, ESPRESSO
     from serving.publish import S3Location, publish
+    from serving.pull import KSERVE_FOLDER
     from tests.deploy.test_pull import tree
 
     url = publish(lite0_repository, S3Location.parse(f"s3://{moto}/models/image-pull"), create_bucket=True,
                   progress=False)["url"]
-    volume = tmp_path / "pull"
-    volume.mkdir()
-    volume.chmod(0o777)  # the image runs as uid 1000
     env = [arg for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
            for arg in ("-e", f"{key}={os.environ[key]}")]
-    done = subprocess.run([*podman, "run", "--rm", *hard_limits(), "--read-only", "--tmpfs", "/tmp", "--network",
-                           "host", *env, "-v", f"{volume}:/pull", "--entrypoint", "python3", cpu_image, "-m",
-                           "serving.pull", "--url", url, "--to", "/pull/repository", "--wait", "0"],
-                          capture_output=True, text=True, timeout=300)
-    if done.returncode != 0 and "cannot" in done.stderr and "serving.pull" not in done.stderr:
-        pytest.skip(f"podman cannot run containers here: {done.stderr.strip()[-800:]}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("pulled ") and f"of {url} into /pull/repository" in done.stdout
+
+    def run_pull(mount: str, command: list[str], *extra_env: str) -> Path:
+        volume = tmp_path / mount.strip("/").replace("/", "-")
+        volume.mkdir()
+        volume.chmod(0o777)  # the image runs as uid 1000
+        done = subprocess.run([*podman, "run", "--rm", *hard_limits(), "--read-only", "--tmpfs", "/tmp", "--network",
+                               "host", *env, *extra_env, "-v", f"{volume}:{mount}", "--entrypoint", command[0],
+                               cpu_image, *command[1:]], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0 and "cannot" in done.stderr and "serving.pull" not in done.stderr:
+            pytest.skip(f"podman cannot run containers here: {done.stderr.strip()[-800:]}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith("pulled ") and f"into {mount}/" in done.stdout
+        return volume
+
+    volume = run_pull("/pull", ["python3", "-m", "serving.pull", "--url", url, "--to", "/pull/repository",
+                                "--wait", "0"])
     pulled = tree(volume / "repository")
     assert json.loads(pulled.pop("PUBLISHED.json"))["url"] == url
     assert pulled == tree(lite0_repository)
@@ -362,6 +373,16 @@ def test_cpu_image_pulls_a_publication_as_the_deployments_init_container(podman,
             assert CAT_CLASSES & {p.index for p in chelsea} and coffee[0].index == ESPRESSO, protocol
     finally:
         subprocess.run([*podman, "rm", "-f", name], capture_output=True)
+
+    storage = yaml.safe_load((ROOT / "deploy/kserve/storage-container/clusterstoragecontainer.yaml").read_text())
+    location = S3Location.parse(url)
+    volume = run_pull("/mnt/models", [*storage["spec"]["container"]["command"], "--wait=0",
+                                      f"published-s3://{location.bucket}/{location.prefix}", "/mnt/models"],
+                      "-e", f"AWS_ENDPOINT_URL={location.endpoint}")
+    assert [p.name for p in volume.iterdir()] == [KSERVE_FOLDER]
+    pulled = tree(volume / KSERVE_FOLDER)
+    assert json.loads(pulled.pop("PUBLISHED.json"))["url"] == url
+    assert pulled == tree(lite0_repository)
 
 
 def test_the_gpu_image_context_holds_every_file_its_containerfile_copies(tmp_path):

@@ -32,13 +32,16 @@ SCHEMAS = DEPLOY / "schemas"
 RECORDING = DEPLOY / "monitoring" / "rules" / "recording.yml"
 KUBERNETES_VERSION = "1.32"  # the kubectl on the project's machines; docs/deploy.md
 TARGETS = {"cpu": K8S / "overlays" / "cpu", "cpu-vnni": K8S / "overlays" / "cpu-vnni", "gpu": K8S / "overlays" / "gpu",
-           "kserve": DEPLOY / "kserve", "prometheus-adapter": K8S / "prometheus-adapter"}
+           "kserve": DEPLOY / "kserve", "kserve-storage": DEPLOY / "kserve" / "storage-container",
+           "prometheus-adapter": K8S / "prometheus-adapter"}
 # apiVersion/kind -> vendored schema file (deploy/schemas/README.md)
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring.coreos.com-v1.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.yaml",
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): "servingruntime-serving.kserve.io-v1alpha1.yaml",
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice-serving.kserve.io-v1beta1.yaml",
+    ("serving.kserve.io/v1alpha1", "ClusterStorageContainer"):
+        "clusterstoragecontainer-serving.kserve.io-v1alpha1.yaml",
 }
 
 
@@ -106,6 +109,7 @@ def test_every_target_renders(rendered):
                      "PodDisruptionBudget", "PodMonitor", "PrometheusRule"])
     assert kinds["cpu"] == server and kinds["cpu-vnni"] == server and kinds["gpu"] == server
     assert kinds["kserve"] == ["InferenceService", "ServiceAccount", "ServingRuntime"]
+    assert kinds["kserve-storage"] == ["ClusterStorageContainer"]
     assert kinds["prometheus-adapter"] == ["ConfigMap"]
 
 
@@ -134,6 +138,12 @@ def test_validation_refuses_broken_objects(rendered):
     runtime = copy.deepcopy(one(rendered["kserve"], "ServingRuntime"))
     runtime["spec"]["containers"][0]["args"] = "--http-port=8080"
     assert validation_errors(runtime)
+    storage = copy.deepcopy(one(rendered["kserve-storage"], "ClusterStorageContainer"))
+    storage["spec"]["container"]["name"] = "pull"  # KServe would not see it as its storage initializer
+    assert validation_errors(storage)
+    storage = copy.deepcopy(one(rendered["kserve-storage"], "ClusterStorageContainer"))
+    storage["spec"]["supportedUriFormats"][0] = {"prefx": "published-s3://"}
+    assert validation_errors(storage)
     monitor = copy.deepcopy(one(rendered["cpu"], "PodMonitor"))
     monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "rename"
     assert validation_errors(monitor)
@@ -314,12 +324,17 @@ def test_rollout_deadline_outlasts_the_startup_window(rendered, target):
 def test_kserve_runtime_waits_for_model_loading_as_the_deployment_does(rendered):
     """Triton opens its HTTP port only once every model has loaded, so KServe's liveness probe on 8080 would
     restart a container still loading: a startup probe holds it off at least as long as the Deployment's
-    does, and Knative's progress deadline for the revision outlasts that window."""
+    does, and Knative's progress deadline for the revision outlasts that window plus the storage container's
+    wait for a publish in progress."""
+    from serving.pull import get_args_parser
+
     (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
     assert "startupProbe" in container, "no startup probe: liveness restarts a server still loading its models"
     window = probe_window_s(container["startupProbe"])
     assert window >= probe_window_s(server_container(rendered["cpu"])["startupProbe"]), window
     assert container["startupProbe"]["httpGet"]["port"] == container["livenessProbe"]["httpGet"]["port"]
+    storage = one(rendered["kserve-storage"], "ClusterStorageContainer")["spec"]["container"]
+    window += get_args_parser().parse_args(storage["command"][3:]).wait
     annotations = one(rendered["kserve"], "ServingRuntime")["spec"].get("annotations", {})
     assert duration_s(annotations.get("serving.knative.dev/progress-deadline", "600s")) > window
 
@@ -434,6 +449,8 @@ def test_selectors_pick_the_server_pods(rendered, target):
 
 
 def test_kserve_canary_and_v2_protocol(rendered):
+    from serving.pull import KSERVE_FOLDER
+
     runtime = one(rendered["kserve"], "ServingRuntime")
     isvc = one(rendered["kserve"], "InferenceService")
     predictor = isvc["spec"]["predictor"]
@@ -443,7 +460,8 @@ def test_kserve_canary_and_v2_protocol(rendered):
     formats = {(f["name"], f["version"]) for f in runtime["spec"]["supportedModelFormats"]}
     assert (predictor["model"]["modelFormat"]["name"], predictor["model"]["modelFormat"]["version"]) in formats
     (container,) = runtime["spec"]["containers"]
-    assert "--model-repository=/mnt/models" in container["args"]  # where KServe's storage initializer puts it
+    # where serving.pull, KServe's storage container here, puts it in the volume KServe mounts at /mnt/models
+    assert f"--model-repository=/mnt/models/{KSERVE_FOLDER}" in container["args"]
     assert "--http-port=8080" in container["args"] and "ports" not in container  # KServe's default HTTP port
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["command"][:3] == ["python3", "-m", "serving.supervise"]
@@ -468,6 +486,49 @@ def test_kserve_downloads_from_the_overlays_s3_endpoint_with_their_secret(render
     (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
     assert container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["securityContext"]["runAsNonRoot"] is True
+
+
+# KServe's default ClusterStorageContainer's formats (kserve/kserve config/storagecontainers/default.yaml), which
+# KServe matches unanchored (Go's regexp.MatchString; pkg/apis/serving/v1alpha1/storage_container_types.go)
+KSERVE_DEFAULT_PREFIXES = ("gs://", "s3://", "hdfs://", "webhdfs://", "hf://")
+KSERVE_DEFAULT_REGEXES = (r"https://(.+?).blob.core.windows.net/(.+)", r"https://(.+?).file.core.windows.net/(.+)",
+                          r"https?://(.+)/(.+)")
+
+
+def test_kserve_pulls_the_publication_with_serving_pull_as_its_storage_container(rendered):
+    """The InferenceService's storageUri has a scheme of its own, claimed by our ClusterStorageContainer alone
+    (never s3://, nor any format of KServe's default one: two claims leave the choice to chance): KServe runs
+    the runtime's image with serving.pull, appending the storageUri and /mnt/models, and the repository it
+    puts there is where the runtime's --model-repository points. It reads the overlays' bucket and prefix
+    from the endpoint and Secret KServe injects from the service account (no credentials of its own), waits
+    for a publish in progress, and runs locked down like the Deployment's initContainer."""
+    from serving.publication import STORAGE_URI_SCHEME, S3Location
+    from serving.pull import get_args_parser, source_and_destination
+
+    (storage,) = rendered["kserve-storage"]
+    assert "namespace" not in storage["metadata"]  # cluster-scoped
+    container = storage["spec"]["container"]
+    (runtime,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    storage_uri = one(rendered["kserve"], "InferenceService")["spec"]["predictor"]["model"]["storageUri"]
+    assert container["name"] == "storage-initializer" and container["image"] == runtime["image"]
+
+    assert storage["spec"]["supportedUriFormats"] == [{"prefix": STORAGE_URI_SCHEME}]
+    assert storage_uri.startswith(STORAGE_URI_SCHEME)
+    assert not storage_uri.startswith(KSERVE_DEFAULT_PREFIXES), storage_uri
+    assert not any(re.search(r, storage_uri) for r in KSERVE_DEFAULT_REGEXES), storage_uri
+
+    assert container["command"][:3] == ["python3", "-m", "serving.pull"] and "args" not in container  # KServe's
+    called = get_args_parser().parse_args([*container["command"][3:], storage_uri, "/mnt/models"])
+    location, dest = source_and_destination(called)
+    assert f"--model-repository={dest}" in runtime["args"] and called.wait > 0
+    overlay = S3Location.parse(one(rendered["cpu"], "ConfigMap")["data"]["MODEL_REPOSITORY"])
+    assert (location.bucket, location.prefix, location.endpoint) == (overlay.bucket, overlay.prefix, None)
+    assert "envFrom" not in container and not [e for e in container.get("env", []) if e["name"].startswith("AWS_")]
+
+    sc = container["securityContext"]
+    assert runtime["securityContext"].items() <= sc.items()  # non-root, no escalation, no capabilities, seccomp
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
 
 
 # ---- the autoscaler's metric: HPA <- prometheus-adapter <- recording rule <- Triton -----------------
