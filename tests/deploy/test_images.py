@@ -323,6 +323,7 @@ def test_cpu_image_pulls_a_publication_as_the_deployments_init_container(podman,
 
     from clients.client import ImageClassifierClient
     from common.samples import CAT_CLASSES, ESPRESSO
+    from serving.publication import STORAGE_URI_SCHEME
     from serving.publish import S3Location, publish
     from serving.pull import KSERVE_FOLDER
     from tests.deploy.test_pull import tree
@@ -377,7 +378,7 @@ def test_cpu_image_pulls_a_publication_as_the_deployments_init_container(podman,
     storage = yaml.safe_load((ROOT / "deploy/kserve/storage-container/clusterstoragecontainer.yaml").read_text())
     location = S3Location.parse(url)
     volume = run_pull("/mnt/models", [*storage["spec"]["container"]["command"], "--wait=0",
-                                      f"published-s3://{location.bucket}/{location.prefix}", "/mnt/models"],
+                                      f"{STORAGE_URI_SCHEME}{location.bucket}/{location.prefix}", "/mnt/models"],
                       "-e", f"AWS_ENDPOINT_URL={location.endpoint}")
     assert [p.name for p in volume.iterdir()] == [KSERVE_FOLDER]
     pulled = tree(volume / KSERVE_FOLDER)

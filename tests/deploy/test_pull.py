@@ -14,7 +14,7 @@ import pytest
 
 from build.repository.writer import MARKER
 from common.hashing import file_sha256
-from serving.publication import PLACEHOLDER, PUBLISHED, S3Location
+from serving.publication import PLACEHOLDER, PUBLISHED, STORAGE_URI_SCHEME, S3Location
 from serving.publish import SKIP, publish, s3_client
 from serving.pull import PullError, get_args_parser, main, pull
 from tests.deploy.test_publish import bucket_objects, moto, tiny_repository  # noqa: F401  (moto: fixture)
@@ -181,8 +181,8 @@ def test_kserve_s_call_pulls_the_publication_whole_into_its_volume(published, mo
     from serving.pull import KSERVE_FOLDER
 
     repo, location = published
-    storage_uri = f"published-s3://{location.bucket}/{location.prefix}"
-    assert S3Location.parse(f"published-s3://{moto}/b/p") == S3Location.parse(f"s3://{moto}/b/p")
+    storage_uri = f"{STORAGE_URI_SCHEME}{location.bucket}/{location.prefix}"
+    assert S3Location.parse(f"{STORAGE_URI_SCHEME}{moto}/b/p") == S3Location.parse(f"s3://{moto}/b/p")
     volume = tmp_path / "mnt-models"
     volume.mkdir()  # KServe's emptyDir, there before its storage container starts
     done = run_as_kserve(storage_uri, volume, moto)
@@ -196,7 +196,7 @@ def test_kserve_s_call_pulls_the_publication_whole_into_its_volume(published, mo
 
 def test_kserve_s_call_refuses_a_changed_object_and_a_publish_in_progress_in_one_line(published, moto, tmp_path):
     repo, location = published
-    storage_uri = f"published-s3://{location.bucket}/{location.prefix}"
+    storage_uri = f"{STORAGE_URI_SCHEME}{location.bucket}/{location.prefix}"
     volume = tmp_path / "mnt-models"
     volume.mkdir()
     client = s3_client(location)
