@@ -62,10 +62,12 @@ def serialize(preprocess_json: Path, out: Path, device: str = "mixed", max_batch
 def preprocess_config(name: str, max_batch_size: int, input_dims: tuple[int, ...], batching: str,
                       header: str) -> str:
     """config.pbtxt of the DALI preprocess model: encoded bytes as UINT8 [-1] in, the normalised image out;
-    `batching`: its instance_group and dynamic_batching, as the spec renders them for any model."""
+    `batching`: its instance_group and dynamic_batching, as the spec renders them for any model. The input is a
+    ragged batch: Triton's dynamic batcher otherwise batches only requests of equal shape, here byte length."""
     dims = ", ".join(str(d) for d in input_dims)
     return (f"{header}name: \"{name}\"\nbackend: \"dali\"\nmax_batch_size: {max_batch_size}\n"
-            f"input [\n  {{\n    name: \"{DALI_INPUT}\"\n    data_type: TYPE_UINT8\n    dims: [ -1 ]\n  }}\n]\n"
+            f"input [\n  {{\n    name: \"{DALI_INPUT}\"\n    data_type: TYPE_UINT8\n    dims: [ -1 ]\n"
+            "    allow_ragged_batch: true\n  }\n]\n"
             f"output [\n  {{\n    name: \"{DALI_OUTPUT}\"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}\n]\n"
             + batching)
 

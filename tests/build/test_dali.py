@@ -84,6 +84,7 @@ def test_the_repository_wires_a_dali_preprocess_model_into_the_ensemble(tiny_art
     assert pre.backend == "dali" and (tmp_path / "repo" / "preprocess" / "1" / "model.dali").stat().st_size > 0
     assert not (tmp_path / "repo" / "preprocess" / "1" / "model.py").exists()
     assert [(i.name, i.data_type, list(i.dims)) for i in pre.input] == [("IMAGE", model_config_pb2.TYPE_UINT8, [-1])]
+    assert pre.input[0].allow_ragged_batch  # else only images of one byte length are batched together
     assert [(o.name, list(o.dims)) for o in pre.output] == [("PIXELS", [3, 32, 32])]
     assert [(i.name, i.data_type, list(i.dims)) for i in ens.input] == [("IMAGE", model_config_pb2.TYPE_UINT8, [-1])]
     first = ens.ensemble_scheduling.step[0]
