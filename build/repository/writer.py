@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 import common.contract as contract_module
 import common.cpu as cpu_module
@@ -28,8 +27,8 @@ import common.priority as priority_module
 from build.precision import binding
 from build.repository import configs, dali, quality
 from build.repository.spec import DeploymentSpec
+from common import onnxfiles
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
-from common.hashing import file_sha256
 from common.preprocessing import PreprocessConfig
 from serving.triton_admin import LOCK_FILE
 
@@ -99,7 +98,7 @@ def deployed_model_file(build: dict) -> Path | None:
     if not recorded.get("source"):
         return None
     source = Path(recorded["source"])
-    if not source.is_file() or (recorded.get("sha256") and file_sha256(source) != recorded["sha256"]):
+    if not source.is_file() or (recorded.get("sha256") and onnxfiles.model_sha256(source) != recorded["sha256"]):
         state = "is gone" if not source.is_file() else "has changed"
         raise ValueError(f"{source}, the classifier file the served repository was built from, {state} since: "
                          "run `make engines` again (with the same PRECISION) to deploy and gate the file there now")
@@ -161,41 +160,12 @@ def model_shape(artifacts: Path, model_file: Path | None = None) -> configs.Mode
     return configs.ModelShape(input_dims=pre.input_shape, num_classes=len(labels), layout=pre.layout)
 
 
-def _node_tensors(nodes) -> list[onnx.TensorProto]:
-    found = []
-    for node in nodes:
-        for attr in node.attribute:
-            found += [attr.t] if attr.HasField("t") else []
-            found += list(attr.tensors)
-            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                found += _graph_tensors(graph)
-    return found
-
-
-def _graph_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    sparse = [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
-    return [*graph.initializer, *sparse, *_node_tensors(graph.node)]
-
-
 def weight_files(model_file: Path) -> list[str]:
-    """The files beside an ONNX file that hold its weights (saved with external data, as models over 2 GB
-    must be); [] for a self-contained file or a plan. They must be plain names in its folder: that is
-    where ONNX Runtime looks for them, and what the server's version folder can hold."""
-    model_file = Path(model_file)
-    if model_file.suffix != ".onnx":
-        return []
-    model = onnx.load(str(model_file), load_external_data=False)
-    tensors = _graph_tensors(model.graph) + [t for f in model.functions for t in _node_tensors(f.node)]
-    names = sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
-    for name in names:
-        if Path(name).name != name or name in (".", ".."):
-            raise ArtifactsError(f"{model_file} keeps weights in {name!r}: only a file beside it can be served "
-                                 "(save it with onnx.save(..., save_as_external_data=True, location=<a file name>))")
-        if not (model_file.parent / name).is_file():
-            raise ArtifactsError(f"{model_file} keeps weights in {name}, which is not beside it")
-        if name == model_file.name:
-            raise ArtifactsError(f"{model_file} names itself as its weights file")
-    return names
+    """common.onnxfiles.weight_files, its refusals as ArtifactsError: what the repository cannot serve."""
+    try:
+        return onnxfiles.weight_files(model_file)
+    except onnxfiles.WeightsFileError as exc:
+        raise ArtifactsError(str(exc)) from None
 
 
 def copy_model(model_file: Path, target: Path, keep: set[str] = frozenset()) -> Path:
@@ -301,7 +271,7 @@ def write_repository(
         "backend": backend,
         "pipeline": spec.pipeline,
         "models": ([] if fused else [spec.preprocess_name]) + [spec.classifier_name, spec.ensemble_name],
-        "classifier_model": {"source": str(model_file), "sha256": file_sha256(model_file)},
+        "classifier_model": {"source": str(model_file), "sha256": onnxfiles.model_sha256(model_file)},
         "input_dims": list(shape.input_dims),
         "num_classes": shape.num_classes,
         "held_out": quality.held_out_source(held_out),  # the quality reference's images (serving.rollout reuses them)

@@ -1,0 +1,100 @@
+"""ONNX files that keep their weights beside them ("external data"), as ONNX must above protobuf's 2 GB.
+
+A model is written (`save_model`) with its weights in one file `<model file>.data` beside it, a plain name
+that travels with it (artifacts, precision variants, Triton version folders; ONNX Runtime and TensorRT look
+for it beside the model), when its source kept them so or when it would pass EXTERNAL_DATA_THRESHOLD bytes
+serialized; otherwise as one file, as onnx.save writes it. `weight_files` names the files a model needs
+beside it and `model_sha256` hashes the model with them, so a changed weights file changes the hash. The
+byte work is onnx's own (onnx.save_model's save_as_external_data, onnx.load(load_external_data=False)).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from common.hashing import file_sha256
+
+# Serialized bytes above which a model is written with external data: protobuf refuses 2 GiB (onnx.checker's
+# MAXIMUM_PROTOBUF), and a later step adds to the model (metadata, Q/DQ scales, casts).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data (ONNX Runtime's quantizer names its own files so too)
+
+
+class WeightsFileError(ValueError):
+    """An ONNX file's external data cannot travel with it: not a plain name beside it, missing, or itself."""
+
+
+def data_file(model_file: str | Path) -> Path:
+    """The weights file `save_model` writes beside `model_file` when it writes external data."""
+    model_file = Path(model_file)
+    return model_file.with_name(model_file.name + DATA_SUFFIX)
+
+
+def _node_tensors(nodes) -> list[onnx.TensorProto]:
+    found = []
+    for node in nodes:
+        for attr in node.attribute:
+            found += [attr.t] if attr.HasField("t") else []
+            found += list(attr.tensors)
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found += _graph_tensors(graph)
+    return found
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    sparse = [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
+    return [*graph.initializer, *sparse, *_node_tensors(graph.node)]
+
+
+def weight_files(model_file: str | Path) -> list[str]:
+    """The files beside an ONNX file that hold its weights (saved with external data, as models over 2 GB
+    must be); [] for a self-contained file or a plan. They must be plain names in its folder: that is
+    where ONNX Runtime looks for them, and what the server's version folder can hold (WeightsFileError)."""
+    model_file = Path(model_file)
+    if model_file.suffix != ".onnx":
+        return []
+    model = onnx.load(str(model_file), load_external_data=False)
+    tensors = _graph_tensors(model.graph) + [t for f in model.functions for t in _node_tensors(f.node)]
+    names = sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
+    for name in names:
+        if Path(name).name != name or name in (".", ".."):
+            raise WeightsFileError(f"{model_file} keeps weights in {name!r}: only a file beside it can be served "
+                                   "(save it with onnx.save(..., save_as_external_data=True, location=<a file name>))")
+        if not (model_file.parent / name).is_file():
+            raise WeightsFileError(f"{model_file} keeps weights in {name}, which is not beside it")
+        if name == model_file.name:
+            raise WeightsFileError(f"{model_file} names itself as its weights file")
+    return names
+
+
+def model_sha256(model_file: str | Path) -> str:
+    """sha256 of an ONNX file followed by its weights files (weight_files, in name order): the file's own sha256
+    when it keeps its weights inside (and for a plan), and a hash that changes with either file otherwise."""
+    model_file = Path(model_file)
+    return file_sha256(model_file, *(model_file.parent / name for name in weight_files(model_file)))
+
+
+def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False,
+               threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Write `model` to `path`: with every weight in `data_file(path)` when `external` (its source kept its
+    weights so) or when it serializes to more than `threshold` bytes, else as one file (onnx.save's bytes). A
+    weights file left there by an earlier write goes first (onnx appends to one it finds). Like
+    onnx.save_model, writing external data moves the weights out of `model`."""
+    path = Path(path)
+    data = data_file(path)
+    data.unlink(missing_ok=True)
+    if external or model.ByteSize() > threshold:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def save_like(model: onnx.ModelProto, path: str | Path, source: str | Path,
+              threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """`save_model` with external data where the `source` file (`path` itself for a rewrite) keeps its weights
+    beside it: a variant is written as its model was."""
+    return save_model(model, path, external=bool(weight_files(source)), threshold=threshold)

@@ -1,0 +1,53 @@
+"""common.onnxfiles: when a model is written with its weights beside it, and the hash that covers them."""
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from common.hashing import file_sha256
+from common.onnxfiles import EXTERNAL_DATA_THRESHOLD, model_sha256, save_like, save_model, weight_files
+from common.onnxsession import cpu_session
+from tests.tiny_model import save_with_external_weights
+
+
+def _run(path):
+    return cpu_session(path).run(None, {"images": np.ones((2, 3, 32, 32), np.float32)})
+
+
+def _weights_as_raw_data(tiny_artifacts, tmp_path) -> onnx.ModelProto:
+    """The tiny model with its weights as raw data, as exporters write them (onnx moves only those out)."""
+    return onnx.load(str(save_with_external_weights(tiny_artifacts, tmp_path / "source")))
+
+
+def test_a_model_under_the_threshold_is_one_file_as_onnx_writes_it(tiny_artifacts, tmp_path):
+    model = onnx.load(str(tiny_artifacts / "model.onnx"))
+    assert model.ByteSize() < EXTERNAL_DATA_THRESHOLD
+    save_model(model, tmp_path / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    assert (tmp_path / "model.onnx").read_bytes() == (tiny_artifacts / "model.onnx").read_bytes()
+    assert model_sha256(tmp_path / "model.onnx") == file_sha256(tiny_artifacts / "model.onnx")
+
+
+def test_past_the_threshold_or_asked_the_weights_go_beside_it(tiny_artifacts, tmp_path):
+    for folder, options in (("past", {"threshold": 10}), ("asked", {"external": True})):
+        path = tmp_path / folder / "model.onnx"
+        path.parent.mkdir()
+        save_model(_weights_as_raw_data(tiny_artifacts, tmp_path / folder), path, **options)
+        assert weight_files(path) == ["model.onnx.data"]
+        for got, want in zip(_run(path), _run(tiny_artifacts / "model.onnx")):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_rewrite_replaces_its_data_file_and_the_hash_follows_it(tiny_artifacts, tmp_path):
+    path = tmp_path / "model.onnx"
+    save_model(_weights_as_raw_data(tiny_artifacts, tmp_path), path, external=True)
+    size, digest = (tmp_path / "model.onnx.data").stat().st_size, model_sha256(path)
+    assert digest == file_sha256(path, tmp_path / "model.onnx.data") != file_sha256(path)
+    save_like(onnx.load(str(path)), path, path)  # onnx alone would add the weights to the old file's end
+    assert (tmp_path / "model.onnx.data").stat().st_size == size and model_sha256(path) == digest
+    before = file_sha256(path)
+    model = onnx.load(str(path))
+    weight = model.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(2), weight.name))
+    save_like(model, path, path)
+    assert file_sha256(path) == before  # model.onnx is the same file: only its weights changed...
+    assert model_sha256(path) != digest  # ...which its hash sees
