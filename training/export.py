@@ -7,12 +7,14 @@
 The artifact directory holds:
     model.onnx       input `images` float32 [batch, 3, H, W] (or NHWC); outputs `logits` [batch, C]
                      (an import of a probabilities model: their log) and `probabilities` [batch, C]
-                     (a Softmax in the graph); `batch` is a dynamic axis. One self-contained file.
+                     (a Softmax in the graph); `batch` is a dynamic axis. One self-contained file, or
+                     with its weights in model.onnx.data beside it (an import of a model that kept
+                     them beside it, or past common.onnxfiles.EXTERNAL_DATA_THRESHOLD)
     labels.txt       line i = label of class i
     preprocess.json  common.preprocessing.PreprocessConfig for this model
     reference.npz    `images` (the preprocessed sample photos), `names`, `probabilities` and
                      `logits` from the source model (PyTorch for an export)
-    export.json      source, sha256 of model.onnx, opset, versions, IO, parity, date
+    export.json      source, sha256 of model.onnx (and its data file), opset, versions, IO, parity, date
 
 model.onnx is written last, after its checks pass: a failed check leaves no new model.onnx
 (training.artifacts). The work is done by training.onnx_export (PyTorch -> ONNX, parity-checked),

@@ -89,8 +89,7 @@ def export_with_parity(
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         logits, probabilities = (t.numpy() for t in WithProbabilities(model)(torch.from_numpy(images)))
-    tmp_model = temp_model(out_dir)
-    try:
+    with temp_model(out_dir) as tmp_model:
         static = models.freeze_same_padding(model, preprocess.input_shape)
         used = export_torch_to_onnx(static, tmp_model, preprocess.input_shape, opset, exporter)
         check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
@@ -107,8 +106,6 @@ def export_with_parity(
         }
         reference = {"images": images, LOGITS: logits, PROBABILITIES: probabilities, "names": np.array(names)}
         result = write_artifacts(tmp_model, out_dir, labels, preprocess, reference, metadata)
-    finally:
-        tmp_model.unlink(missing_ok=True)
     result.parity = parity
     return result
 

@@ -18,9 +18,10 @@ import onnx
 import onnxruntime as ort
 
 from common.contract import LABELS_TXT
+from common.onnxfiles import EXTERNAL_DATA_THRESHOLD, model_sha256, save_model, weight_files
 from common.preprocessing import PreprocessConfig, load_files
 from common.samples import sample_photos
-from training.artifacts import ExportResult, file_sha256, temp_model, write_artifacts
+from training.artifacts import ExportResult, temp_model, write_artifacts
 from training.onnx_graph import (CHECK_BATCH_SIZES, INPUT_NAME, LOGITS, PROBABILITIES, canonicalize_classifier,
                                  check_onnx_file, input_channels, onnxruntime_session, run_onnxruntime,
                                  with_luma_input)
@@ -36,35 +37,36 @@ def import_onnx(
     preprocess: PreprocessConfig,
     outputs: str = LOGITS,
     labels_name: str = LABELS_TXT,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportResult:
     """Any single-input, single-output ONNX image classifier -> canonical artifact directory.
 
     Checks: the class count against `labels` (read from `labels_name`, for the message), a dynamic
     batch, onnx.checker, ONNX Runtime at each of CHECK_BATCH_SIZES, and on the sample photos outputs
     of shape [N, len(labels)] with finite values (probabilities summing to 1). Raises ValueError
-    naming the problem; a folder this call created is removed again.
+    naming the problem; a folder this call created is removed again. model.onnx keeps its weights in
+    model.onnx.data beside it when the source kept them beside it or it would pass `external_data_threshold`
+    bytes (common.onnxfiles).
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if len(labels) < 2:
         raise ValueError(f"{labels_name} names {len(labels)} class(es): a classifier needs 2 or more (a one-column "
                          "sigmoid model: 2 lines, the negative class first)")
-    source = onnx.load(str(onnx_path))
+    external = bool(weight_files(onnx_path))  # WeightsFileError (a ValueError) where they are not beside it
+    source = onnx.load(str(onnx_path), load_external_data=False)  # the graph; the weights when it is written
     channels = _served_channels(source, onnx_path, preprocess)
     if channels == 1:
         source = with_luma_input(source, preprocess.layout)
     model = canonicalize_classifier(source, outputs, preprocess.input_shape, preprocess.layout)
-    with _new_folder(out_dir):
-        tmp_model = temp_model(out_dir)
+    onnx.load_external_data_for_model(model, str(onnx_path.parent))
+    with _new_folder(out_dir), temp_model(out_dir) as tmp_model:
+        save_model(model, tmp_model, external, external_data_threshold)
+        check_classes_and_batch(tmp_model, onnx_path, preprocess.input_shape, len(labels), labels_name)
         try:
-            onnx.save(model, str(tmp_model))
-            check_classes_and_batch(tmp_model, onnx_path, preprocess.input_shape, len(labels), labels_name)
-            try:
-                check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
-            except ValueError as exc:
-                raise ValueError(f"{onnx_path} cannot be made canonical: {exc}") from exc
-            return _write(tmp_model, onnx_path, out_dir, labels, preprocess, outputs, channels == 1)
-        finally:
-            tmp_model.unlink(missing_ok=True)
+            check_onnx_file(tmp_model, preprocess.input_shape, len(labels))
+        except ValueError as exc:
+            raise ValueError(f"{onnx_path} cannot be made canonical: {exc}") from exc
+        return _write(tmp_model, onnx_path, out_dir, labels, preprocess, outputs, channels == 1)
 
 
 def _served_channels(model: onnx.ModelProto, onnx_path: Path, preprocess: PreprocessConfig) -> int | str | None:
@@ -149,7 +151,7 @@ def _write(tmp_model: Path, onnx_path: Path, out_dir: Path, labels: list[str], p
         raise ValueError(f"{onnx_path}'s outputs on the sample photos are all in [0, 1] and sum to 1: the model gives "
                          "probabilities; import it with --outputs probabilities")
     metadata = {
-        "source": {"kind": "onnx", "path": str(onnx_path), "sha256": file_sha256(onnx_path), "outputs": outputs,
+        "source": {"kind": "onnx", "path": str(onnx_path), "sha256": model_sha256(onnx_path), "outputs": outputs,
                    "input_channels": 1 if grayscale else 3},
         "onnx": {"exporter": "import"},
         "parity": None,

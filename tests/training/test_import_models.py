@@ -1,7 +1,10 @@
 """training.export --onnx on the classifiers other tools leave: a Softmax at the end, NHWC, named spatial axes,
-IR 3 weights listed as inputs, an undeclared output shape, a one-column sigmoid head. Each import is canonical
-(model_shape, which `make engines` reads first, accepts it) and answers as the source model does."""
+IR 3 weights listed as inputs, an undeclared output shape, a one-column sigmoid head, weights in a file beside the
+model (external data). Each import is canonical (model_shape, which `make engines` reads first, accepts it) and
+answers as the source model does."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -10,9 +13,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from build.repository.writer import model_shape
+from common.hashing import file_sha256
+from common.onnxfiles import model_sha256, weight_files
 from common.preprocessing import PreprocessConfig, load_files
 from common.samples import sample_photos
-from tests.training.tiny_torch import TinyNet, export_fixed_batch
+from tests.training.tiny_torch import TinyNet, export_fixed_batch, export_with_external_data
 from training import export
 
 TINY = PreprocessConfig(resize=72, crop=64)
@@ -199,4 +204,50 @@ def test_a_channel_count_the_pipeline_cannot_feed_is_named(tmp_path):
     rgba = gray_model(tmp_path / "rgba.onnx", channels=4)
     with pytest.raises(ValueError, match=r"takes 4 channels \(NCHW\): the serving pipeline feeds 3 \(R, G, B\), or 1"):
         export.import_onnx(rgba, tmp_path / "out", ["a", "b", "c", "d"], GRAY)
+    assert not (tmp_path / "out").exists()
+
+
+def _files(folder) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_a_model_with_external_data_imports_with_its_data_file(tmp_path):
+    """A model saved with its weights beside it (ONNX external data, which models over 2 GB need) imports as
+    model.onnx + model.onnx.data, hashed together in export.json, answering as the single-file import does.
+    Before, the import loaded the weights and wrote one file."""
+    source = export_with_external_data(TinyNet(), tmp_path / "big" / "model.onnx")
+    assert _files(source.parent) == {"model.onnx", "weights.bin"}
+    single = export.import_onnx(export_fixed_batch(TinyNet(), tmp_path / "single.onnx"), tmp_path / "one", SEVEN, TINY)
+    result = export.import_onnx(source, tmp_path / "out", SEVEN, TINY)
+    assert _files(result.out_dir) == _files(single.out_dir) | {"model.onnx.data"}
+    assert weight_files(result.model_path) == ["model.onnx.data"]
+    recorded = json.loads((result.out_dir / "export.json").read_text())["onnx"]
+    data = result.out_dir / "model.onnx.data"
+    assert recorded["external_data"] == [{"file": "model.onnx.data", "sha256": file_sha256(data),
+                                          "bytes": data.stat().st_size}]
+    assert recorded["sha256"] == model_sha256(result.model_path) == file_sha256(result.model_path, data)
+    assert "external_data" not in single.metadata["onnx"]
+    assert single.metadata["onnx"]["sha256"] == file_sha256(single.model_path)
+    images = _photos()
+    for name, value in _run(single, images).items():
+        np.testing.assert_array_equal(_run(result, images)[name], value)
+
+
+def test_an_import_past_the_size_threshold_writes_external_data(tmp_path):
+    """The rule for a single-file source: external data once the model would pass the threshold (1 GiB by
+    default, under protobuf's 2 GB; the same code path as a model over 2 GB)."""
+    source = export_fixed_batch(TinyNet(), tmp_path / "single.onnx")
+    small = export.import_onnx(source, tmp_path / "small", SEVEN, TINY, external_data_threshold=10 ** 6)
+    assert "model.onnx.data" not in _files(small.out_dir)
+    large = export.import_onnx(source, tmp_path / "large", SEVEN, TINY, external_data_threshold=1000)
+    assert weight_files(large.model_path) == ["model.onnx.data"]
+    images = _photos()
+    np.testing.assert_array_equal(_run(large, images)["probabilities"], _run(small, images)["probabilities"])
+
+
+def test_a_missing_data_file_is_named_in_one_line(tmp_path):
+    source = export_with_external_data(TinyNet(), tmp_path / "big" / "model.onnx")
+    (source.parent / "weights.bin").unlink()
+    with pytest.raises(ValueError, match=r"^\S+model.onnx keeps weights in weights.bin, which is not beside it$"):
+        export.import_onnx(source, tmp_path / "out", SEVEN, TINY)
     assert not (tmp_path / "out").exists()

@@ -42,3 +42,13 @@ def export_fixed_batch(net: torch.nn.Module, path: Path, size: int = 64, dynamic
         torch.onnx.export(net.eval(), (torch.zeros(*shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["input.1"], output_names=["output_0"], dynamic_axes=axes)
     return path
+
+
+def export_with_external_data(net: torch.nn.Module, path: Path, location: str = "weights.bin") -> Path:
+    """`export_fixed_batch`, saved again with every initializer in the file `location` beside `path`
+    (size_threshold=0), as ONNX saves models over 2 GB."""
+    import onnx
+
+    model = onnx.load(str(export_fixed_batch(net, path)))
+    onnx.save_model(model, str(path), save_as_external_data=True, location=location, size_threshold=0)
+    return path
