@@ -25,12 +25,13 @@ class CannotLoad(RuntimeError):
 
 
 def cpu_session(model, intra_op_threads: int = 1, allow_spinning: bool = False,
-                optimize: bool = True) -> ort.InferenceSession:
+                optimize: bool = True, weights_folder: str | None = None) -> ort.InferenceSession:
     """A CPU session over `model` (a path, or serialized ONNX bytes): `intra_op_threads` threads for one
     model call (0: ONNX Runtime's default), one inter-op thread, sequential execution, all graph
     optimisations (`optimize=False`: none, so every node runs as written: calibration reads every
     tensor, the gate runs Q/DQ pairs in float). No spinning by default: ONNX Runtime's busy-waiting
-    threads would steal the cores that decoding needs."""
+    threads would steal the cores that decoding needs. `weights_folder`: where serialized bytes' external data
+    lies (the folder of the file they were read from; a path finds its own)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(intra_op_threads)
     options.inter_op_num_threads = 1
@@ -38,6 +39,8 @@ def cpu_session(model, intra_op_threads: int = 1, allow_spinning: bool = False,
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if weights_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
     source = model if isinstance(model, bytes) else str(model)
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -46,7 +46,7 @@ from build.repository import configs, quality
 from build.repository.writer import MARKER, copy_model, model_shape, read_labels, weight_files
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
 from common.files import write_whole
-from common.hashing import file_sha256
+from common.onnxfiles import model_sha256
 from common.preprocessing import PreprocessConfig
 from serving.access import KEY_FILE, admin_headers
 from serving.health import number, positive
@@ -343,7 +343,7 @@ def add(repo: Repository, server: Server, candidate: Candidate, held_out: str | 
             _rollback(repo, server, log, reason=f"smoke check failed: {problem}")
             raise RolloutError(f"version {version} was rolled back: {problem}")
         repo.record(action="rollout", model=repo.classifier, version=version, previous=serving,
-                    sha256=file_sha256(candidate.model_file), source=str(candidate.model_file),
+                    sha256=model_sha256(candidate.model_file), source=str(candidate.model_file),
                     gate=validate.gate_summary(report), passed=report.passed)
     log(f"{repo.classifier} version {version} serving ({time.monotonic() - started:.1f} s); "
         f"version {serving} kept for `make rollback`")
@@ -436,7 +436,7 @@ def _write_and_load_candidate(repo: Repository, server: Server, candidate: Candi
         server.load(name)
         loaded.append(name)
     repo.record(action="ab-start", model=model, version=version, against=serving,
-                sha256=file_sha256(candidate.model_file), source=str(candidate.model_file),
+                sha256=model_sha256(candidate.model_file), source=str(candidate.model_file),
                 artifacts=str(candidate.artifacts))
     log(f"A/B: {ensemble} -> {model} version {version} beside {repo.ensemble} -> {repo.classifier} version {serving}")
     return version

@@ -23,7 +23,7 @@ import onnx
 
 from build.precision import calibrate
 from build.precision.imagesets import ImageSet
-from common.hashing import file_sha256
+from common.onnxfiles import model_sha256
 from common.preprocessing import PreprocessConfig
 from training.qat_model import QatNetwork
 
@@ -117,7 +117,7 @@ def write_qat_cache(model_path: Path, out_dir: Path, learned: dict[str, float], 
     calibrate.write_cache(cache, scales, calibrate.CALIBRATOR_NAMES[METHOD], code)
     meta = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "onnx": str(model_path), "onnx_sha256": file_sha256(model_path), "method": METHOD,
+        "onnx": str(model_path), "onnx_sha256": model_sha256(model_path), "method": METHOD,
         "algorithm_version": calibrate.ALGORITHM_VERSION, "percentile": None,
         "preprocess": json.loads(json.dumps(config.to_dict())), "images": len(images),
         "images_description": images.description, "images_sha256": images.fingerprint(), "image_files": images.files,

@@ -15,6 +15,8 @@ where it would plug in.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -76,7 +78,7 @@ def correct(model: onnx.ModelProto, means: dict[str, list[float]], weight_max: d
     `weight_max`: weight initializer -> its grid's largest integer (INT8_MAX if absent); `skip`: nodes that
     stay float (the mixed-precision search's), whose weights are not rounded. A layer without a bias gets one.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy.deepcopy(model)  # no serialized copy: protobuf refuses one over 2 GB
     initializers = {i.name: i for i in model.graph.initializer}
     done, biases = [], set()
     for name, (node, axis) in weighted_layers(model).items():

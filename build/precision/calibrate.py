@@ -27,7 +27,7 @@ from tqdm import tqdm
 from build.precision.bias_correction import layer_inputs
 from build.precision.imagesets import ImageSet, bundled_photos_warning, calibration_set
 from common.contract import LABELS_TXT, MODEL_ONNX, PREPROCESS_JSON
-from common.hashing import file_sha256
+from common.onnxfiles import model_sha256
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 from serving.health import number
@@ -101,13 +101,15 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _session_with_all_outputs(model: onnx.ModelProto, names: list[str], threads: int) -> ort.InferenceSession:
+def _session_with_all_outputs(model: onnx.ModelProto, names: list[str], threads: int,
+                              weights_folder: str) -> ort.InferenceSession:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     existing = {o.name for o in model.graph.output}
     for name in names:
         if name not in existing and name not in {i.name for i in model.graph.input}:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return cpu_session(model.SerializeToString(), threads, optimize=False)  # every tensor kept
+    return cpu_session(model.SerializeToString(), threads, optimize=False,  # every tensor kept
+                       weights_folder=weights_folder)
 
 
 @dataclasses.dataclass
@@ -138,10 +140,10 @@ class TensorStats:
 def collect_statistics(model_path: Path, images: ImageSet, config: PreprocessConfig, batch_size: int = 16,
                        bins: int = 2048, threads: int = 2) -> dict[str, TensorStats]:
     """Two passes over the images: min/max (and per-channel sums) of every tensor, then a histogram of |x|."""
-    model = onnx.load(str(model_path))
+    model = onnx.load(str(model_path), load_external_data=False)  # external data stays in its file (over 2 GB)
     names = activation_tensors(model)
     input_name = model.graph.input[0].name
-    session = _session_with_all_outputs(model, names, threads)
+    session = _session_with_all_outputs(model, names, threads, str(model_path.parent))
     outputs = [n for n in names if n != input_name]
     stats = {name: TensorStats() for name in names}
     steps = -(-len(images) // batch_size)
@@ -301,7 +303,7 @@ def calibrate(model_path: Path, out_dir: Path, method: str, images: ImageSet, co
               percentile: float = 99.99, batch_size: int = 16, force: bool = False) -> Calibration:
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / f"{method}.cache"
-    onnx_hash = file_sha256(model_path)
+    onnx_hash = model_sha256(model_path)
     learned = method in LEARNED_METHODS  # its scales come from training, not from `images`
     reason = "forced" if force else staleness(cache, onnx_hash, config, method, None if learned else images, percentile)
     if learned and reason is not None:

@@ -8,6 +8,7 @@ builder flag). Converter: ONNX Runtime's `float16.convert_float_to_float16` with
 always stay FP32 (KEEP_FP32; `--keep-fp32` adds op types to them), and an FP32 result on its way to an
 FP32 output is not rounded through FP16 (the converter's Cast FP16 -> Cast FP32 pairs are dropped).
 MaxPool goes FP16: it picks one of its inputs, exact in any precision. The result is checked by `build.precision.validate` before it is deployed.
+A model.onnx with its weights beside it gives a model.fp16.onnx with model.fp16.onnx.data (common.onnxfiles).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_floa
 
 from build.precision import provenance
 from common.contract import MODEL_ONNX
+from common.onnxfiles import data_file, save_model, weight_files
 
 # Softmax, and the ops that sum many values: a sum can pass FP16's 65504 (and loses low bits on the way).
 KEEP_FP32 = ["Softmax", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceSum", "ReduceSumSquare",
@@ -98,15 +100,23 @@ def block_list(keep_fp32: list[str] | None = None) -> list[str]:
 def convert(model_path: Path, out: Path, keep_fp32: list[str] | None = None) -> Path:
     """`keep_fp32`: op types kept FP32 in addition to KEEP_FP32 (Softmax, average pooling and summing reductions always stay FP32). The
     file records `model_path`'s sha256 (build/precision/provenance.py)."""
-    model = onnx.load(str(model_path))
+    external = bool(weight_files(model_path))
+    # a path: the converter infers shapes from the file (onnx.shape_inference.infer_shapes_path), as a model over
+    # 2 GB needs; a self-contained file is converted in memory, as before
+    model = str(model_path) if external else onnx.load(str(model_path))
     block = block_list(keep_fp32)
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     drop_duplicate_casts(converted.graph)
     drop_round_trip_casts(converted.graph)
     topological_sort(converted.graph)  # the converter appends its Cast nodes out of order
     provenance.stamp(converted, model_path)
-    onnx.checker.check_model(converted)
-    onnx.save(converted, str(out))
+    save_model(converted, out, external)
+    try:
+        onnx.checker.check_model(str(out))  # the file: the check that takes a model over 2 GB
+    except onnx.checker.ValidationError:
+        for written in (out, data_file(out)):
+            written.unlink(missing_ok=True)
+        raise
     return out
 
 

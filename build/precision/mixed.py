@@ -31,6 +31,7 @@ from build.precision.calibrate import Calibration
 from build.precision.imagesets import ImageSet
 from common.contract import ONNX_INPUT, ONNX_PROBABILITIES
 from common.hashing import file_sha256
+from common.onnxfiles import model_sha256, save_like
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 
@@ -60,7 +61,7 @@ def probabilities(path: Path, images: ImageSet, config: PreprocessConfig, batch_
 
 
 def _key(model_path: Path, calibration: Calibration, layout: str, images: ImageSet) -> str:
-    parts = [file_sha256(model_path), file_sha256(calibration.cache), layout, images.fingerprint(), str(RANKING_VERSION)]
+    parts = [model_sha256(model_path), file_sha256(calibration.cache), layout, images.fingerprint(), str(RANKING_VERSION)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -95,7 +96,7 @@ def stamp_float_nodes(path: Path, nodes: list[str]) -> None:
     entries = {p.key: p.value for p in model.metadata_props}
     entries[FLOAT_NODES_KEY] = ",".join(nodes)
     onnx.helper.set_model_props(model, entries)
-    onnx.save(model, str(path))
+    save_like(model, path, path)
 
 
 def float_nodes(path: Path) -> list[str]:

@@ -35,7 +35,7 @@ from build.repository.configs import MODEL_INPUT
 from build.repository.spec import DEFAULT_SPEC_PATH, PRECISIONS, DeploymentSpec
 from common.contract import MODEL_ONNX
 from common.files import write_whole
-from common.hashing import file_sha256
+from common.onnxfiles import model_sha256
 from build.precision import provenance
 from build.precision.binding import HARDWARE_LEVELS
 from serving.health import number
@@ -558,7 +558,7 @@ def main(args: argparse.Namespace) -> dict:
     if new_cache:
         write_timing_cache(cache_path, new_cache, key)
     metadata = plan_metadata(
-        tensorrt_version=tensorrt_version, gpu=gpu, onnx_path=onnx_path, onnx_sha256=file_sha256(onnx_path),
+        tensorrt_version=tensorrt_version, gpu=gpu, onnx_path=onnx_path, onnx_sha256=model_sha256(onnx_path),
         precision=precision, summary=summary, profile=profile, workspace_bytes=args.workspace_mib << 20,
         timing_cache=cache_path, timing_cache_status=cache_status, build_seconds=seconds, plan=plan_path,
         plan_sha256=hashlib.sha256(plan).hexdigest(), network_io=io,

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from common.contract import MODEL_ONNX
-from common.hashing import file_sha256
+from common.onnxfiles import model_sha256
 
 SOURCE_KEY = "source_onnx_sha256"
 # variant file -> the make target that writes it again from the current model.onnx
@@ -24,7 +24,7 @@ REBUILD = {"model.fp16.onnx": "make fp16", "model.int8.cpu.onnx": "make quantize
 def stamp(model: onnx.ModelProto, source: Path) -> None:
     """Record `source`'s sha256 in `model`'s metadata (kept beside the entries it has)."""
     entries = {p.key: p.value for p in model.metadata_props}
-    entries[SOURCE_KEY] = file_sha256(source)
+    entries[SOURCE_KEY] = model_sha256(source)
     onnx.helper.set_model_props(model, entries)
 
 
@@ -42,7 +42,7 @@ def mismatch(variant: Path, current: str | None = None) -> str | None:
     model = variant.parent / MODEL_ONNX
     if variant.name == MODEL_ONNX or not model.is_file():
         return None
-    current = current or file_sha256(model)
+    current = current or model_sha256(model)
     source = recorded(variant)
     if source == current:
         return None
@@ -69,7 +69,7 @@ def plan_mismatch(plan: Path, current: str | None = None) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{plan} records no source ONNX (no readable {plan.name}.json beside it): rebuild it with {rebuild}"
     source = plan.parent / name
-    now = file_sha256(source) if source.is_file() else None
+    now = model_sha256(source) if source.is_file() else None
     if now != built_from:
         where = f"now {now[:12]}" if now else "no longer beside it"
         return f"{plan} was built from {name} (sha256 {built_from[:12]}, {where}): rebuild it with {rebuild}"

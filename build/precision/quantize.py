@@ -42,7 +42,7 @@ from build.precision import bias_correction, provenance, trt_qdq
 from build.precision.calibrate import CACHE_METHODS, LEARNED_METHODS, Calibration, load_calibration, staleness
 from common import cpu
 from common.contract import MODEL_ONNX, ONNX_LOGITS, PREPROCESS_JSON
-from common.hashing import file_sha256
+from common.onnxfiles import data_file, model_sha256, save_like, weight_files
 from common.preprocessing import PreprocessConfig
 
 TARGETS = ("trt", "cpu")
@@ -226,7 +226,7 @@ def stamp_layout(path: Path, layout: str, corrected: int | None = None, source: 
     onnx.helper.set_model_props(model, entries)
     if source is not None:
         provenance.stamp(model, source)
-    onnx.save(model, str(path))
+    save_like(model, path, path if source is None else source)  # written as its source model is
 
 
 def bias_corrected(model_path: Path, calibration: Calibration, target: str, layout: str,
@@ -240,7 +240,7 @@ def bias_corrected(model_path: Path, calibration: Calibration, target: str, layo
     seven_bit = pairing_weights(model) if target == "cpu" and layout == "avx2" else {}
     weight_max = {w: bias_correction.INT7_MAX for w in seven_bit}
     corrected, layers = bias_correction.correct(model, means, weight_max, exclude_nodes)
-    onnx.save(corrected, str(out))
+    save_like(corrected, out, model_path)
     return len(layers)
 
 
@@ -276,6 +276,7 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
         save_tensors_data(_ranges(calibration, target), ranges)
         source = Path(tmp) / "bias_corrected.onnx"
         corrected = bias_corrected(model_path, calibration, target, cpu_layout, exclude_nodes or [], source)
+        data_file(out).unlink(missing_ok=True)  # an earlier build's: the quantizer would add to it
         with _quiet_root_logger():
             quantize_static(
                 str(source if corrected is not None else model_path), str(out), calibration_data_reader=None,
@@ -288,6 +289,7 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
                 calibrate_method=CalibrationMethod.MinMax,
                 calibration_cache_path=str(ranges),
                 extra_options=extra,
+                use_external_data_format=bool(weight_files(model_path)),  # out + out.data, as model.onnx is
             )
     if symmetric:
         _apply_trt_rules(model_path, out)
@@ -295,7 +297,7 @@ def quantize(model_path: Path, calibration: Calibration, target: str, out: Path,
     else:
         model = onnx.load(str(out))
         if float_logits(model) + keep_float(model, exclude_nodes or []):
-            onnx.save(model, str(out))
+            save_like(model, out, model_path)
     stamp_layout(out, "" if symmetric else cpu_layout, corrected, source=model_path)
     return out
 
@@ -307,7 +309,7 @@ def _apply_trt_rules(model_path: Path, out: Path) -> None:
     int32 = trt_qdq.int32_dequantize_nodes(model)
     if int32:
         raise RuntimeError(f"{out}: int32 DequantizeLinear nodes that TensorRT rejects: {int32[:3]}...")
-    onnx.save(model, str(out))
+    save_like(model, out, model_path)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -336,7 +338,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     model = artifacts / MODEL_ONNX
     config = PreprocessConfig.load(artifacts / PREPROCESS_JSON)
     # The image set and percentile are calibrate's to choose; what the cache must fit is checked here.
-    why = staleness(cache, file_sha256(model), config, args.method)
+    why = staleness(cache, model_sha256(model), config, args.method)
     if why is not None:
         raise StaleCalibration(f"calibration cache {cache} is stale: {why}; run {remedy} first")
     calibration = load_calibration(cache)

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from common.onnxfiles import save_like
+
 FUSING_OPS = ("Conv",)  # the layers TensorRT fuses a following residual Add into
 
 
@@ -142,5 +144,5 @@ def set_cache_scales(path: Path, scales: dict[str, float]) -> int:
     missing = set(wanted) - {i.name for i in graph.initializer}
     if missing:
         raise RuntimeError(f"{path}: activation scales {sorted(missing)} are not initializers")
-    onnx.save(model, str(path))
+    save_like(model, path, path)
     return done

@@ -39,7 +39,7 @@ from build.precision.mixed import float_nodes
 from build.precision.quantize import read_layout
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, ONNX_PROBABILITIES, PREPROCESS_JSON
-from common.hashing import file_sha256
+from common.onnxfiles import model_sha256
 from common.labels import read_labels
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
@@ -184,7 +184,7 @@ def validate(artifacts: Path, variants: list[str], images: ImageSet, config: Pre
              thresholds: dict[str, float], labels: np.ndarray | None = None,
              batch_size: int = 16) -> list[VariantReport]:
     present = [v for v in variants if v != "fp32" and (artifacts / VARIANTS[v][0]).exists()]
-    current = file_sha256(artifacts / MODEL_ONNX) if present and (artifacts / MODEL_ONNX).is_file() else None
+    current = model_sha256(artifacts / MODEL_ONNX) if present and (artifacts / MODEL_ONNX).is_file() else None
     refused = {v: why for v in present if (why := cannot_gate_here(artifacts / VARIANTS[v][0])
                                            or stale(artifacts / VARIANTS[v][0], current))}
     runnable = [v for v in present if v not in refused]
@@ -333,7 +333,7 @@ def calibration_overlap(artifacts: Path, variants: list[str], held_out: ImageSet
     if not any(VARIANTS[v][1] == "int8" and (artifacts / VARIANTS[v][0]).exists() for v in variants):
         return []
     model = artifacts / MODEL_ONNX
-    current = file_sha256(model) if model.is_file() else None
+    current = model_sha256(model) if model.is_file() else None
     warnings = []
     for meta_path in sorted((artifacts / "calibration").glob("*.json")):
         try:

@@ -1,15 +1,24 @@
-"""An imported classifier of the kinds other tools leave (channels-last, ending in Softmax, grayscale) goes through
-`build.engines` and is served by a real tritonserver: its answers are the source model's."""
+"""An imported classifier of the kinds other tools leave (channels-last, ending in Softmax, grayscale, weights in a
+file beside the model) goes through `build.engines` and is served by a real tritonserver: its answers are the
+source model's."""
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from build.engines import get_args_parser, main
+from build.precision import provenance
+from build.repository.writer import deployed_model_file, read_manifest
 from clients.client import ImageClassifierClient
+from common.contract import MODEL_ONNX
+from common.onnxfiles import save_like, weight_files
 from common.preprocessing import PreprocessConfig, load_batch
 from serving.server import TritonServer
-from tests.training.tiny_torch import TinyNet, export_fixed_batch
-from training.export import import_onnx, onnxruntime_session
+from tests.training.tiny_torch import TinyNet, export_fixed_batch, export_with_external_data
+from training.export import import_onnx, onnxruntime_session, run_onnxruntime
 
 NHWC = PreprocessConfig(resize=72, crop=64, layout="NHWC")
 
@@ -53,3 +62,50 @@ def test_a_grayscale_model_builds_and_serves_its_answers_on_the_luma(tmp_path, p
     with TritonServer(repo, log_file=tmp_path / "server.log") as server:
         with ImageClassifierClient(server.http_url, "http") as client:
             np.testing.assert_allclose(client.probabilities(images), expected, atol=1e-5)
+
+
+def _build(artifacts, repo, precision: str) -> Path:
+    """`make engines PRECISION=<precision>` into `repo` (any agreement passes: the answers are compared here);
+    the classifier's version folder model file."""
+    manifest = main(get_args_parser().parse_args(["--artifacts", str(artifacts), "--out", str(repo), "--precision",
+                                                  precision, "--min-agreement-int8", "0", "--min-agreement-fp16", "0"]))
+    assert manifest["variant"] == {"int8": "int8-cpu"}.get(precision, precision)  # gated, not a fallback
+    return repo / "classifier" / "1" / MODEL_ONNX
+
+
+def test_a_model_with_external_data_builds_and_serves_with_its_data_files(tmp_path, photos):
+    """An import that keeps its weights beside model.onnx (ONNX external data, as models over 2 GB must): every
+    variant `make engines` writes has its own data file (int8's Q/DQ file too), each version folder holds the
+    file its model names and loads it from there, a real tritonserver serves it, and every answer is the
+    single-file import's. A changed data file is a changed model where its hash is checked. Before, the import
+    wrote one file."""
+    net, labels, config = TinyNet(), [f"class {i}" for i in range(7)], PreprocessConfig(resize=72, crop=64)
+    single = import_onnx(export_fixed_batch(net, tmp_path / "single.onnx"), tmp_path / "one", labels, config).out_dir
+    artifacts = import_onnx(export_with_external_data(net, tmp_path / "big" / MODEL_ONNX), tmp_path / "mine",
+                            labels, config).out_dir
+    images = [photos[name] for name in ("chelsea", "coffee", "rocket")]
+    batch = load_batch(images, config)
+    served = {}
+    for precision, variant in (("fp32", MODEL_ONNX), ("int8", "model.int8.cpu.onnx"), ("fp16", "model.fp16.onnx")):
+        model = _build(artifacts, tmp_path / precision, precision)
+        assert weight_files(artifacts / variant) == [f"{variant}.data"]
+        assert (model.parent / f"{variant}.data").read_bytes() == (artifacts / f"{variant}.data").read_bytes()
+        reference = run_onnxruntime(_build(single, tmp_path / f"single-{precision}", precision), batch)
+        for name, value in run_onnxruntime(model, batch).items():  # loaded from the version folder
+            np.testing.assert_array_equal(value, reference[name])
+        served[precision] = reference["probabilities"]
+    assert weight_files(artifacts / "model.int8.trt.onnx") == ["model.int8.trt.onnx.data"]
+    with TritonServer(tmp_path / "int8", log_file=tmp_path / "server.log") as server:
+        with ImageClassifierClient(server.http_url, "http") as client:
+            np.testing.assert_allclose(client.probabilities(images), served["int8"], atol=1e-5)
+
+    data = artifacts / "model.onnx.data"  # the same model.onnx, other weights
+    model = onnx.load(str(artifacts / MODEL_ONNX))
+    for weight in model.graph.initializer:
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.5), weight.name))
+    before = data.read_bytes()
+    save_like(model, artifacts / MODEL_ONNX, artifacts / MODEL_ONNX)
+    assert data.read_bytes() != before
+    assert "was built from another model.onnx" in provenance.mismatch(artifacts / "model.int8.cpu.onnx")
+    with pytest.raises(ValueError, match="has changed since"):
+        deployed_model_file(read_manifest(tmp_path / "fp32"))
