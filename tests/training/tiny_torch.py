@@ -49,6 +49,7 @@ def export_with_external_data(net: torch.nn.Module, path: Path, location: str = 
     (size_threshold=0), as ONNX saves models over 2 GB."""
     import onnx
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(export_fixed_batch(net, path)))
     onnx.save_model(model, str(path), save_as_external_data=True, location=location, size_threshold=0)
     return path
