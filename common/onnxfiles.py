@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from common.hashing import file_sha256
@@ -73,7 +74,11 @@ def model_sha256(model_file: str | Path) -> str:
     """sha256 of an ONNX file followed by its weights files (weight_files, in name order): the file's own sha256
     when it keeps its weights inside (and for a plan), and a hash that changes with either file otherwise."""
     model_file = Path(model_file)
-    return file_sha256(model_file, *(model_file.parent / name for name in weight_files(model_file)))
+    try:
+        names = weight_files(model_file)
+    except DecodeError:  # no ONNX model (a torn or overwritten file): its bytes alone, which its callers compare
+        names = []
+    return file_sha256(model_file, *(model_file.parent / name for name in names))
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False,
