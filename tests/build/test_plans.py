@@ -225,7 +225,7 @@ def test_metadata_records_what_was_built_from_what(tmp_path, tiny_artifacts):
     args = plans.get_args_parser().parse_args(["--precision", "fp32", "--workspace-mib", "512"])
     meta = plans.plan_metadata(
         tensorrt_version="10.13.0", gpu={"name": "NVIDIA H100", "compute_capability": "9.0"},
-        onnx_path=onnx_path, onnx_sha256=plans.file_sha256(onnx_path), precision="fp32",
+        onnx_path=onnx_path, onnx_sha256=plans.model_sha256(onnx_path), precision="fp32",
         summary=plans.precision_summary(onnx.load(str(onnx_path))),
         profile={"min": (1, 3, 32, 32), "opt": (8, 3, 32, 32), "max": (16, 3, 32, 32)},
         workspace_bytes=512 << 20, timing_cache=tmp_path / "timing.cache", timing_cache_status="loaded (9 bytes)",
@@ -235,7 +235,7 @@ def test_metadata_records_what_was_built_from_what(tmp_path, tiny_artifacts):
     back = json.loads(json.dumps(meta))  # JSON-serialisable as it is
     assert back["tensorrt"] == "10.13.0" and back["gpu"]["compute_capability"] == "9.0"
     assert back["profile"] == {"input": "images", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}
-    assert back["onnx"]["sha256"] == plans.file_sha256(onnx_path) and len(back["onnx"]["sha256"]) == 64
+    assert back["onnx"]["sha256"] == plans.model_sha256(onnx_path) and len(back["onnx"]["sha256"]) == 64
     assert back["workspace_bytes"] == 512 << 20 and back["build_seconds"] == 12.346
     assert back["strongly_typed"] is True and back["options"]["workspace_mib"] == 512
 

@@ -46,7 +46,7 @@ def test_cache_is_reused_and_invalidated(tiny, capsys):
     out = artifacts / "calibration"
     first = calibrate.calibrate(artifacts / "model.onnx", out, "max", images, config)
     assert not first.reused and first.cache.exists() and first.cache.with_suffix(".json").exists()
-    assert first.meta["images"] == 8 and first.meta["onnx_sha256"] == calibrate.file_sha256(artifacts / "model.onnx")
+    assert first.meta["images"] == 8 and first.meta["onnx_sha256"] == calibrate.model_sha256(artifacts / "model.onnx")
     again = calibrate.calibrate(artifacts / "model.onnx", out, "max", images, config)
     assert again.reused and "reusing calibration cache" in again.message and again.scales == first.scales
     other_images = augmented_photos(("chelsea", "coffee"), 4, 1, config)
@@ -70,7 +70,7 @@ def test_changed_preprocessing_recalibrates_and_says_why(tiny):
             "std [0.229, 0.224, 0.225] -> [0.25, 0.25, 0.25])") in changed.message
     assert changed.scales["images"] != first.scales["images"] and changed.meta["preprocess"]["std"] == [0.25] * 3
     assert calibrate.calibrate(artifacts / "model.onnx", out, "max", images, other).reused
-    assert calibrate.staleness(first.cache, calibrate.file_sha256(artifacts / "model.onnx"), config, "max") == \
+    assert calibrate.staleness(first.cache, calibrate.model_sha256(artifacts / "model.onnx"), config, "max") == \
         "the preprocessing changed (mean [0.5, 0.5, 0.5] -> [0.485, 0.456, 0.406]; std [0.25, 0.25, 0.25] -> " \
         "[0.229, 0.224, 0.225])"
 
