@@ -339,6 +339,26 @@ def test_kserve_runtime_waits_for_model_loading_as_the_deployment_does(rendered)
     assert duration_s(annotations.get("serving.knative.dev/progress-deadline", "600s")) > window
 
 
+def test_kserve_readiness_is_the_supervisors_as_in_the_deployment(rendered):
+    """Triton's own readiness stays 200 while a model whose python stub died is reloaded; the supervisor's /ready
+    says 503 then. KServe's runtime probed Triton's 8080: its readiness is the supervisor's port and path now,
+    on the loopback address the supervisor binds by default (Knative's queue-proxy probes 127.0.0.1), with the
+    Deployment's period and threshold; startup and liveness stay on Triton's HTTP port."""
+    from serving.supervise import get_args_parser
+
+    (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    command = container["command"]
+    supervisor = get_args_parser().parse_args(command[command.index("serving.supervise") + 1:command.index("--")])
+    assert supervisor.address == "127.0.0.1", supervisor.address
+    readiness = container["readinessProbe"]
+    assert readiness["httpGet"] == {"path": "/ready", "port": supervisor.port}
+    deployment = server_container(rendered["cpu"])["readinessProbe"]
+    assert (readiness["periodSeconds"], readiness["failureThreshold"]) == (deployment["periodSeconds"],
+                                                                          deployment["failureThreshold"])
+    http_port = next(int(a.split("=")[1]) for a in container["args"] if a.startswith("--http-port="))
+    assert container["livenessProbe"]["httpGet"]["port"] == container["startupProbe"]["httpGet"]["port"] == http_port
+
+
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):
     gpu = server_container(rendered["gpu"])["resources"]
     cpu = server_container(rendered["cpu"])["resources"]
