@@ -39,8 +39,8 @@ from build.precision.mixed import float_nodes
 from build.precision.quantize import read_layout
 from common import cpu
 from common.contract import LABELS_TXT, MODEL_ONNX, ONNX_INPUT, ONNX_PROBABILITIES, PREPROCESS_JSON
-from common.onnxfiles import model_sha256
 from common.labels import read_labels
+from common.onnxfiles import model_sha256
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 from serving.health import number
