@@ -49,10 +49,12 @@ def _graph_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     return [*graph.initializer, *sparse, *_node_tensors(graph.node)]
 
 
-def weight_files(model_file: str | Path) -> list[str]:
+def weight_files(model_file: str | Path, nested: bool = False) -> list[str]:
     """The files beside an ONNX file that hold its weights (saved with external data, as models over 2 GB
     must be); [] for a self-contained file or a plan. They must be plain names in its folder: that is
-    where ONNX Runtime looks for them, and what the server's version folder can hold (WeightsFileError)."""
+    where ONNX Runtime looks for them, and what the server's version folder can hold (WeightsFileError).
+    `nested` also accepts paths below its folder ("weights/part0", as some exporters write them), which
+    onnx reads and an import writes again as one file; never a path out of the folder."""
     model_file = Path(model_file)
     if model_file.suffix != ".onnx":
         return []
@@ -60,22 +62,33 @@ def weight_files(model_file: str | Path) -> list[str]:
     tensors = _graph_tensors(model.graph) + [t for f in model.functions for t in _node_tensors(f.node)]
     names = sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
     for name in names:
-        if Path(name).name != name or name in (".", ".."):
-            raise WeightsFileError(f"{model_file} keeps weights in {name!r}: only a file beside it can be served "
+        if not _inside(model_file.parent, name, nested):
+            where = "inside its folder can be imported" if nested else "beside it can be served"
+            raise WeightsFileError(f"{model_file} keeps weights in {name!r}: only a file {where} "
                                    "(save it with onnx.save(..., save_as_external_data=True, location=<a file name>))")
         if not (model_file.parent / name).is_file():
-            raise WeightsFileError(f"{model_file} keeps weights in {name}, which is not beside it")
-        if name == model_file.name:
+            raise WeightsFileError(f"{model_file} keeps weights in {name}, which is not "
+                                   + ("there" if Path(name).name != name else "beside it"))
+        if Path(name) == Path(model_file.name):
             raise WeightsFileError(f"{model_file} names itself as its weights file")
     return names
 
 
+def _inside(folder: Path, name: str, nested: bool) -> bool:
+    """`name` is a plain file name (or, `nested`, a relative path that stays below `folder`)."""
+    path = Path(name)
+    if not nested or path.is_absolute() or ".." in path.parts or not path.parts:
+        return path.name == name and name not in ("", ".", "..")
+    return (folder / path).resolve().is_relative_to(folder.resolve())
+
+
 def model_sha256(model_file: str | Path) -> str:
-    """sha256 of an ONNX file followed by its weights files (weight_files, in name order): the file's own sha256
-    when it keeps its weights inside (and for a plan), and a hash that changes with either file otherwise."""
+    """sha256 of an ONNX file followed by its weights files (weight_files, in name order, also below its folder: an
+    import's source): the file's own sha256 when it keeps its weights inside (and for a plan), and a hash that
+    changes with either file otherwise."""
     model_file = Path(model_file)
     try:
-        names = weight_files(model_file)
+        names = weight_files(model_file, nested=True)
     except DecodeError:  # no ONNX model (a torn or overwritten file): its bytes alone, which its callers compare
         names = []
     return file_sha256(model_file, *(model_file.parent / name for name in names))

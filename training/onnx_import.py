@@ -45,14 +45,14 @@ def import_onnx(
     batch, onnx.checker, ONNX Runtime at each of CHECK_BATCH_SIZES, and on the sample photos outputs
     of shape [N, len(labels)] with finite values (probabilities summing to 1). Raises ValueError
     naming the problem; a folder this call created is removed again. model.onnx keeps its weights in
-    model.onnx.data beside it when the source kept them beside it or it would pass `external_data_threshold`
-    bytes (common.onnxfiles).
+    model.onnx.data beside it when the source kept them outside (in files beside it or below its folder) or it
+    would pass `external_data_threshold` bytes (common.onnxfiles).
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if len(labels) < 2:
         raise ValueError(f"{labels_name} names {len(labels)} class(es): a classifier needs 2 or more (a one-column "
                          "sigmoid model: 2 lines, the negative class first)")
-    external = bool(weight_files(onnx_path))  # WeightsFileError (a ValueError) where they are not beside it
+    external = bool(weight_files(onnx_path, nested=True))  # WeightsFileError (a ValueError): missing, outside
     source = onnx.load(str(onnx_path), load_external_data=False)  # the graph; the weights when it is written
     channels = _served_channels(source, onnx_path, preprocess)
     if channels == 1:

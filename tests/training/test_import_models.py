@@ -251,3 +251,43 @@ def test_a_missing_data_file_is_named_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^\S+model.onnx keeps weights in weights.bin, which is not beside it$"):
         export.import_onnx(source, tmp_path / "out", SEVEN, TINY)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["subfolder", "file per tensor"])
+def test_weights_below_the_model_or_in_many_files_import_as_one_data_file(tmp_path, layout):
+    """Exporters also leave weights in a folder below the model, or one file per tensor (torch's exporter for
+    models over 2 GB): the import reads them where they are and writes model.onnx + model.onnx.data, answering
+    as the single-file import; export.json's source hash covers every file the source reads. Before, a
+    subfolder was refused."""
+    (tmp_path / "src" / "weights").mkdir(parents=True)
+    source = export_fixed_batch(TinyNet(), tmp_path / "src" / "model.onnx")
+    model = onnx.load(str(source))
+    onnx.save_model(model, str(source), save_as_external_data=True, size_threshold=0,
+                    **({"location": "weights/all.bin"} if layout == "subfolder" else {"all_tensors_to_one_file": False}))
+    names = weight_files(source, nested=True)
+    if layout == "subfolder":
+        assert names == ["weights/all.bin"]
+    else:
+        assert len(names) > 1 and all("/" not in name for name in names)
+    single = export.import_onnx(export_fixed_batch(TinyNet(), tmp_path / "single.onnx"), tmp_path / "one", SEVEN, TINY)
+    result = export.import_onnx(source, tmp_path / "out", SEVEN, TINY)
+    assert weight_files(result.model_path) == ["model.onnx.data"]
+    assert _files(result.out_dir) == _files(single.out_dir) | {"model.onnx.data"}
+    recorded = json.loads((result.out_dir / "export.json").read_text())["source"]
+    assert recorded["sha256"] == file_sha256(source, *(source.parent / name for name in names))
+    images = _photos()
+    np.testing.assert_array_equal(_run(result, images)["probabilities"], _run(single, images)["probabilities"])
+
+
+def test_weights_outside_the_models_folder_are_refused_in_one_line(tmp_path):
+    source = export_with_external_data(TinyNet(), tmp_path / "src" / "model.onnx", location="all.bin")
+    model = onnx.load(str(source), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            entry.value = "../all.bin" if entry.key == "location" else entry.value
+    (source.parent / "all.bin").rename(tmp_path / "all.bin")
+    onnx.save(model, str(source))
+    with pytest.raises(ValueError, match=r"^\S+model.onnx keeps weights in '../all.bin': only a file inside its "
+                                         r"folder can be imported"):
+        export.import_onnx(source, tmp_path / "out", SEVEN, TINY)
+    assert not (tmp_path / "out").exists()
