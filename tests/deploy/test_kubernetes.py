@@ -106,7 +106,7 @@ def validation_errors(obj: dict) -> list[str]:
 def test_every_target_renders(rendered):
     kinds = {name: sorted(o["kind"] for o in objs) for name, objs in rendered.items()}
     server = sorted(["ServiceAccount", "ConfigMap", "Service", "Service", "Deployment", "HorizontalPodAutoscaler",
-                     "PodDisruptionBudget", "PodMonitor", "PrometheusRule"])
+                     "PodDisruptionBudget", "PodMonitor", "PrometheusRule", "NetworkPolicy"])
     assert kinds["cpu"] == server and kinds["cpu-vnni"] == server and kinds["gpu"] == server
     assert kinds["kserve"] == ["InferenceService", "ServiceAccount", "ServingRuntime"]
     assert kinds["kserve-storage"] == ["ClusterStorageContainer"]
@@ -466,6 +466,30 @@ def test_selectors_pick_the_server_pods(rendered, target):
     assert one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     hpa = one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (hpa["kind"], hpa["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
+def test_only_labelled_clients_reach_inference_and_no_pod_the_health_port(rendered, target):
+    """The NetworkPolicy selects the server pods and admits http and grpc only from pods or namespaces labelled
+    as clients (one HTTP body can kill Triton 2.51: docs/operations.md), metrics from any namespace, the
+    supervisor's health port from no pod (the kubelet's probes come from the node); every port it names is
+    one the server container declares. A peer selector must stay free of the base's own labels, which
+    kustomize adds to matchLabels: a client would have to be labelled as the server."""
+    objects = rendered[target]
+    policy = one(objects, "NetworkPolicy")["spec"]
+    labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items() and policy["policyTypes"] == ["Ingress"]
+    declared = {p["name"] for p in server_container(objects)["ports"]}
+    admitted = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in declared and port["protocol"] == "TCP"
+            admitted[port["port"]] = rule["from"]
+    assert set(admitted) == {"http", "grpc", "metrics"}  # not "health"
+    client = {"key": "triton-image-classifier/client", "operator": "In", "values": ["true"]}
+    assert admitted["http"] == admitted["grpc"] == [{"podSelector": {"matchExpressions": [client]}},
+                                                     {"namespaceSelector": {"matchExpressions": [client]}}]
+    assert admitted["metrics"] == [{"namespaceSelector": {}}]
 
 
 def test_kserve_canary_and_v2_protocol(rendered):
