@@ -3,6 +3,7 @@ itself killed with SIGKILL, and SIGTERM under load."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -50,9 +51,21 @@ class Supervised:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Kill the supervisor if the test left it running, then its server (a SIGKILL is not passed on: the
+        server would outlive the test) and every stub of this repository."""
         if self.process.poll() is None:
+            try:
+                server = self.server_pid()
+            except (OSError, ValueError, KeyError):
+                server = None
             self.process.kill()
             self.process.wait(30)
+            if server:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):  # a zombie nobody reaps
+                    process = psutil.Process(server)
+                    if str(self.repository) in " ".join(process.cmdline()):
+                        process.kill()
+                        process.wait(10)
         for stub in self.stubs():
             stub.kill()
 
