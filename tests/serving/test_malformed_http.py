@@ -20,7 +20,7 @@ import pytest
 
 from clients.client import DEFAULT_MODEL, IMAGE_INPUT
 from tests.serving.test_self_healing import get, repository  # noqa: F401 (repository: a fixture)
-from tests.serving.test_supervise import Supervised
+from tests.serving.test_supervise import Supervised, ready_codes_until_healed
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,8 @@ def tiny_server(tiny_artifacts, tmp_path_factory):
         yield server
 
 
-def post(server, body: bytes) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{DEFAULT_MODEL}/infer", data=body,
+def post(http_url: str, body: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{http_url}/v2/models/{DEFAULT_MODEL}/infer", data=body,
                                      method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
@@ -77,7 +77,7 @@ def still_serves(server, photo: bytes) -> bool:
 
 @pytest.mark.parametrize("case", sorted(PINNED_500))
 def test_triton_answers_these_malformed_bodies_with_500(tiny_server, photos, case):
-    status, body = post(tiny_server, PINNED_500[case])
+    status, body = post(tiny_server.http_url, PINNED_500[case])
     assert status == 500, f"{case}: Triton now answers {status} ({body[:200]}): update docs/operations.md"
     assert "error" in json.loads(body)
     assert still_serves(tiny_server, photos["chelsea"])
@@ -85,7 +85,7 @@ def test_triton_answers_these_malformed_bodies_with_500(tiny_server, photos, cas
 
 @pytest.mark.parametrize("case", sorted(ANSWERED_400))
 def test_other_malformed_bodies_get_400(tiny_server, photos, case):
-    status, body = post(tiny_server, ANSWERED_400[case])
+    status, body = post(tiny_server.http_url, ANSWERED_400[case])
     assert status == 400, (case, body[:200])
     assert still_serves(tiny_server, photos["chelsea"])
 
@@ -104,10 +104,8 @@ def test_a_body_nested_a_million_deep_kills_triton_and_the_supervisor_brings_it_
 
     with Supervised(repository, tmp_path / "supervise.log", restarts=1) as supervised:
         first = supervised.server_pid()
-        connection = http.client.HTTPConnection("127.0.0.1", supervised.ports.http, timeout=30)
-        connection.request("POST", f"/v2/models/{DEFAULT_MODEL}/infer", body=b'{"inputs": ' + b"[" * 10_000
-                           + b"]" * 10_000 + b"}")
-        assert connection.getresponse().status == 400
+        http_url = f"127.0.0.1:{supervised.ports.http}"
+        assert post(http_url, b'{"inputs": ' + b"[" * 10_000 + b"]" * 10_000 + b"}")[0] == 400
         connection = http.client.HTTPConnection("127.0.0.1", supervised.ports.http, timeout=30)
         sent = time.monotonic()
         connection.request("POST", f"/v2/models/{DEFAULT_MODEL}/infer", body=DEEP)
@@ -116,15 +114,10 @@ def test_a_body_nested_a_million_deep_kills_triton_and_the_supervisor_brings_it_
         except (ConnectionError, http.client.HTTPException) as exc:
             answer = repr(exc)
         assert not isinstance(answer, int), f"Triton now answers {answer}: update docs/operations.md"
-        codes, status = [], {}
-        for _ in range(1200):
-            codes.append(supervised.ready())
-            status = get(supervised.url + "/status")[1]
-            if status.get("starts") == 2 and codes[-1] == 200:
-                break
-            time.sleep(0.1)
+        codes = ready_codes_until_healed(supervised)
+        status = get(supervised.url + "/status")[1]
         assert status["server_exits"] == [-signal.SIGSEGV] and status["server_pid"] != first, status
         assert 503 in codes and codes[-1] == 200, (codes, status)
         print(f"\nbody nested 10^6 deep: the server died and was ready again {time.monotonic() - sent:.1f} s later")
-        with ImageClassifierClient(f"127.0.0.1:{supervised.ports.http}", protocol="http") as client:
+        with ImageClassifierClient(http_url, protocol="http") as client:
             assert len(client.classify([photos["coffee"]], top_k=1)) == 1
