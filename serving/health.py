@@ -1,9 +1,10 @@
-"""The probe endpoint of the stub watchdog and of the supervisor: GET /ready, /live, /status as JSON.
+"""The probe endpoint of the stub watchdog and of the supervisor: GET /ready, /live, /status as JSON, /metrics.
 
     /ready    200, or 503 with the reason (a dead stub's model is being reloaded, the server is not ready,
               starting, restarting or stopping)
     /live     200, or 503 when restarting the server is the way out
     /status   the whole state
+    /metrics  the same state for Prometheus (serving/probe_metrics.py)
 
 Also what the commands share and the image's copy of serving/ needs without the rest of the project: the
 argparse types of numbers, ports and seeds, and how an address (IPv4 or IPv6) is spelt in a URL.
@@ -102,9 +103,11 @@ class JsonHandler(BaseHTTPRequestHandler):
     """Answers in JSON (`_send`), logs nothing per request."""
 
     def _send(self, code: int, body: dict | list) -> None:
-        data = json.dumps(body).encode()
+        self._send_bytes(code, json.dumps(body).encode(), "application/json")
+
+    def _send_bytes(self, code: int, data: bytes, content_type: str) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -114,9 +117,12 @@ class JsonHandler(BaseHTTPRequestHandler):
 
 
 def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
-    """/ready, /live, /status of `watchdog` on host:port (serve_forever() it)."""
+    """/ready, /live, /status, /metrics of `watchdog` on host:port (serve_forever() it)."""
+    from serving.probe_metrics import exposition
 
     class Handler(JsonHandler):
+        timeout = 10.0  # a connection that sends nothing holds one thread this long, not for ever
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path == "/ready":
                 ok, reason = watchdog.readiness()
@@ -126,8 +132,11 @@ def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
                 self._send(200 if ok else 503, {"live": ok, "last_error": watchdog.last_error})
             elif self.path == "/status":
                 self._send(200, watchdog.status())
+            elif self.path == "/metrics":
+                body, content_type = exposition(watchdog)
+                self._send_bytes(200, body, content_type)
             else:
-                self._send(404, {"error": f"no {self.path}: /ready, /live, /status"})
+                self._send(404, {"error": f"no {self.path}: /ready, /live, /status, /metrics"})
 
     family = address_family(host)
 

@@ -6,11 +6,11 @@
     python -m serving.monitor k8s-rule     # make k8s-rule: deploy/k8s/base/prometheusrule.yaml from the rule files
 
 The scrape config, rules and dashboard are committed in deploy/monitoring/ and used as they are. This
-writes only the scrape target, .run/monitoring/targets.json, from the metrics URL `make serve` recorded
-(Prometheus re-reads that file, so `make monitor` after a new `make serve` follows the new ports), and
-keeps the Prometheus process in .run/prometheus.json. The rules and the dashboard name the default
-ensemble (common.contract.ENSEMBLE): `start` warns when the served repository's spec names another.
-See docs/operations.md.
+writes only the scrape targets, .run/monitoring/targets.json and supervisor-targets.json, from the metrics and
+supervisor URLs `make serve` recorded (Prometheus re-reads those files, so `make monitor` after a new
+`make serve` follows the new ports), and keeps the Prometheus process in .run/prometheus.json. The rules and
+the dashboard name the default ensemble (common.contract.ENSEMBLE): `start` warns when the served repository's
+spec names another. See docs/operations.md.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"
 RULE_FILES = (MONITORING / "rules" / "recording.yml", MONITORING / "rules" / "alerts.yml")
 K8S_RULE = MONITORING.parent / "k8s" / "base" / "prometheusrule.yaml"
-TARGETS = RUN_DIR / "monitoring" / "targets.json"  # the path CONFIG's file_sd_configs names
+TARGETS = RUN_DIR / "monitoring" / "targets.json"  # the paths CONFIG's file_sd_configs name: job triton's
+SUPERVISOR_TARGETS = RUN_DIR / "monitoring" / "supervisor-targets.json"  # and job triton-supervisor's
 DEFAULT_TARGET = "127.0.0.1:8002"  # Triton's default metrics port
 
 
@@ -53,8 +54,14 @@ def scrape_target(info: dict | None) -> str:
     return urllib.parse.urlsplit(info["metrics"]).netloc
 
 
+def supervisor_targets(info: dict | None) -> list[str]:
+    """host:port of the supervisor's /metrics in what `make serve` recorded; none without a supervisor."""
+    supervisor = (info or {}).get("supervisor")
+    return [urllib.parse.urlsplit(supervisor["status"]).netloc] if supervisor else []
+
+
 def write_targets(path: Path, targets: list[str]) -> None:
-    """A Prometheus file_sd file for the `triton` job (written whole, then renamed: Prometheus watches it)."""
+    """A Prometheus file_sd file for a job (written whole, then renamed: Prometheus watches it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_whole(path, json.dumps([{"targets": targets, "labels": {}}], indent=2))
 
@@ -185,19 +192,22 @@ def running() -> dict | None:
     return info if gone is None else None
 
 
-def start(port: int, timeout: float) -> tuple[dict, str, bool]:
-    """Write the scrape target and start Prometheus unless it runs: (its state, the target, whether started)."""
-    target = scrape_target(find_served())
-    write_targets(TARGETS, [target])
+def start(port: int, timeout: float) -> tuple[dict, list[str], bool]:
+    """Write the scrape targets and start Prometheus unless it runs: (its state, the targets: Triton's metrics,
+    then the supervisor's if `make serve` started one, whether started)."""
+    served = find_served()
+    targets = [scrape_target(served), *supervisor_targets(served)]
+    write_targets(TARGETS, targets[:1])
+    write_targets(SUPERVISOR_TARGETS, targets[1:])
     info = running()
     if info is not None:
-        return info, target, False
+        return info, targets, False
     prometheus = Prometheus(CONFIG, RUN_DIR / "prometheus", port, RUN_DIR / "prometheus.log")
     prometheus.start(timeout, detach=True)
     info = {"pid": prometheus.process.pid, "started": start_time(prometheus.process.pid), "url": prometheus.url,
             "config": str(CONFIG), "log": str(prometheus.log_file)}
     write_whole(_state_file(), json.dumps(info, indent=2))
-    return info, target, True
+    return info, targets, True
 
 
 def stop(timeout: float = 30.0) -> str:
@@ -225,11 +235,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     if args.action == "start":
-        info, target, started = start(args.port, args.timeout)
+        info, targets, started = start(args.port, args.timeout)
         print(f"prometheus {'ready' if started else 'already running'} (pid {info['pid']}, log {info['log']})")
         print(f"  UI and API  {info['url']}  (alerts: {info['url']}/alerts)")
         recorded = find_served()
-        print(f"  scraping    {target}{'' if recorded else ' (no server from `make serve` runs: Triton default)'}")
+        print(f"  scraping    {targets[0]}{'' if recorded else ' (no server from `make serve` runs: Triton default)'}")
+        if targets[1:]:
+            print(f"              {targets[1]} (its supervisor)")
         warning = renamed_ensemble_warning(recorded)
         if warning:
             print(warning)

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -127,6 +128,9 @@ class Supervisor:
         self.watchdog: Watchdog | None = None
         self.exits: list[int] = []  # exit codes of the servers that ended by themselves
         self.starts = 0
+        self.past_crashes: Counter[str] = Counter()  # by model (0 for those served), the servers before this one
+        self.past_reloads = 0
+        self._counts = threading.Lock()  # the past counts and the watchdog change together (counters never dip)
         self.stopping = threading.Event()
         self._exit_error = ""
         self._not_live = ""  # why the running server is being restarted, when it did not exit by itself
@@ -153,10 +157,14 @@ class Supervisor:
 
     def status(self) -> dict:
         ready, reason = self.readiness()
-        watchdog = self.watchdog
+        with self._counts:
+            watchdog, counts, past_reloads = self.watchdog, Counter(self.past_crashes), self.past_reloads
         state = watchdog.status() if watchdog is not None else {"live": self.live(), "crashes": [], "reloads": 0}
+        # the counts since the supervisor started, the crashes before this server's too
+        counts.update(state.get("crash_counts", {}))  # update(), not +: the served models' zeros stay
         return {**state, "ready": ready, "reason": reason, "starts": self.starts, "server_exits": list(self.exits),
-                "restarts_left": self.restarts}
+                "restarts_left": self.restarts, "crash_counts": dict(sorted(counts.items())),
+                "reloads_total": past_reloads + state["reloads"]}
 
     # -- the server's life ---------------------------------------------------------------------
     def _reap(self) -> int | None:
@@ -281,7 +289,11 @@ class Supervisor:
             known = list(self.watchdog.tracker.known) if self.watchdog is not None else []
             if self.watchdog is not None:
                 self.watchdog.stop()
-            self.watchdog = None
+                ended = self.watchdog.status()
+                with self._counts:
+                    self.past_crashes.update(ended["crash_counts"])
+                    self.past_reloads += ended["reloads"]
+                    self.watchdog = None
             self.exits.append(code)
             self._exit_error = self._not_live or f"tritonserver exited by itself with code {code}"
             self._not_live = ""

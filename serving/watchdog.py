@@ -64,6 +64,17 @@ class Crash:
     unloaded: bool = False  # its version was unloaded on purpose: not a crash after all
 
 
+def crash_counts(crashes: list[dict], models: list[str] = ()) -> dict[str, int]:
+    """Crashes by model from a status() crash list (a version unloaded on purpose is no crash; a stub that died
+    before its model was known counts as "unknown"); 0 for the `models` without one."""
+    counts = dict.fromkeys(models, 0)
+    for crash in crashes:
+        if not crash["unloaded"]:
+            model = crash["model"] or "unknown"
+            counts[model] = counts.get(model, 0) + 1
+    return counts
+
+
 FAILED_CHECKS_BLIND = 3  # passes in a row that raised, after which readiness stops vouching for the stubs
 
 
@@ -127,6 +138,10 @@ class Watchdog:
             return "tritonserver does not answer /v2/health/live"
         return ""
 
+    def stub_models(self) -> list[str]:
+        """The python-backend models whose stubs it has seen."""
+        return sorted({model for model, _ in list(self.tracker.known.values())})
+
     def readiness(self) -> tuple[bool, str]:
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             return False, "the stub watchdog has stopped: a dead stub would go unseen"
@@ -148,7 +163,8 @@ class Watchdog:
         with self._lock:
             crashes = [dataclasses.asdict(c) for c in self.crashes]
         return {"ready": ready, "reason": reason, "live": self.live(), "server_pid": self.server_pid,
-                "crashes": crashes, "reloads": self.reloads, "failed_reloads": self.failed_reloads,
+                "crashes": crashes, "crash_counts": crash_counts(crashes, self.stub_models()),
+                "reloads": self.reloads, "reloads_total": self.reloads, "failed_reloads": self.failed_reloads,
                 "failed_checks": self.failed_checks,
                 "last_error": self.last_error, "retired_stubs": list(self.retired),
                 # every crash leaves its model's old version loaded for good (see docs/operations.md)

@@ -65,7 +65,7 @@ def test_images_run_as_non_root_and_expose_the_four_ports():
 def test_images_start_the_supervisor_with_every_module_it_imports():
     """Both images run `python3 -m serving.supervise ... -- tritonserver`, and the Deployment's initContainer
     `python3 -m serving.pull`; the serving modules copied into them are exactly what those two import,
-    transitively, and their third-party imports (psutil, boto3) are pinned in the image."""
+    transitively, and their third-party imports (psutil, prometheus_client, boto3) are pinned in the image."""
     import ast
 
     def imports(module: str) -> tuple[set[str], set[str]]:
@@ -82,7 +82,9 @@ def test_images_start_the_supervisor_with_every_module_it_imports():
         todo += sorted(own - needed)
         third_party |= {t for t in top if t not in sys.stdlib_module_names and t not in ("serving", "__future__")}
     image = pins(ROOT / "requirements" / "image.txt")
-    assert third_party == {"psutil", "boto3", "botocore"} and third_party <= set(image)
+    assert third_party == {"psutil", "prometheus_client", "boto3", "botocore"}
+    third_party = {t.replace("_", "-") for t in third_party}  # the distribution's name
+    assert third_party <= set(image)
     copied_cpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "build-cpu.sh").read_text()))
     copied_gpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "Containerfile.gpu").read_text()))
     assert copied_cpu == copied_gpu == needed | {"__init__"}
@@ -122,15 +124,16 @@ GPU_PILLOW = {("24.10-py3", "13.0.0"): "12.3.0"}
 
 
 def test_gpu_image_pins_what_the_tests_run():
-    """The GPU image's Pillow (the preprocess model's), psutil and boto3 with its dependencies are
-    requirements/image.txt's, bar a Pillow pair listed in GPU_PILLOW: a change of either side fails here until
-    someone checks the other."""
+    """The GPU image's Pillow (the preprocess model's), psutil, prometheus-client and boto3 with its dependencies
+    are requirements/image.txt's, bar a Pillow pair listed in GPU_PILLOW: a change of either side fails here
+    until someone checks the other."""
     text = (IMAGES / "Containerfile.gpu").read_text()
     (install,) = re.findall(r"^RUN python3 -m pip install (.*)$", text, re.M)
     gpu, image = dict(re.findall(r"(?<!\S)([a-z][a-z0-9._-]*)==(\S+)", install)), pins(ROOT / "requirements" / "image.txt")
     tag = re.search(r"^ARG TRITON_TAG=(\S+)$", text, re.M).group(1)
     s3 = {"boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3"}
-    assert set(gpu) == {"pillow", "psutil"} | s3 and all(gpu[n] == image[n] for n in {"psutil"} | s3)
+    supervise = {"psutil", "prometheus-client"}
+    assert set(gpu) == {"pillow"} | supervise | s3 and all(gpu[n] == image[n] for n in supervise | s3)
     assert gpu["pillow"] == GPU_PILLOW.get((tag, image["pillow"]), image["pillow"])
 
 

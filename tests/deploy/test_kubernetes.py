@@ -463,16 +463,17 @@ def test_selectors_pick_the_server_pods(rendered, target):
     service_ports = {p["targetPort"] for p in one(objects, "Service", "triton")["spec"]["ports"]}
     # every port clients and Prometheus use; the supervisor's health port is the kubelet's only
     assert service_ports == {p["name"] for p in server_container(objects)["ports"]} - {"health"}
-    assert one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert [(e["port"], e["path"]) for e in one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]] == [
+        ("metrics", "/metrics"), ("health", "/metrics")]  # Triton's, the supervisor's
     hpa = one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (hpa["kind"], hpa["name"]) == ("Deployment", deployment["metadata"]["name"])
 
 
 @pytest.mark.parametrize("target", ["cpu", "cpu-vnni", "gpu"])
-def test_only_labelled_clients_reach_inference_and_no_pod_the_health_port(rendered, target):
+def test_only_labelled_clients_reach_inference_and_any_namespace_the_metrics(rendered, target):
     """The NetworkPolicy selects the server pods and admits http and grpc only from pods or namespaces labelled
-    as clients (one HTTP body can kill Triton 2.51: docs/operations.md), metrics from any namespace, the
-    supervisor's health port from no pod (the kubelet's probes come from the node); every port it names is
+    as clients (one HTTP body can kill Triton 2.51: docs/operations.md), Triton's metrics and the supervisor's
+    health port (its probes, its /metrics: read only) from any namespace, for Prometheus; every port it names is
     one the server container declares. A peer selector must stay free of the base's own labels, which
     kustomize adds to matchLabels: a client would have to be labelled as the server."""
     objects = rendered[target]
@@ -485,11 +486,11 @@ def test_only_labelled_clients_reach_inference_and_no_pod_the_health_port(render
         for port in rule["ports"]:
             assert port["port"] in declared and port["protocol"] == "TCP"
             admitted[port["port"]] = rule["from"]
-    assert set(admitted) == {"http", "grpc", "metrics"}  # not "health"
+    assert set(admitted) == {"http", "grpc", "metrics", "health"} == declared
     client = {"key": "triton-image-classifier/client", "operator": "In", "values": ["true"]}
     assert admitted["http"] == admitted["grpc"] == [{"podSelector": {"matchExpressions": [client]}},
                                                      {"namespaceSelector": {"matchExpressions": [client]}}]
-    assert admitted["metrics"] == [{"namespaceSelector": {}}]
+    assert admitted["metrics"] == admitted["health"] == [{"namespaceSelector": {}}]
 
 
 def test_kserve_canary_and_v2_protocol(rendered):
@@ -618,18 +619,19 @@ def test_hpa_metric_comes_from_a_recording_rule(rendered):
 
 def test_prometheus_rule_ships_every_rule_of_deploy_monitoring(rendered):
     """The server overlays' PrometheusRule holds the groups of recording.yml and alerts.yml exactly (the
-    committed file is what `make k8s-rule` writes now), and every job they select is the PodMonitor's."""
+    committed file is what `make k8s-rule` writes now), and every job they select is one of the PodMonitor's."""
     from serving.monitor import K8S_RULE, k8s_rule
 
     groups = [g for name in ("recording.yml", "alerts.yml") for g in yaml.safe_load(
         (RECORDING.parent / name).read_text())["groups"]]
     assert K8S_RULE.read_text() == k8s_rule(), f"{K8S_RULE} is stale: make k8s-rule"
     exprs = " ".join(r["expr"] for g in groups for r in g["rules"])
-    assert set(re.findall(r'\bjob\s*=~?\s*"([^"]*)"', exprs)) == {"triton"}
+    assert set(re.findall(r'\bjob\s*=~?\s*"([^"]*)"', exprs)) == {"triton", "triton-supervisor"}
     for target in ("cpu", "cpu-vnni", "gpu"):
         assert one(rendered[target], "PrometheusRule")["spec"]["groups"] == groups
-        relabel = one(rendered[target], "PodMonitor")["spec"]["podMetricsEndpoints"][0]["relabelings"]
-        assert {"action": "replace", "targetLabel": "job", "replacement": "triton"} in relabel
+        endpoints = one(rendered[target], "PodMonitor")["spec"]["podMetricsEndpoints"]
+        for endpoint, job in zip(endpoints, ("triton", "triton-supervisor"), strict=True):
+            assert {"action": "replace", "targetLabel": "job", "replacement": job} in endpoint["relabelings"]
 
 
 def adapter_query(rule: dict, namespace: str, pod: str) -> str:
@@ -704,6 +706,11 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
             time.sleep(0.05)
         assert 503 in codes and codes[-1] == 200, (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
         assert probe("livenessProbe") == 200
+        # the PodMonitor's second endpoint: the supervisor's /metrics counts that crash
+        supervisor = one(rendered["cpu"], "PodMonitor")["spec"]["podMetricsEndpoints"][1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{local[named[supervisor['port']]]}{supervisor['path']}",
+                                    timeout=5) as answer:
+            assert 'triton_supervisor_stub_crashes_total{model="classifier"} 1.0' in answer.read().decode()
         _hpa_metric_from_prometheus(rendered, local, photos, tmp_path)
     finally:
         pod.send_signal(signal.SIGTERM)

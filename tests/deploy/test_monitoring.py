@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from common.contract import ENSEMBLE
-from serving.monitor import CONFIG, MONITORING, TARGETS, Prometheus, scrape_target, write_targets
+from serving.monitor import (CONFIG, MONITORING, SUPERVISOR_TARGETS, TARGETS, Prometheus, scrape_target,
+                             supervisor_targets, write_targets)
 from serving.server import free_port
 
 ROOT = MONITORING.parent.parent
@@ -101,12 +102,17 @@ def test_dashboard_panels_use_the_datasource_variable():
         assert wanted in titles
 
 
-def test_the_scrape_target_follows_make_serve(tmp_path):
+def test_the_scrape_targets_follow_make_serve(tmp_path):
     assert scrape_target(None) == "127.0.0.1:8002"
     assert scrape_target({"metrics": "http://127.0.0.1:18002/metrics"}) == "127.0.0.1:18002"
+    assert supervisor_targets(None) == [] == supervisor_targets({"metrics": "http://127.0.0.1:18002/metrics"})
+    assert supervisor_targets({"supervisor": {"ready": "http://[::1]:18003/ready",
+                                              "status": "http://[::1]:18003/status"}}) == ["[::1]:18003"]
     config = yaml.safe_load(CONFIG.read_text())
-    (files,) = [sd["files"] for job in config["scrape_configs"] for sd in job["file_sd_configs"]]
-    assert [(CONFIG.parent / f).resolve() for f in files] == [(ROOT / TARGETS).resolve()]
+    files = {job["job_name"]: [(CONFIG.parent / f).resolve() for sd in job["file_sd_configs"] for f in sd["files"]]
+             for job in config["scrape_configs"]}
+    assert files == {"triton": [(ROOT / TARGETS).resolve()],
+                     "triton-supervisor": [(ROOT / SUPERVISOR_TARGETS).resolve()]}
     write_targets(tmp_path / "targets.json", ["127.0.0.1:1"])
     assert json.loads((tmp_path / "targets.json").read_text()) == [{"targets": ["127.0.0.1:1"], "labels": {}}]
 
@@ -153,16 +159,18 @@ def test_make_monitor_warns_when_the_served_ensemble_is_not_the_one_the_rules_se
 
 # ---- a real Prometheus scraping a real server ------------------------------------------------------
 
-def loopback_config(tmp_path: Path, target: str) -> Path:
-    """The committed config with a 1 s scrape and evaluation, absolute rule paths and this test's target."""
+def loopback_config(tmp_path: Path, target: str, supervisor: str | None = None) -> Path:
+    """The committed config with a 1 s scrape and evaluation, absolute rule paths and this test's targets: Triton's
+    metrics, and the supervisor's where there is one."""
     config = yaml.safe_load(CONFIG.read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str((CONFIG.parent / f).resolve()) for f in config["rule_files"]]
-    targets = tmp_path / "targets.json"
-    write_targets(targets, [target])
+    targets = {"triton": [target], "triton-supervisor": [supervisor] if supervisor else []}
     for job in config["scrape_configs"]:
+        path = tmp_path / f"{job['job_name']}-targets.json"
+        write_targets(path, targets[job["job_name"]])
         for sd in job["file_sd_configs"]:
-            sd["files"] = [str(targets)]
+            sd["files"] = [str(path)]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -177,18 +185,22 @@ def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, 
     from build.repository.spec import DeploymentSpec
     from build.repository.writer import write_repository
     from clients.client import ClassificationError, ImageClassifierClient
-    from serving.server import TritonServer
+    from serving import access
+    from serving.server import TritonServer, supervisor_command
 
     repo = tmp_path / "model_repository"
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
     images = list(photos.values())
     recorded = [r["record"] for r in rules("recording.yml")]
     queries = [r["expr"] for r in rules("recording.yml")] + recorded + dashboard_queries()
+    key, supervisor = tmp_path / "admin.key", free_port()  # under its supervisor, as `make serve` runs it
+    access.write_key(key)
     with TritonServer(repo, log_file=tmp_path / "tritonserver.log",
-                      extra_args=["--metrics-config=summary_latencies=true"]) as server, \
+                      extra_args=["--metrics-config=summary_latencies=true"],
+                      supervisor=supervisor_command("127.0.0.1", supervisor, 0, key)) as server, \
             ImageClassifierClient(server.http_url, "http") as client:
         target = scrape_target({"metrics": server.metrics_url})
-        with Prometheus(loopback_config(tmp_path, target), tmp_path / "data", free_port(),
+        with Prometheus(loopback_config(tmp_path, target, f"127.0.0.1:{supervisor}"), tmp_path / "data", free_port(),
                         tmp_path / "prometheus.log") as prometheus:
             missing = queries
             for _ in range(120):  # bounded: a few requests, then ask again
@@ -205,10 +217,14 @@ def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, 
             # the python classifier's quality series, with its build-time reference, per version
             assert {(s["metric"]["model"], s["metric"]["version"])
                     for s in prometheus.query("quality:class_drift_tvd:ratio30m")} == {("classifier", "1")}
+            # the supervisor's series: one crash counter per python model from the start, none crashed
+            crashes = prometheus.query('triton_supervisor_stub_crashes_total{job="triton-supervisor"}')
+            assert {s["metric"]["model"]: s["value"][1] for s in crashes} == {"classifier": "0", "preprocess": "0"}
             # the server is up with its models and summaries: these alerts' conditions are false
             for rule in rules("alerts.yml"):
                 if rule["alert"] in ("TritonServerDown", "TritonModelNotReady", "TritonLatencySummariesOff",
-                                     "ModelQualityMetricsMissing"):
+                                     "ModelQualityMetricsMissing", "TritonServerRestarted", "TritonStubsCrashing",
+                                     "TritonNotReady"):
                     assert prometheus.query(rule["expr"]) == [], rule["alert"]
             with urllib.request.urlopen(f"{prometheus.url}/api/v1/rules", timeout=10) as answer:
                 groups = json.load(answer)["data"]["groups"]

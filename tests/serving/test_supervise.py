@@ -118,13 +118,33 @@ def ready_codes_until_healed(supervised, polls: int = 1200) -> list[int]:
     return codes
 
 
+def scraped(url: str) -> dict[tuple[str, tuple], float]:
+    """The samples of a Prometheus /metrics page, parsed by prometheus_client: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain; version=")
+        text = answer.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_a_dead_stub_is_reloaded_a_dead_server_restarted_and_sigterm_drains(repository, tmp_path, photos):
     """--restarts 1: a killed stub makes /ready 503 until its model is reloaded; a killed tritonserver is
-    started again (its old stubs gone) and serves; SIGTERM under load drains and exits 0."""
+    started again (its old stubs gone) and serves; SIGTERM under load drains and exits 0. /metrics counts the
+    crash and the restart, the crash of the server before included."""
     from clients.client import ImageClassifierClient
 
     with Supervised(repository, tmp_path / "supervise.log", restarts=1) as supervised:
         first = supervised.server_pid()
+        before = scraped(supervised.url + "/metrics")
+        served = {dict(labels)["model"] for name, labels in before if name == "triton_supervisor_stub_crashes_total"}
+        assert "classifier" in served and len(served) > 1, before
+        assert {k: v for k, v in before.items() if k[0].endswith("_total")} == {
+            ("triton_supervisor_server_starts_total", ()): 1, ("triton_supervisor_server_exits_total", ()): 0,
+            ("triton_supervisor_stub_reloads_total", ()): 0,
+            **{("triton_supervisor_stub_crashes_total", (("model", m),)): 0 for m in served}}
+        assert before[("triton_supervisor_ready", ())] == 1 and before[("triton_supervisor_restarts_left", ())] == 1
         victim = serving_stubs(first, "classifier", 1)[0]
         os.kill(victim.pid, signal.SIGKILL)
         codes = ready_codes_until_healed(supervised)
@@ -140,6 +160,14 @@ def test_a_dead_stub_is_reloaded_a_dead_server_restarted_and_sigterm_drains(repo
             time.sleep(0.1)
         assert status["starts"] == 2 and status["server_exits"] == [-signal.SIGKILL] and status["ready"], status
         assert status["server_pid"] != first and not old_stubs & {p.pid for p in supervised.stubs()}
+        after = scraped(supervised.url + "/metrics")
+        assert after[("triton_supervisor_server_starts_total", ())] == 2, after
+        assert after[("triton_supervisor_server_exits_total", ())] == 1
+        assert after[("triton_supervisor_restarts_left", ())] == 0
+        assert after[("triton_supervisor_stub_reloads_total", ())] >= 1
+        assert after[("triton_supervisor_stubs_down", ())] == 0 and after[("triton_supervisor_ready", ())] == 1
+        assert {dict(k[1])["model"]: v for k, v in after.items() if k[0] == "triton_supervisor_stub_crashes_total"} \
+            == {m: int(m == "classifier") for m in served}
         with ImageClassifierClient(f"127.0.0.1:{supervised.ports.http}", protocol="http") as client:
             assert len(client.classify([photos["coffee"]] * 2, top_k=1)) == 2
 

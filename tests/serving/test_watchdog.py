@@ -135,3 +135,58 @@ def test_the_supervisor_says_when_its_drain_timed_out():
     assert "supervise WARNING drain timed out after 0.5 s with requests in flight: image_classifier (UNLOADING) " \
            "still loaded; drained: nothing" in err, err
     assert "drained image_classifier" not in err
+
+
+class _Probe:
+    """What serving.health.endpoint asks of a watchdog or supervisor: one /status, here as written."""
+
+    last_error = ""
+
+    def __init__(self, status: dict):
+        self._status = status
+
+    def readiness(self) -> tuple[bool, str]:
+        return self._status["ready"], "tritonserver is restarting"
+
+    def live(self) -> bool:
+        return self._status["live"]
+
+    def status(self) -> dict:
+        return self._status
+
+
+def test_the_endpoint_serves_the_status_as_metrics_and_drops_a_connection_that_sends_nothing():
+    """/metrics is /status in Prometheus' text format (read back by prometheus_client's parser): counters for
+    starts, exits, crashes by model (zeros included) and reloads, gauges for readiness and the stubs down. A
+    connection that sends nothing is closed by the endpoint, and others are answered meanwhile."""
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.health import endpoint
+
+    crash = {"pid": 7, "model": "classifier", "version": "1", "seen_at": 0.0, "recovered_at": None, "unloaded": False}
+    probe = _Probe({"ready": False, "live": True, "starts": 2, "server_exits": [-11], "restarts_left": 0,
+                    "crashes": [crash, {**crash, "model": "preprocess", "unloaded": True}],
+                    "crash_counts": {"classifier": 3, "preprocess": 0}, "reloads": 0, "reloads_total": 2})
+    http = endpoint(probe, "127.0.0.1", 0)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{http.server_address[1]}"
+    try:
+        with socket.create_connection(http.server_address[:2], timeout=60) as idle:
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+                families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
+            samples = {(s.name, tuple(s.labels.values())): s.value for f in families.values() for s in f.samples}
+            assert samples == {
+                ("triton_supervisor_ready", ()): 0, ("triton_supervisor_live", ()): 1,
+                ("triton_supervisor_server_starts_total", ()): 2, ("triton_supervisor_server_exits_total", ()): 1,
+                ("triton_supervisor_restarts_left", ()): 0,
+                ("triton_supervisor_stub_crashes_total", ("classifier",)): 3,
+                ("triton_supervisor_stub_crashes_total", ("preprocess",)): 0,
+                ("triton_supervisor_stub_reloads_total", ()): 2, ("triton_supervisor_stubs_down", ()): 1}
+            assert {f.name: f.type for f in families.values()}["triton_supervisor_stub_crashes"] == "counter"
+            assert idle.recv(1) == b""  # closed by the endpoint (HTTP handler timeout), before this socket's 60 s
+    finally:
+        http.shutdown()
+        http.server_close()
