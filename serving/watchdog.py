@@ -269,6 +269,9 @@ class Watchdog:
             self._reloading_since = None
         self.failed_reloads = 0
         self._retire += [(time.monotonic() + self.retire_after_s, m, pids) for m, pids in replaced.items() if pids]
+        # learn the new stubs before /ready says 200: one that dies at once (a model that crashes on every
+        # request) is then named, and only its model reloaded, not every python model as for an unknown stub
+        self.tracker.scan()
         now = time.time()
         with self._lock:
             for crash in self.crashes:

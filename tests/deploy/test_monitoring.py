@@ -18,6 +18,7 @@ from common.contract import ENSEMBLE
 from serving.monitor import (CONFIG, MONITORING, SUPERVISOR_TARGETS, TARGETS, Prometheus, scrape_target,
                              supervisor_targets, write_targets)
 from serving.server import free_port
+from tests.serving.test_self_healing import repository as healing_repository  # noqa: F401 (a fixture)
 
 ROOT = MONITORING.parent.parent
 RULES = MONITORING / "rules"
@@ -230,3 +231,56 @@ def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, 
                 groups = json.load(answer)["data"]["groups"]
             unhealthy = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
             assert not unhealthy
+
+
+def firing(prometheus: Prometheus) -> set[tuple[str, str]]:
+    """(alert, model label or "") of the alerts firing now."""
+    with urllib.request.urlopen(f"{prometheus.url}/api/v1/alerts", timeout=10) as answer:
+        alerts = json.load(answer)["data"]["alerts"]
+    return {(a["labels"]["alertname"], a["labels"].get("model", "")) for a in alerts if a["state"] == "firing"}
+
+
+@pytest.mark.slow
+def test_killed_stubs_and_a_killed_server_fire_the_supervisor_alerts(promtool, healing_repository, tmp_path):
+    """Under its supervisor (--restarts 2), three stubs of the classifier killed (each reloaded), then tritonserver
+    itself: a real Prometheus scraping the supervisor's /metrics with the committed rules fires
+    TritonStubsCrashing for the classifier alone and TritonServerRestarted, both quiet before."""
+    import os
+    import signal
+    import time
+
+    from serving.stubs import serving_stubs
+    from tests.serving.test_supervise import Supervised, get, ready_codes_until_healed
+
+    supervisor_alerts = {r["alert"] for g in yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+                         if g["name"] == "triton-supervisor-alerts" for r in g["rules"]}
+    with Supervised(healing_repository, tmp_path / "supervise.log", restarts=2) as supervised:
+        config = loopback_config(tmp_path, f"127.0.0.1:{supervised.ports.metrics}", f"127.0.0.1:{supervised.port}")
+        with Prometheus(config, tmp_path / "data", free_port(), tmp_path / "prometheus.log") as prometheus:
+            for _ in range(120):  # bounded: until the first scrapes are in
+                if prometheus.query('triton_supervisor_stub_crashes_total{model="classifier"}'):
+                    break
+                time.sleep(0.5)
+            assert not {a for a, _ in firing(prometheus)} & supervisor_alerts
+            # three crashes of the classifier (a kill that aborts the whole server, as 2.51 does about once in 50,
+            # is a restart the supervisor heals and one kill more)
+            for _ in range(6):
+                if get(supervised.url + "/status")[1]["crash_counts"]["classifier"] >= 3:
+                    break
+                os.kill(serving_stubs(supervised.server_pid(), "classifier", 1)[0].pid, signal.SIGKILL)
+                codes = ready_codes_until_healed(supervised)
+                assert 503 in codes and codes[-1] == 200, get(supervised.url + "/status")
+            status = get(supervised.url + "/status")[1]
+            # each stub was killed as soon as /ready said 200: the watchdog knew it by then, named its model and
+            # reloaded only that one
+            assert {c["model"] for c in status["crashes"]} == {"classifier"}, status["crashes"]
+            os.kill(supervised.server_pid(), signal.SIGKILL)
+            assert supervised.wait_ready() and get(supervised.url + "/status")[1]["starts"] == status["starts"] + 1
+            seen = set()
+            for _ in range(120):  # bounded: Prometheus scrapes and evaluates every second here
+                seen = firing(prometheus)
+                if {("TritonStubsCrashing", "classifier"), ("TritonServerRestarted", "")} <= seen:
+                    break
+                time.sleep(0.5)
+            assert {(a, m) for a, m in seen if a in supervisor_alerts} == {
+                ("TritonStubsCrashing", "classifier"), ("TritonServerRestarted", "")}, tmp_path / "prometheus.log"
