@@ -262,12 +262,14 @@ def test_killed_stubs_and_a_killed_server_fire_the_supervisor_alerts(promtool, h
                     break
                 time.sleep(0.5)
             assert not {a for a, _ in firing(prometheus)} & supervisor_alerts
+            kills = [("start", time.time())]
             # three crashes of the classifier (a kill that aborts the whole server, as 2.51 does about once in 50,
             # is a restart the supervisor heals and one kill more)
             for _ in range(6):
                 if get(supervised.url + "/status")[1]["crash_counts"]["classifier"] >= 3:
                     break
                 os.kill(serving_stubs(supervised.server_pid(), "classifier", 1)[0].pid, signal.SIGKILL)
+                kills.append(("stub", time.time()))
                 codes = ready_codes_until_healed(supervised)
                 assert 503 in codes and codes[-1] == 200, get(supervised.url + "/status")
             status = get(supervised.url + "/status")[1]
@@ -275,12 +277,59 @@ def test_killed_stubs_and_a_killed_server_fire_the_supervisor_alerts(promtool, h
             # reloaded only that one
             assert {c["model"] for c in status["crashes"]} == {"classifier"}, status["crashes"]
             os.kill(supervised.server_pid(), signal.SIGKILL)
+            kills.append(("server", time.time()))
             assert supervised.wait_ready() and get(supervised.url + "/status")[1]["starts"] == status["starts"] + 1
-            seen = set()
+            ready_again, seen, first = time.time(), set(), {}
             for _ in range(120):  # bounded: Prometheus scrapes and evaluates every second here
                 seen = firing(prometheus)
+                first.update({a: time.time() for a, _ in seen if a not in first})
                 if {("TritonStubsCrashing", "classifier"), ("TritonServerRestarted", "")} <= seen:
                     break
                 time.sleep(0.5)
+            print(f"\n{len(kills) - 2} classifier stubs killed ({status['starts'] - 1} server restarts meanwhile), then "
+                  f"tritonserver: ready again {ready_again - kills[-1][1]:.1f} s later; TritonServerRestarted firing "
+                  f"{first['TritonServerRestarted'] - kills[-1][1]:.1f} s after that kill, TritonStubsCrashing "
+                  f"firing {first['TritonStubsCrashing'] - kills[-2][1]:.1f} s after the last stub kill (at the latest)")
             assert {(a, m) for a, m in seen if a in supervisor_alerts} == {
                 ("TritonStubsCrashing", "classifier"), ("TritonServerRestarted", "")}, tmp_path / "prometheus.log"
+            if os.environ.get("SUPERVISOR_PLOT"):  # the figure of docs/results/2026-12-06-supervisor-alerts.md
+                time.sleep(5)
+                plot_supervisor(prometheus.url, kills, time.time(), Path(os.environ["SUPERVISOR_PLOT"]))
+
+
+def plot_supervisor(prometheus_url: str, kills: list[tuple[str, float]], end: float, out: Path) -> None:
+    """The supervisor's series, Triton's `up` and the supervisor alerts the live test saw, the kills marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tests.deploy.test_drift import query_range
+
+    start = kills[0][1]
+    panels = [
+        ("the supervisor's counters", [
+            ("stub crashes, classifier", 'triton_supervisor_stub_crashes_total{model="classifier"}'),
+            ("stub reloads", "triton_supervisor_stub_reloads_total"),
+            ("server exits", "triton_supervisor_server_exits_total")]),
+        ("readiness", [("supervisor /ready", "triton_supervisor_ready"), ("Triton metrics scraped (up)",
+                                                                         'up{job="triton"}')]),
+        ("alerts firing", [(a, f'{1 - 0.1 * i} * ALERTS{{alertname="{a}", alertstate="firing"}}')
+                           for i, a in enumerate(("TritonStubsCrashing", "TritonServerRestarted"))]),
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 7), sharex=True)
+    for ax, (title, series) in zip(axes, panels):
+        for label, expr in series:
+            points = query_range(prometheus_url, expr, start, end)
+            ax.step([t - start for t, _ in points], [v for _, v in points], where="post", label=label)
+        for what, when in kills[1:]:
+            ax.axvline(when - start, color="red" if what == "server" else "grey", linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        if title != "the supervisor's counters":
+            ax.set_ylim(-0.1, 1.1)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1].set_xlabel("seconds (dotted: a classifier stub killed; red: tritonserver killed; 1 s scrapes)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
