@@ -268,6 +268,8 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
             assert coffee[0].index == ESPRESSO, protocol
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics", timeout=5) as answer:
             assert b'nv_inference_request_success{model="image_classifier"' in answer.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics", timeout=5) as answer:  # the supervisor's
+            assert b'triton_supervisor_stub_crashes_total{model="classifier"} 1.0' in answer.read()
         stopped = subprocess.run([*podman, "stop", "--time", "40", name], capture_output=True, text=True, timeout=90)
         assert stopped.returncode == 0
         code = subprocess.run([*podman, "inspect", "--format", "{{.State.ExitCode}}", name],
