@@ -10,8 +10,8 @@ scrape (prometheus_client's custom-collector interface), so they never disagree 
     triton_supervisor_server_exits_total      of those, ended by themselves or stopped as not live (supervisor only)
     triton_supervisor_restarts_left           what --restarts has left (supervisor only)
     triton_supervisor_stub_crashes_total      python-backend stubs that died, by model, since the supervisor started
-                                              (every served model has a series from the start, so that increase()
-                                              sees the first crash; serving.watchdog.crash_counts)
+                                              (every python model whose stubs it saw has a series from the start,
+                                              so that increase() sees the first crash; serving.watchdog.crash_counts)
     triton_supervisor_stub_reloads_total      models reloaded after a stub died
     triton_supervisor_stubs_down              crashes whose model is not serving at full strength again yet
 
