@@ -619,7 +619,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=port_number, default=8002, help="(default: %(default)s)")
     p.add_argument("--timeout", type=positive(float), default=180.0, help="seconds to wait for readiness (default: %(default)s)")
     p.add_argument("--watchdog-port", type=port_number, default=8003,
-                   help="port of the supervisor's /ready, /live, /status (serving.supervise: the stub watchdog, "
+                   help="port of the supervisor's /ready, /live, /status, /metrics (serving.supervise: the stub watchdog, "
                         "server restarts); 0: a bare tritonserver (default: %(default)s)")
     p.add_argument("--restarts", type=number(int, 0), default=3,
                    help="times the supervisor starts tritonserver again after it exits by itself "

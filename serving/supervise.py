@@ -4,7 +4,8 @@
 
 It starts the command after `--` (tritonserver and its flags) as its child and, once the server answers,
 watches it with serving.watchdog: a python-backend stub that dies is reloaded, and its `/ready` says 503
-meanwhile; `/live` and `/status` as the watchdog's. The probes of deploy/k8s point at this endpoint.
+meanwhile; `/live`, `/status` and `/metrics` as the watchdog's, with the server's starts and exits added (the
+counts since the supervisor started). The probes of deploy/k8s point at this endpoint, its PodMonitor too.
 
 - SIGTERM or SIGINT: `/ready` answers 503 at once; after `--unready-wait` seconds (the server still serving,
   for the load balancers to drop it) it drains (unload the ensembles, so that their in-flight requests
@@ -322,8 +323,8 @@ def admin_key(key_file: str | None) -> tuple[str | None, Callable[[], dict[str, 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
-    p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
+    p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status, /metrics (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status, /metrics (default: %(default)s)")
     p.add_argument("--restarts", type=number(int, 0), default=0,
                    help="times to start tritonserver again after it exits by itself; 0: exit with it, for a "
                         "container runtime or Kubernetes to restart (default: %(default)s)")

@@ -18,6 +18,7 @@ readiness to probe (Triton's cannot be made false from outside):
     GET /live     200 unless a reload (or the repository index before it: a wrong key) failed
                   `--max-failed-reloads` times in a row (then restart the server)
     GET /status   the whole state as JSON: crashes, reloads, degraded models, leaked versions
+    GET /metrics  the same for Prometheus: crashes per model, reloads, readiness (serving/probe_metrics.py)
 
 A model version whose stub died inside a request is never freed by Triton 2.51; the watchdog kills its
 surviving stubs (`retire_after_s` after the reload, once the new instances run) to free their memory.
@@ -319,8 +320,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server-pid", type=positive(int), help="the tritonserver process to watch")
     p.add_argument("--http", required=True, help="its HTTP host:port")
-    p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status (default: %(default)s)")
-    p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status (default: %(default)s)")
+    p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status, /metrics (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8003, help="port of /ready, /live, /status, /metrics (default: %(default)s)")
     p.add_argument("--key-file", default=None, help="admin key file (default: serving.access's, .run/admin.key)")
     p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between checks (default: %(default)s)")
     p.add_argument("--max-failed-reloads", type=positive(int), default=3,

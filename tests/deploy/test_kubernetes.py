@@ -461,7 +461,8 @@ def test_selectors_pick_the_server_pods(rendered, target):
     for selector in selectors:
         assert selector and selector.items() <= labels.items()
     service_ports = {p["targetPort"] for p in one(objects, "Service", "triton")["spec"]["ports"]}
-    # every port clients and Prometheus use; the supervisor's health port is the kubelet's only
+    # every port clients use, and Triton's metrics; the supervisor's health port is for the kubelet and the
+    # PodMonitor, which reach the pods themselves
     assert service_ports == {p["name"] for p in server_container(objects)["ports"]} - {"health"}
     assert [(e["port"], e["path"]) for e in one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]] == [
         ("metrics", "/metrics"), ("health", "/metrics")]  # Triton's, the supervisor's
