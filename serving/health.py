@@ -118,7 +118,9 @@ class JsonHandler(BaseHTTPRequestHandler):
 
 def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
     """/ready, /live, /status, /metrics of `watchdog` on host:port (serve_forever() it)."""
-    from serving.probe_metrics import exposition
+    from serving.probe_metrics import metrics_page
+
+    page = metrics_page(watchdog)
 
     class Handler(JsonHandler):
         timeout = 10.0  # a connection that sends nothing holds one thread this long, not for ever
@@ -133,8 +135,7 @@ def endpoint(watchdog: Probe, host: str, port: int) -> ThreadingHTTPServer:
             elif self.path == "/status":
                 self._send(200, watchdog.status())
             elif self.path == "/metrics":
-                body, content_type = exposition(watchdog)
-                self._send_bytes(200, body, content_type)
+                self._send_bytes(200, *page())
             else:
                 self._send(404, {"error": f"no {self.path}: /ready, /live, /status, /metrics"})
 

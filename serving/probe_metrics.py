@@ -19,6 +19,8 @@ deploy/monitoring scrapes it as job="triton-supervisor"; its alerts: docs/operat
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -54,8 +56,9 @@ class ProbeCollector:
                                 value=down)
 
 
-def exposition(probe) -> tuple[bytes, str]:
-    """The probe's metrics as a /metrics body and its Content-Type."""
+def metrics_page(probe) -> Callable[[], tuple[bytes, str]]:
+    """What answers GET /metrics for `probe`: a function giving the body and its Content-Type (the registry is
+    built once, here; each call reads the probe's status)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProbeCollector(probe))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)

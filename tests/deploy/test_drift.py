@@ -21,7 +21,7 @@ from PIL import Image
 
 from build.repository import quality
 from build.repository.templates import quality_metrics as qm
-from tests.deploy.test_monitoring import RULES, loopback_config, promtool, rules  # noqa: F401 (fixture)
+from tests.deploy.test_monitoring import RULES, active_alerts, loopback_config, promtool, rules  # noqa: F401 (fixture)
 
 QUALITY_ALERTS = ("ModelPredictionDrift", "ModelConfidenceDrop")
 
@@ -206,10 +206,8 @@ def short_window_rules(tmp_path: Path) -> list[str]:
 
 def alert_states(prometheus_url: str) -> dict[str, set[str]]:
     """alert name -> the states ('pending', 'firing') it is in now, for the classifier."""
-    with urllib.request.urlopen(f"{prometheus_url}/api/v1/alerts", timeout=10) as answer:
-        alerts = json.load(answer)["data"]["alerts"]
     states: dict[str, set[str]] = {}
-    for alert in alerts:
+    for alert in active_alerts(prometheus_url):
         states.setdefault(alert["labels"]["alertname"], set()).add(alert["state"])
     return states
 

@@ -233,11 +233,16 @@ def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, 
             assert not unhealthy
 
 
+def active_alerts(prometheus_url: str) -> list[dict]:
+    """The alerts pending or firing now, as Prometheus' /api/v1/alerts lists them (labels, state, ...)."""
+    with urllib.request.urlopen(f"{prometheus_url}/api/v1/alerts", timeout=10) as answer:
+        return json.load(answer)["data"]["alerts"]
+
+
 def firing(prometheus: Prometheus) -> set[tuple[str, str]]:
     """(alert, model label or "") of the alerts firing now."""
-    with urllib.request.urlopen(f"{prometheus.url}/api/v1/alerts", timeout=10) as answer:
-        alerts = json.load(answer)["data"]["alerts"]
-    return {(a["labels"]["alertname"], a["labels"].get("model", "")) for a in alerts if a["state"] == "firing"}
+    return {(a["labels"]["alertname"], a["labels"].get("model", ""))
+            for a in active_alerts(prometheus.url) if a["state"] == "firing"}
 
 
 @pytest.mark.slow
@@ -286,9 +291,9 @@ def test_killed_stubs_and_a_killed_server_fire_the_supervisor_alerts(promtool, h
                 if {("TritonStubsCrashing", "classifier"), ("TritonServerRestarted", "")} <= seen:
                     break
                 time.sleep(0.5)
-            print(f"\n{len(kills) - 2} classifier stubs killed ({status['starts'] - 1} server restarts meanwhile), then "
-                  f"tritonserver: ready again {ready_again - kills[-1][1]:.1f} s later; TritonServerRestarted firing "
-                  f"{first['TritonServerRestarted'] - kills[-1][1]:.1f} s after that kill, TritonStubsCrashing "
+            print(f"\n{len(kills) - 2} classifier stubs killed ({status['starts'] - 1} server restarts meanwhile), "
+                  f"then tritonserver: ready again {ready_again - kills[-1][1]:.1f} s later; TritonServerRestarted "
+                  f"firing {first['TritonServerRestarted'] - kills[-1][1]:.1f} s after that kill, TritonStubsCrashing "
                   f"firing {first['TritonStubsCrashing'] - kills[-2][1]:.1f} s after the last stub kill (at the latest)")
             assert {(a, m) for a, m in seen if a in supervisor_alerts} == {
                 ("TritonStubsCrashing", "classifier"), ("TritonServerRestarted", "")}, tmp_path / "prometheus.log"
