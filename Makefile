@@ -72,7 +72,8 @@ capabilities: $(STAMP) ## what the local server and machine can run
 serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) under its supervisor (stub watchdog, RESTARTS) and wait until ready
 	$(PY) -m serving.server start --model-repository $(REPOSITORY) --address $(ADDRESS) \
 	    --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-	    $(if $(WATCHDOG_PORT),--watchdog-port $(WATCHDOG_PORT)) --restarts $(RESTARTS)
+	    $(if $(WATCHDOG_PORT),--watchdog-port $(WATCHDOG_PORT)) $(if $(GUARD_PORT),--guard-port $(GUARD_PORT)) \
+	    --restarts $(RESTARTS)
 
 stop: ## stop the server started by `make serve`
 	@$(PY) -m serving.server stop

@@ -14,6 +14,8 @@ scrape (prometheus_client's custom-collector interface), so they never disagree 
                                               so that increase() sees the first crash; serving.watchdog.crash_counts)
     triton_supervisor_stub_reloads_total      models reloaded after a stub died
     triton_supervisor_stubs_down              crashes whose model is not serving at full strength again yet
+    triton_supervisor_guard_forwarded_total   requests the HTTP guard handed to Triton (--http-guard only)
+    triton_supervisor_guard_refused_total     requests it answered itself, by reason (serving/http_guard.py)
 
 deploy/monitoring scrapes it as job="triton-supervisor"; its alerts: docs/operations.md.
 """
@@ -25,6 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "triton_supervisor_"
+# serving.http_guard's reasons, each with a series from the start (increase() then sees the first refusal)
+REFUSALS = ("too_deep", "not_json", "not_kserve_v2", "too_large", "content_encoding", "binary_header")
 
 
 class ProbeCollector:
@@ -54,6 +58,15 @@ class ProbeCollector:
         down = sum(1 for c in status.get("crashes", []) if c.get("recovered_at") is None and not c.get("unloaded"))
         yield GaugeMetricFamily(PREFIX + "stubs_down", "crashes whose model does not serve at full strength yet",
                                 value=down)
+        if "http_guard" in status:
+            guard = status["http_guard"]
+            yield CounterMetricFamily(PREFIX + "guard_forwarded", "requests the HTTP guard handed to Triton",
+                                      value=guard["forwarded"])
+            refused = CounterMetricFamily(PREFIX + "guard_refused", "requests the HTTP guard answered itself",
+                                          labels=["reason"])
+            for reason in REFUSALS:
+                refused.add_metric([reason], guard["refused"].get(reason, 0))
+            yield refused
 
 
 def metrics_page(probe) -> Callable[[], tuple[bytes, str]]:

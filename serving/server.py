@@ -410,11 +410,13 @@ SERVE_EXTRA_ARGS = ["--metrics-config=summary_latencies=true", "--model-control-
                     "--exit-timeout-secs=15"]
 
 
-def supervisor_command(address: str, port: int, restarts: int, key_file: Path) -> list[str]:
+def supervisor_command(address: str, port: int, restarts: int, key_file: Path, guard_port: int = 0) -> list[str]:
     """serving.supervise as `make serve` runs it: the stub watchdog's /ready /live /status on `port`, the
-    server restarted up to `restarts` times when it exits by itself; the server's command follows."""
+    server restarted up to `restarts` times when it exits by itself, serving.http_guard on `guard_port` (0:
+    none); the server's command follows."""
+    guard = ["--http-guard", host_port(address, guard_port)] if guard_port else []
     return [sys.executable, "-m", "serving.supervise", "--address", address, "--port", str(port),
-            "--restarts", str(restarts), "--key-file", str(Path(key_file).resolve()), "--"]
+            "--restarts", str(restarts), "--key-file", str(Path(key_file).resolve()), *guard, "--"]
 
 
 def server_pid(info: dict) -> int:
@@ -523,7 +525,11 @@ def _serve(args: argparse.Namespace) -> dict:
     if served() is not None:
         raise ServerError(f"a server started by `make serve` is already running ({state}); `make stop` first")
     watchdog_port, restarts = getattr(args, "watchdog_port", 0), getattr(args, "restarts", 0)
-    supervisor = supervisor_command(args.address, watchdog_port, restarts, access.KEY_FILE) if watchdog_port else None
+    guard_port = getattr(args, "guard_port", 0)
+    if guard_port and not watchdog_port:
+        raise ServerError("the HTTP guard runs in the supervisor: --guard-port needs a --watchdog-port")
+    supervisor = (supervisor_command(args.address, watchdog_port, restarts, access.KEY_FILE, guard_port)
+                  if watchdog_port else None)
     log_file = RUN_DIR / "tritonserver.log"
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
                           address=args.address, log_file=log_file, supervisor=supervisor)
@@ -531,6 +537,8 @@ def _serve(args: argparse.Namespace) -> dict:
     if watchdog_port and _port_taken(args.address, watchdog_port):
         raise ServerError(f"watchdog port {watchdog_port} on {args.address} already in use: make serve "
                           "WATCHDOG_PORT=..., or --watchdog-port 0 for a bare tritonserver")
+    if guard_port and _port_taken(args.address, guard_port):
+        raise ServerError(f"guard port {guard_port} on {args.address} already in use: make serve GUARD_PORT=...")
     log_file.write_bytes(b"")
     # A fresh admin key per start guards model control, config, statistics, ... (serving/access.py).
     key = access.write_key(access.KEY_FILE)
@@ -548,6 +556,8 @@ def _serve(args: argparse.Namespace) -> dict:
             if supervisor:
                 info["supervisor"] = {"ready": ready, "status": ready[: -len("ready")] + "status",
                                       "restarts": restarts}
+                if guard_port:
+                    info["guard"] = host_port(reachable(args.address), guard_port)
                 info["server_args"] = [a for a in server.command() if a.startswith(SERVER_IDENTITY)]
             write_whole(state, json.dumps(info, indent=2))
             server.wait_ready(args.timeout)
@@ -624,6 +634,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=number(int, 0), default=3,
                    help="times the supervisor starts tritonserver again after it exits by itself "
                         "(default: %(default)s)")
+    p.add_argument("--guard-port", type=port_number, default=0,
+                   help="port of the supervisor's HTTP guard (serving.http_guard: malformed bodies answered 400 "
+                        "before Triton parses them); 0: none (default: %(default)s)")
     return p
 
 
@@ -634,6 +647,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"  HTTP     http://{info['http']}/v2/models/image_classifier")
         print(f"  gRPC     {info['grpc']}")
         print(f"  metrics  {info['metrics']}")
+        if info.get("guard"):
+            print(f"  guarded  http://{info['guard']}/v2/models/image_classifier (malformed bodies answered 400 "
+                  "before Triton; docs/operations.md)")
         if info.get("supervisor"):
             print(f"  ready    {info['supervisor']['ready']} (false while a crashed model is reloaded or the "
                   f"server restarts; up to {info['supervisor']['restarts']} restarts)")

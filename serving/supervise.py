@@ -28,6 +28,9 @@ could load a python model, i.e. run code. The key is TRITON_ADMIN_KEY's (as depl
 `--key-file`'s, else a new one written to `--new-key-file` (0600, named in the log, removed on exit). A command
 that has its own flags is left as it is; the supervisor then sends TRITON_ADMIN_KEY or `--key-file`'s key.
 
+`--http-guard host:port` also listens there for HTTP and hands Triton only the requests serving.http_guard
+finds well-formed (malformed bodies answered 400, never reaching Triton's parser; one kills Triton 2.51).
+
 A repository built with `response_cache_mb` (BUILD.json) gets Triton's response cache of that size, unless
 the command names its own `--cache-config`; a repository it cannot read (s3://) gets none unless given one.
 """
@@ -135,6 +138,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self._exit_error = ""
         self._not_live = ""  # why the running server is being restarted, when it did not exit by itself
+        self.guard = None  # serving.http_guard.Guard in front of the server's HTTP port (--http-guard), if any
 
     @property
     def last_error(self) -> str:
@@ -165,7 +169,8 @@ class Supervisor:
         counts.update(state.get("crash_counts", {}))  # update(), not +: the served models' zeros stay
         return {**state, "ready": ready, "reason": reason, "starts": self.starts, "server_exits": list(self.exits),
                 "restarts_left": self.restarts, "crash_counts": dict(sorted(counts.items())),
-                "reloads_total": past_reloads + state["reloads"]}
+                "reloads_total": past_reloads + state["reloads"],
+                **({"http_guard": self.guard.counts()} if self.guard is not None else {})}
 
     # -- the server's life ---------------------------------------------------------------------
     def _reap(self) -> int | None:
@@ -343,6 +348,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds between SIGTERM and the drain, /ready answering 503 and the server still serving, "
                         "for endpoints and load balancers to drop it (default: %(default)s; deploy/k8s: 5)")
     p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between stub checks (default: %(default)s)")
+    p.add_argument("--http-guard", default=None, metavar="HOST:PORT",
+                   help="also listen here for HTTP, forwarding to the server's HTTP port only the requests "
+                        "serving.http_guard finds well-formed (default: none)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver and its flags")
     return p
 
@@ -380,6 +388,14 @@ def supervise(command: list[str], headers: Callable[[], dict[str, str]], args: a
     # Set from another thread: the main thread may be inside the Event's own lock when the signal lands.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: threading.Thread(target=supervisor.stopping.set).start())
+    guard = None
+    if args.http_guard:
+        from serving.http_guard import Guard, GuardThread, split_host_port
+
+        supervisor.guard = Guard(http_url(command))
+        guard = GuardThread(supervisor.guard, *split_host_port(args.http_guard)).start()
+        log.info("http guard on http://%s, forwarding to http://%s", host_port(guard.host, guard.port),
+                 supervisor.guard.upstream)
     http = endpoint(supervisor, args.address, args.port)
     threading.Thread(target=http.serve_forever, daemon=True).start()
     log.info("readiness on http://%s:%d/ready", args.address, args.port)
@@ -387,6 +403,8 @@ def supervise(command: list[str], headers: Callable[[], dict[str, str]], args: a
         code = supervisor.run()
     finally:
         http.shutdown()
+        if guard is not None:
+            guard.stop()
     return shell_exit_code(code)
 
 

@@ -66,19 +66,28 @@ def _ipv6_loopback() -> str | None:
 
 @pytest.mark.skipif(_ipv6_loopback() is not None, reason=str(_ipv6_loopback()))
 def test_make_serve_binds_ipv6_and_the_tools_reach_it(lite0_repository, tmp_path):
-    """`make serve ADDRESS=::1`: Triton's three endpoints and the supervisor's listen on ::1 only; `make classify`
-    (the recorded URLs, and ADDRESS on the command line) and `make stop` reach it; /ready and /metrics answer."""
-    ports, watchdog = Ports.free(), free_port()
+    """`make serve ADDRESS=::1 GUARD_PORT=...`: Triton's three endpoints, the supervisor's and its HTTP guard
+    listen on ::1 only; `make classify` (the recorded URLs, and ADDRESS on the command line) and `make stop` reach
+    it; /ready and /metrics answer; the guard classifies and refuses a body nested too deep."""
+    ports, watchdog, guard = Ports.free(), free_port(), free_port()
     address = [f"HTTP_PORT={ports.http}", f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}",
                f"WATCHDOG_PORT={watchdog}", "ADDRESS=::1"]
-    serve = make(tmp_path, "serve", f"REPOSITORY={lite0_repository}", *address)
+    serve = make(tmp_path, "serve", f"REPOSITORY={lite0_repository}", *address, f"GUARD_PORT={guard}")
     assert serve.returncode == 0, serve.stderr
     try:
         recorded = json.loads((tmp_path / ".run" / "tritonserver.json").read_text())
         assert (recorded["http"], recorded["grpc"]) == (f"[::1]:{ports.http}", f"[::1]:{ports.grpc}")
         listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == "LISTEN"}
-        for port in (*dataclasses.astuple(ports), watchdog):
+        for port in (*dataclasses.astuple(ports), watchdog, guard):
             assert ("::1", port) in listening and ("127.0.0.1", port) not in listening, port
+        assert recorded["guard"] == f"[::1]:{guard}" and f"http://[::1]:{guard}/v2/models" in serve.stdout
+        coffee = sample_photos(["coffee"])["coffee"].read_bytes()
+        with ImageClassifierClient(recorded["guard"], "http") as client:
+            assert client.classify([coffee])[0][0].index == ESPRESSO
+        deep = urllib.request.Request(f"http://[::1]:{guard}/v2/models/image_classifier/infer", method="POST",
+                                      data=b"[" * 1000 + b"]" * 1000)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(deep, timeout=30)
         for protocol in ([], ["PROTOCOL=grpc"]):
             done = make(tmp_path, "classify", *protocol)
             assert done.returncode == 0 and "espresso" in done.stdout, done.stderr

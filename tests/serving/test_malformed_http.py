@@ -2,10 +2,11 @@
 
 Some bodies that are the client's fault (unparsable JSON, a negative shape, JSON of the wrong kinds) get
 HTTP 500 from Triton itself (before any model runs), where its other malformed-request answers are 400 (an
-empty body reaches the preprocess step, which answers 400). The project does not put a proxy in front of
-Triton for this (docs/operations.md); this test pins the behaviour so that a Triton that answers 4xx shows
-up here. Each answer leaves the server serving, but one: a body of brackets nested a million deep kills
-Triton 2.51, and the supervisor that `make serve` and the containers run brings it back.
+empty body reaches the preprocess step, which answers 400). This test pins Triton's own behaviour, so that a
+Triton that answers 4xx shows up here; the supervisor's HTTP guard answers them all 400 in front of Triton
+(tests/serving/test_http_guard.py, docs/operations.md). Each answer leaves the server serving, but one: a body
+of brackets nested a million deep kills Triton 2.51, and the supervisor that `make serve` and the containers
+run brings it back.
 """
 from __future__ import annotations
 

@@ -1,0 +1,354 @@
+"""A guard in front of Triton's HTTP port: malformed bodies answered 400 before Triton parses them.
+
+    python -m serving.http_guard --listen 127.0.0.1:8010 --upstream 127.0.0.1:8000
+    python -m serving.supervise --http-guard 0.0.0.0:8010 -- tritonserver ...   # the same, in the supervisor
+    make serve GUARD_PORT=8010
+
+Triton 2.51's HTTP frontend parses a body's JSON recursively, so brackets nested about 100,000 deep kill the
+server (SIGSEGV) with every request in flight, and it answers some other malformed bodies with HTTP 500
+(unparsable JSON, a negative shape, JSON of the wrong kind). Every request that reaches the guard is read
+whole (at most --max-body-mb, else 413), its JSON part (the whole body, or the first
+Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate) checked, and only then
+forwarded to Triton unchanged; Triton's answer comes back unchanged. Refused with a 400 and Triton's own
+error form (`{"error": "..."}`), Triton never seeing them:
+
+- JSON nested deeper than --max-depth (brackets and braces; a KServe v2 request needs 3 plus its tensor's rank),
+- a body that is not JSON (NaN and Infinity included, which Triton's parser refuses too),
+- an inference request (`.../infer`) whose JSON is not the KServe v2 form: a body that is not an object,
+  `inputs` or `outputs` not a list of objects, a name or datatype that is not a string, a shape that is not
+  a list of non-negative integers, BYTES data that are not strings, `parameters` not an object, a
+  `classification` count that is not a non-negative integer.
+
+An empty body goes through (Triton and the preprocess step answer it 400). When Triton does not answer the
+guard says 503 (`the server behind the guard is not answering`), so a client sees the same as Triton
+restarting. Refusals are counted by reason (`counts()`; the supervisor's /metrics exports them) and logged one
+line each naming the client, at most 10 a minute (then how many were left out).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from typing import Any
+
+from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout, TCPConnector, web
+
+from serving.health import host_port, port_number, positive
+
+log = logging.getLogger("serving.http_guard")
+
+MAX_DEPTH = 32
+MAX_BODY_MB = 64
+INLINE_CHECK_BYTES = 1 << 20  # larger bodies are checked in a worker thread
+LOG_PER_WINDOW, LOG_WINDOW_S = 10, 60.0  # refusals logged one line each, at most this many per window
+# Request headers not forwarded (hop-by-hop, or recomputed for the upstream request), lower case.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "transfer-encoding", "upgrade", "host", "content-length", "expect"})
+# aiohttp's client adds these where a request lacks them; Triton would then compress its answer (Accept-Encoding)
+# for a client that never asked for it
+NO_AUTO_HEADERS = ("Accept-Encoding", "Content-Type", "User-Agent")
+BINARY_HEADER = "Inference-Header-Content-Length"
+# aiohttp's request handler: bodies read as sent (a gzip body is checked after `decoded` and forwarded as is)
+SERVER_OPTIONS = {"auto_decompress": False}
+INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+# A JSON string (an unterminated one too) or one bracket: strings are skipped whole so that a bracket
+# inside one does not count.
+TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]')
+
+
+class Refused(Exception):
+    """A request the guard answers itself: `status`, Triton's {"error": ...} body, a short `reason` label."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+def too_deep(text: bytes, limit: int) -> bool:
+    """Whether JSON `text` nests brackets and braces deeper than `limit` (stops scanning as soon as it does)."""
+    depth = 0
+    for token in TOKENS.finditer(text):
+        c = token.group()[0]
+        if c in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in b"]}":
+            depth -= 1
+    return False
+
+
+def decoded(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as Triton reads it: gzip or deflate undone (at most `limit` bytes, else 413)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise Refused(415, "content_encoding", f"unsupported Content-Encoding {encoding!r}: gzip, deflate or none")
+    inflate = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+    try:
+        data = inflate.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise Refused(400, "content_encoding", f"the body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit or inflate.unconsumed_tail:
+        raise Refused(413, "too_large", f"the decompressed body is larger than {limit} bytes")
+    return data
+
+
+def json_part(body: bytes, header: str | None) -> bytes:
+    """The JSON of a request: the whole body, or its first Inference-Header-Content-Length bytes."""
+    if header is None:
+        return body
+    try:
+        size = int(header)
+    except ValueError:
+        raise Refused(400, "binary_header", f"{BINARY_HEADER} {header!r} is not an integer") from None
+    if not 0 <= size <= len(body):
+        raise Refused(400, "binary_header", f"{BINARY_HEADER} {size} is not within the body's {len(body)} bytes")
+    return body[:size]
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse(text: bytes, max_depth: int) -> Any:
+    """JSON `text` parsed, or Refused: nested deeper than `max_depth`, or not JSON."""
+    if too_deep(text, max_depth):
+        raise Refused(400, "too_deep", f"the JSON is nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise Refused(400, "not_json", f"the request body is not valid JSON: {exc}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise Refused(400, "not_kserve_v2", message)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _leaves(data: Any):
+    if isinstance(data, list):
+        for item in data:
+            yield from _leaves(item)
+    else:
+        yield data
+
+
+def _check_parameters(where: str, item: dict) -> None:
+    _check(isinstance(item.get("parameters", {}), dict), f"{where}'s parameters must be a JSON object")
+
+
+def check_infer(request: Any) -> None:
+    """Refused (400) unless `request` has the KServe v2 inference request's form, as far as Triton 2.51 answers
+    a wrong one with 500 (docs/operations.md, tests/serving/test_malformed_http.py)."""
+    _check(isinstance(request, dict), "an inference request must be a JSON object")
+    _check(isinstance(request.get("id", ""), str), "the request's id must be a string")
+    _check_parameters("the request", request)
+    for field in ("inputs", "outputs"):
+        items = request.get(field, [])
+        _check(isinstance(items, list) and all(isinstance(i, dict) for i in items),
+               f"{field} must be a list of JSON objects")
+        for n, item in enumerate(items):
+            where = f"{field}[{n}]"
+            _check(isinstance(item.get("name"), str), f"{where} needs a name that is a string")
+            _check_parameters(where, item)
+            if field == "outputs":
+                count = item.get("parameters", {}).get("classification", 0)
+                _check(_is_count(count), f"{where}'s classification must be a non-negative integer, got {count!r}")
+                continue
+            _check(isinstance(item.get("datatype"), str), f"{where} needs a datatype that is a string")
+            shape = item.get("shape")
+            _check(isinstance(shape, list) and all(_is_count(d) for d in shape),
+                   f"{where}'s shape must be a list of non-negative integers, got {shape!r}")
+            if item["datatype"] == "BYTES" and "data" in item:
+                _check(all(isinstance(v, str) for v in _leaves(item["data"])), f"{where}'s BYTES data must be strings")
+
+
+def check(path: str, headers, body: bytes, max_depth: int, max_body: int) -> None:
+    """Refused unless the request to `path` with `headers` and `body` is safe to hand to Triton."""
+    if not body:
+        return
+    text = json_part(decoded(body, headers.get("Content-Encoding", ""), max_body), headers.get(BINARY_HEADER))
+    request = parse(text, max_depth)
+    if INFER_PATH.match(path):
+        check_infer(request)
+
+
+class Guard:
+    """The aiohttp application: checks each request (`check`) and forwards it to `upstream` (host:port)."""
+
+    def __init__(self, upstream: str, max_depth: int = MAX_DEPTH, max_body_mb: float = MAX_BODY_MB,
+                 log_window_s: float = LOG_WINDOW_S):
+        self.upstream, self.max_depth = upstream, max_depth
+        self.max_body = int(max_body_mb * 2**20)
+        self.refused: Counter[str] = Counter()
+        self.forwarded = 0
+        self._lock = threading.Lock()
+        self.session: ClientSession | None = None
+        # a flood of bad requests logs LOG_PER_WINDOW lines per window, then how many it left out
+        self.log_window_s, self._window_start, self._logged, self._unlogged = log_window_s, time.monotonic(), 0, 0
+
+    def counts(self) -> dict:
+        """Requests forwarded and refused (by reason) so far."""
+        with self._lock:
+            return {"forwarded": self.forwarded, "refused": dict(self.refused)}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, _app) -> None:
+        # Triton's own answers are passed on as they are: compressed or not, however long they take.
+        self.session = ClientSession(connector=TCPConnector(limit=0), auto_decompress=False,
+                                     timeout=ClientTimeout(total=None, sock_connect=10))
+
+    async def _close(self, _app) -> None:
+        await self.session.close()
+
+    def _refuse(self, request: web.Request, refused: Refused) -> web.Response:
+        now, unlogged = time.monotonic(), 0
+        with self._lock:
+            self.refused[refused.reason] += 1
+            if now - self._window_start >= self.log_window_s:
+                unlogged, self._unlogged, self._window_start, self._logged = self._unlogged, 0, now, 0
+            logged = self._logged < LOG_PER_WINDOW
+            self._logged += logged
+            self._unlogged += not logged
+        if unlogged:
+            log.info("%d more refused requests not logged in the last %.0f s", unlogged, self.log_window_s)
+        if logged:
+            log.info("refused %s %s from %s: %d %s", request.method, request.path, request.remote, refused.status,
+                     refused)
+        return web.json_response({"error": str(refused)}, status=refused.status)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(request, Refused(413, "too_large", f"the body is larger than {self.max_body} bytes"))
+        try:
+            if len(body) > INLINE_CHECK_BYTES:  # a big JSON body: parsed off the event loop, other requests go on
+                await asyncio.get_running_loop().run_in_executor(
+                    None, check, request.path, request.headers, body, self.max_depth, self.max_body)
+            else:
+                check(request.path, request.headers, body, self.max_depth, self.max_body)
+        except Refused as refused:
+            return self._refuse(request, refused)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        # the path and query as sent (an absolute-form target's host is dropped: the upstream is fixed)
+        url = f"http://{self.upstream}{request.rel_url.raw_path_qs}"
+        try:
+            async with self.session.request(request.method, url, headers=headers, data=body, allow_redirects=False,
+                                            skip_auto_headers=NO_AUTO_HEADERS) as answer:
+                with self._lock:
+                    self.forwarded += 1
+                out = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+                if answer.headers.get("Content-Length") is not None:
+                    return web.Response(status=answer.status, reason=answer.reason, headers=out,
+                                        body=await answer.read())
+                stream = web.StreamResponse(status=answer.status, reason=answer.reason, headers=out)
+                await stream.prepare(request)
+                async for chunk in answer.content.iter_any():
+                    await stream.write(chunk)
+                await stream.write_eof()
+                return stream
+        except ClientConnectorError as exc:
+            return web.json_response({"error": f"the server behind the guard is not answering: {exc}"}, status=503)
+        except ClientError as exc:  # it closed the connection or answered what is not HTTP
+            log.warning("the server behind the guard failed %s %s: %s", request.method, request.path, exc)
+            return web.json_response({"error": f"the server behind the guard failed the request: {exc!r}"},
+                                     status=502)
+
+
+class GuardThread:
+    """A Guard listening on host:port in a thread of its own (the supervisor's), until stop()."""
+
+    def __init__(self, guard: Guard, host: str, port: int):
+        self.guard, self.host, self.port = guard, host, port
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, name="http-guard", daemon=True)
+
+    def start(self) -> "GuardThread":
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise OSError(f"http guard on {host_port(self.host, self.port)}: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self._runner = web.AppRunner(self.guard.app(), access_log=None, handle_signals=False, **SERVER_OPTIONS)
+            self.loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+            self.loop.run_until_complete(site.start())
+            if self.port == 0:
+                self.port = self._runner.addresses[0][1]
+        except BaseException as exc:  # noqa: BLE001 (handed to start()'s caller)
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self._runner.cleanup())
+        self.loop.close()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port); argparse's type for --listen and --upstream."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port")
+    return host.strip("[]"), port_number(port)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", type=split_host_port, default=("127.0.0.1", 8010),
+                   help="host:port the guard listens on (default: 127.0.0.1:8010)")
+    p.add_argument("--upstream", type=split_host_port, default=("127.0.0.1", 8000),
+                   help="host:port of Triton's HTTP endpoint (default: 127.0.0.1:8000)")
+    p.add_argument("--max-depth", type=positive(int), default=MAX_DEPTH,
+                   help="deepest JSON nesting forwarded (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=positive(float), default=MAX_BODY_MB,
+                   help="largest body forwarded, after decompression, MiB (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    guard = Guard(host_port(*args.upstream), args.max_depth, args.max_body_mb)
+    host, port = args.listen
+    log.info("guarding http://%s on http://%s", guard.upstream, host_port(host, port))
+    web.run_app(guard.app(), host=host, port=port, access_log=None, print=None, **SERVER_OPTIONS)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (OSError, ValueError) as exc:
+        sys.exit(f"serving.http_guard: {exc}")

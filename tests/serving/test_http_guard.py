@@ -1,0 +1,331 @@
+"""serving.http_guard: the checks on their own, then the guard in front of a real tritonserver (slow).
+
+The slow tests send the bodies that Triton 2.51 answers with 500 (tests/serving/test_malformed_http.py pins
+them) and the body that kills it, through the guard: 400 each, Triton untouched and serving; the project's
+clients get the same answers through the guard as without it (binary and JSON tensors, gzip).
+"""
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+
+from serving import http_guard
+from serving.http_guard import Guard, GuardThread, Refused, check, check_infer, parse, too_deep
+from serving.probe_metrics import REFUSALS
+from tests.serving.test_malformed_http import ANSWERED_400, DEEP, PINNED_500
+from tests.serving.test_self_healing import repository  # noqa: F401 (a fixture)
+
+INFER = "/v2/models/image_classifier/infer"
+LIMIT = 4 * 2**20
+
+
+def refusal(path: str, body: bytes, headers: dict | None = None, max_depth: int = http_guard.MAX_DEPTH) -> str | None:
+    try:
+        check(path, headers or {}, body, max_depth, LIMIT)
+    except Refused as refused:
+        return f"{refused.status} {refused.reason}"
+    return None
+
+
+def test_depth_counts_brackets_and_braces_outside_strings():
+    assert not too_deep(b"[[[]]]", 3) and too_deep(b"[[[]]]", 2)
+    assert not too_deep(b'{"a": [{"b": []}]}', 4) and too_deep(b'{"a": [{"b": []}]}', 3)
+    assert not too_deep(b'{"a": "[[[[{{{{"}', 1)
+    assert not too_deep(b'{"a": "\\"[[[[", "b": "]]]\\\\"}', 1)  # escaped quotes do not end a string
+    assert not too_deep(b'{"a": "[[[[', 1)  # an unterminated string hides what follows (and fails to parse)
+    assert too_deep(DEEP, 1000)
+
+
+def test_every_body_triton_answers_500_is_refused_with_400():
+    for case, body in PINNED_500.items():
+        assert refusal(INFER, body) is not None and refusal(INFER, body).startswith("400 "), case
+    assert refusal(INFER, DEEP) == "400 too_deep"
+    assert refusal(INFER, b'{"inputs": [') == "400 not_json"
+    assert refusal(INFER, b'{"inputs": [], "id": NaN}') == "400 not_json"  # Python's json would take NaN
+    assert refusal(INFER, b"[1, 2, 3]") == "400 not_kserve_v2"
+
+
+def test_what_triton_answers_itself_goes_through():
+    for case, body in ANSWERED_400.items():
+        assert refusal(INFER, body) is None, case
+    tensor = {"inputs": [{"name": "IMAGE", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], ["b"]]}],
+              "outputs": [{"name": "PROBABILITIES", "parameters": {"classification": 3, "binary_data": False}}],
+              "parameters": {"binary_data_output": True}, "id": "7"}
+    assert refusal(INFER, json.dumps(tensor).encode()) is None
+    # another endpoint's JSON is checked for depth and syntax only
+    assert refusal("/v2/repository/index", b"[1]") is None
+    assert refusal("/v2/repository/index", b"[" * 40 + b"]" * 40) == "400 too_deep"
+
+
+@pytest.mark.parametrize("request_body, message", [
+    ({"inputs": [{"name": "IMAGE", "shape": [1, 1.5], "datatype": "BYTES", "data": ["a"]}]}, "shape"),
+    ({"inputs": [{"name": "IMAGE", "shape": [1, True], "datatype": "BYTES", "data": ["a"]}]}, "shape"),
+    ({"inputs": [{"name": 3, "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, "name"),
+    ({"inputs": [{"name": "IMAGE", "shape": [1], "datatype": ["BYTES"]}]}, "datatype"),
+    ({"inputs": [{"name": "IMAGE", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], [None]]}]}, "BYTES"),
+    ({"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "parameters": []}]}, "parameters"),
+    ({"inputs": [], "outputs": [{"name": "P", "parameters": {"classification": True}}]}, "classification"),
+    ({"inputs": [], "outputs": ["P"]}, "outputs"),
+    ({"inputs": [], "id": 7}, "id"),
+])
+def test_each_wrong_field_is_named(request_body, message):
+    with pytest.raises(Refused, match=message):
+        check_infer(request_body)
+
+
+def test_binary_requests_and_compressed_bodies_are_checked_as_triton_reads_them():
+    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    body = header + b"\x04\x00\x00\x00[[[["  # a binary tensor: brackets there are not JSON
+    assert refusal(INFER, body, {"Inference-Header-Content-Length": str(len(header))}) is None
+    assert refusal(INFER, body) == "400 not_json"  # without the header it all is JSON
+    assert refusal(INFER, body, {"Inference-Header-Content-Length": "x"}) == "400 binary_header"
+    assert refusal(INFER, body, {"Inference-Header-Content-Length": str(len(body) + 1)}) == "400 binary_header"
+    assert refusal(INFER, gzip.compress(DEEP), {"Content-Encoding": "gzip"}) == "400 too_deep"
+    assert refusal(INFER, zlib.compress(PINNED_500["negative shape"]), {"Content-Encoding": "deflate"}) \
+        == "400 not_kserve_v2"
+    assert refusal(INFER, gzip.compress(ANSWERED_400["wrong datatype"]), {"Content-Encoding": "gzip"}) is None
+    assert refusal(INFER, gzip.compress(b" " * (LIMIT + 1)), {"Content-Encoding": "gzip"}) == "413 too_large"
+    assert refusal(INFER, b"not gzip", {"Content-Encoding": "gzip"}) == "400 content_encoding"
+    assert refusal(INFER, b"{}", {"Content-Encoding": "br"}) == "415 content_encoding"
+
+
+def test_every_refusal_reason_has_a_metric_series():
+    source = open(http_guard.__file__).read()
+    import re
+
+    used = set(re.findall(r'Refused\(\d+, "([a-z_]+)"', source)) | {"not_kserve_v2"}
+    assert used == set(REFUSALS)
+
+
+def test_json_parse_limits_depth_before_json_loads():
+    with pytest.raises(Refused, match="deeper than 5"):
+        parse(b"[" * 6 + b"]" * 6, 5)
+    assert parse(b"[" * 5 + b"]" * 5, 5) == [[[[[]]]]]
+
+
+# -- in front of a real tritonserver -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_artifacts, tmp_path_factory):
+    """A tiny repository served by tritonserver and a guard in front of its HTTP port: (server, guard thread)."""
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import write_repository
+    from serving.server import TritonServer
+
+    repo = tmp_path_factory.mktemp("guard") / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
+    with TritonServer(repo, log_file=repo.parent / "tritonserver.log") as server:
+        guard = GuardThread(Guard(server.http_url), "127.0.0.1", 0).start()
+        try:
+            yield server, guard
+        finally:
+            guard.stop()
+
+
+def post(url: str, body: bytes, headers: dict | None = None, path: str = INFER) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://{url}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def probabilities(url: str, images: list[bytes], **options) -> np.ndarray:
+    from clients.client import ImageClassifierClient
+
+    with ImageClassifierClient(url, protocol="http", **options) as client:
+        return client.probabilities(images)
+
+
+@pytest.mark.slow
+def test_the_bodies_that_triton_answers_500_or_dies_of_get_400_and_triton_serves_on(guarded, photos):
+    server, guard = guarded
+    url = f"127.0.0.1:{guard.port}"
+    pid = server.process.pid
+    for case, body in {**PINNED_500, "nested a million deep": DEEP,
+                       "gzip, nested a million deep": gzip.compress(DEEP)}.items():
+        headers = {"Content-Encoding": "gzip"} if case.startswith("gzip") else {}
+        status, answer = post(url, body, headers)
+        assert status == 400 and answer["error"], (case, status, answer)
+    assert server.process.poll() is None and server.process.pid == pid
+    refused = guard.guard.counts()["refused"]
+    assert refused["too_deep"] == 2 and sum(refused.values()) == len(PINNED_500) + 2, refused
+    assert probabilities(url, [photos["chelsea"]]).shape[0] == 1
+
+
+@pytest.mark.slow
+def test_what_triton_answers_itself_comes_back_unchanged(guarded):
+    server, guard = guarded
+    for case, body in ANSWERED_400.items():
+        direct, through = post(server.http_url, body), post(f"127.0.0.1:{guard.port}", body)
+        assert direct == through and direct[0] == 400, (case, direct, through)
+    for path in ("/v2/health/ready", "/v2/models/image_classifier", "/v2/models/no_such_model"):
+        with urllib.request.urlopen(f"http://{server.http_url}{path}") if path != "/v2/models/no_such_model" \
+                else _error(f"http://{server.http_url}{path}") as direct:
+            with urllib.request.urlopen(f"http://127.0.0.1:{guard.port}{path}") if path != "/v2/models/no_such_model" \
+                    else _error(f"http://127.0.0.1:{guard.port}{path}") as through:
+                assert (direct.status, direct.read()) == (through.status, through.read()), path
+
+
+@pytest.mark.slow
+def test_the_answers_headers_are_tritons(guarded, photos):
+    """What the client asked for, no more: a request without Accept-Encoding gets an uncompressed answer with
+    Triton's headers (aiohttp's client would add Accept-Encoding, and Triton then gzips); one that asks for
+    gzip gets Triton's gzip answer."""
+    server, guard = guarded
+    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(photos["coffee"]) + 4}}],
+                         "outputs": [{"name": "PROBABILITIES", "parameters": {"binary_data": True}}]}).encode()
+    body = header + len(photos["coffee"]).to_bytes(4, "little") + photos["coffee"]
+
+    def answer(port: int, accept: str | None) -> tuple[int, dict, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.putrequest("POST", INFER, skip_accept_encoding=True)
+        for name, value in {"Inference-Header-Content-Length": str(len(header)), "Content-Length": str(len(body)),
+                            **({"Accept-Encoding": accept} if accept else {})}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        r = connection.getresponse()
+        headers = {k.lower(): v for k, v in r.getheaders() if k.lower() not in ("date", "server")}
+        return r.status, headers, r.read()
+
+    for accept in (None, "gzip"):
+        direct, through = answer(server.ports.http, accept), answer(guard.port, accept)
+        assert direct[:2] == through[:2] and direct[0] == 200, (accept, direct[:2], through[:2])
+        assert ("content-encoding" in through[1]) == (accept is not None), through[1]
+        if accept is None:
+            assert direct[2] == through[2]
+
+
+def _error(url: str):
+    try:
+        urllib.request.urlopen(url)
+    except urllib.error.HTTPError as exc:
+        return exc
+    raise AssertionError(f"{url} answered 200")
+
+
+@pytest.mark.slow
+def test_the_clients_get_the_same_answers_through_the_guard(guarded, photos):
+    server, guard = guarded
+    images = [photos["chelsea"], photos["coffee"]]
+    direct = probabilities(server.http_url, images)
+    assert np.array_equal(probabilities(f"127.0.0.1:{guard.port}", images), direct)
+    # JSON (not binary) tensors and a gzip-compressed request body
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{guard.port}")
+    image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[photos["chelsea"]]], dtype=object), binary_data=True)
+    output = httpclient.InferRequestedOutput("PROBABILITIES", binary_data=False)
+    answer = client.infer("image_classifier", [image], outputs=[output], request_compression_algorithm="gzip")
+    assert np.allclose(answer.as_numpy("PROBABILITIES")[0], direct[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_good_requests_carry_on_while_bad_ones_are_refused(guarded, photos):
+    server, guard = guarded
+    url = f"127.0.0.1:{guard.port}"
+    errors: list[str] = []
+
+    def good() -> None:
+        try:
+            for _ in range(10):
+                assert probabilities(url, [photos["coffee"]]).shape[0] == 1
+        except Exception as exc:  # noqa: BLE001 (collected, asserted below)
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=good) for _ in range(3)]
+    for t in threads:
+        t.start()
+    codes = [post(url, DEEP)[0] for _ in range(5)]
+    for t in threads:
+        t.join(120)
+    assert codes == [400] * 5 and errors == []
+
+
+@pytest.mark.slow
+def test_a_big_json_body_and_an_absolute_form_target_go_to_triton(guarded, photos):
+    """A body over the size checked inline (parsed in a worker thread) is checked and forwarded alike; a request
+    line naming another host (absolute form) still reaches only the guard's own upstream."""
+    server, guard = guarded
+    padding = "x" * (http_guard.INLINE_CHECK_BYTES + 1)
+    body = json.dumps({"id": padding, "inputs": [{"name": "NOT_AN_INPUT", "shape": [1, 1], "datatype": "BYTES",
+                                                   "data": ["abc"]}]}).encode()
+    assert post(f"127.0.0.1:{guard.port}", body) == post(server.http_url, body) and post(server.http_url, body)[0] == 400
+    deep = json.dumps({"id": padding}).encode()[:-1] + b', "inputs": ' + b"[" * 100 + b"]" * 100 + b"}"
+    assert post(f"127.0.0.1:{guard.port}", deep)[0] == 400
+    connection = http.client.HTTPConnection("127.0.0.1", guard.port, timeout=30)
+    connection.request("GET", "http://example.invalid:1/v2/health/ready")
+    assert connection.getresponse().status == 200
+
+
+@pytest.mark.slow
+def test_a_flood_of_refusals_logs_ten_lines_a_window_then_how_many_it_left_out(guarded, caplog):
+    server, _ = guarded
+    guard = GuardThread(Guard(server.http_url, log_window_s=0.5), "127.0.0.1", 0).start()
+    try:
+        with caplog.at_level("INFO", logger="serving.http_guard"):
+            for _ in range(http_guard.LOG_PER_WINDOW + 3):
+                assert post(f"127.0.0.1:{guard.port}", b"[" * 40)[0] == 400
+            while guard.guard._window_start + 0.5 > time.monotonic():
+                time.sleep(0.05)
+            assert post(f"127.0.0.1:{guard.port}", b"{")[0] == 400
+    finally:
+        guard.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "serving.http_guard"]
+    refused = [line for line in lines if line.startswith("refused POST ")]
+    assert len(refused) == http_guard.LOG_PER_WINDOW + 1 and "from 127.0.0.1: 400" in refused[0], lines
+    assert "3 more refused requests not logged" in " ".join(lines)
+    assert guard.guard.counts()["refused"] == {"too_deep": http_guard.LOG_PER_WINDOW + 3, "not_json": 1}
+
+
+@pytest.mark.slow
+def test_a_server_that_does_not_answer_is_a_503():
+    from serving.server import free_port
+
+    guard = GuardThread(Guard(f"127.0.0.1:{free_port()}"), "127.0.0.1", 0).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", guard.port, timeout=30)
+        connection.request("GET", "/v2/health/ready")
+        answer = connection.getresponse()
+        assert answer.status == 503 and "not answering" in json.loads(answer.read())["error"]
+    finally:
+        guard.stop()
+
+
+@pytest.mark.slow
+def test_the_supervisors_guard_keeps_the_killing_body_from_triton_and_counts_it(repository, tmp_path, photos):
+    """`serving.supervise --http-guard` (make serve GUARD_PORT=..., the containers): the body that kills
+    Triton 2.51 (test_malformed_http) answered 400 through the guard, the server never restarted; the
+    refusal in /status and on /metrics (triton_supervisor_guard_refused_total)."""
+    from serving.server import free_port
+    from tests.serving.test_self_healing import get
+    from tests.serving.test_supervise import Supervised
+
+    port = free_port()
+    with Supervised(repository, tmp_path / "supervise.log", restarts=1,
+                    options=("--http-guard", f"127.0.0.1:{port}")) as supervised:
+        url = f"127.0.0.1:{port}"
+        assert post(url, DEEP)[0] == 400
+        assert probabilities(url, [photos["chelsea"]]).shape[0] == 1
+        status = get(supervised.url + "/status")[1]
+        assert status["server_exits"] == [] and status["starts"] == 1, status
+        assert status["http_guard"]["refused"] == {"too_deep": 1} and status["http_guard"]["forwarded"] >= 1, status
+        with urllib.request.urlopen(supervised.url + "/metrics") as r:
+            page = r.read().decode()
+        assert 'triton_supervisor_guard_refused_total{reason="too_deep"} 1.0' in page
+        assert 'triton_supervisor_guard_refused_total{reason="not_json"} 0.0' in page
