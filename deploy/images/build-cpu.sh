@@ -75,11 +75,12 @@ cp requirements/image.txt "$WORK/context/requirements/"
 cp -r "$WORK/wheels" "$WORK/context/wheels"
 # what `make publish` would upload: no A/B candidates, retired versions or model-control lock
 "$PY" -m serving.publish --model-repository "$REPOSITORY" --folder "$WORK/context/repository" >/dev/null
-# serving.supervise (the entrypoint) and the modules it imports: standard library, psutil and prometheus_client;
-# serving.pull (the Deployment's initContainer) and its one import: standard library and boto3
+# serving.supervise (the entrypoint) and the modules it imports: standard library, psutil, prometheus_client and
+# aiohttp (its HTTP guard); serving.pull (the Deployment's initContainer) and its one import: standard library and boto3
 mkdir -p "$WORK/context/serving"
 cp serving/__init__.py serving/access.py serving/cache.py serving/health.py serving/probe_metrics.py serving/stubs.py \
-    serving/triton_admin.py serving/watchdog.py serving/supervise.py serving/publication.py serving/pull.py "$WORK/context/serving/"
+    serving/triton_admin.py serving/watchdog.py serving/supervise.py serving/http_guard.py serving/publication.py \
+    serving/pull.py "$WORK/context/serving/"
 
 say "podman build $IMAGE"
 "$PODMAN" "${PODMAN_ARGS[@]}" build "${BUILD_ARGS[@]}" --build-arg "BASE=$BASE_IMAGE" \

@@ -65,7 +65,8 @@ def test_images_run_as_non_root_and_expose_the_four_ports():
 def test_images_start_the_supervisor_with_every_module_it_imports():
     """Both images run `python3 -m serving.supervise ... -- tritonserver`, and the Deployment's initContainer
     `python3 -m serving.pull`; the serving modules copied into them are exactly what those two import,
-    transitively, and their third-party imports (psutil, prometheus_client, boto3) are pinned in the image."""
+    transitively, and their third-party imports (psutil, prometheus_client, aiohttp, boto3) are pinned in the
+    image."""
     import ast
 
     def imports(module: str) -> tuple[set[str], set[str]]:
@@ -82,7 +83,7 @@ def test_images_start_the_supervisor_with_every_module_it_imports():
         todo += sorted(own - needed)
         third_party |= {t for t in top if t not in sys.stdlib_module_names and t not in ("serving", "__future__")}
     image = pins(ROOT / "requirements" / "image.txt")
-    assert third_party == {"psutil", "prometheus_client", "boto3", "botocore"}
+    assert third_party == {"psutil", "prometheus_client", "boto3", "botocore", "aiohttp"}
     third_party = {t.replace("_", "-") for t in third_party}  # the distribution's name
     assert third_party <= set(image)
     copied_cpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "build-cpu.sh").read_text()))
@@ -121,19 +122,26 @@ def test_every_server_command_line_in_deploy_keeps_model_control_behind_a_key():
 # (NGC tag, requirements/image.txt's Pillow) -> the GPU image's: Pillow 13 needs Python 3.11, NGC 24.10 has 3.10;
 # 12.3.0, the newest for 3.10, preprocesses the bundled photos to the same bytes as 13.0.0.
 GPU_PILLOW = {("24.10-py3", "13.0.0"): "12.3.0"}
+# (NGC tag, package, requirements/image.txt's version) -> the GPU image's, for NGC 24.10's Python 3.10: multidict 7.2
+# (aiohttp's) needs Python 3.11; 7.1.0 is the newest for 3.10 (pip download --python-version 3.10 aiohttp==3.14.5).
+GPU_PY310 = {("24.10-py3", "multidict", "7.2.1"): "7.1.0"}
 
 
 def test_gpu_image_pins_what_the_tests_run():
-    """The GPU image's Pillow (the preprocess model's), psutil, prometheus-client and boto3 with its dependencies
-    are requirements/image.txt's, bar a Pillow pair listed in GPU_PILLOW: a change of either side fails here
-    until someone checks the other."""
+    """The GPU image's Pillow (the preprocess model's), psutil, prometheus-client, aiohttp and boto3 with their
+    dependencies are requirements/image.txt's, bar the pairs listed in GPU_PILLOW and GPU_PY310 (Python 3.10 there):
+    a change of either side fails here until someone checks the other."""
     text = (IMAGES / "Containerfile.gpu").read_text()
     (install,) = re.findall(r"^RUN python3 -m pip install (.*)$", text, re.M)
     gpu, image = dict(re.findall(r"(?<!\S)([a-z][a-z0-9._-]*)==(\S+)", install)), pins(ROOT / "requirements" / "image.txt")
     tag = re.search(r"^ARG TRITON_TAG=(\S+)$", text, re.M).group(1)
     s3 = {"boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3"}
     supervise = {"psutil", "prometheus-client"}
-    assert set(gpu) == {"pillow"} | supervise | s3 and all(gpu[n] == image[n] for n in supervise | s3)
+    guard = {"aiohttp", "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist", "idna", "multidict", "propcache",
+             "typing-extensions", "yarl"}
+    gpu = {name.replace("_", "-"): version for name, version in gpu.items()}
+    assert set(gpu) == {"pillow"} | supervise | s3 | guard
+    assert all(gpu[n] == GPU_PY310.get((tag, n, image[n]), image[n]) for n in supervise | s3 | guard)
     assert gpu["pillow"] == GPU_PILLOW.get((tag, image["pillow"]), image["pillow"])
 
 
@@ -261,6 +269,10 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
         assert 503 in codes and codes[-1] == 200, codes[-20:]
         uid = subprocess.run([*podman, "exec", name, "id", "-u"], capture_output=True, text=True).stdout.strip()
         assert uid == "1000"
+        # the supervisor's HTTP guard (--http-guard, as the KServe runtime runs the image) has what it imports
+        guard = subprocess.run([*podman, "exec", name, "python3", "-c", "import serving.http_guard"],
+                               capture_output=True, text=True)
+        assert guard.returncode == 0, guard.stderr
         for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
             with ImageClassifierClient(f"127.0.0.1:{port}", protocol) as client:
                 chelsea, coffee = client.classify([photos["chelsea"], photos["coffee"]], top_k=3)

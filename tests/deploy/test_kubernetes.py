@@ -343,7 +343,8 @@ def test_kserve_readiness_is_the_supervisors_as_in_the_deployment(rendered):
     """Triton's own readiness stays 200 while a model whose python stub died is reloaded; the supervisor's /ready
     says 503 then. KServe's runtime probed Triton's 8080: its readiness is the supervisor's port and path now,
     on the loopback address the supervisor binds by default (Knative's queue-proxy probes 127.0.0.1), with the
-    Deployment's period and threshold; startup and liveness stay on Triton's HTTP port."""
+    Deployment's period and threshold; startup and liveness are Triton's own, through KServe's HTTP port (the
+    supervisor's HTTP guard)."""
     from serving.supervise import get_args_parser
 
     (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
@@ -355,8 +356,8 @@ def test_kserve_readiness_is_the_supervisors_as_in_the_deployment(rendered):
     deployment = server_container(rendered["cpu"])["readinessProbe"]
     assert (readiness["periodSeconds"], readiness["failureThreshold"]) == (deployment["periodSeconds"],
                                                                           deployment["failureThreshold"])
-    http_port = next(int(a.split("=")[1]) for a in container["args"] if a.startswith("--http-port="))
-    assert container["livenessProbe"]["httpGet"]["port"] == container["startupProbe"]["httpGet"]["port"] == http_port
+    guard_port = int(supervisor.http_guard.rsplit(":", 1)[1])
+    assert container["livenessProbe"]["httpGet"]["port"] == container["startupProbe"]["httpGet"]["port"] == guard_port
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):
@@ -508,7 +509,9 @@ def test_kserve_canary_and_v2_protocol(rendered):
     (container,) = runtime["spec"]["containers"]
     # where serving.pull, KServe's storage container here, puts it in the volume KServe mounts at /mnt/models
     assert f"--model-repository=/mnt/models/{KSERVE_FOLDER}" in container["args"]
-    assert "--http-port=8080" in container["args"] and "ports" not in container  # KServe's default HTTP port
+    # KServe's default HTTP port is the supervisor's HTTP guard, Triton's own HTTP port on loopback behind it
+    assert "--http-guard=0.0.0.0:8080" in container["command"] and "ports" not in container
+    assert {"--http-address=127.0.0.1", "--http-port=8081"} <= set(container["args"])
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["command"][:3] == ["python3", "-m", "serving.supervise"]
 
@@ -665,29 +668,13 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     ports, key = Ports.free(), "k8s-test-key"
     local = {8000: ports.http, 8001: ports.grpc, 8002: ports.metrics, 8003: free_port()}
-    launcher = TritonServer(repo).command()
-    launcher = launcher[:next(i for i, a in enumerate(launcher) if a.startswith("--"))]
-    command = []
-    for arg in container["command"] + container["args"]:
-        arg = served.get(arg, arg).replace("$(TRITON_ADMIN_KEY)", key)
-        arg = arg.replace("=0.0.0.0", "=127.0.0.1")
-        name, _, value = arg.partition("=")
-        if name.endswith("-port") and value.isdigit():
-            arg = f"{name}={local[int(value)]}"
-        command += launcher if arg == "tritonserver" else [sys.executable] if arg == "python3" else [arg]
+    command = loopback_command(container, served, local, key)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_ADMIN_KEY": key, "HOME": str(tmp_path)}
     with open(tmp_path / "pod.log", "ab") as log:
         pod = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
 
     def probe(name: str) -> int:
-        get = container[name]["httpGet"]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{local[named[get['port']]]}{get['path']}", timeout=5) as a:
-                return a.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
+        return http_probe(container, name, local)
 
     try:
         for _ in range(600):
@@ -713,6 +700,89 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
                                     timeout=5) as answer:
             assert 'triton_supervisor_stub_crashes_total{model="classifier"} 1.0' in answer.read().decode()
         _hpa_metric_from_prometheus(rendered, local, photos, tmp_path)
+    finally:
+        pod.send_signal(signal.SIGTERM)
+        code = pod.wait(120)
+    assert code == 0, (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
+
+
+def http_probe(container: dict, name: str, local: dict[int, int]) -> int:
+    """The HTTP status the container's probe `name` gets on loopback, its port (a number, or a name the container
+    declares) standing in as `local` maps it; 0 when nothing answers."""
+    get = container[name]["httpGet"]
+    port = get["port"]
+    if isinstance(port, str):
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{local[port]}{get['path']}", timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def loopback_command(container: dict, replaced: dict[str, str], local: dict[int, int], key: str = "") -> list[str]:
+    """A container's command line as it runs here: the arguments in `replaced` replaced, every address on
+    loopback and each port its stand-in in `local`, python3 this interpreter, tritonserver the launcher."""
+    from serving.server import TritonServer
+
+    launcher = TritonServer(ROOT).command()
+    launcher = launcher[:next(i for i, a in enumerate(launcher) if a.startswith("--"))]
+    command = []
+    for arg in container["command"] + container.get("args", []):
+        arg = replaced.get(arg, arg).replace("$(TRITON_ADMIN_KEY)", key)
+        arg = arg.replace("=0.0.0.0", "=127.0.0.1")
+        name, _, value = arg.partition("=")
+        if name.endswith("-port") and value.isdigit():
+            arg = f"{name}={local[int(value)]}"
+        elif re.fullmatch(r"127\.0\.0\.1:\d+", value):  # --http-guard=host:port
+            arg = f"{name}=127.0.0.1:{local[int(value.rsplit(':', 1)[1])]}"
+        command += launcher if arg == "tritonserver" else [sys.executable] if arg == "python3" else [arg]
+    return command
+
+
+@pytest.mark.slow
+def test_kserve_runtime_serves_through_its_guard(rendered, tiny_artifacts, tmp_path, photos):
+    """The ServingRuntime's command line, run here on loopback: KServe's HTTP port is the supervisor's guard, its
+    probes answer 200 through it, the project's client classifies through it, and a body that would kill
+    Triton 2.51 is answered 400 without the server restarting; SIGTERM ends it with code 0."""
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import write_repository
+    from clients.client import ImageClassifierClient
+    from serving.server import free_port
+    from tests.serving.test_malformed_http import DEEP
+
+    repo = tmp_path / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
+    (container,) = one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    local = {port: free_port() for port in (8080, 8081, 9000, 8002, 8003)}
+    repository = next(a for a in container["args"] if a.startswith("--model-repository="))
+    command = loopback_command(container, {repository: f"--model-repository={repo}"}, local)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    env.pop("TRITON_ADMIN_KEY", None)  # the Secret is optional: the supervisor makes a key
+    with open(tmp_path / "pod.log", "ab") as log:
+        pod = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+
+    def probe(name: str) -> int:
+        return http_probe(container, name, local)
+
+    try:
+        for _ in range(600):  # readiness follows Triton's once the watchdog has seen the stubs
+            if probe("startupProbe") == probe("readinessProbe") == 200 or pod.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert [probe(p) for p in ("startupProbe", "livenessProbe", "readinessProbe")] == [200, 200, 200], \
+            (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
+        guarded = f"127.0.0.1:{local[8080]}"
+        with ImageClassifierClient(guarded, "http") as client:
+            assert len(client.classify([photos["coffee"]], top_k=1)) == 1
+        request = urllib.request.Request(f"http://{guarded}/v2/models/image_classifier/infer", data=DEEP)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(request, timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{local[8003]}/status", timeout=5) as answer:
+            status = json.load(answer)
+        assert status["server_exits"] == [] and status["http_guard"]["refused"] == {"too_deep": 1}, status
     finally:
         pod.send_signal(signal.SIGTERM)
         code = pod.wait(120)
