@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -194,13 +195,17 @@ def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, 
     images = list(photos.values())
     recorded = [r["record"] for r in rules("recording.yml")]
     queries = [r["expr"] for r in rules("recording.yml")] + recorded + dashboard_queries()
-    key, supervisor = tmp_path / "admin.key", free_port()  # under its supervisor, as `make serve` runs it
+    # under its supervisor, as `make serve` runs it, with its HTTP guard (GUARD_PORT)
+    key, supervisor, guard = tmp_path / "admin.key", free_port(), free_port()
     access.write_key(key)
     with TritonServer(repo, log_file=tmp_path / "tritonserver.log",
                       extra_args=["--metrics-config=summary_latencies=true"],
-                      supervisor=supervisor_command("127.0.0.1", supervisor, 0, key)) as server, \
+                      supervisor=supervisor_command("127.0.0.1", supervisor, 0, key, guard)) as server, \
             ImageClassifierClient(server.http_url, "http") as client:
         target = scrape_target({"metrics": server.metrics_url})
+        malformed = urllib.request.Request(f"http://127.0.0.1:{guard}/v2/models/{ENSEMBLE}/infer", data=b"[" * 100)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(malformed, timeout=10)
         with Prometheus(loopback_config(tmp_path, target, f"127.0.0.1:{supervisor}"), tmp_path / "data", free_port(),
                         tmp_path / "prometheus.log") as prometheus:
             missing = queries
@@ -221,11 +226,13 @@ def test_live_prometheus_answers_every_rule_and_panel(promtool, tiny_artifacts, 
             # the supervisor's series: one crash counter per python model from the start, none crashed
             crashes = prometheus.query('triton_supervisor_stub_crashes_total{job="triton-supervisor"}')
             assert {s["metric"]["model"]: s["value"][1] for s in crashes} == {"classifier": "0", "preprocess": "0"}
+            refused = prometheus.query('triton_supervisor_guard_refused_total{job="triton-supervisor"} > 0')
+            assert {s["metric"]["reason"]: s["value"][1] for s in refused} == {"too_deep": "1"}
             # the server is up with its models and summaries: these alerts' conditions are false
             for rule in rules("alerts.yml"):
                 if rule["alert"] in ("TritonServerDown", "TritonModelNotReady", "TritonLatencySummariesOff",
                                      "ModelQualityMetricsMissing", "TritonServerRestarted", "TritonStubsCrashing",
-                                     "TritonNotReady"):
+                                     "TritonNotReady", "TritonMalformedRequests"):
                     assert prometheus.query(rule["expr"]) == [], rule["alert"]
             with urllib.request.urlopen(f"{prometheus.url}/api/v1/rules", timeout=10) as answer:
                 groups = json.load(answer)["data"]["groups"]
