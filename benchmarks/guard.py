@@ -10,7 +10,8 @@ binary tensors, the bundled photos) on the ensemble, at each concurrency, altern
 the machine falls on both. Per path and concurrency: the median over rounds of img/s, p50/p99 and the
 supervisor's CPU use (the guard's work: reading, checking and forwarding each request, beside the watchdog's
 few checks a second, which is all it does on the direct path); then guarded / direct ratios and the
-supervisor's CPU time per request its guard forwarded (its /status counts them). Writes guard.md (the machine first),
+supervisor's CPU time per request its guard forwarded (its /status counts them), and the supervisor's RSS after
+the warm-up and at the end. Writes guard.md (the machine first),
 guard.csv and guard.json to --out.
 """
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main(args: argparse.Namespace) -> list[Row]:
         supervisor = psutil.Process(server.process.pid)
         urls = {"direct": server.http_url, "guarded": f"127.0.0.1:{guard_port}"}
         tool.warm_up(model, urls["guarded"], "http", max(args.concurrency), out / "warm_up.csv", inputs)
+        rss_mb = [supervisor.memory_info().rss / 2**20]
         for n in range(args.rounds):
             for c in args.concurrency:
                 for path in (PATHS if n % 2 == 0 else PATHS[::-1]):
@@ -132,12 +134,18 @@ def main(args: argparse.Namespace) -> list[Row]:
                         (result, 100 * cpu_s / wall_s, 1000 * cpu_s / requests if requests else None))
                     print(f"round {n + 1} c={c:<2d} {path:8s} {result.throughput:7.1f} img/s  p50 {result.p50_ms:6.1f}"
                           f"  p99 {result.p99_ms:6.1f} ms  supervisor CPU {100 * cpu_s / wall_s:5.1f} %", flush=True)
+        rss_mb.append(supervisor.memory_info().rss / 2**20)
+        forwarded = guard_forwarded(health)
     rows = [median_row(path, c, runs[(path, c)]) for c in args.concurrency for path in PATHS]
     text = (f"# HTTP guard overhead: {model}, perf_analyzer over HTTP, {args.rounds} paired rounds of "
-            f"{args.measurement_ms} ms windows (medians)\n\n{rows_table(rows)}\n\n{ratio_table(rows)}\n")
+            f"{args.measurement_ms} ms windows (medians)\n\n{rows_table(rows)}\n\n{ratio_table(rows)}\n\n"
+            f"Supervisor RSS after the warm-up {rss_mb[0]:.1f} MB, after the last run {rss_mb[1]:.1f} MB "
+            f"({forwarded} requests forwarded by its guard in all).\n")
     write_markdown(out / "guard.md", text)
     write_csv(out / "guard.csv", [f.name for f in dataclasses.fields(Row)], [dataclasses.asdict(r) for r in rows])
-    write_json(out / "guard.json", {"model": model, "rows": [dataclasses.asdict(r) for r in rows]})
+    write_json(out / "guard.json", {"model": model, "rows": [dataclasses.asdict(r) for r in rows],
+                                    "supervisor_rss_mb": {"after_warm_up": rss_mb[0], "at_end": rss_mb[1]},
+                                    "forwarded": forwarded})
     print(text)
     return rows
 

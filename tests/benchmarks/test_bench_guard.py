@@ -35,3 +35,4 @@ def test_both_paths_measured_and_the_guard_forwards_every_request(perf_tool, per
     markdown = (out / "guard.md").read_text()
     names_this_machine(doc, markdown)
     assert "| 1 | " in markdown.split("img/s guarded/direct")[1]
+    assert doc["forwarded"] >= 1 and doc["supervisor_rss_mb"]["at_end"] > 0
