@@ -264,7 +264,10 @@ def test_pod_runs_locked_down_with_probes_and_resources(rendered, target):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
     flags = dict(a.split("=", 1) for a in container["args"])
-    assert [int(flags[f"--{name}-port"]) for name in ("http", "grpc", "metrics")] == [8000, 8001, 8002]
+    assert [int(flags[f"--{name}-port"]) for name in ("grpc", "metrics")] == [8001, 8002]
+    # the http port is the supervisor's HTTP guard; Triton's own HTTP port listens on loopback behind it
+    assert "--http-guard=0.0.0.0:8000" in command
+    assert flags["--http-address"] == "127.0.0.1" and int(flags["--http-port"]) not in ports.values()
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
@@ -652,8 +655,10 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
     to S3 (moto's server) into the pod's volume, and the server's (serving.supervise over tritonserver, the admin
     key from the environment) serves that folder: its probes answer 200 on the ports their names point to, and a
     stub killed with SIGKILL turns readiness to 503 until the supervisor has reloaded its model through
-    the key-guarded API. A real Prometheus scraping it (with the namespace/pod labels a PodMonitor adds)
-    records the rule, and the adapter's query for that pod returns a number."""
+    the key-guarded API. The http port is the supervisor's HTTP guard: a body that would kill Triton 2.51 is
+    answered 400, no restart. A real Prometheus scraping it (with the namespace/pod labels a PodMonitor adds)
+    records the rule, and the adapter's query for that pod returns a number (its client classifying through
+    the guard)."""
     if shutil.which("prometheus") is None:
         pytest.skip("no prometheus binary (make prometheus-setup, as root)")
     from build.repository.spec import DeploymentSpec
@@ -667,7 +672,7 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
     container = server_container(rendered["cpu"])
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     ports, key = Ports.free(), "k8s-test-key"
-    local = {8000: ports.http, 8001: ports.grpc, 8002: ports.metrics, 8003: free_port()}
+    local = {8000: free_port(), 8080: ports.http, 8001: ports.grpc, 8002: ports.metrics, 8003: free_port()}
     command = loopback_command(container, served, local, key)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_ADMIN_KEY": key, "HOME": str(tmp_path)}
     with open(tmp_path / "pod.log", "ab") as log:
@@ -699,7 +704,16 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
         with urllib.request.urlopen(f"http://127.0.0.1:{local[named[supervisor['port']]]}{supervisor['path']}",
                                     timeout=5) as answer:
             assert 'triton_supervisor_stub_crashes_total{model="classifier"} 1.0' in answer.read().decode()
-        _hpa_metric_from_prometheus(rendered, local, photos, tmp_path)
+        # the container's http port is the supervisor's guard: the body that kills Triton 2.51 is answered 400
+        from tests.serving.test_malformed_http import DEEP
+
+        deep = urllib.request.Request(f"http://127.0.0.1:{local[named['http']]}/v2/models/image_classifier/infer",
+                                      data=DEEP)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(deep, timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{local[8003]}/status", timeout=5) as answer:
+            assert json.load(answer)["server_exits"] == []
+        _hpa_metric_from_prometheus(rendered, local, photos, tmp_path)  # its client classifies through the guard
     finally:
         pod.send_signal(signal.SIGTERM)
         code = pod.wait(120)
