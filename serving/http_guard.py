@@ -7,7 +7,7 @@
 Triton 2.51's HTTP frontend parses a body's JSON recursively, so brackets nested about 100,000 deep kill the
 server (SIGSEGV) with every request in flight, and it answers some other malformed bodies with HTTP 500
 (unparsable JSON, a negative shape, JSON of the wrong kind). Every request that reaches the guard is read
-whole (at most --max-body-mb, else 413), its JSON part (the whole body, or the first
+whole (at most --max-body-mb, else 413; within --body-timeout seconds, else 408), its JSON part (the whole body, or the first
 Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate) checked, and only then
 forwarded to Triton unchanged; Triton's answer comes back unchanged. Refused with a 400 and Triton's own
 error form (`{"error": "..."}`), Triton never seeing them:
@@ -47,6 +47,7 @@ log = logging.getLogger("serving.http_guard")
 MAX_DEPTH = 32
 MAX_BODY_MB = 64
 INLINE_CHECK_BYTES = 1 << 20  # larger bodies are checked in a worker thread
+BODY_TIMEOUT_S = 60.0  # a request's whole body must arrive within this (64 MiB at about 1 MB/s)
 LOG_PER_WINDOW, LOG_WINDOW_S = 10, 60.0  # refusals logged one line each, at most this many per window
 # Request headers not forwarded (hop-by-hop, or recomputed for the upstream request), lower case.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -190,8 +191,8 @@ class Guard:
     """The aiohttp application: checks each request (`check`) and forwards it to `upstream` (host:port)."""
 
     def __init__(self, upstream: str, max_depth: int = MAX_DEPTH, max_body_mb: float = MAX_BODY_MB,
-                 log_window_s: float = LOG_WINDOW_S):
-        self.upstream, self.max_depth = upstream, max_depth
+                 log_window_s: float = LOG_WINDOW_S, body_timeout_s: float = BODY_TIMEOUT_S):
+        self.upstream, self.max_depth, self.body_timeout_s = upstream, max_depth, body_timeout_s
         self.max_body = int(max_body_mb * 2**20)
         self.refused: Counter[str] = Counter()
         self.forwarded = 0
@@ -238,9 +239,12 @@ class Guard:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.read()
+            body = await asyncio.wait_for(request.read(), self.body_timeout_s)
         except web.HTTPRequestEntityTooLarge:
             return self._refuse(request, Refused(413, "too_large", f"the body is larger than {self.max_body} bytes"))
+        except asyncio.TimeoutError:  # a client that holds a connection open by sending slowly, or stops
+            return self._refuse(request, Refused(408, "slow_body",
+                                                 f"the body did not arrive within {self.body_timeout_s:g} s"))
         try:
             if len(body) > INLINE_CHECK_BYTES:  # a big JSON body: parsed off the event loop, other requests go on
                 await asyncio.get_running_loop().run_in_executor(
@@ -309,6 +313,10 @@ class GuardThread:
         self._started.set()
         self.loop.run_forever()
         self.loop.run_until_complete(self._runner.cleanup())
+        left = asyncio.all_tasks(self.loop)  # a connection's handler still lingering over an unread body
+        for task in left:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         self.loop.close()
 
     def stop(self) -> None:
@@ -335,12 +343,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deepest JSON nesting forwarded (default: %(default)s)")
     p.add_argument("--max-body-mb", type=positive(float), default=MAX_BODY_MB,
                    help="largest body forwarded, after decompression, MiB (default: %(default)s)")
+    p.add_argument("--body-timeout", type=positive(float), default=BODY_TIMEOUT_S,
+                   help="seconds a request's body may take to arrive (default: %(default)s)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    guard = Guard(host_port(*args.upstream), args.max_depth, args.max_body_mb)
+    guard = Guard(host_port(*args.upstream), args.max_depth, args.max_body_mb, body_timeout_s=args.body_timeout)
     host, port = args.listen
     log.info("guarding http://%s on http://%s", guard.upstream, host_port(host, port))
     web.run_app(guard.app(), host=host, port=port, access_log=None, print=None, **SERVER_OPTIONS)

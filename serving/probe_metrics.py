@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "triton_supervisor_"
 # serving.http_guard's reasons, each with a series from the start (increase() then sees the first refusal)
-REFUSALS = ("too_deep", "not_json", "not_kserve_v2", "too_large", "content_encoding", "binary_header")
+REFUSALS = ("too_deep", "not_json", "not_kserve_v2", "too_large", "content_encoding", "binary_header", "slow_body")
 
 
 class ProbeCollector:

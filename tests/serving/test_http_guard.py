@@ -294,6 +294,24 @@ def test_a_flood_of_refusals_logs_ten_lines_a_window_then_how_many_it_left_out(g
 
 
 @pytest.mark.slow
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_the_connection(guarded):
+    server, _ = guarded
+    guard = GuardThread(Guard(server.http_url, body_timeout_s=0.5), "127.0.0.1", 0).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", guard.port, timeout=30)
+        connection.putrequest("POST", INFER)
+        connection.putheader("Content-Length", "100")
+        connection.endheaders(b'{"inputs": ')  # 11 of the 100 bytes, then nothing
+        answer = connection.getresponse()
+        assert answer.status == 408 and "did not arrive within 0.5 s" in json.loads(answer.read())["error"]
+        connection.close()  # else aiohttp lingers up to 10 s reading what is left of the body, then closes
+        assert guard.guard.counts()["refused"] == {"slow_body": 1}
+        assert post(f"127.0.0.1:{guard.port}", b"[1]")[0] == 400  # the guard serves on
+    finally:
+        guard.stop()
+
+
+@pytest.mark.slow
 def test_a_server_that_does_not_answer_is_a_503():
     from serving.server import free_port
 
