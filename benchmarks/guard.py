@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.report import write_csv, write_json, write_markdown
-from serving.health import number, positive
+from serving.health import number
 
 PATHS = ("direct", "guarded")
 
@@ -87,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", default="model_repository", help="(default: %(default)s)")
     p.add_argument("--concurrency", nargs="+", type=number(int, 1), default=[1, 4, 8],
                    help="perf_analyzer concurrencies (default: %(default)s)")
-    p.add_argument("--rounds", type=positive(int), default=3, help="paired rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=number(int, 1), default=3, help="paired rounds (default: %(default)s)")
     p.add_argument("--measurement-ms", type=number(int, 1), default=3000,
                    help="perf_analyzer window (default: %(default)s)")
     p.add_argument("--photos", default="jpeg", choices=ENCODINGS, help="(default: %(default)s)")
