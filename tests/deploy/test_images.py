@@ -191,6 +191,15 @@ def cpu_image(podman, lite0_repository):
     subprocess.run([*podman, "rmi", TEST_IMAGE], capture_output=True)
 
 
+def stopped_cleanly(podman: list[str], name: str) -> bool:
+    """`podman stop` (SIGTERM, then SIGKILL 40 s later) of container `name`: whether it exited with code 0."""
+    stopped = subprocess.run([*podman, "stop", "--time", "40", name], capture_output=True, text=True, timeout=90)
+    assert stopped.returncode == 0, stopped.stderr
+    code = subprocess.run([*podman, "inspect", "--format", "{{.State.ExitCode}}", name],
+                          capture_output=True, text=True).stdout.strip()
+    return code == "0"
+
+
 def wait_ready(url: str, container: list[str], timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -282,11 +291,56 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
             assert b'nv_inference_request_success{model="image_classifier"' in answer.read()
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics", timeout=5) as answer:  # the supervisor's
             assert b'triton_supervisor_stub_crashes_total{model="classifier"} 1.0' in answer.read()
-        stopped = subprocess.run([*podman, "stop", "--time", "40", name], capture_output=True, text=True, timeout=90)
-        assert stopped.returncode == 0
-        code = subprocess.run([*podman, "inspect", "--format", "{{.State.ExitCode}}", name],
-                              capture_output=True, text=True).stdout.strip()
-        assert code == "0", "the supervisor and tritonserver did not shut down cleanly on SIGTERM"
+        assert stopped_cleanly(podman, name), "the supervisor and tritonserver did not shut down cleanly on SIGTERM"
+    finally:
+        subprocess.run([*podman, "rm", "-f", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_cpu_image_runs_the_kserve_runtimes_command_behind_its_http_guard(podman, cpu_image, photos):
+    """The KServe runtime's command line (deploy/kserve/servingruntime.yaml) in the CPU image, on the host's network
+    with free ports in place of its own: KServe's HTTP port is the supervisor's guard, Triton's own HTTP port
+    listens on loopback only, the project's client classifies through the guard, and the body that kills
+    Triton 2.51 is answered 400 with no restart; SIGTERM ends it cleanly."""
+    import psutil
+    import yaml
+
+    from clients.client import ImageClassifierClient
+    from common.samples import ESPRESSO
+    from tests.serving.test_http_guard import check_guarded_server
+
+    runtime = yaml.safe_load((ROOT / "deploy" / "kserve" / "servingruntime.yaml").read_text())
+    (container,) = runtime["spec"]["containers"]
+    local = {port: free_port() for port in (8080, 8081, 9000, 8002, 8003)}
+    command = []
+    for arg in container["command"] + container["args"]:
+        name, _, value = arg.partition("=")
+        host, _, port = value.rpartition(":")
+        if name.endswith("-port") and value.isdigit():
+            arg = f"{name}={local[int(value)]}"
+        elif name == "--http-guard":
+            arg = f"{name}=127.0.0.1:{local[int(port)]}"
+        elif name.endswith("-address"):
+            arg = f"{name}=127.0.0.1" if value == "0.0.0.0" else arg
+        elif name == "--model-repository":
+            arg = "--model-repository=/models"  # the repository baked into the image
+        command.append(arg)
+    name = f"triton-image-kserve-{local[8080]}"
+    run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
+           "--shm-size", "256m", "--network", "host", "--entrypoint", json.dumps(command), cpu_image]
+    started = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
+    try:
+        guard = f"127.0.0.1:{local[8080]}"
+        wait_ready(f"http://{guard}/v2/health/ready", [*podman, name])
+        wait_ready(f"http://127.0.0.1:{local[8003]}/ready", [*podman, name])
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == "LISTEN"}
+        assert ("127.0.0.1", local[8081]) in listening and ("0.0.0.0", local[8081]) not in listening
+        with ImageClassifierClient(guard, "http") as client:
+            assert client.classify([photos["coffee"]], top_k=1)[0][0].index == ESPRESSO
+        check_guarded_server(guard, f"http://127.0.0.1:{local[8003]}/status", photos["chelsea"])
+        assert stopped_cleanly(podman, name), "the supervisor, its guard and tritonserver did not shut down cleanly"
     finally:
         subprocess.run([*podman, "rm", "-f", name], capture_output=True)
 

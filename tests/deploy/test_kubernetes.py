@@ -705,14 +705,10 @@ def test_probes_and_hpa_metric_answer_from_a_live_server(rendered, tiny_artifact
                                     timeout=5) as answer:
             assert 'triton_supervisor_stub_crashes_total{model="classifier"} 1.0' in answer.read().decode()
         # the container's http port is the supervisor's guard: the body that kills Triton 2.51 is answered 400
-        from tests.serving.test_malformed_http import DEEP
+        from tests.serving.test_http_guard import check_guarded_server
 
-        deep = urllib.request.Request(f"http://127.0.0.1:{local[named['http']]}/v2/models/image_classifier/infer",
-                                      data=DEEP)
-        with pytest.raises(urllib.error.HTTPError, match="400"):
-            urllib.request.urlopen(deep, timeout=30)
-        with urllib.request.urlopen(f"http://127.0.0.1:{local[8003]}/status", timeout=5) as answer:
-            assert json.load(answer)["server_exits"] == []
+        check_guarded_server(f"127.0.0.1:{local[named['http']]}", f"http://127.0.0.1:{local[8003]}/status",
+                             photos["chelsea"])
         _hpa_metric_from_prometheus(rendered, local, photos, tmp_path)  # its client classifies through the guard
     finally:
         pod.send_signal(signal.SIGTERM)
@@ -763,9 +759,8 @@ def test_kserve_runtime_serves_through_its_guard(rendered, tiny_artifacts, tmp_p
     Triton 2.51 is answered 400 without the server restarting; SIGTERM ends it with code 0."""
     from build.repository.spec import DeploymentSpec
     from build.repository.writer import write_repository
-    from clients.client import ImageClassifierClient
     from serving.server import free_port
-    from tests.serving.test_malformed_http import DEEP
+    from tests.serving.test_http_guard import check_guarded_server
 
     repo = tmp_path / "model_repository"
     write_repository(DeploymentSpec(artifacts=str(tiny_artifacts)), "python-onnxruntime", repo, "tests")
@@ -788,15 +783,7 @@ def test_kserve_runtime_serves_through_its_guard(rendered, tiny_artifacts, tmp_p
             time.sleep(0.2)
         assert [probe(p) for p in ("startupProbe", "livenessProbe", "readinessProbe")] == [200, 200, 200], \
             (tmp_path / "pod.log").read_text(errors="replace")[-3000:]
-        guarded = f"127.0.0.1:{local[8080]}"
-        with ImageClassifierClient(guarded, "http") as client:
-            assert len(client.classify([photos["coffee"]], top_k=1)) == 1
-        request = urllib.request.Request(f"http://{guarded}/v2/models/image_classifier/infer", data=DEEP)
-        with pytest.raises(urllib.error.HTTPError, match="400"):
-            urllib.request.urlopen(request, timeout=30)
-        with urllib.request.urlopen(f"http://127.0.0.1:{local[8003]}/status", timeout=5) as answer:
-            status = json.load(answer)
-        assert status["server_exits"] == [] and status["http_guard"]["refused"] == {"too_deep": 1}, status
+        check_guarded_server(f"127.0.0.1:{local[8080]}", f"http://127.0.0.1:{local[8003]}/status", photos["coffee"])
     finally:
         pod.send_signal(signal.SIGTERM)
         code = pod.wait(120)

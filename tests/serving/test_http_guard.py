@@ -143,6 +143,19 @@ def post(url: str, body: bytes, headers: dict | None = None, path: str = INFER) 
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def check_guarded_server(guard: str, status_url: str, photo: bytes) -> None:
+    """A server behind a supervisor's guard at `guard` (host:port): the project's client classifies `photo`
+    through it, the body that kills Triton 2.51 is answered 400, and the supervisor's /status (`status_url`)
+    shows no server exit and that one refusal."""
+    assert probabilities(guard, [photo]).shape[0] == 1
+    deep = urllib.request.Request(f"http://{guard}{INFER}", data=DEEP)
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+        urllib.request.urlopen(deep, timeout=30)
+    with urllib.request.urlopen(status_url, timeout=5) as answer:
+        status = json.load(answer)
+    assert status["server_exits"] == [] and status["http_guard"]["refused"] == {"too_deep": 1}, status
+
+
 def probabilities(url: str, images: list[bytes], **options) -> np.ndarray:
     from clients.client import ImageClassifierClient
 
