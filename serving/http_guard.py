@@ -7,9 +7,9 @@
 Triton 2.51's HTTP frontend parses a body's JSON recursively, so brackets nested about 100,000 deep kill the
 server (SIGSEGV) with every request in flight, and it answers some other malformed bodies with HTTP 500
 (unparsable JSON, a negative shape, JSON of the wrong kind). Every request that reaches the guard is read
-whole (at most --max-body-mb, else 413; within --body-timeout seconds, else 408), its JSON part (the whole body, or the first
-Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate) checked, and only then
-forwarded to Triton unchanged; Triton's answer comes back unchanged. Refused with a 400 and Triton's own
+whole (at most --max-body-mb, else 413; within --body-timeout seconds, else 408), its JSON part (the whole
+body, or the first Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate)
+checked, and only then forwarded to Triton unchanged; Triton's answer comes back unchanged. Refused with a 400 and Triton's own
 error form (`{"error": "..."}`), Triton never seeing them:
 
 - JSON nested deeper than --max-depth (brackets and braces; a KServe v2 request needs 3 plus its tensor's rank),
@@ -271,12 +271,12 @@ class Guard:
                     await stream.write(chunk)
                 await stream.write_eof()
                 return stream
-        except ClientConnectorError as exc:
-            return web.json_response({"error": f"the server behind the guard is not answering: {exc}"}, status=503)
+        except ClientConnectorError as exc:  # the client is told no more than that: the upstream's address stays here
+            log.info("the server behind the guard is not answering %s %s: %s", request.method, request.path, exc)
+            return web.json_response({"error": "the server behind the guard is not answering"}, status=503)
         except ClientError as exc:  # it closed the connection or answered what is not HTTP
-            log.warning("the server behind the guard failed %s %s: %s", request.method, request.path, exc)
-            return web.json_response({"error": f"the server behind the guard failed the request: {exc!r}"},
-                                     status=502)
+            log.warning("the server behind the guard failed %s %s: %r", request.method, request.path, exc)
+            return web.json_response({"error": "the server behind the guard failed the request"}, status=502)
 
 
 class GuardThread:

@@ -326,6 +326,13 @@ def admin_key(key_file: str | None) -> tuple[str | None, Callable[[], dict[str, 
     return None, dict
 
 
+def guard_address(text: str) -> tuple[str, int]:
+    """--http-guard's argparse type: `host:port` or `[v6]:port` (serving.http_guard, imported only when given)."""
+    from serving.http_guard import split_host_port
+
+    return split_host_port(text)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default="127.0.0.1", help="address of /ready, /live, /status, /metrics (default: %(default)s)")
@@ -348,7 +355,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds between SIGTERM and the drain, /ready answering 503 and the server still serving, "
                         "for endpoints and load balancers to drop it (default: %(default)s; deploy/k8s: 5)")
     p.add_argument("--interval", type=positive(float), default=0.2, help="seconds between stub checks (default: %(default)s)")
-    p.add_argument("--http-guard", default=None, metavar="HOST:PORT",
+    p.add_argument("--http-guard", default=None, metavar="HOST:PORT", type=guard_address,
                    help="also listen here for HTTP, forwarding to the server's HTTP port only the requests "
                         "serving.http_guard finds well-formed (default: none)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver and its flags")
@@ -390,10 +397,10 @@ def supervise(command: list[str], headers: Callable[[], dict[str, str]], args: a
         signal.signal(signum, lambda *_: threading.Thread(target=supervisor.stopping.set).start())
     guard = None
     if args.http_guard:
-        from serving.http_guard import Guard, GuardThread, split_host_port
+        from serving.http_guard import Guard, GuardThread
 
         supervisor.guard = Guard(http_url(command))
-        guard = GuardThread(supervisor.guard, *split_host_port(args.http_guard)).start()
+        guard = GuardThread(supervisor.guard, *args.http_guard).start()
         log.info("http guard on http://%s, forwarding to http://%s", host_port(guard.host, guard.port),
                  supervisor.guard.upstream)
     http = endpoint(supervisor, args.address, args.port)

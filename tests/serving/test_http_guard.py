@@ -107,6 +107,17 @@ def test_every_refusal_reason_has_a_metric_series():
     assert used == set(REFUSALS)
 
 
+def test_the_supervisors_guard_address_is_checked_by_its_parser(capsys):
+    from serving.supervise import get_args_parser
+
+    parser = get_args_parser()
+    assert parser.parse_args(["--http-guard", "[::1]:8010", "--", "tritonserver"]).http_guard == ("::1", 8010)
+    for wrong, message in (("8010", "'8010' is not host:port"), ("0.0.0.0:80800", "port 80800 is not in 0-65535")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--http-guard", wrong, "--", "tritonserver"])
+        assert message in capsys.readouterr().err
+
+
 def test_json_parse_limits_depth_before_json_loads():
     with pytest.raises(Refused, match="deeper than 5"):
         parse(b"[" * 6 + b"]" * 6, 5)
@@ -333,7 +344,8 @@ def test_a_server_that_does_not_answer_is_a_503():
         connection = http.client.HTTPConnection("127.0.0.1", guard.port, timeout=30)
         connection.request("GET", "/v2/health/ready")
         answer = connection.getresponse()
-        assert answer.status == 503 and "not answering" in json.loads(answer.read())["error"]
+        error = json.loads(answer.read())["error"]
+        assert answer.status == 503 and error == "the server behind the guard is not answering"  # no address
     finally:
         guard.stop()
 
