@@ -214,8 +214,10 @@ class Guard:
         return app
 
     async def _open(self, _app) -> None:
-        # Triton's own answers are passed on as they are: compressed or not, however long they take.
-        self.session = ClientSession(connector=TCPConnector(limit=0), auto_decompress=False,
+        # Triton's own answers are passed on as they are: compressed or not, however long they take. One
+        # connection per request (force_close): on SIGTERM Triton's HTTP frontend waits for every open
+        # connection, and an idle pooled one would hold it until its exit timeout (then it exits 1).
+        self.session = ClientSession(connector=TCPConnector(limit=0, force_close=True), auto_decompress=False,
                                      timeout=ClientTimeout(total=None, sock_connect=10))
 
     async def _close(self, _app) -> None:
