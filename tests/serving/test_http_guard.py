@@ -373,9 +373,10 @@ def test_the_supervisors_guard_keeps_the_killing_body_from_triton_and_counts_it(
             page = r.read().decode()
         assert 'triton_supervisor_guard_refused_total{reason="too_deep"} 1.0' in page
         assert 'triton_supervisor_guard_refused_total{reason="not_json"} 0.0' in page
-        # SIGTERM right after: the guard keeps no idle connection to Triton, whose HTTP frontend would wait for
-        # it until its exit timeout and then exit 1 (seen in a fresh clone: the KServe runtime's tests)
+        # SIGTERM right after: the guard keeps no idle connection to Triton for long, else Triton's HTTP frontend
+        # waits for it until its exit timeout (10 s here) and exits 1 (seen in a fresh clone: the KServe runtime's
+        # tests, with aiohttp's default of 15 s)
         supervised.process.send_signal(signal.SIGTERM)
         code = supervised.process.wait(60)
     log = (tmp_path / "supervise.log").read_text(errors="replace")
-    assert code == 0 and not re.search(r"Found [1-9]\d* HTTP service connections", log), log[-2000:]
+    assert code == 0 and "Exit timeout expired" not in log, log[-2000:]
