@@ -359,7 +359,7 @@ def test_kserve_readiness_is_the_supervisors_as_in_the_deployment(rendered):
     deployment = server_container(rendered["cpu"])["readinessProbe"]
     assert (readiness["periodSeconds"], readiness["failureThreshold"]) == (deployment["periodSeconds"],
                                                                           deployment["failureThreshold"])
-    guard_port = int(supervisor.http_guard.rsplit(":", 1)[1])
+    guard_port = supervisor.http_guard[1]
     assert container["livenessProbe"]["httpGet"]["port"] == container["startupProbe"]["httpGet"]["port"] == guard_port
 
 
