@@ -307,24 +307,15 @@ def test_cpu_image_runs_the_kserve_runtimes_command_behind_its_http_guard(podman
 
     from clients.client import ImageClassifierClient
     from common.samples import ESPRESSO
+    from tests.deploy.test_kubernetes import loopback_command
     from tests.serving.test_http_guard import check_guarded_server
 
     runtime = yaml.safe_load((ROOT / "deploy" / "kserve" / "servingruntime.yaml").read_text())
     (container,) = runtime["spec"]["containers"]
     local = {port: free_port() for port in (8080, 8081, 9000, 8002, 8003)}
-    command = []
-    for arg in container["command"] + container["args"]:
-        name, _, value = arg.partition("=")
-        host, _, port = value.rpartition(":")
-        if name.endswith("-port") and value.isdigit():
-            arg = f"{name}={local[int(value)]}"
-        elif name == "--http-guard":
-            arg = f"{name}=127.0.0.1:{local[int(port)]}"
-        elif name.endswith("-address"):
-            arg = f"{name}=127.0.0.1" if value == "0.0.0.0" else arg
-        elif name == "--model-repository":
-            arg = "--model-repository=/models"  # the repository baked into the image
-        command.append(arg)
+    repository = next(a for a in container["args"] if a.startswith("--model-repository="))
+    # the repository baked into the image
+    command = loopback_command(container, {repository: "--model-repository=/models"}, local, here=False)
     name = f"triton-image-kserve-{local[8080]}"
     run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
            "--shm-size", "256m", "--network", "host", "--entrypoint", json.dumps(command), cpu_image]

@@ -732,13 +732,17 @@ def http_probe(container: dict, name: str, local: dict[int, int]) -> int:
         return 0
 
 
-def loopback_command(container: dict, replaced: dict[str, str], local: dict[int, int], key: str = "") -> list[str]:
-    """A container's command line as it runs here: the arguments in `replaced` replaced, every address on
-    loopback and each port its stand-in in `local`, python3 this interpreter, tritonserver the launcher."""
+def loopback_command(container: dict, replaced: dict[str, str], local: dict[int, int], key: str = "",
+                     here: bool = True) -> list[str]:
+    """A container's command line on this host's loopback: the arguments in `replaced` replaced, every address on
+    loopback and each port its stand-in in `local`; with `here`, python3 this interpreter and tritonserver the
+    launcher, else both as the image has them (a container on the host's network)."""
     from serving.server import TritonServer
 
-    launcher = TritonServer(ROOT).command()
-    launcher = launcher[:next(i for i, a in enumerate(launcher) if a.startswith("--"))]
+    launcher, python = ["tritonserver"], ["python3"]
+    if here:
+        launcher, python = TritonServer(ROOT).command(), [sys.executable]
+        launcher = launcher[:next(i for i, a in enumerate(launcher) if a.startswith("--"))]
     command = []
     for arg in container["command"] + container.get("args", []):
         arg = replaced.get(arg, arg).replace("$(TRITON_ADMIN_KEY)", key)
@@ -748,7 +752,7 @@ def loopback_command(container: dict, replaced: dict[str, str], local: dict[int,
             arg = f"{name}={local[int(value)]}"
         elif re.fullmatch(r"127\.0\.0\.1:\d+", value):  # --http-guard=host:port
             arg = f"{name}=127.0.0.1:{local[int(value.rsplit(':', 1)[1])]}"
-        command += launcher if arg == "tritonserver" else [sys.executable] if arg == "python3" else [arg]
+        command += launcher if arg == "tritonserver" else python if arg == "python3" else [arg]
     return command
 
 
