@@ -59,6 +59,13 @@ def bound_address(flag_value: str) -> str:
     return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now (the OS's choice)."""
+    with socket.socket(address_family(host)) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def address_family(host: str) -> socket.AddressFamily:
     """The socket family that binds `host`: IPv6 for an address with a colon."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET

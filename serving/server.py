@@ -26,7 +26,8 @@ from pathlib import Path
 from common.files import write_whole
 from serving import access
 from serving.cache import cache_args, repository_cache_mb
-from serving.health import address_family, bound_address, host_port, number, port_number, positive, reachable
+from serving.health import (address_family, bound_address, free_port, host_port, number, port_number, positive,
+                            reachable)
 from serving.tritonserver import LOOPBACK, address_flags
 
 RUN_DIR = Path(".run")  # where `make serve` keeps its state: the folder it runs in (the checkout, for make)
@@ -41,12 +42,6 @@ log = logging.getLogger("serving.server")
 
 class ServerError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass

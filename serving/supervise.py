@@ -30,6 +30,9 @@ that has its own flags is left as it is; the supervisor then sends TRITON_ADMIN_
 
 `--http-guard host:port` also listens there for HTTP and hands Triton only the requests serving.http_guard
 finds well-formed (malformed bodies answered 400, never reaching Triton's parser; one kills Triton 2.51).
+`--guard-http` puts the guard where the server's own HTTP endpoint would be (its `--http-address` and
+`--http-port`, else Triton's 0.0.0.0:8000) and moves that endpoint to a free port on 127.0.0.1 behind it: the
+images' default, so that a container started with tritonserver's flags alone is guarded on the port they name.
 
 A repository built with `response_cache_mb` (BUILD.json) gets Triton's response cache of that size, unless
 the command names its own `--cache-config`; a repository it cannot read (s3://) gets none unless given one.
@@ -55,7 +58,8 @@ from serving.access import KEY_ENV, key_file_headers, key_headers, read_key, res
 from serving.cache import cache_args, repository_cache_mb
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
-from serving.health import bound_address, endpoint, has_flag, host_port, number, port_number, positive, reachable
+from serving.health import (bound_address, endpoint, free_port, has_flag, host_port, number, port_number, positive,
+                            reachable)
 from serving.watchdog import Watchdog, shell_exit_code
 
 log = logging.getLogger("supervise")
@@ -83,6 +87,34 @@ def http_url(command: list[str]) -> str:
     """Where tritonserver's HTTP endpoint answers on this host, from its flags (Triton's default port 8000)."""
     flags = {name: values[-1] for name, values in flag_values(command).items()}
     return host_port(reachable(bound_address(flags.get("http-address", "0.0.0.0"))), flags.get("http-port", "8000"))
+
+
+def without_flags(command: list[str], names: tuple[str, ...]) -> list[str]:
+    """`command` less each `--name=value` or `--name value` of `names` (no dashes), read as flag_values reads them."""
+    kept, i = [], 0
+    while i < len(command):
+        arg = command[i]
+        if arg.startswith("--") and arg[2:].split("=", 1)[0] in names:
+            has_value = "=" not in arg and i + 1 < len(command) and not command[i + 1].startswith("--")
+            i += 2 if has_value else 1
+        else:
+            kept.append(arg)
+            i += 1
+    return kept
+
+
+def guard_in_place(command: list[str]) -> tuple[list[str], tuple[str, int]]:
+    """--guard-http: where the tritonserver `command` would serve HTTP (host, port), for the guard, and the
+    command with its HTTP endpoint moved to a free port on 127.0.0.1."""
+    if not is_tritonserver(command):
+        raise ValueError("--guard-http needs a tritonserver command (its --http-address and --http-port)")
+    flags = {name: values[-1] for name, values in flag_values(command).items()}
+    if flags.get("allow-http", "true").lower() in ("false", "0", "off", "no"):
+        raise ValueError("--guard-http: the server's HTTP endpoint is off (--allow-http=false), nothing to guard")
+    place = bound_address(flags.get("http-address", "0.0.0.0")), port_number(flags.get("http-port", "8000"))
+    moved = [*without_flags(command, ("http-address", "http-port")), "--http-address=127.0.0.1",
+             f"--http-port={free_port()}"]
+    return moved, place
 
 
 def with_cache(command: list[str]) -> tuple[list[str], int]:
@@ -358,6 +390,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-guard", default=None, metavar="HOST:PORT", type=guard_address,
                    help="also listen here for HTTP, forwarding to the server's HTTP port only the requests "
                         "serving.http_guard finds well-formed (default: none)")
+    p.add_argument("--guard-http", action="store_true",
+                   help="put the HTTP guard where the server's HTTP endpoint would be (its --http-address and "
+                        "--http-port, else 0.0.0.0:8000) and move that endpoint to a free port on 127.0.0.1 behind it")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver and its flags")
     return p
 
@@ -367,10 +402,15 @@ def main(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ValueError("no server command: python -m serving.supervise [options] -- tritonserver ...")
+    if args.guard_http and args.http_guard:
+        raise ValueError("--guard-http and --http-guard: give one (the guard listens in one place)")
+    public = command  # as given: a generated key file is named after the HTTP port the clients use
+    if args.guard_http:
+        command, args.http_guard = guard_in_place(command)
     key, headers = admin_key(args.key_file)
     missing, generated = missing_restrictions(command), None
     if missing and not key:
-        generated = Path(args.new_key_file) if args.new_key_file else default_key_file(command)
+        generated = Path(args.new_key_file) if args.new_key_file else default_key_file(public)
         key = write_key(generated)
         log.info("admin key for model control, config, statistics, trace, logging, shared memory: %s", generated)
         if RESTRICTED_FLAGS[0] in missing:

@@ -119,6 +119,37 @@ def test_the_supervisors_guard_address_is_checked_by_its_parser(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_guard_http_takes_the_servers_http_place_and_moves_the_server_to_loopback():
+    """--guard-http (the images' default): the guard listens where tritonserver's flags put its HTTP endpoint,
+    Triton's default 0.0.0.0:8000 without them, in either flag form; the server moves to a free loopback port
+    and keeps every other flag; a command that is no tritonserver, or serves no HTTP, is refused."""
+    from serving.supervise import flag_values, guard_in_place, http_url
+
+    command = ["tritonserver", "--model-repository", "/models", "--http-port", "9000", "--http-address=ipv6:::1",
+               "--grpc-port=9001", "--load-model=*"]
+    moved, place = guard_in_place(command)
+    assert place == ("::1", 9000)
+    flags = flag_values(moved)
+    assert flags["http-address"] == ["127.0.0.1"] and len(flags["http-port"]) == 1
+    assert int(flags["http-port"][0]) not in (0, 9000) and http_url(moved) == f"127.0.0.1:{flags['http-port'][0]}"
+    assert moved[:-2] == ["tritonserver", "--model-repository", "/models", "--grpc-port=9001", "--load-model=*"]
+    assert guard_in_place(["/opt/tritonserver/bin/tritonserver", "--model-repository=/models"])[1] == ("0.0.0.0", 8000)
+    for wrong, message in ((["python3", "-m", "http.server"], "needs a tritonserver command"),
+                           (["tritonserver", "--allow-http=false"], "HTTP endpoint is off")):
+        with pytest.raises(ValueError, match=message):
+            guard_in_place(wrong)
+
+
+def test_guard_http_and_http_guard_are_one_or_the_other(tmp_path):
+    from serving.supervise import get_args_parser, main
+
+    args = get_args_parser().parse_args(["--guard-http", "--http-guard", "127.0.0.1:8010", "--new-key-file",
+                                         str(tmp_path / "key"), "--", "tritonserver"])
+    with pytest.raises(ValueError, match="give one"):
+        main(args)
+    assert not (tmp_path / "key").exists()
+
+
 def test_json_parse_limits_depth_before_json_loads():
     with pytest.raises(Refused, match="deeper than 5"):
         parse(b"[" * 6 + b"]" * 6, 5)
@@ -376,6 +407,38 @@ def test_the_supervisors_guard_keeps_the_killing_body_from_triton_and_counts_it(
         # SIGTERM right after: the guard keeps no idle connection to Triton for long, else Triton's HTTP frontend
         # waits for it until its exit timeout (10 s here) and exits 1 (seen in a fresh clone: the KServe runtime's
         # tests, with aiohttp's default of 15 s)
+        supervised.process.send_signal(signal.SIGTERM)
+        code = supervised.process.wait(60)
+    log = (tmp_path / "supervise.log").read_text(errors="replace")
+    assert code == 0 and "Exit timeout expired" not in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_the_supervisor_guards_the_servers_own_http_port_with_guard_http(repository, tmp_path, photos):
+    """`serving.supervise --guard-http -- tritonserver --http-port=P ...` (the images' entrypoint): port P is the
+    guard's (the body that kills Triton 2.51 answered 400, the client classifies through it), the server's own
+    HTTP endpoint listens elsewhere on loopback only, its readiness and model control (the watchdog's reload
+    after a killed stub) go straight to it, and SIGTERM ends it all with code 0."""
+    import psutil
+
+    from tests.serving.test_self_healing import get
+    from tests.serving.test_supervise import Supervised, ready_codes_until_healed
+
+    with Supervised(repository, tmp_path / "supervise.log", restarts=0, options=("--guard-http",)) as supervised:
+        public = supervised.ports.http
+        listening = {c.laddr.port: c.pid for c in psutil.net_connections("inet") if c.status == "LISTEN"}
+        assert listening.get(public) == supervised.process.pid, "the guard is not where the server's flags put HTTP"
+        server = psutil.Process(supervised.server_pid())
+        own = {c.laddr for c in server.net_connections("inet") if c.status == "LISTEN"}
+        assert public not in {a.port for a in own}
+        moved = [a for a in own if a.port not in (supervised.ports.grpc, supervised.ports.metrics)]
+        assert [a.ip for a in moved] == ["127.0.0.1"], own
+        check_guarded_server(f"127.0.0.1:{public}", supervised.url + "/status", photos["chelsea"])
+        next(s for s in supervised.stubs() if "/classifier/" in " ".join(s.cmdline())).kill()
+        codes = ready_codes_until_healed(supervised)  # the model reloaded through the server's own port
+        assert 503 in codes and codes[-1] == 200, codes[-20:]
+        assert get(supervised.url + "/status")[1]["reloads"] >= 1
+        assert probabilities(f"127.0.0.1:{public}", [photos["coffee"]]).shape[0] == 1
         supervised.process.send_signal(signal.SIGTERM)
         code = supervised.process.wait(60)
     log = (tmp_path / "supervise.log").read_text(errors="replace")
