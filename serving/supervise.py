@@ -111,7 +111,13 @@ def guard_in_place(command: list[str]) -> tuple[list[str], tuple[str, int]]:
     flags = {name: values[-1] for name, values in flag_values(command).items()}
     if flags.get("allow-http", "true").lower() in ("false", "0", "off", "no"):
         raise ValueError("--guard-http: the server's HTTP endpoint is off (--allow-http=false), nothing to guard")
-    place = bound_address(flags.get("http-address", "0.0.0.0")), port_number(flags.get("http-port", "8000"))
+    try:
+        port = port_number(flags.get("http-port", "8000"))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--guard-http: tritonserver's --http-port: {exc}") from None
+    if port == 0:
+        raise ValueError("--guard-http: tritonserver's --http-port is 0; name the port the guard listens on")
+    place = bound_address(flags.get("http-address", "0.0.0.0")), port
     moved = [*without_flags(command, ("http-address", "http-port")), "--http-address=127.0.0.1",
              f"--http-port={free_port()}"]
     return moved, place

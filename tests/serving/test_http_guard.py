@@ -135,7 +135,9 @@ def test_guard_http_takes_the_servers_http_place_and_moves_the_server_to_loopbac
     assert moved[:-2] == ["tritonserver", "--model-repository", "/models", "--grpc-port=9001", "--load-model=*"]
     assert guard_in_place(["/opt/tritonserver/bin/tritonserver", "--model-repository=/models"])[1] == ("0.0.0.0", 8000)
     for wrong, message in ((["python3", "-m", "http.server"], "needs a tritonserver command"),
-                           (["tritonserver", "--allow-http=false"], "HTTP endpoint is off")):
+                           (["tritonserver", "--allow-http=false"], "HTTP endpoint is off"),
+                           (["tritonserver", "--http-port=80a"], "--http-port: invalid port '80a'"),
+                           (["tritonserver", "--http-port", "0"], "--http-port is 0")):
         with pytest.raises(ValueError, match=message):
             guard_in_place(wrong)
 
