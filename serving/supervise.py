@@ -83,10 +83,16 @@ def flag_values(command: list[str]) -> dict[str, list[str]]:
     return flags
 
 
+def http_place(command: list[str]) -> tuple[str, str]:
+    """The address tritonserver's HTTP endpoint binds and its port, from its flags (Triton's 0.0.0.0:8000 without)."""
+    flags = {name: values[-1] for name, values in flag_values(command).items()}
+    return bound_address(flags.get("http-address", "0.0.0.0")), flags.get("http-port", "8000")
+
+
 def http_url(command: list[str]) -> str:
     """Where tritonserver's HTTP endpoint answers on this host, from its flags (Triton's default port 8000)."""
-    flags = {name: values[-1] for name, values in flag_values(command).items()}
-    return host_port(reachable(bound_address(flags.get("http-address", "0.0.0.0"))), flags.get("http-port", "8000"))
+    host, port = http_place(command)
+    return host_port(reachable(host), port)
 
 
 def without_flags(command: list[str], names: tuple[str, ...]) -> list[str]:
@@ -108,16 +114,15 @@ def guard_in_place(command: list[str]) -> tuple[list[str], tuple[str, int]]:
     command with its HTTP endpoint moved to a free port on 127.0.0.1."""
     if not is_tritonserver(command):
         raise ValueError("--guard-http needs a tritonserver command (its --http-address and --http-port)")
-    flags = {name: values[-1] for name, values in flag_values(command).items()}
-    if flags.get("allow-http", "true").lower() in ("false", "0", "off", "no"):
+    if flag_values(command).get("allow-http", ["true"])[-1].lower() in ("false", "0", "off", "no"):
         raise ValueError("--guard-http: the server's HTTP endpoint is off (--allow-http=false), nothing to guard")
+    host, port = http_place(command)
     try:
-        port = port_number(flags.get("http-port", "8000"))
+        place = host, port_number(port)
     except argparse.ArgumentTypeError as exc:
         raise ValueError(f"--guard-http: tritonserver's --http-port: {exc}") from None
-    if port == 0:
+    if place[1] == 0:
         raise ValueError("--guard-http: tritonserver's --http-port is 0; name the port the guard listens on")
-    place = bound_address(flags.get("http-address", "0.0.0.0")), port
     moved = [*without_flags(command, ("http-address", "http-port")), "--http-address=127.0.0.1",
              f"--http-port={free_port()}"]
     return moved, place
