@@ -99,6 +99,7 @@ class PerfAnalyzer:
     binary: Path
     env: dict
     headers: tuple[tuple[str, str], ...] = ()  # sent with every request (-H), e.g. the admin key
+    options: tuple[str, ...] = ()  # more perf_analyzer flags for every run, e.g. --input-tensor-format=json
 
     @classmethod
     def locate(cls, venv: str | Path = DEFAULT_VENV) -> "PerfAnalyzer":
@@ -124,7 +125,7 @@ class PerfAnalyzer:
                 "--concurrency-range", str(concurrency), "-p", str(measurement_ms),
                 "--max-trials", str(max_trials), "--stability-percentage", str(stability),
                 "--input-data", str(input_data) if input_data else "random", "-f", str(csv_path),
-                *[arg for name, value in self.headers for arg in ("-H", f"{name}:{value}")]]
+                *[arg for name, value in self.headers for arg in ("-H", f"{name}:{value}")], *self.options]
 
     def measure(self, model: str, url: str, protocol: str, concurrency: int, csv_path: str | Path,
                 input_data: Path | None = None, measurement_ms: int = 2000, max_trials: int = 6,

@@ -5,19 +5,28 @@
     make serve GUARD_PORT=8010
 
 Triton 2.51's HTTP frontend parses a body's JSON recursively, so brackets nested about 100,000 deep kill the
-server (SIGSEGV) with every request in flight, and it answers some other malformed bodies with HTTP 500
-(unparsable JSON, a negative shape, JSON of the wrong kind). Every request that reaches the guard is read
-whole (at most --max-body-mb, else 413; within --body-timeout seconds, else 408), its JSON part (the whole
-body, or the first Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate)
-checked, and only then forwarded to Triton unchanged; Triton's answer comes back unchanged. Refused with a 400 and Triton's own
-error form (`{"error": "..."}`), Triton never seeing them:
+server (SIGSEGV) with every request in flight; it sizes a JSON tensor from its shape before it counts the data,
+so a shape that claims 2^64-2 elements with one given kills it too (SIGABRT); and it answers HTTP 500 to a field
+of a JSON type it does not read that field as (unparsable JSON, a negative shape, a number where it reads a
+string, a tensor's data of the wrong type or count). Every request that reaches the guard is read whole (at most
+--max-body-mb, else 413; within --body-timeout seconds, else 408), its JSON part (the whole body, or the first
+Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate) checked, and only then
+forwarded to Triton unchanged; Triton's answer comes back unchanged. Refused with a 400 and Triton's own error
+form (`{"error": "..."}`), Triton never seeing them:
 
 - JSON nested deeper than --max-depth (brackets and braces; a KServe v2 request needs 3 plus its tensor's rank),
-- a body that is not JSON (NaN and Infinity included, which Triton's parser refuses too),
-- an inference request (`.../infer`) whose JSON is not the KServe v2 form: a body that is not an object,
-  `inputs` or `outputs` not a list of objects, a name or datatype that is not a string, a shape that is not
-  a list of non-negative integers, BYTES data that are not strings, `parameters` not an object, a
-  `classification` count that is not a non-negative integer.
+- a body that is not JSON (NaN and Infinity included, which Triton's parser refuses too; a number beyond a
+  double's range; a \\u escape of a high surrogate with no low one after it),
+- an inference request (`.../infer`) whose JSON is not the KServe v2 form as Triton reads it: a body that is not
+  an object or has no `inputs`; `inputs` or `outputs` not a list of objects; a name or datatype that is not a
+  string; a shape that is not a list of integers from 0 to 2^63-1; `parameters` not an object; a parameter
+  Triton reads (sequence_id, priority, timeout, binary_data_size, shared_memory_*, binary_data, classification,
+  ...) of another JSON type or out of range; `data` that is not a list, holds another number of elements than
+  the shape, or elements of another JSON type than the datatype's (strings for BYTES, true/false for BOOL,
+  integers in range for INT*/UINT*, numbers for FP32/FP64),
+- a generate request (`.../generate`, `.../generate_stream`) that is not an object or whose `parameters` is not
+  one (its inputs' values are read by the model's datatypes, which the guard does not know: Triton answers a
+  wrong one 500).
 
 An empty body goes through (Triton and the preprocess step answer it 400). When Triton does not answer the
 guard says 503 (`the server behind the guard is not answering`), so a client sees the same as Triton
@@ -28,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
+import operator
 import re
 import sys
 import threading
@@ -60,9 +71,11 @@ BINARY_HEADER = "Inference-Header-Content-Length"
 # aiohttp's request handler: bodies read as sent (a gzip body is checked after `decoded` and forwarded as is)
 SERVER_OPTIONS = {"auto_decompress": False}
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
-# A JSON string (an unterminated one too) or one bracket: strings are skipped whole so that a bracket
-# inside one does not count.
-TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]')
+GENERATE_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$")
+# Every byte but the brackets, braces and quotes that too_deep reads.
+NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+DEPTH_CHUNK = 1 << 16  # too_deep sums this many brackets at a time (and stops after the first too deep)
 
 
 class Refused(Exception):
@@ -74,16 +87,22 @@ class Refused(Exception):
 
 
 def too_deep(text: bytes, limit: int) -> bool:
-    """Whether JSON `text` nests brackets and braces deeper than `limit` (stops scanning as soon as it does)."""
+    """Whether JSON `text` nests brackets and braces deeper than `limit` outside its strings. Done by whole bytes
+    operations rather than a loop over the text: escaped backslashes and quotes dropped, then all but brackets,
+    braces and quotes, then what lies between quotes (an unterminated string hides what follows); the depth is
+    the running sum of what is left (+1 an opening, -1 a closing one), summed in C by itertools."""
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return False
+    structure = text.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, NOT_STRUCTURE)
+    outside = b"".join(structure.split(b'"')[0::2])
     depth = 0
-    for token in TOKENS.finditer(text):
-        c = token.group()[0]
-        if c in b"[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif c in b"]}":
-            depth -= 1
+    for start in range(0, len(outside) if len(outside) > limit else 0, DEPTH_CHUNK):
+        # each byte as 2 (opening) or 0 (closing), summed, less one per byte: the depth after each
+        steps = outside[start:start + DEPTH_CHUNK].translate(DEPTH_STEP)
+        running = list(map(operator.sub, itertools.accumulate(steps), itertools.count(1)))
+        if depth + max(running) > limit:
+            return True
+        depth += running[-1]
     return False
 
 
@@ -126,9 +145,25 @@ def parse(text: bytes, max_depth: int) -> Any:
     if too_deep(text, max_depth):
         raise Refused(400, "too_deep", f"the JSON is nested deeper than {max_depth} levels")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise Refused(400, "not_json", f"the request body is not valid JSON: {exc}") from None
+    if HIGH_SURROGATE_ESCAPE.search(text) and _lone_high_surrogate(value):
+        raise Refused(400, "not_json", "the request body is not valid JSON: a \\u escape of a high surrogate that "
+                                       "no low surrogate's escape follows")
+    return value
+
+
+def _lone_high_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string (or a key) with a high surrogate left alone (json.loads joins
+    the escapes of a surrogate pair into one character)."""
+    if isinstance(value, str):
+        return LONE_HIGH_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_lone_high_surrogate(k) or _lone_high_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_high_surrogate(v) for v in value)
+    return False
 
 
 def _check(ok: bool, message: str) -> None:
@@ -136,28 +171,101 @@ def _check(ok: bool, message: str) -> None:
         raise Refused(400, "not_kserve_v2", message)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _is_int(value: Any, low: int, high: int) -> bool:
+    """An integer (a JSON true or false is not one) with low <= value < high."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
 
 
-def _leaves(data: Any):
-    if isinstance(data, list):
-        for item in data:
-            yield from _leaves(item)
-    else:
-        yield data
+# The JSON types Triton 2.51's HTTP frontend reads these fields and parameters as; another type is its HTTP 500.
+UINT64 = ("an integer from 0 to 2^64-1", lambda v: _is_int(v, 0, 2**64))
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+STRING = ("a string", lambda v: isinstance(v, str))
+SEQUENCE_ID = ("an integer from 0 to 2^64-1 or a string", lambda v: isinstance(v, str) or _is_int(v, 0, 2**64))
+SHARED_MEMORY = {"shared_memory_region": STRING, "shared_memory_byte_size": UINT64, "shared_memory_offset": UINT64}
+REQUEST_PARAMETERS = {"sequence_id": SEQUENCE_ID, "sequence_start": BOOL, "sequence_end": BOOL, "priority": UINT64,
+                      "timeout": UINT64, "binary_data_output": BOOL}
+INPUT_PARAMETERS = {"binary_data_size": UINT64, **SHARED_MEMORY}
+OUTPUT_PARAMETERS = {"binary_data": BOOL, "classification": UINT64, **SHARED_MEMORY}
+# A tensor's JSON data as Triton reads it, by datatype: the JSON types of its elements and their range.
+INTEGERS = {f"INT{n}": (-2**63, 2**63) for n in (8, 16, 32, 64)} | {f"UINT{n}": (0, 2**64) for n in (8, 16, 32, 64)}
+FLOATS = ("FP32", "FP64")
+DOUBLE_MAX = sys.float_info.max  # a JSON number beyond it is a parse error for Triton (and inf for Python)
+MAX_DIM = 2**63 - 1  # the protocol's shapes are int64
+# A \u escape of a UTF-16 high surrogate; Triton refuses one that no low surrogate's escape follows.
+HIGH_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB]")
+LONE_HIGH_SURROGATE = re.compile("[\ud800-\udbff]")
 
 
-def _check_parameters(where: str, item: dict) -> None:
-    _check(isinstance(item.get("parameters", {}), dict), f"{where}'s parameters must be a JSON object")
+def _check_parameters(where: str, item: dict, known: dict) -> None:
+    parameters = item.get("parameters", {})
+    _check(isinstance(parameters, dict), f"{where}'s parameters must be a JSON object")
+    for name, (kind, ok) in known.items():
+        if name in parameters:
+            _check(ok(parameters[name]), f"{where}'s parameter {name} must be {kind}, got {parameters[name]!r}")
+
+
+def _elements(data: list) -> tuple[int, set, list]:
+    """The elements of tensor data given as nested JSON lists: their count, their Python types, and the
+    (lowest, highest) pair of each run of numbers (the lists are walked, their elements only typed in C)."""
+    count, types, bounds, pending = 0, set(), [], [data]
+    while pending:
+        items = pending.pop()
+        kinds = set(map(type, items))
+        if list in kinds:
+            pending.extend(v for v in items if type(v) is list)
+            kinds.discard(list)
+            items = [v for v in items if type(v) is not list]
+        count += len(items)
+        types |= kinds
+        if items and kinds <= {int, float}:
+            bounds.append((min(items), max(items)))
+    return count, types, bounds
+
+
+def _check_data(where: str, datatype: str, shape: list, data: Any) -> None:
+    """Refused unless `data` holds as many elements as `shape` and of the JSON type and range that Triton reads
+    `datatype` as. A shape that claims far more elements than the data hold is what kills Triton 2.51 (it sizes
+    the tensor from the shape before it counts the data: 2^63-1 x 2 FP32 elements abort it, 2^59 x 8 crash it)."""
+    _check(isinstance(data, list), f"{where}'s data must be a JSON list, got {type(data).__name__}")
+    count, types, bounds = _elements(data)
+    elements = 1
+    for d in shape:
+        elements *= d
+    _check(count == elements, f"{where}'s data hold {count} elements where its shape {shape} needs {elements}")
+    numbers = types <= {int, float}
+    _check(not numbers or all(-DOUBLE_MAX <= low and high <= DOUBLE_MAX for low, high in bounds),
+           f"{where}'s data hold a number beyond a double's range")
+    if datatype == "BYTES":
+        _check(types <= {str}, f"{where}'s BYTES data must be strings")
+    elif datatype == "BOOL":
+        _check(types <= {bool}, f"{where}'s BOOL data must be true or false")
+    elif datatype in INTEGERS:
+        low, high = INTEGERS[datatype]
+        _check(types <= {int} and all(low <= a and b < high for a, b in bounds),
+               f"{where}'s {datatype} data must be integers from {low} to {high - 1}")
+    elif datatype in FLOATS:
+        _check(numbers, f"{where}'s {datatype} data must be numbers")
+    # other datatypes (FP16, BF16, unknown ones): Triton answers 400 itself
+
+
+def _numbers_fit(value: Any) -> bool:
+    """Whether every number in a parsed JSON value is within a double's range."""
+    if isinstance(value, dict):
+        return all(_numbers_fit(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_numbers_fit(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return -DOUBLE_MAX <= value <= DOUBLE_MAX
+    return True
 
 
 def check_infer(request: Any) -> None:
-    """Refused (400) unless `request` has the KServe v2 inference request's form, as far as Triton 2.51 answers
-    a wrong one with 500 (docs/operations.md, tests/serving/test_malformed_http.py)."""
+    """Refused (400) unless `request` has the KServe v2 inference request's form as far as Triton 2.51 answers
+    a wrong one with 500 or dies of it (docs/operations.md, tests/serving/test_malformed_http.py)."""
     _check(isinstance(request, dict), "an inference request must be a JSON object")
+    _check("inputs" in request, "an inference request needs inputs")
     _check(isinstance(request.get("id", ""), str), "the request's id must be a string")
-    _check_parameters("the request", request)
+    _check_parameters("the request", request, REQUEST_PARAMETERS)
     for field in ("inputs", "outputs"):
         items = request.get(field, [])
         _check(isinstance(items, list) and all(isinstance(i, dict) for i in items),
@@ -165,17 +273,27 @@ def check_infer(request: Any) -> None:
         for n, item in enumerate(items):
             where = f"{field}[{n}]"
             _check(isinstance(item.get("name"), str), f"{where} needs a name that is a string")
-            _check_parameters(where, item)
+            _check_parameters(where, item, OUTPUT_PARAMETERS if field == "outputs" else INPUT_PARAMETERS)
+            _check(_numbers_fit({k: v for k, v in item.items() if k != "data"}),
+                   f"{where} holds a number beyond a double's range")
             if field == "outputs":
-                count = item.get("parameters", {}).get("classification", 0)
-                _check(_is_count(count), f"{where}'s classification must be a non-negative integer, got {count!r}")
                 continue
             _check(isinstance(item.get("datatype"), str), f"{where} needs a datatype that is a string")
             shape = item.get("shape")
-            _check(isinstance(shape, list) and all(_is_count(d) for d in shape),
-                   f"{where}'s shape must be a list of non-negative integers, got {shape!r}")
-            if item["datatype"] == "BYTES" and "data" in item:
-                _check(all(isinstance(v, str) for v in _leaves(item["data"])), f"{where}'s BYTES data must be strings")
+            _check(isinstance(shape, list) and all(_is_int(d, 0, MAX_DIM + 1) for d in shape),
+                   f"{where}'s shape must be a list of integers from 0 to 2^63-1, got {shape!r}")
+            if "data" in item:
+                _check_data(where, item["datatype"], shape, item["data"])
+    _check(_numbers_fit({k: v for k, v in request.items() if k not in ("inputs", "outputs")}),
+           "the request holds a number beyond a double's range")
+
+
+def check_generate(request: Any) -> None:
+    """Refused (400) unless `request` is a JSON object with `parameters` an object, which Triton 2.51's generate
+    endpoints need (its inputs' values are read by the model's datatypes, which the guard does not know)."""
+    _check(isinstance(request, dict), "a generate request must be a JSON object")
+    _check(isinstance(request.get("parameters", {}), dict), "the request's parameters must be a JSON object")
+    _check(_numbers_fit(request), "the request holds a number beyond a double's range")
 
 
 def check(path: str, headers, body: bytes, max_depth: int, max_body: int) -> None:
@@ -186,6 +304,10 @@ def check(path: str, headers, body: bytes, max_depth: int, max_body: int) -> Non
     request = parse(text, max_depth)
     if INFER_PATH.match(path):
         check_infer(request)
+    elif GENERATE_PATH.match(path):
+        check_generate(request)
+    elif not _numbers_fit(request):
+        raise Refused(400, "not_json", "the body holds a number beyond a double's range")
 
 
 class Guard:

@@ -15,8 +15,11 @@ def test_ratios_put_the_guarded_path_over_the_direct_one():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tensor_format", ["binary", "json"])
 def test_both_paths_measured_and_the_guard_forwards_every_request(perf_tool, perf_venv, tiny_artifacts, tmp_path,
-                                                                  names_this_machine):
+                                                                  names_this_machine, tensor_format):
+    """binary: the photos to the ensemble; json: JSON tensors (random data) to the classifier, which the guard
+    parses and checks whole."""
     from benchmarks.guard import get_args_parser, main
     from build.repository.spec import DeploymentSpec
     from build.repository.writer import write_repository
@@ -26,7 +29,7 @@ def test_both_paths_measured_and_the_guard_forwards_every_request(perf_tool, per
     out = tmp_path / "guard"
     rows = main(get_args_parser().parse_args([
         "--model-repository", str(repo), "--concurrency", "1", "--rounds", "2", "--measurement-ms", "500",
-        "--perf-venv", str(perf_venv), "--out", str(out)]))
+        "--perf-venv", str(perf_venv), "--out", str(out), "--tensor-format", tensor_format]))
     by = {r.path: r for r in rows}
     assert set(by) == {"direct", "guarded"} and all(r.rounds == 2 and r.img_s > 0 for r in rows)
     # requests through the guard were counted by its /status; none went through it on the direct path
@@ -36,3 +39,6 @@ def test_both_paths_measured_and_the_guard_forwards_every_request(perf_tool, per
     names_this_machine(doc, markdown)
     assert "| 1 | " in markdown.split("img/s guarded/direct")[1]
     assert doc["forwarded"] >= 1 and doc["supervisor_rss_mb"]["at_end"] > 0
+    assert doc["tensor_format"] == tensor_format
+    assert doc["model"] == ("classifier" if tensor_format == "json" else "image_classifier"), doc["model"]
+    assert ("JSON tensors" in markdown) == (tensor_format == "json")

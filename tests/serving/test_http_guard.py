@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import random
 import re
 import signal
 import threading
@@ -23,10 +24,11 @@ import pytest
 from serving import http_guard
 from serving.http_guard import Guard, GuardThread, Refused, check, check_infer, parse, too_deep
 from serving.probe_metrics import REFUSALS
-from tests.serving.test_malformed_http import ANSWERED_400, DEEP, PINNED_500
+from tests.serving.test_malformed_http import ANSWERED_400, DEEP, GENERATE_500, PINNED_500, SHAPE_BEYOND_DATA
 from tests.serving.test_self_healing import repository  # noqa: F401 (a fixture)
 
 INFER = "/v2/models/image_classifier/infer"
+GENERATE = "/v2/models/image_classifier/generate"
 LIMIT = 4 * 2**20
 
 
@@ -47,10 +49,50 @@ def test_depth_counts_brackets_and_braces_outside_strings():
     assert too_deep(DEEP, 1000)
 
 
+def depth_read_token_by_token(text: bytes, limit: int) -> bool:
+    """too_deep's answer as a reading of the text from left to right gives it: a JSON string (escapes skipped, an
+    unterminated one to the end) or one bracket at a time."""
+    depth = 0
+    for token in re.finditer(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', text):
+        if token.group() in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token.group() in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def test_depth_is_what_a_reading_token_by_token_gives_for_any_json():
+    """too_deep works on whole bytes at a time (numpy sums the brackets): on JSON documents of every kind, strings
+    of brackets, quotes and escapes in keys and values, it agrees with a reading token by token."""
+    rng = random.Random(0)
+    pieces = ["[", "]", "{", "}", '"', "\\", "\\\\", '\\"', "a", "\u00e9", "\n", "\ud83d"]
+
+    def value(depth: int):
+        kind = rng.random()
+        if depth > 8 or kind < 0.3:
+            return rng.choice([1, 2.5, None, True, "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))])
+        if kind < 0.65:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {"".join(rng.choice(pieces) for _ in range(rng.randint(0, 4))): value(depth + 1)
+                for _ in range(rng.randint(0, 4))}
+
+    for _ in range(3000):
+        text = json.dumps(value(0), ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+        for limit in (1, 2, 3, 5):
+            assert too_deep(text, limit) == depth_read_token_by_token(text, limit), (text, limit)
+    for text in (DEEP, b"[" * 40 + b"]" * 40, b'["' + b"[" * 40 + b'"]', b'{"a": "\\\\", "b": [[[[]]]]}'):
+        assert too_deep(text, 3) == depth_read_token_by_token(text, 3), text
+
+
 def test_every_body_triton_answers_500_is_refused_with_400():
     for case, body in PINNED_500.items():
         assert refusal(INFER, body) is not None and refusal(INFER, body).startswith("400 "), case
+    for case, body in GENERATE_500.items():
+        assert refusal(GENERATE, body) == "400 not_kserve_v2", case
     assert refusal(INFER, DEEP) == "400 too_deep"
+    assert refusal(INFER, SHAPE_BEYOND_DATA) == "400 not_kserve_v2"
     assert refusal(INFER, b'{"inputs": [') == "400 not_json"
     assert refusal(INFER, b'{"inputs": [], "id": NaN}') == "400 not_json"  # Python's json would take NaN
     assert refusal(INFER, b"[1, 2, 3]") == "400 not_kserve_v2"
@@ -63,8 +105,10 @@ def test_what_triton_answers_itself_goes_through():
               "outputs": [{"name": "PROBABILITIES", "parameters": {"classification": 3, "binary_data": False}}],
               "parameters": {"binary_data_output": True}, "id": "7"}
     assert refusal(INFER, json.dumps(tensor).encode()) is None
-    # another endpoint's JSON is checked for depth and syntax only
+    assert refusal(GENERATE, json.dumps({"IMAGE": "abc", "parameters": {"max_tokens": 5}}).encode()) is None
+    # another endpoint's JSON is checked for depth and syntax only (Triton cannot read a number beyond a double)
     assert refusal("/v2/repository/index", b"[1]") is None
+    assert refusal("/v2/repository/index", b"[1e400]") == "400 not_json"
     assert refusal("/v2/repository/index", b"[" * 40 + b"]" * 40) == "400 too_deep"
 
 
@@ -78,6 +122,23 @@ def test_what_triton_answers_itself_goes_through():
     ({"inputs": [], "outputs": [{"name": "P", "parameters": {"classification": True}}]}, "classification"),
     ({"inputs": [], "outputs": ["P"]}, "outputs"),
     ({"inputs": [], "id": 7}, "id"),
+    ({"outputs": []}, "needs inputs"),
+    ({"inputs": [{"name": "X", "shape": [2, 2], "datatype": "FP32", "data": [[1.0, 2.0], [3.0]]}]},
+     r"hold 3 elements where its shape \[2, 2\] needs 4"),
+    ({"inputs": [{"name": "X", "shape": [2], "datatype": "INT64", "data": [1, 2**63]}]}, "INT64 data must be integers"),
+    ({"inputs": [{"name": "X", "shape": [2], "datatype": "UINT16", "data": [[1], [-1]]}]}, "UINT16 data"),
+    ({"inputs": [{"name": "X", "shape": [2], "datatype": "FP64", "data": [1.0, "2"]}]}, "FP64 data must be numbers"),
+    ({"inputs": [{"name": "X", "shape": [2], "datatype": "FP64", "data": [1.0, 10**400]}]}, "beyond a double"),
+    ({"inputs": [{"name": "X", "shape": [1], "datatype": "BOOL", "data": [0]}]}, "BOOL data"),
+    ({"inputs": [{"name": "X", "shape": [1], "datatype": "BYTES", "data": {"a": "b"}}]}, "must be a JSON list"),
+    ({"inputs": [{"name": "X", "shape": [2**63], "datatype": "BYTES", "parameters": {"binary_data_size": 4}}]},
+     "from 0 to 2\\^63-1"),
+    ({"inputs": [{"name": "X", "shape": [1], "datatype": "BYTES", "parameters": {"shared_memory_region": 1}}]},
+     "parameter shared_memory_region must be a string"),
+    ({"inputs": [], "parameters": {"sequence_end": "yes"}}, "parameter sequence_end must be true or false"),
+    ({"inputs": [], "parameters": {"sequence_id": True}}, "sequence_id must be an integer from 0 to 2\\^64-1 or a"),
+    ({"inputs": [], "parameters": {"timeout": 2**64}}, "parameter timeout"),
+    ({"inputs": [], "outputs": [{"name": "P", "parameters": {"shared_memory_byte_size": -1}}]}, "shared_memory_byte"),
 ])
 def test_each_wrong_field_is_named(request_body, message):
     with pytest.raises(Refused, match=message):
@@ -213,14 +274,17 @@ def test_the_bodies_that_triton_answers_500_or_dies_of_get_400_and_triton_serves
     server, guard = guarded
     url = f"127.0.0.1:{guard.port}"
     pid = server.process.pid
-    for case, body in {**PINNED_500, "nested a million deep": DEEP,
+    for case, body in {**PINNED_500, "nested a million deep": DEEP, "a shape far beyond its data": SHAPE_BEYOND_DATA,
                        "gzip, nested a million deep": gzip.compress(DEEP)}.items():
         headers = {"Content-Encoding": "gzip"} if case.startswith("gzip") else {}
         status, answer = post(url, body, headers)
         assert status == 400 and answer["error"], (case, status, answer)
+    for case, body in GENERATE_500.items():
+        status, answer = post(url, body, path=GENERATE)
+        assert status == 400 and answer["error"], (case, status, answer)
     assert server.process.poll() is None and server.process.pid == pid
     refused = guard.guard.counts()["refused"]
-    assert refused["too_deep"] == 2 and sum(refused.values()) == len(PINNED_500) + 2, refused
+    assert refused["too_deep"] == 2 and sum(refused.values()) == len(PINNED_500) + 3 + len(GENERATE_500), refused
     assert probabilities(url, [photos["chelsea"]]).shape[0] == 1
 
 
