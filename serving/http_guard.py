@@ -10,7 +10,8 @@ so a shape that claims 2^64-2 elements with one given kills it too (SIGABRT); an
 of a JSON type it does not read that field as (unparsable JSON, a negative shape, a number where it reads a
 string, a tensor's data of the wrong type or count). Every request that reaches the guard is read whole (at most
 --max-body-mb, else 413; within --body-timeout seconds, else 408), its JSON part (the whole body, or the first
-Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate) checked, and only then
+Inference-Header-Content-Length bytes of a binary-data request, after gzip/deflate; at most --max-json-mb and
+2^20 arrays and objects, else 413) parsed and checked, and only then
 forwarded to Triton unchanged; Triton's answer comes back unchanged. Refused with a 400 and Triton's own error
 form (`{"error": "..."}`), Triton never seeing them:
 
@@ -49,6 +50,7 @@ import zlib
 from collections import Counter
 from typing import Any
 
+import orjson
 from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from serving.health import host_port, port_number, positive
@@ -57,6 +59,10 @@ log = logging.getLogger("serving.http_guard")
 
 MAX_DEPTH = 32
 MAX_BODY_MB = 64
+# The JSON part is parsed into Python objects, 8 to 30 times its size (a float 32 bytes, an empty list 64): at
+# most this much of it (JSON tensors of 5 images; binary tensors are not JSON) and MAX_CONTAINERS arrays and objects.
+MAX_JSON_MB = 16
+MAX_CONTAINERS = 1 << 20
 INLINE_CHECK_BYTES = 1 << 20  # larger bodies are checked in a worker thread
 BODY_TIMEOUT_S = 60.0  # a request's whole body must arrive within this (64 MiB at about 1 MB/s)
 UPSTREAM_IDLE_S = 1.0  # an idle connection to Triton is closed after this (aiohttp checks as often)
@@ -86,15 +92,20 @@ class Refused(Exception):
         self.status, self.reason = status, reason
 
 
-def too_deep(text: bytes, limit: int) -> bool:
-    """Whether JSON `text` nests brackets and braces deeper than `limit` outside its strings. Done by whole bytes
+def outside_strings(text: bytes) -> bytes:
+    """The brackets and braces of JSON `text` that lie outside its strings, in order. Done by whole bytes
     operations rather than a loop over the text: escaped backslashes and quotes dropped, then all but brackets,
-    braces and quotes, then what lies between quotes (an unterminated string hides what follows); the depth is
-    the running sum of what is left (+1 an opening, -1 a closing one), summed in C by itertools."""
+    braces and quotes, then what lies between quotes (an unterminated string hides what follows)."""
+    structure = text.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, NOT_STRUCTURE)
+    return b"".join(structure.split(b'"')[0::2])
+
+
+def too_deep(text: bytes, limit: int) -> bool:
+    """Whether JSON `text` nests brackets and braces deeper than `limit` outside its strings: the running sum of
+    outside_strings (+1 an opening, -1 a closing one), summed in C by itertools, a chunk at a time."""
     if text.count(b"[") + text.count(b"{") <= limit:
         return False
-    structure = text.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, NOT_STRUCTURE)
-    outside = b"".join(structure.split(b'"')[0::2])
+    outside = outside_strings(text)
     depth = 0
     for start in range(0, len(outside) if len(outside) > limit else 0, DEPTH_CHUNK):
         # each byte as 2 (opening) or 0 (closing), summed, less one per byte: the depth after each
@@ -104,6 +115,16 @@ def too_deep(text: bytes, limit: int) -> bool:
             return True
         depth += running[-1]
     return False
+
+
+def containers(text: bytes) -> int:
+    """How many arrays and objects JSON `text` holds (counted outside its strings only where the bytes alone
+    would say more than MAX_CONTAINERS)."""
+    upper = text.count(b"[") + text.count(b"{")
+    if upper <= MAX_CONTAINERS:
+        return upper
+    outside = outside_strings(text)
+    return outside.count(b"[") + outside.count(b"{")
 
 
 def decoded(body: bytes, encoding: str, limit: int) -> bytes:
@@ -141,9 +162,20 @@ def _no_constant(name: str):
 
 
 def parse(text: bytes, max_depth: int) -> Any:
-    """JSON `text` parsed, or Refused: nested deeper than `max_depth`, or not JSON."""
+    """JSON `text` parsed, or Refused: nested deeper than `max_depth`, or not JSON as Triton's parser reads it.
+    orjson parses (about 6x Python's json on a 3 MB tensor); what it refuses, Python's json decides, whose
+    reading of JSON is Triton's but for what it lets through below (NaN, Infinity and numbers beyond a double
+    are refused by both; orjson also refuses a lone low surrogate's escape and a byte order mark, which Triton
+    takes)."""
     if too_deep(text, max_depth):
         raise Refused(400, "too_deep", f"the JSON is nested deeper than {max_depth} levels")
+    held = containers(text)
+    if held > MAX_CONTAINERS:
+        raise Refused(413, "too_large", f"the JSON holds {held} arrays and objects, more than {MAX_CONTAINERS}")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
     try:
         value = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
@@ -296,11 +328,14 @@ def check_generate(request: Any) -> None:
     _check(_numbers_fit(request), "the request holds a number beyond a double's range")
 
 
-def check(path: str, headers, body: bytes, max_depth: int, max_body: int) -> None:
+def check(path: str, headers, body: bytes, max_depth: int, max_body: int, max_json: int = MAX_JSON_MB << 20) -> None:
     """Refused unless the request to `path` with `headers` and `body` is safe to hand to Triton."""
     if not body:
         return
     text = json_part(decoded(body, headers.get("Content-Encoding", ""), max_body), headers.get(BINARY_HEADER))
+    if len(text) > max_json:
+        raise Refused(413, "too_large", f"the request's JSON is {len(text)} bytes, more than {max_json}: send "
+                                        f"tensors as binary data (Inference-Header-Content-Length)")
     request = parse(text, max_depth)
     if INFER_PATH.match(path):
         check_infer(request)
@@ -314,9 +349,10 @@ class Guard:
     """The aiohttp application: checks each request (`check`) and forwards it to `upstream` (host:port)."""
 
     def __init__(self, upstream: str, max_depth: int = MAX_DEPTH, max_body_mb: float = MAX_BODY_MB,
-                 log_window_s: float = LOG_WINDOW_S, body_timeout_s: float = BODY_TIMEOUT_S):
+                 log_window_s: float = LOG_WINDOW_S, body_timeout_s: float = BODY_TIMEOUT_S,
+                 max_json_mb: float = MAX_JSON_MB):
         self.upstream, self.max_depth, self.body_timeout_s = upstream, max_depth, body_timeout_s
-        self.max_body = int(max_body_mb * 2**20)
+        self.max_body, self.max_json = int(max_body_mb * 2**20), int(max_json_mb * 2**20)
         self.refused: Counter[str] = Counter()
         self.forwarded = 0
         self._lock = threading.Lock()
@@ -375,9 +411,9 @@ class Guard:
         try:
             if len(body) > INLINE_CHECK_BYTES:  # a big JSON body: parsed off the event loop, other requests go on
                 await asyncio.get_running_loop().run_in_executor(
-                    None, check, request.path, request.headers, body, self.max_depth, self.max_body)
+                    None, check, request.path, request.headers, body, self.max_depth, self.max_body, self.max_json)
             else:
-                check(request.path, request.headers, body, self.max_depth, self.max_body)
+                check(request.path, request.headers, body, self.max_depth, self.max_body, self.max_json)
         except Refused as refused:
             return self._refuse(request, refused)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -470,6 +506,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deepest JSON nesting forwarded (default: %(default)s)")
     p.add_argument("--max-body-mb", type=positive(float), default=MAX_BODY_MB,
                    help="largest body forwarded, after decompression, MiB (default: %(default)s)")
+    p.add_argument("--max-json-mb", type=positive(float), default=MAX_JSON_MB,
+                   help="largest JSON part of a body forwarded (the whole body, or a binary-data request's JSON "
+                        "header), MiB (default: %(default)s)")
     p.add_argument("--body-timeout", type=positive(float), default=BODY_TIMEOUT_S,
                    help="seconds a request's body may take to arrive (default: %(default)s)")
     return p
@@ -477,7 +516,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    guard = Guard(host_port(*args.upstream), args.max_depth, args.max_body_mb, body_timeout_s=args.body_timeout)
+    guard = Guard(host_port(*args.upstream), args.max_depth, args.max_body_mb, body_timeout_s=args.body_timeout,
+                  max_json_mb=args.max_json_mb)
     host, port = args.listen
     log.info("guarding http://%s on http://%s", guard.upstream, host_port(host, port))
     web.run_app(guard.app(), host=host, port=port, access_log=None, print=None, **SERVER_OPTIONS)

@@ -65,7 +65,7 @@ def test_images_run_as_non_root_and_expose_the_four_ports():
 def test_images_start_the_supervisor_with_every_module_it_imports():
     """Both images run `python3 -m serving.supervise ... -- tritonserver`, and the Deployment's initContainer
     `python3 -m serving.pull`; the serving modules copied into them are exactly what those two import,
-    transitively, and their third-party imports (psutil, prometheus_client, aiohttp, boto3) are pinned in the
+    transitively, and their third-party imports (psutil, prometheus_client, aiohttp, orjson, boto3) are pinned in the
     image."""
     import ast
 
@@ -83,7 +83,7 @@ def test_images_start_the_supervisor_with_every_module_it_imports():
         todo += sorted(own - needed)
         third_party |= {t for t in top if t not in sys.stdlib_module_names and t not in ("serving", "__future__")}
     image = pins(ROOT / "requirements" / "image.txt")
-    assert third_party == {"psutil", "prometheus_client", "boto3", "botocore", "aiohttp"}
+    assert third_party == {"psutil", "prometheus_client", "boto3", "botocore", "aiohttp", "orjson"}
     third_party = {t.replace("_", "-") for t in third_party}  # the distribution's name
     assert third_party <= set(image)
     copied_cpu = set(re.findall(r"serving/(\w+)\.py", (IMAGES / "build-cpu.sh").read_text()))
@@ -140,7 +140,7 @@ def test_gpu_image_pins_what_the_tests_run():
     s3 = {"boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3"}
     supervise = {"psutil", "prometheus-client"}
     guard = {"aiohttp", "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist", "idna", "multidict", "propcache",
-             "typing-extensions", "yarl"}
+             "typing-extensions", "yarl", "orjson"}
     gpu = {name.replace("_", "-"): version for name, version in gpu.items()}
     assert set(gpu) == {"pillow"} | supervise | s3 | guard
     assert all(gpu[n] == GPU_PY310.get((tag, n, image[n]), image[n]) for n in supervise | s3 | guard)

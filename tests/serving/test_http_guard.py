@@ -63,27 +63,55 @@ def depth_read_token_by_token(text: bytes, limit: int) -> bool:
     return False
 
 
-def test_depth_is_what_a_reading_token_by_token_gives_for_any_json():
-    """too_deep works on whole bytes at a time (numpy sums the brackets): on JSON documents of every kind, strings
-    of brackets, quotes and escapes in keys and values, it agrees with a reading token by token."""
-    rng = random.Random(0)
-    pieces = ["[", "]", "{", "}", '"', "\\", "\\\\", '\\"', "a", "\u00e9", "\n", "\ud83d"]
+def json_documents(count: int, seed: int = 0):
+    """`count` JSON documents (bytes) of every kind: nested lists and objects, numbers, and strings of brackets,
+    quotes, escapes, non-ASCII text and lone high surrogates in keys and values, escaped or not."""
+    rng = random.Random(seed)
+    pieces = ["[", "]", "{", "}", '"', "\\", "\\\\", '\\"', "a", "\u00e9", "\n", "\ud83d", "\U0001f600"]
 
     def value(depth: int):
         kind = rng.random()
         if depth > 8 or kind < 0.3:
-            return rng.choice([1, 2.5, None, True, "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))])
+            return rng.choice([1, -2**70, 2.5, 1e300, None, True, "".join(rng.choice(pieces)
+                                                                          for _ in range(rng.randint(0, 8)))])
         if kind < 0.65:
             return [value(depth + 1) for _ in range(rng.randint(0, 4))]
         return {"".join(rng.choice(pieces) for _ in range(rng.randint(0, 4))): value(depth + 1)
                 for _ in range(rng.randint(0, 4))}
 
-    for _ in range(3000):
-        text = json.dumps(value(0), ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+    for _ in range(count):
+        yield json.dumps(value(0), ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+
+
+def test_depth_is_what_a_reading_token_by_token_gives_for_any_json():
+    """too_deep works on whole bytes at a time (itertools sums the brackets): on JSON documents of every kind it
+    agrees with a reading token by token."""
+    for text in json_documents(3000):
         for limit in (1, 2, 3, 5):
             assert too_deep(text, limit) == depth_read_token_by_token(text, limit), (text, limit)
     for text in (DEEP, b"[" * 40 + b"]" * 40, b'["' + b"[" * 40 + b'"]', b'{"a": "\\\\", "b": [[[[]]]]}'):
         assert too_deep(text, 3) == depth_read_token_by_token(text, 3), text
+
+
+def test_json_is_read_as_pythons_json_reads_it():
+    """parse() reads with orjson and, where orjson refuses, Python's json: the same values as Python's json on
+    documents of every kind; the escape of a lone high surrogate refused (Python's json takes it, Triton's parser
+    does not), one written as UTF-8 bytes, a lone low one (orjson refuses both, Triton takes them) and a byte
+    order mark taken, a number beyond a double refused as Triton does."""
+    # the escape of a high surrogate that no low one's follows (the documents hold no backslash before a "u")
+    lone_escape = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])")
+    for text in json_documents(3000, seed=1):
+        expected = json.loads(text)
+        if lone_escape.search(text):
+            with pytest.raises(Refused, match="high surrogate"):
+                parse(text, 32)
+        else:
+            assert parse(text, 32) == expected, text
+    assert parse(b'["\\udc00"]', 32) == ["\udc00"] and parse(b'\xef\xbb\xbf[1]', 32) == [1]
+    assert parse(b"[18446744073709551616]", 32) == [2.0**64]  # beyond 64 bits: a double, as Triton reads it
+    for text in (b"[1e400]", b"[" + b"1" * 400 + b"]", b"[NaN]", b"[1] x", b'["\\ud83dx"]'):
+        with pytest.raises(Refused):
+            check(INFER, {}, b'{"inputs": [], "parameters": {"x": ' + text + b"}}", 32, LIMIT)
 
 
 def test_every_body_triton_answers_500_is_refused_with_400():
@@ -160,6 +188,30 @@ def test_binary_requests_and_compressed_bodies_are_checked_as_triton_reads_them(
     assert refusal(INFER, gzip.compress(b" " * (LIMIT + 1)), {"Content-Encoding": "gzip"}) == "413 too_large"
     assert refusal(INFER, b"not gzip", {"Content-Encoding": "gzip"}) == "400 content_encoding"
     assert refusal(INFER, b"{}", {"Content-Encoding": "br"}) == "415 content_encoding"
+
+
+def test_json_that_would_cost_the_guard_gigabytes_to_parse_is_a_413():
+    """Python's objects for a JSON body are 8-30 times its size (a 57 MiB body of empty lists took the guard from
+    151 MB to 1.8 GB): the JSON part is parsed up to 16 MiB and 2^20 arrays and objects; binary tensors beyond
+    it, and brackets inside strings, do not count."""
+    def lists(n: int) -> bytes:  # n empty lists in a body of the KServe v2 form, which has 5 more of its own
+        return b'{"inputs": [{"name": "IMAGE", "shape": [%d, 0], "datatype": "BYTES", "data": [' % n \
+            + b"[]," * (n - 1) + b"[]]}]}"
+
+    assert refusal(INFER, lists((1 << 20) - 4)) == "413 too_large" and len(lists(1 << 20)) < LIMIT  # 3 MB
+    assert refusal(INFER, lists((1 << 20) - 5)) is None
+    strings = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+                                      "data": ["[]" * (1 << 20)]}]}).encode()
+    assert refusal(INFER, strings) is None
+    floats = json.dumps({"inputs": [{"name": "X", "shape": [2**21], "datatype": "FP32",
+                                     "data": [0.5] * 2**21}]}).encode()  # 10 MiB
+    with pytest.raises(Refused, match="send tensors as binary data"):
+        check(INFER, {}, floats, 32, 64 << 20, max_json=len(floats) - 1)
+    assert refusal(INFER, floats) is None  # under the default 16 MiB
+    header = json.dumps({"inputs": [{"name": "X", "shape": [2**21], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 2**23}}]}).encode()
+    binary = header + bytes(2**23)
+    check(INFER, {"Inference-Header-Content-Length": str(len(header))}, binary, 32, 64 << 20, max_json=2**20)
 
 
 def test_every_refusal_reason_has_a_metric_series():
