@@ -95,9 +95,12 @@ def tensor_inputs(repository: str | Path, url: str, model: str, photos: list[byt
 
     client = httpclient.InferenceServerClient(url)
     try:
-        (tensor,) = client.get_model_metadata(model)["inputs"]
+        inputs = client.get_model_metadata(model)["inputs"]
     finally:
         client.close()
+    if len(inputs) != 1:
+        raise ValueError(f"--tensor-format json feeds a model of one input; {model} has {len(inputs)}")
+    (tensor,) = inputs
     preprocess = read_manifest(repository)["spec"].get("preprocess_name", "")
     config_file = Path(repository) / preprocess / "1" / PREPROCESS_JSON
     batch = load_batch(photos, PreprocessConfig.load(config_file) if config_file.is_file() else PreprocessConfig())
