@@ -26,8 +26,10 @@ form (`{"error": "..."}`), Triton never seeing them:
   the shape, or elements of another JSON type than the datatype's (strings for BYTES, true/false for BOOL,
   integers in range for INT*/UINT*, numbers for FP32/FP64),
 - a generate request (`.../generate`, `.../generate_stream`) that is not an object or whose `parameters` is not
-  one (its inputs' values are read by the model's datatypes, which the guard does not know: Triton answers a
-  wrong one 500).
+  one, or that gives one of the model's inputs (a key of the body or of its `parameters`) a value Triton cannot
+  read as the input's datatype: one element or a list of them, of the datatype's JSON type as above (nested
+  lists holding one element per item, but for BYTES). The datatypes are the model's metadata, asked of Triton for
+  each generate request; where Triton does not give them (an unknown model), it answers the request itself.
 
 An empty body goes through (Triton and the preprocess step answer it 400). When Triton does not answer the
 guard says 503 (`the server behind the guard is not answering`), so a client sees the same as Triton
@@ -74,6 +76,8 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 # for a client that never asked for it
 NO_AUTO_HEADERS = ("Accept-Encoding", "Content-Type", "User-Agent")
 BINARY_HEADER = "Inference-Header-Content-Length"
+# Besides Content-*, the client's headers not sent with the guard's own metadata request: an uncompressed answer
+METADATA_DROPPED = frozenset({BINARY_HEADER.lower(), "accept-encoding"})
 # aiohttp's request handler: bodies read as sent (a gzip body is checked after `decoded` and forwarded as is)
 SERVER_OPTIONS = {"auto_decompress": False}
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
@@ -264,6 +268,12 @@ def _check_data(where: str, datatype: str, shape: list, data: Any) -> None:
     for d in shape:
         elements *= d
     _check(count == elements, f"{where}'s data hold {count} elements where its shape {shape} needs {elements}")
+    _check_elements(where, datatype, types, bounds)
+
+
+def _check_elements(where: str, datatype: str, types: set, bounds: list) -> None:
+    """Refused unless elements of these Python `types` and (lowest, highest) `bounds` (`_elements`) are of the
+    JSON type and range that Triton reads `datatype` as."""
     numbers = types <= {int, float}
     _check(not numbers or all(-DOUBLE_MAX <= low and high <= DOUBLE_MAX for low, high in bounds),
            f"{where}'s data hold a number beyond a double's range")
@@ -320,16 +330,31 @@ def check_infer(request: Any) -> None:
            "the request holds a number beyond a double's range")
 
 
-def check_generate(request: Any) -> None:
+def check_generate(request: Any, inputs: dict[str, str] | None = None) -> None:
     """Refused (400) unless `request` is a JSON object with `parameters` an object, which Triton 2.51's generate
-    endpoints need (its inputs' values are read by the model's datatypes, which the guard does not know)."""
+    endpoints need, and each value it gives one of the model's `inputs` (name -> datatype; None: not known) is
+    what Triton reads as that datatype. Triton takes a key of the body, or of its `parameters`, that names an
+    input as that input: one element, or a list whose length is the element count (nested lists must hold as
+    many elements in all, but for BYTES), of the datatype's JSON type; another value is its HTTP 500."""
     _check(isinstance(request, dict), "a generate request must be a JSON object")
-    _check(isinstance(request.get("parameters", {}), dict), "the request's parameters must be a JSON object")
+    parameters = request.get("parameters", {})
+    _check(isinstance(parameters, dict), "the request's parameters must be a JSON object")
     _check(_numbers_fit(request), "the request holds a number beyond a double's range")
+    for values in (request, parameters):
+        for name in sorted(values.keys() & (inputs or {}).keys()):
+            value = values[name]
+            given = value if isinstance(value, list) else [value]
+            count, types, bounds = _elements(given)
+            # (BYTES elements Triton counts itself, and answers a wrong count 400)
+            _check(count == len(given) or inputs[name] == "BYTES", f"the generate input {name} is a list of "
+                   f"{len(given)} items holding {count} elements: nested lists must hold one element per item")
+            _check_elements(f"the generate input {name}", inputs[name], types, bounds)
 
 
-def check(path: str, headers, body: bytes, max_depth: int, max_body: int, max_json: int = MAX_JSON_MB << 20) -> None:
-    """Refused unless the request to `path` with `headers` and `body` is safe to hand to Triton."""
+def check(path: str, headers, body: bytes, max_depth: int, max_body: int, max_json: int = MAX_JSON_MB << 20,
+          inputs: dict[str, str] | None = None) -> None:
+    """Refused unless the request to `path` with `headers` and `body` is safe to hand to Triton; `inputs`: the
+    datatypes of the inputs of the model a generate request names (`Guard.input_datatypes`), where known."""
     if not body:
         return
     text = json_part(decoded(body, headers.get("Content-Encoding", ""), max_body), headers.get(BINARY_HEADER))
@@ -340,7 +365,7 @@ def check(path: str, headers, body: bytes, max_depth: int, max_body: int, max_js
     if INFER_PATH.match(path):
         check_infer(request)
     elif GENERATE_PATH.match(path):
-        check_generate(request)
+        check_generate(request, inputs)
     elif not _numbers_fit(request):
         raise Refused(400, "not_json", "the body holds a number beyond a double's range")
 
@@ -408,15 +433,21 @@ class Guard:
         except asyncio.TimeoutError:  # a client that holds a connection open by sending slowly, or stops
             return self._refuse(request, Refused(408, "slow_body",
                                                  f"the body did not arrive within {self.body_timeout_s:g} s"))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
+            inputs = await self.input_datatypes(request, headers) if body and GENERATE_PATH.match(request.path) \
+                else None
+            options = (request.path, request.headers, body, self.max_depth, self.max_body, self.max_json, inputs)
             if len(body) > INLINE_CHECK_BYTES:  # a big JSON body: parsed off the event loop, other requests go on
-                await asyncio.get_running_loop().run_in_executor(
-                    None, check, request.path, request.headers, body, self.max_depth, self.max_body, self.max_json)
+                await asyncio.get_running_loop().run_in_executor(None, check, *options)
             else:
-                check(request.path, request.headers, body, self.max_depth, self.max_body, self.max_json)
+                check(*options)
         except Refused as refused:
             return self._refuse(request, refused)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        except ClientConnectorError as exc:
+            return self._not_answering(request, exc)
+        except ClientError as exc:
+            return self._failed(request, exc)
         # the path and query as sent (an absolute-form target's host is dropped: the upstream is fixed)
         url = f"http://{self.upstream}{request.rel_url.raw_path_qs}"
         try:
@@ -434,12 +465,37 @@ class Guard:
                     await stream.write(chunk)
                 await stream.write_eof()
                 return stream
-        except ClientConnectorError as exc:  # the client is told no more than that: the upstream's address stays here
-            log.info("the server behind the guard is not answering %s %s: %s", request.method, request.path, exc)
-            return web.json_response({"error": "the server behind the guard is not answering"}, status=503)
-        except ClientError as exc:  # it closed the connection or answered what is not HTTP
-            log.warning("the server behind the guard failed %s %s: %r", request.method, request.path, exc)
-            return web.json_response({"error": "the server behind the guard failed the request"}, status=502)
+        except ClientConnectorError as exc:
+            return self._not_answering(request, exc)
+        except ClientError as exc:
+            return self._failed(request, exc)
+
+    async def input_datatypes(self, request: web.Request, headers: dict) -> dict[str, str] | None:
+        """The datatypes of the inputs of the model (and version) a generate `request` names, by name: Triton's
+        model metadata (GET /v2/models/<model>[/versions/<version>], with the client's own `headers`). None where
+        Triton gives none (an unknown model: it answers the request itself)."""
+        url = f"http://{self.upstream}{request.rel_url.raw_path.rsplit('/', 1)[0]}"
+        asked = {k: v for k, v in headers.items()
+                 if not k.lower().startswith("content-") and k.lower() not in METADATA_DROPPED}
+        async with self.session.get(url, headers=asked, allow_redirects=False,
+                                    skip_auto_headers=NO_AUTO_HEADERS) as answer:
+            metadata = await answer.read() if answer.status == 200 else b""
+        try:
+            return {i["name"]: i["datatype"] for i in orjson.loads(metadata)["inputs"]}
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def _not_answering(request: web.Request, exc: Exception) -> web.Response:
+        # the client is told no more than that: the upstream's address stays here
+        log.info("the server behind the guard is not answering %s %s: %s", request.method, request.path, exc)
+        return web.json_response({"error": "the server behind the guard is not answering"}, status=503)
+
+    @staticmethod
+    def _failed(request: web.Request, exc: Exception) -> web.Response:
+        # it closed the connection or answered what is not HTTP
+        log.warning("the server behind the guard failed %s %s: %r", request.method, request.path, exc)
+        return web.json_response({"error": "the server behind the guard failed the request"}, status=502)
 
 
 class GuardThread:

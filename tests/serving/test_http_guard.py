@@ -22,19 +22,28 @@ import numpy as np
 import pytest
 
 from serving import http_guard
-from serving.http_guard import Guard, GuardThread, Refused, check, check_infer, parse, too_deep
+from serving.http_guard import Guard, GuardThread, Refused, check, check_generate, check_infer, parse, too_deep
 from serving.probe_metrics import REFUSALS
-from tests.serving.test_malformed_http import ANSWERED_400, DEEP, GENERATE_500, PINNED_500, SHAPE_BEYOND_DATA
+from clients.client import DEFAULT_MODEL, IMAGE_INPUT
+from common.contract import CLASSIFIER, ONNX_INPUT as CLASSIFIER_INPUT
+from tests.serving.test_malformed_http import ANSWERED_400, DEEP, GENERATE_500, PINNED_500, SHAPE_BEYOND_DATA, VIEW
 from tests.serving.test_self_healing import repository  # noqa: F401 (a fixture)
 
 INFER = "/v2/models/image_classifier/infer"
 GENERATE = "/v2/models/image_classifier/generate"
+# The datatypes of the tiny repository's models' inputs, by name, as its metadata gives them.
+TINY_INPUTS = {DEFAULT_MODEL: {IMAGE_INPUT: "BYTES"}, CLASSIFIER: {CLASSIFIER_INPUT: "FP32"}}
+
+
+def generate(model: str) -> str:
+    return f"/v2/models/{model}/generate"
 LIMIT = 4 * 2**20
 
 
-def refusal(path: str, body: bytes, headers: dict | None = None, max_depth: int = http_guard.MAX_DEPTH) -> str | None:
+def refusal(path: str, body: bytes, headers: dict | None = None, max_depth: int = http_guard.MAX_DEPTH,
+            inputs: dict | None = None) -> str | None:
     try:
-        check(path, headers or {}, body, max_depth, LIMIT)
+        check(path, headers or {}, body, max_depth, LIMIT, inputs=inputs)
     except Refused as refused:
         return f"{refused.status} {refused.reason}"
     return None
@@ -117,8 +126,8 @@ def test_json_is_read_as_pythons_json_reads_it():
 def test_every_body_triton_answers_500_is_refused_with_400():
     for case, body in PINNED_500.items():
         assert refusal(INFER, body) is not None and refusal(INFER, body).startswith("400 "), case
-    for case, body in GENERATE_500.items():
-        assert refusal(GENERATE, body) == "400 not_kserve_v2", case
+    for case, (model, body) in GENERATE_500.items():
+        assert refusal(generate(model), body, inputs=TINY_INPUTS[model]) == "400 not_kserve_v2", case
     assert refusal(INFER, DEEP) == "400 too_deep"
     assert refusal(INFER, SHAPE_BEYOND_DATA) == "400 not_kserve_v2"
     assert refusal(INFER, b'{"inputs": [') == "400 not_json"
@@ -134,10 +143,41 @@ def test_what_triton_answers_itself_goes_through():
               "parameters": {"binary_data_output": True}, "id": "7"}
     assert refusal(INFER, json.dumps(tensor).encode()) is None
     assert refusal(GENERATE, json.dumps({"IMAGE": "abc", "parameters": {"max_tokens": 5}}).encode()) is None
+    # a model whose inputs the guard does not know (Triton gives no metadata: an unknown model, which it answers
+    # itself): only the body's form is checked
+    for case, (model, body) in GENERATE_500.items():
+        assert (refusal(generate(model), body) is None) == case.startswith(("a BYTES", "an FP32")), case
     # another endpoint's JSON is checked for depth and syntax only (Triton cannot read a number beyond a double)
     assert refusal("/v2/repository/index", b"[1]") is None
     assert refusal("/v2/repository/index", b"[1e400]") == "400 not_json"
     assert refusal("/v2/repository/index", b"[" * 40 + b"]" * 40) == "400 too_deep"
+
+
+@pytest.mark.parametrize("datatype, value, refused", [
+    ("BYTES", "abc", None), ("BYTES", ["a", "b"], None), ("BYTES", [["a"], ["b"]], None),
+    ("BYTES", [["a", "b"]], None),  # Triton counts BYTES elements itself (400)
+    ("BYTES", 5, "the generate input X's BYTES data must be strings"),
+    ("BYTES", ["a", True], "BYTES data must be strings"),
+    ("FP32", [1, 2.5], None), ("FP32", 1.5, None), ("FP32", [[1.0], [2.0]], None),
+    ("FP32", ["1.0"], "FP32 data must be numbers"), ("FP32", None, "FP32 data must be numbers"),
+    ("FP32", [[1.0, 2.0], 3.0], "a list of 2 items holding 3 elements"),
+    ("FP64", [[]], "a list of 1 items holding 0 elements"),
+    ("INT64", [-2**63, 2**63 - 1], None), ("INT64", [2**63], "INT64 data must be integers"),
+    ("UINT8", [-1], "UINT8 data must be integers"), ("INT32", [1.5], "INT32 data must be integers"),
+    ("BOOL", [True, False], None), ("BOOL", [1], "BOOL data must be true or false"),
+    ("FP16", ["anything"], None),  # Triton answers 400 itself
+])
+def test_a_generate_requests_inputs_are_read_by_the_models_datatypes(datatype, value, refused):
+    """The model's inputs (here X) are checked wherever the body names them: at its top level or in its parameters;
+    a key that names no input is a request parameter (Triton answers a wrong one 400)."""
+    for request in ({"X": value}, {"parameters": {"X": value}}, {"X": value, "not_an_input": [{}]}):
+        if refused is None:
+            check_generate(request, {"X": datatype, "Y": "BYTES"})
+        else:
+            with pytest.raises(Refused, match=refused):
+                check_generate(request, {"X": datatype, "Y": "BYTES"})
+        check_generate(request, None)
+        check_generate(request, {"Y": datatype})
 
 
 @pytest.mark.parametrize("request_body, message", [
@@ -331,8 +371,8 @@ def test_the_bodies_that_triton_answers_500_or_dies_of_get_400_and_triton_serves
         headers = {"Content-Encoding": "gzip"} if case.startswith("gzip") else {}
         status, answer = post(url, body, headers)
         assert status == 400 and answer["error"], (case, status, answer)
-    for case, body in GENERATE_500.items():
-        status, answer = post(url, body, path=GENERATE)
+    for case, (model, body) in GENERATE_500.items():
+        status, answer = post(url, body, path=generate(model))
         assert status == 400 and answer["error"], (case, status, answer)
     assert server.process.poll() is None and server.process.pid == pid
     refused = guard.guard.counts()["refused"]
@@ -346,6 +386,18 @@ def test_what_triton_answers_itself_comes_back_unchanged(guarded):
     for case, body in ANSWERED_400.items():
         direct, through = post(server.http_url, body), post(f"127.0.0.1:{guard.port}", body)
         assert direct == through and direct[0] == 400, (case, direct, through)
+    for case, model, body in [("an image that is no image", DEFAULT_MODEL, {IMAGE_INPUT: "abc"}),
+                              ("an unknown model", "no_such_model", {IMAGE_INPUT: 5}),
+                              ("a BYTES item of two strings", DEFAULT_MODEL, {IMAGE_INPUT: [["abc", "def"]]}),
+                              ("a view of the wrong size", CLASSIFIER, {CLASSIFIER_INPUT: [1.0] * (VIEW - 1)})]:
+        request = json.dumps(body).encode()
+        direct = post(server.http_url, request, path=generate(model))
+        through = post(f"127.0.0.1:{guard.port}", request, path=generate(model))
+        assert direct == through and direct[0] in (400, 404), (case, direct, through)
+    view = json.dumps({CLASSIFIER_INPUT: [0.5] * VIEW}).encode()
+    direct, through = post(server.http_url, view, path=generate(CLASSIFIER)), post(f"127.0.0.1:{guard.port}", view,
+                                                                                    path=generate(CLASSIFIER))
+    assert direct == through and direct[0] == 200 and len(direct[1]["probabilities"]) == 3, (direct, through)
     for path in ("/v2/health/ready", "/v2/models/image_classifier", "/v2/models/no_such_model"):
         with urllib.request.urlopen(f"http://{server.http_url}{path}") if path != "/v2/models/no_such_model" \
                 else _error(f"http://{server.http_url}{path}") as direct:

@@ -20,6 +20,7 @@ import urllib.request
 import pytest
 
 from clients.client import DEFAULT_MODEL, IMAGE_INPUT
+from common.contract import CLASSIFIER, ONNX_INPUT as CLASSIFIER_INPUT
 from tests.serving.test_self_healing import get, repository  # noqa: F401 (repository: a fixture)
 from tests.serving.test_supervise import Supervised, ready_codes_until_healed
 
@@ -64,10 +65,23 @@ PINNED_500 = {
     "an output's binary_data a number": _request(outputs=[{"name": "PROBABILITIES", "parameters": {"binary_data": 1}}]),
     "an output's name a number": _request(outputs=[{"name": 5}]),
 }
-# Triton 2.51's generate endpoints (`/v2/models/<model>/generate`): the same answers to the same faults.
+# Triton 2.51's generate endpoints (`/v2/models/<model>/generate`), by the model posted to: the same answers to the
+# same faults, and a value for one of the model's inputs (a key of the body or of its parameters) that Triton cannot
+# read as its datatype (the tiny classifier's images: FP32, 3 x 32 x 32 a view).
+VIEW = 3 * 32 * 32
 GENERATE_500 = {
-    "a JSON list for a body": b"[1]",
-    "parameters not an object": json.dumps({IMAGE_INPUT: "abc", "parameters": 5}).encode(),
+    "a JSON list for a body": (DEFAULT_MODEL, b"[1]"),
+    "parameters not an object": (DEFAULT_MODEL, json.dumps({IMAGE_INPUT: "abc", "parameters": 5}).encode()),
+    "a BYTES input a number": (DEFAULT_MODEL, json.dumps({IMAGE_INPUT: 5}).encode()),
+    "a BYTES input null": (DEFAULT_MODEL, json.dumps({IMAGE_INPUT: None}).encode()),
+    "a BYTES input a list of numbers": (DEFAULT_MODEL, json.dumps({IMAGE_INPUT: [1, 2]}).encode()),
+    "a BYTES input a string and a number": (DEFAULT_MODEL, json.dumps({IMAGE_INPUT: ["abc", 1]}).encode()),
+    "a BYTES input in the parameters, an object":
+        (DEFAULT_MODEL, json.dumps({"parameters": {IMAGE_INPUT: {}}}).encode()),
+    "an FP32 input of strings": (CLASSIFIER, json.dumps({CLASSIFIER_INPUT: ["1.0"] * VIEW}).encode()),
+    "an FP32 input of booleans": (CLASSIFIER, json.dumps({CLASSIFIER_INPUT: [True] * VIEW}).encode()),
+    "an FP32 input nested, more elements than items":
+        (CLASSIFIER, json.dumps({CLASSIFIER_INPUT: [[1.0, 1.0]] + [1.0] * (VIEW - 1)}).encode()),
 }
 # A tensor whose shape claims 2^64-2 elements with one given: Triton 2.51 sizes its buffer from the shape before
 # it counts the data, and dies of it (std::length_error, SIGABRT; a shape of 2^59 x 8 SIGSEGV).
@@ -102,8 +116,8 @@ def tiny_server(tiny_artifacts, tmp_path_factory):
         yield server
 
 
-def post(http_url: str, body: bytes, endpoint: str = "infer") -> tuple[int, str]:
-    request = urllib.request.Request(f"http://{http_url}/v2/models/{DEFAULT_MODEL}/{endpoint}", data=body,
+def post(http_url: str, body: bytes, endpoint: str = "infer", model: str = DEFAULT_MODEL) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{http_url}/v2/models/{model}/{endpoint}", data=body,
                                      method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
@@ -129,7 +143,8 @@ def test_triton_answers_these_malformed_bodies_with_500(tiny_server, photos, cas
 
 @pytest.mark.parametrize("case", sorted(GENERATE_500))
 def test_triton_answers_these_generate_bodies_with_500(tiny_server, photos, case):
-    status, body = post(tiny_server.http_url, GENERATE_500[case], "generate")
+    model, request = GENERATE_500[case]
+    status, body = post(tiny_server.http_url, request, "generate", model)
     assert status == 500, f"{case}: Triton now answers {status} ({body[:200]}): update docs/operations.md"
     assert still_serves(tiny_server, photos["chelsea"])
 
