@@ -104,12 +104,13 @@ def outside_strings(text: bytes) -> bytes:
     return b"".join(structure.split(b'"')[0::2])
 
 
-def too_deep(text: bytes, limit: int) -> bool:
+def too_deep(text: bytes, limit: int, outside: bytes | None = None) -> bool:
     """Whether JSON `text` nests brackets and braces deeper than `limit` outside its strings: the running sum of
-    outside_strings (+1 an opening, -1 a closing one), summed in C by itertools, a chunk at a time."""
+    outside_strings (+1 an opening, -1 a closing one; `outside`, where the caller has it), summed in C by
+    itertools, a chunk at a time."""
     if text.count(b"[") + text.count(b"{") <= limit:
         return False
-    outside = outside_strings(text)
+    outside = outside_strings(text) if outside is None else outside
     depth = 0
     for start in range(0, len(outside) if len(outside) > limit else 0, DEPTH_CHUNK):
         # each byte as 2 (opening) or 0 (closing), summed, less one per byte: the depth after each
@@ -121,13 +122,13 @@ def too_deep(text: bytes, limit: int) -> bool:
     return False
 
 
-def containers(text: bytes) -> int:
-    """How many arrays and objects JSON `text` holds (counted outside its strings only where the bytes alone
-    would say more than MAX_CONTAINERS)."""
+def containers(text: bytes, outside: bytes | None = None) -> int:
+    """How many arrays and objects JSON `text` holds (counted outside its strings, `outside` where the caller
+    has it, only where the bytes alone would say more than MAX_CONTAINERS)."""
     upper = text.count(b"[") + text.count(b"{")
     if upper <= MAX_CONTAINERS:
         return upper
-    outside = outside_strings(text)
+    outside = outside_strings(text) if outside is None else outside
     return outside.count(b"[") + outside.count(b"{")
 
 
@@ -171,9 +172,12 @@ def parse(text: bytes, max_depth: int) -> Any:
     reading of JSON is Triton's but for what it lets through below (NaN, Infinity and numbers beyond a double
     are refused by both; orjson also refuses a lone low surrogate's escape and a byte order mark, which Triton
     takes)."""
-    if too_deep(text, max_depth):
+    # both read the brackets outside strings where the bytes alone hold more than they allow: found once
+    brackets = text.count(b"[") + text.count(b"{")
+    outside = outside_strings(text) if brackets > max_depth and brackets > MAX_CONTAINERS else None
+    if too_deep(text, max_depth, outside):
         raise Refused(400, "too_deep", f"the JSON is nested deeper than {max_depth} levels")
-    held = containers(text)
+    held = containers(text, outside)
     if held > MAX_CONTAINERS:
         raise Refused(413, "too_large", f"the JSON holds {held} arrays and objects, more than {MAX_CONTAINERS}")
     try:

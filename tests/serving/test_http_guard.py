@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from serving import http_guard
-from serving.http_guard import Guard, GuardThread, Refused, check, check_generate, check_infer, parse, too_deep
+from serving.http_guard import (Guard, GuardThread, Refused, check, check_generate, check_infer, outside_strings, parse,
+                                too_deep)
 from serving.probe_metrics import REFUSALS
 from clients.client import DEFAULT_MODEL, IMAGE_INPUT
 from common.contract import CLASSIFIER, ONNX_INPUT as CLASSIFIER_INPUT
@@ -252,6 +253,24 @@ def test_json_that_would_cost_the_guard_gigabytes_to_parse_is_a_413():
                                      "parameters": {"binary_data_size": 2**23}}]}).encode()
     binary = header + bytes(2**23)
     check(INFER, {"Inference-Header-Content-Length": str(len(header))}, binary, 32, 64 << 20, max_json=2**20)
+
+
+def test_a_body_of_many_brackets_is_read_for_them_once(monkeypatch):
+    """Where the bytes alone hold more brackets than both the depth and the container limits allow, both read
+    the brackets outside strings from one pass over the body."""
+    passes = []
+
+    def counted(text: bytes) -> bytes:
+        passes.append(len(text))
+        return outside_strings(text)
+
+    monkeypatch.setattr(http_guard, "outside_strings", counted)
+    in_a_string = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+                                          "data": ["[" * (1 << 20)]}]}).encode()
+    assert refusal(INFER, in_a_string) is None and len(passes) == 1
+    assert refusal(INFER, b"[" * (1 << 20) + b"]" * (1 << 20)) == "400 too_deep" and len(passes) == 2
+    assert refusal(INFER, b"[" + b"[]," * (1 << 20) + b"[]]") == "413 too_large" and len(passes) == 3
+    assert refusal(INFER, b"[" + b"[]," * 40 + b"[]]") == "400 not_kserve_v2" and len(passes) == 4  # depth only
 
 
 def test_every_refusal_reason_has_a_metric_series():
