@@ -9,6 +9,7 @@ byte work is onnx's own (onnx.save_model's save_as_external_data, onnx.load(load
 """
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import onnx
@@ -97,8 +98,9 @@ def model_sha256(model_file: str | Path) -> str:
 def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False,
                threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write `model` to `path`: with every weight in `data_file(path)` when `external` (its source kept its
-    weights so) or when it serializes to more than `threshold` bytes, else as one file (onnx.save's bytes). A
-    weights file left there by an earlier write goes first (onnx appends to one it finds). Like
+    weights so) or when it serializes to more than `threshold` bytes, else as one file (onnx.save's bytes); the
+    weights file with the model file's mode. A weights file left there by an earlier write goes first (onnx
+    appends to one it finds). Like
     onnx.save_model, writing external data moves the weights out of `model`."""
     path = Path(path)
     data = data_file(path)
@@ -106,6 +108,10 @@ def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False,
     if external or model.ByteSize() > threshold:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=0)
+        # onnx creates the data file readable by its owner only (0600) where the model file gets the umask's mode:
+        # a server running as another user (a container's, over a mounted repository) could read the model but
+        # not its weights
+        data.chmod(stat.S_IMODE(path.stat().st_mode))
     else:
         onnx.save_model(model, str(path))
     return path

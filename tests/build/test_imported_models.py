@@ -1,6 +1,7 @@
 """An imported classifier of the kinds other tools leave (channels-last, ending in Softmax, grayscale, weights in a
 file beside the model) goes through `build.engines` and is served by a real tritonserver: its answers are the
 source model's."""
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,8 @@ def test_a_model_with_external_data_builds_and_serves_with_its_data_files(tmp_pa
         model = _build(artifacts, tmp_path / precision, precision)
         assert weight_files(artifacts / variant) == [f"{variant}.data"]
         assert (model.parent / f"{variant}.data").read_bytes() == (artifacts / f"{variant}.data").read_bytes()
+        # readable by whoever may read the model file (a container's server user over a mounted repository)
+        assert stat.S_IMODE((model.parent / f"{variant}.data").stat().st_mode) == stat.S_IMODE(model.stat().st_mode)
         reference = run_onnxruntime(_build(single, tmp_path / f"single-{precision}", precision), batch)
         for name, value in run_onnxruntime(model, batch).items():  # loaded from the version folder
             np.testing.assert_array_equal(value, reference[name])

@@ -1,4 +1,7 @@
 """common.onnxfiles: when a model is written with its weights beside it, and the hash that covers them."""
+import os
+import stat
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -11,6 +14,16 @@ from tests.tiny_model import save_with_external_weights
 
 def _run(path):
     return cpu_session(path).run(None, {"images": np.ones((2, 3, 32, 32), np.float32)})
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _weights_as_raw_data(tiny_artifacts, tmp_path) -> onnx.ModelProto:
@@ -33,6 +46,8 @@ def test_past_the_threshold_or_asked_the_weights_go_beside_it(tiny_artifacts, tm
         path.parent.mkdir()
         save_model(_weights_as_raw_data(tiny_artifacts, tmp_path / folder), path, **options)
         assert weight_files(path) == ["model.onnx.data"]
+        # as readable as the model file: onnx alone makes it its owner's only (0600)
+        assert _mode(path.parent / "model.onnx.data") == _mode(path) == 0o666 & ~_umask()
         for got, want in zip(_run(path), _run(tiny_artifacts / "model.onnx")):
             np.testing.assert_array_equal(got, want)
 

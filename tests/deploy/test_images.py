@@ -3,6 +3,7 @@ podman can build and run containers, `make image` builds the CPU image and a con
 (read-only root, non-root user) classifies the bundled photos over HTTP and gRPC."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -216,6 +217,21 @@ def wait_ready(url: str, container: list[str], timeout: float = 180) -> None:
     pytest.fail(f"container not ready after {timeout:.0f} s:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
 
 
+@contextlib.contextmanager
+def serving_container(podman: list[str], name: str, run: list[str], http_port: int):
+    """`podman run -d --name <name> <run>` (skipped where podman cannot run containers), ready on `http_port`
+    (host loopback) for the body of the `with`, then removed."""
+    started = subprocess.run([*podman, "run", "-d", "--name", name, *run], capture_output=True, text=True,
+                             timeout=120)
+    if started.returncode != 0:
+        pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
+    try:
+        wait_ready(f"http://127.0.0.1:{http_port}/v2/health/ready", [*podman, name])
+        yield
+    finally:
+        subprocess.run([*podman, "rm", "-f", name], capture_output=True)
+
+
 @pytest.mark.slow
 def test_cpu_image_keeps_no_layer_of_build_only_files(podman, cpu_image, lite0_repository):
     """The wheelhouse pip installs from is mounted for that step, not copied: a COPY layer keeps its files
@@ -301,6 +317,34 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
 
 
 @pytest.mark.slow
+def test_cpu_image_serves_a_mounted_repository_whose_weights_sit_beside_its_models(podman, cpu_image, tmp_path,
+                                                                                    photos):
+    """A repository `make engines` wrote on the host (here as root) from an import that keeps its weights beside
+    model.onnx (ONNX external data, as models over 2 GB must), mounted read-only at /models: the server, uid 1000,
+    reads every model file and its weights file and classifies. Before, onnx's weights files were 0600: the
+    server could read model.onnx but not model.onnx.data, and the classifier never loaded."""
+    from build.repository.spec import DeploymentSpec
+    from build.repository.writer import write_repository
+    from clients.client import ImageClassifierClient
+    from common.preprocessing import PreprocessConfig
+    from tests.training.tiny_torch import TinyNet, export_with_external_data
+    from training.export import import_onnx
+
+    labels, config = [f"class {i}" for i in range(7)], PreprocessConfig(resize=72, crop=64)
+    artifacts = import_onnx(export_with_external_data(TinyNet(), tmp_path / "source" / "model.onnx"),
+                            tmp_path / "artifacts", labels, config).out_dir
+    repository = tmp_path / "model_repository"
+    write_repository(DeploymentSpec(artifacts=str(artifacts)), "python-onnxruntime", repository, "tests")
+    assert (repository / "classifier" / "1" / "model.onnx.data").is_file()
+    port = Ports.free().http
+    run = [*hard_limits(), "--read-only", "--tmpfs", "/tmp", "--shm-size", "256m", "-v", f"{repository}:/models:ro",
+           "-p", f"127.0.0.1:{port}:8000", cpu_image, "--model-repository=/models", "--http-address=0.0.0.0"]
+    with serving_container(podman, f"triton-image-test-{port}", run, port):
+        with ImageClassifierClient(f"127.0.0.1:{port}", "http") as client:
+            assert client.probabilities([photos["chelsea"]]).shape == (1, 7)
+
+
+@pytest.mark.slow
 def test_cpu_image_runs_the_kserve_runtimes_command_behind_its_http_guard(podman, cpu_image, photos):
     """The KServe runtime's command line (deploy/kserve/servingruntime.yaml) in the CPU image, on the host's network
     with free ports in place of its own: KServe's HTTP port is the supervisor's guard, Triton's own HTTP port
@@ -358,21 +402,14 @@ def test_cpu_image_serves_a_repository_from_s3_with_a_read_only_root(podman, cpu
     # the host's network: the supervisor's endpoint on a free port, not 8003 (`make serve`'s watchdog's)
     entrypoint = json.dumps(["python3", "-m", "serving.supervise", f"--port={free_port()}", "--", "tritonserver",
                              "--model-control-mode=explicit", "--load-model=*"])
-    run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
-           "--shm-size", "256m", "--network", "host", *env, "--entrypoint", entrypoint, cpu_image,
-           f"--model-repository={url}",
+    run = [*hard_limits(), "--read-only", "--tmpfs", "/tmp", "--shm-size", "256m", "--network", "host", *env,
+           "--entrypoint", entrypoint, cpu_image, f"--model-repository={url}",
            f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
            "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]
-    started = subprocess.run(run, capture_output=True, text=True, timeout=120)
-    if started.returncode != 0:
-        pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
-    try:
-        wait_ready(f"http://127.0.0.1:{ports.http}/v2/health/ready", [*podman, name])
+    with serving_container(podman, name, run, ports.http):
         with ImageClassifierClient(f"127.0.0.1:{ports.http}", "http") as client:
             chelsea, coffee = client.classify([photos["chelsea"], photos["coffee"]], top_k=3)
         assert CAT_CLASSES & {p.index for p in chelsea} and coffee[0].index == ESPRESSO
-    finally:
-        subprocess.run([*podman, "rm", "-f", name], capture_output=True)
 
 
 @pytest.mark.slow
