@@ -1,6 +1,7 @@
 """The classifier file a repository serves (build.repository.writer.model_shape, weight_files, copy_model):
 checked against the artifacts it claims to belong to, and copied with the weights it keeps beside it."""
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,10 @@ def _edited(source, target, edit):
     return target / "model.onnx"
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def _run(path, crop=32):
     return cpu_session(path).run(None, {"images": np.ones((2, 3, crop, crop), np.float32)})[1]
 
@@ -43,6 +48,11 @@ def test_a_model_with_weights_beside_it_is_copied_whole(tiny_artifacts, tmp_path
     (tmp_path / "version").mkdir()
     copy_model(artifacts / "model.onnx", tmp_path / "version" / "served.onnx")
     assert sorted(p.name for p in (tmp_path / "version").iterdir()) == ["served.onnx", "weights.bin"]
+    # onnx.save wrote weights.bin 0600: the served copy is as readable as the served model (a container's server
+    # runs as another uid than the one that built the repository)
+    assert _mode(artifacts / "weights.bin") == 0o600
+    assert _mode(tmp_path / "version" / "weights.bin") == _mode(tmp_path / "version" / "served.onnx") == \
+        _mode(artifacts / "model.onnx")
     np.testing.assert_array_equal(_run(tmp_path / "version" / "served.onnx"), _run(tiny_artifacts / "model.onnx"))
 
 
