@@ -95,6 +95,16 @@ def model_sha256(model_file: str | Path) -> str:
     return file_sha256(model_file, *(model_file.parent / name for name in names))
 
 
+def give_model_mode(model_file: str | Path, names: list[str]) -> None:
+    """Give the weights files `names` beside `model_file` the model file's mode. onnx creates them readable by
+    their owner only (0600) where the model file gets the umask's mode: a server running as another user (a
+    container's, over a mounted repository) would read the model but not its weights."""
+    model_file = Path(model_file)
+    mode = stat.S_IMODE(model_file.stat().st_mode)
+    for name in names:
+        (model_file.parent / name).chmod(mode)
+
+
 def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False,
                threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write `model` to `path`: with every weight in `data_file(path)` when `external` (its source kept its
@@ -108,10 +118,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False,
     if external or model.ByteSize() > threshold:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=0)
-        # onnx creates the data file readable by its owner only (0600) where the model file gets the umask's mode:
-        # a server running as another user (a container's, over a mounted repository) could read the model but
-        # not its weights
-        data.chmod(stat.S_IMODE(path.stat().st_mode))
+        give_model_mode(path, [data.name])
     else:
         onnx.save_model(model, str(path))
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import stat
 from pathlib import Path
 
 import onnx
@@ -171,8 +170,8 @@ def weight_files(model_file: Path) -> list[str]:
 
 def copy_model(model_file: Path, target: Path, keep: set[str] = frozenset()) -> Path:
     """Copy a model file to `target` with the weights files it names (weight_files), beside it under the
-    same names and with the model file's mode. A weights file must not take the place of `target` or of a file named in `keep` (the version
-    folder's own files)."""
+    same names and with the model file's mode. A weights file must not take the place of `target` or of a file
+    named in `keep` (the version folder's own files)."""
     model_file, target = Path(model_file), Path(target)
     names = weight_files(model_file)
     clash = sorted(set(names) & ({target.name} | set(keep)))
@@ -182,8 +181,7 @@ def copy_model(model_file: Path, target: Path, keep: set[str] = frozenset()) -> 
     for name in names:
         shutil.copy2(model_file.parent / name, target.parent / name)
     shutil.copy2(model_file, target)
-    for name in names:  # as readable as the model: onnx writes weights files 0600, which a server of another uid
-        (target.parent / name).chmod(stat.S_IMODE(target.stat().st_mode))  # (a container's) cannot load
+    onnxfiles.give_model_mode(target, names)  # a weights file of the user's, or of an older import, may be 0600
     return target
 
 

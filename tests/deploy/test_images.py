@@ -271,16 +271,12 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
 
     ports, health = Ports.free(), free_port()
     name = f"triton-image-test-{ports.http}"
-    run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
-           "--shm-size", "256m", "-p", f"127.0.0.1:{ports.http}:8000", "-p", f"127.0.0.1:{ports.grpc}:8001",
+    run = [*hard_limits(), "--read-only", "--tmpfs", "/tmp", "--shm-size", "256m",
+           "-p", f"127.0.0.1:{ports.http}:8000", "-p", f"127.0.0.1:{ports.grpc}:8001",
            "-p", f"127.0.0.1:{ports.metrics}:8002", "-p", f"127.0.0.1:{health}:8003", cpu_image,
            "--model-repository=/models", "--http-address=0.0.0.0", "--grpc-address=0.0.0.0",
            "--metrics-address=0.0.0.0"]
-    started = subprocess.run(run, capture_output=True, text=True, timeout=120)
-    if started.returncode != 0:
-        pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
-    try:
-        wait_ready(f"http://127.0.0.1:{ports.http}/v2/health/ready", [*podman, name])
+    with serving_container(podman, name, run, ports.http):
         wait_ready(f"http://127.0.0.1:{health}/ready", [*podman, name])
         # the entrypoint's watchdog: a classifier stub killed inside the container is reloaded, /ready 503 meanwhile
         kill = ("import os, psutil\n"
@@ -312,8 +308,6 @@ def test_cpu_image_serves_the_bundled_photos(podman, cpu_image, photos):
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics", timeout=5) as answer:  # the supervisor's
             assert b'triton_supervisor_stub_crashes_total{model="classifier"} 1.0' in answer.read()
         assert stopped_cleanly(podman, name), "the supervisor and tritonserver did not shut down cleanly on SIGTERM"
-    finally:
-        subprocess.run([*podman, "rm", "-f", name], capture_output=True)
 
 
 @pytest.mark.slow
@@ -365,14 +359,10 @@ def test_cpu_image_runs_the_kserve_runtimes_command_behind_its_http_guard(podman
     # the repository baked into the image
     command = loopback_command(container, {repository: "--model-repository=/models"}, local, here=False)
     name = f"triton-image-kserve-{local[8080]}"
-    run = [*podman, "run", "-d", "--name", name, *hard_limits(), "--read-only", "--tmpfs", "/tmp",
-           "--shm-size", "256m", "--network", "host", "--entrypoint", json.dumps(command), cpu_image]
-    started = subprocess.run(run, capture_output=True, text=True, timeout=120)
-    if started.returncode != 0:
-        pytest.skip(f"podman cannot run containers here: {started.stderr.strip()[-800:]}")
-    try:
-        guard = f"127.0.0.1:{local[8080]}"
-        wait_ready(f"http://{guard}/v2/health/ready", [*podman, name])
+    run = [*hard_limits(), "--read-only", "--tmpfs", "/tmp", "--shm-size", "256m", "--network", "host",
+           "--entrypoint", json.dumps(command), cpu_image]
+    guard = f"127.0.0.1:{local[8080]}"
+    with serving_container(podman, name, run, local[8080]):
         wait_ready(f"http://127.0.0.1:{local[8003]}/ready", [*podman, name])
         listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == "LISTEN"}
         assert ("127.0.0.1", local[8081]) in listening and ("0.0.0.0", local[8081]) not in listening
@@ -380,8 +370,6 @@ def test_cpu_image_runs_the_kserve_runtimes_command_behind_its_http_guard(podman
             assert client.classify([photos["coffee"]], top_k=1)[0][0].index == ESPRESSO
         check_guarded_server(guard, f"http://127.0.0.1:{local[8003]}/status", photos["chelsea"])
         assert stopped_cleanly(podman, name), "the supervisor, its guard and tritonserver did not shut down cleanly"
-    finally:
-        subprocess.run([*podman, "rm", "-f", name], capture_output=True)
 
 
 @pytest.mark.slow
