@@ -1,20 +1,27 @@
 """Accuracy-aware mixed precision for the INT8 CPU file: keep the layers whose quantisation costs most
 in float, as few as it takes for the accuracy gate to hold.
 
-    1. rank: for every weighted layer (Conv, Gemm, MatMul), quantize the model with that layer alone
-       left in float and measure how far its probabilities move from FP32's on the *calibration*
-       images (mean |dp|); the layers whose float version helps most come first
+    1. rank: for every weighted layer (Conv, Gemm, MatMul), take the model with that layer alone left
+       in float and measure how far its probabilities move from FP32's on the *calibration* images
+       (mean |dp|); the layers whose float version helps most come first. The model is quantized
+       once; each candidate is that file with the one layer's integer node swapped for its float
+       original between a DequantizeLinear and a QuantizeLinear (`swap_in_float`), which is how the
+       quantizer leaves an excluded layer between quantized neighbours, so the cost of a layer is one
+       run of the images, not one quantization of the whole model (docs/precision.md); a layer
+       without such a node is measured on a quantization of its own, with it excluded
     2. keep the first k of that ranking in float, k = 0, 1, 2, ... up to `max_float`, and run the gate
        (held-out images, which the ranking never saw) on each; the first file that passes is the one
        deployed, and its ONNX metadata names the layers left in float (`int8_float_nodes`)
 
-The tool is ONNX Runtime's own quantizer and its `nodes_to_exclude`; the ranking is cached beside the
+The tool is ONNX Runtime's own quantizer and its `nodes_to_exclude` (every file the gate judges is
+written by it); the ranking is cached beside the
 calibration cache, keyed by everything it depends on, so a second `make engines` reuses it. This is
 the search NNCF's accuracy-control quantisation runs (rank by the metric, give back layers to float
 until a validation metric holds), on the same quantizer as the rest of build/.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -31,13 +38,16 @@ from build.precision.calibrate import Calibration
 from build.precision.imagesets import ImageSet
 from common.contract import ONNX_INPUT, ONNX_PROBABILITIES
 from common.hashing import file_sha256
-from common.onnxfiles import model_sha256, save_like
+from common.onnxfiles import model_sha256, save_like, save_model, weight_files
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 
 FLOAT_NODES_KEY = "int8_float_nodes"  # ONNX metadata: the layers this INT8 file leaves in float, comma-separated
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-RANKING_VERSION = 3
+RANKING_VERSION = 4
+# The integer node ONNX Runtime's QOperator quantizer writes for each weighted op, named "<layer>_quant";
+# MatMulIntegerToFloat is quantize.float_logits' form of a QLinearMatMul that computes the logits.
+INTEGER_FORMS = {"Conv": ("QLinearConv",), "Gemm": ("QGemm",), "MatMul": ("QLinearMatMul", "MatMulIntegerToFloat")}
 
 
 @dataclasses.dataclass
@@ -46,6 +56,7 @@ class Ranking:
     error: dict[str, float]  # node -> mean |dp| vs FP32 with that node alone in float
     baseline: float  # mean |dp| with every layer quantized
     reused: bool = False
+    requantized: list[str] = dataclasses.field(default_factory=list)  # layers measured by a quantization of their own
 
 
 def weighted_nodes(model_path: Path) -> list[str]:
@@ -65,6 +76,76 @@ def _key(model_path: Path, calibration: Calibration, layout: str, images: ImageS
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: str) -> onnx.ModelProto | None:
+    """A copy of the INT8 CPU model `quantized` in which `layer` runs in float as in `original` (its FP32
+    model): its integer node becomes DequantizeLinear -> the float layer with its own weights and bias ->
+    QuantizeLinear to the same output scale (no QuantizeLinear where the integer node output float), the
+    form ONNX Runtime's quantizer gives a layer in `nodes_to_exclude`, made to stay float when loaded
+    (`quantize.keep_float`). None where `quantized` has no integer node for `layer`."""
+    source = next((n for n in original.graph.node if n.name == layer), None)
+    if source is None or source.op_type not in INTEGER_FORMS:
+        return None
+    at, node = next(((i, n) for i, n in enumerate(quantized.graph.node) if n.name == f"{layer}_quant"), (None, None))
+    if node is None or node.op_type not in INTEGER_FORMS[source.op_type]:
+        return None
+    if node.op_type == "MatMulIntegerToFloat":  # A, B, a_scale, b_scale, a_zero_point, b_zero_point
+        x, output_scale = [node.input[0], node.input[2], node.input[4]], None
+    else:  # x, x_scale, x_zero_point, w, w_scale, w_zero_point, [QGemm: C,] y_scale, y_zero_point[, QLinearConv: B]
+        x = list(node.input[:3])
+        scale_at = 7 if node.op_type == "QGemm" else 6
+        output_scale = list(node.input[scale_at:scale_at + 2]) if len(node.input) > scale_at and node.input[scale_at] else None
+    initializers = {i.name: i for i in original.graph.initializer}
+    if any(name and name not in initializers for name in source.input[1:]):
+        return None  # a weight or bias computed at run time: not this function's case
+    model = copy.deepcopy(quantized)  # no serialized copy: protobuf refuses one over 2 GB
+    prefix = f"{layer}_float_swap"
+    producer = next((n for n in model.graph.node if x[0] in n.output), None)
+    if producer is not None and producer.op_type == "QuantizeLinear" and list(producer.input[1:3]) == x[1:]:
+        float_input = producer.input[0]  # quantized for this layer from a float tensor: it reads that tensor itself
+    else:
+        float_input = f"{prefix}_input"
+    constants = []
+    for i, name in enumerate(source.input[1:], 1):
+        if name:
+            constants.append(onnx.TensorProto())
+            constants[-1].CopyFrom(initializers[name])
+            constants[-1].name = f"{prefix}_{i}"
+    model.graph.initializer.extend(constants)
+    floated = onnx.NodeProto()
+    floated.CopyFrom(source)
+    floated.input[0] = float_input
+    for i, name in enumerate(source.input[1:], 1):
+        floated.input[i] = f"{prefix}_{i}" if name else ""
+    floated.output[:] = [f"{prefix}_output" if output_scale else node.output[0]]
+    replacement = [floated] if float_input != f"{prefix}_input" else [
+        onnx.helper.make_node("DequantizeLinear", x, [float_input], name=f"{prefix}_DequantizeLinear"), floated]
+    if output_scale:
+        replacement.append(onnx.helper.make_node("QuantizeLinear", [f"{prefix}_output", *output_scale],
+                                                 [node.output[0]], name=f"{prefix}_QuantizeLinear"))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:at] + replacement + nodes[at + 1:])
+    _drop_unread(model)
+    quantize.keep_float(model, [layer])
+    return model
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Remove the nodes whose outputs nothing reads (a QuantizeLinear no layer needs any more), then the
+    initializers nothing reads (the integer node's weights)."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {i for n in model.graph.node for i in n.input} | outputs
+        unread = [n for n in model.graph.node if not set(n.output) & read]
+        if not unread:
+            break
+        for node in unread:
+            model.graph.node.remove(node)
+    read = {i for n in model.graph.node for i in n.input}
+    for initializer in [i for i in model.graph.initializer if i.name not in read]:
+        model.graph.initializer.remove(initializer)
+
+
 def rank_layers(model_path: Path, calibration: Calibration, layout: str, images: ImageSet,
                 config: PreprocessConfig) -> Ranking:
     """The weighted layers, most worth keeping in float first (cached in `<cache>.<layout>.ranking.json`)."""
@@ -73,22 +154,34 @@ def rank_layers(model_path: Path, calibration: Calibration, layout: str, images:
     if cache.exists():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
-            return Ranking(stored["nodes"], stored["error"], stored["baseline"], reused=True)
+            return Ranking(stored["nodes"], stored["error"], stored["baseline"], reused=True,
+                           requantized=stored.get("requantized", []))
     reference = probabilities(model_path, images, config)
+    external = bool(weight_files(model_path))
     with tempfile.TemporaryDirectory(prefix="mixed.") as work:
-        candidate = Path(work) / "candidate.int8.onnx"
+        quantized, candidate = Path(work) / "all.int8.onnx", Path(work) / "candidate.int8.onnx"
 
-        def error(excluded: list[str]) -> float:
-            quantize.quantize(model_path, calibration, "cpu", candidate, exclude_nodes=excluded, cpu_layout=layout)
-            return float(np.abs(probabilities(candidate, images, config) - reference).mean())
+        def error(path: Path) -> float:
+            return float(np.abs(probabilities(path, images, config) - reference).mean())
 
-        baseline = error([])
+        quantize.quantize(model_path, calibration, "cpu", quantized, cpu_layout=layout)
+        baseline = error(quantized)
         nodes = weighted_nodes(model_path)
-        errors = {node: error([node]) for node in tqdm(nodes, desc="mixed precision: rank layers", unit="layer")}
+        original = onnx.load(str(model_path))
+        base = onnx.load(str(quantized))
+        errors, requantized = {}, []
+        for node in tqdm(nodes, desc="mixed precision: rank layers", unit="layer"):
+            swapped = swap_in_float(base, original, node)
+            if swapped is None:  # no integer node of its own: the quantizer's own exclusion, the slow way
+                quantize.quantize(model_path, calibration, "cpu", candidate, exclude_nodes=[node], cpu_layout=layout)
+                requantized.append(node)
+            else:
+                save_model(swapped, candidate, external=external)
+            errors[node] = error(candidate)
     ranked = sorted(nodes, key=lambda n: (errors[n], nodes.index(n)))
     cache.write_text(json.dumps({"key": key, "layout": layout, "images": images.description, "baseline": baseline,
-                                 "nodes": ranked, "error": errors}, indent=2) + "\n")
-    return Ranking(ranked, errors, baseline)
+                                 "nodes": ranked, "error": errors, "requantized": requantized}, indent=2) + "\n")
+    return Ranking(ranked, errors, baseline, requantized=requantized)
 
 
 def stamp_float_nodes(path: Path, nodes: list[str]) -> None:

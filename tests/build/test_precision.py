@@ -423,6 +423,61 @@ def test_layers_left_in_float_stay_float_when_onnx_runtime_loads_them(lite0_int8
     assert len(float_inputs) == 2
 
 
+
+@pytest.mark.slow
+def test_layer_ranking_quantizes_once_and_swaps_each_layer_back_to_float(lite0_int8, tmp_path, monkeypatch):
+    """The mixed-precision ranking measures each weighted layer alone in float. It quantizes the model once and
+    swaps one layer's integer node at a time for its float original, not one whole-model quantization per layer;
+    a swapped file answers as the quantizer's own exclusion of that layer for
+    the convolution that reads the image, a depthwise and a pointwise one between int8 neighbours, and the head
+    (a Gemm whose logits are float), and its float layer runs in float when ONNX Runtime loads it."""
+    from build.precision import mixed
+    from build.precision.calibrate import load_calibration
+    from common.onnxfiles import save_model
+
+    artifacts, _, config = lite0_int8
+    shutil.copytree(artifacts / "calibration", tmp_path / "calibration")
+    calibration = load_calibration(tmp_path / "calibration" / "max.cache")
+    images = augmented_photos(("chelsea", "coffee"), 2, 0, config)
+    layers = mixed.weighted_nodes(artifacts / "model.onnx")
+    convs = [n for n in onnx.load(str(artifacts / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "Conv"]
+    grouped = [any(a.name == "group" and a.i > 1 for a in n.attribute) for n in convs]
+    at = grouped.index(True, 10)
+    chosen = [convs[0].name, convs[at].name, next(n.name for n, g in zip(convs[at + 2:], grouped[at + 2:]) if not g),
+              next(n for n in layers if n.endswith("Gemm"))]
+    quantizations = []
+    quantize_file = quantize.quantize
+
+    def counted(*args, **kwargs):
+        quantizations.append(kwargs.get("exclude_nodes"))
+        return quantize_file(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quantize", counted)
+    ranking = mixed.rank_layers(artifacts / "model.onnx", calibration, "avx2", images, config)
+    assert quantizations == [None], f"{len(quantizations)} quantizations for {len(layers)} layers"
+    assert sorted(ranking.nodes) == sorted(layers) and not ranking.requantized
+    monkeypatch.undo()
+
+    all_int8 = quantize.quantize(artifacts / "model.onnx", calibration, "cpu", tmp_path / "all.onnx", cpu_layout="avx2")
+    base, fp32 = onnx.load(str(all_int8)), onnx.load(str(artifacts / "model.onnx"))
+    reference = mixed.probabilities(artifacts / "model.onnx", images, config)
+    for layer in chosen:
+        excluded = quantize.quantize(artifacts / "model.onnx", calibration, "cpu", tmp_path / "excluded.onnx",
+                                     exclude_nodes=[layer], cpu_layout="avx2")
+        swapped = save_model(mixed.swap_in_float(base, fp32, layer), tmp_path / "swapped.onnx")
+        expected, got = (mixed.probabilities(p, images, config) for p in (excluded, swapped))
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=layer)
+        assert ranking.error[layer] == pytest.approx(float(np.abs(got - reference).mean()), rel=1e-4), layer
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "as_run.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(swapped), options, providers=["CPUExecutionProvider"])
+        as_run = [n.op_type for n in onnx.load(str(tmp_path / "as_run.onnx")).graph.node]
+        assert as_run.count("Conv") + as_run.count("Gemm") + as_run.count("FusedConv") + as_run.count("FusedGemm") == 1, (
+            layer, sorted(set(as_run)))
+    assert mixed.swap_in_float(base, fp32, "no such layer") is None
+
 EMULATED_RUN = """
 import sys
 import numpy as np
