@@ -423,14 +423,13 @@ def test_layers_left_in_float_stay_float_when_onnx_runtime_loads_them(lite0_int8
     assert len(float_inputs) == 2
 
 
-
 @pytest.mark.slow
 def test_layer_ranking_quantizes_once_and_swaps_each_layer_back_to_float(lite0_int8, tmp_path, monkeypatch):
     """The mixed-precision ranking measures each weighted layer alone in float. It quantizes the model once and
     swaps one layer's integer node at a time for its float original, not one whole-model quantization per layer;
-    a swapped file answers as the quantizer's own exclusion of that layer for
-    the convolution that reads the image, a depthwise and a pointwise one between int8 neighbours, and the head
-    (a Gemm whose logits are float), and its float layer runs in float when ONNX Runtime loads it."""
+    a swapped file answers as the quantizer's own exclusion of that layer for the convolution that reads the
+    image, a depthwise and a pointwise one between int8 neighbours, and the head (a Gemm whose logits are
+    float), and its float layer runs in float when ONNX Runtime loads it."""
     from build.precision import mixed
     from build.precision.calibrate import load_calibration
     from common.onnxfiles import save_model
@@ -477,6 +476,7 @@ def test_layer_ranking_quantizes_once_and_swaps_each_layer_back_to_float(lite0_i
         assert as_run.count("Conv") + as_run.count("Gemm") + as_run.count("FusedConv") + as_run.count("FusedGemm") == 1, (
             layer, sorted(set(as_run)))
     assert mixed.swap_in_float(base, fp32, "no such layer") is None
+
 
 EMULATED_RUN = """
 import sys
