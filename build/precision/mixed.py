@@ -14,8 +14,8 @@ in float, as few as it takes for the accuracy gate to hold.
        deployed, and its ONNX metadata names the layers left in float (`int8_float_nodes`)
 
 The tool is ONNX Runtime's own quantizer and its `nodes_to_exclude` (every file the gate judges is
-written by it); the ranking is cached beside the
-calibration cache, keyed by everything it depends on, so a second `make engines` reuses it. This is
+written by it); the ranking is cached beside the calibration cache, keyed by everything it depends on,
+so a second `make engines` reuses it. This is
 the search NNCF's accuracy-control quantisation runs (rank by the metric, give back layers to float
 until a validation metric holds), on the same quantizer as the rest of build/.
 """
@@ -38,7 +38,7 @@ from build.precision.calibrate import Calibration
 from build.precision.imagesets import ImageSet
 from common.contract import ONNX_INPUT, ONNX_PROBABILITIES
 from common.hashing import file_sha256
-from common.onnxfiles import model_sha256, save_like, save_model, weight_files
+from common.onnxfiles import model_sha256, save_like
 from common.onnxsession import cpu_session
 from common.preprocessing import PreprocessConfig
 
@@ -104,18 +104,13 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
         float_input = producer.input[0]  # quantized for this layer from a float tensor: it reads that tensor itself
     else:
         float_input = f"{prefix}_input"
-    constants = []
-    for i, name in enumerate(source.input[1:], 1):
-        if name:
-            constants.append(onnx.TensorProto())
-            constants[-1].CopyFrom(initializers[name])
-            constants[-1].name = f"{prefix}_{i}"
-    model.graph.initializer.extend(constants)
     floated = onnx.NodeProto()
     floated.CopyFrom(source)
     floated.input[0] = float_input
-    for i, name in enumerate(source.input[1:], 1):
-        floated.input[i] = f"{prefix}_{i}" if name else ""
+    for i, name in enumerate(source.input[1:], 1):  # its own weights and bias, under names of their own
+        if name:
+            model.graph.initializer.add().CopyFrom(initializers[name])
+            model.graph.initializer[-1].name = floated.input[i] = f"{prefix}_{i}"
     floated.output[:] = [f"{prefix}_output" if output_scale else node.output[0]]
     replacement = [floated] if float_input != f"{prefix}_input" else [
         onnx.helper.make_node("DequantizeLinear", x, [float_input], name=f"{prefix}_DequantizeLinear"), floated]
@@ -157,7 +152,6 @@ def rank_layers(model_path: Path, calibration: Calibration, layout: str, images:
             return Ranking(stored["nodes"], stored["error"], stored["baseline"], reused=True,
                            requantized=stored.get("requantized", []))
     reference = probabilities(model_path, images, config)
-    external = bool(weight_files(model_path))
     with tempfile.TemporaryDirectory(prefix="mixed.") as work:
         quantized, candidate = Path(work) / "all.int8.onnx", Path(work) / "candidate.int8.onnx"
 
@@ -176,7 +170,7 @@ def rank_layers(model_path: Path, calibration: Calibration, layout: str, images:
                 quantize.quantize(model_path, calibration, "cpu", candidate, exclude_nodes=[node], cpu_layout=layout)
                 requantized.append(node)
             else:
-                save_model(swapped, candidate, external=external)
+                save_like(swapped, candidate, model_path)
             errors[node] = error(candidate)
     ranked = sorted(nodes, key=lambda n: (errors[n], nodes.index(n)))
     cache.write_text(json.dumps({"key": key, "layout": layout, "images": images.description, "baseline": baseline,
