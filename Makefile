@@ -24,6 +24,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 ADDRESS ?= 127.0.0.1
 RESTARTS ?= 3
+INFERENCE_KEY ?= 0
 PYTEST_ARGS ?=
 
 # Each area's targets live in mk/<area>.mk (training, precision, benchmarks).
@@ -69,11 +70,11 @@ valgrind-setup: ## Debian valgrind (as root): the tests run INT8 kernels on its 
 capabilities: $(STAMP) ## what the local server and machine can run
 	$(PY) -m build.repository.capabilities
 
-serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) under its supervisor (stub watchdog, RESTARTS) and wait until ready
+serve: $(STAMP) ## start tritonserver in the background on REPOSITORY (model_repository) under its supervisor (stub watchdog, RESTARTS) and wait until ready; INFERENCE_KEY=1: inference behind a key too
 	$(PY) -m serving.server start --model-repository $(REPOSITORY) --address $(ADDRESS) \
 	    --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 	    $(if $(WATCHDOG_PORT),--watchdog-port $(WATCHDOG_PORT)) $(if $(GUARD_PORT),--guard-port $(GUARD_PORT)) \
-	    --restarts $(RESTARTS)
+	    --restarts $(RESTARTS) $(if $(filter-out 0,$(INFERENCE_KEY)),--inference-key)
 
 stop: ## stop the server started by `make serve`
 	@$(PY) -m serving.server stop

@@ -8,7 +8,8 @@
 Each user is one closed loop (no wait time): `-u N` users = N requests in flight, like
 perf_analyzer's concurrency. Every request carries one random real photo (`--photos jpeg|original`)
 and asks for the top `--top-k`; a request whose answer does not hold k predictions is a failure.
-Triton users call the ensemble `--triton-model` (the spec's `ensemble_name`). `--seed` makes the
+Triton users call the ensemble `--triton-model` (the spec's `ensemble_name`), with the inference key of a
+server that restricts inference (what `make serve` wrote for it, else $TRITON_INFERENCE_KEY). `--seed` makes the
 photo order repeatable: the n-th user started draws from its own stream, seeded by (seed, n).
 Triton requests are reported to Locust's statistics by hand (request_type grpc/http); the FastAPI
 user is Locust's own FastHttpUser. `--latencies-file PATH` writes every successful request's latency
@@ -30,6 +31,7 @@ from locust import FastHttpUser, User, constant, events, task
 from benchmarks.workload import ENCODINGS, load_photos
 from clients.client import DEFAULT_MODEL, ImageClassifierClient
 from serving.health import SEEDS, number
+from serving.server import inference_key_for
 
 grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or the users run one at a time
 
@@ -110,7 +112,8 @@ class TritonUser(_Photos, User):
         super().on_start()
         options = self.environment.parsed_options
         self.model = options.triton_model if options else DEFAULT_MODEL
-        self.client = ImageClassifierClient(self.host, protocol=self.protocol, model=self.model)
+        self.client = ImageClassifierClient(self.host, protocol=self.protocol, model=self.model,
+                                            inference_key=inference_key_for(self.host))
 
     def on_stop(self) -> None:
         self.client.close()

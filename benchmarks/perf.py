@@ -13,7 +13,8 @@ chosen from each model's metadata on the server: a model whose input is the BYTE
 encoded image); any other (the two-model ensemble's `classifier`) gets synthetic tensors.
 One perf_analyzer run per concurrency, CSV (`-f`) parsed into rows, latencies in milliseconds.
 perf_analyzer reads the model config and statistics, which `make serve`'s server restricts: with --url,
-the admin key in --admin-key-file (what `make serve` wrote) goes along as `-H` headers.
+the admin key in --admin-key-file (what `make serve` wrote) goes along as `-H` headers, and so does the
+inference key of a server that restricts inference (what `make serve` wrote for it, else $TRITON_INFERENCE_KEY).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.workload import ENCODINGS, load_photos
 from common import contract
-from serving.access import KEY_FILE, admin_headers
+from serving.access import INFERENCE_KEY_HEADER, KEY_FILE, admin_headers, key_headers
 from serving.health import number
 
 DEFAULT_VENV = ".venv-perf"
@@ -267,12 +268,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[PerfResult]:
     from contextlib import nullcontext
 
-    from serving.server import TritonServer, key_file_for
+    from serving.server import TritonServer, inference_key_for, key_file_for
 
     tool = PerfAnalyzer.locate(args.perf_venv)
     if args.url:
-        key_headers = admin_headers(Path(args.admin_key_file or key_file_for(args.url)), args.protocol)
-        tool = dataclasses.replace(tool, headers=tuple(key_headers.items()))
+        keys = {**admin_headers(Path(args.admin_key_file or key_file_for(args.url)), args.protocol),
+                **key_headers(inference_key_for(args.url), args.protocol, INFERENCE_KEY_HEADER)}
+        tool = dataclasses.replace(tool, headers=tuple(keys.items()))
     out = Path(args.out)
     models = args.models or repository_models(args.model_repository)
     photos = list(load_photos(args.photos).values())

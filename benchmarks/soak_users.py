@@ -20,6 +20,7 @@ from locust import User, constant, events, task
 from benchmarks.workload import load_photos
 from clients.client import DEFAULT_MODEL, ClassificationError, ImageClassifierClient, ServerBusy, ServerUnavailable
 from serving.health import SEEDS, number
+from serving.server import inference_key_for
 
 grpc_gevent.init_gevent()
 
@@ -86,7 +87,8 @@ class SoakUser(User):
         self.rng = random.Random(f"{options.seed if options else 0}/{self.environment.soak_users}")
         self.bad_share = options.bad_share if options else 0.1
         self.model = options.triton_model if options else DEFAULT_MODEL
-        self.client = ImageClassifierClient(self.host, protocol=self.protocol, model=self.model)
+        self.client = ImageClassifierClient(self.host, protocol=self.protocol, model=self.model,
+                                            inference_key=inference_key_for(self.host))
 
     def on_stop(self) -> None:
         self.client.close()

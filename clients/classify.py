@@ -20,7 +20,9 @@ already printed and fails the rest. Output piped into a reader that stops early 
 run quietly, exit 141 (128 + SIGPIPE, as a shell reports for other commands). `make serve`'s
 server restricts model configuration: --batch reads max_batch_size with an admin key (--admin-key-file,
 $TRITON_ADMIN_KEY, else the one `make serve` wrote, sent to that server only), and without one sends
-requests of the deployment spec's default max_batch_size. TLS: an https:// or grpcs:// URL, --tls, or any
+requests of the deployment spec's default max_batch_size. A server started with `make serve INFERENCE_KEY=1`
+takes classifications only with its inference key (--inference-key-file, else the one `make serve` wrote,
+sent to that server only, else $TRITON_INFERENCE_KEY). TLS: an https:// or grpcs:// URL, --tls, or any
 of --tls-ca (the CA to verify the server against; else the system's), --tls-cert and --tls-key (a client
 certificate); the server's certificate is always verified. A file that cannot be read, a certificate that does
 not verify, a client certificate asked for or refused, and TLS on one side only are each one line, exit 1.
@@ -45,9 +47,9 @@ from clients.client import (DEFAULT_MODEL, DEFAULT_URLS, PROTOCOLS, AsyncImageCl
 from clients.endpoint import split_url
 from clients.tls import TLS, tls_for
 from common.contract import MAX_BATCH_SIZE, ImageLimits
-from serving.access import KEY_ENV, read_key
+from serving.access import INFERENCE_KEY_ENV, KEY_ENV, read_key
 from serving.health import number
-from serving.server import is_served, recorded_for, servers_found
+from serving.server import inference_key_for, is_served, recorded_for, servers_found
 
 READ_STATUS = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}  # else INVALID_ARGUMENT
 BUSY_RETRIES = 5  # a busy answer is retried this many times, about 0.1 s, 0.2 s, 0.4 s ... apart
@@ -77,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-key-file", default=None,
                    help=f"file holding the server's admin key, for --batch to read max_batch_size (default: "
                         f"${KEY_ENV}, else the key `make serve` wrote, for its server)")
+    p.add_argument("--inference-key-file", default=None,
+                   help=f"file holding the server's inference key, if it restricts inference (default: "
+                        f"the key `make serve INFERENCE_KEY=1` wrote, for its server, else ${INFERENCE_KEY_ENV})")
     p.add_argument("--max-image-bytes", type=number(int, 1), default=ImageLimits.max_image_bytes,
                    help="larger files fail here, unsent: the served deployment spec's limits.max_image_bytes "
                         "(default: %(default)s, the built-in limit)")
@@ -139,7 +144,8 @@ def classify_files(args: argparse.Namespace, emit: Emit) -> None:
         asyncio.run(_classify_async(args, emit))
         return
     admin_key, tls = getattr(args, "admin_key", None), getattr(args, "tls_settings", None)
-    with ImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key, tls=tls) as client:
+    with ImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key, tls=tls,
+                               inference_key=getattr(args, "inference_key", None)) as client:
         if args.batch:
             _emit_until_gone(args.images, _batched(client, args.images, args.top_k, args.max_image_bytes), emit)
         else:
@@ -266,7 +272,8 @@ async def _classify_async(args: argparse.Namespace, emit: Emit) -> None:
     """One request per image, at most args.concurrency in flight (fewer after busy answers, which are
     retried); outcomes emitted in argument order as they complete."""
     admin_key, tls = getattr(args, "admin_key", None), getattr(args, "tls_settings", None)
-    async with AsyncImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key, tls=tls) as client:
+    async with AsyncImageClassifierClient(args.url, args.protocol, args.model, admin_key=admin_key, tls=tls,
+                                          inference_key=getattr(args, "inference_key", None)) as client:
         window = Window(args.concurrency)
 
         async def one(name: str) -> Outcome:
@@ -332,12 +339,17 @@ def admin_key_for(url: str, found: list[dict], key_file: str | None = None) -> s
     """--admin-key-file's key, else $TRITON_ADMIN_KEY, else the key `make serve` wrote beside the state of the
     server `url` reaches (`found`: serving.server.servers_found()); no other server is sent one."""
     if key_file:
-        key = read_key(Path(key_file))
-        if key is None:
-            raise ValueError(f"--admin-key-file {key_file}: no admin key there")
-        return key
+        return given_key(key_file, "--admin-key-file", "admin")
     recorded = recorded_for(url, found)
     return os.environ.get(KEY_ENV) or (read_key(Path(recorded["admin_key_file"])) if recorded else None)
+
+
+def given_key(key_file: str, option: str, kind: str) -> str:
+    """The key in the file `option` names; a file without one is refused at once."""
+    key = read_key(Path(key_file))
+    if key is None:
+        raise ValueError(f"{option} {key_file}: no {kind} key there")
+    return key
 
 
 def _served_hint(running: dict | None, url: str) -> str:
@@ -353,6 +365,10 @@ def main(args: argparse.Namespace) -> int:
     args.tls_settings = tls_settings(args)  # before server_url drops the URL's scheme
     args.protocol, args.url = server_url(args.url, args.protocol, running)
     args.admin_key = admin_key_for(args.url, found, args.admin_key_file)
+    if args.inference_key_file:
+        args.inference_key = given_key(args.inference_key_file, "--inference-key-file", "inference")
+    else:
+        args.inference_key = inference_key_for(args.url, found)
     report = Report(args.json)
     try:
         classify_files(args, report)

@@ -21,7 +21,8 @@ bounded queue answers at once with ServerBusy (HTTP 503 / gRPC UNAVAILABLE): ret
 the server does not answer within `timeout_s` fails alone, with ClassificationError DEADLINE_EXCEEDED
 (`timeout_s`: seconds above 0, or None for no limit; every call, readiness and model config too).
 `admin_key` (what `make serve` writes to .run/admin.key) is sent with the restricted calls (the model
-config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED.
+config behind max_batch_size); without it a restricted server answers PERMISSION_DENIED. `inference_key` (what
+`make serve INFERENCE_KEY=1` writes to .run/inference.key) is sent with every classification, the same.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from clients.endpoint import DEFAULT_URLS, NAMES, PROTOCOLS, diagnose, split_url
 from clients.tls import TLS, tls_for
-from serving.access import is_restricted_error, key_headers
+from serving.access import INFERENCE_KEY_HEADER, is_restricted_error, key_headers, missing_key
 
 __all__ = ["AsyncImageClassifierClient", "ClassificationError", "DEFAULT_MODEL", "DEFAULT_URLS",
            "ImageClassifierClient", "PROTOCOLS", "Prediction", "ServerBusy", "ServerUnavailable", "TLS", "UnknownModel",
@@ -195,7 +196,8 @@ class _Client:
     asynchronous = False
 
     def __init__(self, url: str | None = None, protocol: str | None = None, model: str = DEFAULT_MODEL,
-                 timeout_s: float = 60.0, admin_key: str | None = None, tls: TLS | None = None):
+                 timeout_s: float = 60.0, admin_key: str | None = None, tls: TLS | None = None,
+                 inference_key: str | None = None):
         if protocol not in (None, *PROTOCOLS):
             raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
         _check_timeout(timeout_s)
@@ -204,6 +206,7 @@ class _Client:
         self._tls_context = self.tls.context(self.protocol) if self.tls else None  # its files checked here
         self.model, self._timeout = model, timeout_s
         self._admin_headers = key_headers(admin_key, self.protocol) or None
+        self._inference_headers = key_headers(inference_key, self.protocol, INFERENCE_KEY_HEADER) or None
         self._module = _module(self.protocol, self.asynchronous)
         self._transport = _transport_errors(self.protocol, self.asynchronous)
         self._client = self._new_client()
@@ -233,8 +236,8 @@ class _Client:
             if any(m in message for m in BUSY_MESSAGES):
                 return ServerBusy(message)
             if is_restricted_error(message):  # HTTP 403, gRPC UNAVAILABLE
-                return ClassificationError(f"{message}: this server restricts the call; pass its admin key "
-                                           "(`make serve` writes .run/admin.key)", "PERMISSION_DENIED")
+                return ClassificationError(f"{message}: this server restricts the call; pass {missing_key(message)}",
+                                           "PERMISSION_DENIED")
             status = status_name(exc.status() if hasattr(exc, "status") else None)
             if status == "NOT_FOUND" and UNKNOWN_MODEL in message:
                 return UnknownModel(f"{message} at {self.url}: check the model name (default: {DEFAULT_MODEL})")
@@ -310,7 +313,7 @@ class ImageClassifierClient(_Client):
 
     def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        return self._call("infer", self.model, inputs, outputs=outputs)
+        return self._call("infer", self.model, inputs, outputs=outputs, headers=self._inference_headers)
 
     def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         """One request; the top `top_k` predictions of each image, best first."""
@@ -361,7 +364,7 @@ class AsyncImageClassifierClient(_Client):
 
     async def _infer(self, images: Sequence[bytes], top_k: int | None):
         inputs, outputs = _request(self._module, images, top_k)
-        return await self._call("infer", self.model, inputs, outputs=outputs)
+        return await self._call("infer", self.model, inputs, outputs=outputs, headers=self._inference_headers)
 
     async def classify(self, images: Sequence[bytes], top_k: int = 5) -> list[list[Prediction]]:
         _check_top_k(top_k)

@@ -1,9 +1,11 @@
-"""The admin key that guards Triton's restricted APIs on a server started by `make serve`.
+"""The keys that guard Triton's restricted APIs on a server started by `make serve`.
 
-`make serve` writes a fresh key to .run/admin.key (mode 0600) and starts tritonserver with the
+`make serve` writes a fresh admin key to .run/admin.key (mode 0600) and starts tritonserver with the
 restricted-API flags; `make stop` removes it. The project's own tools send it with `admin_headers()`.
 Without it, the restricted APIs answer HTTP 403 / gRPC UNAVAILABLE ("This API is restricted, expecting
 header ..."); health, metadata and inference need no key, and the metrics port has no restriction.
+`make serve INFERENCE_KEY=1` puts inference behind a second key of its own (.run/inference.key, header
+triton-inference-key): a client that may classify holds no key to model control, and the reverse.
 """
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ KEY_ENV = "TRITON_ADMIN_KEY"
 # statistics, trace and logging.
 RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 PROTOCOLS = ("http", "grpc")
+# The inference key (`make serve INFERENCE_KEY=1`): Triton's `inference` API group (HTTP infer and generate,
+# gRPC ModelInfer and ModelStreamInfer) behind a header of its own.
+INFERENCE_KEY_HEADER = "triton-inference-key"
+INFERENCE_KEY_FILE = Path(".run") / "inference.key"
+INFERENCE_KEY_ENV = "TRITON_INFERENCE_KEY"
+INFERENCE = ("inference",)
 
 
 def write_key(path: Path = KEY_FILE) -> str:
@@ -54,11 +62,12 @@ def remove_key(path: Path = KEY_FILE) -> bool:
     return True
 
 
-def key_headers(key: str | None, protocol: str | None = None) -> dict[str, str]:
-    """The header(s) carrying `key` for `protocol` ("http", "grpc"; None: both, each ignores the other's)."""
+def key_headers(key: str | None, protocol: str | None = None, header: str = KEY_HEADER) -> dict[str, str]:
+    """The header(s) carrying `key` under `header` for `protocol` ("http", "grpc"; None: both, each ignores
+    the other's)."""
     if not key:
         return {}
-    names = {"http": KEY_HEADER, "grpc": GRPC_KEY_PREFIX + KEY_HEADER}
+    names = {"http": header, "grpc": GRPC_KEY_PREFIX + header}
     if protocol is not None and protocol not in names:
         raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
     return {name: key for p, name in names.items() if protocol in (None, p)}
@@ -67,6 +76,11 @@ def key_headers(key: str | None, protocol: str | None = None) -> dict[str, str]:
 def admin_headers(path: Path = KEY_FILE, protocol: str | None = None) -> dict[str, str]:
     """The headers a restricted API call needs ({} when no key was made: an unrestricted server)."""
     return key_headers(read_key(path), protocol)
+
+
+def inference_headers(path: Path = INFERENCE_KEY_FILE, protocol: str | None = None) -> dict[str, str]:
+    """The headers an inference call needs ({} when no inference key was made)."""
+    return key_headers(read_key(path), protocol, INFERENCE_KEY_HEADER)
 
 
 def key_file_headers(key_file: str | Path) -> Callable[[], dict[str, str]]:
@@ -78,12 +92,25 @@ def key_file_headers(key_file: str | Path) -> Callable[[], dict[str, str]]:
     return lambda: admin_headers(path, "http")
 
 
-def restricted_args(key: str) -> list[str]:
-    """tritonserver flags that put RESTRICTED behind `key` on HTTP and gRPC."""
-    apis = ",".join(RESTRICTED)
-    return [f"--http-restricted-api={apis}:{KEY_HEADER}={key}", f"--grpc-restricted-protocol={apis}:{KEY_HEADER}={key}"]
+def restricted_args(key: str, apis: tuple[str, ...] = RESTRICTED, header: str = KEY_HEADER) -> list[str]:
+    """tritonserver flags that put `apis` (the admin's: RESTRICTED) behind `key` in `header` on HTTP and gRPC;
+    each group of APIs given its own flags keeps its own key."""
+    restriction = f"{','.join(apis)}:{header}={key}"
+    return [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
+
+
+def inference_restricted_args(key: str) -> list[str]:
+    """tritonserver flags that put inference behind `key` (header INFERENCE_KEY_HEADER) on HTTP and gRPC."""
+    return restricted_args(key, INFERENCE, INFERENCE_KEY_HEADER)
 
 
 def is_restricted_error(message: str) -> bool:
     """Whether a server's error says a restricted API was called without (the right) key."""
     return "is restricted, expecting header" in message
+
+
+def missing_key(message: str) -> str:
+    """Which key a restricted error asks for, in words, and where `make serve` writes it."""
+    if INFERENCE_KEY_HEADER in message:
+        return f"its inference key (`make serve INFERENCE_KEY=1` writes {INFERENCE_KEY_FILE})"
+    return f"its admin key (`make serve` writes {KEY_FILE})"

@@ -133,11 +133,13 @@ class Repository:
 
 class Server:
     """Model control of the served repository (serving.triton_admin.TritonAdmin, the admin key sent); what the
-    server refuses becomes a RolloutError that says what to do."""
+    server refuses becomes a RolloutError that says what to do. `inference_key`: what the checks' and the A/B
+    arms' classifications send, where the server restricts inference (`make serve INFERENCE_KEY=1`)."""
 
-    def __init__(self, http: str, key_file: Path = KEY_FILE):  # host:port, and the admin key for it
-        self.http = http
+    def __init__(self, http: str, key_file: Path = KEY_FILE, inference_key: str | None = None):
+        self.http = http  # host:port, and the admin key for it
         self.key_file = key_file
+        self.inference_key = inference_key
         self.admin = TritonAdmin(http, lambda: admin_headers(key_file), timeout=300)
 
     def _ask(self, call: Callable, *args):
@@ -176,19 +178,23 @@ class Server:
 def served_server(url: str | None) -> tuple[Server, Path | None]:
     """The server to act on (--url, else the one `make serve` started, found from any folder) and its repository
     when known: only `make serve`'s own, so that another server's versions are never moved in the wrong
-    repository; the admin key sent is the one recorded beside that server's state."""
-    from serving.server import find_served, recorded_for, servers_found
+    repository; the admin key sent is the one recorded beside that server's state, and so is its inference key
+    (else $TRITON_INFERENCE_KEY)."""
+    from serving.server import inference_key_for, recorded_for, servers_found
 
+    found = servers_found()
     if url:
         http = url.removeprefix("http://")
-        info = recorded_for(http, servers_found())
+        info = recorded_for(http, found)
         if info is None:  # not make serve's: its repository is not known here
-            return Server(http), None
-        return Server(http, Path(info["admin_key_file"])), Path(info["model_repository"])
-    info = find_served()
-    if info is None:
-        raise RolloutError("no server started by `make serve` is running: start one, or pass --url and --repository")
-    return Server(info["http"], Path(info["admin_key_file"])), Path(info["model_repository"])
+            return Server(http, inference_key=inference_key_for(http, [])), None
+    else:
+        info = next(iter(found), None)  # the tools' default (serving.server.find_served)
+        if info is None:
+            raise RolloutError("no server started by `make serve` is running: start one, or pass --url and "
+                               "--repository")
+        http = info["http"]
+    return Server(http, Path(info["admin_key_file"]), inference_key_for(http, [info])), Path(info["model_repository"])
 
 
 # ---- the gate ----------------------------------------------------------------------------------------
@@ -299,7 +305,7 @@ def smoke_check(server: Server, repo: Repository, candidate: Candidate, ensemble
 
     photos = sample_photos()
     names = list(photos)[:4]
-    client = ImageClassifierClient(server.http, protocol="http", model=ensemble)
+    client = ImageClassifierClient(server.http, protocol="http", model=ensemble, inference_key=server.inference_key)
     encoded = [photos[n].read_bytes() for n in names]
     served = [answer[0].index for answer in client.classify(encoded, top_k=1)]
     pixels = load_batch(encoded, repo.preprocess_config())
@@ -479,8 +485,8 @@ def ab_run(repo: Repository, server: Server, split: float, duration: float, seed
     from common.samples import sample_photos
 
     _, candidate = candidate_names(repo)
-    arms = {repo.ensemble: ImageClassifierClient(server.http, protocol="http", model=repo.ensemble),
-            candidate: ImageClassifierClient(server.http, protocol="http", model=candidate)}
+    arms = {name: ImageClassifierClient(server.http, protocol="http", model=name, inference_key=server.inference_key)
+            for name in (repo.ensemble, candidate)}
     photos = [p.read_bytes() for p in sample_photos().values()]
     stats = {name: {"requests": 0, "failed": 0, "latency_ms": [], "answers": {}} for name in arms}
     rng = random.Random(seed)

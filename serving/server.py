@@ -322,11 +322,13 @@ def left_alone(pid: int, program: str, make_target: str, gone: str) -> str:
     return f"pid {pid} is not the {program} `make {make_target}` started ({gone}): not ours, left it alone; forgot it"
 
 
-RECORDED_PATHS = ("log", "model_repository", "admin_key_file")  # relative to where `make serve` ran
+# relative to where `make serve` ran
+RECORDED_PATHS = ("log", "model_repository", "admin_key_file", "inference_key_file")
 
 
 def served(run_dir: Path = RUN_DIR) -> dict | None:
-    """What `make serve` recorded in `run_dir` (pid, http and grpc host:port, metrics URL, log, admin key file)
+    """What `make serve` recorded in `run_dir` (pid, http and grpc host:port, metrics URL, log, admin key file,
+    the inference key file when it made one)
     while that server runs or starts, its paths made absolute (they were recorded relative to the folder
     `make serve` ran in); None if there is none. The clients default to its ports."""
     state = _state_file(run_dir)
@@ -375,10 +377,12 @@ def _addresses(host_port: str) -> set[str]:
 
 
 def is_served(url: str, running: dict | None) -> bool:
-    """Whether `url` reaches the server `make serve` started, however its host is spelt (localhost, 127.0.0.1)."""
+    """Whether `url` reaches the server `make serve` started (its HTTP, gRPC or guard port), however its host is
+    spelt (localhost, 127.0.0.1)."""
     if not running:
         return False
-    for recorded in filter(None, (running.get("http"), running.get("grpc"))):  # (a hand-written state may lack one)
+    ports = (running.get("http"), running.get("grpc"), running.get("guard"))  # a hand-written state may lack one
+    for recorded in filter(None, ports):
         if url == recorded or (url.rpartition(":")[2] == recorded.rpartition(":")[2]
                                and _addresses(url) & _addresses(recorded)):
             return True
@@ -395,6 +399,14 @@ def key_file_for(url: str) -> Path:
     access.KEY_FILE (./.run/admin.key)."""
     recorded = recorded_for(url, servers_found())
     return Path(recorded["admin_key_file"]) if recorded else access.KEY_FILE
+
+
+def inference_key_for(url: str, found: list[dict] | None = None) -> str | None:
+    """The inference key `make serve INFERENCE_KEY=1` wrote for the server `url` reaches (`found`: servers_found()),
+    else $TRITON_INFERENCE_KEY (the key a supervisor given it restricts inference with), else None."""
+    recorded = recorded_for(url, servers_found() if found is None else found)
+    path = (recorded or {}).get("inference_key_file")
+    return (access.read_key(Path(path)) if path else None) or os.environ.get(access.INFERENCE_KEY_ENV) or None
 
 
 # `make serve` exports p50/p99 latency summaries, which `make monitor`'s rules and dashboard read
@@ -535,9 +547,15 @@ def _serve(args: argparse.Namespace) -> dict:
     if guard_port and _port_taken(args.address, guard_port):
         raise ServerError(f"guard port {guard_port} on {args.address} already in use: make serve GUARD_PORT=...")
     log_file.write_bytes(b"")
-    # A fresh admin key per start guards model control, config, statistics, ... (serving/access.py).
+    # A fresh admin key per start guards model control, config, statistics, ... (serving/access.py); with
+    # --inference-key a second one guards inference.
     key = access.write_key(access.KEY_FILE)
-    server.extra_args = [*SERVE_EXTRA_ARGS, *access.restricted_args(key),
+    inference = []
+    if getattr(args, "inference_key", False):
+        inference = access.inference_restricted_args(access.write_key(access.INFERENCE_KEY_FILE))
+    else:
+        access.remove_key(access.INFERENCE_KEY_FILE)  # one left by an earlier start guards nothing now
+    server.extra_args = [*SERVE_EXTRA_ARGS, *access.restricted_args(key), *inference,
                          *cache_args(repository_cache_mb(args.model_repository))]
     ready = f"http://{host_port(reachable(args.address), watchdog_port)}/ready"
     try:
@@ -548,6 +566,8 @@ def _serve(args: argparse.Namespace) -> dict:
                     "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                     "log": str(log_file), "model_repository": str(args.model_repository),
                     "admin_key_file": str(access.KEY_FILE)}
+            if inference:
+                info["inference_key_file"] = str(access.INFERENCE_KEY_FILE)
             if supervisor:
                 info["supervisor"] = {"ready": ready, "status": ready[: -len("ready")] + "status",
                                       "restarts": restarts}
@@ -566,6 +586,7 @@ def _serve(args: argparse.Namespace) -> dict:
             server.stop()
             state.unlink(missing_ok=True)
             access.remove_key(access.KEY_FILE)
+            access.remove_key(access.INFERENCE_KEY_FILE)
         raise
     return info
 
@@ -602,6 +623,7 @@ def stop_served(timeout: float = 30.0) -> tuple[int, str | None] | None:
         terminate_pid(pid, timeout)
     state.unlink()
     access.remove_key(access.KEY_FILE)
+    access.remove_key(access.INFERENCE_KEY_FILE)
     return pid, gone
 
 
@@ -632,6 +654,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard-port", type=port_number, default=0,
                    help="port of the supervisor's HTTP guard (serving.http_guard: malformed bodies answered 400 "
                         "before Triton parses them); 0: none (default: %(default)s)")
+    p.add_argument("--inference-key", action="store_true",
+                   help=f"put inference behind a key of its own too: a fresh one in {access.INFERENCE_KEY_FILE} "
+                        f"(header {access.INFERENCE_KEY_HEADER}), which the project's clients send to this server")
     return p
 
 
@@ -650,6 +675,9 @@ def main(args: argparse.Namespace) -> None:
                   f"server restarts; up to {info['supervisor']['restarts']} restarts)")
         print(f"  admin key for model control, config, statistics: {info['admin_key_file']} "
               f"(header {access.KEY_HEADER}; docs/operations.md)")
+        if info.get("inference_key_file"):
+            print(f"  inference key: {info['inference_key_file']} (header {access.INFERENCE_KEY_HEADER}; "
+                  "requests without it answer 403 / gRPC UNAVAILABLE)")
     elif args.action == "stop":
         stopped = stop_served()
         if stopped is None:

@@ -27,6 +27,8 @@ gets them, for the APIs `make serve` restricts (serving.access.RESTRICTED), else
 could load a python model, i.e. run code. The key is TRITON_ADMIN_KEY's (as deploy/k8s passes it), else
 `--key-file`'s, else a new one written to `--new-key-file` (0600, named in the log, removed on exit). A command
 that has its own flags is left as it is; the supervisor then sends TRITON_ADMIN_KEY or `--key-file`'s key.
+With TRITON_INFERENCE_KEY set (deploy/k8s: from the optional Secret triton-inference-key), inference goes behind
+that key too (header triton-inference-key), unless the command's own flags restrict it already.
 
 `--http-guard host:port` also listens there for HTTP and hands Triton only the requests serving.http_guard
 finds well-formed (malformed bodies answered 400, never reaching Triton's parser; one kills Triton 2.51).
@@ -54,7 +56,8 @@ from typing import Callable
 
 import psutil
 
-from serving.access import KEY_ENV, key_file_headers, key_headers, read_key, restricted_args, write_key
+from serving.access import (INFERENCE, INFERENCE_KEY_ENV, KEY_ENV, RESTRICTED, inference_restricted_args,
+                            key_file_headers, key_headers, read_key, restricted_args, write_key)
 from serving.cache import cache_args, repository_cache_mb
 from serving.stubs import STUB
 from serving.triton_admin import TritonAdmin, drain
@@ -143,17 +146,34 @@ def is_tritonserver(command: list[str]) -> bool:
     return Path(command[0]).name == "tritonserver" or "serving.tritonserver" in command[1:3]
 
 
+def restricted_groups(command: list[str], flag: str) -> set[str]:
+    """The API groups that `command`'s `flag` (one of RESTRICTED_FLAGS, each given any number of times as
+    `<api>,<api>:<header>=<key>`) puts behind a key."""
+    values = flag_values(command).get(flag.lstrip("-"), [])
+    return {api for value in values for api in value.split(":", 1)[0].split(",")}
+
+
 def missing_restrictions(command: list[str]) -> list[str]:
-    """The restricted-API flags (HTTP's, gRPC's) that a tritonserver `command` lacks; [] for any other command."""
+    """The restricted-API flags (HTTP's, gRPC's) by which a tritonserver `command` restricts none of the APIs
+    `make serve` does (one that restricts inference alone counts as missing); [] for any other command."""
     if not is_tritonserver(command):
         return []
-    return [f for f in RESTRICTED_FLAGS if not has_flag(command, f)]
+    return [f for f in RESTRICTED_FLAGS if not restricted_groups(command, f) & set(RESTRICTED)]
 
 
 def restrict(command: list[str], key: str) -> list[str]:
     """`command` with the restricted-API flags it lacks, all guarded by `key`."""
     missing = missing_restrictions(command)
     return [*command, *(a for a in restricted_args(key) if a.split("=", 1)[0] in missing)]
+
+
+def restrict_inference(command: list[str], key: str) -> list[str]:
+    """`command` with inference behind `key` (TRITON_INFERENCE_KEY) on each protocol whose flags do not put it
+    behind a key already; as it is for any other command than tritonserver."""
+    if not is_tritonserver(command):
+        return command
+    return [*command, *(a for a in inference_restricted_args(key)
+                        if not set(INFERENCE) <= restricted_groups(command, a.split("=", 1)[0]))]
 
 
 def default_key_file(command: list[str]) -> Path:
@@ -428,6 +448,11 @@ def main(args: argparse.Namespace) -> int:
             headers = lambda: key_headers(key, "http")  # noqa: E731
     if missing:
         command = restrict(command, key)
+    if os.environ.get(INFERENCE_KEY_ENV):
+        keyed = restrict_inference(command, os.environ[INFERENCE_KEY_ENV])
+        if keyed != command:
+            log.info("inference behind the key in $%s", INFERENCE_KEY_ENV)
+        command = keyed
     command, cache_mb = with_cache(command)
     if cache_mb:
         log.info("response cache: %d MiB, as the repository's BUILD.json asks (response_cache_mb)", cache_mb)

@@ -432,8 +432,10 @@ def test_headless_service_lets_grpc_clients_balance_per_request(rendered, target
 
 def test_every_server_keeps_model_control_behind_a_key(rendered):
     """The Deployment passes the restricted-API flags with the Secret's key, so serving.supervise adds no second
-    pair; KServe's runtime passes none, and serving.supervise adds them (the Secret's key if there is one)."""
-    from serving.supervise import missing_restrictions
+    pair; KServe's runtime passes none, and serving.supervise adds them (the Secret's key if there is one). Both
+    give serving.supervise the optional Secret triton-inference-key, which puts inference behind a key of its own
+    where the operator made one; no flag of theirs restricts inference already."""
+    from serving.supervise import missing_restrictions, restrict_inference
 
     servers = {}
     for target, objects in rendered.items():
@@ -451,6 +453,9 @@ def test_every_server_keeps_model_control_behind_a_key(rendered):
         server = line[line.index("tritonserver"):]
         assert missing_restrictions(server) == ([] if target != "kserve" else ["--http-restricted-api",
                                                                               "--grpc-restricted-protocol"]), target
+        inference = env["TRITON_INFERENCE_KEY"]["valueFrom"]["secretKeyRef"]
+        assert inference == {"name": "triton-inference-key", "key": "key", "optional": True}, target
+        assert restrict_inference(server, "k") == [*server, *access.inference_restricted_args("k")], target
     assert servers["kserve"][1]["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 

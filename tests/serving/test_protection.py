@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving import access
-from serving.server import Ports, TritonServer
+from serving.server import Ports, TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "image_classifier"
@@ -178,7 +178,7 @@ def make(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_make_serve_makes_a_key_its_clients_use_and_make_stop_removes_it(tiny_repository, tmp_path, photos):
     ports = Ports.free()
     serve = make(tmp_path, "serve", f"REPOSITORY={tiny_repository}", f"HTTP_PORT={ports.http}",
-                 f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}")
+                 f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}", f"WATCHDOG_PORT={free_port()}")
     assert serve.returncode == 0, serve.stderr
     key_file = tmp_path / access.KEY_FILE
     try:
@@ -211,8 +211,6 @@ def test_a_second_start_while_the_first_is_starting_leaves_its_key_and_log_alone
     anything, so the first comes up with the key in .run/admin.key and its log whole."""
     import time
 
-    from serving.server import free_port
-
     ports = Ports.free()
     cli = [sys.executable, "-m", "serving.server", "start", "--model-repository", str(tiny_repository),
            "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
@@ -242,3 +240,142 @@ def test_a_second_start_while_the_first_is_starting_leaves_its_key_and_log_alone
         stop = subprocess.run([sys.executable, "-m", "serving.server", "stop"], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
+
+
+INFERENCE_KEY = "test-inference-key"
+
+
+@pytest.fixture(scope="module")
+def inference_restricted(tiny_repository):
+    """The admin APIs behind KEY, inference behind INFERENCE_KEY (`make serve INFERENCE_KEY=1`'s flags)."""
+    keys = [*access.restricted_args(KEY), *access.inference_restricted_args(INFERENCE_KEY)]
+    with TritonServer(tiny_repository, log_file=tiny_repository.parent / "tritonserver-inference.log",
+                      extra_args=keys) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_http_inference_key_guards_inference_alone(inference_restricted):
+    base = f"http://{inference_restricted.http_url}"
+    infer, config = f"{base}/v2/models/{MODEL}/infer", f"{base}/v2/models/{MODEL}/config"
+    body = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]}).encode()
+    inference = access.key_headers(INFERENCE_KEY, "http", access.INFERENCE_KEY_HEADER)
+    for headers in ({}, access.key_headers(KEY, "http"), {access.INFERENCE_KEY_HEADER: "wrong"}):
+        assert http_status(infer, "POST", headers, body) == 403
+    assert http_status(infer, "POST", inference, body) == 400  # past the key: the bytes are no image
+    assert http_status(config, headers=inference) == 403 and http_status(config, headers=access.key_headers(KEY)) == 200
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2", f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready"):
+        assert http_status(base + path) == 200, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_project_clients_send_the_inference_key(inference_restricted, protocol, photos):
+    import asyncio
+
+    from clients.client import AsyncImageClassifierClient, ClassificationError, ImageClassifierClient
+
+    url = inference_restricted.http_url if protocol == "http" else inference_restricted.grpc_url
+    for keys in ({}, {"admin_key": KEY}, {"inference_key": "wrong"}):
+        with ImageClassifierClient(url, protocol, **keys) as client:
+            assert client.is_ready()  # health and metadata stay open
+            with pytest.raises(ClassificationError) as denied:
+                client.classify([photos["coffee"]])
+            assert denied.value.status == "PERMISSION_DENIED" and "inference key" in str(denied.value), keys
+    with ImageClassifierClient(url, protocol, inference_key=INFERENCE_KEY) as client:
+        with pytest.raises(ClassificationError, match="admin key"):
+            client.max_batch_size()  # the inference key opens inference only
+        assert len(client.classify([photos["coffee"], photos["chelsea"]], top_k=2)) == 2
+
+    async def classify(key: str | None):
+        async with AsyncImageClassifierClient(url, protocol, inference_key=key) as client:
+            return await client.classify([photos["coffee"]], top_k=1)
+
+    with pytest.raises(ClassificationError, match="inference key"):
+        asyncio.run(classify(None))
+    assert len(asyncio.run(classify(INFERENCE_KEY))[0]) == 1
+
+
+@pytest.mark.slow
+def test_make_serve_inference_key_its_clients_use_and_make_stop_removes_it(tiny_repository, tmp_path, photos,
+                                                                            monkeypatch):
+    from serving.rollout import served_server
+
+    ports, guard = Ports.free(), free_port()
+    where = [f"REPOSITORY={tiny_repository}", f"HTTP_PORT={ports.http}", f"GRPC_PORT={ports.grpc}",
+             f"METRICS_PORT={ports.metrics}", f"WATCHDOG_PORT={free_port()}", f"GUARD_PORT={guard}"]
+    key_file, admin_file = tmp_path / access.INFERENCE_KEY_FILE, tmp_path / access.KEY_FILE
+    serve = make(tmp_path, "serve", *where, "INFERENCE_KEY=1")
+    assert serve.returncode == 0, serve.stderr
+    try:
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and "inference key" in serve.stdout
+        key = access.read_key(key_file)
+        assert key and key != access.read_key(admin_file)
+        image = tmp_path / "coffee.jpg"
+        image.write_bytes(photos["coffee"])
+        no_key = subprocess.run([sys.executable, "-m", "clients.classify", str(image), "--url",
+                                 f"127.0.0.1:{ports.http}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert no_key.returncode != 0 and "PERMISSION_DENIED" in no_key.stderr, no_key.stderr  # not make serve's folder
+        for protocol in ([], ["PROTOCOL=grpc"]):
+            done = make(tmp_path, "classify", *protocol)
+            assert done.returncode == 0 and "chelsea" in done.stdout, done.stderr
+        for mode in (["--async"], ["--batch"], ["--url", f"127.0.0.1:{guard}"]):  # the guard forwards the key
+            run = subprocess.run([sys.executable, "-m", "clients.classify", str(image), *mode, "--json"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 and json.loads(run.stdout)["image"] == str(image), run.stderr
+        monkeypatch.setenv("TRITON_RUN_DIR", str(tmp_path / ".run"))
+        server, repository = served_server(None)  # make rollout's checks and A/B arms classify with it
+        assert server.inference_key == key and repository == tiny_repository
+    finally:
+        stop = make(tmp_path, "stop")
+    assert stop.returncode == 0, stop.stderr
+    assert not key_file.exists() and not admin_file.exists()
+    restart = make(tmp_path, "serve", *where)
+    try:
+        assert restart.returncode == 0, restart.stderr
+        assert "inference key" not in restart.stdout
+        done = make(tmp_path, "classify")
+        assert done.returncode == 0 and "chelsea" in done.stdout, done.stderr
+    finally:
+        assert make(tmp_path, "stop").returncode == 0
+
+
+@pytest.mark.slow
+def test_perf_sends_the_inference_key_from_the_environment(inference_restricted, tmp_path, monkeypatch):
+    from benchmarks.perf import PerfAnalyzer, PerfAnalyzerError, get_args_parser, main
+
+    try:
+        PerfAnalyzer.locate()
+    except PerfAnalyzerError as exc:
+        pytest.skip(f"perf_analyzer is not set up here ({exc})")
+    admin = tmp_path / "admin.key"
+    admin.write_text(KEY + "\n")
+    args = get_args_parser().parse_args([
+        "--url", inference_restricted.grpc_url, "--models", MODEL, "--concurrency", "1", "--measurement-ms", "500",
+        "--admin-key-file", str(admin), "--out", str(tmp_path / "perf")])
+    monkeypatch.delenv(access.INFERENCE_KEY_ENV, raising=False)
+    with pytest.raises(PerfAnalyzerError, match=access.INFERENCE_KEY_HEADER):
+        main(args)
+    monkeypatch.setenv(access.INFERENCE_KEY_ENV, INFERENCE_KEY)
+    [result] = main(args)
+    assert result.throughput > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("user_class", ["TritonGrpcUser", "TritonHttpUser"])
+def test_locust_users_send_the_inference_key(inference_restricted, user_class, tmp_path):
+    import os
+
+    from benchmarks.locust_run import locust_command
+
+    host = inference_restricted.grpc_url if user_class == "TritonGrpcUser" else inference_restricted.http_url
+    env = {k: v for k, v in os.environ.items() if k != access.INFERENCE_KEY_ENV}
+    totals = {}
+    for name, key in (("without", {}), ("with", {access.INFERENCE_KEY_ENV: INFERENCE_KEY})):
+        command = locust_command(user_class, host, 1, 2, tmp_path / name, "jpeg", MODEL)
+        command[-1:-1] = ["--top-k", "2"]  # the tiny model has 3 classes
+        done = subprocess.run(command, env={**env, **key}, capture_output=True, text=True, timeout=120)
+        assert done.returncode in (0, 1), done.stderr  # 1: some request failed
+        totals[name] = json.loads((tmp_path / f"{name}_totals.json").read_text())
+    assert totals["without"]["requests"] > 0 and totals["without"]["failures"] == totals["without"]["requests"]
+    assert totals["with"]["requests"] > 0 and totals["with"]["failures"] == 0

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from build.repository.spec import DeploymentSpec
 from build.repository.writer import write_repository
 from clients.client import ClassificationError, ImageClassifierClient
-from serving import rollout
+from serving import access, rollout
 from serving.server import TritonServer
 from tests.tiny_model import save_with_external_weights
 
@@ -188,6 +188,23 @@ def test_ab_serves_a_candidate_beside_the_version_in_service(served, tiny_artifa
     assert arms[0]["answers"].keys() == arms[1]["answers"].keys()  # same answers: the candidate only rescales
     assert not (repo.path / "classifier_candidate").exists()
     assert api.ready_versions("classifier_candidate") == []
+
+
+def test_rollout_and_ab_classify_with_the_inference_key(repository, tiny_artifacts, tmp_path):
+    """A server with inference behind a key (`make serve INFERENCE_KEY=1`): without the key the rollout's served
+    check cannot classify and the version is rolled back, saying so; with it the rollout and A/B arms classify."""
+    key, thresholds = "rollout-inference-key", {"agreement": 0.99, "accuracy_drop": 0.01}
+    good = _candidate(tiny_artifacts, tmp_path / "good", 1.05)
+    with TritonServer(repository.path, log_file=tmp_path / "tritonserver.log",
+                      extra_args=[*EXPLICIT, *access.inference_restricted_args(key)]) as server:
+        with pytest.raises(rollout.RolloutError, match="version 2 was rolled back: .*inference key"):
+            rollout.add(repository, rollout.Server(server.http_url), good, None, thresholds)
+        api = rollout.Server(server.http_url, inference_key=key)
+        assert rollout.add(repository, api, good, None, thresholds) == 3
+        rollout.ab_start(repository, api, _candidate(tiny_artifacts, tmp_path / "other", 1.1), None)
+        report = rollout.ab_run(repository, api, split=0.5, duration=2)
+        rollout.ab_stop(repository, api)
+    assert len(report) == 2 and all(arm["requests"] > 0 and arm["failed"] == 0 for arm in report.values())
 
 
 def test_a_failed_ab_start_leaves_nothing_behind(served, tiny_artifacts, tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from serving.server import SERVE_EXTRA_ARGS, Ports, TritonServer, free_port
 from serving.stubs import STUB, serving_stubs
 from serving import access
-from serving.supervise import http_url, missing_restrictions, restrict
+from serving.supervise import http_url, missing_restrictions, restrict, restrict_inference
 from tests.serving.test_self_healing import Load, get, repository  # noqa: F401 (repository: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -371,8 +371,21 @@ def test_restrictions_are_added_to_a_tritonserver_command_that_lacks_them():
     own = f"--grpc-restricted-protocol={apis}:triton-admin-key=$(TRITON_ADMIN_KEY)"
     assert restrict(["/opt/tritonserver/bin/tritonserver", own], key) == ["/opt/tritonserver/bin/tritonserver", own,
                                                                           http]
-    assert missing_restrictions(["tritonserver", "--http-restricted-api", "x:h=v", own]) == []
+    assert missing_restrictions(["tritonserver", "--http-restricted-api", "model-repository:h=v", own]) == []
     assert missing_restrictions(["sh", "-c", "tritonserver"]) == []  # not tritonserver itself: left alone
+    # inference behind a key of its own leaves model control open: the admin's flags are still added
+    inference = access.inference_restricted_args("i")
+    assert restrict(["tritonserver", *inference], key) == ["tritonserver", *inference, http, grpc]
+
+
+def test_inference_restriction_is_added_where_the_command_lacks_it():
+    inference = http, grpc = access.inference_restricted_args("i")
+    admin = access.restricted_args("k")
+    assert restrict_inference(["tritonserver", *admin], "i") == ["tritonserver", *admin, http, grpc]
+    own = "--http-restricted-api=inference,model-config:h=v"
+    assert restrict_inference(["tritonserver", own], "i") == ["tritonserver", own, grpc]
+    assert restrict_inference(["tritonserver", *inference], "other") == ["tritonserver", *inference]
+    assert restrict_inference(["sh", "-c", "tritonserver"], "i") == ["sh", "-c", "tritonserver"]
 
 
 def post(url: str, body: dict, headers: dict | None = None) -> int:
@@ -411,3 +424,31 @@ def test_a_server_started_without_restricted_flags_gets_them_under_a_generated_k
         supervised.process.send_signal(signal.SIGTERM)
         assert supervised.process.wait(90) == 0
     assert not marker.exists() and not key_file.exists()  # the key is of no use once its server is gone
+
+
+def test_an_inference_key_in_the_environment_puts_inference_behind_it(repository, tmp_path, monkeypatch):
+    """TRITON_INFERENCE_KEY (deploy/k8s: the optional Secret triton-inference-key) restricts inference on both
+    protocols, model control staying behind the admin key; the probes and a reload of a killed stub need neither."""
+    from clients.client import ClassificationError, ImageClassifierClient
+    from common.samples import sample_photos
+
+    monkeypatch.setenv(access.INFERENCE_KEY_ENV, "inference-key")
+    photo = next(iter(sample_photos().values())).read_bytes()
+    with Supervised(repository, tmp_path / "supervise.log", restarts=0,
+                    options=("--new-key-file", str(tmp_path / "admin.key"))) as supervised:
+        assert f"inference behind the key in ${access.INFERENCE_KEY_ENV}" in supervised.log.read_text(errors="replace")
+        for protocol, port in (("http", supervised.ports.http), ("grpc", supervised.ports.grpc)):
+            with ImageClassifierClient(f"127.0.0.1:{port}", protocol) as client:
+                with pytest.raises(ClassificationError, match="inference key"):
+                    client.classify([photo])
+            with ImageClassifierClient(f"127.0.0.1:{port}", protocol, inference_key="inference-key") as client:
+                assert len(client.classify([photo], top_k=1)[0]) == 1
+                with pytest.raises(ClassificationError, match="admin key"):
+                    client.max_batch_size()
+        os.kill(serving_stubs(supervised.server_pid(), "classifier", 1)[0].pid, signal.SIGKILL)
+        codes = ready_codes_until_healed(supervised)
+        assert codes[-1] == 200, supervised.log.read_text(errors="replace")[-3000:]
+        with ImageClassifierClient(f"127.0.0.1:{supervised.ports.http}", "http", inference_key="inference-key") as c:
+            assert len(c.classify([photo], top_k=1)[0]) == 1
+        supervised.process.send_signal(signal.SIGTERM)
+        assert supervised.process.wait(90) == 0
