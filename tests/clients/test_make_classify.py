@@ -33,7 +33,7 @@ def make(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_make_classify_finds_the_server_make_serve_started(lite0_repository, server, tmp_path):
     ports = Ports.free()
     serve = make(tmp_path, "serve", f"REPOSITORY={lite0_repository}", f"HTTP_PORT={ports.http}",
-                 f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}")
+                 f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}", f"WATCHDOG_PORT={free_port()}")
     assert serve.returncode == 0, serve.stderr
     try:
         for protocol in ([], ["PROTOCOL=grpc"]):

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.response_cache import cache_counts, distinct_images, metrics_text
 from serving.cache import cache_args, repository_cache_mb
-from serving.server import Ports, TritonServer
+from serving.server import Ports, TritonServer, free_port
 from serving.supervise import with_cache
 from serving.tritonserver import build_command, locate_server
 
@@ -88,7 +88,7 @@ def test_make_serve_starts_the_cache_the_repository_asks_for(cached_repository, 
     make = ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path),
             f"VENV={Path(sys.executable).parent.parent}", "STAMP="]
     serve = subprocess.run([*make, "serve", f"REPOSITORY={cached_repository}", f"HTTP_PORT={ports.http}",
-                            f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}"],
+                            f"GRPC_PORT={ports.grpc}", f"METRICS_PORT={ports.metrics}", f"WATCHDOG_PORT={free_port()}"],
                            capture_output=True, text=True, timeout=240)
     assert serve.returncode == 0, serve.stderr
     try:
