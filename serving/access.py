@@ -24,8 +24,8 @@ KEY_ENV = "TRITON_ADMIN_KEY"
 # statistics, trace and logging.
 RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 PROTOCOLS = ("http", "grpc")
-# The inference key (`make serve INFERENCE_KEY=1`): Triton's `inference` API group (HTTP infer and generate,
-# gRPC ModelInfer and ModelStreamInfer) behind a header of its own.
+# The inference key (`make serve INFERENCE_KEY=1`): Triton's `inference` API group (HTTP infer, generate and
+# generate_stream, gRPC ModelInfer and ModelStreamInfer) behind a header of its own.
 INFERENCE_KEY_HEADER = "triton-inference-key"
 INFERENCE_KEY_FILE = Path(".run") / "inference.key"
 INFERENCE_KEY_ENV = "TRITON_INFERENCE_KEY"
@@ -76,11 +76,6 @@ def key_headers(key: str | None, protocol: str | None = None, header: str = KEY_
 def admin_headers(path: Path = KEY_FILE, protocol: str | None = None) -> dict[str, str]:
     """The headers a restricted API call needs ({} when no key was made: an unrestricted server)."""
     return key_headers(read_key(path), protocol)
-
-
-def inference_headers(path: Path = INFERENCE_KEY_FILE, protocol: str | None = None) -> dict[str, str]:
-    """The headers an inference call needs ({} when no inference key was made)."""
-    return key_headers(read_key(path), protocol, INFERENCE_KEY_HEADER)
 
 
 def key_file_headers(key_file: str | Path) -> Callable[[], dict[str, str]]:

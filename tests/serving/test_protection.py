@@ -260,9 +260,12 @@ def test_http_inference_key_guards_inference_alone(inference_restricted):
     infer, config = f"{base}/v2/models/{MODEL}/infer", f"{base}/v2/models/{MODEL}/config"
     body = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]}).encode()
     inference = access.key_headers(INFERENCE_KEY, "http", access.INFERENCE_KEY_HEADER)
+    generate = f"{base}/v2/models/{MODEL}/generate"
     for headers in ({}, access.key_headers(KEY, "http"), {access.INFERENCE_KEY_HEADER: "wrong"}):
         assert http_status(infer, "POST", headers, body) == 403
+        assert http_status(generate, "POST", headers, b'{"IMAGE": "x"}') == 403
     assert http_status(infer, "POST", inference, body) == 400  # past the key: the bytes are no image
+    assert http_status(generate, "POST", inference, b'{"IMAGE": "x"}') == 400
     assert http_status(config, headers=inference) == 403 and http_status(config, headers=access.key_headers(KEY)) == 200
     for path in ("/v2/health/live", "/v2/health/ready", "/v2", f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready"):
         assert http_status(base + path) == 200, path

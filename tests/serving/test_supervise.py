@@ -428,7 +428,8 @@ def test_a_server_started_without_restricted_flags_gets_them_under_a_generated_k
 
 def test_an_inference_key_in_the_environment_puts_inference_behind_it(repository, tmp_path, monkeypatch):
     """TRITON_INFERENCE_KEY (deploy/k8s: the optional Secret triton-inference-key) restricts inference on both
-    protocols, model control staying behind the admin key; the probes and a reload of a killed stub need neither."""
+    protocols, model control staying behind the admin key; the watchdog still reloads a killed stub's model (with
+    the admin key) and its readiness says so, and the reloaded model classifies with the inference key."""
     from clients.client import ClassificationError, ImageClassifierClient
     from common.samples import sample_photos
 
