@@ -180,16 +180,15 @@ def served_server(url: str | None) -> tuple[Server, Path | None]:
     when known: only `make serve`'s own, so that another server's versions are never moved in the wrong
     repository; the admin key sent is the one recorded beside that server's state, and so is its inference key
     (else $TRITON_INFERENCE_KEY)."""
-    from serving.server import inference_key_for, recorded_for, servers_found
+    from serving.server import find_served, inference_key_for, recorded_for, servers_found
 
-    found = servers_found()
     if url:
         http = url.removeprefix("http://")
-        info = recorded_for(http, found)
+        info = recorded_for(http, servers_found())
         if info is None:  # not make serve's: its repository is not known here
             return Server(http, inference_key=inference_key_for(http, [])), None
     else:
-        info = next(iter(found), None)  # the tools' default (serving.server.find_served)
+        info = find_served()
         if info is None:
             raise RolloutError("no server started by `make serve` is running: start one, or pass --url and "
                                "--repository")
