@@ -14,13 +14,17 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, convert_model_to_external_data, uses_external_data
 
 from common.hashing import file_sha256
 
 # Serialized bytes above which a model is written with external data: protobuf refuses 2 GiB (onnx.checker's
 # MAXIMUM_PROTOBUF), and a later step adds to the model (metadata, Q/DQ scales, casts).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Integer tensors under this many bytes are written inside the model file even with external data: they are
+# shapes, pads and axes that ONNX's shape inference reads, never weights of any size.
+SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+SHAPE_BYTES = 1024
 DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data (ONNX Runtime's quantizer names its own files so too)
 
 
@@ -110,15 +114,21 @@ def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False,
     """Write `model` to `path`: with every weight in `data_file(path)` when `external` (its source kept its
     weights so) or when it serializes to more than `threshold` bytes, else as one file (onnx.save's bytes); the
     weights file with the model file's mode. A weights file left there by an earlier write goes first (onnx
-    appends to one it finds). Like
+    appends to one it finds). Small integer tensors (shapes, pads, axes) stay in the model file: ONNX's shape
+    inference, which ONNX Runtime runs as it loads a model, reads their values and fails on external ones
+    ("Cannot parse data from external tensors"). Like
     onnx.save_model, writing external data moves the weights out of `model`."""
     path = Path(path)
     data = data_file(path)
     data.unlink(missing_ok=True)
     if external or model.ByteSize() > threshold:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=0)
-        give_model_mode(path, [data.name])
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data.name, size_threshold=0)
+        for tensor in _graph_tensors(model.graph):
+            if uses_external_data(tensor) and tensor.data_type in SHAPE_TYPES and len(tensor.raw_data) < SHAPE_BYTES:
+                tensor.data_location = onnx.TensorProto.DEFAULT  # kept in the model file
+                del tensor.external_data[:]
+        onnx.save_model(model, str(path))  # writes the tensors marked external to `data`
+        give_model_mode(path, [data.name] if data.exists() else [])
     else:
         onnx.save_model(model, str(path))
     return path

@@ -4,7 +4,7 @@ import stat
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from common.hashing import file_sha256
 from common.onnxfiles import EXTERNAL_DATA_THRESHOLD, model_sha256, save_like, save_model, weight_files
@@ -66,3 +66,30 @@ def test_a_rewrite_replaces_its_data_file_and_the_hash_follows_it(tiny_artifacts
     save_like(model, path, path)
     assert file_sha256(path) == before  # model.onnx is the same file: only its weights changed...
     assert model_sha256(path) != digest  # ...which its hash sees
+
+
+def test_shapes_stay_in_the_model_file_where_onnx_runtime_reads_them_as_it_loads(tmp_path):
+    """A Pad whose pads are an initializer (as torch's exporter folds them: EfficientNet's stem) written with
+    every tensor in the weights file was refused by ONNX Runtime as it loaded it ("Cannot parse data from
+    external tensors"): its shape inference reads those values. Small integer tensors stay in the model file;
+    the weights go beside it."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(3, 300)).astype(np.float32), "W")
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), "flat")
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["images", "pads"], ["padded"]),
+         helper.make_node("GlobalAveragePool", ["padded"], ["pooled"]),
+         helper.make_node("Reshape", ["pooled", "flat"], ["features"]),
+         helper.make_node("MatMul", ["features", "W"], ["logits"])],
+        "padded", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 300])], [weight, pads, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    save_model(model, tmp_path / "one.onnx")
+    save_model(onnx.load(str(tmp_path / "one.onnx")), tmp_path / "model.onnx", external=True)
+    for got, want in zip(_run(tmp_path / "model.onnx"), _run(tmp_path / "one.onnx")):
+        np.testing.assert_array_equal(got, want)
+    assert weight_files(tmp_path / "model.onnx") == ["model.onnx.data"]
+    written = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer
+    assert {t.name: t.data_location for t in written} == {
+        "W": TensorProto.EXTERNAL, "pads": TensorProto.DEFAULT, "flat": TensorProto.DEFAULT}
