@@ -80,19 +80,11 @@ def correct(model: onnx.ModelProto, means: dict[str, list[float]], weight_max: d
     """
     model = copy.deepcopy(model)  # no serialized copy: protobuf refuses one over 2 GB
     initializers = {i.name: i for i in model.graph.initializer}
-    done, biases = [], set()
-    for name, (node, axis) in weighted_layers(model).items():
-        if name in (skip or []) or node.input[0] not in means:
-            continue
+    done = []
+    for name, node, axis, bias_name in _correctable(model, initializers, means, skip):
         weight = numpy_helper.to_array(initializers[node.input[1]])
-        mean = np.asarray(means[node.input[0]], dtype=np.float64)
-        if mean.shape != (_input_channels(node, weight, axis),):
-            continue  # the mean is not per input channel of this layer (a reshaped input): left alone
-        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias_name in biases or (bias_name is not None and bias_name not in initializers):
-            continue  # a bias shared with a layer already corrected, or computed at run time
         delta = quantized(weight, axis, weight_max.get(node.input[1], INT8_MAX)) - weight
-        shift = mean_shift(node, delta, axis, mean)
+        shift = mean_shift(node, delta, axis, np.asarray(means[node.input[0]], dtype=np.float64))
         if bias_name is None:
             bias_name = f"{node.input[1]}_bias_correction"
             model.graph.initializer.append(numpy_helper.from_array(np.zeros(len(shift), np.float32), bias_name))
@@ -100,17 +92,41 @@ def correct(model: onnx.ModelProto, means: dict[str, list[float]], weight_max: d
             node.input.extend([""] * (3 - len(node.input)))
             node.input[2] = bias_name
         bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64)
-        if bias.shape != shift.shape:
-            continue  # a broadcast Gemm bias
         initializers[bias_name].CopyFrom(numpy_helper.from_array((bias - shift).astype(np.float32), bias_name))
-        biases.add(bias_name)
         done.append(name)
     return model, done
+
+
+def corrected_layers(model: onnx.ModelProto, means: dict[str, list[float]], skip: list[str] | None = None) -> list[str]:
+    """The layers `correct` corrects, without rounding a weight (the model's external data need not be loaded)."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    return [name for name, *_ in _correctable(model, initializers, means, skip)]
+
+
+def _correctable(model: onnx.ModelProto, initializers: dict[str, onnx.TensorProto], means: dict[str, list[float]],
+                 skip: list[str] | None):
+    """(name, node, weight axis, bias initializer or None) for each layer whose bias the correction changes,
+    judged from the tensors' shapes alone."""
+    biases = set()
+    for name, (node, axis) in weighted_layers(model).items():
+        if name in (skip or []) or node.input[0] not in means:
+            continue
+        dims = tuple(initializers[node.input[1]].dims)
+        if np.shape(means[node.input[0]]) != (_input_channels(node, dims, axis),):
+            continue  # the mean is not per input channel of this layer (a reshaped input): left alone
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias_name in biases or (bias_name is not None and bias_name not in initializers):
+            continue  # a bias shared with a layer already corrected, or computed at run time
+        if bias_name is not None and tuple(initializers[bias_name].dims) != (dims[axis],):
+            continue  # a broadcast Gemm bias
+        if bias_name is not None:
+            biases.add(bias_name)
+        yield name, node, axis, bias_name
 
 
 def _group(node: onnx.NodeProto) -> int:
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
 
 
-def _input_channels(node: onnx.NodeProto, weight: np.ndarray, axis: int) -> int:
-    return weight.shape[1] * _group(node) if node.op_type == "Conv" else weight.shape[1 - axis]
+def _input_channels(node: onnx.NodeProto, dims: tuple[int, ...], axis: int) -> int:
+    return dims[1] * _group(node) if node.op_type == "Conv" else dims[1 - axis]

@@ -9,12 +9,14 @@ in float, as few as it takes for the accuracy gate to hold.
        quantizer leaves an excluded layer between quantized neighbours, so the cost of a layer is one
        run of the images, not one quantization of the whole model (docs/precision.md); a layer
        without such a node is measured on a quantization of its own, with it excluded
-    2. keep the first k of that ranking in float, k = 0, 1, 2, ... up to `max_float`, and run the gate
+    2. keep the first k of that ranking in float, k = 1, 2, ... up to `max_float`, and run the gate
        (held-out images, which the ranking never saw) on each; the first file that passes is the one
-       deployed, and its ONNX metadata names the layers left in float (`int8_float_nodes`)
+       deployed, and its ONNX metadata names the layers left in float (`int8_float_nodes`). The model is
+       quantized once here too: step k swaps the k-th layer back into the file of step k - 1, and the
+       gate judges that file, as written and deployed
 
-The tool is ONNX Runtime's own quantizer and its `nodes_to_exclude` (every file the gate judges is
-written by it); the ranking is cached beside the calibration cache, keyed by everything it depends on,
+The tool is ONNX Runtime's own quantizer (its `nodes_to_exclude` where a layer has no integer node to
+swap); the ranking is cached beside the calibration cache, keyed by everything it depends on,
 so a second `make engines` reuses it. This is
 the search NNCF's accuracy-control quantisation runs (rank by the metric, give back layers to float
 until a validation metric holds), on the same quantizer as the rest of build/.
@@ -31,9 +33,10 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from tqdm import tqdm
 
-from build.precision import quantize
+from build.precision import bias_correction, quantize
 from build.precision.calibrate import Calibration
 from build.precision.imagesets import ImageSet
 from common.contract import ONNX_INPUT, ONNX_PROBABILITIES
@@ -44,7 +47,8 @@ from common.preprocessing import PreprocessConfig
 
 FLOAT_NODES_KEY = "int8_float_nodes"  # ONNX metadata: the layers this INT8 file leaves in float, comma-separated
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-RANKING_VERSION = 4
+RANKING_VERSION = 5
+FOLDED_ACTIVATIONS = ("Relu", "Clip")  # what the quantizer removes after a quantized layer (QLinearActivation)
 # The integer node ONNX Runtime's QOperator quantizer writes for each weighted op, named "<layer>_quant";
 # MatMulIntegerToFloat is quantize.float_logits' form of a QLinearMatMul that computes the logits.
 INTEGER_FORMS = {"Conv": ("QLinearConv",), "Gemm": ("QGemm",), "MatMul": ("QLinearMatMul", "MatMulIntegerToFloat")}
@@ -81,7 +85,9 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
     model): its integer node becomes DequantizeLinear -> the float layer with its own weights and bias ->
     QuantizeLinear to the same output scale (no QuantizeLinear where the integer node output float), the
     form ONNX Runtime's quantizer gives a layer in `nodes_to_exclude`, made to stay float when loaded
-    (`quantize.keep_float`). None where `quantized` has no integer node for `layer`."""
+    (`quantize.keep_float`). An activation the quantizer folded into the integer node's output range (a Relu
+    or Clip after the layer) comes back after the float layer, so that a layer swapped next to it reads the
+    very tensor it reads in `original`. None where `quantized` has no integer node for `layer`."""
     source = next((n for n in original.graph.node if n.name == layer), None)
     if source is None or source.op_type not in INTEGER_FORMS:
         return None
@@ -97,11 +103,17 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
     initializers = {i.name: i for i in original.graph.initializer}
     if any(name and name not in initializers for name in source.input[1:]):
         return None  # a weight or bias computed at run time: not this function's case
-    model = copy.deepcopy(quantized)  # no serialized copy: protobuf refuses one over 2 GB
     prefix = f"{layer}_float_swap"
+    activation = _folded_activation(original, source, quantized) if output_scale else None
+    bounds = {name: _constant(original, name) for name in (activation.input[1:] if activation is not None else [])
+              if name}
+    if None in bounds.values():
+        return None  # a Clip's bounds computed at run time: not this function's case
+    model = copy.deepcopy(quantized)  # no serialized copy: protobuf refuses one over 2 GB
     producer = next((n for n in model.graph.node if x[0] in n.output), None)
-    if producer is not None and producer.op_type == "QuantizeLinear" and list(producer.input[1:3]) == x[1:]:
-        float_input = producer.input[0]  # quantized for this layer from a float tensor: it reads that tensor itself
+    if (producer is not None and producer.op_type == "QuantizeLinear" and list(producer.input[1:3]) == x[1:]
+            and producer.input[0] == source.input[0]):
+        float_input = producer.input[0]  # quantized for this layer from its float input: it reads that tensor itself
     else:
         float_input = f"{prefix}_input"
     floated = onnx.NodeProto()
@@ -114,15 +126,72 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
     floated.output[:] = [f"{prefix}_output" if output_scale else node.output[0]]
     replacement = [floated] if float_input != f"{prefix}_input" else [
         onnx.helper.make_node("DequantizeLinear", x, [float_input], name=f"{prefix}_DequantizeLinear"), floated]
+    if activation is not None:  # its output under its name in `original`: the tensor the next layer reads there
+        folded = onnx.NodeProto()
+        folded.CopyFrom(activation)
+        folded.input[0] = f"{prefix}_output"
+        for i, name in enumerate(activation.input[1:], 1):
+            if name:
+                model.graph.initializer.add().CopyFrom(bounds[name])
+                model.graph.initializer[-1].name = folded.input[i] = f"{prefix}_activation_{i}"
+        replacement.append(folded)
     if output_scale:
-        replacement.append(onnx.helper.make_node("QuantizeLinear", [f"{prefix}_output", *output_scale],
+        quantized_from = activation.output[0] if activation is not None else f"{prefix}_output"
+        replacement.append(onnx.helper.make_node("QuantizeLinear", [quantized_from, *output_scale],
                                                  [node.output[0]], name=f"{prefix}_QuantizeLinear"))
     nodes = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes[:at] + replacement + nodes[at + 1:])
+    if output_scale:  # a float layer after it, swapped earlier, reads its float output as in `original`
+        _read_float(model, original, node.output[0], replacement[-1].input[0],
+                    activation.output[0] if activation is not None else source.output[0])
     _drop_unread(model)
     quantize.keep_float(model, [layer])
     return model
+
+
+def _folded_activation(original: onnx.ModelProto, source: onnx.NodeProto,
+                       quantized: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The Relu or Clip that alone reads `source`'s output in `original` and that the quantizer folded away
+    (its output is not in `quantized`: the integer node's output range clips as it did), or None."""
+    readers = [n for n in original.graph.node if source.output[0] in n.input]
+    if len(readers) != 1 or readers[0].op_type not in FOLDED_ACTIVATIONS or readers[0].input[0] != source.output[0]:
+        return None
+    if any(readers[0].output[0] in n.output for n in quantized.graph.node):
+        return None
+    return readers[0]
+
+
+def _constant(model: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
+    """The value of tensor `name` where `model` holds it: an initializer, or a Constant node's output (as torch's
+    TorchScript exporter leaves a Clip's bounds when it folds no constants); None where it is computed."""
+    found = next((i for i in model.graph.initializer if i.name == name), None)
+    if found is not None:
+        return found
+    node = next((n for n in model.graph.node if name in n.output), None)
+    if node is None or node.op_type != "Constant":
+        return None
+    attribute = next((a for a in node.attribute if a.name in ("value", "value_float", "value_int")), None)
+    if attribute is None:
+        return None
+    if attribute.name == "value":
+        return attribute.t
+    value = onnx.helper.get_attribute_value(attribute)
+    return numpy_helper.from_array(np.array(value, np.float32 if attribute.name == "value_float" else np.int64), name)
+
+
+def _read_float(model: onnx.ModelProto, original: onnx.ModelProto, quantized_tensor: str, float_tensor: str,
+                original_tensor: str) -> None:
+    """Make each node of `model` that reads `quantized_tensor` through a DequantizeLinear, where in `original`
+    it reads `original_tensor`, read `float_tensor` (that value, unrounded) instead."""
+    before = {n.name: n for n in original.graph.node}
+    dequantized = {n.output[0] for n in model.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] == quantized_tensor}
+    for node in model.graph.node:
+        source = before.get(node.name)
+        for i, name in enumerate(node.input):
+            if name in dequantized and source is not None and source.input[i:i + 1] == [original_tensor]:
+                node.input[i] = float_tensor
 
 
 def _drop_unread(model: onnx.ModelProto) -> None:
@@ -192,20 +261,50 @@ def float_nodes(path: Path) -> list[str]:
     return [n for n in value.split(",") if n]
 
 
+def _swapped_file(model: onnx.ModelProto, original: onnx.ModelProto, calibration: Calibration, kept: list[str],
+                  out: Path, model_path: Path) -> None:
+    """Write `model` (the INT8 file with `kept` swapped back to float) to `out`, its metadata saying what the
+    quantizer's own exclusion of `kept` would: the float layers, and the layers whose biases stay corrected."""
+    entries = {p.key: p.value for p in model.metadata_props}
+    means = calibration.meta.get("channel_means")
+    if means:
+        entries[quantize.BIAS_CORRECTION_KEY] = f"{len(bias_correction.corrected_layers(original, means, kept))} layers"
+    entries[FLOAT_NODES_KEY] = ",".join(kept)
+    written = copy.deepcopy(model)  # saving with external data empties the tensors it writes out
+    onnx.helper.set_model_props(written, entries)
+    save_like(written, out, model_path)
+
+
 def search(model_path: Path, calibration: Calibration, layout: str, out: Path, images: ImageSet,
            config: PreprocessConfig, passes: Callable[[Path], tuple[bool, str]], max_float: int,
            log: Callable[[str], None] = print) -> list[str] | None:
     """Write to `out` the INT8 CPU file with the fewest float layers (ranked on `images`) that `passes`
     (the gate, on other images: verdict and a few words on its figure); the float layers, or None (and
-    `out` as with `max_float` layers) when none within `max_float` passes."""
+    `out` as with `max_float` layers) when none within `max_float` passes.
+
+    The model is quantized once; each step swaps one more layer of the ranking back to float in that file
+    (`swap_in_float`) and the gate judges the file written to `out`, the one deployed. A layer with no
+    integer node of its own is left out by the quantizer instead, and the steps after it swap on that file."""
     ranking = rank_layers(model_path, calibration, layout, images, config)
     log(("reusing the layer ranking" if ranking.reused else "ranked the layers") +
         f" ({len(ranking.nodes)} weighted layers on {images.description}; all quantized: mean |dp| "
         f"{ranking.baseline:.2e}; best single float layer: {ranking.nodes[0]} {ranking.error[ranking.nodes[0]]:.2e})")
-    for count in range(1, min(max_float, len(ranking.nodes)) + 1):
+    steps = min(max_float, len(ranking.nodes))
+    if steps < 1:
+        return None
+    original = onnx.load(str(model_path))
+    quantize.quantize(model_path, calibration, "cpu", out, cpu_layout=layout)
+    current = onnx.load(str(out))
+    for count in range(1, steps + 1):
         kept = ranking.nodes[:count]
-        quantize.quantize(model_path, calibration, "cpu", out, exclude_nodes=kept, cpu_layout=layout)
-        stamp_float_nodes(out, kept)
+        swapped = swap_in_float(current, original, kept[-1])
+        if swapped is None:
+            quantize.quantize(model_path, calibration, "cpu", out, exclude_nodes=kept, cpu_layout=layout)
+            stamp_float_nodes(out, kept)
+            current = onnx.load(str(out))
+        else:
+            current = swapped
+            _swapped_file(current, original, calibration, kept, out, model_path)
         ok, figure = passes(out)
         log(f"mixed precision: {count} layer(s) in float: gate {'PASS' if ok else 'FAIL'} ({figure}); "
             f"added {kept[-1]}")

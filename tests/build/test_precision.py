@@ -478,6 +478,91 @@ def test_layer_ranking_quantizes_once_and_swaps_each_layer_back_to_float(lite0_i
     assert mixed.swap_in_float(base, fp32, "no such layer") is None
 
 
+def _as_run_float_layers(path, tmp_path):
+    """The Conv and Gemm nodes (fused or not) left in float in the graph ONNX Runtime runs for `path`."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "as_run.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    kinds = [n.op_type for n in onnx.load(str(tmp_path / "as_run.onnx")).graph.node]
+    return sum(kinds.count(kind) for kind in ("Conv", "Gemm", "FusedConv", "FusedGemm"))
+
+
+def _clip_bounds_as_constant_nodes(model):
+    """`model` with each Clip's bounds given by a Constant node, as torch's TorchScript exporter leaves them
+    when it folds no constants (models over 2 GB)."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Clip":
+            for name in [n for n in node.input[1:] if n in initializers]:
+                nodes.append(onnx.helper.make_node("Constant", [], [name], value=initializers[name]))
+                model.graph.initializer.remove(initializers.pop(name))
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["one-file", "external-data", "constant-clip-bounds"])
+def test_mixed_precision_search_quantizes_once_and_deploys_the_file_its_gate_judged(lite0_int8, tmp_path, monkeypatch,
+                                                                                    form):
+    """The search after the ranking gave one more layer back to float per step by quantizing the whole model
+    again (on a 2.1 GiB model ~100 s a step). It now quantizes once and swaps each step's layer into the file of
+    the step before; the gate judges each file as written, the one left is the one that passed, and it answers
+    as the quantizer's own exclusion of the same layers, says so in its metadata (float layers, layers whose
+    biases stay corrected) and runs those layers in float. Also for a model whose weights are external data,
+    where writing a file empties the tensors it writes out, and for one whose ReLU6 bounds are Constant nodes."""
+    from build.precision import mixed
+    from build.precision.calibrate import load_calibration
+    from common.onnxfiles import data_file, model_sha256, save_model
+
+    artifacts, _, config = lite0_int8
+    external = form == "external-data"
+    source = onnx.load(str(artifacts / "model.onnx"))
+    if form == "constant-clip-bounds":
+        source = _clip_bounds_as_constant_nodes(source)
+    model = save_model(source, tmp_path / "model.onnx", external=external)
+    shutil.copytree(artifacts / "calibration", tmp_path / "calibration")
+    calibration = load_calibration(tmp_path / "calibration" / "max.cache")
+    images = augmented_photos(("chelsea", "coffee"), 2, 0, config)
+    ranking = mixed.rank_layers(model, calibration, "avx2", images, config)
+
+    quantizations = []
+    quantize_file = quantize.quantize
+
+    def counted(*args, **kwargs):
+        quantizations.append(kwargs.get("exclude_nodes"))
+        return quantize_file(*args, **kwargs)
+
+    judged = []
+
+    def gate(path):  # passes the third file it is given; records what it judged
+        judged.append((mixed.float_nodes(path), model_sha256(path), mixed.probabilities(path, images, config)))
+        return len(judged) == 3, f"file {len(judged)}"
+
+    monkeypatch.setattr(quantize, "quantize", counted)
+    out = tmp_path / "model.int8.cpu.onnx"
+    kept = mixed.search(model, calibration, "avx2", out, images, config, gate, 8, log=lambda _: None)
+    monkeypatch.undo()
+    assert kept == ranking.nodes[:3]
+    assert quantizations == [None], f"{len(quantizations)} quantizations for {len(judged)} steps"
+    assert [nodes for nodes, *_ in judged] == [ranking.nodes[:k] for k in (1, 2, 3)]
+    assert model_sha256(out) == judged[-1][1]
+    assert data_file(out).exists() == external
+
+    excluded = quantize.quantize(model, calibration, "cpu", tmp_path / "excluded.onnx", exclude_nodes=kept,
+                                 cpu_layout="avx2")
+    np.testing.assert_allclose(judged[-1][2], mixed.probabilities(excluded, images, config), atol=1e-6)
+    metadata, expected = ({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+                          for path in (out, excluded))
+    for key in (quantize.BIAS_CORRECTION_KEY, "int8_cpu_layout", "int8_requires_cpu"):
+        assert metadata[key] == expected[key], key
+    assert metadata[mixed.FLOAT_NODES_KEY] == ",".join(kept)
+    assert _as_run_float_layers(out, tmp_path) == 3
+
+
 EMULATED_RUN = """
 import sys
 import numpy as np
