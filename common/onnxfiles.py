@@ -21,8 +21,8 @@ from common.hashing import file_sha256
 # Serialized bytes above which a model is written with external data: protobuf refuses 2 GiB (onnx.checker's
 # MAXIMUM_PROTOBUF), and a later step adds to the model (metadata, Q/DQ scales, casts).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-# Integer tensors under this many bytes are written inside the model file even with external data: they are
-# shapes, pads and axes that ONNX's shape inference reads, never weights of any size.
+# Integer tensors under this many bytes are written inside the model file even with external data: shapes,
+# pads, axes and indices, which ONNX's shape inference reads (and a small layer's int32 bias, no matter).
 SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 SHAPE_BYTES = 1024
 DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data (ONNX Runtime's quantizer names its own files so too)

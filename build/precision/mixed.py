@@ -188,7 +188,7 @@ def _read_float(model: onnx.ModelProto, original: onnx.ModelProto, quantized_ten
     dequantized = {n.output[0] for n in model.graph.node
                    if n.op_type == "DequantizeLinear" and n.input[0] == quantized_tensor}
     for node in model.graph.node:
-        source = before.get(node.name)
+        source = before.get(node.name) if node.name else None  # an unnamed node is no node of `original`
         for i, name in enumerate(node.input):
             if name in dequantized and source is not None and source.input[i:i + 1] == [original_tensor]:
                 node.input[i] = float_tensor
