@@ -12,8 +12,8 @@ in float, as few as it takes for the accuracy gate to hold.
     2. keep the first k of that ranking in float, k = 1, 2, ... up to `max_float`, and run the gate
        (held-out images, which the ranking never saw) on each; the first file that passes is the one
        deployed, and its ONNX metadata names the layers left in float (`int8_float_nodes`). The model is
-       quantized once here too: step k swaps the k-th layer back into the file of step k - 1, and the
-       gate judges that file, as written and deployed
+       quantized once for both: that file is the ranking's base, step k swaps the k-th layer back into
+       the file of step k - 1, and the gate judges that file, as written and deployed
 
 The tool is ONNX Runtime's own quantizer (its `nodes_to_exclude` where a layer has no integer node to
 swap); the ranking is cached beside the calibration cache, keyed by everything it depends on,
@@ -211,8 +211,10 @@ def _drop_unread(model: onnx.ModelProto) -> None:
 
 
 def rank_layers(model_path: Path, calibration: Calibration, layout: str, images: ImageSet,
-                config: PreprocessConfig) -> Ranking:
-    """The weighted layers, most worth keeping in float first (cached in `<cache>.<layout>.ranking.json`)."""
+                config: PreprocessConfig, quantized: Path | None = None) -> Ranking:
+    """The weighted layers, most worth keeping in float first (cached in `<cache>.<layout>.ranking.json`).
+    `quantized`: the whole model already quantized with this calibration and layout, measured as the base
+    instead of quantizing it again (read only)."""
     cache = calibration.cache.with_name(f"{calibration.cache.stem}.{layout}.ranking.json")
     key = _key(model_path, calibration, layout, images)
     if cache.exists():
@@ -222,12 +224,14 @@ def rank_layers(model_path: Path, calibration: Calibration, layout: str, images:
                            requantized=stored.get("requantized", []))
     reference = probabilities(model_path, images, config)
     with tempfile.TemporaryDirectory(prefix="mixed.") as work:
-        quantized, candidate = Path(work) / "all.int8.onnx", Path(work) / "candidate.int8.onnx"
+        candidate = Path(work) / "candidate.int8.onnx"
 
         def error(path: Path) -> float:
             return float(np.abs(probabilities(path, images, config) - reference).mean())
 
-        quantize.quantize(model_path, calibration, "cpu", quantized, cpu_layout=layout)
+        if quantized is None:
+            quantized = quantize.quantize(model_path, calibration, "cpu", Path(work) / "all.int8.onnx",
+                                          cpu_layout=layout)
         baseline = error(quantized)
         nodes = weighted_nodes(model_path)
         original = onnx.load(str(model_path))
@@ -282,10 +286,12 @@ def search(model_path: Path, calibration: Calibration, layout: str, out: Path, i
     (the gate, on other images: verdict and a few words on its figure); the float layers, or None (and
     `out` as with `max_float` layers) when none within `max_float` passes.
 
-    The model is quantized once; each step swaps one more layer of the ranking back to float in that file
-    (`swap_in_float`) and the gate judges the file written to `out`, the one deployed. A layer with no
-    integer node of its own is left out by the quantizer instead, and the steps after it swap on that file."""
-    ranking = rank_layers(model_path, calibration, layout, images, config)
+    The model is quantized once, into `out`, which serves as the ranking's base where no ranking is cached;
+    each step swaps one more layer of the ranking back to float in that file (`swap_in_float`) and the gate
+    judges the file written to `out`, the one deployed. A layer with no integer node of its own is left out
+    by the quantizer instead, and the steps after it swap on that file."""
+    quantize.quantize(model_path, calibration, "cpu", out, cpu_layout=layout)
+    ranking = rank_layers(model_path, calibration, layout, images, config, quantized=out)
     log(("reusing the layer ranking" if ranking.reused else "ranked the layers") +
         f" ({len(ranking.nodes)} weighted layers on {images.description}; all quantized: mean |dp| "
         f"{ranking.baseline:.2e}; best single float layer: {ranking.nodes[0]} {ranking.error[ranking.nodes[0]]:.2e})")
@@ -293,7 +299,6 @@ def search(model_path: Path, calibration: Calibration, layout: str, out: Path, i
     if steps < 1:
         return None
     original = onnx.load(str(model_path))
-    quantize.quantize(model_path, calibration, "cpu", out, cpu_layout=layout)
     current = onnx.load(str(out))
     for count in range(1, steps + 1):
         kept = ranking.nodes[:count]

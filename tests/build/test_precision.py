@@ -513,7 +513,8 @@ def test_mixed_precision_search_quantizes_once_and_deploys_the_file_its_gate_jud
     the step before; the gate judges each file as written, the one left is the one that passed, and it answers
     as the quantizer's own exclusion of the same layers, says so in its metadata (float layers, layers whose
     biases stay corrected) and runs those layers in float. Also for a model whose weights are external data,
-    where writing a file empties the tensors it writes out, and for one whose ReLU6 bounds are Constant nodes."""
+    where writing a file empties the tensors it writes out, and for one whose ReLU6 bounds are Constant nodes.
+    With no ranking cached, that one quantization is also the ranking's base (it was a quantization of its own)."""
     from build.precision import mixed
     from build.precision.calibrate import load_calibration
     from common.onnxfiles import data_file, model_sha256, save_model
@@ -527,7 +528,6 @@ def test_mixed_precision_search_quantizes_once_and_deploys_the_file_its_gate_jud
     shutil.copytree(artifacts / "calibration", tmp_path / "calibration")
     calibration = load_calibration(tmp_path / "calibration" / "max.cache")
     images = augmented_photos(("chelsea", "coffee"), 2, 0, config)
-    ranking = mixed.rank_layers(model, calibration, "avx2", images, config)
 
     quantizations = []
     quantize_file = quantize.quantize
@@ -546,8 +546,10 @@ def test_mixed_precision_search_quantizes_once_and_deploys_the_file_its_gate_jud
     out = tmp_path / "model.int8.cpu.onnx"
     kept = mixed.search(model, calibration, "avx2", out, images, config, gate, 8, log=lambda _: None)
     monkeypatch.undo()
+    ranking = mixed.rank_layers(model, calibration, "avx2", images, config)
+    assert ranking.reused, "the search ranked the layers (no ranking was cached) and cached what it found"
     assert kept == ranking.nodes[:3]
-    assert quantizations == [None], f"{len(quantizations)} quantizations for {len(judged)} steps"
+    assert quantizations == [None], f"{len(quantizations)} quantizations for a ranking and {len(judged)} steps"
     assert [nodes for nodes, *_ in judged] == [ranking.nodes[:k] for k in (1, 2, 3)]
     assert model_sha256(out) == judged[-1][1]
     assert data_file(out).exists() == external
