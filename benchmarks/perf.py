@@ -23,6 +23,7 @@ import base64
 import csv
 import dataclasses
 import json
+import math
 import os
 import struct
 import subprocess
@@ -55,6 +56,19 @@ class PerfResult:
     p90_ms: float
     p99_ms: float
     avg_ms: float
+    server_queue_ms: float
+    server_compute_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RateResult:
+    model: str
+    protocol: str
+    rate: float  # requests per second offered (Poisson arrivals, open loop)
+    throughput: float  # inferences (images) per second answered
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
     server_queue_ms: float
     server_compute_ms: float
 
@@ -159,6 +173,44 @@ class PerfAnalyzer:
         return rows[0]
 
 
+    def measure_rate(self, model: str, url: str, protocol: str, rate: float, csv_path: str | Path,
+                     input_data: Path | None = None, measurement_ms: int = 4000, windows: int = 3,
+                     seed: int = 0) -> RateResult:
+        """One perf_analyzer run open loop: requests sent asynchronously, answered or not, with exponential
+        gaps (Poisson arrivals) of mean 1 / `rate` over the run's `windows` windows, whose requests perf_analyzer
+        merges into one result. The gaps are drawn here (`seed`) and scaled so that the run offers exactly
+        `rate`: perf_analyzer's own `--request-distribution poisson` replays one fixed draw at any rate, so a
+        short run offers that draw's mean instead (docs/benchmarks.md). The windows need not agree closely (a
+        Poisson load's p99 moves between short windows: `--stability-percentage 1000`); a load whose latency
+        keeps growing past that (a queue without end) does not settle. Raises PerfAnalyzerError whose first
+        line says why, in perf_analyzer's words: a request the server refused (perf_analyzer stops at the
+        first), no settled measurement, no CSV."""
+        import numpy as np
+
+        csv_path = Path(csv_path)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        csv_path.unlink(missing_ok=True)
+        gaps = np.random.default_rng(seed).exponential(1.0, max(1, math.ceil(windows * measurement_ms / 1000 * rate)))
+        intervals = csv_path.with_suffix(".intervals.txt")
+        intervals.write_text("".join(f"{round(g)}\n" for g in gaps * (1e6 / rate / gaps.mean())))
+        cmd = [str(self.binary), "-m", model, "-u", url, "-i", protocol, "--async", "--request-intervals",
+               str(intervals), "-p", str(measurement_ms), "--max-trials", str(windows), "--stability-percentage",
+               "1000", "--input-data", str(input_data) if input_data else "random", "-f", str(csv_path),
+               *[arg for name, value in self.headers for arg in ("-H", f"{name}:{value}")], *self.options]
+        timeout = 60 + 3 * windows * measurement_ms / 1000
+        try:
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise PerfAnalyzerError(f"perf_analyzer ran past {timeout:.0f} s: {' '.join(cmd)}") from None
+        output = (done.stdout + done.stderr).strip()
+        if done.returncode != 0 or not csv_path.exists():
+            raise PerfAnalyzerError(f"perf_analyzer failed (exit {done.returncode}: {failure_reason(output)}) on "
+                                    f"{model} at {rate:g} requests/s:\n{output[-1500:]}")
+        rows = parse_rate_csv(csv_path, model, protocol, rate)
+        if not rows:
+            raise PerfAnalyzerError(f"{csv_path}: no measurement rows")
+        return rows[0]
+
     def warm_up(self, model: str, url: str, protocol: str, concurrency: int, csv_path: str | Path,
                 input_data: Path | None = None) -> None:
         """A short unreported run: the first requests after loading (ONNX Runtime's first runs at each
@@ -180,25 +232,41 @@ def failure_reason(output: str) -> str:
 CSV_COLUMNS = ("Concurrency", "Inferences/Second", "p50 latency", "p90 latency", "p99 latency")
 
 
-def parse_csv(path: str | Path, model: str, protocol: str) -> list[PerfResult]:
-    """perf_analyzer's `-f` CSV (latencies in microseconds) -> PerfResult rows. Raises
-    PerfAnalyzerError when a column this module reads is missing (another perf_analyzer version)."""
-    rows = []
+def _measurements(path: str | Path, columns: tuple[str, ...]):
+    """The measurement rows of perf_analyzer's `-f` CSV (latencies in microseconds), the first of `columns`
+    being its load column, each as (row, a column's figure in ms, server compute ms). Raises PerfAnalyzerError
+    when a column is missing (another perf_analyzer version)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise PerfAnalyzerError(f"{path}: perf_analyzer's CSV has no {', '.join(missing)} column(s) "
                                     f"(columns: {', '.join(reader.fieldnames or [])})")
         for row in reader:
-            if not (row.get("Concurrency") or "").strip().isdigit():
+            try:
+                float(row[columns[0]])
+            except (TypeError, ValueError):
                 continue  # blank separator or a later section
-            us = lambda key: float(row.get(key) or 0) / 1000.0  # noqa: E731
-            compute = sum(us(k) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output"))
-            rows.append(PerfResult(model, protocol, int(row["Concurrency"]), float(row["Inferences/Second"]),
-                                   us("p50 latency"), us("p90 latency"), us("p99 latency"),
-                                   _avg_latency_ms(row), us("Server Queue"), compute))
-    return rows
+            ms = lambda key, row=row: float(row.get(key) or 0) / 1000.0  # noqa: E731
+            yield row, ms, sum(ms(k) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output"))
+
+
+def parse_csv(path: str | Path, model: str, protocol: str) -> list[PerfResult]:
+    """perf_analyzer's `-f` CSV -> PerfResult rows."""
+    return [PerfResult(model, protocol, int(row["Concurrency"]), float(row["Inferences/Second"]), ms("p50 latency"),
+                       ms("p90 latency"), ms("p99 latency"), _avg_latency_ms(row), ms("Server Queue"), compute)
+            for row, ms, compute in _measurements(path, CSV_COLUMNS)]
+
+
+RATE_CSV_COLUMNS = ("Request Rate", *CSV_COLUMNS[1:])
+
+
+def parse_rate_csv(path: str | Path, model: str, protocol: str, rate: float) -> list[RateResult]:
+    """perf_analyzer's `-f` CSV of a `--request-intervals` run at `rate` -> RateResult rows (its own "Request
+    Rate" column is a whole number derived from the gaps)."""
+    return [RateResult(model, protocol, rate, float(row["Inferences/Second"]), ms("p50 latency"), ms("p90 latency"),
+                       ms("p99 latency"), ms("Server Queue"), compute)
+            for row, ms, compute in _measurements(path, RATE_CSV_COLUMNS)]
 
 
 def _avg_latency_ms(row: dict) -> float:

@@ -8,8 +8,9 @@ USERS ?= 8
 RUN_TIME ?= 20
 BENCH_ARGS ?=
 TUNE_ARGS ?=
+SCENARIO_ARGS ?=
 
-.PHONY: perf-setup perf locust bench bench-quick tune profile
+.PHONY: perf-setup perf locust bench bench-quick bench-scenario tune profile
 
 perf-setup: $(PERF_STAMP) ## .venv-perf: perf_analyzer (tritonclient 2.51, pinned) + libcudart + Debian libb64-0d (+ linux-perf for make profile)
 
@@ -40,6 +41,9 @@ bench: engines $(PERF_STAMP) ## everything side by side, then 3 paired rounds of
 
 bench-quick: engines $(PERF_STAMP) ## the same, shorter (short windows, concurrency 2 and 8, 1 round)
 	$(PY) -m benchmarks.bench --quick --model-repository $(REPOSITORY) --out $(BENCH_OUT) $(BENCH_ARGS)
+
+bench-scenario: engines $(PERF_STAMP) ## MLPerf's Server scenario: the highest Poisson rate the ensemble answers within a p99 budget, beside its closed-loop capacity [SCENARIO_ARGS="--p99-budget-ms 50"]
+	$(PY) -m benchmarks.scenario --model-repository $(REPOSITORY) --out $(BENCH_OUT)/scenario $(SCENARIO_ARGS)
 
 tune: $(STAMP) $(PERF_STAMP) ## search instances/batching/threads with perf_analyzer, write the winner to SPEC [TUNE_ARGS=--quick PRECISION=int8]
 	$(PY) -m benchmarks.tune --spec $(SPEC) --artifacts $(ARTIFACTS) --model-repository $(REPOSITORY) \

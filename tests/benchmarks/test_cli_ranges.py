@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks import (bench, compression, fastapi_service, guard, inprocess, locust_run, overload, perf, precision,
-                        preprocess_dali, profile, response_cache, rollout_bench, soak, stall, tune, workload)
+                        preprocess_dali, profile, response_cache, rollout_bench, scenario, soak, stall, tune,
+                        workload)
 from serving import health
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_RANGE = f"[{-2**63}, {2**63 - 1}]"
 # the commands with numeric options (benchmarks.workload and the helpers have none)
 NUMERIC = (bench, compression, fastapi_service, guard, inprocess, locust_run, overload, perf, precision,
-           preprocess_dali, profile, response_cache, rollout_bench, soak, stall, tune)
+           preprocess_dali, profile, response_cache, rollout_bench, scenario, soak, stall, tune)
 LOCUST_FILES = ("locustfile", "soak_users")  # options added to Locust's parser; importing them patches with gevent
 
 # what each command needs besides the option under test
@@ -58,6 +59,9 @@ REQUIRED = {compression: ["--artifacts", "x"]}
     (overload, ["--seed", "1.5"], "--seed: invalid int value: '1.5'"),
     (overload, ["--server-cpus", "3-1"], "--server-cpus: '3-1': the range 3-1 runs backwards"),  # pinned nothing
     (guard, ["--rounds", "0"], "--rounds: must be at least 1, got 0"),  # the median of no rounds
+    (scenario, ["--resolution", "0"], "--resolution: must be above 0, got 0"),
+    (scenario, ["--seed", "-1"], "--seed: must be at least 0, got -1"),  # numpy's generator takes none below 0
+    (scenario, ["--max-points", "0"], "--max-points: must be at least 1, got 0"),
     (guard, ["--concurrency", "4", "0"], "--concurrency: must be at least 1, got 0"),
     (perf, ["--concurrency", "0"], "--concurrency: must be at least 1, got 0"),
     (perf, ["--measurement-ms", "-1"], "--measurement-ms: must be at least 1, got -1"),
