@@ -172,7 +172,6 @@ class PerfAnalyzer:
             raise PerfAnalyzerError(f"{csv_path}: no measurement rows")
         return rows[0]
 
-
     def measure_rate(self, model: str, url: str, protocol: str, rate: float, csv_path: str | Path,
                      input_data: Path | None = None, measurement_ms: int = 4000, windows: int = 3,
                      seed: int = 0) -> RateResult:

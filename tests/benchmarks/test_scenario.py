@@ -125,4 +125,5 @@ def test_open_loop_runs_against_a_real_server_and_the_report_says_what_passed(pe
     assert not any(p["passed"] for p in doc["points"])
     assert all(p["reason"].endswith("over the 0.001 ms budget") or p["reason"].startswith(
         ("the server turned requests away", "the latency did not settle", "answered")) for p in doc["points"])
-    assert "No rate down to" in (out / "scenario.md").read_text()
+    assert f"No rate passed: the lowest tried, {doc['points'][-1]['rate']:.2f} requests/s, is 0.062 of the" in (
+        out / "scenario.md").read_text()
