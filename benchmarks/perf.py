@@ -136,11 +136,25 @@ class PerfAnalyzer:
 
     def command(self, model: str, url: str, protocol: str, concurrency: int, csv_path: Path,
                 input_data: Path | None, measurement_ms: int, max_trials: int, stability: int) -> list[str]:
-        return [str(self.binary), "-m", model, "-u", url, "-i", protocol,
-                "--concurrency-range", str(concurrency), "-p", str(measurement_ms),
+        return self._command(model, url, protocol, ["--concurrency-range", str(concurrency)], csv_path, input_data,
+                             measurement_ms, max_trials, stability)
+
+    def _command(self, model: str, url: str, protocol: str, load: list[str], csv_path: Path, input_data: Path | None,
+                 measurement_ms: int, max_trials: int, stability: int) -> list[str]:
+        """perf_analyzer's command line for one run of the `load` flags (a concurrency, or request gaps)."""
+        return [str(self.binary), "-m", model, "-u", url, "-i", protocol, *load, "-p", str(measurement_ms),
                 "--max-trials", str(max_trials), "--stability-percentage", str(stability),
                 "--input-data", str(input_data) if input_data else "random", "-f", str(csv_path),
                 *[arg for name, value in self.headers for arg in ("-H", f"{name}:{value}")], *self.options]
+
+    def _run(self, cmd: list[str], csv_path: Path, timeout: float) -> subprocess.CompletedProcess:
+        """Run `cmd`, which writes `csv_path`, after removing a CSV left there by an earlier run (it is not this
+        run's result). Raises PerfAnalyzerError when it runs past `timeout` seconds."""
+        csv_path.unlink(missing_ok=True)
+        try:
+            return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise PerfAnalyzerError(f"perf_analyzer ran past {timeout:.0f} s: {' '.join(cmd)}") from None
 
     def measure(self, model: str, url: str, protocol: str, concurrency: int, csv_path: str | Path,
                 input_data: Path | None = None, measurement_ms: int = 2000, max_trials: int = 6,
@@ -154,12 +168,7 @@ class PerfAnalyzer:
         tries = ((measurement_ms, max_trials), (2 * measurement_ms, 2 * max_trials))
         for window_ms, trials in tries:
             cmd = self.command(model, url, protocol, concurrency, csv_path, input_data, window_ms, trials, stability)
-            timeout = 60 + 3 * trials * window_ms / 1000
-            csv_path.unlink(missing_ok=True)  # a CSV left by an earlier run is not this run's result
-            try:
-                done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise PerfAnalyzerError(f"perf_analyzer ran past {timeout:.0f} s: {' '.join(cmd)}") from None
+            done = self._run(cmd, csv_path, 60 + 3 * trials * window_ms / 1000)
             if done.returncode == 0 and csv_path.exists():
                 break
         else:
@@ -188,19 +197,12 @@ class PerfAnalyzer:
 
         csv_path = Path(csv_path)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        csv_path.unlink(missing_ok=True)
         gaps = np.random.default_rng(seed).exponential(1.0, max(1, math.ceil(windows * measurement_ms / 1000 * rate)))
         intervals = csv_path.with_suffix(".intervals.txt")
         intervals.write_text("".join(f"{round(g)}\n" for g in gaps * (1e6 / rate / gaps.mean())))
-        cmd = [str(self.binary), "-m", model, "-u", url, "-i", protocol, "--async", "--request-intervals",
-               str(intervals), "-p", str(measurement_ms), "--max-trials", str(windows), "--stability-percentage",
-               "1000", "--input-data", str(input_data) if input_data else "random", "-f", str(csv_path),
-               *[arg for name, value in self.headers for arg in ("-H", f"{name}:{value}")], *self.options]
-        timeout = 60 + 3 * windows * measurement_ms / 1000
-        try:
-            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise PerfAnalyzerError(f"perf_analyzer ran past {timeout:.0f} s: {' '.join(cmd)}") from None
+        cmd = self._command(model, url, protocol, ["--async", "--request-intervals", str(intervals)], csv_path,
+                            input_data, measurement_ms, windows, 1000)
+        done = self._run(cmd, csv_path, 60 + 3 * windows * measurement_ms / 1000)
         output = (done.stdout + done.stderr).strip()
         if done.returncode != 0 or not csv_path.exists():
             raise PerfAnalyzerError(f"perf_analyzer failed (exit {done.returncode}: {failure_reason(output)}) on "
