@@ -62,6 +62,7 @@ REQUIRED = {compression: ["--artifacts", "x"]}
     (scenario, ["--resolution", "0"], "--resolution: must be above 0, got 0"),
     (scenario, ["--seed", "-1"], "--seed: must be at least 0, got -1"),  # numpy's generator takes none below 0
     (scenario, ["--max-points", "0"], "--max-points: must be at least 1, got 0"),
+    (scenario, ["--runs", "0"], "--runs: must be at least 1, got 0"),
     (guard, ["--concurrency", "4", "0"], "--concurrency: must be at least 1, got 0"),
     (perf, ["--concurrency", "0"], "--concurrency: must be at least 1, got 0"),
     (perf, ["--measurement-ms", "-1"], "--measurement-ms: must be at least 1, got -1"),

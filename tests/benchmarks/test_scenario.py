@@ -1,10 +1,13 @@
 """`make bench-scenario` (benchmarks/scenario.py): the search for the highest Poisson rate within a p99 budget,
 how a rate's run is judged, and bounded runs (slow) of perf_analyzer open loop against a real tritonserver."""
 import json
+import shutil
 
+import numpy as np
 import pytest
 
-from benchmarks.scenario import KEEP_UP, Point, best, failure, judge, search, window_for
+from benchmarks.scenario import (KEEP_UP, Point, Run, Spread, best, failure, judge, labels, paired, report_text,
+                                 schedule, search, spreads, window_for)
 
 CAPACITY = 100.0
 
@@ -57,6 +60,48 @@ def test_a_rate_fails_over_budget_or_when_the_answers_fall_behind():
     assert window_for(2.0, 4000, 100) == 50000 and window_for(200.0, 4000, 100) == 4000
 
 
+def test_rounds_rotate_the_order_and_every_repository_is_searched_once_a_round():
+    assert schedule(1, 1) == [(1, 0)]
+    assert schedule(2, 3) == [(1, 0), (1, 1), (2, 1), (2, 0), (3, 0), (3, 1)]
+    assert schedule(3, 2) == [(1, 0), (1, 1), (1, 2), (2, 1), (2, 2), (2, 0)]
+
+
+def test_repositories_are_named_by_directory_unless_two_names_clash(tmp_path):
+    assert labels(["model_repository", "/tmp/int8_repository"]) == ["model_repository", "int8_repository"]
+    assert labels(["a/model_repository", "b/model_repository"]) == ["a/model_repository", "b/model_repository"]
+    with pytest.raises(ValueError, match="a repository is given twice"):
+        labels([str(tmp_path / "r"), str(tmp_path / "x" / ".." / "r")])
+
+
+def _run(name, round_, capacity, passing):
+    """A search whose highest passing rate is `passing` (None: nothing passed) below a failure 10 % higher."""
+    points = (Point(capacity / 2, False, "over"),) if passing is None else (
+        Point(passing, True, "within", passing, 10.0, 50.0), Point(passing * 1.1, False, "over"))
+    return Run(name, round_, round_ - 1, capacity, 500.0, points)
+
+
+def test_rounds_give_medians_ranges_and_each_repository_against_the_first_round_by_round():
+    """The ratio is taken within each round (measured minutes apart), not between the medians; a round where a
+    repository passed nothing has no rate and no ratio, and the report says so."""
+    runs = [_run("fp32", 1, 100.0, 50.0), _run("fp32", 2, 110.0, 60.0), _run("fp32", 3, 90.0, 40.0),
+            _run("int8", 1, 120.0, 75.0), _run("int8", 2, 130.0, 66.0), _run("int8", 3, 125.0, None)]
+    fp32, int8 = spreads(runs, "fp32"), spreads(runs, "int8")
+    assert fp32["rate"].values == (50.0, 60.0, 40.0) and fp32["rate"].median == 50.0
+    assert fp32["capacity"].text(".1f") == "100.0 (90.0-110.0)"
+    assert fp32["share"].median == pytest.approx(0.5)
+    assert int8["rate"].values == (75.0, 66.0) and int8["rate"].text(".2f") == "70.50 (66.00-75.00), 1 of 3 rounds none"
+    pair = paired(runs, "int8", "fp32")
+    assert pair["rate"].values == pytest.approx((1.5, 1.1)) and pair["rate"].of == 3
+    assert pair["capacity"].values == pytest.approx((1.2, 130 / 110, 125 / 90))
+    assert Spread((), 2).text(".2f") == "none in 2 rounds" and Spread((), 2).median is None
+    text = report_text(runs, ["fp32", "int8"], "t", 8)
+    assert "| fp32 | 100.0 (90.0-110.0) | **50.00 (40.00-60.00)** | 0.50 (0.44-0.55) |" in text
+    assert "| int8 / fp32 | **1.30 (1.10-1.50), 1 of 3 rounds none** |" in text and "| 1.50, 1.10 |" in text
+    assert text.count("## ") == 6 and "## int8, round 3 (seed 2)" in text and "No rate passed" in text
+    single = report_text(runs[:1], ["fp32"], "t", 8)
+    assert "Highest rate within the budget: **50.00 requests/s**" in single and "round" not in single
+
+
 def test_perf_analyzers_failures_are_named():
     """perf_analyzer stops at the first request the server refuses; the text is perf_analyzer 2.51's against a
     bounded queue (seen on this project's default repository past capacity)."""
@@ -85,7 +130,7 @@ def tiny_repository(tiny_artifacts, tmp_path):
     return repo
 
 
-def _run(repo, out, perf_venv, *extra):
+def _search(repo, out, perf_venv, *extra):
     from benchmarks.scenario import get_args_parser, main
 
     return main(get_args_parser().parse_args([
@@ -101,15 +146,16 @@ def test_open_loop_runs_against_a_real_server_and_the_report_says_what_passed(pe
     budget no answer can meet (1 us): nothing passes, down to a sixteenth of the capacity, and the report
     says so."""
     out = tmp_path / "generous"
-    found = _run(tiny_repository, out, perf_venv, "--p99-budget-ms", "60000", "--max-points", "4")
+    [run] = _search(tiny_repository, out, perf_venv, "--p99-budget-ms", "60000", "--max-points", "4")
     doc = json.loads((out / "scenario.json").read_text())
     markdown = (out / "scenario.md").read_text()
     names_this_machine(doc, markdown)
-    capacity = doc["capacity"]["throughput"]
-    points = [Point(**p) for p in doc["points"]]
+    [recorded] = doc["runs"]
+    capacity = recorded["capacity"]
+    points = [Point(**p) for p in recorded["points"]]
     assert capacity > 0 and points[0].rate == pytest.approx(capacity / 2) and points[0].passed, points[0]
-    assert found == best(points) and doc["best"]["rate"] == found.rate
-    assert f"**{found.rate:.2f} requests/s**" in markdown and (out / "scenario.png").stat().st_size > 0
+    assert run.found == best(points) and recorded["best"]["rate"] == run.found.rate
+    assert f"**{run.found.rate:.2f} requests/s**" in markdown and (out / "scenario.png").stat().st_size > 0
     for p in points:
         if p.passed:  # the answers kept up with what was offered, within the budget
             assert p.p99_ms <= 60000 and p.throughput >= KEEP_UP * p.rate, p
@@ -119,11 +165,49 @@ def test_open_loop_runs_against_a_real_server_and_the_report_says_what_passed(pe
         assert sum(map(int, gaps)) / len(gaps) == pytest.approx(1e6 / p.rate, rel=1e-3), "the run offered the rate"
 
     out = tmp_path / "impossible"
-    assert _run(tiny_repository, out, perf_venv, "--p99-budget-ms", "0.001") is None
-    doc = json.loads((out / "scenario.json").read_text())
-    assert doc["best"] is None and len(doc["points"]) == 4
-    assert not any(p["passed"] for p in doc["points"])
+    assert _search(tiny_repository, out, perf_venv, "--p99-budget-ms", "0.001")[0].found is None
+    [recorded] = json.loads((out / "scenario.json").read_text())["runs"]
+    assert recorded["best"] is None and len(recorded["points"]) == 4
+    assert not any(p["passed"] for p in recorded["points"])
     assert all(p["reason"].endswith("over the 0.001 ms budget") or p["reason"].startswith(
-        ("the server turned requests away", "the latency did not settle", "answered")) for p in doc["points"])
-    assert f"No rate passed: the lowest tried, {doc['points'][-1]['rate']:.2f} requests/s, is 0.062 of the" in (
+        ("the server turned requests away", "the latency did not settle", "answered")) for p in recorded["points"])
+    assert f"No rate passed: the lowest tried, {recorded['points'][-1]['rate']:.2f} requests/s, is 0.062 of the" in (
         out / "scenario.md").read_text()
+
+
+@pytest.mark.slow
+def test_rounds_alternate_two_real_repositories_and_pair_them_round_by_round(perf_tool, perf_venv, tiny_repository,
+                                                                              tmp_path):
+    """Two rounds of two repositories (one search each, at half its own capacity, which a 60 s budget passes):
+    four servers in the rotated order, each search's files apart, each round with its own draw of gaps, and
+    the report's ratio of passing rates per round that of the two searches the round measured."""
+    other = tmp_path / "second_repository"
+    shutil.copytree(tiny_repository, other)
+    out = tmp_path / "rounds"
+    runs = _search(tiny_repository, out, perf_venv, "--against", str(other), "--runs", "2", "--seed", "5",
+                   "--p99-budget-ms", "60000", "--max-points", "1")
+    assert [(r.repository, r.round, r.seed) for r in runs] == [
+        ("model_repository", 1, 5), ("model_repository", 2, 6), ("second_repository", 1, 5),
+        ("second_repository", 2, 6)]
+    doc = json.loads((out / "scenario.json").read_text())
+    assert doc["repositories"]["second_repository"]["path"] == str(other)
+    for r in runs:
+        here = out / f"round{r.round}-{r.repository}"
+        assert r.found and r.found.rate == pytest.approx(r.capacity / 2) and (here / "tritonserver.log").is_file()
+        assert (here / f"rate_{r.found.rate:.2f}.intervals.txt").is_file()
+    by = {(r.repository, r.round): r for r in runs}
+
+    def gaps(name, n):
+        return np.array((out / f"round{n}-{name}" / f"rate_{by[name, n].found.rate:.2f}.intervals.txt").read_text()
+                        .split(), dtype=float)
+
+    same_draw = np.corrcoef(gaps("model_repository", 1)[:50], gaps("second_repository", 1)[:50])[0, 1]
+    other_draw = np.corrcoef(gaps("model_repository", 1)[:50], gaps("model_repository", 2)[:50])[0, 1]
+    assert same_draw > 0.999 and other_draw < 0.6, "one draw in a round (scaled to each rate), another the next"
+    ratios = [by["second_repository", n].found.rate / by["model_repository", n].found.rate for n in (1, 2)]
+    assert doc["against"]["second_repository"]["rate"]["values"] == pytest.approx(ratios)
+    assert doc["summary"]["model_repository"]["capacity"]["values"] == [runs[0].capacity, runs[1].capacity]
+    markdown = (out / "scenario.md").read_text()
+    assert "| second_repository / model_repository |" in markdown and markdown.count("## ") == 4
+    assert (out / "scenario.png").stat().st_size > 0
+    assert sum(1 for line in (out / "scenario.csv").read_text().splitlines()[1:]) == 4
