@@ -161,7 +161,7 @@ def labels(repositories: list[str]) -> list[str]:
     """Each repository's name in the report: its directory's name, or its path where two names clash."""
     if len(set(map(_resolved, repositories))) < len(repositories):
         raise ValueError(f"a repository is given twice: {' '.join(repositories)}")
-    names = [Path(r).name or str(r) for r in repositories]
+    names = [Path(r).resolve().name or str(r) for r in repositories]
     return names if len(set(names)) == len(names) else [str(r) for r in repositories]
 
 
@@ -228,7 +228,7 @@ def plot(runs: list[Run], budget_ms: float, title: str, path: Path) -> Path:
                         xytext=(4, 4), fontsize=8)
     ax.axhline(budget_ms, color="black", linestyle="--", label=f"p99 budget {budget_ms:g} ms")
     ax.set_xlabel("requests per second offered (Poisson arrivals)")
-    ax.set_ylabel("p99 latency (ms)")
+    ax.set_ylabel("latency (ms)" if len(runs) == 1 else "p99 latency (ms)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)

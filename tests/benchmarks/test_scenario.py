@@ -2,6 +2,7 @@
 how a rate's run is judged, and bounded runs (slow) of perf_analyzer open loop against a real tritonserver."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +70,7 @@ def test_rounds_rotate_the_order_and_every_repository_is_searched_once_a_round()
 def test_repositories_are_named_by_directory_unless_two_names_clash(tmp_path):
     assert labels(["model_repository", "/tmp/int8_repository"]) == ["model_repository", "int8_repository"]
     assert labels(["a/model_repository", "b/model_repository"]) == ["a/model_repository", "b/model_repository"]
+    assert labels([".", str(tmp_path / "x")]) == [Path.cwd().name, "x"]
     with pytest.raises(ValueError, match="a repository is given twice"):
         labels([str(tmp_path / "r"), str(tmp_path / "x" / ".." / "r")])
 
