@@ -150,6 +150,8 @@ class Spread:
         return statistics.median(self.values) if self.values else None
 
     def text(self, spec: str) -> str:
+        if not self.of:
+            return "not searched"
         if not self.values:
             return f"none in {self.of} rounds"
         inside = "" if len(self.values) == 1 else f" ({min(self.values):{spec}}-{max(self.values):{spec}})"
@@ -363,6 +365,35 @@ def search_one(args: argparse.Namespace, tool, repository: str, model: str, name
     return Run(name, round_, seed, closed.throughput, closed.p99_ms, tuple(points))
 
 
+def write_report(out: Path, args: argparse.Namespace, repositories: list[str], names: list[str], models: list[str],
+                 runs: list[Run], stopped: str | None = None) -> str:
+    """scenario.md, .csv, .json and .png of the searches done, and why the rest were not (`stopped`)."""
+    runs = sorted(runs, key=lambda r: (names.index(r.repository), r.round))
+    title = f"{', '.join(dict.fromkeys(models))}, Poisson arrivals over {args.protocol}, p99 budget {args.p99_budget_ms:g} ms"
+    text = report_text(runs, names, title, args.capacity_concurrency)
+    if stopped:
+        text = text.replace("\n\n", f"\n\n**{stopped}**\n\n", 1)
+    write_markdown(out / "scenario.md", text)
+    write_csv(out / "scenario.csv", ["repository", "round", "seed", *[f.name for f in dataclasses.fields(Point)]],
+              [{"repository": r.repository, "round": r.round, "seed": r.seed, **dataclasses.asdict(p)}
+               for r in runs for p in r.points])
+
+    def figures(s: dict[str, Spread]) -> dict:
+        return {k: {"median": v.median, "values": list(v.values), "rounds": v.of} for k, v in s.items()}
+
+    write_json(out / "scenario.json", {
+        "protocol": args.protocol, "p99_budget_ms": args.p99_budget_ms,
+        "capacity_concurrency": args.capacity_concurrency, "stopped": stopped,
+        "repositories": {n: {"path": r, "model": m} for n, r, m in zip(names, repositories, models)},
+        "runs": [{"repository": r.repository, "round": r.round, "seed": r.seed, "capacity": r.capacity,
+                  "capacity_p99_ms": r.capacity_p99_ms, "best": dataclasses.asdict(r.found) if r.found else None,
+                  "points": [dataclasses.asdict(p) for p in r.points]} for r in runs],
+        "summary": {name: figures(spreads(runs, name)) for name in names},
+        "against": {name: figures(paired(runs, name, names[0])) for name in names[1:]}})
+    plot(runs, args.p99_budget_ms, title, out / "scenario.png")
+    return text
+
+
 def main(args: argparse.Namespace) -> list[Run]:
     from benchmarks.locust_run import ensemble_name
     from benchmarks.perf import PerfAnalyzer
@@ -374,33 +405,21 @@ def main(args: argparse.Namespace) -> list[Run]:
     models = [args.model or ensemble_name(r) for r in repositories]
     tool = PerfAnalyzer.locate(args.perf_venv)
     order = schedule(len(repositories), args.runs)
-    runs = []
+    runs: list[Run] = []
     for round_, i in order:
         here = out if len(order) == 1 else out / f"round{round_}-{names[i].replace('/', '_')}"
-        runs.append(search_one(args, tool, repositories[i], models[i], names[i], round_, args.seed + round_ - 1, here))
-    runs.sort(key=lambda r: (names.index(r.repository), r.round))
-    title = f"{', '.join(dict.fromkeys(models))}, Poisson arrivals over {args.protocol}, p99 budget {args.p99_budget_ms:g} ms"
-    text = report_text(runs, names, title, args.capacity_concurrency)
-    write_markdown(out / "scenario.md", text)
-    write_csv(out / "scenario.csv", ["repository", "round", "seed", *[f.name for f in dataclasses.fields(Point)]],
-              [{"repository": r.repository, "round": r.round, "seed": r.seed, **dataclasses.asdict(p)}
-               for r in runs for p in r.points])
-
-    def figures(s: dict[str, Spread]) -> dict:
-        return {k: {"median": v.median, "values": list(v.values), "rounds": v.of} for k, v in s.items()}
-
-    write_json(out / "scenario.json", {
-        "protocol": args.protocol, "p99_budget_ms": args.p99_budget_ms,
-        "capacity_concurrency": args.capacity_concurrency,
-        "repositories": {n: {"path": r, "model": m} for n, r, m in zip(names, repositories, models)},
-        "runs": [{"repository": r.repository, "round": r.round, "seed": r.seed, "capacity": r.capacity,
-                  "capacity_p99_ms": r.capacity_p99_ms, "best": dataclasses.asdict(r.found) if r.found else None,
-                  "points": [dataclasses.asdict(p) for p in r.points]} for r in runs],
-        "summary": {name: figures(spreads(runs, name)) for name in names},
-        "against": {name: figures(paired(runs, name, names[0])) for name in names[1:]}})
-    plot(runs, args.p99_budget_ms, title, out / "scenario.png")
-    print(text)
-    return runs
+        try:
+            runs.append(search_one(args, tool, repositories[i], models[i], names[i], round_, args.seed + round_ - 1,
+                                   here))
+        except BaseException as exc:  # a server that would not start, perf_analyzer missing, Ctrl-C: keep what was done
+            if runs:
+                why = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+                write_report(out, args, repositories, names, models, runs,
+                             f"Stopped after {len(runs)} of {len(order)} searches, at {names[i]}, round {round_}: {why}")
+                print(f"the {len(runs)} searches done are in {out / 'scenario.md'}", file=sys.stderr)
+            raise
+    print(write_report(out, args, repositories, names, models, runs))
+    return sorted(runs, key=lambda r: (names.index(r.repository), r.round))
 
 
 if __name__ == "__main__":

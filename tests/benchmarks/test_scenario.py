@@ -96,6 +96,7 @@ def test_rounds_give_medians_ranges_and_each_repository_against_the_first_round_
     assert pair["rate"].values == pytest.approx((1.5, 1.1)) and pair["rate"].of == 3
     assert pair["capacity"].values == pytest.approx((1.2, 130 / 110, 125 / 90))
     assert Spread((), 2).text(".2f") == "none in 2 rounds" and Spread((), 2).median is None
+    assert Spread((), 0).text(".2f") == "not searched"
     text = report_text(runs, ["fp32", "int8"], "t", 8)
     assert "| fp32 | 100.0 (90.0-110.0) | **50.00 (40.00-60.00)** | 0.50 (0.44-0.55) |" in text
     assert "| int8 / fp32 | **1.30 (1.10-1.50), 1 of 3 rounds none** |" in text and "| 1.50, 1.10 |" in text
@@ -213,3 +214,31 @@ def test_rounds_alternate_two_real_repositories_and_pair_them_round_by_round(per
     assert "| second_repository / model_repository |" in markdown and markdown.count("## ") == 4
     assert (out / "scenario.png").stat().st_size > 0
     assert sum(1 for line in (out / "scenario.csv").read_text().splitlines()[1:]) == 4
+
+
+@pytest.mark.slow
+def test_a_search_whose_server_cannot_start_leaves_the_report_of_the_searches_done(perf_tool, perf_venv,
+                                                                                     tiny_repository, tmp_path):
+    """The second repository's classifier cannot load (an opset ONNX Runtime does not have): the server's
+    failure stops the run as it did, and the first repository's search, done by then, is in the report with why
+    the rest was not searched."""
+    import onnx
+
+    from serving.server import ServerError
+
+    broken = tmp_path / "broken_repository"
+    shutil.copytree(tiny_repository, broken)
+    served = broken / "classifier" / "1" / "model.onnx"
+    model = onnx.load(str(served))
+    model.opset_import[0].version = 999
+    onnx.save(model, str(served))
+    out = tmp_path / "stopped"
+    with pytest.raises(ServerError):
+        _search(tiny_repository, out, perf_venv, "--against", str(broken), "--p99-budget-ms", "60000",
+                "--max-points", "1")
+    doc = json.loads((out / "scenario.json").read_text())
+    assert [r["repository"] for r in doc["runs"]] == ["model_repository"] and doc["runs"][0]["best"]
+    assert doc["stopped"].startswith("Stopped after 1 of 2 searches, at broken_repository, round 1: "), doc["stopped"]
+    markdown = (out / "scenario.md").read_text()
+    assert f"**{doc['stopped']}**" in markdown and "Highest rate within the budget" in markdown
+    assert (out / "scenario.png").stat().st_size > 0
