@@ -278,7 +278,8 @@ def report_text(runs: list[Run], names: list[str], title: str, concurrency: int)
              f"req/s | share of capacity |", "|---|---:|---:|---:|"]
     for name in names:
         s = spreads(runs, name)
-        lines.append(f"| {name} | {s['capacity'].text('.1f')} | **{s['rate'].text('.2f')}** | {s['share'].text('.2f')} |")
+        lines.append(f"| {name} | {s['capacity'].text('.1f')} | **{s['rate'].text('.2f')}** "
+                     f"| {s['share'].text('.2f')} |")
     if len(names) > 1:
         lines += ["", f"Against {names[0]}, round by round:", "",
                   "| repository | highest rate within the budget, ratio | closed-loop capacity, ratio | each round |",
@@ -316,7 +317,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=number(float, 0, above_low=True), default=0.05,
                    help="stop when the passing and failing rates are this share of the capacity apart "
                         "(default: %(default)s)")
-    p.add_argument("--max-points", type=number(int, 1), default=10, help="rates measured at most (default: %(default)s)")
+    p.add_argument("--max-points", type=number(int, 1), default=10,
+                   help="rates measured at most (default: %(default)s)")
     p.add_argument("--measurement-ms", type=number(int, 1), default=4000,
                    help="shortest perf_analyzer window (default: %(default)s)")
     p.add_argument("--min-requests", type=number(int, 1), default=100,
@@ -367,9 +369,10 @@ def search_one(args: argparse.Namespace, tool, repository: str, model: str, name
 
 def write_report(out: Path, args: argparse.Namespace, repositories: list[str], names: list[str], models: list[str],
                  runs: list[Run], stopped: str | None = None) -> str:
-    """scenario.md, .csv, .json and .png of the searches done, and why the rest were not (`stopped`)."""
-    runs = sorted(runs, key=lambda r: (names.index(r.repository), r.round))
-    title = f"{', '.join(dict.fromkeys(models))}, Poisson arrivals over {args.protocol}, p99 budget {args.p99_budget_ms:g} ms"
+    """scenario.md, .csv, .json and .png of the searches done (`runs`, each repository's rounds in order), and
+    why the rest were not (`stopped`)."""
+    title = (f"{', '.join(dict.fromkeys(models))}, Poisson arrivals over {args.protocol}, "
+             f"p99 budget {args.p99_budget_ms:g} ms")
     text = report_text(runs, names, title, args.capacity_concurrency)
     if stopped:
         text = text.replace("\n\n", f"\n\n**{stopped}**\n\n", 1)
@@ -411,15 +414,18 @@ def main(args: argparse.Namespace) -> list[Run]:
         try:
             runs.append(search_one(args, tool, repositories[i], models[i], names[i], round_, args.seed + round_ - 1,
                                    here))
-        except BaseException as exc:  # a server that would not start, perf_analyzer missing, Ctrl-C: keep what was done
+        except BaseException as exc:  # a server that would not start, a closed loop that answered nothing, Ctrl-C
             if runs:
+                runs.sort(key=lambda r: (names.index(r.repository), r.round))
                 why = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
                 write_report(out, args, repositories, names, models, runs,
-                             f"Stopped after {len(runs)} of {len(order)} searches, at {names[i]}, round {round_}: {why}")
+                             f"Stopped after {len(runs)} of {len(order)} searches, at {names[i]}, round {round_}: "
+                             f"{why}")
                 print(f"the {len(runs)} searches done are in {out / 'scenario.md'}", file=sys.stderr)
             raise
+    runs.sort(key=lambda r: (names.index(r.repository), r.round))
     print(write_report(out, args, repositories, names, models, runs))
-    return sorted(runs, key=lambda r: (names.index(r.repository), r.round))
+    return runs
 
 
 if __name__ == "__main__":
