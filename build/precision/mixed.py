@@ -5,8 +5,9 @@ in float, as few as it takes for the accuracy gate to hold.
        in float and measure how far its probabilities move from FP32's on the *calibration* images
        (mean |dp|); the layers whose float version helps most come first. The model is quantized
        once; each candidate is that file with the one layer's integer node swapped for its float
-       original between a DequantizeLinear and a QuantizeLinear (`swap_in_float`), which is how the
-       quantizer leaves an excluded layer between quantized neighbours, so the cost of a layer is one
+       original between a DequantizeLinear and a QuantizeLinear (`swap_in_float`; a padding or pooling
+       after it back in float too), which is how the quantizer leaves an excluded layer between quantized
+       neighbours, so the cost of a layer is one
        run of the images, not one quantization of the whole model (docs/precision.md); a layer
        without such a node is measured on a quantization of its own, with it excluded
     2. keep the first k of that ranking in float, k = 1, 2, ... up to `max_float`, and run the gate
@@ -47,11 +48,17 @@ from common.preprocessing import PreprocessConfig
 
 FLOAT_NODES_KEY = "int8_float_nodes"  # ONNX metadata: the layers this INT8 file leaves in float, comma-separated
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-RANKING_VERSION = 5
+RANKING_VERSION = 6
 FOLDED_ACTIVATIONS = ("Relu", "Clip")  # what the quantizer removes after a quantized layer (QLinearActivation)
 # The integer node ONNX Runtime's QOperator quantizer writes for each weighted op, named "<layer>_quant";
 # MatMulIntegerToFloat is quantize.float_logits' form of a QLinearMatMul that computes the logits.
 INTEGER_FORMS = {"Conv": ("QLinearConv",), "Gemm": ("QGemm",), "MatMul": ("QLinearMatMul", "MatMulIntegerToFloat")}
+# The ops the quantizer quantizes only where their input is already quantized (its QPad, QMaxPool,
+# QGlobalAveragePool, Direct8BitOp): after a layer left in float they stay float. Their integer form, and
+# where that form's output scale and zero point are among its inputs (else they are its input's).
+FOLLOWERS = {"Pad": ("Pad", None), "MaxPool": ("MaxPool", None), "Flatten": ("Flatten", None),
+             "Reshape": ("Reshape", None), "Squeeze": ("Squeeze", None), "Unsqueeze": ("Unsqueeze", None),
+             "GlobalAveragePool": ("QLinearGlobalAveragePool", 3)}
 
 
 @dataclasses.dataclass
@@ -110,9 +117,10 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
     if None in bounds.values():
         return None  # a Clip's bounds computed at run time: not this function's case
     model = copy.deepcopy(quantized)  # no serialized copy: protobuf refuses one over 2 GB
-    producer = next((n for n in model.graph.node if x[0] in n.output), None)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    producer = producers.get(x[0])
     if (producer is not None and producer.op_type == "QuantizeLinear" and list(producer.input[1:3]) == x[1:]
-            and producer.input[0] == source.input[0]):
+            and source.input[0] in (producer.input[0], _twin(producer, producers, original))):
         float_input = producer.input[0]  # quantized for this layer from its float input: it reads that tensor itself
     else:
         float_input = f"{prefix}_input"
@@ -145,9 +153,65 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
     if output_scale:  # a float layer after it, swapped earlier, reads its float output as in `original`
         _read_float(model, original, node.output[0], replacement[-1].input[0],
                     activation.output[0] if activation is not None else source.output[0])
+        _float_followers(model, original)
     _drop_unread(model)
     quantize.keep_float(model, [layer])
     return model
+
+
+def _float_followers(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Put back in float each padding, pooling or reshape (`FOLLOWERS`) that reads a float layer's output,
+    as the quantizer leaves it after a layer it excludes, and so on down the chain: it reads the float
+    tensor, a float layer after it reads its float output, and an integer one reads it quantized to the
+    scale it read before (the tensor's own calibrated range, which for these ops is their input's: the
+    padding value is 0 after a ReLU, a flatten moves values). One that reads a tensor computed at run time
+    (not a constant), or whose float output's name the file already gives another node, stays as it is."""
+    before = {n.name: n for n in original.graph.node if n.name}
+    while True:
+        producers = {o: n for n in model.graph.node for o in n.output}
+        found = None
+        for at, node in enumerate(model.graph.node):
+            source = before.get(node.name[:-len("_quant")] if node.name.endswith("_quant") else node.name)
+            if source is None or FOLLOWERS.get(source.op_type, ("",))[0] != node.op_type:
+                continue
+            quantizer = producers.get(node.input[0])
+            if quantizer is None or quantizer.op_type != "QuantizeLinear" or _twin(quantizer, producers,
+                                                                                  original) != source.input[0]:
+                continue
+            constants = {name: _constant(original, name) for name in source.input[1:] if name}
+            if None not in constants.values() and source.output[0] not in producers:
+                found = at, node, source, quantizer, constants
+                break
+        if found is None:
+            return
+        at, node, source, quantizer, constants = found
+        quantized_output = node.output[0]
+        scale_at = FOLLOWERS[source.op_type][1]
+        scale = list(node.input[scale_at:scale_at + 2]) if scale_at else list(quantizer.input[1:3])
+        prefix = f"{source.name}_float_follow"
+        floated = onnx.NodeProto()
+        floated.CopyFrom(source)
+        floated.input[0] = quantizer.input[0]
+        for i, name in enumerate(source.input[1:], 1):
+            if name:
+                model.graph.initializer.add().CopyFrom(constants[name])
+                model.graph.initializer[-1].name = floated.input[i] = f"{prefix}_{i}"
+        requantized = onnx.helper.make_node("QuantizeLinear", [source.output[0], *scale], [quantized_output],
+                                            name=f"{prefix}_QuantizeLinear")
+        nodes = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes[:at] + [floated, requantized] + nodes[at + 1:])
+        _read_float(model, original, quantized_output, source.output[0], source.output[0])
+
+
+def _twin(quantizer: onnx.NodeProto, producers: dict[str, onnx.NodeProto], original: onnx.ModelProto) -> str | None:
+    """The tensor of `original` that `quantizer`, a QuantizeLinear a swap wrote, quantizes: the output of the
+    float node (a layer, its activation, a padding or pooling) the swap copied from `original`; else None."""
+    if not quantizer.name.endswith(("_float_swap_QuantizeLinear", "_float_follow_QuantizeLinear")):
+        return None
+    writer = producers.get(quantizer.input[0])
+    twin = next((n for n in original.graph.node if writer is not None and n.name == writer.name), None)
+    return twin.output[0] if twin is not None and twin.op_type == writer.op_type else None
 
 
 def _folded_activation(original: onnx.ModelProto, source: onnx.NodeProto,

@@ -1,6 +1,8 @@
 """Calibration cache, Q/DQ variants, FP16, and the accuracy gate: on the real exported model."""
+import collections
 import dataclasses
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -476,6 +478,41 @@ def test_layer_ranking_quantizes_once_and_swaps_each_layer_back_to_float(lite0_i
         assert as_run.count("Conv") + as_run.count("Gemm") + as_run.count("FusedConv") + as_run.count("FusedGemm") == 1, (
             layer, sorted(set(as_run)))
     assert mixed.swap_in_float(base, fp32, "no such layer") is None
+
+
+@pytest.mark.slow
+def test_layers_swapped_to_float_in_any_order_answer_as_the_quantizers_exclusion(lite0_int8, tmp_path):
+    """The quantizer leaves a padding, pooling or flatten in float after a layer it excludes (it quantizes those
+    only where their input is quantized). The swap into float left them in INT8: the pooling after `conv_head`
+    (so that layer alone differed from its exclusion) and the padding between an expansion and a depthwise
+    layer both in float; and a float layer without activation rounded its output to 8 bits for a float layer
+    after it, swapped later. Each chain of swaps, in the order given, now has the exclusion's nodes and answers."""
+    from build.precision import mixed
+    from common.onnxfiles import save_model
+
+    artifacts, calibration, config = lite0_int8
+    images = augmented_photos(("chelsea", "coffee"), 2, 0, config)
+    layers = mixed.weighted_nodes(artifacts / "model.onnx")
+    base, fp32 = onnx.load(str(artifacts / "model.int8.cpu.onnx")), onnx.load(str(artifacts / "model.onnx"))
+    head = [n for n in layers if "conv_head" in n] + [n for n in layers if n.endswith("Gemm")]
+    padded = [n for n in layers if "blocks.1.0/conv_pw/" in n or "blocks.1.0/conv_dw/" in n]  # a Pad between them
+    projected = [n for n in layers if "blocks.0.0/conv_pw/" in n or "blocks.1.0/conv_pw/" in n]  # no activation
+    chains = {"conv_head": head[:1], "conv_head, Gemm": head, "Gemm, conv_head": head[::-1],
+              "expansion, depthwise": padded, "depthwise, expansion": padded[::-1],
+              "projection, next expansion": projected,
+              "25 at random": random.Random(1).sample(layers, 25), "all, at random": random.Random(0).sample(layers, 50)}
+    assert len(head) == len(padded) == len(projected) == 2
+    for name, kept in chains.items():
+        swapped = base
+        for layer in kept:
+            swapped = mixed.swap_in_float(swapped, fp32, layer)
+        excluded = quantize.quantize(artifacts / "model.onnx", calibration, "cpu", tmp_path / "excluded.onnx",
+                                     exclude_nodes=kept, cpu_layout="avx2")
+        ops = [collections.Counter(n.op_type for n in m.graph.node) for m in (swapped, onnx.load(str(excluded)))]
+        assert ops[0] == ops[1], (name, ops[0] - ops[1], ops[1] - ops[0])
+        got, expected = (mixed.probabilities(p, images, config)
+                         for p in (save_model(swapped, tmp_path / "swapped.onnx"), excluded))
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name)
 
 
 def _as_run_float_layers(path, tmp_path):
