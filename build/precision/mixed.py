@@ -164,7 +164,7 @@ def _float_followers(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     as the quantizer leaves it after a layer it excludes, and so on down the chain: it reads the float
     tensor, a float layer after it reads its float output, and an integer one reads it quantized to the
     scale it read before (the tensor's own calibrated range, which for these ops is their input's: the
-    padding value is 0 after a ReLU, a flatten moves values). One that reads a tensor computed at run time
+    padding value is 0 after a ReLU, a flatten only moves values). One that reads a tensor computed at run time
     (not a constant), or whose float output's name the file already gives another node, stays as it is."""
     before = {n.name: n for n in original.graph.node if n.name}
     while True:
@@ -210,7 +210,9 @@ def _twin(quantizer: onnx.NodeProto, producers: dict[str, onnx.NodeProto], origi
     if not quantizer.name.endswith(("_float_swap_QuantizeLinear", "_float_follow_QuantizeLinear")):
         return None
     writer = producers.get(quantizer.input[0])
-    twin = next((n for n in original.graph.node if writer is not None and n.name == writer.name), None)
+    if writer is None:
+        return None
+    twin = next((n for n in original.graph.node if n.name == writer.name), None)
     return twin.output[0] if twin is not None and twin.op_type == writer.op_type else None
 
 
