@@ -163,9 +163,11 @@ def _float_followers(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """Put back in float each padding, pooling or reshape (`FOLLOWERS`) that reads a float layer's output,
     as the quantizer leaves it after a layer it excludes, and so on down the chain: it reads the float
     tensor, a float layer after it reads its float output, and an integer one reads it quantized to the
-    scale it read before (the tensor's own calibrated range, which for these ops is their input's: the
-    padding value is 0 after a ReLU, a flatten only moves values). One that reads a tensor computed at run time
-    (not a constant), or whose float output's name the file already gives another node, stays as it is."""
+    scale it read before, its input's, where the quantizer takes the tensor's own calibrated range: the same
+    for a padding after a ReLU (its value is 0) or a flatten (it only moves values), and for ResNet-18's max
+    pooling; a pooling whose range differs from its input's is requantized to the input's scale here. One
+    that reads a tensor computed at run time (not a constant), or whose float output's name the file
+    already gives another node, stays as it is."""
     before = {n.name: n for n in original.graph.node if n.name}
     while True:
         producers = {o: n for n in model.graph.node for o in n.output}
