@@ -13,7 +13,8 @@ import pytest
 
 from training import demo, distill, evaluate
 
-MIN_SERVED_TOP1 = 0.6  # one 44-step epoch at 32 px; measured about 0.75-0.8 (the full demo reaches >= 0.95)
+EPOCHS = 2  # of 44 steps at 32 px; after one, the CPU's float sums decided whether the model reached 60 % (docs/testing.md)
+MIN_SERVED_TOP1 = 0.75  # the full demo reaches >= 0.95
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def demo_run(digits, tmp_path_factory):
     (root / "train" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG")
     args = demo.get_args_parser().parse_args([
         "--data-root", str(root), "--run-dir", str(work / "run"), "--artifacts", str(work / "artifacts"),
-        "--repository", str(work / "repository"), "--crop-size", "32", "--epochs", "1", "--batch-size", "32", "--lr", "3e-3",
+        "--repository", str(work / "repository"), "--crop-size", "32", "--epochs", str(EPOCHS), "--batch-size", "32", "--lr", "3e-3",
         "--threads", "2", "--workers", "1", "--target", str(MIN_SERVED_TOP1), "--no-progress",
     ])
     return work, demo.main(args)
@@ -129,11 +130,9 @@ def test_int8_true_accuracy_on_held_out_digits(demo_run):
     print("\n" + validate.format_table(list(reports.values())))
     fp32 = reports["fp32"].accuracy
     assert fp32 >= MIN_SERVED_TOP1
-    # This one-epoch, 32 px model is barely trained, so INT8 is allowed a few points below FP32 here;
-    # `make bench-precision` reports the fully trained digits model (docs/precision.md). Agreement is
-    # the gate's, on the digits FP32 is decided about: how many near-ties the rest holds depends on how
-    # far this one epoch got, which differs between CPUs (their float training sums differ).
+    # Two epochs at 32 px: INT8 within a few points of FP32's true top-1, and the gate's agreement on the digits
+    # FP32 is decided about well above 95 % (docs/testing.md has the figures by seed).
     for name in ("int8-cpu", "int8-trt"):
-        assert reports[name].accuracy >= fp32 - 0.05, (name, reports[name].accuracy, fp32)
-        assert reports[name].confident_images >= 100, (name, reports[name].confident_images)
-        assert reports[name].confident_agreement >= 0.90, (name, reports[name].confident_agreement)
+        assert reports[name].accuracy >= fp32 - 0.03, (name, reports[name].accuracy, fp32)
+        assert reports[name].confident_images >= 250, (name, reports[name].confident_images)
+        assert reports[name].confident_agreement >= 0.95, (name, reports[name].confident_agreement)
