@@ -13,7 +13,7 @@ import pytest
 
 from training import demo, distill, evaluate
 
-EPOCHS = 2  # of 44 steps at 32 px; after one, the CPU's float sums decided whether the model reached 60 % (docs/testing.md)
+EPOCHS = 2  # of 44 steps at 32 px; after one, the seed and the CPU's float sums decided whether it reached 60 % (docs/testing.md)
 MIN_SERVED_TOP1 = 0.75  # the full demo reaches >= 0.95
 
 
