@@ -68,3 +68,46 @@ def write_near_tie_classifier(out: Path) -> Path:
         tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), tensor.name))
     onnx.save(model, out / "model.onnx")
     return out
+
+
+def write_pooled_convnet(out: Path, head: str = "conv") -> Path:
+    """A small convolutional classifier with the project's IO names, whose first convolution has no activation
+    and a negative bias, so that the max pooling after it sees a range of values other than its input's (its
+    smallest values rise). After the pooling, `head` 'conv': convolution, ReLU, global average pooling, flatten,
+    linear; 'flatten': flatten, linear. Plus labels and preprocess.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape, scale=0.3, mean=0.0):
+        return numpy_helper.from_array((rng.normal(size=shape) * scale + mean).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["images", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["a"], ["pooled"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
+    initializers = [weight("wa", 8, 3, 3, 3), weight("ba", 8, scale=0.1, mean=-1.0)]
+    if head == "conv":
+        nodes += [helper.make_node("Conv", ["pooled", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["b"], ["relu"], name="relu_b"),
+                  helper.make_node("GlobalAveragePool", ["relu"], ["features"], name="gap"),
+                  helper.make_node("Flatten", ["features"], ["flat"], name="flatten")]
+        initializers += [weight("wb", 8, 8, 3, 3), weight("bb", 8, scale=0.1), weight("wg", 3, 8, scale=0.5)]
+    elif head == "flatten":
+        nodes += [helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten")]
+        initializers += [weight("wg", 3, 8 * 16 * 16, scale=0.02)]
+    else:
+        raise ValueError(f"head {head!r} is not 'conv' or 'flatten'")
+    initializers.append(weight("bg", 3, scale=0.0))
+    nodes += [helper.make_node("Gemm", ["flat", "wg", "bg"], ["logits"], name="head", transB=1),
+              helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=-1)]
+    graph = helper.make_graph(
+        nodes, "pooled",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, out / "model.onnx")
+    (out / "labels.txt").write_text("".join(f"class {i}\n" for i in range(3)))
+    PreprocessConfig(resize=40, crop=32).save(out / "preprocess.json")
+    return out

@@ -48,7 +48,7 @@ from common.preprocessing import PreprocessConfig
 
 FLOAT_NODES_KEY = "int8_float_nodes"  # ONNX metadata: the layers this INT8 file leaves in float, comma-separated
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-RANKING_VERSION = 6
+RANKING_VERSION = 7
 FOLDED_ACTIVATIONS = ("Relu", "Clip")  # what the quantizer removes after a quantized layer (QLinearActivation)
 # The integer node ONNX Runtime's QOperator quantizer writes for each weighted op, named "<layer>_quant";
 # MatMulIntegerToFloat is quantize.float_logits' form of a QLinearMatMul that computes the logits.
@@ -59,6 +59,16 @@ INTEGER_FORMS = {"Conv": ("QLinearConv",), "Gemm": ("QGemm",), "MatMul": ("QLine
 FOLLOWERS = {"Pad": ("Pad", None), "MaxPool": ("MaxPool", None), "Flatten": ("Flatten", None),
              "Reshape": ("Reshape", None), "Squeeze": ("Squeeze", None), "Unsqueeze": ("Unsqueeze", None),
              "GlobalAveragePool": ("QLinearGlobalAveragePool", 3)}
+# Integer nodes that read a quantized tensor at input i with its scale and zero point at i + 1 and i + 2; and
+# MatMulIntegerToFloat's places for them (A, B, a_scale, b_scale, a_zero_point, b_zero_point).
+SCALE_READERS = ("DequantizeLinear", "QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearMul",
+                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid",
+                 "QLinearLeakyRelu", "QLinearSoftmax")
+MATMUL_SCALES = {0: (2, 4), 1: (3, 5)}
+# Integer nodes whose int32 bias is rounded at (input scale x weight scale [x Gemm's beta]), and its place;
+# ONNX Runtime's quantizer widens a weight's scale instead where a bias would come near the int32 limit.
+INT32_BIASES = {"QLinearConv": 8, "QGemm": 6}
+INT32_LIMIT = float(np.iinfo(np.int32).max) / 1.0001
 
 
 @dataclasses.dataclass
@@ -87,14 +97,17 @@ def _key(model_path: Path, calibration: Calibration, layout: str, images: ImageS
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: str) -> onnx.ModelProto | None:
+def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: str,
+                  quantization: quantize.CpuQuantization | None = None) -> onnx.ModelProto | None:
     """A copy of the INT8 CPU model `quantized` in which `layer` runs in float as in `original` (its FP32
     model): its integer node becomes DequantizeLinear -> the float layer with its own weights and bias ->
     QuantizeLinear to the same output scale (no QuantizeLinear where the integer node output float), the
     form ONNX Runtime's quantizer gives a layer in `nodes_to_exclude`, made to stay float when loaded
     (`quantize.keep_float`). An activation the quantizer folded into the integer node's output range (a Relu
     or Clip after the layer) comes back after the float layer, so that a layer swapped next to it reads the
-    very tensor it reads in `original`. None where `quantized` has no integer node for `layer`."""
+    very tensor it reads in `original`. A padding, pooling or reshape after it goes back to float too
+    (`_float_followers`), its output quantized as the quantizer would (`quantization`, from
+    `quantize.cpu_quantization`). None where `quantized` has no integer node for `layer`."""
     source = next((n for n in original.graph.node if n.name == layer), None)
     if source is None or source.op_type not in INTEGER_FORMS:
         return None
@@ -153,21 +166,22 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
     if output_scale:  # a float layer after it, swapped earlier, reads its float output as in `original`
         _read_float(model, original, node.output[0], replacement[-1].input[0],
                     activation.output[0] if activation is not None else source.output[0])
-        _float_followers(model, original)
+        _float_followers(model, original, quantization)
     _drop_unread(model)
     quantize.keep_float(model, [layer])
     return model
 
 
-def _float_followers(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+def _float_followers(model: onnx.ModelProto, original: onnx.ModelProto,
+                     quantization: quantize.CpuQuantization | None) -> None:
     """Put back in float each padding, pooling or reshape (`FOLLOWERS`) that reads a float layer's output,
     as the quantizer leaves it after a layer it excludes, and so on down the chain: it reads the float
-    tensor, a float layer after it reads its float output, and an integer one reads it quantized to the
-    scale it read before, its input's, where the quantizer takes the tensor's own calibrated range: the same
-    for a padding after a ReLU (its value is 0) or a flatten (it only moves values), and for ResNet-18's max
-    pooling; a pooling whose range differs from its input's is requantized to the input's scale here. One
-    that reads a tensor computed at run time (not a constant), or whose float output's name the file
-    already gives another node, stays as it is."""
+    tensor, a float layer after it reads its float output, and an integer one reads it quantized as the
+    quantizer quantizes it there, by its own calibrated range (`quantization`), where the integer form shared
+    its input's scale: the same scale for a padding after a ReLU or a flatten, not for a max pooling after a
+    layer without activation, whose smallest values rise (`_own_scale`); else the scale it read before. One
+    that reads a tensor computed at run time (not a constant), or whose float output's name the file already
+    gives another node, stays as it is."""
     before = {n.name: n for n in original.graph.node if n.name}
     while True:
         producers = {o: n for n in model.graph.node for o in n.output}
@@ -191,6 +205,8 @@ def _float_followers(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
         scale_at = FOLLOWERS[source.op_type][1]
         scale = list(node.input[scale_at:scale_at + 2]) if scale_at else list(quantizer.input[1:3])
         prefix = f"{source.name}_float_follow"
+        if not scale_at:
+            scale = _own_scale(model, original, quantization, source.output[0], quantized_output, scale, prefix)
         floated = onnx.NodeProto()
         floated.CopyFrom(source)
         floated.input[0] = quantizer.input[0]
@@ -204,6 +220,60 @@ def _float_followers(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
         del model.graph.node[:]
         model.graph.node.extend(nodes[:at] + [floated, requantized] + nodes[at + 1:])
         _read_float(model, original, quantized_output, source.output[0], source.output[0])
+
+
+def _own_scale(model: onnx.ModelProto, original: onnx.ModelProto, quantization: quantize.CpuQuantization | None,
+               tensor: str, quantized: str, before: list[str], prefix: str) -> list[str]:
+    """The scale and zero point to quantize `tensor` (a follower's float output) with into `quantized`: the
+    quantizer's, as initializers of their own that every integer reader of `quantized` reads, each reader's
+    int32 bias rounded again at its new input scale, as the quantizer rounds it; `before` (the names of the
+    ones read now) where those are the same figures, or where a reader has no place for a scale of its own (a
+    follower that goes float next: then its own output gets the quantizer's scale), where `quantization`
+    lacks the tensor or a reader's bias, or where a bias would not fit int32 (the quantizer then widens that
+    layer's weight scale)."""
+    if quantization is None or tensor not in quantization.activations:
+        return before
+    scale, zero_point = quantization.activations[tensor]
+    initializers = {i.name: i for i in model.graph.initializer}
+    if all(name in initializers for name in before) and all(
+            np.array_equal(numpy_helper.to_array(initializers[name]), value)
+            for name, value in zip(before, (scale, zero_point))):
+        return before
+    layers = {n.name: n for n in original.graph.node if n.name}
+    places, biases = [], []
+    for reader in model.graph.node:
+        for i, name in enumerate(reader.input):
+            if name != quantized:
+                continue
+            if reader.op_type in SCALE_READERS:
+                places.append((reader, (i + 1, i + 2)))
+            elif reader.op_type == "MatMulIntegerToFloat" and i in MATMUL_SCALES:
+                places.append((reader, MATMUL_SCALES[i]))
+            else:
+                return before
+            at = INT32_BIASES.get(reader.op_type)
+            if i == 0 and at is not None and len(reader.input) > at and reader.input[at]:
+                layer = layers.get(reader.name[:-len("_quant")]) if reader.name.endswith("_quant") else None
+                if layer is None or layer.name not in quantization.biases or reader.input[4] not in initializers:
+                    return before
+                beta = next((a.f for a in layer.attribute if a.name == "beta"), 1.0)
+                bias_scale = scale * numpy_helper.to_array(initializers[reader.input[4]]) * beta
+                steps = np.asarray(quantization.biases[layer.name], np.float64) / np.asarray(bias_scale, np.float64)
+                if np.abs(steps).max(initial=0) >= INT32_LIMIT:
+                    return before
+                biases.append((reader, at, steps.round().astype(np.int32)))
+    names = [f"{prefix}_scale", f"{prefix}_zero_point"]
+    for name, value, like in zip(names, (scale, zero_point), before):
+        shape = initializers[like].dims if like in initializers else []
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value).reshape(shape), name))
+    for reader, at in places:
+        for place, name in zip(at, names):
+            reader.input[place] = name
+    for reader, at, values in biases:
+        model.graph.initializer.append(numpy_helper.from_array(values.reshape(initializers[reader.input[at]].dims),
+                                                               f"{reader.name}_{prefix}_bias"))
+        reader.input[at] = model.graph.initializer[-1].name
+    return names
 
 
 def _twin(quantizer: onnx.NodeProto, producers: dict[str, onnx.NodeProto], original: onnx.ModelProto) -> str | None:
@@ -279,10 +349,12 @@ def _drop_unread(model: onnx.ModelProto) -> None:
 
 
 def rank_layers(model_path: Path, calibration: Calibration, layout: str, images: ImageSet,
-                config: PreprocessConfig, quantized: Path | None = None) -> Ranking:
+                config: PreprocessConfig, quantized: Path | None = None,
+                quantization: quantize.CpuQuantization | None = None) -> Ranking:
     """The weighted layers, most worth keeping in float first (cached in `<cache>.<layout>.ranking.json`).
     `quantized`: the whole model already quantized with this calibration and layout, measured as the base
-    instead of quantizing it again (read only)."""
+    instead of quantizing it again (read only); `quantization`: its `quantize.cpu_quantization`, where the
+    caller has it."""
     cache = calibration.cache.with_name(f"{calibration.cache.stem}.{layout}.ranking.json")
     key = _key(model_path, calibration, layout, images)
     if cache.exists():
@@ -304,9 +376,10 @@ def rank_layers(model_path: Path, calibration: Calibration, layout: str, images:
         nodes = weighted_nodes(model_path)
         original = onnx.load(str(model_path))
         base = onnx.load(str(quantized))
+        quantization = quantization or quantize.cpu_quantization(model_path, calibration, layout)
         errors, requantized = {}, []
         for node in tqdm(nodes, desc="mixed precision: rank layers", unit="layer"):
-            swapped = swap_in_float(base, original, node)
+            swapped = swap_in_float(base, original, node, quantization)
             if swapped is None:  # no integer node of its own: the quantizer's own exclusion, the slow way
                 quantize.quantize(model_path, calibration, "cpu", candidate, exclude_nodes=[node], cpu_layout=layout)
                 requantized.append(node)
@@ -359,7 +432,8 @@ def search(model_path: Path, calibration: Calibration, layout: str, out: Path, i
     judges the file written to `out`, the one deployed. A layer with no integer node of its own is left out
     by the quantizer instead, and the steps after it swap on that file."""
     quantize.quantize(model_path, calibration, "cpu", out, cpu_layout=layout)
-    ranking = rank_layers(model_path, calibration, layout, images, config, quantized=out)
+    quantization = quantize.cpu_quantization(model_path, calibration, layout)
+    ranking = rank_layers(model_path, calibration, layout, images, config, quantized=out, quantization=quantization)
     log(("reusing the layer ranking" if ranking.reused else "ranked the layers") +
         f" ({len(ranking.nodes)} weighted layers on {images.description}; all quantized: mean |dp| "
         f"{ranking.baseline:.2e}; best single float layer: {ranking.nodes[0]} {ranking.error[ranking.nodes[0]]:.2e})")
@@ -370,7 +444,7 @@ def search(model_path: Path, calibration: Calibration, layout: str, out: Path, i
     current = onnx.load(str(out))
     for count in range(1, steps + 1):
         kept = ranking.nodes[:count]
-        swapped = swap_in_float(current, original, kept[-1])
+        swapped = swap_in_float(current, original, kept[-1], quantization)
         if swapped is None:
             quantize.quantize(model_path, calibration, "cpu", out, exclude_nodes=kept, cpu_layout=layout)
             stamp_float_nodes(out, kept)

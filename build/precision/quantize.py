@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -37,6 +38,8 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+from onnxruntime.quantization.quant_utils import QuantizationMode, load_model_with_shape_infer
 
 from build.precision import bias_correction, provenance, trt_qdq
 from build.precision.calibrate import CACHE_METHODS, LEARNED_METHODS, Calibration, load_calibration, staleness
@@ -230,19 +233,54 @@ def stamp_layout(path: Path, layout: str, corrected: int | None = None, source: 
     save_like(model, path, path if source is None else source)  # written as its source model is
 
 
+def _bias_correction(model: onnx.ModelProto, calibration: Calibration, target: str, layout: str,
+                     exclude_nodes: list[str]) -> tuple[onnx.ModelProto, list[str]] | None:
+    """`model` with bias correction for `target`'s weight grids and the layers corrected, or None when the
+    cache has no per-channel means (a QAT cache from before them)."""
+    means = calibration.meta.get("channel_means")
+    if not means:
+        return None
+    seven_bit = pairing_weights(model) if target == "cpu" and layout == "avx2" else {}
+    weight_max = {w: bias_correction.INT7_MAX for w in seven_bit}
+    return bias_correction.correct(model, means, weight_max, exclude_nodes)
+
+
 def bias_corrected(model_path: Path, calibration: Calibration, target: str, layout: str,
                    exclude_nodes: list[str], out: Path) -> int | None:
     """Write `model_path` with bias correction for `target`'s weight grids to `out`; the layers corrected,
     or None (and nothing written) when the cache has no per-channel means (a QAT cache from before them)."""
-    means = calibration.meta.get("channel_means")
-    if not means:
+    if not calibration.meta.get("channel_means"):
         return None
-    model = onnx.load(str(model_path))
-    seven_bit = pairing_weights(model) if target == "cpu" and layout == "avx2" else {}
-    weight_max = {w: bias_correction.INT7_MAX for w in seven_bit}
-    corrected, layers = bias_correction.correct(model, means, weight_max, exclude_nodes)
+    corrected, layers = _bias_correction(onnx.load(str(model_path)), calibration, target, layout, exclude_nodes)
     save_like(corrected, out, model_path)
     return len(layers)
+
+
+@dataclasses.dataclass
+class CpuQuantization:
+    """What ONNX Runtime's quantizer computes for a model's INT8 CPU file in a layout, also where the file does
+    not show it, for edits of the file that must quantize a tensor as the quantizer would (build/precision/mixed.py):
+    a pooling's output that the file quantized with its input's scale, a layer's bias at another input scale."""
+    activations: dict[str, tuple[np.ndarray, np.ndarray]]  # tensor -> (scale, zero point) from the cache's range
+    biases: dict[str, np.ndarray]  # weighted layer -> the float bias the quantizer rounds (bias-corrected)
+
+
+def cpu_quantization(model_path: Path, calibration: Calibration, layout: str) -> CpuQuantization:
+    """The figures computed by the quantizer's own code, with the arguments `quantize` gives it: scales from
+    the cache's ranges as it adjusts them (a Relu's or Clip's input takes its output's range), biases as it
+    reads them; tests/build/test_precision.py checks them against the file it writes."""
+    model = load_model_with_shape_infer(model_path)
+    quantizer = ONNXQuantizer(model, True, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, QuantType.QUInt8,
+                              _ranges(calibration, "cpu"), [], head_adds(model), CPU_OP_TYPES,
+                              _cpu_options(model_path, layout))
+    activations = {name: (np.asarray(p["scale"]), np.asarray(p["zero_point"]))
+                   for name, p in quantizer.calculate_quantization_params().items()}
+    corrected = _bias_correction(model, calibration, "cpu", layout, [])
+    source = corrected[0] if corrected is not None else model
+    initializers = {i.name: i for i in source.graph.initializer}
+    biases = {n.name: numpy_helper.to_array(initializers[n.input[2]]) for n in source.graph.node
+              if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2] in initializers}
+    return CpuQuantization(activations, biases)
 
 
 def read_layout(path: Path) -> dict[str, str]:
