@@ -5,8 +5,9 @@ A canonical classifier has one input `images` float32 [batch, 3, H, W] (or NHWC)
 `canonicalize_classifier` renames a foreign model's IO to these names, adds the output it lacks
 (Softmax, or the log of probabilities) and declares the input's shape; `check_onnx_file` verifies all
 of it with onnx.checker and ONNX Runtime;
-`fold_constants` cleans up what the TorchScript exporter leaves behind; `with_luma_input` gives a
-grayscale (1-channel) classifier the RGB input the serving pipeline feeds every model.
+`fold_constants` cleans up what the TorchScript exporter leaves behind; `own_biases` gives each layer of
+an imported model a bias of its own; `with_luma_input` gives a grayscale (1-channel) classifier the RGB input
+the serving pipeline feeds every model.
 """
 from __future__ import annotations
 
@@ -170,6 +171,44 @@ def _set_dims(value: onnx.ValueInfoProto, dims: list) -> None:
             dim.dim_param = size
         else:
             dim.dim_value = size
+
+
+def own_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every convolution and GEMM reading its bias from an initializer of its own.
+
+    The TorchScript exporter writes equal constants once: layers with equal biases (zeros, or batch norms
+    still at their initial statistics folded into the convolutions) read one initializer, the others
+    through Identity nodes. ONNX Runtime's quantizer finds no bias behind an Identity (it failed with
+    "'NoneType' object has no attribute 'data_type'") and quantizes a bias that layers share once, at the
+    first layer's scales, for all of them; bias correction would give one layer's correction to the others.
+    An Identity of an initializer is replaced by the initializer; then each layer whose bias other nodes
+    read too gets a copy under a name of its own (its last reader keeps the original). Shared weights stay
+    shared (the quantizer rounds a weight alike for every layer that reads it)."""
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.input and n.input[0] in initializers
+                 and n.output[0] not in outputs]:
+        graph.node.remove(node)
+        _rename_tensor(graph, node.output[0], node.input[0])
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    names = _tensor_names(graph)
+    for node in graph.node:
+        bias = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else ""
+        if bias not in initializers or readers[bias] < 2:
+            continue
+        name, suffix = f"{node.name or node.output[0]}.bias", 1
+        while name in names:
+            name, suffix = f"{node.name or node.output[0]}.bias.{suffix}", suffix + 1
+        copy = graph.initializer.add()
+        copy.CopyFrom(initializers[bias])
+        copy.name = node.input[2] = name
+        names.add(name)
+        readers[bias] -= 1
+    return model
 
 
 # Nodes that pass a tensor's values through unchanged: a Softmax behind them still makes probabilities.

@@ -23,7 +23,7 @@ from common.preprocessing import PreprocessConfig, load_files
 from common.samples import sample_photos
 from training.artifacts import ExportResult, temp_model, write_artifacts
 from training.onnx_graph import (CHECK_BATCH_SIZES, INPUT_NAME, LOGITS, PROBABILITIES, canonicalize_classifier,
-                                 check_onnx_file, input_channels, onnxruntime_session, run_onnxruntime,
+                                 check_onnx_file, input_channels, onnxruntime_session, own_biases, run_onnxruntime,
                                  with_luma_input)
 
 DYNAMIC_BATCH_HINT = ("export it again with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'<input>': "
@@ -59,6 +59,7 @@ def import_onnx(
         source = with_luma_input(source, preprocess.layout)
     model = canonicalize_classifier(source, outputs, preprocess.input_shape, preprocess.layout)
     onnx.load_external_data_for_model(model, str(onnx_path.parent))
+    model = own_biases(model)
     with _new_folder(out_dir), temp_model(out_dir) as tmp_model:
         save_model(model, tmp_model, external, external_data_threshold)
         check_classes_and_batch(tmp_model, onnx_path, preprocess.input_shape, len(labels), labels_name)

@@ -17,7 +17,7 @@ from common.hashing import file_sha256
 from common.onnxfiles import model_sha256, weight_files
 from common.preprocessing import PreprocessConfig, load_files
 from common.samples import sample_photos
-from tests.training.tiny_torch import TinyNet, export_fixed_batch, export_with_external_data
+from tests.training.tiny_torch import FreshBatchNormNet, TinyNet, export_fixed_batch, export_with_external_data
 from training import export
 
 TINY = PreprocessConfig(resize=72, crop=64)
@@ -291,3 +291,47 @@ def test_weights_outside_the_models_folder_are_refused_in_one_line(tmp_path):
                                          r"folder can be imported"):
         export.import_onnx(source, tmp_path / "out", SEVEN, TINY)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sharing", ["identity", "direct"])
+def test_layers_sharing_a_bias_import_with_their_own_and_quantize_each_at_its_scales(tmp_path, sharing):
+    """The TorchScript exporter writes equal biases once (here two convolutions with fresh batch norms folded in)
+    and gives the second layer the first's through an Identity: ONNX Runtime's quantizer found no bias there and
+    `make engines PRECISION=int8` failed with a traceback ("'NoneType' object has no attribute 'data_type'").
+    A bias two layers read directly was quantized once, at the first layer's scales, for both. Imported, each
+    layer has a bias of its own, and the INT8 CPU file rounds each at its own input and weight scales."""
+    from build.precision import calibrate, quantize
+    from build.precision.imagesets import augmented_photos
+
+    path = export_fixed_batch(FreshBatchNormNet().eval(), tmp_path / "fresh.onnx")
+    source = onnx.load(str(path))
+    identities = [n for n in source.graph.node if n.op_type == "Identity"]
+    assert len(identities) == 1, "the exporter no longer shares the equal biases: this test has lost its case"
+    if sharing == "direct":
+        source.graph.node.remove(identities[0])
+        for node in source.graph.node:
+            node.input[:] = [identities[0].input[0] if name == identities[0].output[0] else name for name in node.input]
+        onnx.save(source, str(path))
+    result = export.import_onnx(path, tmp_path / "out", SEVEN, TINY)
+    model = _canonical(result, 7)
+    initializers = {i.name for i in model.graph.initializer}
+    biases = [n.input[2] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(biases) == 3 and set(biases) <= initializers and len(set(biases)) == 3, biases
+    assert not [n for n in model.graph.node if n.op_type == "Identity"]
+    images = _photos()
+    with torch.no_grad():
+        expected = FreshBatchNormNet().eval()(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(_run(result, images)["logits"], expected, atol=1e-5)
+
+    calibration = calibrate.calibrate(result.model_path, result.out_dir / "calibration", "max",
+                                      augmented_photos(("chelsea", "coffee"), 4, 0, TINY), TINY)
+    int8 = onnx.load(str(quantize.quantize(result.model_path, calibration, "cpu", tmp_path / "int8.onnx",
+                                           cpu_layout="avx2")))
+    values = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    rounded = quantize.cpu_quantization(result.model_path, calibration, "avx2").biases
+    convolutions = [n for n in int8.graph.node if n.op_type == "QLinearConv"]
+    assert len(convolutions) == 2
+    for node in convolutions:
+        step = values[node.input[1]] * values[node.input[4]]  # input scale x weight scale, per channel
+        bias = rounded[node.name[:-len("_quant")]]
+        assert np.abs(values[node.input[8]] * step - bias).max() <= step.max() / 2 * 1.001, node.name

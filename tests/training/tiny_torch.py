@@ -31,6 +31,24 @@ class TinyNet(torch.nn.Module):
         return torch.sigmoid(x) if self.head == "sigmoid" else x
 
 
+class FreshBatchNormNet(torch.nn.Module):
+    """Two convolutions with batch norms at their initial statistics, then a linear layer: folded into the
+    convolutions (eval mode), the batch norms give both the same bias, which the TorchScript exporter writes
+    once and gives the second layer through an Identity node."""
+
+    def __init__(self, num_classes: int = 7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, stride=2, bias=False), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, stride=2, bias=False), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(x.mean((2, 3), keepdim=True), 1))
+
+
 def export_fixed_batch(net: torch.nn.Module, path: Path, size: int = 64, dynamic_size: bool = False) -> Path:
     """`net` -> ONNX with the input "input.1" and the output "output_0" at batch 1; `dynamic_size` names the
     spatial axes (as exports for several image sizes do)."""
