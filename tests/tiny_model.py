@@ -96,10 +96,16 @@ def write_pooled_convnet(out: Path, head: str = "conv") -> Path:
     else:
         raise ValueError(f"head {head!r} is not 'conv' or 'flatten'")
     initializers.append(weight("bg", 3, scale=0.0))
-    nodes += [helper.make_node("Gemm", ["flat", "wg", "bg"], ["logits"], name="head", transB=1),
+    return _save_three_class_model(out, nodes, initializers, "pooled", "flat")
+
+
+def _save_three_class_model(out: Path, nodes: list, initializers: list, name: str, features: str) -> Path:
+    """`nodes` + a linear head over `features` (its weight "wg" and bias "bg" among `initializers`) and a
+    softmax, as a 3-class model for 32x32 images in `out`, with labels and preprocess.json."""
+    nodes += [helper.make_node("Gemm", [features, "wg", "bg"], ["logits"], name="head", transB=1),
               helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=-1)]
     graph = helper.make_graph(
-        nodes, "pooled",
+        nodes, name,
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
          helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
@@ -111,3 +117,31 @@ def write_pooled_convnet(out: Path, head: str = "conv") -> Path:
     (out / "labels.txt").write_text("".join(f"class {i}\n" for i in range(3)))
     PreprocessConfig(resize=40, crop=32).save(out / "preprocess.json")
     return out
+
+
+def write_attention_net(out: Path) -> Path:
+    """A small transformer-like classifier with the project's IO names: 8x8 patches (a convolution) become 16
+    tokens, one attention head (query, key and value projections; softmax(query x key^T) x value: two MatMuls
+    of computed tensors), a mean over the tokens and a linear head. Plus labels and preprocess.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.normal(size=shape) * scale).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["images", "wp", "bp"], ["patches"], name="patchify", strides=[8, 8]),
+             helper.make_node("Reshape", ["patches", "token_shape"], ["channels"], name="flatten_patches"),
+             helper.make_node("Transpose", ["channels"], ["tokens"], name="to_tokens", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["tokens", "wq"], ["query"], name="query"),
+             helper.make_node("MatMul", ["tokens", "wk"], ["key"], name="key"),
+             helper.make_node("MatMul", ["tokens", "wv"], ["value"], name="value"),
+             helper.make_node("Transpose", ["key"], ["key_t"], name="key_t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["query", "key_t"], ["scores"], name="scores"),
+             helper.make_node("Softmax", ["scores"], ["attention"], name="attention", axis=-1),
+             helper.make_node("MatMul", ["attention", "value"], ["mixed"], name="mix"),
+             helper.make_node("ReduceMean", ["mixed"], ["features"], name="mean_tokens", axes=[1], keepdims=0)]
+    initializers = [weight("wp", 16, 3, 8, 8, scale=0.05), weight("bp", 16, scale=0.1),
+                    numpy_helper.from_array(np.array([0, 16, -1], np.int64), "token_shape"),
+                    weight("wq", 16, 16), weight("wk", 16, 16), weight("wv", 16, 16),
+                    weight("wg", 3, 16, scale=1.0), weight("bg", 3, scale=0.0)]
+    return _save_three_class_model(out, nodes, initializers, "attention", "features")

@@ -1,7 +1,8 @@
 """Accuracy-aware mixed precision for the INT8 CPU file: keep the layers whose quantisation costs most
 in float, as few as it takes for the accuracy gate to hold.
 
-    1. rank: for every weighted layer (Conv, Gemm, MatMul), take the model with that layer alone left
+    1. rank: for every weighted layer (Conv, Gemm, MatMul) and every MatMul of two computed tensors (attention's
+       query x key and weights x value), take the model with that layer alone left
        in float and measure how far its probabilities move from FP32's on the *calibration* images
        (mean |dp|); the layers whose float version helps most come first. The model is quantized
        once; each candidate is that file with the one layer's integer node swapped for its float
@@ -48,7 +49,7 @@ from common.preprocessing import PreprocessConfig
 
 FLOAT_NODES_KEY = "int8_float_nodes"  # ONNX metadata: the layers this INT8 file leaves in float, comma-separated
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-RANKING_VERSION = 7
+RANKING_VERSION = 8
 FOLDED_ACTIVATIONS = ("Relu", "Clip")  # what the quantizer removes after a quantized layer (QLinearActivation)
 # The integer node ONNX Runtime's QOperator quantizer writes for each weighted op, named "<layer>_quant";
 # MatMulIntegerToFloat is quantize.float_logits' form of a QLinearMatMul that computes the logits.
@@ -86,6 +87,18 @@ def weighted_nodes(model_path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in weights]
 
 
+def float_candidates(model_path: Path) -> list[str]:
+    """The nodes the search may give back to float, in graph order: the weighted layers, and the MatMuls that
+    multiply two computed tensors (a transformer's attention), whose 8-bit inputs (softmax weights among them)
+    can cost more than any weighted layer's."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    constants = weights | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    weighted = set(weighted_nodes(model_path))
+    return [n.name for n in model.graph.node if n.name in weighted or (
+        n.op_type == "MatMul" and len(n.input) == 2 and not set(n.input) & constants)]
+
+
 def probabilities(path: Path, images: ImageSet, config: PreprocessConfig, batch_size: int = 16) -> np.ndarray:
     session = cpu_session(path, 2)
     return np.concatenate([session.run([ONNX_PROBABILITIES], {ONNX_INPUT: batch})[0]
@@ -107,7 +120,8 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
     or Clip after the layer) comes back after the float layer, so that a layer swapped next to it reads the
     very tensor it reads in `original`. A padding, pooling or reshape after it goes back to float too
     (`_float_followers`), its output quantized as the quantizer would (`quantization`, from
-    `quantize.cpu_quantization`). None where `quantized` has no integer node for `layer`."""
+    `quantize.cpu_quantization`). A MatMul of two computed tensors (attention) reads both inputs so. None where
+    `quantized` has no integer node for `layer`."""
     source = next((n for n in original.graph.node if n.name == layer), None)
     if source is None or source.op_type not in INTEGER_FORMS:
         return None
@@ -116,13 +130,15 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
         return None
     if node.op_type == "MatMulIntegerToFloat":  # A, B, a_scale, b_scale, a_zero_point, b_zero_point
         x, output_scale = [node.input[0], node.input[2], node.input[4]], None
+        w = [node.input[1], node.input[3], node.input[5]]
     else:  # x, x_scale, x_zero_point, w, w_scale, w_zero_point, [QGemm: C,] y_scale, y_zero_point[, QLinearConv: B]
-        x = list(node.input[:3])
+        x, w = list(node.input[:3]), list(node.input[3:6])
         scale_at = 7 if node.op_type == "QGemm" else 6
         output_scale = list(node.input[scale_at:scale_at + 2]) if len(node.input) > scale_at and node.input[scale_at] else None
     initializers = {i.name: i for i in original.graph.initializer}
-    if any(name and name not in initializers for name in source.input[1:]):
-        return None  # a weight or bias computed at run time: not this function's case
+    computed = [i for i, name in enumerate(source.input[1:], 1) if name and name not in initializers]
+    if computed and (source.op_type != "MatMul" or computed != [1]):
+        return None  # a weight or bias computed at run time: not this function's case (a MatMul's B is: attention)
     prefix = f"{layer}_float_swap"
     activation = _folded_activation(original, source, quantized) if output_scale else None
     bounds = {name: _constant(original, name) for name in (activation.input[1:] if activation is not None else [])
@@ -131,22 +147,19 @@ def swap_in_float(quantized: onnx.ModelProto, original: onnx.ModelProto, layer: 
         return None  # a Clip's bounds computed at run time: not this function's case
     model = copy.deepcopy(quantized)  # no serialized copy: protobuf refuses one over 2 GB
     producers = {o: n for n in model.graph.node for o in n.output}
-    producer = producers.get(x[0])
-    if (producer is not None and producer.op_type == "QuantizeLinear" and list(producer.input[1:3]) == x[1:]
-            and source.input[0] in (producer.input[0], _twin(producer, producers, original))):
-        float_input = producer.input[0]  # quantized for this layer from its float input: it reads that tensor itself
-    else:
-        float_input = f"{prefix}_input"
     floated = onnx.NodeProto()
     floated.CopyFrom(source)
-    floated.input[0] = float_input
+    replacement = []
+    for i, (quantized_input, suffix) in enumerate([(x, "")] + ([(w, "_1")] if computed else [])):
+        floated.input[i], dequantize = _float_read(producers, original, quantized_input, source.input[i],
+                                                   f"{prefix}_input{suffix}", f"{prefix}_DequantizeLinear{suffix}")
+        replacement += dequantize
     for i, name in enumerate(source.input[1:], 1):  # its own weights and bias, under names of their own
-        if name:
+        if name and i not in computed:
             model.graph.initializer.add().CopyFrom(initializers[name])
             model.graph.initializer[-1].name = floated.input[i] = f"{prefix}_{i}"
     floated.output[:] = [f"{prefix}_output" if output_scale else node.output[0]]
-    replacement = [floated] if float_input != f"{prefix}_input" else [
-        onnx.helper.make_node("DequantizeLinear", x, [float_input], name=f"{prefix}_DequantizeLinear"), floated]
+    replacement.append(floated)
     if activation is not None:  # its output under its name in `original`: the tensor the next layer reads there
         folded = onnx.NodeProto()
         folded.CopyFrom(activation)
@@ -276,6 +289,18 @@ def _own_scale(model: onnx.ModelProto, original: onnx.ModelProto, quantization: 
     return names
 
 
+def _float_read(producers: dict[str, onnx.NodeProto], original: onnx.ModelProto, quantized_input: list[str],
+                original_tensor: str, name: str, node_name: str) -> tuple[str, list[onnx.NodeProto]]:
+    """What a layer swapped to float reads for one of its quantized inputs (tensor, scale, zero point) that is
+    `original_tensor` in `original`: that float tensor itself where a QuantizeLinear made the input from it for
+    this layer (as the quantizer's exclusion leaves it), else the input dequantized (`name`, by a new node)."""
+    producer = producers.get(quantized_input[0])
+    if (producer is not None and producer.op_type == "QuantizeLinear" and list(producer.input[1:3]) == quantized_input[1:]
+            and original_tensor in (producer.input[0], _twin(producer, producers, original))):
+        return producer.input[0], []
+    return name, [onnx.helper.make_node("DequantizeLinear", quantized_input, [name], name=node_name)]
+
+
 def _twin(quantizer: onnx.NodeProto, producers: dict[str, onnx.NodeProto], original: onnx.ModelProto) -> str | None:
     """The tensor of `original` that `quantizer`, a QuantizeLinear a swap wrote, quantizes: the output of the
     float node (a layer, its activation, a padding or pooling) the swap copied from `original`; else None."""
@@ -351,7 +376,7 @@ def _drop_unread(model: onnx.ModelProto) -> None:
 def rank_layers(model_path: Path, calibration: Calibration, layout: str, images: ImageSet,
                 config: PreprocessConfig, quantized: Path | None = None,
                 quantization: quantize.CpuQuantization | None = None) -> Ranking:
-    """The weighted layers, most worth keeping in float first (cached in `<cache>.<layout>.ranking.json`).
+    """The `float_candidates`, most worth keeping in float first (cached in `<cache>.<layout>.ranking.json`).
     `quantized`: the whole model already quantized with this calibration and layout, measured as the base
     instead of quantizing it again (read only); `quantization`: its `quantize.cpu_quantization`, where the
     caller has it."""
@@ -373,7 +398,7 @@ def rank_layers(model_path: Path, calibration: Calibration, layout: str, images:
             quantized = quantize.quantize(model_path, calibration, "cpu", Path(work) / "all.int8.onnx",
                                           cpu_layout=layout)
         baseline = error(quantized)
-        nodes = weighted_nodes(model_path)
+        nodes = float_candidates(model_path)
         original = onnx.load(str(model_path))
         base = onnx.load(str(quantized))
         quantization = quantization or quantize.cpu_quantization(model_path, calibration, layout)
@@ -435,7 +460,7 @@ def search(model_path: Path, calibration: Calibration, layout: str, out: Path, i
     quantization = quantize.cpu_quantization(model_path, calibration, layout)
     ranking = rank_layers(model_path, calibration, layout, images, config, quantized=out, quantization=quantization)
     log(("reusing the layer ranking" if ranking.reused else "ranked the layers") +
-        f" ({len(ranking.nodes)} weighted layers on {images.description}; all quantized: mean |dp| "
+        f" ({len(ranking.nodes)} layers on {images.description}; all quantized: mean |dp| "
         f"{ranking.baseline:.2e}; best single float layer: {ranking.nodes[0]} {ranking.error[ranking.nodes[0]]:.2e})")
     steps = min(max_float, len(ranking.nodes))
     if steps < 1:
