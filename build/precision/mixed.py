@@ -81,10 +81,14 @@ class Ranking:
     requantized: list[str] = dataclasses.field(default_factory=list)  # layers measured by a quantization of their own
 
 
+def _weighted(node: onnx.NodeProto, weights: set[str]) -> bool:
+    return node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in weights
+
+
 def weighted_nodes(model_path: Path) -> list[str]:
     model = onnx.load(str(model_path), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in weights]
+    return [n.name for n in model.graph.node if _weighted(n, weights)]
 
 
 def float_candidates(model_path: Path) -> list[str]:
@@ -94,8 +98,7 @@ def float_candidates(model_path: Path) -> list[str]:
     model = onnx.load(str(model_path), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
     constants = weights | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    weighted = set(weighted_nodes(model_path))
-    return [n.name for n in model.graph.node if n.name in weighted or (
+    return [n.name for n in model.graph.node if _weighted(n, weights) or (
         n.op_type == "MatMul" and len(n.input) == 2 and not set(n.input) & constants)]
 
 
